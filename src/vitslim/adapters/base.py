@@ -1,0 +1,142 @@
+"""What the compression methods may know about a model, independent of the library it came from.
+
+Each model family (timm, Hugging Face transformers, plain ``torch.nn``) has one adapter that
+fills these records. The methods read them and never reach into a library's internals, so a new
+family costs one adapter, not a change to every method.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+from torch import nn
+
+
+@dataclass(frozen=True)
+class Preprocessing:
+    """How the model expects its images, in the vocabulary of ``timm.data.create_transform``."""
+
+    input_size: tuple[int, int, int]  # (channels, height, width)
+    mean: tuple[float, ...]
+    std: tuple[float, ...]
+    interpolation: str = "bicubic"
+    crop_pct: float = 0.875
+    crop_mode: str = "center"
+
+    def as_dict(self) -> dict:
+        return {
+            "input_size": list(self.input_size),
+            "mean": list(self.mean),
+            "std": list(self.std),
+            "interpolation": self.interpolation,
+            "crop_pct": self.crop_pct,
+            "crop_mode": self.crop_mode,
+        }
+
+    @classmethod
+    def from_dict(cls, data: dict) -> "Preprocessing":
+        return cls(
+            input_size=tuple(int(v) for v in data["input_size"]),
+            mean=tuple(float(v) for v in data["mean"]),
+            std=tuple(float(v) for v in data["std"]),
+            interpolation=str(data.get("interpolation", "bicubic")),
+            crop_pct=float(data.get("crop_pct", 0.875)),
+            crop_mode=str(data.get("crop_mode", "center")),
+        )
+
+
+IMAGENET_PREPROCESSING = Preprocessing(
+    input_size=(3, 224, 224), mean=(0.485, 0.456, 0.406), std=(0.229, 0.224, 0.225)
+)
+
+
+@dataclass
+class AttentionSpec:
+    """One self-attention layer. Exactly one of ``qkv``, ``q``/``k``/``v`` or ``packed`` is set."""
+
+    module: nn.Module
+    out_proj: nn.Linear
+    num_heads: int
+    head_dim: int
+    qkv: nn.Linear | None = None  # fused projection, output laid out as [q | k | v]
+    q: nn.Linear | None = None
+    k: nn.Linear | None = None
+    v: nn.Linear | None = None
+    packed: nn.MultiheadAttention | None = None  # in_proj_weight/in_proj_bias, not an nn.Linear
+
+    def __post_init__(self) -> None:
+        layouts = [self.qkv is not None, self.q is not None, self.packed is not None]
+        if sum(layouts) != 1 or (self.q is not None and (self.k is None or self.v is None)):
+            raise ValueError("AttentionSpec needs exactly one of qkv, q/k/v or packed")
+
+    @property
+    def layout(self) -> str:
+        return "qkv" if self.qkv is not None else ("separate" if self.q is not None else "packed")
+
+
+@dataclass
+class MlpSpec:
+    fc1: nn.Linear
+    fc2: nn.Linear
+
+
+@dataclass
+class BlockSpec:
+    index: int
+    module: nn.Module
+    attention: AttentionSpec
+    mlp: MlpSpec
+
+
+@dataclass
+class ViTSpec:
+    """Everything the methods need to know about a ViT, and nothing more.
+
+    ``linears()`` names every compressible ``nn.Linear`` by its qualified name in ``model``; the
+    patch embedding and the classifier head are deliberately not in it.
+    """
+
+    family: str  # "timm", "hf" or "torch"
+    model: nn.Module
+    blocks: list[BlockSpec]
+    num_prefix_tokens: int  # class + distillation + register tokens, all before the patch tokens
+    grid_size: tuple[int, int]  # patch grid (rows, cols)
+    patch_size: tuple[int, int]
+    preprocessing: Preprocessing
+    embed_dim: int
+    num_classes: int
+    label_names: list[str] | None = None
+    prefix_kinds: dict[str, int] = field(default_factory=dict)  # e.g. {"class": 1, "register": 4}
+
+    @property
+    def num_patches(self) -> int:
+        return self.grid_size[0] * self.grid_size[1]
+
+    def linears(self) -> dict[str, nn.Linear]:
+        """Compressible linears by qualified name (attention projections and MLP), in block order."""
+        by_id = {id(m): name for name, m in self.model.named_modules()}
+        found: dict[str, nn.Linear] = {}
+        for block in self.blocks:
+            attn = block.attention
+            for layer in (attn.qkv, attn.q, attn.k, attn.v, attn.out_proj, block.mlp.fc1, block.mlp.fc2):
+                if isinstance(layer, nn.Linear):
+                    found[by_id[id(layer)]] = layer
+        return found
+
+    def logits(self, images: torch.Tensor) -> torch.Tensor:
+        """Class logits for a batch of preprocessed images, whatever the family returns."""
+        out = self.model(images)
+        if isinstance(out, torch.Tensor):
+            return out
+        logits = getattr(out, "logits", None)
+        if logits is None and isinstance(out, (tuple, list)):
+            logits = out[0]
+        if not isinstance(logits, torch.Tensor):
+            raise TypeError(f"cannot find logits in a {type(out).__name__} returned by the model")
+        return logits
+
+
+# A loaded model carries its preprocessing in this plain attribute (not a buffer, not in the
+# state dict), so that describe() knows it for families whose modules do not (HF, torch.nn).
+PREPROCESSING_ATTR = "vitslim_preprocessing"
