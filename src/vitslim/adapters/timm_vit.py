@@ -1,0 +1,140 @@
+"""Adapter for timm's ``VisionTransformer`` family (ViT, DeiT, distilled DeiT, DeiT-III, registers).
+
+Reads only public structure: ``blocks[i].attn.qkv/proj``, ``blocks[i].mlp.fc1/fc2``,
+``num_prefix_tokens``, ``patch_embed`` and ``pretrained_cfg``.
+"""
+
+from __future__ import annotations
+
+from torch import nn
+
+from vitslim.adapters.base import (
+    PREPROCESSING_ATTR,
+    AttentionSpec,
+    BlockSpec,
+    MlpSpec,
+    Preprocessing,
+    ViTSpec,
+)
+from vitslim.errors import VitslimError
+
+FAMILY = "timm"
+# Set by the loader when it knows exactly how timm built the model (config.json's model_args);
+# otherwise architecture() reads the arguments back from the module structure.
+TIMM_CONFIG_ATTR = "vitslim_timm_config"
+
+
+def matches(model: nn.Module) -> bool:
+    from timm.models.vision_transformer import VisionTransformer
+
+    return isinstance(model, VisionTransformer)
+
+
+def _attention(attn: nn.Module, where: str) -> AttentionSpec:
+    proj = getattr(attn, "proj", None)
+    if not isinstance(proj, nn.Linear):
+        raise VitslimError(f"{where}: timm attention {type(attn).__name__} has no Linear 'proj'; this variant is not supported")
+    common = dict(module=attn, out_proj=proj, num_heads=attn.num_heads, head_dim=attn.head_dim)
+    if isinstance(getattr(attn, "qkv", None), nn.Linear):
+        return AttentionSpec(qkv=attn.qkv, **common)
+    for names in (("q", "k", "v"), ("q_proj", "k_proj", "v_proj")):
+        layers = [getattr(attn, n, None) for n in names]
+        if all(isinstance(layer, nn.Linear) for layer in layers):
+            return AttentionSpec(q=layers[0], k=layers[1], v=layers[2], **common)
+    raise VitslimError(f"{where}: timm attention {type(attn).__name__} has neither qkv nor q/k/v Linears; not supported")
+
+
+def _mlp(mlp: nn.Module, where: str) -> MlpSpec:
+    fc1, fc2 = getattr(mlp, "fc1", None), getattr(mlp, "fc2", None)
+    if not (isinstance(fc1, nn.Linear) and isinstance(fc2, nn.Linear)):
+        raise VitslimError(f"{where}: timm MLP {type(mlp).__name__} is not a plain fc1/fc2 MLP (gated MLPs are not supported yet)")
+    return MlpSpec(fc1=fc1, fc2=fc2)
+
+
+def default_preprocessing(model: nn.Module) -> Preprocessing:
+    cfg = dict(getattr(model, "pretrained_cfg", None) or {})
+    # timm keeps the pretrained tag's input size even when the model was built with another
+    # img_size; the size the patch embedding was built for is the one the model accepts.
+    built = (model.patch_embed.proj.in_channels, *model.patch_embed.img_size)
+    input_size = cfg.get("input_size") if getattr(model, "dynamic_img_size", False) and cfg.get("input_size") else built
+    return Preprocessing(
+        input_size=tuple(int(v) for v in input_size),
+        mean=tuple(cfg.get("mean", (0.485, 0.456, 0.406))),
+        std=tuple(cfg.get("std", (0.229, 0.224, 0.225))),
+        interpolation=cfg.get("interpolation", "bicubic"),
+        crop_pct=float(cfg.get("crop_pct", 0.875)),
+        crop_mode=cfg.get("crop_mode", "center"),
+    )
+
+
+def describe(model: nn.Module, preprocessing: Preprocessing | None = None, **hints) -> ViTSpec:
+    if hints:
+        raise VitslimError(f"timm models describe themselves; unexpected hints {sorted(hints)}")
+    blocks = []
+    for index, block in enumerate(model.blocks):
+        where = f"blocks.{index}"
+        blocks.append(BlockSpec(index, block, _attention(block.attn, where), _mlp(block.mlp, where)))
+    prefix = int(model.num_prefix_tokens)
+    registers = int(getattr(model, "num_reg_tokens", 0))
+    kinds = {"class": int(model.has_class_token), "distillation": prefix - registers - int(model.has_class_token), "register": registers}
+    cfg = dict(getattr(model, "pretrained_cfg", None) or {})
+    return ViTSpec(
+        family=FAMILY,
+        model=model,
+        blocks=blocks,
+        num_prefix_tokens=prefix,
+        grid_size=tuple(model.patch_embed.grid_size),
+        patch_size=tuple(model.patch_embed.patch_size),
+        preprocessing=preprocessing or getattr(model, PREPROCESSING_ATTR, None) or default_preprocessing(model),
+        embed_dim=int(model.embed_dim),
+        num_classes=int(model.num_classes),
+        label_names=list(cfg["label_names"]) if cfg.get("label_names") else None,
+        prefix_kinds={k: v for k, v in kinds.items() if v},
+    )
+
+
+def _read_model_args(model: nn.Module) -> dict:
+    """timm keeps no record of its constructor arguments; read back the ones that shape the weights."""
+    block = model.blocks[0]
+    attn = block.attn
+    args = {
+        "img_size": list(model.patch_embed.img_size),
+        "patch_size": list(model.patch_embed.patch_size),
+        "in_chans": model.patch_embed.proj.in_channels,
+        "embed_dim": model.embed_dim,
+        "depth": len(model.blocks),
+        "num_heads": attn.num_heads,
+        "mlp_ratio": block.mlp.fc1.out_features / model.embed_dim,
+        "qkv_bias": attn.qkv.bias is not None if hasattr(attn, "qkv") else True,
+        "qk_norm": not isinstance(attn.q_norm, nn.Identity),
+        "init_values": 1.0 if not isinstance(block.ls1, nn.Identity) else None,
+        "class_token": bool(model.has_class_token),
+        "reg_tokens": int(getattr(model, "num_reg_tokens", 0)),
+        "no_embed_class": bool(model.no_embed_class),
+        "global_pool": model.global_pool,
+        "fc_norm": not isinstance(model.fc_norm, nn.Identity),
+        "pre_norm": not isinstance(model.norm_pre, nn.Identity),
+        "dynamic_img_size": bool(getattr(model, "dynamic_img_size", False)),
+    }
+    if model.pos_embed is None:
+        args["pos_embed"] = "none"
+    return args
+
+
+def architecture(model: nn.Module) -> dict:
+    known = getattr(model, TIMM_CONFIG_ATTR, None)
+    if known is not None:
+        return dict(known)
+    cfg = dict(getattr(model, "pretrained_cfg", None) or {})
+    name = cfg.get("architecture")
+    if not name:
+        raise VitslimError("this timm model does not name its architecture (pretrained_cfg['architecture']); create it with timm.create_model")
+    return {"architecture": name, "num_classes": int(model.num_classes), "model_args": _read_model_args(model)}
+
+
+def build(record: dict) -> nn.Module:
+    import timm
+
+    model = timm.create_model(record["architecture"], pretrained=False, num_classes=record["num_classes"], **record.get("model_args", {}))
+    setattr(model, TIMM_CONFIG_ATTR, dict(record))
+    return model.eval()

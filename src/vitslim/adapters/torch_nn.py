@@ -1,0 +1,222 @@
+"""Adapter for plain PyTorch ViTs built from ``nn.TransformerEncoderLayer``.
+
+Such models carry no config, so what a ViT spec needs is read from the modules (the patch
+convolution, the positional embedding, the head) or given as hints, and the number of prefix
+tokens is measured by running the model once. The model cannot be rebuilt from a file: vitslim
+never imports or executes code named in a file, so the user supplies the skeleton.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import nn
+
+from vitslim.adapters.base import (
+    IMAGENET_PREPROCESSING,
+    PREPROCESSING_ATTR,
+    AttentionSpec,
+    BlockSpec,
+    MlpSpec,
+    Preprocessing,
+    ViTSpec,
+)
+from vitslim.errors import VitslimError
+
+FAMILY = "torch"
+
+
+def matches(model: nn.Module) -> bool:
+    return any(isinstance(m, nn.TransformerEncoderLayer) for m in model.modules())
+
+
+def _encoder_layers(model: nn.Module) -> list[nn.TransformerEncoderLayer]:
+    return [m for m in model.modules() if isinstance(m, nn.TransformerEncoderLayer)]
+
+
+def _block(index: int, layer: nn.TransformerEncoderLayer) -> BlockSpec:
+    attn = layer.self_attn
+    if not attn._qkv_same_embed_dim:
+        raise VitslimError(
+            f"encoder layer {index}: nn.MultiheadAttention with kdim/vdim different from embed_dim (separate "
+            "q/k/v weights) is unsupported; build the attention with kdim = vdim = embed_dim"
+        )
+    attention = AttentionSpec(
+        module=attn, out_proj=attn.out_proj, num_heads=attn.num_heads, head_dim=attn.head_dim, packed=attn
+    )
+    return BlockSpec(index, layer, attention, MlpSpec(fc1=layer.linear1, fc2=layer.linear2))
+
+
+def _pair(value: int | tuple[int, int] | list[int], name: str) -> tuple[int, int]:
+    if isinstance(value, int):
+        return value, value
+    if len(value) != 2:
+        raise VitslimError(f"{name}={value!r}: give an int or a (height, width) pair")
+    return int(value[0]), int(value[1])
+
+
+def _patch_conv(model: nn.Module) -> nn.Conv2d | None:
+    """The patch embedding: the first convolution that cuts the image into non-overlapping tiles."""
+    for m in model.modules():
+        if isinstance(m, nn.Conv2d) and tuple(m.kernel_size) == tuple(m.stride):
+            return m
+    return None
+
+
+def _patch_size(conv: nn.Conv2d | None, hint) -> tuple[int, int]:
+    if hint is None:
+        if conv is None:
+            raise VitslimError(
+                "cannot find the patch embedding (an nn.Conv2d with kernel_size == stride); pass patch_size= to describe()"
+            )
+        return tuple(conv.kernel_size)
+    patch = _pair(hint, "patch_size")
+    if conv is not None and patch != tuple(conv.kernel_size):
+        raise VitslimError(f"patch_size={hint} contradicts the model's patch convolution, whose kernel is {tuple(conv.kernel_size)}")
+    return patch
+
+
+def _size_from_pos_embed(model: nn.Module, embed_dim: int, patch: tuple[int, int]) -> tuple[int, int] | None:
+    """Read the trained resolution off a (1, tokens, dim) positional embedding.
+
+    The (1, 1, dim) parameters are taken to be prefix tokens; whether the positional embedding
+    covers them or only the patches, the patch grid is the square count that remains.
+    """
+    params = [p for p in model.parameters() if p.dim() == 3 and p.shape[0] == 1 and p.shape[2] == embed_dim]
+    prefix = sum(1 for p in params if p.shape[1] == 1)
+    for pos in (p for p in params if p.shape[1] > 1):
+        for tokens in (pos.shape[1] - prefix, pos.shape[1]):
+            side = math.isqrt(tokens)
+            if tokens > 0 and side * side == tokens:
+                return side * patch[0], side * patch[1]
+    return None
+
+
+def _input_size(model, hint, known: Preprocessing | None, embed_dim: int, patch: tuple[int, int]) -> tuple[int, int]:
+    """Precedence: the input_size hint, the preprocessing's size, the positional embedding."""
+    if hint is not None:
+        size = _pair(hint, "input_size")
+        if known is not None and tuple(known.input_size[1:]) != size:
+            raise VitslimError(f"input_size={hint} contradicts the preprocessing, whose input size is {known.input_size[1:]}")
+        return size
+    if known is not None:
+        return tuple(known.input_size[1:])
+    size = _size_from_pos_embed(model, embed_dim, patch)
+    if size is None:
+        raise VitslimError(
+            "cannot tell the model's input resolution (no (1, N, dim) positional embedding with a square patch grid); "
+            "pass input_size= to describe()"
+        )
+    return size
+
+
+class _Probed(Exception):
+    """Raised from the probe hook to stop the forward pass once the sequence length is known."""
+
+
+def _sequence_length(model: nn.Module, layer: nn.TransformerEncoderLayer, image: torch.Tensor) -> int:
+    """Run ``model`` on ``image`` up to ``layer`` and return the length of the token sequence it gets."""
+    seen: list[int] = []
+
+    def hook(module, args, kwargs):
+        src = args[0] if args else kwargs["src"]
+        seen.append(src.shape[1 if module.self_attn.batch_first else 0])
+        raise _Probed
+
+    handle = layer.register_forward_pre_hook(hook, with_kwargs=True)
+    modes = [(m, m.training) for m in model.modules()]  # per module: some may be frozen in eval on purpose
+    model.eval()  # a probe must not update batch-norm statistics or draw dropout masks
+    try:
+        with torch.no_grad():
+            model(image)
+    except _Probed:
+        pass
+    except Exception as error:  # any failure of user code on this input means the size is wrong
+        raise VitslimError(
+            f"the model fails on a {image.shape[2]}x{image.shape[3]} image ({type(error).__name__}: {error}); "
+            "pass the input_size= the model was built for"
+        ) from None
+    finally:
+        handle.remove()
+        for module, training in modes:
+            module.training = training
+    if not seen:
+        raise VitslimError("the model's forward pass never reaches its first nn.TransformerEncoderLayer; vitslim cannot describe it")
+    return seen[0]
+
+
+def describe(
+    model: nn.Module,
+    preprocessing: Preprocessing | None = None,
+    *,
+    input_size: int | tuple[int, int] | None = None,
+    patch_size: int | tuple[int, int] | None = None,
+    num_prefix_tokens: int | None = None,
+) -> ViTSpec:
+    layers = _encoder_layers(model)
+    if not layers:
+        raise VitslimError(f"{type(model).__name__} contains no nn.TransformerEncoderLayer")
+    blocks = [_block(i, layer) for i, layer in enumerate(layers)]
+    embed_dim = int(layers[0].self_attn.embed_dim)
+    conv = _patch_conv(model)
+    patch = _patch_size(conv, patch_size)
+    known = preprocessing or getattr(model, PREPROCESSING_ATTR, None)
+    size = _input_size(model, input_size, known, embed_dim, patch)
+    channels = known.input_size[0] if known is not None else (conv.in_channels if conv is not None else 3)
+    grid = (size[0] // patch[0], size[1] // patch[1])
+    weight = next(model.parameters())
+    tokens = _sequence_length(model, layers[0], torch.zeros(1, channels, *size, dtype=weight.dtype, device=weight.device))
+    prefix = tokens - grid[0] * grid[1]
+    if prefix < 0:
+        raise VitslimError(
+            f"the encoder sees {tokens} tokens, fewer than the {grid[0]}x{grid[1]} patch grid of a {size[0]}x{size[1]} image "
+            f"with {patch[0]}x{patch[1]} patches; check input_size= and patch_size="
+        )
+    if num_prefix_tokens is not None and num_prefix_tokens != prefix:
+        raise VitslimError(
+            f"num_prefix_tokens={num_prefix_tokens} but the encoder sees {tokens} tokens for a {grid[0]}x{grid[1]} grid, "
+            f"so {prefix} prefix tokens"
+        )
+    return ViTSpec(
+        family=FAMILY,
+        model=model,
+        blocks=blocks,
+        num_prefix_tokens=prefix,
+        grid_size=grid,
+        patch_size=patch,
+        preprocessing=known or _default_preprocessing(channels, size),
+        embed_dim=embed_dim,
+        num_classes=_head(model, layers).out_features,
+        prefix_kinds={"class": prefix} if prefix else {},
+    )
+
+
+def _default_preprocessing(channels: int, size: tuple[int, int]) -> Preprocessing:
+    base = IMAGENET_PREPROCESSING
+    if channels != base.input_size[0]:
+        raise VitslimError(f"the model takes {channels}-channel images; pass a Preprocessing with its mean and std")
+    return Preprocessing(
+        input_size=(channels, *size), mean=base.mean, std=base.std, interpolation=base.interpolation, crop_pct=base.crop_pct
+    )
+
+
+def _head(model: nn.Module, layers: list[nn.TransformerEncoderLayer]) -> nn.Linear:
+    """The classifier: the last nn.Linear outside the encoder layers."""
+    inside = {id(m) for layer in layers for m in layer.modules()}
+    outside = [m for m in model.modules() if isinstance(m, nn.Linear) and id(m) not in inside]
+    if not outside:
+        raise VitslimError("found no classifier head (an nn.Linear after the encoder); vitslim needs class logits")
+    return outside[-1]
+
+
+def architecture(model: nn.Module) -> dict:
+    """Informational only: the class is recorded, never imported back."""
+    return {"class": f"{type(model).__module__}.{type(model).__qualname__}"}
+
+
+def build(architecture: dict) -> nn.Module:
+    raise VitslimError(
+        f"a plain PyTorch model ({architecture.get('class', 'unknown class')}) cannot be rebuilt from a file without its "
+        "code; construct it in Python and pass it as vitslim.load_model(folder, skeleton=MyViT(...))"
+    )

@@ -1,0 +1,153 @@
+"""The ``vitslim`` command line."""
+
+from __future__ import annotations
+
+import json
+import logging
+import sys
+from pathlib import Path
+
+import click
+
+from vitslim.errors import VitslimError
+from vitslim.table import human, percent, render
+
+
+def _load(spec: str, pretrained: bool = False):
+    from vitslim.loading import load_model
+
+    return load_model(spec, pretrained=pretrained)
+
+
+def _positive(name: str):
+    def check(ctx, param, value):
+        if value is not None and value < 1:
+            raise click.BadParameter(f"must be at least 1, got {value}", param_hint=name)
+        return value
+
+    return check
+
+
+@click.group(context_settings={"help_option_names": ["-h", "--help"]})
+@click.version_option(package_name="vitslim")
+@click.option("-v", "--verbose", is_flag=True, help="Log what vitslim does (to stderr).")
+def cli(verbose: bool) -> None:
+    """Compress pretrained Vision Transformers and measure the result.
+
+    MODEL is a timm model name (random init unless --pretrained), a timm folder
+    (local-dir:PATH or PATH with config.json + model.safetensors), a Hugging Face ViT folder,
+    or a folder written by vitslim.
+    """
+    logging.basicConfig(level=logging.INFO if verbose else logging.WARNING, format="%(name)s: %(message)s")
+
+
+@cli.command("eval")
+@click.argument("model")
+@click.option("--data", required=True, help="ImageFolder directory, a zip of one, or a CSV (file,label) beside its images.")
+@click.option("--limit", type=int, callback=_positive("--limit"), help="Evaluate a seeded random subset of N images.")
+@click.option("--skip", type=int, default=0, show_default=True, help="Leave out the first N images of the seeded order (e.g. those used for calibration).")
+@click.option("--seed", type=int, default=0, show_default=True, help="Seed of the subset order.")
+@click.option("--teacher", help="Reference model: adds top-1 agreement and mean KL (no labels needed).")
+@click.option("--batch-size", type=int, default=64, show_default=True, callback=_positive("--batch-size"))
+@click.option("--workers", type=int, default=0, show_default=True, help="Data-loading worker processes.")
+@click.option("--device", default="cpu", show_default=True)
+@click.option("--pretrained", is_flag=True, help="Download pretrained weights for a timm name (needs a reachable hub).")
+@click.option("--json", "as_json", is_flag=True, help="Print exactly one JSON object.")
+def eval_command(model, data, limit, skip, seed, teacher, batch_size, workers, device, pretrained, as_json):
+    """Accuracy, parameters and FLOPs of MODEL on labelled images."""
+    from vitslim.evaluate import evaluate
+    from vitslim.metrics import folder_bytes
+    from vitslim.persist import WEIGHTS_FILE
+
+    student = _load(model, pretrained)
+    reference = _load(teacher, pretrained) if teacher else None
+    result = evaluate(student, data, teacher=reference, limit=limit, skip=skip, seed=seed, batch_size=batch_size, workers=workers, device=device)
+    if (Path(model.removeprefix("local-dir:")) / WEIGHTS_FILE).is_file():
+        result["bytes"] = folder_bytes(Path(model.removeprefix("local-dir:")))
+    if as_json:
+        click.echo(json.dumps(result))
+        return
+    rows = [["top-1", percent(result["top1"])], [f"top-{result.get('top5_is_top', 5)}", percent(result["top5"])],
+            ["images", f"{result['images']}" + (f" ({result['skipped']} unreadable, skipped)" if result["skipped"] else "")],
+            ["params", human(result["params"])], ["FLOPs / image", human(result["flops"])]]
+    if "agreement" in result:
+        rows += [["top-1 agreement", percent(result["agreement"])], ["mean KL", f"{result['kl']:.4f}"]]
+    if "bytes" in result:
+        rows.append(["bytes on disk", human(result["bytes"]) + "B"])
+    click.echo(render(["metric", model], rows))
+
+
+@cli.command("bench")
+@click.argument("models", nargs=-1, required=True)
+@click.option("--batch-size", type=int, default=32, show_default=True, callback=_positive("--batch-size"))
+@click.option("--threads", type=int, callback=_positive("--threads"), help="torch intra-op threads (default: torch's choice).")
+@click.option("--device", type=click.Choice(["cpu", "cuda"]), default="cpu", show_default=True)
+@click.option("--dtype", type=click.Choice(["float32", "float16", "bfloat16"]), default="float32", show_default=True)
+@click.option("--runs", type=int, default=20, show_default=True, help="Timed rounds per model (at least 20).")
+@click.option("--warmup", type=int, default=3, show_default=True)
+@click.option("--json", "as_json", is_flag=True, help="Print one JSON list, one object per model.")
+def bench_command(models, batch_size, threads, device, dtype, runs, warmup, as_json):
+    """Throughput, latency and memory of MODELS, interleaved in one process; ratios are to the first."""
+    from vitslim.bench import benchmark
+
+    loaded = [(spec, _load(spec)) for spec in models]
+    results = benchmark(loaded, batch_size=batch_size, threads=threads, device=device, dtype=dtype, runs=runs, warmup=warmup)
+    if as_json:
+        click.echo(json.dumps([r.as_dict() for r in results]))
+        return
+    first = results[0]
+    click.echo(f"device {first.device}, {first.threads} threads, batch {first.batch_size}, {first.dtype}, median of {first.runs} interleaved runs")
+    rows = [[r.model, f"{r.images_per_s:.1f}", f"{r.ratio:.2f}x", f"{r.latency_ms:.1f}", f"{r.peak_memory_mb:.0f}", human(r.params), human(r.flops)] for r in results]
+    click.echo(render(["model", "images/s", "ratio", "latency ms", "peak MB", "params", "FLOPs/img"], rows))
+
+
+@cli.command("info")
+@click.argument("model")
+def info_command(model):
+    """What vitslim sees in MODEL: family, blocks, attention layout, tokens, preprocessing."""
+    from vitslim.adapters import describe
+    from vitslim.metrics import count_params
+
+    spec = describe(_load(model))
+    attn = spec.blocks[0].attention
+    click.echo(render(["property", "value"], [
+        ["family", spec.family], ["blocks", str(len(spec.blocks))], ["embed dim", str(spec.embed_dim)],
+        ["heads x head dim", f"{attn.num_heads} x {attn.head_dim}"], ["attention layout", attn.layout],
+        ["prefix tokens", ", ".join(f"{k} {v}" for k, v in spec.prefix_kinds.items()) or "0"],
+        ["patch grid", f"{spec.grid_size[0]} x {spec.grid_size[1]} (patch {spec.patch_size[0]})"],
+        ["classes", str(spec.num_classes)], ["params", human(count_params(spec.model))],
+        ["compressible linears", str(len(spec.linears()))],
+        ["input", "x".join(map(str, spec.preprocessing.input_size)) + f", {spec.preprocessing.interpolation}, crop {spec.preprocessing.crop_pct}"],
+    ]))
+
+
+@cli.command("demo")
+@click.option("--out", default="vitslim-demo", show_default=True, help="Folder for the report, plot and models.")
+@click.option("--retrain", is_flag=True, help="Train the demo model again instead of using the cached one.")
+def demo_command(out, retrain):
+    """Everything vitslim does, end to end, on an embedded real-image default (no network, no data)."""
+    from vitslim.demo import run_demo
+
+    run_demo(Path(out), retrain=retrain)
+
+
+def main(argv: list[str] | None = None) -> int:
+    try:
+        cli.main(args=argv, prog_name="vitslim", standalone_mode=False)
+    except VitslimError as error:
+        click.echo(f"vitslim: error: {error}", err=True)
+        return 2
+    except click.ClickException as error:
+        error.show()
+        return error.exit_code
+    except click.exceptions.Abort:
+        click.echo("vitslim: aborted", err=True)
+        return 130
+    except KeyboardInterrupt:
+        click.echo("vitslim: interrupted", err=True)
+        return 130
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

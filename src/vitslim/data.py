@@ -1,0 +1,411 @@
+"""Labelled images for calibration and evaluation, from whatever the user already has on disk.
+
+Three layouts are recognised without options, because users should not have to convert data:
+
+* an ImageFolder directory, ``DIR/<class>/<image>`` (images may sit in nested folders below the
+  class folder; the class is the first folder level);
+* a zip of such a directory, optionally under one top folder, read member by member without
+  unpacking;
+* a folder of images plus a CSV naming each file and its integer label.
+
+An image that cannot be decoded is not an error: ``ImageDataset`` returns ``None`` for it, logs a
+warning once, and ``make_loader`` drops it from its batch and counts it, so one bad file does not
+abort an hour-long evaluation but cannot go unnoticed either.
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+import logging
+import os
+import zipfile
+import zlib
+from collections.abc import Callable, Sequence
+from pathlib import Path, PurePosixPath
+from typing import TYPE_CHECKING
+
+import numpy as np
+import torch
+from PIL import Image
+from torch.utils.data import DataLoader, Dataset, Subset
+
+from vitslim._compat import import_timm
+from vitslim.errors import VitslimError
+
+if TYPE_CHECKING:  # data needs no model adapter at run time
+    from vitslim.adapters.base import Preprocessing
+
+logger = logging.getLogger("vitslim")
+
+IMAGE_EXTENSIONS = frozenset({".jpg", ".jpeg", ".png", ".bmp", ".webp", ".tif", ".tiff", ".gif"})
+FILE_COLUMNS = ("file", "filename", "path", "image")
+LABEL_COLUMNS = ("label", "class_index", "target", "class", "y")
+# The folder a CSV's files may live in, next to the CSV (as in imagenet-sample-256/).
+CSV_IMAGE_FOLDER = "images"
+# Everything PIL or zipfile raise for a file that is damaged, truncated or not an image at all.
+_DECODE_ERRORS = (OSError, ValueError, SyntaxError, zipfile.BadZipFile, zlib.error, Image.DecompressionBombError)
+
+Transform = Callable[[Image.Image], torch.Tensor]
+Sample = tuple[str, int]
+
+
+class ImageDataset(Dataset):
+    """Labelled images from one source. ``dataset[i]`` is ``(image, label)``.
+
+    ``image`` is the transformed tensor, or ``None`` when the file cannot be decoded; a warning
+    naming the file is then logged to the ``vitslim`` logger, once per file and process.
+    Without a transform, ``image`` is a float tensor ``[3, H, W]`` in ``[0, 1]``.
+
+    ``samples`` holds ``(reference, label)`` pairs: a file path, or a member name of the zip at
+    ``zip_path``. The zip is opened lazily, once per process, because an open ``ZipFile`` must not
+    be shared by DataLoader worker processes (they would race on one file offset).
+    """
+
+    def __init__(
+        self,
+        samples: list[Sample],
+        *,
+        source: str,
+        classes: list[str] | None,
+        transform: Transform | None = None,
+        zip_path: str | None = None,
+    ) -> None:
+        self.samples = samples
+        self.source = source
+        self.classes = classes
+        self.transform = transform
+        self.zip_path = zip_path
+        self._zip: zipfile.ZipFile | None = None
+        self._zip_pid: int | None = None
+        self._warned: set[str] = set()
+
+    def __len__(self) -> int:
+        return len(self.samples)
+
+    def __getitem__(self, index: int) -> tuple[torch.Tensor | None, int]:
+        reference, label = self.samples[index]
+        image = self._decode(reference)
+        if image is None:
+            return None, label
+        return (self.transform or _to_tensor)(image), label
+
+    def __getstate__(self) -> dict:
+        # Workers started by spawn/forkserver get a pickled copy: drop the handle, they reopen it.
+        state = self.__dict__.copy()
+        state["_zip"] = None
+        state["_zip_pid"] = None
+        return state
+
+    def _decode(self, reference: str) -> Image.Image | None:
+        try:
+            return _to_rgb(Image.open(self._open(reference)))
+        except _DECODE_ERRORS as error:
+            if reference not in self._warned:
+                self._warned.add(reference)
+                logger.warning(f"skipping unreadable image {self._describe(reference)}: {error}")
+            return None
+
+    def _open(self, reference: str) -> str | io.BytesIO:
+        if self.zip_path is None:
+            return reference
+        if self._zip is None or self._zip_pid != os.getpid():
+            self._zip = zipfile.ZipFile(self.zip_path)
+            self._zip_pid = os.getpid()
+        return io.BytesIO(self._zip.read(reference))
+
+    def _describe(self, reference: str) -> str:
+        return reference if self.zip_path is None else f"{self.zip_path}:{reference}"
+
+
+def _to_rgb(image: Image.Image) -> Image.Image:
+    """Every model here takes 3 channels; palette transparency goes through RGBA to avoid a PIL warning."""
+    with image:
+        if image.mode == "P" and "transparency" in image.info:
+            image = image.convert("RGBA")
+        return image.convert("RGB")
+
+
+def _to_tensor(image: Image.Image) -> torch.Tensor:
+    return torch.from_numpy(np.array(image)).permute(2, 0, 1).float() / 255
+
+
+def build_transform(preprocessing: Preprocessing) -> Transform:
+    """The evaluation transform the model was trained to expect (resize, crop, normalise).
+
+    timm is imported here, not at module level, so that opening data stays cheap.
+    """
+    timm = import_timm()
+    return timm.data.create_transform(
+        input_size=preprocessing.input_size,
+        interpolation=preprocessing.interpolation,
+        mean=preprocessing.mean,
+        std=preprocessing.std,
+        crop_pct=preprocessing.crop_pct,
+        crop_mode=preprocessing.crop_mode,
+        is_training=False,
+    )
+
+
+# --- source detection -----------------------------------------------------------------------
+
+
+def open_images(
+    path: str | os.PathLike,
+    transform: Transform | None = None,
+    *,
+    label_column: str | None = None,
+    class_names: list[str] | None = None,
+) -> ImageDataset:
+    """Open an ImageFolder directory, a zip of one, or a CSV of files and labels (see module doc).
+
+    ``class_names`` are the model's label names: when every class folder is among them, folders
+    are labelled by their position in it, so a folder subset of ImageNet keeps ImageNet indices.
+    Otherwise sorted folder names become 0..K-1. ``label_column`` only applies to CSV sources.
+    """
+    path = Path(path).expanduser().absolute()  # samples must survive a later chdir
+    if not path.exists():
+        raise VitslimError(f"{path} does not exist: give an image folder, a .zip of one, or a labels .csv")
+    if path.is_dir():
+        return _open_directory(path, transform, label_column, class_names)
+    if path.suffix.lower() == ".csv":
+        return _open_csv(path, transform, label_column)
+    if path.suffix.lower() == ".zip" or zipfile.is_zipfile(path):
+        return _open_zip(path, transform, class_names)
+    raise VitslimError(f"{path} is not a folder, .zip or .csv: give an image folder, a .zip of one, or a labels .csv")
+
+
+def _is_image(name: str) -> bool:
+    return PurePosixPath(name).suffix.lower() in IMAGE_EXTENSIONS
+
+
+def _is_hidden(part: str) -> bool:
+    return part.startswith(".") or part == "__MACOSX"
+
+
+def _scan_class_folders(root: Path) -> dict[str, list[str]]:
+    """Image paths under each non-hidden sub-folder of ``root``, sorted; empty folders included."""
+    found: dict[str, list[str]] = {}
+    for entry in sorted(root.iterdir()):
+        if not entry.is_dir() or _is_hidden(entry.name):
+            continue
+        files: list[str] = []
+        for folder, subfolders, names in os.walk(entry):
+            subfolders[:] = [name for name in subfolders if not _is_hidden(name)]
+            files += [os.path.join(folder, name) for name in names if not _is_hidden(name) and _is_image(name)]
+        found[entry.name] = sorted(files)
+    return found
+
+
+def _open_directory(
+    root: Path, transform: Transform | None, label_column: str | None, class_names: list[str] | None
+) -> ImageDataset:
+    """Decide between ImageFolder and CSV; an ``images/`` folder beside one CSV belongs to the CSV."""
+    by_class = _scan_class_folders(root)
+    folders_with_images = {name for name, files in by_class.items() if files}
+    csvs = sorted(p for p in root.iterdir() if p.is_file() and p.suffix.lower() == ".csv" and not _is_hidden(p.name))
+    if csvs and folders_with_images <= {CSV_IMAGE_FOLDER}:
+        if len(csvs) > 1:
+            names = ", ".join(p.name for p in csvs)
+            raise VitslimError(f"{root} holds {len(csvs)} CSV files ({names}): pass the path of the one that lists the labels")
+        return _open_csv(csvs[0], transform, label_column)
+    if folders_with_images:
+        return _labelled_by_folder(by_class, f"image folder {root}", transform, class_names)
+    if any(p.is_file() and _is_image(p.name) and not _is_hidden(p.name) for p in root.iterdir()):
+        raise VitslimError(
+            f"{root} has images but no labels: put them in one sub-folder per class, or add a CSV of file and label"
+        )
+    raise VitslimError(f"{root} contains no images ({', '.join(sorted(IMAGE_EXTENSIONS))}): check the path")
+
+
+def _labelled_by_folder(
+    by_class: dict[str, list[str]],
+    source: str,
+    transform: Transform | None,
+    class_names: list[str] | None,
+    zip_path: str | None = None,
+) -> ImageDataset:
+    classes, index = _class_index(sorted(by_class), class_names, source)
+    samples = [(ref, index[name]) for name, refs in by_class.items() for ref in refs]
+    samples.sort(key=lambda sample: (sample[1], sample[0]))
+    return ImageDataset(samples, source=source, classes=classes, transform=transform, zip_path=zip_path)
+
+
+def _class_index(
+    folders: list[str], class_names: list[str] | None, source: str
+) -> tuple[list[str], dict[str, int]]:
+    """Label each class folder: by the model's names when they cover every folder, else sorted order."""
+    if class_names is not None:
+        unknown = [name for name in folders if name not in class_names]
+        if not unknown:
+            return list(class_names), {name: class_names.index(name) for name in folders}
+        logger.warning(
+            f"{source}: folders {unknown[:5]} are not among the model's label names; "
+            f"labelling the {len(folders)} folders 0..{len(folders) - 1} in sorted order instead"
+        )
+    return list(folders), {name: i for i, name in enumerate(folders)}
+
+
+# --- zip ---------------------------------------------------------------------------------------
+
+
+def _open_zip(path: Path, transform: Transform | None, class_names: list[str] | None) -> ImageDataset:
+    try:
+        with zipfile.ZipFile(path) as archive:
+            names = archive.namelist()
+    except zipfile.BadZipFile as error:
+        raise VitslimError(f"{path} is not a valid zip archive ({error}): re-create or re-download it") from None
+    by_class = _zip_classes(names)
+    if not any(by_class.values()):
+        raise VitslimError(f"{path} holds no images in class folders (<class>/<image> or <top>/<class>/<image>): check the archive")
+    return _labelled_by_folder(by_class, f"zip {path}", transform, class_names, zip_path=str(path))
+
+
+def _zip_classes(names: list[str]) -> dict[str, list[str]]:
+    """Member names per class folder; one top folder holding every image (``test/<class>/``) is skipped.
+
+    Folder entries (ending in ``/``) name classes but are never samples, so an empty class folder
+    still takes its index, as it does for a directory.
+    """
+    entries = [(name, PurePosixPath(name).parts) for name in names]
+    entries = [(name, parts) for name, parts in entries if parts and not any(_is_hidden(p) for p in parts)]
+    images = [(name, parts) for name, parts in entries if not name.endswith("/") and _is_image(name)]
+    tops = {parts[0] for _, parts in images}
+    depth = 1 if len(tops) == 1 and all(len(parts) >= 3 for _, parts in images) else 0
+    by_class: dict[str, list[str]] = {}
+    for name, parts in entries:
+        is_folder = name.endswith("/")
+        if len(parts) > depth + (0 if is_folder else 1):
+            by_class.setdefault(parts[depth], [])
+            if not is_folder and _is_image(name):
+                by_class[parts[depth]].append(name)
+    return by_class
+
+
+# --- CSV ---------------------------------------------------------------------------------------
+
+
+def _open_csv(path: Path, transform: Transform | None, label_column: str | None) -> ImageDataset:
+    rows = _read_csv_rows(path, label_column)
+    samples = _resolve_files(path, [(file, label) for file, label, _ in rows])
+    classes = _csv_classes([(label, name) for _, label, name in rows])
+    return ImageDataset(samples, source=f"CSV {path}", classes=classes, transform=transform)
+
+
+def _read_csv_rows(path: Path, label_column: str | None) -> list[tuple[str, int, str | None]]:
+    """``(file, label, name)`` per row; ``name`` is the optional class-name column."""
+    with open(path, newline="", encoding="utf-8-sig") as handle:
+        reader = csv.DictReader(handle)
+        columns = list(reader.fieldnames or [])
+        if not columns:
+            raise VitslimError(f"{path} is empty: it needs a header row such as 'file,label' and one row per image")
+        file_column = next((c for c in FILE_COLUMNS if c in columns), columns[0])
+        label_key = _label_column(path, columns, label_column)
+        rows = []
+        for row in reader:
+            label = _parse_label(path, reader.line_num, label_key, row)
+            rows.append(((row[file_column] or "").strip(), label, row.get("name")))
+    if not rows:
+        raise VitslimError(f"{path} lists no images: add one row per image with its file and label")
+    return rows
+
+
+def _label_column(path: Path, columns: list[str], requested: str | None) -> str:
+    available = ", ".join(columns)
+    if requested is not None:
+        if requested not in columns:
+            raise VitslimError(f"{path} has no column '{requested}': its columns are {available}; pick one with --label-column")
+        return requested
+    found = next((c for c in LABEL_COLUMNS if c in columns), None)
+    if found is None:
+        raise VitslimError(
+            f"{path} has no label column ({', '.join(LABEL_COLUMNS)}): its columns are {available}; pick one with --label-column"
+        )
+    return found
+
+
+def _parse_label(path: Path, line: int, column: str, row: dict[str, str | None]) -> int:
+    value = (row.get(column) or "").strip()
+    try:
+        return int(value)
+    except ValueError:
+        raise VitslimError(
+            f"{path} line {line}: label '{value}' in column '{column}' is not an integer; "
+            "labels must be class indices (choose another column with --label-column)"
+        ) from None
+
+
+def _resolve_files(csv_path: Path, rows: list[Sample]) -> list[Sample]:
+    """Find each file beside the CSV, else in its ``images/`` folder; all must exist."""
+    folders = (csv_path.parent, csv_path.parent / CSV_IMAGE_FOLDER)
+    samples: list[Sample] = []
+    missing: list[str] = []
+    for file, label in rows:
+        found = next((folder / file for folder in folders if (folder / file).is_file()), None)
+        if found is None:
+            missing.append(file)
+        else:
+            samples.append((str(found), label))
+    if missing:
+        first = ", ".join(missing[:3])
+        raise VitslimError(
+            f"{csv_path} names {len(missing)} file(s) that do not exist (first: {first}); "
+            f"files are looked up in {folders[0]} and {folders[1]}"
+        )
+    return samples
+
+
+def _csv_classes(pairs: list[tuple[int, str | None]]) -> list[str] | None:
+    """Class names from a ``name`` column, when each label 0..K-1 has exactly one name."""
+    names: dict[int, set[str]] = {}
+    for label, name in pairs:
+        if name is None:
+            return None
+        names.setdefault(label, set()).add(name)
+    if sorted(names) != list(range(len(names))) or any(len(v) != 1 for v in names.values()):
+        return None
+    return [next(iter(names[label])) for label in range(len(names))]
+
+
+# --- subsets and batches -------------------------------------------------------------------------
+
+
+def select(dataset: Sequence | Dataset, *, limit: int | None = None, skip: int = 0, seed: int = 0) -> Subset:
+    """A seeded random subset, so calibration and evaluation can draw disjoint, reproducible sets.
+
+    The indices are permuted with ``seed``; the first ``skip`` are left out (reserved, e.g. for
+    calibration via ``select(limit=skip)``), then the first ``limit`` of the rest are taken.
+    They are returned sorted, so reading stays roughly sequential on disk.
+    """
+    size = len(dataset)
+    if limit is not None and limit <= 0:
+        raise VitslimError(f"--limit must be at least 1 (got {limit})")
+    if skip < 0:
+        raise VitslimError(f"--skip must be at least 0 (got {skip})")
+    if skip >= size:
+        raise VitslimError(f"skipping {skip} images leaves none of the {size} available: lower --skip or use more images")
+    order = torch.randperm(size, generator=torch.Generator().manual_seed(seed))[skip:]
+    if limit is not None:
+        order = order[:limit]
+    return Subset(dataset, sorted(order.tolist()))
+
+
+def make_loader(dataset: Dataset, batch_size: int, *, workers: int = 0) -> DataLoader:
+    """Batches in dataset order as ``(images, labels, skipped)``.
+
+    Unreadable images are dropped from their batch and counted in ``skipped``; ``labels`` holds
+    the labels of the images kept. When every image of a batch was unreadable, ``images`` is
+    ``None`` and ``labels`` is empty. Images must share one size (use ``build_transform``).
+    """
+    if batch_size <= 0:
+        raise VitslimError(f"--batch-size must be at least 1 (got {batch_size})")
+    if workers < 0:
+        raise VitslimError(f"--workers must be at least 0 (got {workers})")
+    return DataLoader(dataset, batch_size=batch_size, shuffle=False, num_workers=workers, collate_fn=_collate_readable)
+
+
+def _collate_readable(batch: list[tuple[torch.Tensor | None, int]]) -> tuple[torch.Tensor | None, torch.Tensor, int]:
+    kept = [(image, label) for image, label in batch if image is not None]
+    images = torch.stack([image for image, _ in kept]) if kept else None
+    labels = torch.tensor([label for _, label in kept], dtype=torch.long)
+    return images, labels, len(batch) - len(kept)

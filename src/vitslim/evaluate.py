@@ -1,0 +1,74 @@
+"""``evaluate``: accuracy and cost of a model on labelled images, optionally against a teacher."""
+
+from __future__ import annotations
+
+import os
+
+import torch
+from torch import nn
+from tqdm import tqdm
+
+from vitslim import data as imagedata
+from vitslim.adapters import describe
+from vitslim.errors import VitslimError
+from vitslim.metrics import ClassificationScore, count_flops, count_params
+
+
+def _loader(source, preprocessing, *, class_names, limit, skip, seed, batch_size, workers):
+    dataset = source if isinstance(source, torch.utils.data.Dataset) else imagedata.open_images(
+        source, imagedata.build_transform(preprocessing), class_names=class_names
+    )
+    subset = imagedata.select(dataset, limit=limit, skip=skip, seed=seed)
+    return dataset, imagedata.make_loader(subset, batch_size, workers=workers)
+
+
+@torch.no_grad()
+def evaluate(
+    model: nn.Module,
+    data: str | os.PathLike | torch.utils.data.Dataset,
+    *,
+    teacher: nn.Module | None = None,
+    limit: int | None = None,
+    skip: int = 0,
+    seed: int = 0,
+    batch_size: int = 64,
+    workers: int = 0,
+    device: str = "cpu",
+    progress: bool = True,
+) -> dict:
+    """Top-1/top-5 (fractions), parameters, FLOPs per image and image count; with a teacher also
+    top-1 agreement and mean KL(teacher || model), which need no labels to be meaningful.
+
+    A path is opened with the model's own preprocessing; the teacher gets its own preprocessing
+    of the same images when it differs.
+    """
+    spec = describe(model)
+    model = model.to(device).eval()
+    dataset, loader = _loader(data, spec.preprocessing, class_names=spec.label_names, limit=limit, skip=skip, seed=seed, batch_size=batch_size, workers=workers)
+    teacher_batches, teacher_spec = None, None
+    if teacher is not None:
+        teacher_spec = describe(teacher)
+        teacher = teacher.to(device).eval()
+        if teacher_spec.preprocessing != spec.preprocessing and not isinstance(data, torch.utils.data.Dataset):
+            _, teacher_loader = _loader(data, teacher_spec.preprocessing, class_names=spec.label_names, limit=limit, skip=skip, seed=seed, batch_size=batch_size, workers=workers)
+            teacher_batches = iter(teacher_loader)
+    score = ClassificationScore(spec.num_classes)
+    skipped = 0
+    for images, labels, dropped in tqdm(loader, desc="evaluating", unit="batch", disable=not progress, leave=False):
+        teacher_images = next(teacher_batches)[0] if teacher_batches is not None else images
+        skipped += dropped
+        if images is None:
+            continue
+        if int(labels.max()) >= spec.num_classes or int(labels.min()) < 0:
+            raise VitslimError(
+                f"the data has label {int(labels.max())} but the model has {spec.num_classes} classes; "
+                "is this the right data set for this model?"
+            )
+        images, labels = images.to(device), labels.to(device)
+        teacher_logits = teacher_spec.logits(teacher_images.to(device)) if teacher_spec is not None else None
+        score.update(spec.logits(images), labels, teacher_logits)
+    if score.images == 0:
+        raise VitslimError(f"no readable images in {getattr(dataset, 'source', data)}; all {skipped} failed to decode")
+    result = score.result()
+    result.update(params=count_params(model), flops=count_flops(model, spec.preprocessing.input_size, device), skipped=skipped)
+    return result

@@ -1,0 +1,76 @@
+"""Counting what a model costs (parameters, FLOPs, bytes) and scoring what it predicts."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import torch
+from torch import nn
+from torch.nn import functional as F
+from torch.utils.flop_counter import FlopCounterMode, sdpa_flop_count
+
+
+
+def _cpu_flash_attention_flops(query_shape, key_shape, value_shape, *args, out_shape=None, **kwargs) -> int:
+    return sdpa_flop_count(query_shape, key_shape, value_shape)
+
+
+# FlopCounterMode has no rule for the CPU flash-attention kernel that scaled_dot_product_attention
+# dispatches to on CPU, so attention FLOPs would silently count as zero there.
+_EXTRA_FLOP_RULES = {torch.ops.aten._scaled_dot_product_flash_attention_for_cpu: _cpu_flash_attention_flops}
+
+
+def count_params(model: nn.Module) -> int:
+    """Stored parameters, each shared tensor counted once (buffers are not parameters)."""
+    return sum(p.numel() for p in model.parameters())
+
+
+def count_flops(model: nn.Module, input_size: tuple[int, ...], device: str | torch.device = "cpu") -> int:
+    """FLOPs (multiply and add counted separately) of one forward pass on one image."""
+    images = torch.zeros(1, *input_size, device=device)
+    with torch.no_grad(), FlopCounterMode(display=False, custom_mapping=_EXTRA_FLOP_RULES) as counter:
+        model(images)
+    return int(counter.get_total_flops())
+
+
+def folder_bytes(path: str | os.PathLike) -> int:
+    """Bytes on disk of every file in a model folder."""
+    return sum(f.stat().st_size for f in Path(path).rglob("*") if f.is_file())
+
+
+class ClassificationScore:
+    """Streaming top-1/top-5 accuracy and, against a teacher, top-1 agreement and mean KL."""
+
+    def __init__(self, num_classes: int) -> None:
+        self.topk = min(5, num_classes)
+        self.images = 0
+        self.top1_hits = 0
+        self.topk_hits = 0
+        self.agreements = 0
+        self.kl_sum = 0.0
+        self.has_teacher = False
+
+    def update(self, logits: torch.Tensor, labels: torch.Tensor, teacher_logits: torch.Tensor | None = None) -> None:
+        logits = logits.float()
+        ranked = logits.topk(self.topk, dim=1).indices
+        self.top1_hits += int((ranked[:, 0] == labels).sum())
+        self.topk_hits += int((ranked == labels[:, None]).any(dim=1).sum())
+        self.images += labels.numel()
+        if teacher_logits is not None:
+            self.has_teacher = True
+            teacher_logits = teacher_logits.float()
+            self.agreements += int((teacher_logits.argmax(1) == ranked[:, 0]).sum())
+            # KL(teacher || student), summed over classes, per image
+            kl = F.kl_div(F.log_softmax(logits, 1), F.log_softmax(teacher_logits, 1), log_target=True, reduction="none")
+            self.kl_sum += float(kl.sum())
+
+    def result(self) -> dict:
+        n = max(self.images, 1)
+        out = {"top1": self.top1_hits / n, "top5": self.topk_hits / n, "images": self.images}
+        if self.topk != 5:
+            out["top5_is_top"] = self.topk
+        if self.has_teacher:
+            out["agreement"] = self.agreements / n
+            out["kl"] = self.kl_sum / n
+        return out

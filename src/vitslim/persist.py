@@ -1,0 +1,209 @@
+"""Saving and reloading models as a folder: ``model.safetensors`` + ``recipe.json`` + ``config.json``.
+
+Nothing is pickled and nothing named in a file is imported or executed: the recipe names a model
+family and the arguments that family's adapter needs to rebuild the architecture, then lists the
+structural steps (low-rank factors, pruned channels, merge schedules) that later methods applied,
+each replayed by a registered function before the weights are loaded strictly.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import tempfile
+from pathlib import Path
+from typing import Callable
+
+import safetensors.torch
+import torch
+from safetensors import SafetensorError
+from torch import nn
+
+from vitslim import __version__
+from vitslim.adapters import PREPROCESSING_ATTR, describe, family_named, family_of
+from vitslim.adapters.base import Preprocessing
+from vitslim.errors import VitslimError
+
+RECIPE_FILE = "recipe.json"
+WEIGHTS_FILE = "model.safetensors"
+CONFIG_FILE = "config.json"
+RECIPE_FORMAT = "vitslim"
+RECIPE_VERSION = 1
+STEPS_ATTR = "vitslim_steps"
+
+# method name -> function(model, step) that re-applies a structural change to a freshly built model
+STEP_APPLIERS: dict[str, Callable[[nn.Module, dict], None]] = {}
+
+
+def register_step(method: str):
+    """Decorator for a method's rebuild function, so saved folders reload its structural changes."""
+
+    def register(function: Callable[[nn.Module, dict], None]):
+        STEP_APPLIERS[method] = function
+        return function
+
+    return register
+
+
+def record_step(model: nn.Module, step: dict) -> None:
+    """Append a structural change to the model's own history; ``save`` writes it to the recipe."""
+    if step.get("method") not in STEP_APPLIERS:
+        raise ValueError(f"no rebuild function registered for method {step.get('method')!r}")
+    setattr(model, STEPS_ATTR, [*getattr(model, STEPS_ATTR, []), step])
+
+
+def _versions() -> dict:
+    import timm
+
+    return {"vitslim": __version__, "torch": torch.__version__, "timm": timm.__version__}
+
+
+def _config_json(family: str, architecture: dict, preprocessing: Preprocessing, label_names) -> dict:
+    """A config.json its own library can read: timm's folder format, or HF's config."""
+    if family == "hf":
+        return architecture["config"]
+    if family == "timm":
+        config = {
+            "architecture": architecture["architecture"],
+            "num_classes": architecture["num_classes"],
+            "model_args": architecture.get("model_args", {}),
+            "pretrained_cfg": {**preprocessing.as_dict(), "num_classes": architecture["num_classes"]},
+        }
+        if label_names:
+            config["label_names"] = list(label_names)
+        return config
+    return {"family": family, "note": "plain PyTorch model; reload with vitslim.load_model(folder, skeleton=...)"}
+
+
+def _unique_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
+    """State dict with shared storage written once (safetensors refuses aliased tensors)."""
+    tensors, seen = {}, set()
+    for name, tensor in model.state_dict().items():
+        key = (tensor.untyped_storage().data_ptr(), tensor.storage_offset(), tuple(tensor.shape))
+        if tensor.numel() and key in seen:
+            continue
+        seen.add(key)
+        tensors[name] = tensor.detach().contiguous().cpu()
+    return tensors
+
+
+def save(model: nn.Module, folder: str | os.PathLike, *, extra: dict | None = None) -> Path:
+    """Write ``model`` to ``folder`` (created, or replaced when it is a previous vitslim folder).
+
+    Files are written into a temporary sibling folder that is renamed into place at the end, so an
+    interrupted save never leaves a half-written model behind.
+    """
+    folder = Path(folder)
+    if folder.exists() and not (folder.is_dir() and (not any(folder.iterdir()) or (folder / RECIPE_FILE).is_file())):
+        raise VitslimError(f"{folder} exists and is not an empty folder or a vitslim model folder; choose another output path")
+    spec = describe(model)
+    family = family_of(model)
+    architecture = family.architecture(model)
+    recipe = {
+        "format": RECIPE_FORMAT,
+        "version": RECIPE_VERSION,
+        "family": family.FAMILY,
+        "architecture": architecture,
+        "preprocessing": spec.preprocessing.as_dict(),
+        "label_names": spec.label_names,
+        "steps": getattr(model, STEPS_ATTR, []),
+        "versions": _versions(),
+        **(extra or {}),
+    }
+    parent = folder.resolve().parent
+    try:
+        parent.mkdir(parents=True, exist_ok=True)
+        staging = Path(tempfile.mkdtemp(prefix=f".{folder.name}.", dir=parent))
+    except OSError as error:
+        raise VitslimError(f"cannot write to {parent}: {error.strerror}; choose a writable output folder") from None
+    try:
+        safetensors.torch.save_file(_unique_state_dict(model), str(staging / WEIGHTS_FILE), metadata={"format": "pt"})
+        (staging / RECIPE_FILE).write_text(json.dumps(recipe, indent=2))
+        (staging / CONFIG_FILE).write_text(json.dumps(_config_json(family.FAMILY, architecture, spec.preprocessing, spec.label_names), indent=2))
+        if folder.exists():
+            shutil.rmtree(folder)
+        os.replace(staging, folder)
+    except BaseException:
+        shutil.rmtree(staging, ignore_errors=True)
+        raise
+    return folder
+
+
+def is_vitslim_folder(path: Path) -> bool:
+    return (path / RECIPE_FILE).is_file()
+
+
+def read_json(path: Path, what: str) -> dict:
+    try:
+        data = json.loads(path.read_text())
+    except FileNotFoundError:
+        raise VitslimError(f"{path} is missing; {what} needs it") from None
+    except (json.JSONDecodeError, UnicodeDecodeError) as error:
+        raise VitslimError(f"{path} is not valid JSON ({error}); the {what} is corrupt") from None
+    if not isinstance(data, dict):
+        raise VitslimError(f"{path} does not hold a JSON object; the {what} is corrupt")
+    return data
+
+
+def load_weights(path: Path) -> dict[str, torch.Tensor]:
+    if not path.is_file():
+        raise VitslimError(f"{path} is missing: the folder has no weights")
+    try:
+        return safetensors.torch.load_file(str(path))
+    except (SafetensorError, OSError, ValueError) as error:
+        raise VitslimError(f"{path} is not a readable safetensors file ({error}); the checkpoint is corrupt") from None
+
+
+def load_state_strict(model: nn.Module, state: dict[str, torch.Tensor], source: Path) -> None:
+    """Load every tensor, failing with a readable summary when the checkpoint does not fit."""
+    expected = model.state_dict()
+    # shared tensors are stored once: fill their aliases from the stored name
+    missing = [k for k in expected if k not in state]
+    unexpected = [k for k in state if k not in expected]
+    mismatched = [f"{k} {tuple(state[k].shape)} vs {tuple(v.shape)}" for k, v in expected.items() if k in state and state[k].shape != v.shape]
+    aliased = _aliases(model)
+    missing = [k for k in missing if aliased.get(k) not in state]
+    if missing or unexpected or mismatched:
+        parts = []
+        for label, items in (("missing", missing), ("unexpected", unexpected), ("wrong shape", mismatched)):
+            if items:
+                parts.append(f"{len(items)} {label} (e.g. {', '.join(items[:3])})")
+        raise VitslimError(f"checkpoint {source} does not match the model architecture: {'; '.join(parts)}")
+    for alias, original in aliased.items():
+        if alias not in state and original in state:
+            state[alias] = state[original]
+    model.load_state_dict(state, strict=True)
+
+
+def _aliases(model: nn.Module) -> dict[str, str]:
+    first_name, aliases = {}, {}
+    for name, tensor in model.state_dict().items():
+        key = (tensor.untyped_storage().data_ptr(), tensor.storage_offset(), tuple(tensor.shape))
+        if tensor.numel() and key in first_name:
+            aliases[name] = first_name[key]
+        else:
+            first_name[key] = name
+    return aliases
+
+
+def load_folder(folder: Path, *, skeleton: nn.Module | None = None) -> nn.Module:
+    """Rebuild a model saved by ``save``: architecture from the recipe, steps replayed, weights loaded."""
+    recipe = read_json(folder / RECIPE_FILE, "vitslim recipe")
+    if recipe.get("format") != RECIPE_FORMAT or not isinstance(recipe.get("version"), int):
+        raise VitslimError(f"{folder / RECIPE_FILE} is not a vitslim recipe")
+    if recipe["version"] > RECIPE_VERSION:
+        raise VitslimError(f"{folder} was written by a newer vitslim (recipe version {recipe['version']}); upgrade vitslim")
+    family = family_named(recipe.get("family", ""))
+    model = skeleton if skeleton is not None else family.build(recipe["architecture"])
+    for step in recipe.get("steps", []):
+        apply = STEP_APPLIERS.get(step.get("method"))
+        if apply is None:
+            raise VitslimError(f"{folder} uses method {step.get('method')!r}, which this vitslim version cannot rebuild; upgrade vitslim")
+        apply(model, step)
+    setattr(model, STEPS_ATTR, list(recipe.get("steps", [])))
+    load_state_strict(model, load_weights(folder / WEIGHTS_FILE), folder / WEIGHTS_FILE)
+    setattr(model, PREPROCESSING_ATTR, Preprocessing.from_dict(recipe["preprocessing"]))
+    if recipe.get("label_names") and family.FAMILY == "timm":
+        model.pretrained_cfg = {**dict(getattr(model, "pretrained_cfg", {}) or {}), "label_names": recipe["label_names"]}
+    return model.eval()

@@ -1,0 +1,90 @@
+import math
+
+import pytest
+import timm
+import torch
+from torch import nn
+from torch.nn import functional as F
+
+from vitslim.bench import benchmark
+from vitslim.errors import VitslimError
+from vitslim.metrics import ClassificationScore, count_flops, count_params
+
+TINY = dict(img_size=32, patch_size=8, embed_dim=32, depth=2, num_heads=2, num_classes=10)
+
+
+def test_flops_of_a_linear_are_two_per_multiply_add():
+    assert count_flops(nn.Linear(7, 5), (7,)) == 2 * 7 * 5
+
+
+def test_fused_attention_flops_match_the_explicit_matmuls():
+    """CPU SDPA has no rule in FlopCounterMode; ours must count what the math path counts."""
+    model = timm.create_model("deit_tiny_patch16_224", **TINY).eval()
+    fused = count_flops(model, (3, 32, 32))
+    for block in model.blocks:
+        block.attn.fused_attn = False
+    explicit = count_flops(model, (3, 32, 32))
+    tokens, dim = 17, 32
+    attention_matmuls = 2 * (2 * tokens * tokens * dim) * 2  # q@k and attn@v, two blocks
+    assert fused == explicit
+    linears_only = sum(2 * m.in_features * m.out_features * tokens for m in model.blocks.modules() if isinstance(m, nn.Linear))
+    assert fused >= linears_only + attention_matmuls
+
+
+def test_params_count_shared_tensors_once():
+    shared = nn.Linear(4, 4)
+    model = nn.Sequential(shared, shared)
+    assert count_params(model) == 20
+
+
+def test_classification_score_against_brute_force():
+    generator = torch.Generator().manual_seed(0)
+    logits = torch.randn(50, 8, generator=generator)
+    teacher = torch.randn(50, 8, generator=generator)
+    labels = torch.randint(0, 8, (50,), generator=generator)
+    score = ClassificationScore(8)
+    score.update(logits[:20], labels[:20], teacher[:20])
+    score.update(logits[20:], labels[20:], teacher[20:])
+    result = score.result()
+    top5 = [labels[i].item() in logits[i].topk(5).indices.tolist() for i in range(50)]
+    kl = [sum(math.exp(t) * (t - s) for t, s in zip(F.log_softmax(teacher[i], 0).tolist(), F.log_softmax(logits[i], 0).tolist())) for i in range(50)]
+    assert result["images"] == 50
+    assert result["top1"] == pytest.approx((logits.argmax(1) == labels).float().mean().item())
+    assert result["top5"] == pytest.approx(sum(top5) / 50)
+    assert result["agreement"] == pytest.approx((logits.argmax(1) == teacher.argmax(1)).float().mean().item())
+    assert result["kl"] == pytest.approx(sum(kl) / 50, rel=1e-5)
+
+
+def test_top5_falls_back_to_all_classes_when_there_are_fewer():
+    score = ClassificationScore(3)
+    score.update(torch.tensor([[3.0, 2.0, 1.0]]), torch.tensor([2]))
+    assert score.result()["top5"] == 1.0 and score.result()["top5_is_top"] == 3
+
+
+def test_benchmark_reports_every_model_with_ratios_to_the_first():
+    small = timm.create_model("deit_tiny_patch16_224", **TINY).eval()
+    wide = timm.create_model("deit_tiny_patch16_224", **{**TINY, "embed_dim": 128}).eval()
+    results = benchmark([("small", small), ("wide", wide)], batch_size=2, runs=20, warmup=1, progress=False)
+    assert [r.model for r in results] == ["small", "wide"]
+    assert results[0].ratio == 1.0
+    assert results[1].ratio == pytest.approx(results[1].images_per_s / results[0].images_per_s)
+    assert results[1].params == count_params(wide) and results[1].flops > results[0].flops
+    assert all(r.peak_memory_mb > 0 and r.latency_ms > 0 and r.runs == 20 for r in results)
+
+
+@pytest.mark.parametrize("kwargs, message", [
+    ({"batch_size": 0}, "batch-size"),
+    ({"runs": 5}, "at least 20"),
+    ({"dtype": "int3"}, "unknown dtype"),
+    ({"threads": 0}, "threads"),
+])
+def test_benchmark_rejects_bad_settings(kwargs, message):
+    model = timm.create_model("deit_tiny_patch16_224", **TINY)
+    with pytest.raises(VitslimError, match=message):
+        benchmark([("m", model)], progress=False, **kwargs)
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the error on a machine without CUDA")
+def test_benchmark_on_missing_cuda_is_a_clear_error():
+    with pytest.raises(VitslimError, match="no CUDA"):
+        benchmark([("m", timm.create_model("deit_tiny_patch16_224", **TINY))], device="cuda", progress=False)
