@@ -137,8 +137,12 @@ def main(argv: list[str] | None = None) -> int:
     except VitslimError as error:
         click.echo(f"vitslim: error: {error}", err=True)
         return 2
+    except click.UsageError as error:
+        command = f"vitslim {error.ctx.info_name} --help" if error.ctx and error.ctx.parent else "vitslim --help"
+        click.echo(f"vitslim: error: {error.format_message()} (see '{command}')", err=True)
+        return error.exit_code
     except click.ClickException as error:
-        error.show()
+        click.echo(f"vitslim: error: {error.format_message()}", err=True)
         return error.exit_code
     except click.exceptions.Abort:
         click.echo("vitslim: aborted", err=True)

@@ -136,9 +136,10 @@ def _plot(rows: list[dict], path: Path) -> None:
     import matplotlib.pyplot as plt
 
     fig, (left, right) = plt.subplots(1, 2, figsize=(10, 4))
-    for row in rows:
+    for index, row in enumerate(rows):
         left.scatter(row["params"] / 1e3, 100 * row["top1"], s=60)
-        left.annotate(row["name"], (row["params"] / 1e3, 100 * row["top1"]), textcoords="offset points", xytext=(5, 5))
+        # stagger labels so variants that land on the same point stay readable
+        left.annotate(row["name"], (row["params"] / 1e3, 100 * row["top1"]), textcoords="offset points", xytext=(6, 6 - 12 * index))
     left.set(xlabel="parameters (thousands)", ylabel="top-1 on held-out digits (%)", title="accuracy vs size")
     left.grid(alpha=0.3)
     right.barh([r["name"] for r in rows], [r["ratio"] for r in rows], color="tab:green")
