@@ -1,0 +1,27 @@
+"""The demo is the README's first command: it must run offline and produce its table and report."""
+
+import pytest
+
+from vitslim.cli import main
+from vitslim.errors import VitslimError
+from vitslim.demo import run_demo
+
+
+@pytest.mark.slow
+def test_demo_runs_offline_and_writes_its_report(tmp_path, monkeypatch, capsys):
+    monkeypatch.setenv("VITSLIM_CACHE", str(tmp_path / "cache"))
+    assert main(["demo", "--out", str(tmp_path / "report")]) == 0
+    out = capsys.readouterr().out
+    assert "original" in out and "saved + reloaded" in out and "top-1" in out
+    report = (tmp_path / "report" / "report.md").read_text()
+    assert "| original |" in report and "tradeoff.png" in report
+    assert (tmp_path / "report" / "tradeoff.png").stat().st_size > 10_000
+    rows = run_demo(tmp_path / "again")  # second run reuses the cached model
+    assert rows[0]["top1"] > 0.9, "the demo ViT should learn the digits"
+    assert rows[1]["top1"] == rows[0]["top1"] and rows[1]["agreement"] == 1.0
+
+
+def test_demo_refuses_a_file_as_output(tmp_path):
+    (tmp_path / "taken").write_text("x")
+    with pytest.raises(VitslimError, match="is a file"):
+        run_demo(tmp_path / "taken")

@@ -1,0 +1,69 @@
+"""Every model family through the same public path: describe, evaluate, save, reload."""
+
+import json
+
+import pytest
+import torch
+from PIL import Image
+
+import vitslim
+from vitslim.cli import main
+from vitslim.errors import VitslimError
+from plain_vit import PlainViT, tiny_hf_vit
+
+
+@pytest.fixture(scope="module")
+def images(tmp_path_factory):
+    root = tmp_path_factory.mktemp("images")
+    generator = torch.Generator().manual_seed(0)
+    for label in range(3):
+        (root / f"class{label}").mkdir()
+        for index in range(3):
+            pixels = (torch.rand(48, 48, 3, generator=generator) * 255).to(torch.uint8).numpy()
+            Image.fromarray(pixels).save(root / f"class{label}" / f"{index}.jpg")
+    return root
+
+
+def _logits(model):
+    with torch.no_grad():
+        return vitslim.describe(model).logits(torch.randn(3, 3, 32, 32, generator=torch.Generator().manual_seed(2)))
+
+
+def test_hf_vit_saves_reloads_and_evaluates(tmp_path, images):
+    model = tiny_hf_vit(num_labels=3)
+    folder = vitslim.save(model, tmp_path / "hf-out")
+    assert json.loads((folder / "config.json").read_text())["model_type"] == "vit"  # HF can read it too
+    reloaded = vitslim.load_model(folder)
+    assert torch.equal(_logits(model), _logits(reloaded))
+    result = vitslim.evaluate(reloaded, images, progress=False)
+    assert result["images"] == 9 and result["params"] == sum(p.numel() for p in model.parameters())
+
+
+def test_hf_folder_through_the_cli(tmp_path, images, capsys):
+    model = tiny_hf_vit(num_labels=3)
+    model.save_pretrained(tmp_path / "hf", safe_serialization=True)
+    assert main(["eval", str(tmp_path / "hf"), "--data", str(images), "--teacher", str(tmp_path / "hf"), "--json"]) == 0
+    result = json.loads(capsys.readouterr().out)
+    assert result["images"] == 9 and result["agreement"] == 1.0
+
+
+@pytest.mark.parametrize("batch_first", [True, False])
+@pytest.mark.parametrize("norm_first", [True, False])
+def test_plain_torch_vit_round_trip_needs_its_skeleton(tmp_path, images, batch_first, norm_first):
+    torch.manual_seed(0)
+    model = PlainViT(num_classes=3, batch_first=batch_first, norm_first=norm_first).eval()
+    folder = vitslim.save(model, tmp_path / "plain")
+    with pytest.raises(VitslimError, match="skeleton"):
+        vitslim.load_model(folder)
+    torch.manual_seed(1)
+    skeleton = PlainViT(num_classes=3, batch_first=batch_first, norm_first=norm_first)
+    reloaded = vitslim.load_model(folder, skeleton=skeleton)
+    assert torch.equal(_logits(model), _logits(reloaded))
+    result = vitslim.evaluate(model, images, teacher=reloaded, progress=False)
+    assert result["images"] == 9 and result["agreement"] == 1.0
+
+
+def test_plain_skeleton_of_another_shape_is_refused(tmp_path):
+    folder = vitslim.save(PlainViT(num_classes=3).eval(), tmp_path / "plain")
+    with pytest.raises(VitslimError, match="does not match"):
+        vitslim.load_model(folder, skeleton=PlainViT(num_classes=3, dim=64))
