@@ -123,7 +123,7 @@ def benchmark(
             for _ in range(warmup):
                 model(images)
         _sync(target)
-        for round_index in tqdm(range(runs), desc="benchmarking", unit="round", disable=not progress, leave=False):
+        for round_index in tqdm(range(runs), desc="benchmarking", unit="round", disable=None if progress else True, leave=False):
             shift = round_index % len(prepared)
             for name, model, images, _ in prepared[shift:] + prepared[:shift]:
                 _sync(target)

@@ -102,7 +102,7 @@ def train_demo_model(digits: Path, *, retrain: bool = False) -> Path:
     optimizer = torch.optim.AdamW(model.parameters(), lr=2e-3, weight_decay=0.05)
     schedule = torch.optim.lr_scheduler.OneCycleLR(optimizer, max_lr=2e-3, total_steps=TRAIN_EPOCHS * len(loader))
     model.train()
-    for _ in tqdm(range(TRAIN_EPOCHS), desc="training the demo ViT (cached afterwards)", unit="epoch"):
+    for _ in tqdm(range(TRAIN_EPOCHS), desc="training the demo ViT (cached afterwards)", unit="epoch", disable=None):
         for images, labels in loader:
             loss = nn.functional.cross_entropy(model(images), labels, label_smoothing=0.1)
             optimizer.zero_grad()

@@ -54,7 +54,7 @@ def evaluate(
             teacher_batches = iter(teacher_loader)
     score = ClassificationScore(spec.num_classes)
     skipped = 0
-    for images, labels, dropped in tqdm(loader, desc="evaluating", unit="batch", disable=not progress, leave=False):
+    for images, labels, dropped in tqdm(loader, desc="evaluating", unit="batch", disable=None if progress else True, leave=False):
         teacher_images = next(teacher_batches)[0] if teacher_batches is not None else images
         skipped += dropped
         if images is None:

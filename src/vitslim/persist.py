@@ -80,7 +80,7 @@ def _unique_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
     """State dict with shared storage written once (safetensors refuses aliased tensors)."""
     tensors, seen = {}, set()
     for name, tensor in model.state_dict().items():
-        key = (tensor.untyped_storage().data_ptr(), tensor.storage_offset(), tuple(tensor.shape))
+        key = _storage_key(tensor)
         if tensor.numel() and key in seen:
             continue
         seen.add(key)
@@ -155,36 +155,39 @@ def load_weights(path: Path) -> dict[str, torch.Tensor]:
         raise VitslimError(f"{path} is not a readable safetensors file ({error}); the checkpoint is corrupt") from None
 
 
-def load_state_strict(model: nn.Module, state: dict[str, torch.Tensor], source: Path) -> None:
-    """Load every tensor, failing with a readable summary when the checkpoint does not fit."""
-    expected = model.state_dict()
-    # shared tensors are stored once: fill their aliases from the stored name
-    missing = [k for k in expected if k not in state]
-    unexpected = [k for k in state if k not in expected]
-    mismatched = [f"{k} {tuple(state[k].shape)} vs {tuple(v.shape)}" for k, v in expected.items() if k in state and state[k].shape != v.shape]
-    aliased = _aliases(model)
-    missing = [k for k in missing if aliased.get(k) not in state]
-    if missing or unexpected or mismatched:
-        parts = []
-        for label, items in (("missing", missing), ("unexpected", unexpected), ("wrong shape", mismatched)):
-            if items:
-                parts.append(f"{len(items)} {label} (e.g. {', '.join(items[:3])})")
-        raise VitslimError(f"checkpoint {source} does not match the model architecture: {'; '.join(parts)}")
-    for alias, original in aliased.items():
-        if alias not in state and original in state:
-            state[alias] = state[original]
-    model.load_state_dict(state, strict=True)
+def _storage_key(tensor: torch.Tensor) -> tuple:
+    return (tensor.untyped_storage().data_ptr(), tensor.storage_offset(), tuple(tensor.shape))
 
 
 def _aliases(model: nn.Module) -> dict[str, str]:
+    """State-dict names that share storage with an earlier name (tied weights): alias -> original."""
     first_name, aliases = {}, {}
     for name, tensor in model.state_dict().items():
-        key = (tensor.untyped_storage().data_ptr(), tensor.storage_offset(), tuple(tensor.shape))
+        key = _storage_key(tensor)
         if tensor.numel() and key in first_name:
             aliases[name] = first_name[key]
         else:
             first_name[key] = name
     return aliases
+
+
+def load_state_strict(model: nn.Module, state: dict[str, torch.Tensor], source: Path) -> None:
+    """Load every tensor, failing with a readable summary when the checkpoint does not fit.
+
+    Tied tensors are stored once by ``save``; their aliases are filled from the stored name.
+    """
+    for alias, original in _aliases(model).items():
+        if alias not in state and original in state:
+            state[alias] = state[original]
+    expected = model.state_dict()
+    missing = [k for k in expected if k not in state]
+    unexpected = [k for k in state if k not in expected]
+    mismatched = [f"{k} {tuple(state[k].shape)} vs {tuple(v.shape)}" for k, v in expected.items() if k in state and state[k].shape != v.shape]
+    if missing or unexpected or mismatched:
+        parts = [f"{len(items)} {label} (e.g. {', '.join(items[:3])})"
+                 for label, items in (("missing", missing), ("unexpected", unexpected), ("wrong shape", mismatched)) if items]
+        raise VitslimError(f"checkpoint {source} does not match the model architecture: {'; '.join(parts)}")
+    model.load_state_dict(state, strict=True)
 
 
 def load_folder(folder: Path, *, skeleton: nn.Module | None = None) -> nn.Module:
