@@ -151,3 +151,14 @@ def test_reference_model_loads_like_timm_does():
     assert torch.equal(_outputs(ours), _outputs(theirs))
     spec = vitslim.describe(ours)
     assert spec.label_names[:2] == ["airplane", "automobile"] and spec.preprocessing.crop_pct == 1.0
+
+
+def test_unreachable_hub_with_pretrained_is_a_clear_error(monkeypatch):
+    def offline(name, pretrained=False, **kwargs):
+        if pretrained:
+            raise OSError("Name or service not known")
+        raise AssertionError("only the pretrained path is under test")
+
+    monkeypatch.setattr(timm, "create_model", offline)
+    with pytest.raises(VitslimError, match="cannot fetch pretrained weights for 'deit_tiny_patch16_224'.*local folder"):
+        vitslim.load_model("deit_tiny_patch16_224", pretrained=True)

@@ -117,7 +117,7 @@ def info_command(model):
         ["patch grid", f"{spec.grid_size[0]} x {spec.grid_size[1]} (patch {spec.patch_size[0]})"],
         ["classes", str(spec.num_classes)], ["params", human(count_params(spec.model))],
         ["compressible linears", str(len(spec.linears()))],
-        ["input", "x".join(map(str, spec.preprocessing.input_size)) + f", {spec.preprocessing.interpolation}, crop {spec.preprocessing.crop_pct}"],
+        ["input", "x".join(map(str, spec.preprocessing.input_size)) + f", {spec.preprocessing.interpolation}, crop {spec.preprocessing.crop_pct:g}"],
     ]))
 
 
