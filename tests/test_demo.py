@@ -25,3 +25,10 @@ def test_demo_refuses_a_file_as_output(tmp_path):
     (tmp_path / "taken").write_text("x")
     with pytest.raises(VitslimError, match="is a file"):
         run_demo(tmp_path / "taken")
+
+
+def test_demo_never_replaces_a_folder_it_did_not_write(tmp_path):
+    (tmp_path / "precious.txt").write_text("keep")
+    with pytest.raises(VitslimError, match="other content"):
+        run_demo(tmp_path)
+    assert (tmp_path / "precious.txt").read_text() == "keep"

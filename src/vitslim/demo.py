@@ -10,8 +10,6 @@ against the original in one process.
 from __future__ import annotations
 
 import os
-import shutil
-import tempfile
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -23,6 +21,7 @@ from tqdm import tqdm
 
 from vitslim import data as imagedata
 from vitslim.adapters import describe
+from vitslim.atomic import atomic_folder
 from vitslim.bench import benchmark
 from vitslim.errors import VitslimError
 from vitslim.evaluate import evaluate
@@ -38,21 +37,6 @@ SEED = 0
 
 def cache_dir() -> Path:
     return Path(os.environ.get("VITSLIM_CACHE", Path.home() / ".cache" / "vitslim"))
-
-
-def _atomic_folder(target: Path, fill) -> Path:
-    """Build a folder under a temporary name beside ``target`` and rename it into place."""
-    target.parent.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(prefix=f".{target.name}.", dir=target.parent))
-    try:
-        fill(staging)
-        if target.exists():
-            shutil.rmtree(target)
-        os.replace(staging, target)
-    except BaseException:
-        shutil.rmtree(staging, ignore_errors=True)
-        raise
-    return target
 
 
 def digits_folder() -> Path:
@@ -75,7 +59,7 @@ def digits_folder() -> Path:
                 (folder / split / str(label)).mkdir(parents=True, exist_ok=True)
                 Image.fromarray(pixels, mode="L").save(folder / split / str(label) / f"{index:04d}.png")
 
-    return _atomic_folder(target, write)
+    return atomic_folder(target, write)
 
 
 def _new_demo_model() -> nn.Module:
@@ -158,6 +142,8 @@ def run_demo(out: Path, *, retrain: bool = False) -> list[dict]:
         raise VitslimError(f"cannot create the output folder {out}: {error.strerror}") from None
     if out.exists() and not out.is_dir():
         raise VitslimError(f"{out} exists and is a file; choose another --out")
+    if out.is_dir() and any(out.iterdir()) and not (out / "report.md").is_file():
+        raise VitslimError(f"{out} is a folder with other content; the demo replaces its --out folder whole, so choose a new or empty one")
     click.echo(f"1/4 data: scikit-learn's handwritten digits as PNG files in {cache_dir() / 'digits-png'}")
     digits = digits_folder()
     click.echo("2/4 model: a tiny timm ViT (16x16 input, 4x4 patches) trained on the train split")
@@ -178,7 +164,7 @@ def run_demo(out: Path, *, retrain: bool = False) -> list[dict]:
         _plot(rows, folder / "tradeoff.png")
         (folder / "report.md").write_text(_report(rows, speeds[0]))
 
-    _atomic_folder(out, fill)
+    atomic_folder(out, fill)
     table = render(["variant", "top-1", "agreement", "params", "FLOPs/img", "throughput"],
                    [[r["name"], percent(r["top1"]), percent(r["agreement"]), human(r["params"]), human(r["flops"]), f"{r['ratio']:.2f}x"] for r in rows])
     click.echo("\n" + table + "\n")

@@ -10,8 +10,6 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
-import tempfile
 from pathlib import Path
 from typing import Callable
 
@@ -23,6 +21,7 @@ from torch import nn
 from vitslim import __version__
 from vitslim.adapters import PREPROCESSING_ATTR, describe, family_named, family_of
 from vitslim.adapters.base import Preprocessing
+from vitslim.atomic import atomic_folder
 from vitslim.errors import VitslimError
 
 RECIPE_FILE = "recipe.json"
@@ -91,8 +90,7 @@ def _unique_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
 def save(model: nn.Module, folder: str | os.PathLike, *, extra: dict | None = None) -> Path:
     """Write ``model`` to ``folder`` (created, or replaced when it is a previous vitslim folder).
 
-    Files are written into a temporary sibling folder that is renamed into place at the end, so an
-    interrupted save never leaves a half-written model behind.
+    The folder is written whole or not at all (see ``vitslim.atomic``).
     """
     folder = Path(folder)
     if folder.exists() and not (folder.is_dir() and (not any(folder.iterdir()) or (folder / RECIPE_FILE).is_file())):
@@ -111,23 +109,13 @@ def save(model: nn.Module, folder: str | os.PathLike, *, extra: dict | None = No
         "versions": _versions(),
         **(extra or {}),
     }
-    parent = folder.resolve().parent
-    try:
-        parent.mkdir(parents=True, exist_ok=True)
-        staging = Path(tempfile.mkdtemp(prefix=f".{folder.name}.", dir=parent))
-    except OSError as error:
-        raise VitslimError(f"cannot write to {parent}: {error.strerror}; choose a writable output folder") from None
-    try:
+
+    def fill(staging: Path) -> None:
         safetensors.torch.save_file(_unique_state_dict(model), str(staging / WEIGHTS_FILE), metadata={"format": "pt"})
         (staging / RECIPE_FILE).write_text(json.dumps(recipe, indent=2))
         (staging / CONFIG_FILE).write_text(json.dumps(_config_json(family.FAMILY, architecture, spec.preprocessing, spec.label_names), indent=2))
-        if folder.exists():
-            shutil.rmtree(folder)
-        os.replace(staging, folder)
-    except BaseException:
-        shutil.rmtree(staging, ignore_errors=True)
-        raise
-    return folder
+
+    return atomic_folder(folder, fill)
 
 
 def is_vitslim_folder(path: Path) -> bool:

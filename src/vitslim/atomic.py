@@ -1,0 +1,34 @@
+"""Write a whole output folder or nothing: build it under a temporary name, then rename it."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import tempfile
+from pathlib import Path
+from typing import Callable
+
+from vitslim.errors import VitslimError
+
+
+def atomic_folder(target: Path, fill: Callable[[Path], None]) -> Path:
+    """Call ``fill`` on an empty staging folder beside ``target``, then move it into place.
+
+    An exception (or Ctrl-C) inside ``fill`` removes the staging folder and leaves any previous
+    ``target`` untouched, so an interrupted run never leaves a half-written output behind.
+    """
+    parent = target.resolve().parent
+    try:
+        parent.mkdir(parents=True, exist_ok=True)
+        staging = Path(tempfile.mkdtemp(prefix=f".{target.name}.", dir=parent))
+    except OSError as error:
+        raise VitslimError(f"cannot write to {parent}: {error.strerror}; choose a writable output folder") from None
+    try:
+        fill(staging)
+        if target.exists():
+            shutil.rmtree(target)
+        os.replace(staging, target)
+    except BaseException:
+        shutil.rmtree(staging, ignore_errors=True)
+        raise
+    return target
