@@ -1,0 +1,167 @@
+"""Low-rank math against brute force on small cases."""
+
+import itertools
+
+import pytest
+import torch
+
+from vitslim.lowrank.allocation import LayerCost, allocate, normalised_error, uniform
+from vitslim.lowrank.layers import LowRankLinear
+from vitslim.lowrank.whitening import diagonal_spectrum, plain_spectrum, whitened_spectrum, whitening_factor
+
+
+def _case(tokens=200, d_in=12, d_out=9, seed=0):
+    generator = torch.Generator().manual_seed(seed)
+    # correlated, anisotropic inputs: whitening matters for them
+    mixing = torch.randn(d_in, d_in, generator=generator, dtype=torch.float64) * torch.logspace(0, -2, d_in, dtype=torch.float64)
+    X = torch.randn(tokens, d_in, generator=generator, dtype=torch.float64) @ mixing
+    W = torch.randn(d_out, d_in, generator=generator, dtype=torch.float64)
+    return X, W
+
+
+def _output_error(X, W, approx):
+    return float((X @ (W - approx).T).square().sum())
+
+
+def test_whitened_error_curve_is_the_exact_output_error_at_every_rank():
+    X, W = _case()
+    spectrum = whitened_spectrum(W, X.T @ X, ridge=0.0)
+    curve = spectrum.error_curve()
+    for rank in range(0, W.shape[0] + 1):
+        up, down = spectrum.factors(rank)
+        assert _output_error(X, W, up @ down) == pytest.approx(float(curve[rank]), rel=1e-6, abs=1e-9)
+    assert float(curve[-1]) == 0.0 and float(curve[0]) == pytest.approx(_output_error(X, W, torch.zeros_like(W)), rel=1e-9)
+
+
+def test_whitened_truncation_beats_plain_and_diagonal_svd_on_the_output():
+    X, W = _case()
+    gram = X.T @ X
+    for rank in (2, 4, 6):
+        best = _output_error(X, W, torch.mm(*whitened_spectrum(W, gram).factors(rank)))
+        assert best < _output_error(X, W, torch.mm(*plain_spectrum(W).factors(rank)))
+        assert best <= _output_error(X, W, torch.mm(*diagonal_spectrum(W, gram).factors(rank))) + 1e-9
+
+
+def test_whitened_truncation_is_optimal_against_random_rank_k_matrices():
+    X, W = _case()
+    spectrum = whitened_spectrum(W, X.T @ X, ridge=0.0)
+    best = _output_error(X, W, torch.mm(*spectrum.factors(3)))
+    generator = torch.Generator().manual_seed(5)
+    for _ in range(50):
+        # perturb the optimum inside rank 3: never better
+        up, down = spectrum.factors(3)
+        up = up + 0.05 * torch.randn(up.shape, generator=generator, dtype=torch.float64)
+        assert _output_error(X, W, up @ down) >= best - 1e-9
+
+
+@pytest.mark.parametrize("tokens", [3, 12])
+def test_singular_gram_gives_finite_factors_and_the_same_error_law(tokens):
+    """Fewer tokens than inputs (or a dead input channel) make G singular: regularise, never NaN."""
+    X, W = _case(tokens=tokens)
+    X[:, 0] = 0  # a dead input channel
+    spectrum = whitened_spectrum(W, X.T @ X)
+    assert all(torch.isfinite(t).all() for t in (spectrum.U, spectrum.S, spectrum.Vh, spectrum.L_inv))
+    up, down = spectrum.factors(2)
+    assert torch.isfinite(up @ down).all()
+    # with the ridge, the curve is exact for the regularised Gram matrix
+    factor, _ = whitening_factor(X.T @ X)
+    regularised = factor @ factor.T
+    error = float(torch.trace((W - up @ down) @ regularised @ (W - up @ down).T))
+    assert error == pytest.approx(float(spectrum.error_curve()[2]), rel=1e-6)
+
+
+def test_indefinite_gram_falls_back_to_clamped_eigendecomposition():
+    gram = torch.diag(torch.tensor([4.0, 1.0, -1e-3], dtype=torch.float64))  # rounding made it indefinite
+    factor, inverse = whitening_factor(gram, ridge=1e-9)
+    assert torch.isfinite(factor).all() and torch.isfinite(inverse).all()
+    assert torch.allclose(factor @ inverse, torch.eye(3, dtype=torch.float64), atol=1e-6)
+    assert torch.allclose((factor @ factor.T).diagonal()[:2], torch.tensor([4.0, 1.0], dtype=torch.float64), atol=1e-6)
+
+
+def test_non_finite_gram_is_refused():
+    with pytest.raises(ValueError, match="NaN or Inf"):
+        whitening_factor(torch.tensor([[1.0, float("nan")], [0.0, 1.0]]))
+
+
+def _layers(shapes, seed=0):
+    generator = torch.Generator().manual_seed(seed)
+    layers = []
+    for index, (m, n) in enumerate(shapes):
+        energy = torch.rand(min(m, n), generator=generator, dtype=torch.float64).sort(descending=True).values ** 3
+        layers.append(LayerCost(f"l{index}", m, n, energy))
+    return layers
+
+
+def _brute_force(layers, budget):
+    """Minimum normalised error over every rank combination (dense allowed) within the budget."""
+    options = []
+    for layer in layers:
+        choices = [(rank, rank * layer.per_rank) for rank in range(layer.energy.numel() + 1) if rank * layer.per_rank < layer.dense]
+        options.append(choices + [(None, layer.dense)])
+    best = float("inf")
+    for combo in itertools.product(*options):
+        if sum(cost for _, cost in combo) > budget:
+            continue
+        error = 0.0
+        for layer, (rank, _) in zip(layers, combo):
+            if rank is not None:
+                error += float(layer.energy[rank:].sum() / layer.energy.sum())
+        best = min(best, error)
+    return best
+
+
+@pytest.mark.parametrize("budget", [0, 10, 25, 40, 55, 70])
+def test_allocation_equals_brute_force_for_equal_shaped_layers(budget):
+    layers = _layers([(6, 4)] * 3)  # per rank 10, break-even at 2.4, dense 24
+    plans = allocate(layers, budget)
+    assert sum(p.params for p in plans) <= budget
+    assert normalised_error(layers, plans) == pytest.approx(_brute_force(layers, budget), abs=1e-12)
+
+
+def test_allocation_is_optimal_for_its_own_cost_with_mixed_shapes():
+    """Greedy by gain per parameter is the Lagrangian solution: optimal at the cost it spends."""
+    layers = _layers([(8, 3), (5, 5), (9, 6)], seed=3)
+    for budget in range(0, 140, 7):
+        plans = allocate(layers, budget)
+        spent = sum(p.params for p in plans)
+        assert spent <= budget
+        assert normalised_error(layers, plans) <= _brute_force(layers, spent) + 1e-12 or spent != budget
+
+
+def test_break_even_layers_stay_dense_and_ranks_respect_the_multiple():
+    layers = _layers([(64, 64), (64, 256), (256, 64)], seed=1)
+    plans = allocate(layers, budget=40_000, rank_multiple=8)
+    for layer, plan in zip(layers, plans):
+        if plan.rank is None:
+            assert plan.params == layer.dense
+        else:
+            assert plan.rank % 8 == 0 and plan.rank * layer.per_rank < layer.dense
+    assert sum(p.params for p in plans) <= 40_000
+
+
+def test_sensitivity_weights_shift_rank_towards_the_sensitive_layer():
+    base = _layers([(16, 16), (16, 16)], seed=2)
+    base = [LayerCost(l.name, 16, 16, torch.ones(16, dtype=torch.float64)) for l in base]
+    even = allocate(base, budget=6 * 32)  # below break-even (rank 8 of 16x16 costs the dense 256)
+    weighted = allocate([base[0], LayerCost("l1", 16, 16, base[1].energy, weight=5.0)], budget=6 * 32)
+    assert even[0].rank == even[1].rank == 3
+    assert weighted[1].rank > weighted[0].rank
+
+
+def test_uniform_allocation_uses_one_fraction_and_fits():
+    layers = _layers([(64, 64), (64, 256)], seed=1)
+    plans = uniform(layers, budget=10_000)
+    assert sum(p.params for p in plans) <= 10_000
+    fractions = [p.rank / (l.dense // l.per_rank) for l, p in zip(layers, plans)]
+    assert abs(fractions[0] - fractions[1]) < 0.1
+
+
+def test_low_rank_linear_computes_up_times_down():
+    generator = torch.Generator().manual_seed(0)
+    up, down, bias = torch.randn(7, 3, generator=generator), torch.randn(3, 5, generator=generator), torch.randn(7, generator=generator)
+    layer = LowRankLinear.from_factors(up, down, bias)
+    x = torch.randn(4, 2, 5, generator=generator)
+    assert torch.allclose(layer(x), x @ (up @ down).T + bias, atol=1e-5)
+    assert sum(p.numel() for p in layer.parameters()) == 3 * (7 + 5) + 7
+    compiled = torch.compile(layer, backend="eager")
+    assert torch.allclose(compiled(x), layer(x))
