@@ -141,7 +141,7 @@ def test_break_even_layers_stay_dense_and_ranks_respect_the_multiple():
 
 def test_sensitivity_weights_shift_rank_towards_the_sensitive_layer():
     base = _layers([(16, 16), (16, 16)], seed=2)
-    base = [LayerCost(l.name, 16, 16, torch.ones(16, dtype=torch.float64)) for l in base]
+    base = [LayerCost(l.name, 16, 16, torch.arange(16, 0, -1, dtype=torch.float64)) for l in base]
     even = allocate(base, budget=6 * 32)  # below break-even (rank 8 of 16x16 costs the dense 256)
     weighted = allocate([base[0], LayerCost("l1", 16, 16, base[1].energy, weight=5.0)], budget=6 * 32)
     assert even[0].rank == even[1].rank == 3
