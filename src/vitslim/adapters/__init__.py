@@ -15,7 +15,7 @@ from vitslim.errors import VitslimError
 
 FAMILIES: tuple[ModuleType, ...] = (timm_vit, hf, torch_nn)
 
-__all__ = ["FAMILIES", "PREPROCESSING_ATTR", "Preprocessing", "ViTSpec", "describe", "family_of", "family_named"]
+__all__ = ["FAMILIES", "PREPROCESSING_ATTR", "Preprocessing", "ViTSpec", "describe", "family_named", "family_of", "prepare_for_replacement"]
 
 
 def family_of(model: nn.Module) -> ModuleType:
@@ -33,6 +33,14 @@ def family_named(name: str) -> ModuleType:
         if family.FAMILY == name:
             return family
     raise VitslimError(f"unknown model family '{name}' (known: {', '.join(f.FAMILY for f in FAMILIES)})")
+
+
+def prepare_for_replacement(model: nn.Module) -> None:
+    """Called before a method replaces Linears with other modules: a family whose layers can
+    bypass their child modules (torch.nn's fused encoder kernel) switches that off here."""
+    prepare = getattr(family_of(model), "prepare_for_replacement", None)
+    if prepare is not None:
+        prepare(model)
 
 
 def describe(model: nn.Module, preprocessing: Preprocessing | None = None, **hints) -> ViTSpec:

@@ -51,18 +51,25 @@ IMAGENET_PREPROCESSING = Preprocessing(
 )
 
 
+def is_linear(module: object) -> bool:
+    """An ``nn.Linear`` or a drop-in replacement for one (a factorised layer keeps ``in_features``
+    and ``out_features``), so compressed models still describe themselves."""
+    return isinstance(module, nn.Module) and hasattr(module, "in_features") and hasattr(module, "out_features")
+
+
 @dataclass
 class AttentionSpec:
-    """One self-attention layer. Exactly one of ``qkv``, ``q``/``k``/``v`` or ``packed`` is set."""
+    """One self-attention layer. Exactly one of ``qkv``, ``q``/``k``/``v`` or ``packed`` is set.
+    Projections are ``nn.Linear`` or linear-like replacements (see ``is_linear``)."""
 
     module: nn.Module
-    out_proj: nn.Linear
+    out_proj: nn.Module
     num_heads: int
     head_dim: int
-    qkv: nn.Linear | None = None  # fused projection, output laid out as [q | k | v]
-    q: nn.Linear | None = None
-    k: nn.Linear | None = None
-    v: nn.Linear | None = None
+    qkv: nn.Module | None = None  # fused projection, output laid out as [q | k | v]
+    q: nn.Module | None = None
+    k: nn.Module | None = None
+    v: nn.Module | None = None
     packed: nn.MultiheadAttention | None = None  # in_proj_weight/in_proj_bias, not an nn.Linear
 
     def __post_init__(self) -> None:
@@ -77,8 +84,8 @@ class AttentionSpec:
 
 @dataclass
 class MlpSpec:
-    fc1: nn.Linear
-    fc2: nn.Linear
+    fc1: nn.Module
+    fc2: nn.Module
 
 
 @dataclass
@@ -114,7 +121,8 @@ class ViTSpec:
         return self.grid_size[0] * self.grid_size[1]
 
     def linears(self) -> dict[str, nn.Linear]:
-        """Compressible linears by qualified name (attention projections and MLP), in block order."""
+        """Still-dense linears by qualified name (attention projections and MLP), in block order:
+        the ones a compression method may still replace."""
         by_id = {id(m): name for name, m in self.model.named_modules()}
         found: dict[str, nn.Linear] = {}
         for block in self.blocks:

@@ -15,6 +15,7 @@ from vitslim.adapters.base import (
     MlpSpec,
     Preprocessing,
     ViTSpec,
+    is_linear,
 )
 from vitslim.errors import VitslimError
 
@@ -32,21 +33,21 @@ def matches(model: nn.Module) -> bool:
 
 def _attention(attn: nn.Module, where: str) -> AttentionSpec:
     proj = getattr(attn, "proj", None)
-    if not isinstance(proj, nn.Linear):
+    if not is_linear(proj):
         raise VitslimError(f"{where}: timm attention {type(attn).__name__} has no Linear 'proj'; this variant is not supported")
     common = dict(module=attn, out_proj=proj, num_heads=attn.num_heads, head_dim=attn.head_dim)
-    if isinstance(getattr(attn, "qkv", None), nn.Linear):
+    if is_linear(getattr(attn, "qkv", None)):
         return AttentionSpec(qkv=attn.qkv, **common)
     for names in (("q", "k", "v"), ("q_proj", "k_proj", "v_proj")):
         layers = [getattr(attn, n, None) for n in names]
-        if all(isinstance(layer, nn.Linear) for layer in layers):
+        if all(is_linear(layer) for layer in layers):
             return AttentionSpec(q=layers[0], k=layers[1], v=layers[2], **common)
     raise VitslimError(f"{where}: timm attention {type(attn).__name__} has neither qkv nor q/k/v Linears; not supported")
 
 
 def _mlp(mlp: nn.Module, where: str) -> MlpSpec:
     fc1, fc2 = getattr(mlp, "fc1", None), getattr(mlp, "fc2", None)
-    if not (isinstance(fc1, nn.Linear) and isinstance(fc2, nn.Linear)):
+    if not (is_linear(fc1) and is_linear(fc2)):
         raise VitslimError(f"{where}: timm MLP {type(mlp).__name__} is not a plain fc1/fc2 MLP (gated MLPs are not supported yet)")
     return MlpSpec(fc1=fc1, fc2=fc2)
 
@@ -93,6 +94,10 @@ def describe(model: nn.Module, preprocessing: Preprocessing | None = None, **hin
     )
 
 
+def _has_bias(layer: nn.Module) -> bool:
+    return getattr(layer, "bias", None) is not None or getattr(getattr(layer, "up", None), "bias", None) is not None
+
+
 def _read_model_args(model: nn.Module) -> dict:
     """timm keeps no record of its constructor arguments; read back the ones that shape the weights."""
     block = model.blocks[0]
@@ -105,7 +110,7 @@ def _read_model_args(model: nn.Module) -> dict:
         "depth": len(model.blocks),
         "num_heads": attn.num_heads,
         "mlp_ratio": block.mlp.fc1.out_features / model.embed_dim,
-        "qkv_bias": attn.qkv.bias is not None if hasattr(attn, "qkv") else True,
+        "qkv_bias": _has_bias(attn.qkv) if hasattr(attn, "qkv") else True,
         "qk_norm": not isinstance(attn.q_norm, nn.Identity),
         "init_values": 1.0 if not isinstance(block.ls1, nn.Identity) else None,
         "class_token": bool(model.has_class_token),

@@ -220,3 +220,18 @@ def build(architecture: dict) -> nn.Module:
         f"a plain PyTorch model ({architecture.get('class', 'unknown class')}) cannot be rebuilt from a file without its "
         "code; construct it in Python and pass it as vitslim.load_model(folder, skeleton=MyViT(...))"
     )
+
+
+def prepare_for_replacement(model: nn.Module) -> None:
+    """Let compression methods swap the encoder layers' Linears for other modules.
+
+    In eval mode ``nn.TransformerEncoderLayer`` (and ``nn.TransformerEncoder``'s nested-tensor
+    path) may run a fused kernel that reads ``linear1.weight`` and friends directly instead of
+    calling the modules. ``activation_relu_or_gelu`` only selects that kernel; with it cleared the
+    layer computes the same function through its child modules, so replacements take effect.
+    """
+    for module in model.modules():
+        if isinstance(module, nn.TransformerEncoderLayer):
+            module.activation_relu_or_gelu = 0
+        elif isinstance(module, nn.TransformerEncoder):
+            module.use_nested_tensor = False

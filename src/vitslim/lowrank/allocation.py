@@ -64,25 +64,28 @@ def _next_step(layer: LayerCost, gains: torch.Tensor, rank: int, multiple: int) 
     return gain / max(cost, 1), cost, new_rank
 
 
-def allocate(layers: list[LayerCost], budget: int, *, rank_multiple: int = 1) -> list[LayerPlan]:
+def allocate(layers: list[LayerCost], budget: int, *, rank_multiple: int = 1, min_rank: int = 0) -> list[LayerPlan]:
     """Ranks for ``layers`` whose weights together cost at most ``budget`` parameters.
 
     Components are taken in groups of ``rank_multiple`` (ranks are then multiples of it, which
-    keeps matmuls efficient), each group scored by normalised energy per parameter.
+    keeps matmuls efficient), each group scored by normalised energy per parameter. Every layer
+    starts at ``min_rank`` (a factorised layer needs at least one component).
     """
     if rank_multiple < 1:
         raise ValueError("rank_multiple must be at least 1")
     if budget < 0:
         raise ValueError("the budget must not be negative")
     gains = [_normalised_gains(layer) for layer in layers]
-    ranks: list[int | None] = [0] * len(layers)  # None once a layer went dense
+    ranks: list[int | None] = [min(min_rank, layer.energy.numel()) for layer in layers]  # None once dense
+    spent = sum(rank * layer.per_rank for rank, layer in zip(ranks, layers))
+    if spent > budget:
+        raise ValueError(f"the budget {budget} is below the {spent} parameters of rank {min_rank} everywhere")
     heap = []
     for index, layer in enumerate(layers):
-        step = _next_step(layer, gains[index], 0, rank_multiple)
+        step = _next_step(layer, gains[index], ranks[index], rank_multiple)
         if step is not None:
             heap.append((-step[0], index))
     heapq.heapify(heap)
-    spent = 0
     while heap:
         _, index = heapq.heappop(heap)
         _, cost, new_rank = _next_step(layers[index], gains[index], ranks[index], rank_multiple)
@@ -114,14 +117,14 @@ def normalised_error(layers: list[LayerCost], plans: list[LayerPlan]) -> float:
     return total
 
 
-def uniform(layers: list[LayerCost], budget: int, *, rank_multiple: int = 1) -> list[LayerPlan]:
+def uniform(layers: list[LayerCost], budget: int, *, rank_multiple: int = 1, min_rank: int = 0) -> list[LayerPlan]:
     """Baseline: the same fraction of each layer's break-even rank everywhere, the largest that fits."""
     def plans_at(fraction: float) -> list[LayerPlan]:
         out = []
         for layer in layers:
             full = layer.dense // layer.per_rank
             rank = int(fraction * full) // rank_multiple * rank_multiple
-            rank = min(rank, layer.energy.numel())
+            rank = min(max(rank, min_rank), layer.energy.numel())
             total = float(layer.energy.sum())
             out.append(LayerPlan(layer.name, rank, rank * layer.per_rank, float(layer.energy[:rank].sum()) / total if total > 0 else 1.0))
         return out

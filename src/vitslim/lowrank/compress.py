@@ -1,0 +1,126 @@
+"""``compress_lowrank``: calibrate, plan ranks under one budget, factorise.
+
+Our reading of arXiv 2402.06004 (DESIGN.md §1.1): the principal term of each layer is its
+whitened truncated SVD; ranks come from one global greedy allocation over all layers' closed-form
+error curves; layers past break-even stay dense. Baselines share this code path: ``method="svd"``
+(no activations), ``method="asvd"`` (diagonal activation scaling), ``allocation="uniform"``.
+"""
+
+from __future__ import annotations
+
+import copy
+from collections.abc import Iterable
+
+import torch
+from torch import nn
+
+from vitslim.adapters import describe, prepare_for_replacement
+from vitslim.errors import VitslimError
+from vitslim.lowrank.allocation import LayerCost, LayerPlan, allocate, uniform
+from vitslim.lowrank.calibration import collect_grams
+from vitslim.lowrank.layers import LowRankLinear
+from vitslim.lowrank.whitening import diagonal_spectrum, plain_spectrum, whitened_spectrum
+from vitslim.metrics import count_params
+from vitslim.persist import record_step, register_step
+
+METHODS = ("whitened", "svd", "asvd")
+ALLOCATIONS = ("mixed", "uniform")
+STEP = "lowrank"
+
+
+def compressible_linears(model: nn.Module) -> dict[str, nn.Linear]:
+    """The Linears a factorised layer can replace. A packed ``nn.MultiheadAttention`` reads its
+    ``out_proj.weight`` directly instead of calling the module, so that projection stays dense."""
+    spec = describe(model)
+    packed_out = {id(block.attention.out_proj) for block in spec.blocks if block.attention.packed is not None}
+    return {name: layer for name, layer in spec.linears().items() if id(layer) not in packed_out}
+
+
+def target_params(model: nn.Module, *, param_ratio: float | None, params: int | None) -> int:
+    total = count_params(model)
+    if (param_ratio is None) == (params is None):
+        raise VitslimError("state exactly one budget: a parameter ratio or a parameter count")
+    if param_ratio is not None:
+        if not 0 < param_ratio < 1:
+            raise VitslimError(f"--param-ratio must be between 0 and 1 (exclusive), got {param_ratio}")
+        return int(param_ratio * total)
+    if not 0 < params < total:
+        raise VitslimError(f"--params must be between 0 and the model's {total:,} parameters, got {params:,}")
+    return int(params)
+
+
+def _replace(model: nn.Module, name: str, layer: nn.Module) -> None:
+    parent_name, _, child = name.rpartition(".")
+    setattr(model.get_submodule(parent_name) if parent_name else model, child, layer)
+
+
+@register_step(STEP)
+def _rebuild(model: nn.Module, step: dict) -> None:
+    """Recipe replay: give each named Linear its factorised shape (weights are loaded after)."""
+    prepare_for_replacement(model)
+    for name, rank in step["ranks"].items():
+        dense = model.get_submodule(name)
+        _replace(model, name, LowRankLinear(dense.in_features, dense.out_features, rank, bias=dense.bias is not None))
+
+
+def compress_lowrank(
+    model: nn.Module,
+    batches: Iterable,
+    *,
+    param_ratio: float | None = None,
+    params: int | None = None,
+    method: str = "whitened",
+    allocation: str = "mixed",
+    rank_multiple: int = 1,
+    sensitivity: dict[str, float] | None = None,
+    min_images: int = 1,
+    progress: bool = True,
+) -> nn.Module:
+    """A factorised copy of ``model`` (the original is left untouched) with at most the budgeted
+    parameter count, as ``count_params``/``vitslim eval`` count it. The plan (per-layer rank and
+    kept energy) is the result's last recipe step, which ``vitslim.save`` writes."""
+    if method not in METHODS:
+        raise VitslimError(f"unknown method {method!r}; choose one of {', '.join(METHODS)}")
+    if allocation not in ALLOCATIONS:
+        raise VitslimError(f"unknown allocation {allocation!r}; choose one of {', '.join(ALLOCATIONS)}")
+    if rank_multiple < 1:
+        raise VitslimError("--rank-multiple must be at least 1")
+    target = target_params(model, param_ratio=param_ratio, params=params)
+    compressed = copy.deepcopy(model).eval()
+    linears = compressible_linears(compressed)
+    if not linears:
+        raise VitslimError("the model has no compressible Linear layers (attention projections or MLP)")
+    fixed = count_params(compressed) - sum(layer.weight.numel() for layer in linears.values())
+    budget = target - fixed
+    if budget < 0:
+        raise VitslimError(f"the budget of {target:,} parameters is below the {fixed:,} that stay dense (embeddings, norms, biases, head); raise it")
+    grams = collect_grams(compressed, linears, batches, min_images=min_images, progress=progress)[0] if method != "svd" else {}
+    spectra, costs = {}, []
+    for name, layer in linears.items():
+        weight = layer.weight.detach()
+        if method == "whitened":
+            spectra[name] = whitened_spectrum(weight, grams[name].gram)
+        elif method == "asvd":
+            spectra[name] = diagonal_spectrum(weight, grams[name].gram)
+        else:
+            spectra[name] = plain_spectrum(weight)
+        costs.append(LayerCost(name, layer.out_features, layer.in_features, spectra[name].energy, (sensitivity or {}).get(name, 1.0)))
+    floor = sum(rank_multiple * cost.per_rank for cost in costs)
+    if budget < floor:
+        raise VitslimError(f"the budget of {target:,} parameters cannot give every layer even rank {rank_multiple}; raise it")
+    plans: list[LayerPlan] = (allocate if allocation == "mixed" else uniform)(costs, budget, rank_multiple=rank_multiple, min_rank=rank_multiple)
+    ranks = {}
+    prepare_for_replacement(compressed)
+    for plan in plans:
+        if plan.rank is None:
+            continue
+        dense = linears[plan.name]
+        up, down = spectra[plan.name].factors(plan.rank)
+        bias = dense.bias.detach() if dense.bias is not None else None
+        _replace(compressed, plan.name, LowRankLinear.from_factors(up, down, bias, dtype=dense.weight.dtype))
+        ranks[plan.name] = plan.rank
+    record_step(compressed, {
+        "method": STEP, "ranks": ranks, "factorisation": method, "allocation": allocation, "rank_multiple": rank_multiple,
+        "target_params": target, "kept_energy": {p.name: round(p.kept_energy, 6) for p in plans},
+    })
+    return compressed

@@ -1,0 +1,108 @@
+"""compress_lowrank on small real models of every family: budgets, structure, round trips, errors."""
+
+import pytest
+import timm
+import torch
+
+import vitslim
+from vitslim.errors import VitslimError
+from vitslim.lowrank.compress import compress_lowrank, compressible_linears
+from vitslim.lowrank.layers import LowRankLinear
+from vitslim.metrics import count_params
+from vitslim.persist import STEPS_ATTR
+from plain_vit import PlainViT, tiny_hf_vit
+
+TINY = dict(img_size=32, patch_size=8, embed_dim=64, depth=2, num_heads=2, num_classes=10)
+
+
+def _batches(count=4, size=32, seed=0):
+    generator = torch.Generator().manual_seed(seed)
+    return [torch.randn(8, 3, size, size, generator=generator) for _ in range(count)]
+
+
+def _models():
+    torch.manual_seed(0)
+    return {
+        "timm": timm.create_model("deit_tiny_patch16_224", **TINY).eval(),
+        "hf": tiny_hf_vit(num_labels=10, hidden_size=64, intermediate_size=256),
+        "torch": PlainViT(dim=64, mlp_dim=256, num_classes=10).eval(),
+    }
+
+
+@pytest.mark.parametrize("family", ["timm", "hf", "torch"])
+def test_budget_is_met_and_the_original_is_untouched(family):
+    model = _models()[family]
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    compressed = compress_lowrank(model, _batches(), param_ratio=0.6, progress=False)
+    target = int(0.6 * count_params(model))
+    assert count_params(compressed) <= target
+    assert count_params(compressed) > target - max(l.in_features + l.out_features for l in compressible_linears(model).values())
+    assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
+    assert any(isinstance(m, LowRankLinear) for m in compressed.modules())
+    with torch.no_grad():
+        out = vitslim.describe(compressed).logits(_batches(1)[0])
+    assert out.shape == (8, 10) and torch.isfinite(out).all()
+    vitslim.describe(compressed)  # a compressed model still describes itself
+
+
+@pytest.mark.parametrize("family", ["timm", "hf"])
+def test_save_and_reload_of_a_factorised_model_is_bit_identical(family, tmp_path):
+    compressed = compress_lowrank(_models()[family], _batches(), param_ratio=0.5, rank_multiple=4, progress=False)
+    step = getattr(compressed, STEPS_ATTR)[-1]
+    assert step["method"] == "lowrank" and all(rank % 4 == 0 for rank in step["ranks"].values())
+    reloaded = vitslim.load_model(vitslim.save(compressed, tmp_path / "out"))
+    x = _batches(1, seed=3)[0]
+    with torch.no_grad():
+        assert torch.equal(vitslim.describe(compressed).logits(x), vitslim.describe(reloaded).logits(x))
+    assert count_params(reloaded) == count_params(compressed)
+
+
+def test_whitened_beats_plain_svd_on_the_calibration_outputs():
+    model = _models()["timm"]
+    batches = _batches(6)
+    with torch.no_grad():
+        reference = torch.cat([model(x) for x in batches])
+        errors = {}
+        for method in ("whitened", "svd"):
+            compressed = compress_lowrank(model, batches, param_ratio=0.5, method=method, allocation="uniform", progress=False)
+            errors[method] = float((torch.cat([compressed(x) for x in batches]) - reference).square().mean())
+    assert errors["whitened"] < errors["svd"]
+
+
+@pytest.mark.parametrize("kwargs, message", [
+    ({"param_ratio": 0.0}, "between 0 and 1"),
+    ({"param_ratio": 1.0}, "between 0 and 1"),
+    ({"param_ratio": 0.01}, "stay dense|even rank"),
+    ({"param_ratio": 0.5, "params": 10}, "exactly one budget"),
+    ({"param_ratio": 0.5, "method": "magic"}, "unknown method"),
+    ({"param_ratio": 0.5, "allocation": "random"}, "unknown allocation"),
+])
+def test_bad_budgets_and_options(kwargs, message):
+    with pytest.raises(VitslimError, match=message):
+        compress_lowrank(_models()["timm"], _batches(), progress=False, **kwargs)
+
+
+def test_too_few_calibration_images_and_non_finite_activations():
+    model = _models()["timm"]
+    with pytest.raises(VitslimError, match="only 8 calibration images"):
+        compress_lowrank(model, _batches(1), param_ratio=0.5, min_images=16, progress=False)
+    poisoned = _batches(2)
+    poisoned[1][0, 0, 0, 0] = float("nan")
+    with pytest.raises(VitslimError, match="non-finite"):
+        compress_lowrank(model, poisoned, param_ratio=0.5, progress=False)
+
+
+def test_a_model_with_no_compressible_layer_is_refused():
+    model = _models()["timm"]
+    with pytest.raises(VitslimError, match="no compressible"):
+        compress_lowrank(compress_lowrank(model, _batches(), param_ratio=0.2, progress=False), _batches(), param_ratio=0.1, progress=False)
+
+
+def test_plain_torch_factorised_model_reloads_into_its_skeleton(tmp_path):
+    compressed = compress_lowrank(_models()["torch"], _batches(), param_ratio=0.6, progress=False)
+    folder = vitslim.save(compressed, tmp_path / "plain")
+    reloaded = vitslim.load_model(folder, skeleton=PlainViT(dim=64, mlp_dim=256, num_classes=10))
+    x = _batches(1, seed=4)[0]
+    with torch.no_grad():
+        assert torch.equal(compressed(x), reloaded(x))
+    assert isinstance(reloaded.encoder.layers[0].linear1, LowRankLinear) or isinstance(reloaded.encoder.layers[0].linear2, LowRankLinear)
