@@ -124,3 +124,28 @@ def test_reference_model_accuracy_on_a_cifar_subset(capsys):
     result = json.loads(out)
     assert code == 0 and result["images"] == 1000
     assert abs(result["top1"] - 0.705) < 0.04
+
+
+def test_compress_then_eval_then_bench(capsys, tmp_path, model_folder, image_folder):
+    out = tmp_path / "small"
+    code, stdout, _ = run(capsys, "compress", str(model_folder), "--data", str(image_folder), "--param-ratio", "0.6", "--calib-images", "8", "--out", str(out))
+    assert code == 0 and "kept energy" in stdout and "blocks.0.attn.qkv" in stdout
+    code, stdout, _ = run(capsys, "eval", str(out), "--data", str(image_folder), "--teacher", str(model_folder), "--json")
+    result = json.loads(stdout)
+    original = sum(p.numel() for p in vitslim.load_model(model_folder).parameters())
+    assert code == 0 and result["params"] <= int(0.6 * original)
+    code, stdout, _ = run(capsys, "bench", str(model_folder), str(out), "--batch-size", "2", "--json")
+    assert code == 0 and json.loads(stdout)[1]["params"] == result["params"]
+
+
+@pytest.mark.parametrize("args, message", [
+    ([], "exactly one budget"),
+    (["--param-ratio", "0.5", "--params", "1000"], "exactly one budget"),
+    (["--param-ratio", "1.5"], "between 0 and 1"),
+    (["--param-ratio", "0.5", "--calib-images", "999"], "fewer than --calib-images"),
+    (["--like", "no_such_model"], "unknown model"),
+])
+def test_compress_bad_input(capsys, tmp_path, model_folder, image_folder, args, message):
+    code, out, err = run(capsys, "compress", str(model_folder), "--data", str(image_folder), "--calib-images", "8", "--out", str(tmp_path / "o"), *args)
+    assert code == 2 and message in err and len(err.strip().splitlines()) == 1
+    assert not (tmp_path / "o").exists()

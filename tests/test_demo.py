@@ -19,6 +19,9 @@ def test_demo_runs_offline_and_writes_its_report(tmp_path, monkeypatch, capsys):
     rows = run_demo(tmp_path / "again")  # second run reuses the cached model
     assert rows[0]["top1"] > 0.9, "the demo ViT should learn the digits"
     assert rows[1]["top1"] == rows[0]["top1"] and rows[1]["agreement"] == 1.0
+    by_name = {row["name"]: row for row in rows}
+    assert by_name["low-rank 50%"]["params"] <= 0.5 * rows[0]["params"]
+    assert by_name["low-rank 30%"]["params"] <= 0.3 * rows[0]["params"]
 
 
 def test_demo_refuses_a_file_as_output(tmp_path):

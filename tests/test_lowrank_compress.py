@@ -106,3 +106,15 @@ def test_plain_torch_factorised_model_reloads_into_its_skeleton(tmp_path):
     with torch.no_grad():
         assert torch.equal(compressed(x), reloaded(x))
     assert isinstance(reloaded.encoder.layers[0].linear1, LowRankLinear) or isinstance(reloaded.encoder.layers[0].linear2, LowRankLinear)
+
+
+def test_a_factorised_folder_reloads_in_a_fresh_process(tmp_path):
+    """The rebuild function must register itself without the caller importing vitslim.lowrank."""
+    import subprocess
+    import sys
+
+    folder = vitslim.save(compress_lowrank(_models()["timm"], _batches(), param_ratio=0.5, progress=False), tmp_path / "out")
+    code = f"import vitslim; m = vitslim.load_model({str(folder)!r}); print(type(m.blocks[0].attn.qkv).__name__)"
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert done.stdout.strip() == "LowRankLinear"

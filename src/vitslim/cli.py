@@ -101,6 +101,49 @@ def bench_command(models, batch_size, threads, device, dtype, runs, warmup, as_j
     click.echo(render(["model", "images/s", "ratio", "latency ms", "peak MB", "params", "FLOPs/img"], rows))
 
 
+@cli.command("compress")
+@click.argument("model")
+@click.option("--data", required=True, help="Calibration images (train split, never the images you report on).")
+@click.option("--out", required=True, help="Output folder (model.safetensors + recipe.json + config.json).")
+@click.option("--method", type=click.Choice(["lowrank", "svd", "asvd"]), default="lowrank", show_default=True,
+              help="lowrank: activation-aware whitened SVD; svd and asvd: baselines in the same code path.")
+@click.option("--param-ratio", type=float, help="Keep this fraction of the whole model's parameters (0 < R < 1).")
+@click.option("--params", type=int, help="Keep this many parameters.")
+@click.option("--like", help="Keep as many parameters as this timm model has (e.g. deit_small_patch16_224).")
+@click.option("--allocation", type=click.Choice(["mixed", "uniform"]), default="mixed", show_default=True)
+@click.option("--rank-multiple", type=int, default=1, show_default=True, callback=_positive("--rank-multiple"), help="Round ranks to multiples of k (8 or 16 keep matmuls fast).")
+@click.option("--calib-images", type=int, default=256, show_default=True, callback=_positive("--calib-images"), help="Calibration images, a seeded subset of --data.")
+@click.option("--seed", type=int, default=0, show_default=True)
+@click.option("--batch-size", type=int, default=32, show_default=True, callback=_positive("--batch-size"))
+def compress_command(model, data, out, method, param_ratio, params, like, allocation, rank_multiple, calib_images, seed, batch_size):
+    """Compress MODEL to one parameter budget and save it to --out."""
+    from vitslim import data as imagedata
+    from vitslim.adapters import describe
+    from vitslim.lowrank.compress import compress_lowrank
+    from vitslim.metrics import count_params
+    from vitslim.persist import STEPS_ATTR, save
+
+    if sum(option is not None for option in (param_ratio, params, like)) != 1:
+        raise VitslimError("state exactly one budget: --param-ratio, --params or --like")
+    original = _load(model)
+    if like is not None:
+        params = count_params(_load(like))
+    spec = describe(original)
+    dataset = imagedata.open_images(data, imagedata.build_transform(spec.preprocessing), class_names=spec.label_names)
+    if len(dataset) < calib_images:
+        raise VitslimError(f"{data} holds {len(dataset)} images, fewer than --calib-images {calib_images}")
+    batches = imagedata.make_loader(imagedata.select(dataset, limit=calib_images, seed=seed), batch_size)
+    factorisation = {"lowrank": "whitened", "svd": "svd", "asvd": "asvd"}[method]
+    compressed = compress_lowrank(original, batches, param_ratio=param_ratio, params=params, method=factorisation,
+                                  allocation=allocation, rank_multiple=rank_multiple, min_images=calib_images)
+    step = getattr(compressed, STEPS_ATTR)[-1]
+    rows = [[name, str(step["ranks"].get(name, "dense")), f"{100 * kept:.1f}%"] for name, kept in step["kept_energy"].items()]
+    click.echo(render(["layer", "rank", "kept energy"], rows))
+    before, after = count_params(original), count_params(compressed)
+    click.echo(f"params {before:,} -> {after:,} ({100 * after / before:.1f}%, target {step['target_params']:,})")
+    click.echo(f"saved to {save(compressed, Path(out))}")
+
+
 @cli.command("info")
 @click.argument("model")
 def info_command(model):

@@ -26,6 +26,7 @@ from vitslim.bench import benchmark
 from vitslim.errors import VitslimError
 from vitslim.evaluate import evaluate
 from vitslim.loading import load_model
+from vitslim.lowrank.compress import compress_lowrank
 from vitslim.persist import save
 from vitslim.table import human, percent, render
 
@@ -110,7 +111,19 @@ def build_variants(original: nn.Module, work: Path) -> list[Variant]:
     save(original, work / "original")
     reloaded = load_model(work / "original")
     variants.append(Variant("saved + reloaded", reloaded, "safetensors + recipe round trip"))
+    calibration = _calibration_batches(original)
+    for ratio in (0.5, 0.3):
+        compressed = compress_lowrank(original, calibration, param_ratio=ratio, rank_multiple=4, progress=False)
+        save(compressed, work / f"lowrank-{int(100 * ratio)}")
+        variants.append(Variant(f"low-rank {int(100 * ratio)}%", compressed, f"whitened SVD, mixed ranks, {int(100 * ratio)}% of the parameters"))
     return variants
+
+
+def _calibration_batches(model: nn.Module) -> list[torch.Tensor]:
+    """256 train-split digits (never the test split the table reports on)."""
+    spec = describe(model)
+    dataset = imagedata.open_images(digits_folder() / "train", imagedata.build_transform(spec.preprocessing))
+    return [images for images, _, _ in imagedata.make_loader(imagedata.select(dataset, limit=256, seed=SEED), 64)]
 
 
 def _plot(rows: list[dict], path: Path) -> None:

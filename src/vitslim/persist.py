@@ -8,6 +8,7 @@ each replayed by a registered function before the weights are loaded strictly.
 
 from __future__ import annotations
 
+import importlib
 import json
 import os
 from pathlib import Path
@@ -33,6 +34,9 @@ STEPS_ATTR = "vitslim_steps"
 
 # method name -> function(model, step) that re-applies a structural change to a freshly built model
 STEP_APPLIERS: dict[str, Callable[[nn.Module, dict], None]] = {}
+# vitslim's own modules that register those functions, imported on first need. A fixed table:
+# a name read from a recipe only ever selects one of these, never an arbitrary import.
+STEP_MODULES = {"lowrank": "vitslim.lowrank.compress"}
 
 
 def register_step(method: str):
@@ -188,6 +192,8 @@ def load_folder(folder: Path, *, skeleton: nn.Module | None = None) -> nn.Module
     family = family_named(recipe.get("family", ""))
     model = skeleton if skeleton is not None else family.build(recipe["architecture"])
     for step in recipe.get("steps", []):
+        if step.get("method") not in STEP_APPLIERS and step.get("method") in STEP_MODULES:
+            importlib.import_module(STEP_MODULES[step["method"]])
         apply = STEP_APPLIERS.get(step.get("method"))
         if apply is None:
             raise VitslimError(f"{folder} uses method {step.get('method')!r}, which this vitslim version cannot rebuild; upgrade vitslim")
