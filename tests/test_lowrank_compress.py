@@ -118,3 +118,34 @@ def test_a_factorised_folder_reloads_in_a_fresh_process(tmp_path):
     done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stderr[-2000:]
     assert done.stdout.strip() == "LowRankLinear"
+
+
+def test_fisher_sensitivity_is_zero_where_the_output_cannot_matter():
+    """A block whose MLP output is scaled by a zero LayerScale cannot affect the loss: its fc2 gets
+    zero sensitivity, so mixed allocation gives it the minimum rank and spends elsewhere."""
+    from vitslim.lowrank.sensitivity import fisher_sensitivity
+
+    torch.manual_seed(0)
+    model = timm.create_model("deit_tiny_patch16_224", **TINY, init_values=1.0).eval()
+    with torch.no_grad():
+        model.blocks[1].ls2.gamma.zero_()
+    linears = compressible_linears(model)
+    weights = fisher_sensitivity(model, linears, _batches(), progress=False)
+    assert weights["blocks.1.mlp.fc2"] == 0.0 and weights["blocks.1.mlp.fc1"] == 0.0
+    assert all(w > 0 for n, w in weights.items() if not n.startswith("blocks.1.mlp"))
+    compressed = compress_lowrank(model, _batches(), param_ratio=0.6, rank_multiple=2, progress=False)
+    ranks = getattr(compressed, STEPS_ATTR)[-1]["ranks"]
+    assert ranks["blocks.1.mlp.fc2"] == 2 and ranks["blocks.1.mlp.fc1"] == 2
+
+
+def test_fisher_needs_no_trainable_parameters():
+    model = _models()["timm"]
+    for parameter in model.parameters():
+        parameter.requires_grad_(False)
+    compressed = compress_lowrank(model, _batches(), param_ratio=0.6, progress=False)
+    assert getattr(compressed, STEPS_ATTR)[-1]["sensitivity"] == "fisher"
+
+
+def test_fisher_is_refused_for_the_baselines():
+    with pytest.raises(VitslimError, match="only the whitened"):
+        compress_lowrank(_models()["timm"], _batches(), param_ratio=0.6, method="svd", sensitivity="fisher", progress=False)

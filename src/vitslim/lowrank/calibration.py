@@ -22,7 +22,7 @@ class GramStats:
     tokens: int = 0
 
 
-def _images_of(batch) -> torch.Tensor:
+def images_of(batch) -> torch.Tensor:
     """Accept bare tensors, (images, labels) pairs and vitslim loader triples."""
     images = batch[0] if isinstance(batch, (tuple, list)) else batch
     if not isinstance(images, torch.Tensor):
@@ -56,7 +56,7 @@ def collect_grams(model: nn.Module, linears: dict[str, nn.Linear], batches: Iter
     model.eval()
     try:
         for batch in tqdm(batches, desc="calibrating", unit="batch", disable=None if progress else True, leave=False):
-            images = _images_of(batch)
+            images = images_of(batch)
             model(images.to(device))
             images_seen += images.shape[0]
     finally:

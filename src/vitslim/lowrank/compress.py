@@ -19,11 +19,13 @@ from vitslim.errors import VitslimError
 from vitslim.lowrank.allocation import LayerCost, LayerPlan, allocate, uniform
 from vitslim.lowrank.calibration import collect_grams
 from vitslim.lowrank.layers import LowRankLinear
+from vitslim.lowrank.sensitivity import fisher_sensitivity
 from vitslim.lowrank.whitening import diagonal_spectrum, plain_spectrum, whitened_spectrum
 from vitslim.metrics import count_params
 from vitslim.persist import record_step, register_step
 
 METHODS = ("whitened", "svd", "asvd")
+SENSITIVITIES = ("fisher", "none")
 ALLOCATIONS = ("mixed", "uniform")
 STEP = "lowrank"
 
@@ -63,6 +65,14 @@ def _rebuild(model: nn.Module, step: dict) -> None:
         _replace(model, name, LowRankLinear(dense.in_features, dense.out_features, rank, bias=dense.bias is not None))
 
 
+def _layer_weights(model, linears, batches, sensitivity, progress) -> dict[str, float]:
+    if isinstance(sensitivity, dict):
+        return sensitivity
+    if sensitivity == "fisher":
+        return fisher_sensitivity(model, linears, batches, progress=progress)
+    return {}
+
+
 def compress_lowrank(
     model: nn.Module,
     batches: Iterable,
@@ -72,12 +82,13 @@ def compress_lowrank(
     method: str = "whitened",
     allocation: str = "mixed",
     rank_multiple: int = 1,
-    sensitivity: dict[str, float] | None = None,
+    sensitivity: str | dict[str, float] | None = None,
     min_images: int = 1,
     progress: bool = True,
 ) -> nn.Module:
     """A factorised copy of ``model`` (the original is left untouched) with at most the budgeted
-    parameter count, as ``count_params``/``vitslim eval`` count it. The plan (per-layer rank and
+    parameter count, as ``count_params``/``vitslim eval`` count it. ``sensitivity`` weighs each
+    layer's error ("fisher", the default for the whitened method; "none"; or a dict by layer name). The plan (per-layer rank and
     kept energy) is the result's last recipe step, which ``vitslim.save`` writes."""
     if method not in METHODS:
         raise VitslimError(f"unknown method {method!r}; choose one of {', '.join(METHODS)}")
@@ -85,6 +96,13 @@ def compress_lowrank(
         raise VitslimError(f"unknown allocation {allocation!r}; choose one of {', '.join(ALLOCATIONS)}")
     if rank_multiple < 1:
         raise VitslimError("--rank-multiple must be at least 1")
+    if sensitivity is None:
+        # σ² is the output error only for the whitened factorisation; the baselines stay plain
+        sensitivity = "fisher" if method == "whitened" else "none"
+    if isinstance(sensitivity, str) and sensitivity not in SENSITIVITIES:
+        raise VitslimError(f"unknown sensitivity {sensitivity!r}; choose one of {', '.join(SENSITIVITIES)}")
+    if sensitivity == "fisher" and method != "whitened":
+        raise VitslimError("fisher sensitivity weighs output errors, which only the whitened method's spectrum measures; use --sensitivity none with svd/asvd")
     target = target_params(model, param_ratio=param_ratio, params=params)
     compressed = copy.deepcopy(model).eval()
     linears = compressible_linears(compressed)
@@ -94,7 +112,9 @@ def compress_lowrank(
     budget = target - fixed
     if budget < 0:
         raise VitslimError(f"the budget of {target:,} parameters is below the {fixed:,} that stay dense (embeddings, norms, biases, head); raise it")
+    batches = list(batches) if sensitivity == "fisher" else batches  # read twice: statistics, then gradients
     grams = collect_grams(compressed, linears, batches, min_images=min_images, progress=progress)[0] if method != "svd" else {}
+    weights = _layer_weights(compressed, linears, batches, sensitivity, progress)
     spectra, costs = {}, []
     for name, layer in linears.items():
         weight = layer.weight.detach()
@@ -104,7 +124,10 @@ def compress_lowrank(
             spectra[name] = diagonal_spectrum(weight, grams[name].gram)
         else:
             spectra[name] = plain_spectrum(weight)
-        costs.append(LayerCost(name, layer.out_features, layer.in_features, spectra[name].energy, (sensitivity or {}).get(name, 1.0)))
+        # the allocator scores σ² normalised by the layer's total; fisher weights undo that
+        # normalisation so a component's score is the loss it removes, F_l · σ²_i
+        scale = float(spectra[name].energy.sum()) if sensitivity == "fisher" and method == "whitened" else 1.0
+        costs.append(LayerCost(name, layer.out_features, layer.in_features, spectra[name].energy, weights.get(name, 1.0) * scale))
     floor = sum(rank_multiple * cost.per_rank for cost in costs)
     if budget < floor:
         raise VitslimError(f"the budget of {target:,} parameters cannot give every layer even rank {rank_multiple}; raise it")
@@ -121,6 +144,7 @@ def compress_lowrank(
         ranks[plan.name] = plan.rank
     record_step(compressed, {
         "method": STEP, "ranks": ranks, "factorisation": method, "allocation": allocation, "rank_multiple": rank_multiple,
+        "sensitivity": sensitivity if isinstance(sensitivity, str) else "custom",
         "target_params": target, "kept_energy": {p.name: round(p.kept_energy, 6) for p in plans},
     })
     return compressed
