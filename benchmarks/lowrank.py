@@ -1,0 +1,96 @@
+"""Low-rank sweep on a reference ViT: test top-1 against parameter ratio for each variant.
+
+Calibration uses train images only (a seeded subset); accuracy is reported on the test split.
+
+    .venv/bin/python benchmarks/lowrank.py --ratios 0.15 0.10 --variants mixed svd uniform --out benchmarks/results/lowrank
+
+Variants: mixed (whitened SVD, fisher-weighted mixed ranks), mixed-plain (whitened, unweighted
+normalised energy), uniform (whitened, uniform ranks), svd, asvd (baselines, mixed, unweighted).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import time
+from pathlib import Path
+
+import vitslim
+from vitslim import data as imagedata
+from vitslim.lowrank.compress import compress_lowrank
+from vitslim.metrics import count_params
+
+ROOT = Path(__file__).resolve().parents[1]
+SHARED = ROOT.parent / "shared"
+VARIANTS = {
+    "mixed": dict(method="whitened", allocation="mixed", sensitivity="fisher"),
+    "mixed-plain": dict(method="whitened", allocation="mixed", sensitivity="none"),
+    "uniform": dict(method="whitened", allocation="uniform", sensitivity="none"),
+    "svd": dict(method="svd", allocation="mixed", sensitivity="none"),
+    "asvd": dict(method="asvd", allocation="mixed", sensitivity="none"),
+}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--model", default=f"local-dir:{SHARED / 'models' / 'vit-d6-cifar10'}")
+    parser.add_argument("--train", default=str(SHARED / "data" / "cifar10-jpeg" / "train.zip"))
+    parser.add_argument("--test", default=str(SHARED / "data" / "cifar10-jpeg" / "test.zip"))
+    parser.add_argument("--ratios", type=float, nargs="+", default=[0.8, 0.6, 0.4, 0.3, 0.15, 0.10])
+    parser.add_argument("--variants", nargs="+", choices=sorted(VARIANTS), default=list(VARIANTS))
+    parser.add_argument("--calib-images", type=int, default=256)
+    parser.add_argument("--eval-limit", type=int, default=None, help="test images (default: the whole split)")
+    parser.add_argument("--out", default=str(ROOT / "benchmarks" / "results" / "lowrank"))
+    args = parser.parse_args()
+
+    model = vitslim.load_model(args.model)
+    spec = vitslim.describe(model)
+    transform = imagedata.build_transform(spec.preprocessing)
+    train = imagedata.open_images(args.train, transform, class_names=spec.label_names)
+    calibration = [images for images, _, _ in imagedata.make_loader(imagedata.select(train, limit=args.calib_images, seed=0), 64)]
+    test = imagedata.open_images(args.test, transform, class_names=spec.label_names)
+    original = vitslim.evaluate(model, test, limit=args.eval_limit)
+    rows = [{"variant": "original", "ratio": 1.0, "params": count_params(model), "top1": original["top1"], "seconds": 0.0}]
+    print(f"original: top-1 {100 * original['top1']:.2f}% on {original['images']} test images", flush=True)
+    for ratio in args.ratios:
+        for variant in args.variants:
+            started = time.perf_counter()
+            compressed = compress_lowrank(model, calibration, param_ratio=ratio, progress=False, **VARIANTS[variant])
+            seconds = time.perf_counter() - started
+            result = vitslim.evaluate(compressed, test, limit=args.eval_limit, teacher=model)
+            rows.append({"variant": variant, "ratio": ratio, "params": count_params(compressed), "top1": result["top1"],
+                         "agreement": result["agreement"], "seconds": seconds})
+            print(f"{variant:12s} ratio {ratio:.2f}: top-1 {100 * result['top1']:.2f}%  ({seconds:.0f} s to compress)", flush=True)
+    write(Path(args.out), rows, args, original["images"])
+
+
+def write(out: Path, rows: list[dict], args, images: int) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "results.json").write_text(json.dumps(rows, indent=2))
+    model_label = args.model.replace(str(SHARED), "../shared")
+    lines = [f"Model `{model_label}`; calibration: {args.calib_images} train images (seed 0); top-1 on {images} test images.", "",
+             "| variant | param ratio | params | top-1 | agreement | compress s |", "|---|---|---|---|---|---|"]
+    lines += [f"| {r['variant']} | {r['ratio']:.2f} | {r['params']:,} | {100 * r['top1']:.2f}% | "
+              f"{100 * r['agreement']:.2f}% | {r['seconds']:.0f} |" if "agreement" in r else
+              f"| {r['variant']} | 1.00 | {r['params']:,} | {100 * r['top1']:.2f}% | - | - |" for r in rows]
+    (out / "results.md").write_text("\n".join(lines) + "\n")
+    fig, axis = plt.subplots(figsize=(6, 4))
+    for variant in args.variants:
+        points = sorted((r["ratio"], 100 * r["top1"]) for r in rows if r["variant"] == variant)
+        axis.plot(*zip(*points), marker="o", label=variant)
+    axis.axhline(100 * rows[0]["top1"], color="black", linestyle="--", linewidth=0.8, label="original")
+    axis.set(xlabel="parameter ratio (whole model)", ylabel="test top-1 (%)", title="low-rank compression")
+    axis.legend()
+    axis.grid(alpha=0.3)
+    fig.tight_layout()
+    fig.savefig(out / "results.png", dpi=120)
+    print(f"wrote {out / 'results.md'}")
+
+
+if __name__ == "__main__":
+    main()
