@@ -4,7 +4,8 @@ Calibration uses train images only (a seeded subset); accuracy is reported on th
 
     .venv/bin/python benchmarks/lowrank.py --ratios 0.15 0.10 --variants mixed svd uniform --out benchmarks/results/lowrank
 
-Variants: mixed (whitened SVD, fisher-weighted mixed ranks), mixed-plain (whitened, unweighted
+Variants: mixed (whitened SVD, fisher-weighted mixed ranks), mixed+comp (the same plus layer-wise
+error compensation, vitslim's default), mixed-plain (whitened, unweighted
 normalised energy), uniform (whitened, uniform ranks), svd, asvd (baselines, mixed, unweighted).
 """
 
@@ -23,9 +24,10 @@ from vitslim.metrics import count_params
 ROOT = Path(__file__).resolve().parents[1]
 SHARED = ROOT.parent / "shared"
 VARIANTS = {
-    "mixed": dict(method="whitened", allocation="mixed", sensitivity="fisher"),
-    "mixed-plain": dict(method="whitened", allocation="mixed", sensitivity="none"),
-    "uniform": dict(method="whitened", allocation="uniform", sensitivity="none"),
+    "mixed": dict(method="whitened", allocation="mixed", sensitivity="fisher", compensation=False),
+    "mixed+comp": dict(method="whitened", allocation="mixed", sensitivity="fisher", compensation=True),
+    "mixed-plain": dict(method="whitened", allocation="mixed", sensitivity="none", compensation=False),
+    "uniform": dict(method="whitened", allocation="uniform", sensitivity="none", compensation=False),
     "svd": dict(method="svd", allocation="mixed", sensitivity="none"),
     "asvd": dict(method="asvd", allocation="mixed", sensitivity="none"),
 }

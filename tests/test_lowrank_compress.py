@@ -149,3 +149,16 @@ def test_fisher_needs_no_trainable_parameters():
 def test_fisher_is_refused_for_the_baselines():
     with pytest.raises(VitslimError, match="only the whitened"):
         compress_lowrank(_models()["timm"], _batches(), param_ratio=0.6, method="svd", sensitivity="fisher", progress=False)
+
+
+def test_compensation_lowers_the_error_of_the_compressed_model():
+    model = _models()["timm"]
+    batches = _batches(6)
+    with torch.no_grad():
+        reference = torch.cat([model(x) for x in batches])
+        error = {}
+        for compensation in (False, True):
+            compressed = compress_lowrank(model, batches, param_ratio=0.4, compensation=compensation, progress=False)
+            error[compensation] = float((torch.cat([compressed(x) for x in batches]) - reference).square().mean())
+    assert error[True] < error[False]
+    assert getattr(compressed, STEPS_ATTR)[-1]["compensation"] is True

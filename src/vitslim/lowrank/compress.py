@@ -18,6 +18,7 @@ from vitslim.adapters import describe, prepare_for_replacement
 from vitslim.errors import VitslimError
 from vitslim.lowrank.allocation import LayerCost, LayerPlan, allocate, uniform
 from vitslim.lowrank.calibration import collect_grams
+from vitslim.lowrank.compensation import compensate
 from vitslim.lowrank.layers import LowRankLinear
 from vitslim.lowrank.sensitivity import fisher_sensitivity
 from vitslim.lowrank.whitening import diagonal_spectrum, plain_spectrum, whitened_spectrum
@@ -83,12 +84,15 @@ def compress_lowrank(
     allocation: str = "mixed",
     rank_multiple: int = 1,
     sensitivity: str | dict[str, float] | None = None,
+    compensation: bool | None = None,
     min_images: int = 1,
     progress: bool = True,
 ) -> nn.Module:
     """A factorised copy of ``model`` (the original is left untouched) with at most the budgeted
     parameter count, as ``count_params``/``vitslim eval`` count it. ``sensitivity`` weighs each
-    layer's error ("fisher", the default for the whitened method; "none"; or a dict by layer name). The plan (per-layer rank and
+    layer's error ("fisher", the default for the whitened method; "none"; or a dict by layer name).
+    ``compensation`` (default: on for the whitened method) refits every factorised layer, in
+    execution order, to the inputs the compressed prefix gives it (see ``compensation``). The plan (per-layer rank and
     kept energy) is the result's last recipe step, which ``vitslim.save`` writes."""
     if method not in METHODS:
         raise VitslimError(f"unknown method {method!r}; choose one of {', '.join(METHODS)}")
@@ -96,6 +100,8 @@ def compress_lowrank(
         raise VitslimError(f"unknown allocation {allocation!r}; choose one of {', '.join(ALLOCATIONS)}")
     if rank_multiple < 1:
         raise VitslimError("--rank-multiple must be at least 1")
+    if compensation is None:
+        compensation = method == "whitened"
     if sensitivity is None:
         # σ² is the output error only for the whitened factorisation; the baselines stay plain
         sensitivity = "fisher" if method == "whitened" else "none"
@@ -112,7 +118,8 @@ def compress_lowrank(
     budget = target - fixed
     if budget < 0:
         raise VitslimError(f"the budget of {target:,} parameters is below the {fixed:,} that stay dense (embeddings, norms, biases, head); raise it")
-    batches = list(batches) if sensitivity == "fisher" else batches  # read twice: statistics, then gradients
+    # read more than once: statistics, then gradients and/or compensation
+    batches = list(batches) if sensitivity == "fisher" or compensation else batches
     grams = collect_grams(compressed, linears, batches, min_images=min_images, progress=progress)[0] if method != "svd" else {}
     weights = _layer_weights(compressed, linears, batches, sensitivity, progress)
     spectra, costs = {}, []
@@ -142,9 +149,11 @@ def compress_lowrank(
         bias = dense.bias.detach() if dense.bias is not None else None
         _replace(compressed, plan.name, LowRankLinear.from_factors(up, down, bias, dtype=dense.weight.dtype))
         ranks[plan.name] = plan.rank
+    if compensation:
+        compensate(model, compressed, list(ranks), batches, progress=progress)
     record_step(compressed, {
         "method": STEP, "ranks": ranks, "factorisation": method, "allocation": allocation, "rank_multiple": rank_multiple,
-        "sensitivity": sensitivity if isinstance(sensitivity, str) else "custom",
+        "sensitivity": sensitivity if isinstance(sensitivity, str) else "custom", "compensation": compensation,
         "target_params": target, "kept_energy": {p.name: round(p.kept_energy, 6) for p in plans},
     })
     return compressed
