@@ -112,11 +112,12 @@ def bench_command(models, batch_size, threads, device, dtype, runs, warmup, as_j
 @click.option("--like", help="Keep as many parameters as this timm model has (e.g. deit_small_patch16_224).")
 @click.option("--allocation", type=click.Choice(["mixed", "uniform"]), default="mixed", show_default=True)
 @click.option("--sensitivity", type=click.Choice(["fisher", "none"]), help="Per-layer error weights for mixed allocation (default: fisher for lowrank, none for the baselines).")
+@click.option("--compensation/--no-compensation", default=None, help="Refit each factorised layer to the compressed prefix's inputs (default: on for lowrank, off for the baselines).")
 @click.option("--rank-multiple", type=int, default=1, show_default=True, callback=_positive("--rank-multiple"), help="Round ranks to multiples of k (8 or 16 keep matmuls fast).")
 @click.option("--calib-images", type=int, default=256, show_default=True, callback=_positive("--calib-images"), help="Calibration images, a seeded subset of --data.")
 @click.option("--seed", type=int, default=0, show_default=True)
 @click.option("--batch-size", type=int, default=32, show_default=True, callback=_positive("--batch-size"))
-def compress_command(model, data, out, method, param_ratio, params, like, allocation, sensitivity, rank_multiple, calib_images, seed, batch_size):
+def compress_command(model, data, out, method, param_ratio, params, like, allocation, sensitivity, compensation, rank_multiple, calib_images, seed, batch_size):
     """Compress MODEL to one parameter budget and save it to --out."""
     from vitslim import data as imagedata
     from vitslim.adapters import describe
@@ -136,7 +137,7 @@ def compress_command(model, data, out, method, param_ratio, params, like, alloca
     batches = imagedata.make_loader(imagedata.select(dataset, limit=calib_images, seed=seed), batch_size)
     factorisation = {"lowrank": "whitened", "svd": "svd", "asvd": "asvd"}[method]
     compressed = compress_lowrank(original, batches, param_ratio=param_ratio, params=params, method=factorisation,
-                                  allocation=allocation, sensitivity=sensitivity, rank_multiple=rank_multiple, min_images=calib_images)
+                                  allocation=allocation, sensitivity=sensitivity, compensation=compensation, rank_multiple=rank_multiple, min_images=calib_images)
     step = getattr(compressed, STEPS_ATTR)[-1]
     rows = [[name, str(step["ranks"].get(name, "dense")), f"{100 * kept:.1f}%"] for name, kept in step["kept_energy"].items()]
     click.echo(render(["layer", "rank", "kept energy"], rows))
