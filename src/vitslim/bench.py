@@ -47,14 +47,14 @@ def _sync(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
-def _reset_peak_rss() -> bool:
-    """Linux lets a process reset its high-water mark of resident memory (clear_refs 5)."""
+def _reset_peak_rss() -> None:
+    """Linux lets a process reset its high-water mark of resident memory (clear_refs 5); elsewhere
+    the peak stays process-wide."""
     try:
         with open("/proc/self/clear_refs", "w") as f:
             f.write("5")
-        return True
     except OSError:
-        return False
+        pass
 
 
 def _peak_rss_mb() -> float:

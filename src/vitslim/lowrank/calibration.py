@@ -31,9 +31,9 @@ def images_of(batch) -> torch.Tensor:
 
 
 @torch.no_grad()
-def collect_grams(model: nn.Module, linears: dict[str, nn.Linear], batches: Iterable, *, min_images: int = 1, progress: bool = True) -> tuple[dict[str, GramStats], int]:
-    """Run ``batches`` through ``model`` and return each named Linear's input Gram matrix and the
-    number of images seen. Non-finite activations are an error naming the first layer hit."""
+def collect_grams(model: nn.Module, linears: dict[str, nn.Linear], batches: Iterable, *, min_images: int = 1, progress: bool = True) -> dict[str, GramStats]:
+    """Run ``batches`` through ``model`` and return each named Linear's input Gram matrix.
+    Non-finite activations, or fewer than ``min_images`` images, are errors."""
     stats: dict[str, GramStats] = {}
     handles = []
     device = next(model.parameters()).device
@@ -65,4 +65,4 @@ def collect_grams(model: nn.Module, linears: dict[str, nn.Linear], batches: Iter
         model.train(was_training)
     if images_seen < min_images:
         raise VitslimError(f"only {images_seen} calibration images were given; at least {min_images} are needed")
-    return stats, images_seen
+    return stats

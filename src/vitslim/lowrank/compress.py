@@ -66,6 +66,14 @@ def _rebuild(model: nn.Module, step: dict) -> None:
         _replace(model, name, LowRankLinear(dense.in_features, dense.out_features, rank, bias=dense.bias is not None))
 
 
+def _spectrum(method: str, weight: torch.Tensor, gram: torch.Tensor | None):
+    if method == "whitened":
+        return whitened_spectrum(weight, gram)
+    if method == "asvd":
+        return diagonal_spectrum(weight, gram)
+    return plain_spectrum(weight)
+
+
 def _layer_weights(model, linears, batches, sensitivity, progress) -> dict[str, float]:
     if isinstance(sensitivity, dict):
         return sensitivity
@@ -92,8 +100,9 @@ def compress_lowrank(
     parameter count, as ``count_params``/``vitslim eval`` count it. ``sensitivity`` weighs each
     layer's error ("fisher", the default for the whitened method; "none"; or a dict by layer name).
     ``compensation`` (default: on for the whitened method) refits every factorised layer, in
-    execution order, to the inputs the compressed prefix gives it (see ``compensation``). The plan (per-layer rank and
-    kept energy) is the result's last recipe step, which ``vitslim.save`` writes."""
+    execution order, to the inputs the compressed prefix gives it (see ``compensation``). The
+    plan (per-layer rank and kept energy) is the result's last recipe step, which
+    ``vitslim.save`` writes."""
     if method not in METHODS:
         raise VitslimError(f"unknown method {method!r}; choose one of {', '.join(METHODS)}")
     if allocation not in ALLOCATIONS:
@@ -120,20 +129,14 @@ def compress_lowrank(
         raise VitslimError(f"the budget of {target:,} parameters is below the {fixed:,} that stay dense (embeddings, norms, biases, head); raise it")
     # read more than once: statistics, then gradients and/or compensation
     batches = list(batches) if sensitivity == "fisher" or compensation else batches
-    grams = collect_grams(compressed, linears, batches, min_images=min_images, progress=progress)[0] if method != "svd" else {}
+    grams = collect_grams(compressed, linears, batches, min_images=min_images, progress=progress) if method != "svd" else {}
     weights = _layer_weights(compressed, linears, batches, sensitivity, progress)
     spectra, costs = {}, []
     for name, layer in linears.items():
-        weight = layer.weight.detach()
-        if method == "whitened":
-            spectra[name] = whitened_spectrum(weight, grams[name].gram)
-        elif method == "asvd":
-            spectra[name] = diagonal_spectrum(weight, grams[name].gram)
-        else:
-            spectra[name] = plain_spectrum(weight)
+        spectra[name] = _spectrum(method, layer.weight.detach(), grams[name].gram if grams else None)
         # the allocator scores σ² normalised by the layer's total; fisher weights undo that
         # normalisation so a component's score is the loss it removes, F_l · σ²_i
-        scale = float(spectra[name].energy.sum()) if sensitivity == "fisher" and method == "whitened" else 1.0
+        scale = float(spectra[name].energy.sum()) if sensitivity == "fisher" else 1.0
         costs.append(LayerCost(name, layer.out_features, layer.in_features, spectra[name].energy, weights.get(name, 1.0) * scale))
     floor = sum(rank_multiple * cost.per_rank for cost in costs)
     if budget < floor:
