@@ -197,3 +197,23 @@ def test_compensation_without_drift_is_the_principal_term():
     principal = torch.mm(*whitened_spectrum(W, X.T @ X, ridge=0.0).factors(4))
     refit = torch.mm(*compensated_factors(W, X.T @ X, X.T @ X, 4, ridge=0.0))
     assert torch.allclose(principal, refit, atol=1e-8)
+
+
+@pytest.mark.parametrize("method", ["whitened", "svd", "asvd"])
+def test_energy_without_vectors_equals_the_spectrum_energy(method):
+    from vitslim.lowrank.compress import _energy, _spectrum
+
+    generator = torch.Generator().manual_seed(5)
+    W, X = torch.randn(12, 20, generator=generator, dtype=torch.float64), torch.randn(300, 20, generator=generator, dtype=torch.float64)
+    gram = X.T @ X
+    torch.testing.assert_close(_energy(method, W, gram), _spectrum(method, W, gram).energy)
+
+
+def test_fisher_chunks_cap_the_images_and_keep_their_order():
+    from vitslim.lowrank.sensitivity import CHUNK, _chunks
+
+    batches = [torch.arange(n * 1.0).reshape(n, 1, 1, 1) + 100 * i for i, n in enumerate([20, 5, 30])]
+    chunks = list(_chunks(batches, 27))
+    assert max(c.shape[0] for c in chunks) <= CHUNK
+    assert torch.cat(chunks).flatten().tolist() == torch.cat(batches).flatten()[:27].tolist()
+    assert sum(c.shape[0] for c in _chunks(batches, None)) == 55

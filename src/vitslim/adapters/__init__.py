@@ -35,12 +35,13 @@ def family_named(name: str) -> ModuleType:
     raise VitslimError(f"unknown model family '{name}' (known: {', '.join(f.FAMILY for f in FAMILIES)})")
 
 
-def prepare_for_replacement(model: nn.Module) -> None:
+def prepare_for_replacement(model: nn.Module, part: nn.Module | None = None) -> None:
     """Called before a method replaces Linears with other modules: a family whose layers can
-    bypass their child modules (torch.nn's fused encoder kernel) switches that off here."""
+    bypass their child modules (torch.nn's fused encoder kernel) switches that off here. With
+    ``part``, only that piece (e.g. a copy of one block) of ``model`` is prepared."""
     prepare = getattr(family_of(model), "prepare_for_replacement", None)
     if prepare is not None:
-        prepare(model)
+        prepare(model if part is None else part)
 
 
 def describe(model: nn.Module, preprocessing: Preprocessing | None = None, **hints) -> ViTSpec:

@@ -1,7 +1,9 @@
 """Input statistics of every compressible Linear, streamed over calibration images.
 
 Each layer keeps one float64 Gram matrix G = Σ x xᵀ over all tokens it sees (memory O(d_in²)
-per layer, independent of the number of images).
+per layer, independent of the number of images). Each batch's product is formed in the
+activations' own precision (float32 matrix products run about twice as fast as float64 on CPU,
+and one batch sums only a few thousand tokens) and added to the float64 total.
 """
 
 from __future__ import annotations
@@ -40,10 +42,10 @@ def collect_grams(model: nn.Module, linears: dict[str, nn.Linear], batches: Iter
 
     def hook_for(name: str, layer: nn.Linear):
         def accumulate(module, args):
-            flat = args[0].reshape(-1, layer.in_features).double()
+            flat = args[0].reshape(-1, layer.in_features)
             if not torch.isfinite(flat).all():
                 raise VitslimError(f"non-finite (NaN/Inf) activations reach {name}; check the calibration images and the model's weights")
-            stats[name].gram.addmm_(flat.T, flat)
+            stats[name].gram += (flat.T @ flat).double()
             stats[name].tokens += flat.shape[0]
 
         return accumulate

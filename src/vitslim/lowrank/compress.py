@@ -20,8 +20,8 @@ from vitslim.lowrank.allocation import LayerCost, LayerPlan, allocate, uniform
 from vitslim.lowrank.calibration import collect_grams
 from vitslim.lowrank.compensation import compensate
 from vitslim.lowrank.layers import LowRankLinear
-from vitslim.lowrank.sensitivity import fisher_sensitivity
-from vitslim.lowrank.whitening import diagonal_spectrum, plain_spectrum, whitened_spectrum
+from vitslim.lowrank.sensitivity import FISHER_IMAGES, fisher_sensitivity
+from vitslim.lowrank.whitening import diagonal_scale, diagonal_spectrum, plain_spectrum, whitened_spectrum, whitening_factor
 from vitslim.metrics import count_params
 from vitslim.persist import record_step, register_step
 
@@ -74,11 +74,23 @@ def _spectrum(method: str, weight: torch.Tensor, gram: torch.Tensor | None):
     return plain_spectrum(weight)
 
 
-def _layer_weights(model, linears, batches, sensitivity, progress) -> dict[str, float]:
+def _energy(method: str, weight: torch.Tensor, gram: torch.Tensor | None) -> torch.Tensor:
+    """σ² of ``_spectrum`` without its singular vectors: all the allocator needs when compensation
+    refits every factorised layer anyway (faster, and nothing per layer is kept)."""
+    if method == "whitened":
+        matrix = weight.double() @ whitening_factor(gram)[0]
+    elif method == "asvd":
+        matrix = weight.double() * diagonal_scale(gram)
+    else:
+        matrix = weight.double()
+    return torch.linalg.svdvals(matrix).square()
+
+
+def _layer_weights(model, linears, batches, sensitivity, images, progress) -> dict[str, float]:
     if isinstance(sensitivity, dict):
         return sensitivity
     if sensitivity == "fisher":
-        return fisher_sensitivity(model, linears, batches, progress=progress)
+        return fisher_sensitivity(model, linears, batches, images=images, progress=progress)
     return {}
 
 
@@ -92,13 +104,15 @@ def compress_lowrank(
     allocation: str = "mixed",
     rank_multiple: int = 1,
     sensitivity: str | dict[str, float] | None = None,
+    sensitivity_images: int | None = FISHER_IMAGES,
     compensation: bool | None = None,
     min_images: int = 1,
     progress: bool = True,
 ) -> nn.Module:
     """A factorised copy of ``model`` (the original is left untouched) with at most the budgeted
     parameter count, as ``count_params``/``vitslim eval`` count it. ``sensitivity`` weighs each
-    layer's error ("fisher", the default for the whitened method; "none"; or a dict by layer name).
+    layer's error ("fisher", the default for the whitened method, measured on the first
+    ``sensitivity_images`` calibration images, all with None; "none"; or a dict by layer name).
     ``compensation`` (default: on for the whitened method) refits every factorised layer, in
     execution order, to the inputs the compressed prefix gives it (see ``compensation``). The
     plan (per-layer rank and kept energy) is the result's last recipe step, which
@@ -130,14 +144,19 @@ def compress_lowrank(
     # read more than once: statistics, then gradients and/or compensation
     batches = list(batches) if sensitivity == "fisher" or compensation else batches
     grams = collect_grams(compressed, linears, batches, min_images=min_images, progress=progress) if method != "svd" else {}
-    weights = _layer_weights(compressed, linears, batches, sensitivity, progress)
+    weights = _layer_weights(compressed, linears, batches, sensitivity, sensitivity_images, progress)
     spectra, costs = {}, []
     for name, layer in linears.items():
-        spectra[name] = _spectrum(method, layer.weight.detach(), grams[name].gram if grams else None)
+        gram = grams.pop(name).gram if grams else None  # freed as soon as it is used
+        if compensation:  # every factorised layer is refitted from scratch: only σ² is needed
+            energy = _energy(method, layer.weight.detach(), gram)
+        else:
+            spectra[name] = _spectrum(method, layer.weight.detach(), gram)
+            energy = spectra[name].energy
         # the allocator scores σ² normalised by the layer's total; fisher weights undo that
         # normalisation so a component's score is the loss it removes, F_l · σ²_i
-        scale = float(spectra[name].energy.sum()) if sensitivity == "fisher" else 1.0
-        costs.append(LayerCost(name, layer.out_features, layer.in_features, spectra[name].energy, weights.get(name, 1.0) * scale))
+        scale = float(energy.sum()) if sensitivity == "fisher" else 1.0
+        costs.append(LayerCost(name, layer.out_features, layer.in_features, energy, weights.get(name, 1.0) * scale))
     floor = sum(rank_multiple * cost.per_rank for cost in costs)
     if budget < floor:
         raise VitslimError(f"the budget of {target:,} parameters cannot give every layer even rank {rank_multiple}; raise it")
@@ -148,9 +167,15 @@ def compress_lowrank(
         if plan.rank is None:
             continue
         dense = linears[plan.name]
-        up, down = spectra[plan.name].factors(plan.rank)
         bias = dense.bias.detach() if dense.bias is not None else None
-        _replace(compressed, plan.name, LowRankLinear.from_factors(up, down, bias, dtype=dense.weight.dtype))
+        if compensation:  # factors filled in by compensate(); nothing reads them before that
+            layer = LowRankLinear(dense.in_features, dense.out_features, plan.rank, bias=bias is not None)
+            layer.to(device=dense.weight.device, dtype=dense.weight.dtype)
+            if bias is not None:
+                layer.up.bias.data.copy_(bias)
+        else:
+            layer = LowRankLinear.from_factors(*spectra.pop(plan.name).factors(plan.rank), bias, dtype=dense.weight.dtype)
+        _replace(compressed, plan.name, layer)
         ranks[plan.name] = plan.rank
     if compensation:
         compensate(model, compressed, list(ranks), batches, progress=progress)

@@ -7,6 +7,11 @@ The whitened error curve gives ‖δY‖² exactly, so F_l · σ²_i is the loss
 The loss is the cross-entropy against the model's own top-1 prediction: it needs no labels, so
 any calibration images serve, and its gradient is not zero at the original weights (unlike the
 KL to the original model).
+
+One scalar per layer needs far fewer images than the Gram matrices do, and a backward pass costs
+about three forward passes, so by default only the first ``FISHER_IMAGES`` calibration images are
+used, in chunks of ``CHUNK`` images so the activations kept for the backward pass stay small
+(ViT-B at 224 keeps roughly 0.2 GB per image).
 """
 
 from __future__ import annotations
@@ -21,9 +26,25 @@ from tqdm import tqdm
 from vitslim.adapters import describe
 from vitslim.lowrank.calibration import images_of
 
+FISHER_IMAGES = 64
+CHUNK = 8
 
-def fisher_sensitivity(model: nn.Module, linears: dict[str, nn.Linear], batches: Iterable, *, progress: bool = True) -> dict[str, float]:
-    """Mean squared gradient of the pseudo-label loss per output element of each named Linear."""
+
+def _chunks(batches: Iterable, limit: int | None):
+    """The images of ``batches``, at most ``limit`` of them, in chunks of at most ``CHUNK``."""
+    taken = 0
+    for batch in batches:
+        for chunk in images_of(batch).split(CHUNK):
+            if limit is not None and taken >= limit:
+                return
+            chunk = chunk if limit is None else chunk[: limit - taken]
+            taken += chunk.shape[0]
+            yield chunk
+
+
+def fisher_sensitivity(model: nn.Module, linears: dict[str, nn.Linear], batches: Iterable, *, images: int | None = FISHER_IMAGES, progress: bool = True) -> dict[str, float]:
+    """Mean squared gradient of the pseudo-label loss per output element of each named Linear,
+    over the first ``images`` images of ``batches`` (all of them with ``None``)."""
     spec = describe(model)
     sums = {name: 0.0 for name in linears}
     elements = {name: 0 for name in linears}
@@ -46,11 +67,11 @@ def fisher_sensitivity(model: nn.Module, linears: dict[str, nn.Linear], batches:
     model.eval()
     device = next(model.parameters()).device
     try:
-        for batch in tqdm(batches, desc="measuring layer sensitivity", unit="batch", disable=None if progress else True, leave=False):
+        for chunk in tqdm(_chunks(batches, images), desc="measuring layer sensitivity", unit="chunk", disable=None if progress else True, leave=False):
             # gradients must reach the activations even when the user froze the parameters
-            images = images_of(batch).to(device).requires_grad_(True)
+            chunk = chunk.to(device).requires_grad_(True)
             with torch.enable_grad():
-                logits = spec.logits(images)
+                logits = spec.logits(chunk)
                 F.cross_entropy(logits, logits.argmax(1).detach(), reduction="sum").backward()
     finally:
         for handle in handles:

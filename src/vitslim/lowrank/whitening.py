@@ -85,9 +85,14 @@ def plain_spectrum(weight: torch.Tensor) -> WhitenedSpectrum:
     return WhitenedSpectrum(U=U, S=S, Vh=Vh, L_inv=eye)
 
 
-def diagonal_spectrum(weight: torch.Tensor, gram: torch.Tensor, alpha: float = 0.5) -> WhitenedSpectrum:
-    """ASVD-style baseline: scale input channel i by ‖x_i‖^alpha = (G_ii)^(alpha/2) instead of whitening."""
+def diagonal_scale(gram: torch.Tensor, alpha: float = 0.5) -> torch.Tensor:
+    """ASVD's per-input-channel scale ‖x_i‖^alpha = (G_ii)^(alpha/2), normalised to mean 1."""
     scale = gram.double().diagonal().clamp_min(torch.finfo(torch.float64).tiny).pow(alpha / 2)
-    scale = scale / scale.mean()
+    return scale / scale.mean()
+
+
+def diagonal_spectrum(weight: torch.Tensor, gram: torch.Tensor, alpha: float = 0.5) -> WhitenedSpectrum:
+    """ASVD-style baseline: scale input channel i by ``diagonal_scale`` instead of whitening."""
+    scale = diagonal_scale(gram, alpha)
     U, S, Vh = torch.linalg.svd(weight.double() * scale, full_matrices=False)
     return WhitenedSpectrum(U=U, S=S, Vh=Vh, L_inv=torch.diag(1 / scale))
