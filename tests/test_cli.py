@@ -138,6 +138,29 @@ def test_compress_then_eval_then_bench(capsys, tmp_path, model_folder, image_fol
     assert code == 0 and json.loads(stdout)[1]["params"] == result["params"]
 
 
+def test_compress_int8_shrinks_the_bytes_eval_reports(capsys, tmp_path, model_folder, image_folder):
+    common = ["--data", str(image_folder), "--param-ratio", "0.6", "--calib-images", "8", "--method", "svd"]
+    sizes = {}
+    for name, extra in (("float", []), ("int8", ["--int8"])):
+        code, stdout, _ = run(capsys, "compress", str(model_folder), *common, *extra, "--out", str(tmp_path / name))
+        assert code == 0
+        code, stdout, _ = run(capsys, "eval", str(tmp_path / name), "--data", str(image_folder), "--teacher", str(model_folder), "--json")
+        sizes[name] = json.loads(stdout)
+    assert sizes["int8"]["params"] == sizes["float"]["params"]
+    # this tiny model's float embeddings and norms are a large share; tests/test_quantize.py
+    # checks the 4x on a model made of Linears
+    assert sizes["int8"]["bytes"] < 0.7 * sizes["float"]["bytes"]
+    assert sizes["int8"]["images"] == sizes["float"]["images"] > 0  # output fidelity: tests/test_quantize.py
+
+
+def test_compress_refuses_a_foreign_output_before_working(capsys, tmp_path, model_folder, image_folder):
+    (tmp_path / "taken").mkdir()
+    (tmp_path / "taken" / "notes.txt").write_text("mine")
+    code, out, err = run(capsys, "compress", str(model_folder), "--data", str(image_folder), "--param-ratio", "0.5", "--calib-images", "8", "--out", str(tmp_path / "taken"))
+    assert code == 2 and "not an empty folder or a vitslim model folder" in err and "calibrating" not in err
+    assert (tmp_path / "taken" / "notes.txt").read_text() == "mine"
+
+
 @pytest.mark.parametrize("args, message", [
     ([], "exactly one budget"),
     (["--param-ratio", "0.5", "--params", "1000"], "exactly one budget"),

@@ -11,18 +11,28 @@ from typing import Callable
 from vitslim.errors import VitslimError
 
 
+def staging_folder(target: Path) -> Path:
+    """A new empty folder beside ``target`` (so the final rename stays on one file system)."""
+    parent = target.resolve().parent
+    try:
+        parent.mkdir(parents=True, exist_ok=True)
+        return Path(tempfile.mkdtemp(prefix=f".{target.name}.", dir=parent))
+    except OSError as error:
+        raise VitslimError(f"cannot write to {parent}: {error.strerror}; choose a writable output folder") from None
+
+
+def check_writable(target: Path) -> None:
+    """Fail now, with a clear error, if ``target`` could not be written later."""
+    staging_folder(target).rmdir()
+
+
 def atomic_folder(target: Path, fill: Callable[[Path], None]) -> Path:
     """Call ``fill`` on an empty staging folder beside ``target``, then move it into place.
 
     An exception (or Ctrl-C) inside ``fill`` removes the staging folder and leaves any previous
     ``target`` untouched, so an interrupted run never leaves a half-written output behind.
     """
-    parent = target.resolve().parent
-    try:
-        parent.mkdir(parents=True, exist_ok=True)
-        staging = Path(tempfile.mkdtemp(prefix=f".{target.name}.", dir=parent))
-    except OSError as error:
-        raise VitslimError(f"cannot write to {parent}: {error.strerror}; choose a writable output folder") from None
+    staging = staging_folder(target)
     try:
         fill(staging)
         if target.exists():

@@ -117,16 +117,19 @@ def bench_command(models, batch_size, threads, device, dtype, runs, warmup, as_j
 @click.option("--calib-images", type=int, default=256, show_default=True, callback=_positive("--calib-images"), help="Calibration images, a seeded subset of --data.")
 @click.option("--seed", type=int, default=0, show_default=True)
 @click.option("--batch-size", type=int, default=32, show_default=True, callback=_positive("--batch-size"))
-def compress_command(model, data, out, method, param_ratio, params, like, allocation, sensitivity, compensation, rank_multiple, calib_images, seed, batch_size):
+@click.option("--int8", is_flag=True, help="Then quantise every Linear's weights to int8 (per output channel): about 4x fewer bytes on disk.")
+def compress_command(model, data, out, method, param_ratio, params, like, allocation, sensitivity, compensation, rank_multiple, calib_images, seed, batch_size, int8):
     """Compress MODEL to one parameter budget and save it to --out."""
     from vitslim import data as imagedata
     from vitslim.adapters import describe
     from vitslim.lowrank.compress import compress_lowrank
     from vitslim.metrics import count_params
-    from vitslim.persist import STEPS_ATTR, save
+    from vitslim.persist import STEPS_ATTR, check_output_folder, save
+    from vitslim.quantize import quantize_int8
 
     if sum(option is not None for option in (param_ratio, params, like)) != 1:
         raise VitslimError("state exactly one budget: --param-ratio, --params or --like")
+    check_output_folder(out)
     original = _load(model)
     if like is not None:
         params = count_params(_load(like))
@@ -143,6 +146,9 @@ def compress_command(model, data, out, method, param_ratio, params, like, alloca
     click.echo(render(["layer", "rank", "kept energy"], rows))
     before, after = count_params(original), count_params(compressed)
     click.echo(f"params {before:,} -> {after:,} ({100 * after / before:.1f}%, target {step['target_params']:,})")
+    if int8:
+        compressed = quantize_int8(compressed)
+        click.echo("weights quantised to int8 (per output channel)")
     click.echo(f"saved to {save(compressed, Path(out))}")
 
 

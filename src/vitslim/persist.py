@@ -22,7 +22,7 @@ from torch import nn
 from vitslim import __version__
 from vitslim.adapters import PREPROCESSING_ATTR, describe, family_named, family_of
 from vitslim.adapters.base import Preprocessing
-from vitslim.atomic import atomic_folder
+from vitslim.atomic import atomic_folder, check_writable
 from vitslim.errors import VitslimError
 
 RECIPE_FILE = "recipe.json"
@@ -91,14 +91,21 @@ def _unique_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
     return tensors
 
 
+def check_output_folder(folder: str | os.PathLike) -> Path:
+    """Refuse, before any long work, an output that ``save`` would refuse or could not write."""
+    folder = Path(folder)
+    if folder.exists() and not (folder.is_dir() and (not any(folder.iterdir()) or (folder / RECIPE_FILE).is_file())):
+        raise VitslimError(f"{folder} exists and is not an empty folder or a vitslim model folder; choose another output path")
+    check_writable(folder)
+    return folder
+
+
 def save(model: nn.Module, folder: str | os.PathLike, *, extra: dict | None = None) -> Path:
     """Write ``model`` to ``folder`` (created, or replaced when it is a previous vitslim folder).
 
     The folder is written whole or not at all (see ``vitslim.atomic``).
     """
-    folder = Path(folder)
-    if folder.exists() and not (folder.is_dir() and (not any(folder.iterdir()) or (folder / RECIPE_FILE).is_file())):
-        raise VitslimError(f"{folder} exists and is not an empty folder or a vitslim model folder; choose another output path")
+    folder = check_output_folder(folder)
     spec = describe(model)
     family = family_of(model)
     architecture = family.architecture(model)

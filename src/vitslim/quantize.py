@@ -21,7 +21,7 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
-from vitslim.adapters import FAMILIES, prepare_for_replacement, torch_nn
+from vitslim.adapters import FAMILIES, prepare_for_replacement
 from vitslim.adapters.base import is_linear
 from vitslim.errors import VitslimError
 from vitslim.persist import record_step, register_step
@@ -87,20 +87,10 @@ def _parent(model: nn.Module, name: str) -> tuple[nn.Module, str]:
 def _kept_dense(model: nn.Module) -> set[int]:
     """Linears that must stay ``nn.Linear``, by id.
 
-    * ``nn.MultiheadAttention.out_proj``: the packed attention reads its ``.weight`` directly
-      instead of calling it (and its ``in_proj_weight`` is no Linear at all, so it stays float too).
-    * The classifier head of a plain torch.nn ViT: that adapter finds the head as "the last
-      ``nn.Linear`` outside the encoder" (``torch_nn._head`` tests ``isinstance(m, nn.Linear)``),
-      so an int8 head would leave the model undescribable, hence unsavable. The head is a tiny
-      share of the bytes; drop this exception once that lookup accepts linear-like modules.
+    ``nn.MultiheadAttention.out_proj``: the packed attention reads its ``.weight`` directly instead
+    of calling it (and its ``in_proj_weight`` is no Linear at all, so it stays float too).
     """
-    keep = {id(m.out_proj) for m in model.modules() if isinstance(m, nn.MultiheadAttention)}
-    if _family(model) is torch_nn:
-        try:
-            keep.add(id(torch_nn._head(model, torch_nn._encoder_layers(model))))
-        except VitslimError:  # no head at all: nothing to keep
-            pass
-    return keep
+    return {id(m.out_proj) for m in model.modules() if isinstance(m, nn.MultiheadAttention)}
 
 
 def _quantisable(model: nn.Module) -> dict[str, nn.Linear]:

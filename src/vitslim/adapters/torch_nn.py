@@ -21,6 +21,7 @@ from vitslim.adapters.base import (
     MlpSpec,
     Preprocessing,
     ViTSpec,
+    is_linear,
 )
 from vitslim.errors import VitslimError
 
@@ -165,7 +166,7 @@ def describe(
     size = _input_size(model, input_size, known, embed_dim, patch)
     channels = known.input_size[0] if known is not None else (conv.in_channels if conv is not None else 3)
     grid = (size[0] // patch[0], size[1] // patch[1])
-    weight = next(model.parameters())
+    weight = next(p for p in model.parameters() if p.is_floating_point())
     tokens = _sequence_length(model, layers[0], torch.zeros(1, channels, *size, dtype=weight.dtype, device=weight.device))
     prefix = tokens - grid[0] * grid[1]
     if prefix < 0:
@@ -202,9 +203,9 @@ def _default_preprocessing(channels: int, size: tuple[int, int]) -> Preprocessin
 
 
 def _head(model: nn.Module, layers: list[nn.TransformerEncoderLayer]) -> nn.Linear:
-    """The classifier: the last nn.Linear outside the encoder layers."""
+    """The classifier: the last Linear (or linear-like replacement) outside the encoder layers."""
     inside = {id(m) for layer in layers for m in layer.modules()}
-    outside = [m for m in model.modules() if isinstance(m, nn.Linear) and id(m) not in inside]
+    outside = [m for m in model.modules() if is_linear(m) and id(m) not in inside]
     if not outside:
         raise VitslimError("found no classifier head (an nn.Linear after the encoder); vitslim needs class logits")
     return outside[-1]
