@@ -1,0 +1,421 @@
+"""``distill``: a knowledge-distillation fine-tune of a compressed student against its original.
+
+Design notes 1.1.5 and 1.2.3 call for a short recovery fine-tune after compression; this trainer
+is shared by the methods (low-rank now, channel pruning later, which adds its budget penalty via
+``extra_loss``). It is **our reading** of "knowledge distillation from the dense model": the
+papers' abstracts do not say which loss, schedule or optimiser they use. We use the standard
+Hinton loss on logits only, AdamW and a cosine schedule with linear warm-up.
+
+Everything that decides the result is a function of the arguments, so runs are reproducible and
+resumable exactly:
+
+* the sample order of epoch ``e`` is a permutation drawn from ``(seed, e)`` alone;
+* torch's global RNG (dropout, drop-path) is re-seeded from ``(seed, e)`` at the start of each
+  epoch, inside ``torch.random.fork_rng`` so the caller's RNG is left as it was;
+* the learning rate is a pure function of the step position, not a stateful scheduler;
+* a checkpoint is written after every finished epoch: the student and AdamW's moment tensors in
+  safetensors, everything else (epoch, step, seed, hyper-parameters, optimiser structure) in
+  JSON. Nothing is pickled, so a checkpoint can be read without executing code.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import logging
+import math
+import os
+import re
+import shutil
+from collections.abc import Callable, Iterable, Sized
+from pathlib import Path
+
+import safetensors.torch
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torch.utils.data import Dataset, IterableDataset, Subset
+from tqdm import tqdm
+
+from vitslim import data as imagedata
+from vitslim.adapters import describe
+from vitslim.atomic import atomic_folder
+from vitslim.errors import VitslimError
+from vitslim.persist import _unique_state_dict, load_state_strict, load_weights, read_json
+
+logger = logging.getLogger("vitslim")
+
+CHECKPOINT_FORMAT = "vitslim-distill-checkpoint"
+CHECKPOINT_VERSION = 1
+STUDENT_FILE = "student.safetensors"
+OPTIMIZER_FILE = "optimizer.safetensors"
+STATE_FILE = "state.json"
+_EPOCH_FOLDER = re.compile(r"^epoch-(\d+)$")
+_SEED_STRIDE = 1_000_003  # a prime, so (seed, epoch) pairs map to distinct generator seeds
+
+ExtraLoss = Callable[[nn.Module], torch.Tensor]
+
+
+def distill(
+    student: nn.Module,
+    teacher: nn.Module,
+    train_data: Dataset | Iterable,
+    *,
+    epochs: int,
+    lr: float = 1e-4,
+    weight_decay: float = 0.05,
+    temperature: float = 1.0,
+    label_weight: float = 0.0,
+    batch_size: int = 64,
+    warmup_fraction: float = 0.05,
+    grad_clip: float | None = 1.0,
+    seed: int = 0,
+    device: str = "cpu",
+    extra_loss: ExtraLoss | None = None,
+    checkpoint_dir: str | os.PathLike | None = None,
+    resume: bool = False,
+    progress: bool = True,
+    workers: int = 0,
+) -> nn.Module:
+    """Fine-tune ``student`` (in place) to match ``teacher``'s logits; return it in eval mode.
+
+    Per batch the loss is ``T² · KL(softmax(t/T) ‖ softmax(s/T))`` (mean over images), plus
+    ``label_weight · CE(s, labels)`` when ``label_weight > 0``, plus ``extra_loss(student)``
+    when given (a scalar tensor, e.g. a pruning budget penalty; it is called once per step, after
+    the forward passes, outside autocast). Logits come from each model's adapter
+    (``describe(model).logits``), so any supported family works; the teacher runs in eval mode
+    without gradients, and is left in eval mode on ``device``.
+
+    ``train_data`` is either
+
+    * a ``torch.utils.data.Dataset`` of ``(image, label)`` samples, e.g. from
+      ``vitslim.data.open_images`` (with the model's ``build_transform``) or a ``select`` subset
+      of one: it is batched here, reshuffled every epoch from ``seed``, and decoded by
+      ``workers`` processes; unreadable images (``None``) are dropped and counted as
+      ``make_loader`` does; or
+    * anything else iterable, taken as ready-made batches: image tensors, ``(images, labels)``
+      pairs or ``make_loader``'s ``(images | None, labels, skipped)`` triples. A list or tuple
+      is visited in a new order every epoch (drawn from ``seed``); any other sized iterable (a
+      ``DataLoader``) is iterated as it is, and must give the same batches each time for runs to
+      be reproducible. An iterable without ``len`` (a generator) is read into a list once.
+      ``batch_size`` and ``workers`` do not apply.
+
+    Optimisation: AdamW over the student's parameters that require grad (no weight decay on
+    1-D tensors, i.e. biases and norms, nor on what a timm model lists in ``no_weight_decay``:
+    position embedding and prefix tokens); the learning rate rises linearly over the first
+    ``warmup_fraction`` of all steps and then follows a cosine to 0, computed per step;
+    gradients are clipped to a global L2 norm of ``grad_clip`` (``None``: no clipping). On CUDA
+    the forward passes run under bf16 autocast where the GPU supports it; elsewhere float32.
+
+    With ``checkpoint_dir``, every finished epoch is saved there as ``epoch-NNNN/`` (written
+    atomically; the previous one is removed once the new one is in place). ``resume=True``
+    continues from the latest one and ends with the same weights as an uninterrupted run; the
+    hyper-parameters and data size must match the checkpoint's. Without ``resume``, earlier
+    ``epoch-*`` checkpoints in the folder are removed first.
+    """
+    _check_options(epochs, lr, weight_decay, temperature, label_weight, batch_size, warmup_fraction, grad_clip, workers)
+    if student is teacher:
+        raise VitslimError("the student and the teacher are the same module; distil a compressed copy against the original")
+    if resume and checkpoint_dir is None:
+        raise VitslimError("resume=True needs the checkpoint_dir of the interrupted run")
+    student_spec, teacher_spec = describe(student), describe(teacher)
+    _check_same_inputs(student_spec.preprocessing, teacher_spec.preprocessing)
+    if student_spec.num_classes != teacher_spec.num_classes:
+        raise VitslimError(f"the student has {student_spec.num_classes} classes and the teacher {teacher_spec.num_classes}; they must predict the same classes")
+    batches = _Batches(train_data, batch_size=batch_size, workers=workers)
+
+    student.to(device)
+    teacher.to(device).eval()
+    optimizer, names = _optimizer(student, lr, weight_decay)
+    steps_per_epoch = len(batches)
+    total_steps = epochs * steps_per_epoch
+    warmup_steps = round(warmup_fraction * total_steps)
+    config = {
+        "epochs": epochs, "lr": lr, "weight_decay": weight_decay, "temperature": temperature,
+        "label_weight": label_weight, "batch_size": batches.batch_size, "warmup_fraction": warmup_fraction,
+        "grad_clip": grad_clip, "seed": seed, "data_size": batches.size, "steps_per_epoch": steps_per_epoch,
+        "extra_loss": extra_loss is not None,
+    }
+    folder = Path(checkpoint_dir) if checkpoint_dir is not None else None
+    start_epoch, step = 0, 0
+    if folder is not None:
+        if resume:
+            start_epoch, step = _restore(folder, student, optimizer, names, config)
+        else:
+            _remove_checkpoints(folder)
+
+    device_type = torch.device(device).type
+    use_bf16 = device_type == "cuda" and torch.cuda.is_bf16_supported()
+    index = torch.device(device).index
+    rng_devices = [torch.cuda.current_device() if index is None else index] if device_type == "cuda" else []
+    trainable = [p for group in optimizer.param_groups for p in group["params"]]
+    with torch.random.fork_rng(devices=rng_devices):
+        for epoch in range(start_epoch, epochs):
+            torch.manual_seed(_epoch_seed(seed, epoch))
+            student.train()
+            total, images_seen, skipped = 0.0, 0, 0
+            bar = tqdm(batches.epoch(seed, epoch), total=steps_per_epoch, desc=f"distilling {epoch + 1}/{epochs}",
+                       unit="batch", disable=None if progress else True, leave=False)
+            for position, (images, labels, dropped) in enumerate(bar):
+                skipped += dropped
+                if images is None:  # every image of the batch was unreadable
+                    continue
+                for group in optimizer.param_groups:
+                    group["lr"] = _learning_rate(epoch * steps_per_epoch + position, lr, warmup_steps, total_steps)
+                images = images.to(device, non_blocking=True)
+                autocast = torch.autocast("cuda", dtype=torch.bfloat16) if use_bf16 else contextlib.nullcontext()
+                with autocast:
+                    with torch.no_grad():
+                        teacher_logits = teacher_spec.logits(images)
+                    student_logits = student_spec.logits(images)
+                loss = _kd_loss(student_logits.float(), teacher_logits.float(), temperature)
+                if label_weight > 0:
+                    loss = loss + label_weight * F.cross_entropy(student_logits.float(), _labels(labels, student_spec.num_classes, device))
+                if extra_loss is not None:
+                    loss = loss + _extra(extra_loss, student)
+                value = float(loss.detach())  # the one host sync of the step
+                if not math.isfinite(value):
+                    raise VitslimError(f"the distillation loss became {value} at epoch {epoch + 1}, step {position + 1}; lower the learning rate")
+                optimizer.zero_grad(set_to_none=True)
+                loss.backward()
+                if grad_clip is not None:
+                    torch.nn.utils.clip_grad_norm_(trainable, grad_clip)
+                optimizer.step()
+                step += 1
+                count = images.shape[0]
+                total += value * count
+                images_seen += count
+                bar.set_postfix(loss=f"{total / images_seen:.4f}", refresh=False)
+            bar.close()
+            if images_seen == 0:
+                raise VitslimError(f"no readable images in the training data; all {skipped} failed to decode")
+            logger.info(f"distill epoch {epoch + 1}/{epochs}: mean loss {total / images_seen:.4f} over {images_seen} images"
+                        + (f", {skipped} unreadable skipped" if skipped else ""))
+            if folder is not None:
+                _save(folder, epoch + 1, step, student, optimizer, names, config, total / images_seen)
+    return student.eval()
+
+
+# --- options ------------------------------------------------------------------------------------
+
+
+def _check_options(epochs, lr, weight_decay, temperature, label_weight, batch_size, warmup_fraction, grad_clip, workers) -> None:
+    checks = [
+        (isinstance(epochs, int) and epochs >= 0, f"epochs must be a whole number of at least 0 (got {epochs})"),
+        (lr > 0, f"the learning rate must be above 0 (got {lr})"),
+        (weight_decay >= 0, f"weight decay must be at least 0 (got {weight_decay})"),
+        (temperature > 0, f"the distillation temperature must be above 0 (got {temperature})"),
+        (label_weight >= 0, f"label_weight must be at least 0 (got {label_weight})"),
+        (batch_size >= 1, f"--batch-size must be at least 1 (got {batch_size})"),
+        (0 <= warmup_fraction < 1, f"warmup_fraction must be in [0, 1) (got {warmup_fraction})"),
+        (grad_clip is None or grad_clip > 0, f"grad_clip must be above 0, or None for no clipping (got {grad_clip})"),
+        (workers >= 0, f"--workers must be at least 0 (got {workers})"),
+    ]
+    for ok, message in checks:
+        if not ok:
+            raise VitslimError(message)
+
+
+def _check_same_inputs(student, teacher) -> None:
+    """Both models see the same image tensors, so they must expect the same size and normalisation."""
+    differing = [key for key in ("input_size", "mean", "std") if getattr(student, key) != getattr(teacher, key)]
+    if differing:
+        details = "; ".join(f"{key} {getattr(student, key)} vs {getattr(teacher, key)}" for key in differing)
+        raise VitslimError(f"the student and the teacher expect different inputs ({details}); distillation feeds both the same images")
+
+
+# --- data ---------------------------------------------------------------------------------------
+
+
+class _Batches:
+    """The training data as ``(images | None, labels | None, skipped)`` batches, epoch by epoch."""
+
+    def __init__(self, data: Dataset | Iterable, *, batch_size: int, workers: int) -> None:
+        self.workers = workers
+        if isinstance(data, IterableDataset):
+            raise VitslimError("an IterableDataset yields samples, not batches: pass a map-style Dataset, or a DataLoader over it")
+        if isinstance(data, Dataset) and isinstance(data, Sized):
+            self.dataset: Dataset | None = data
+            self.items: Iterable | None = None
+            self.batch_size: int | None = batch_size
+            self.size = len(data)
+            if self.size == 0:
+                raise VitslimError("the training data holds no images")
+            return
+        if not isinstance(data, Iterable):
+            raise VitslimError(f"training data must be a Dataset of (image, label) or an iterable of batches, not {type(data).__name__}")
+        self.dataset, self.batch_size = None, None
+        self.items = data if isinstance(data, Sized) else list(data)
+        self.size = len(self.items)
+        if self.size == 0:
+            raise VitslimError("the training data holds no batches")
+
+    def __len__(self) -> int:
+        if self.dataset is not None:
+            return math.ceil(self.size / self.batch_size)
+        return self.size
+
+    def epoch(self, seed: int, epoch: int) -> Iterable[tuple[torch.Tensor | None, torch.Tensor | None, int]]:
+        generator = torch.Generator().manual_seed(_epoch_seed(seed, epoch))
+        if self.dataset is not None:
+            order = torch.randperm(self.size, generator=generator).tolist()
+            yield from imagedata.make_loader(Subset(self.dataset, order), self.batch_size, workers=self.workers)
+            return
+        items = self.items
+        if isinstance(items, (list, tuple)):
+            items = [items[i] for i in torch.randperm(len(items), generator=generator).tolist()]
+        for batch in items:
+            yield _split(batch)
+
+
+def _split(batch) -> tuple[torch.Tensor | None, torch.Tensor | None, int]:
+    images, labels, skipped = batch, None, 0
+    if isinstance(batch, (tuple, list)) and len(batch) in (2, 3):
+        images, labels = batch[0], batch[1]
+        skipped = int(batch[2]) if len(batch) == 3 else 0
+    if images is None or (isinstance(images, torch.Tensor) and images.ndim == 4):
+        return images, (None if labels is None else torch.as_tensor(labels)), skipped
+    if isinstance(images, torch.Tensor):
+        raise VitslimError(
+            f"a training batch holds images of shape {tuple(images.shape)}, not [batch, channels, height, width]; "
+            "pass single (image, label) samples as a torch Dataset, which distill batches itself"
+        )
+    raise VitslimError(
+        f"a training batch must be an image tensor, (images, labels) or (images, labels, skipped), not {type(batch).__name__}"
+    )
+
+
+def _labels(labels: torch.Tensor | None, num_classes: int, device: str) -> torch.Tensor:
+    if labels is None:
+        raise VitslimError("label_weight > 0 needs labels, but the training batches are bare image tensors")
+    labels = labels.long()
+    if labels.numel() and (int(labels.max()) >= num_classes or int(labels.min()) < 0):
+        raise VitslimError(
+            f"the data has label {int(labels.max())} but the model has {num_classes} classes; is this the right data set for this model?"
+        )
+    return labels.to(device)
+
+
+# --- loss and schedule --------------------------------------------------------------------------
+
+
+def _kd_loss(student_logits: torch.Tensor, teacher_logits: torch.Tensor, temperature: float) -> torch.Tensor:
+    """T² · KL(softmax(t/T) ‖ softmax(s/T)), summed over classes, averaged over images."""
+    log_student = F.log_softmax(student_logits / temperature, dim=-1)
+    log_teacher = F.log_softmax(teacher_logits / temperature, dim=-1)
+    return F.kl_div(log_student, log_teacher, reduction="batchmean", log_target=True) * temperature**2
+
+
+def _extra(extra_loss: ExtraLoss, student: nn.Module) -> torch.Tensor:
+    value = extra_loss(student)
+    if not isinstance(value, torch.Tensor) or value.numel() != 1:
+        raise TypeError(f"extra_loss must return a scalar tensor, got {type(value).__name__}")
+    return value.reshape(()).float()
+
+
+def _learning_rate(step: int, base: float, warmup: int, total: int) -> float:
+    """Linear warm-up over ``warmup`` steps, then a cosine from ``base`` down towards 0."""
+    if step < warmup:
+        return base * (step + 1) / warmup
+    progress = (step - warmup) / max(1, total - warmup)
+    return base * 0.5 * (1 + math.cos(math.pi * progress))
+
+
+def _epoch_seed(seed: int, epoch: int) -> int:
+    return (seed * _SEED_STRIDE + epoch) % (2**63)
+
+
+def _optimizer(student: nn.Module, lr: float, weight_decay: float) -> tuple[torch.optim.AdamW, list[str]]:
+    """AdamW with two groups (decayed, not decayed); also the parameter names in optimizer order."""
+    skip = getattr(student, "no_weight_decay", None)
+    skip = set(skip()) if callable(skip) else set()
+    decay, no_decay = [], []
+    for name, parameter in student.named_parameters():
+        if parameter.requires_grad:
+            (no_decay if parameter.ndim <= 1 or name in skip else decay).append((name, parameter))
+    if not decay and not no_decay:
+        raise VitslimError("the student has no trainable parameters (all have requires_grad=False)")
+    groups = [{"params": [p for _, p in g], "weight_decay": wd} for g, wd in ((decay, weight_decay), (no_decay, 0.0)) if g]
+    names = [name for g in (decay, no_decay) for name, _ in g]
+    return torch.optim.AdamW(groups, lr=lr), names
+
+
+# --- checkpoints --------------------------------------------------------------------------------
+
+
+def _epoch_folders(folder: Path) -> list[tuple[int, Path]]:
+    if not folder.is_dir():
+        return []
+    found = [(int(m.group(1)), entry) for entry in folder.iterdir() if entry.is_dir() and (m := _EPOCH_FOLDER.match(entry.name))]
+    return sorted(found)
+
+
+def _remove_checkpoints(folder: Path, keep: Path | None = None) -> None:
+    for _, path in _epoch_folders(folder):
+        if path != keep and (path / STATE_FILE).is_file():
+            shutil.rmtree(path, ignore_errors=True)
+
+
+def _save(folder: Path, epoch: int, step: int, student: nn.Module, optimizer: torch.optim.Optimizer,
+          names: list[str], config: dict, loss: float) -> None:
+    tensors, structure = _optimizer_parts(optimizer)
+    state = {
+        "format": CHECKPOINT_FORMAT, "version": CHECKPOINT_VERSION,
+        "epoch": epoch, "step": step, "seed": config["seed"], "loss": loss,
+        "config": config, "parameters": names, "optimizer": structure,
+    }
+
+    def fill(staging: Path) -> None:
+        safetensors.torch.save_file(_unique_state_dict(student), str(staging / STUDENT_FILE), metadata={"format": "pt"})
+        safetensors.torch.save_file(tensors, str(staging / OPTIMIZER_FILE), metadata={"format": "pt"})
+        (staging / STATE_FILE).write_text(json.dumps(state, indent=2))  # last: marks the folder complete
+
+    target = atomic_folder(folder / f"epoch-{epoch:04d}", fill)
+    _remove_checkpoints(folder, keep=target)
+
+
+def _optimizer_parts(optimizer: torch.optim.Optimizer) -> tuple[dict[str, torch.Tensor], dict]:
+    """Split ``optimizer.state_dict()`` into tensors (``"<index>.<key>"``) and JSON for the rest."""
+    saved = optimizer.state_dict()
+    tensors: dict[str, torch.Tensor] = {}
+    scalars: dict[str, dict] = {}
+    for index, entries in saved["state"].items():
+        scalars[str(index)] = {}
+        for key, value in entries.items():
+            if isinstance(value, torch.Tensor):
+                tensors[f"{index}.{key}"] = value.detach().contiguous().cpu()
+            else:
+                scalars[str(index)][key] = value
+    groups = [{key: (list(v) if isinstance(v, tuple) else v) for key, v in group.items()} for group in saved["param_groups"]]
+    return tensors, {"param_groups": groups, "state": scalars}
+
+
+def _restore(folder: Path, student: nn.Module, optimizer: torch.optim.Optimizer, names: list[str], config: dict) -> tuple[int, int]:
+    """Load the latest complete checkpoint into ``student`` and ``optimizer``; (epoch, step) to go on from."""
+    complete = [(epoch, path) for epoch, path in _epoch_folders(folder) if (path / STATE_FILE).is_file()]
+    if not complete:
+        logger.info(f"no checkpoint in {folder} to resume from; starting at epoch 1")
+        return 0, 0
+    _, path = complete[-1]
+    state = read_json(path / STATE_FILE, "distillation checkpoint")
+    if state.get("format") != CHECKPOINT_FORMAT or state.get("version") != CHECKPOINT_VERSION:
+        raise VitslimError(f"{path / STATE_FILE} is not a vitslim distillation checkpoint (version {CHECKPOINT_VERSION})")
+    differing = [f"{key} {state['config'].get(key)!r} → {value!r}" for key, value in config.items() if state["config"].get(key) != value]
+    if differing:
+        raise VitslimError(f"cannot resume from {path}: it was trained with other settings ({'; '.join(differing)}); "
+                           "resume with the same settings and data, or start afresh without resume")
+    if state["parameters"] != names:
+        raise VitslimError(f"cannot resume from {path}: the student's trainable parameters differ from the checkpoint's")
+    load_state_strict(student, load_weights(path / STUDENT_FILE), path / STUDENT_FILE)
+    tensors = load_weights(path / OPTIMIZER_FILE)
+    structure = state["optimizer"]
+    entries: dict[int, dict] = {int(index): dict(values) for index, values in structure["state"].items()}
+    for key, tensor in tensors.items():
+        index, name = key.split(".", 1)
+        entries.setdefault(int(index), {})[name] = tensor
+    current = optimizer.state_dict()["param_groups"]
+    groups = [{key: (tuple(v) if isinstance(now.get(key), tuple) else v) for key, v in group.items()}
+              for group, now in zip(structure["param_groups"], current)]
+    optimizer.load_state_dict({"state": entries, "param_groups": groups})
+    logger.info(f"resuming distillation from {path} (epoch {state['epoch']}, step {state['step']})")
+    return int(state["epoch"]), int(state["step"])
