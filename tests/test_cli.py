@@ -153,6 +153,22 @@ def test_compress_int8_shrinks_the_bytes_eval_reports(capsys, tmp_path, model_fo
     assert sizes["int8"]["images"] == sizes["float"]["images"] > 0  # output fidelity: tests/test_quantize.py
 
 
+def test_compress_with_a_kd_finetune_moves_the_model_towards_the_original(capsys, tmp_path, model_folder, image_folder):
+    common = ["--data", str(image_folder), "--param-ratio", "0.3", "--calib-images", "8", "--method", "svd", "--seed", "3"]
+    code, _, _ = run(capsys, "compress", str(model_folder), *common, "--out", str(tmp_path / "plain"))
+    assert code == 0
+    code, _, _ = run(capsys, "compress", str(model_folder), *common, "--finetune-epochs", "4", "--finetune-lr", "3e-4",
+                     "--checkpoints", str(tmp_path / "ckpt"), "--out", str(tmp_path / "tuned"))
+    assert code == 0 and list((tmp_path / "ckpt").glob("epoch-*"))
+    kl = {}
+    for name in ("plain", "tuned"):
+        code, stdout, _ = run(capsys, "eval", str(tmp_path / name), "--data", str(image_folder), "--teacher", str(model_folder), "--json")
+        kl[name] = json.loads(stdout)["kl"]
+    assert kl["tuned"] < kl["plain"]
+    code, _, err = run(capsys, "compress", str(model_folder), *common, "--resume", "--out", str(tmp_path / "x"))
+    assert code == 2 and "--resume needs --checkpoints" in err
+
+
 def test_compress_refuses_a_foreign_output_before_working(capsys, tmp_path, model_folder, image_folder):
     (tmp_path / "taken").mkdir()
     (tmp_path / "taken" / "notes.txt").write_text("mine")

@@ -117,8 +117,13 @@ def bench_command(models, batch_size, threads, device, dtype, runs, warmup, as_j
 @click.option("--calib-images", type=int, default=256, show_default=True, callback=_positive("--calib-images"), help="Calibration images, a seeded subset of --data.")
 @click.option("--seed", type=int, default=0, show_default=True)
 @click.option("--batch-size", type=int, default=32, show_default=True, callback=_positive("--batch-size"))
-@click.option("--int8", is_flag=True, help="Then quantise every Linear's weights to int8 (per output channel): about 4x fewer bytes on disk.")
-def compress_command(model, data, out, method, param_ratio, params, like, allocation, sensitivity, compensation, rank_multiple, calib_images, seed, batch_size, int8):
+@click.option("--finetune-epochs", type=int, default=0, show_default=True, help="Then distil the original into the result for E epochs over all of --data.")
+@click.option("--finetune-lr", type=float, default=1e-4, show_default=True, help="Peak AdamW learning rate of the fine-tune (warm-up, then cosine).")
+@click.option("--checkpoints", help="Folder for the fine-tune's per-epoch checkpoints (pickle-free).")
+@click.option("--resume", is_flag=True, help="Continue the fine-tune from the last checkpoint in --checkpoints.")
+@click.option("--int8", is_flag=True, help="Finally quantise every Linear's weights to int8 (per output channel): about 4x fewer bytes on disk.")
+def compress_command(model, data, out, method, param_ratio, params, like, allocation, sensitivity, compensation, rank_multiple, calib_images, seed, batch_size,
+                     finetune_epochs, finetune_lr, checkpoints, resume, int8):
     """Compress MODEL to one parameter budget and save it to --out."""
     from vitslim import data as imagedata
     from vitslim.adapters import describe
@@ -126,7 +131,12 @@ def compress_command(model, data, out, method, param_ratio, params, like, alloca
     from vitslim.metrics import count_params
     from vitslim.persist import STEPS_ATTR, check_output_folder, save
     from vitslim.quantize import quantize_int8
+    from vitslim.train import distill
 
+    if finetune_epochs < 0:
+        raise VitslimError("--finetune-epochs must be 0 or more")
+    if resume and not checkpoints:
+        raise VitslimError("--resume needs --checkpoints, the folder the interrupted fine-tune wrote")
     if sum(option is not None for option in (param_ratio, params, like)) != 1:
         raise VitslimError("state exactly one budget: --param-ratio, --params or --like")
     check_output_folder(out)
@@ -146,6 +156,9 @@ def compress_command(model, data, out, method, param_ratio, params, like, alloca
     click.echo(render(["layer", "rank", "kept energy"], rows))
     before, after = count_params(original), count_params(compressed)
     click.echo(f"params {before:,} -> {after:,} ({100 * after / before:.1f}%, target {step['target_params']:,})")
+    if finetune_epochs:
+        distill(compressed, original, dataset, epochs=finetune_epochs, lr=finetune_lr, batch_size=batch_size, seed=seed,
+                checkpoint_dir=checkpoints, resume=resume)
     if int8:
         compressed = quantize_int8(compressed)
         click.echo("weights quantised to int8 (per output channel)")

@@ -134,15 +134,20 @@ class ViTSpec:
 
     def logits(self, images: torch.Tensor) -> torch.Tensor:
         """Class logits for a batch of preprocessed images, whatever the family returns."""
-        out = self.model(images)
-        if isinstance(out, torch.Tensor):
-            return out
-        logits = getattr(out, "logits", None)
-        if logits is None and isinstance(out, (tuple, list)):
-            logits = out[0]
-        if not isinstance(logits, torch.Tensor):
-            raise TypeError(f"cannot find logits in a {type(out).__name__} returned by the model")
-        return logits
+        return logits_of(self.model(images))
+
+
+def logits_of(output) -> torch.Tensor:
+    """The class logits inside whatever a family's forward returns (a tensor, an HF output
+    object, or a tuple led by the logits)."""
+    if isinstance(output, torch.Tensor):
+        return output
+    logits = getattr(output, "logits", None)
+    if logits is None and isinstance(output, (tuple, list)):
+        logits = output[0]
+    if not isinstance(logits, torch.Tensor):
+        raise TypeError(f"cannot find logits in a {type(output).__name__} returned by the model")
+    return logits
 
 
 # A loaded model carries its preprocessing in this plain attribute (not a buffer, not in the

@@ -1,0 +1,56 @@
+"""Compressed models run under torch.compile and export to ONNX that ONNX Runtime runs alike."""
+
+import pytest
+import timm
+import torch
+
+import vitslim
+from vitslim.errors import VitslimError
+from vitslim.export import export_onnx, onnx_max_abs_diff
+from vitslim.lowrank.compress import compress_lowrank
+from vitslim.quantize import quantize_int8
+from plain_vit import PlainViT, tiny_hf_vit
+
+TINY = dict(img_size=32, patch_size=8, embed_dim=64, depth=2, num_heads=2, num_classes=10)
+
+
+def _model(family):
+    torch.manual_seed(0)
+    return {
+        "timm": lambda: timm.create_model("deit_tiny_patch16_224", **TINY).eval(),
+        "hf": lambda: tiny_hf_vit(num_labels=10, hidden_size=64, intermediate_size=256),
+        "torch": lambda: PlainViT(dim=64, mlp_dim=256, num_classes=10).eval(),
+    }[family]()
+
+
+def _calibration(size=32):
+    return [torch.randn(8, 3, size, size, generator=torch.Generator().manual_seed(1))]
+
+
+@pytest.mark.parametrize("family", ["timm", "hf", "torch"])
+def test_low_rank_model_exports_to_onnx_and_matches_onnx_runtime(family, tmp_path):
+    compressed = compress_lowrank(_model(family), _calibration(), param_ratio=0.7, progress=False)
+    path = export_onnx(compressed, tmp_path / "model.onnx")
+    assert path.is_file() and not list(tmp_path.glob(".*partial"))
+    for batch in (1, 5):  # the batch dimension is dynamic
+        images = torch.randn(batch, 3, 32, 32, generator=torch.Generator().manual_seed(batch))
+        assert onnx_max_abs_diff(compressed, path, images) < 1e-4
+
+
+def test_int8_low_rank_model_exports_to_onnx(tmp_path):
+    compressed = quantize_int8(compress_lowrank(_model("timm"), _calibration(), param_ratio=0.5, method="svd", progress=False))
+    path = export_onnx(compressed, tmp_path / "int8.onnx")
+    assert onnx_max_abs_diff(compressed, path, torch.randn(3, 3, 32, 32)) < 1e-4
+
+
+def test_low_rank_model_compiles_without_graph_breaks():
+    compressed = compress_lowrank(_model("timm"), _calibration(), param_ratio=0.5, method="svd", progress=False)
+    images = torch.randn(4, 3, 32, 32)
+    compiled = torch.compile(compressed, fullgraph=True)
+    with torch.no_grad():
+        torch.testing.assert_close(compiled(images), compressed(images), rtol=1e-4, atol=1e-5)
+
+
+def test_export_to_a_folder_path_is_refused(tmp_path):
+    with pytest.raises(VitslimError, match="is a folder"):
+        export_onnx(_model("timm"), tmp_path)
