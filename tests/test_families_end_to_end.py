@@ -67,3 +67,36 @@ def test_plain_skeleton_of_another_shape_is_refused(tmp_path):
     folder = vitslim.save(PlainViT(num_classes=3).eval(), tmp_path / "plain")
     with pytest.raises(VitslimError, match="does not match"):
         vitslim.load_model(folder, skeleton=PlainViT(num_classes=3, dim=64))
+
+
+def test_hf_folder_compress_eval_bench_through_the_cli(tmp_path, images, capsys):
+    torch.manual_seed(0)
+    tiny_hf_vit(num_labels=3).save_pretrained(tmp_path / "hf", safe_serialization=True)
+    out = tmp_path / "hf-small"
+    assert main(["compress", str(tmp_path / "hf"), "--data", str(images), "--param-ratio", "0.6", "--calib-images", "9", "--out", str(out)]) == 0
+    capsys.readouterr()
+    assert main(["eval", str(out), "--data", str(images), "--teacher", str(tmp_path / "hf"), "--json"]) == 0
+    result = json.loads(capsys.readouterr().out)
+    original = sum(p.numel() for p in vitslim.load_model(tmp_path / "hf").parameters())
+    assert result["images"] == 9 and result["params"] <= int(0.6 * original)
+    assert main(["bench", str(tmp_path / "hf"), str(out), "--batch-size", "2", "--runs", "20", "--warmup", "1", "--json"]) == 0
+    speeds = json.loads(capsys.readouterr().out)
+    assert [s["params"] for s in speeds] == [original, result["params"]]
+
+
+def test_plain_torch_vit_compress_eval_bench_in_python(tmp_path, images):
+    torch.manual_seed(0)
+    model = PlainViT(num_classes=3).eval()
+    spec = vitslim.describe(model)
+    from vitslim import data as imagedata
+
+    dataset = imagedata.open_images(images, imagedata.build_transform(spec.preprocessing))
+    batches = [batch for batch, _, _ in imagedata.make_loader(dataset, 4)]
+    compressed = vitslim.compress_lowrank(model, batches, param_ratio=0.7, progress=False)
+    folder = vitslim.save(compressed, tmp_path / "plain-small")
+    reloaded = vitslim.load_model(folder, skeleton=PlainViT(num_classes=3))
+    assert torch.equal(_logits(compressed), _logits(reloaded))
+    result = vitslim.evaluate(reloaded, images, teacher=model, progress=False)
+    assert result["images"] == 9 and result["params"] <= int(0.7 * sum(p.numel() for p in model.parameters()))
+    speeds = vitslim.benchmark([("original", model), ("compressed", reloaded)], batch_size=2, runs=20, warmup=1, progress=False)
+    assert speeds[1].params == result["params"] and speeds[1].ratio > 0

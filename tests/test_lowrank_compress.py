@@ -166,26 +166,26 @@ def test_compensation_lowers_the_error_of_the_compressed_model():
 
 def _compensate_by_whole_forwards(original, compressed, names, batches):
     """Brute-force reference: for each layer, two whole-network forwards give its paired inputs."""
-    from vitslim.lowrank.compensation import compensated_factors
+    from vitslim.lowrank.compensation import PairedStats, compensated_layer
 
     for name in names:
         seen = {}
         handles = [original.get_submodule(name).register_forward_pre_hook(lambda m, a: seen.__setitem__("x", a[0].reshape(-1, a[0].shape[-1]))),
                    compressed.get_submodule(name).register_forward_pre_hook(lambda m, a: seen.__setitem__("xt", a[0].reshape(-1, a[0].shape[-1])))]
-        cross = gram = 0
+        stats = PairedStats()
         with torch.no_grad():
             for x in batches:
                 original(x)
                 compressed(x)
-                cross = cross + (seen["x"].T @ seen["xt"]).double()  # float32 products, as vitslim forms them
-                gram = gram + (seen["xt"].T @ seen["xt"]).double()
+                stats.add(seen["x"], seen["xt"])
         for handle in handles:
             handle.remove()
-        layer = compressed.get_submodule(name)
-        up, down = compensated_factors(original.get_submodule(name).weight.detach(), cross, gram, layer.rank)
+        layer, dense = compressed.get_submodule(name), original.get_submodule(name)
+        up, down, bias = compensated_layer(dense.weight.detach(), dense.bias.detach(), stats, layer.rank)
         with torch.no_grad():
             layer.up.weight.copy_(up.float())
             layer.down.weight.copy_(down.float())
+            layer.up.bias.copy_(bias.float())
 
 
 @pytest.mark.parametrize("family", ["timm", "hf", "torch"])

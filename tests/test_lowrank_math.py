@@ -190,6 +190,60 @@ def test_compensated_factors_minimise_the_loss_on_drifted_inputs():
             assert loss(nudged, down) >= loss(*refit) - 1e-9
 
 
+def test_compensated_layer_refits_the_bias_for_a_mean_shift():
+    """With an intercept, the refit is the brute-force affine least squares at full rank, and at
+    low rank no nudge of its bias or factors lowers Σ‖W x + b − Ŵ x̃ − b̂‖²."""
+    from vitslim.lowrank.compensation import PairedStats, compensated_layer
+
+    X, W = _case(tokens=400)
+    generator = torch.Generator().manual_seed(11)
+    bias = torch.randn(W.shape[0], generator=generator, dtype=torch.float64)
+    X_tilde = 0.9 * X + 0.5 + 0.1 * torch.randn(X.shape, generator=generator, dtype=torch.float64)
+    target = X @ W.T + bias
+    stats = PairedStats()
+    for part, part_tilde in zip(X.split(150), X_tilde.split(150)):
+        stats.add(part, part_tilde)
+
+    def loss(up, down, b):
+        return float((target - X_tilde @ (up @ down).T - b).square().sum())
+
+    full = min(W.shape)
+    up, down, fitted_bias = compensated_layer(W, bias, stats, full, ridge=0.0)
+    augmented = torch.cat([X_tilde, torch.ones(len(X_tilde), 1, dtype=torch.float64)], 1)
+    solution = torch.linalg.lstsq(augmented, target).solution
+    torch.testing.assert_close(loss(up, down, fitted_bias), float((target - augmented @ solution).square().sum()), rtol=1e-6, atol=1e-6)
+    up, down, fitted_bias = compensated_layer(W, bias, stats, 3, ridge=0.0)
+    best = loss(up, down, fitted_bias)
+    assert best < loss(*compensated_layer(W, None, stats, 3, ridge=0.0)[:2], bias)
+    for _ in range(20):
+        assert loss(up, down, fitted_bias + 0.01 * torch.randn(bias.shape, generator=generator, dtype=torch.float64)) >= best - 1e-9
+        assert loss(up + 0.01 * torch.randn(up.shape, generator=generator, dtype=torch.float64), down, fitted_bias) >= best - 1e-9
+
+
+def test_output_weighted_compensation_minimises_the_weighted_loss():
+    """With per-output-channel weights w, the refit minimises Σ w_j ‖y_j − ŷ_j‖²: it beats the
+    unweighted refit on that loss, no nudge improves it, and equal weights change nothing."""
+    from vitslim.lowrank.compensation import compensated_factors
+
+    X, W = _case(tokens=300)
+    generator = torch.Generator().manual_seed(13)
+    X_tilde = X + 0.2 * torch.randn(X.shape, generator=generator, dtype=torch.float64) * X.std(0)
+    weights = torch.rand(W.shape[0], generator=generator, dtype=torch.float64) ** 4 + 0.01
+    cross, gram = X.T @ X_tilde, X_tilde.T @ X_tilde
+
+    def weighted_loss(up, down):
+        return float(((X @ W.T - X_tilde @ (up @ down).T).square() * weights).sum())
+
+    rank = 3
+    refit = compensated_factors(W, cross, gram, rank, ridge=0.0, output_weights=weights)
+    assert weighted_loss(*refit) < weighted_loss(*compensated_factors(W, cross, gram, rank, ridge=0.0))
+    for _ in range(20):
+        nudged = refit[0] + 0.01 * torch.randn(refit[0].shape, generator=generator, dtype=torch.float64)
+        assert weighted_loss(nudged, refit[1]) >= weighted_loss(*refit) - 1e-9
+    equal = compensated_factors(W, cross, gram, rank, ridge=0.0, output_weights=torch.full((W.shape[0],), 7.0, dtype=torch.float64))
+    torch.testing.assert_close(torch.mm(*equal), torch.mm(*compensated_factors(W, cross, gram, rank, ridge=0.0)))
+
+
 def test_compensation_without_drift_is_the_principal_term():
     from vitslim.lowrank.compensation import compensated_factors
 
@@ -217,3 +271,17 @@ def test_fisher_chunks_cap_the_images_and_keep_their_order():
     assert max(c.shape[0] for c in chunks) <= CHUNK
     assert torch.cat(chunks).flatten().tolist() == torch.cat(batches).flatten()[:27].tolist()
     assert sum(c.shape[0] for c in _chunks(batches, None)) == 55
+
+
+def test_token_subsets_are_seeded_by_batch_and_capped():
+    from vitslim.lowrank.calibration import STAT_TOKENS, token_fraction, token_rows
+
+    rows = torch.arange(100.0)[:, None].expand(100, 3)
+    assert token_rows(rows, 1.0, 0) is rows
+    picked = token_rows(rows, 0.25, 7)
+    assert picked.shape == (25, 3) and torch.equal(picked, token_rows(rows.clone(), 0.25, 7))
+    assert not torch.equal(picked, token_rows(rows, 0.25, 8))
+    assert picked[:, 0].unique().numel() == 25  # distinct tokens, no repeats
+    batches = [torch.zeros(32, 3, 4, 4)] * 8
+    assert token_fraction(batches, 65) == 1.0  # 256 images x 65 tokens: every token
+    assert token_fraction(batches, 197) * 256 * 197 == pytest.approx(STAT_TOKENS)

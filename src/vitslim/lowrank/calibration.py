@@ -4,6 +4,12 @@ Each layer keeps one float64 Gram matrix G = Σ x xᵀ over all tokens it sees (
 per layer, independent of the number of images). Each batch's product is formed in the
 activations' own precision (float32 matrix products run about twice as fast as float64 on CPU,
 and one batch sums only a few thousand tokens) and added to the float64 total.
+
+Large models see many more tokens than a Gram matrix needs (ViT-B: 256 images × 197 tokens), and
+forming the products costs more than the forward pass itself, so compress_lowrank caps the tokens
+the statistics use at ``STAT_TOKENS`` per layer: a seeded random subset of each batch's tokens,
+the same positions wherever a batch is seen again (compensation pairs them across two models).
+Small calibration sets (the reference CIFAR ViT: 256 × 65) use every token.
 """
 
 from __future__ import annotations
@@ -16,6 +22,24 @@ from torch import nn
 from tqdm import tqdm
 
 from vitslim.errors import VitslimError
+
+
+STAT_TOKENS = 24_576  # 8 samples per input feature of ViT-B's widest layer (fc2, 3072)
+
+
+def token_fraction(batches: list, tokens_per_image: int) -> float:
+    """The share of tokens the statistics keep so that at most ``STAT_TOKENS`` are used."""
+    images = sum(images_of(batch).shape[0] for batch in batches)
+    return min(1.0, STAT_TOKENS / max(images * tokens_per_image, 1))
+
+
+def token_rows(rows: torch.Tensor, fraction: float, batch_index: int) -> torch.Tensor:
+    """A seeded subset (same for the same batch index) of the rows (tokens) of ``rows``."""
+    if fraction >= 1.0:
+        return rows
+    keep = max(1, round(rows.shape[0] * fraction))
+    picked = torch.randperm(rows.shape[0], generator=torch.Generator().manual_seed(batch_index))[:keep].sort().values
+    return rows[picked.to(rows.device)]
 
 
 @dataclass
@@ -33,18 +57,22 @@ def images_of(batch) -> torch.Tensor:
 
 
 @torch.no_grad()
-def collect_grams(model: nn.Module, linears: dict[str, nn.Linear], batches: Iterable, *, min_images: int = 1, progress: bool = True) -> dict[str, GramStats]:
-    """Run ``batches`` through ``model`` and return each named Linear's input Gram matrix.
-    Non-finite activations, or fewer than ``min_images`` images, are errors."""
+def collect_grams(model: nn.Module, linears: dict[str, nn.Linear], batches: Iterable, *, min_images: int = 1, fraction: float = 1.0,
+                  progress: bool = True) -> dict[str, GramStats]:
+    """Run ``batches`` through ``model`` and return each named Linear's input Gram matrix over
+    ``fraction`` of the tokens (see ``token_rows``). Non-finite activations, or fewer than
+    ``min_images`` images, are errors."""
     stats: dict[str, GramStats] = {}
     handles = []
     device = next(model.parameters()).device
+    batch_index = 0
 
     def hook_for(name: str, layer: nn.Linear):
         def accumulate(module, args):
             flat = args[0].reshape(-1, layer.in_features)
             if not torch.isfinite(flat).all():
                 raise VitslimError(f"non-finite (NaN/Inf) activations reach {name}; check the calibration images and the model's weights")
+            flat = token_rows(flat, fraction, batch_index)
             stats[name].gram += (flat.T @ flat).double()
             stats[name].tokens += flat.shape[0]
 
@@ -61,6 +89,7 @@ def collect_grams(model: nn.Module, linears: dict[str, nn.Linear], batches: Iter
             images = images_of(batch)
             model(images.to(device))
             images_seen += images.shape[0]
+            batch_index += 1
     finally:
         for handle in handles:
             handle.remove()

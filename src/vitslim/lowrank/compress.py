@@ -17,10 +17,10 @@ from torch import nn
 from vitslim.adapters import describe, prepare_for_replacement
 from vitslim.errors import VitslimError
 from vitslim.lowrank.allocation import LayerCost, LayerPlan, allocate, uniform
-from vitslim.lowrank.calibration import collect_grams
+from vitslim.lowrank.calibration import collect_grams, token_fraction
 from vitslim.lowrank.compensation import compensate
 from vitslim.lowrank.layers import LowRankLinear
-from vitslim.lowrank.sensitivity import FISHER_IMAGES, fisher_sensitivity
+from vitslim.lowrank.sensitivity import FISHER_IMAGES, fisher_channels
 from vitslim.lowrank.whitening import diagonal_scale, diagonal_spectrum, plain_spectrum, whitened_spectrum, whitening_factor
 from vitslim.metrics import count_params
 from vitslim.persist import record_step, register_step
@@ -86,11 +86,13 @@ def _energy(method: str, weight: torch.Tensor, gram: torch.Tensor | None) -> tor
     return torch.linalg.svdvals(matrix).square()
 
 
-def _layer_weights(model, linears, batches, sensitivity, images, progress) -> dict[str, float]:
+def _sensitivities(model, linears, batches, sensitivity, images, progress) -> dict[str, torch.Tensor]:
+    """Per-output-channel weights of each layer's error: measured (fisher), given per layer (a
+    dict of scalars), or none."""
     if isinstance(sensitivity, dict):
-        return sensitivity
+        return {name: torch.full((layer.out_features,), float(sensitivity.get(name, 1.0)), dtype=torch.float64) for name, layer in linears.items()}
     if sensitivity == "fisher":
-        return fisher_sensitivity(model, linears, batches, images=images, progress=progress)
+        return fisher_channels(model, linears, batches, images=images, progress=progress)
     return {}
 
 
@@ -106,6 +108,7 @@ def compress_lowrank(
     sensitivity: str | dict[str, float] | None = None,
     sensitivity_images: int | None = FISHER_IMAGES,
     compensation: bool | None = None,
+    weigh_channels: bool = True,
     min_images: int = 1,
     progress: bool = True,
 ) -> nn.Module:
@@ -143,20 +146,26 @@ def compress_lowrank(
         raise VitslimError(f"the budget of {target:,} parameters is below the {fixed:,} that stay dense (embeddings, norms, biases, head); raise it")
     # read more than once: statistics, then gradients and/or compensation
     batches = list(batches) if sensitivity == "fisher" or compensation else batches
-    grams = collect_grams(compressed, linears, batches, min_images=min_images, progress=progress) if method != "svd" else {}
-    weights = _layer_weights(compressed, linears, batches, sensitivity, sensitivity_images, progress)
-    spectra, costs = {}, []
+    spec = describe(compressed)
+    fraction = token_fraction(batches, spec.num_patches + spec.num_prefix_tokens) if isinstance(batches, list) else 1.0
+    grams = collect_grams(compressed, linears, batches, min_images=min_images, fraction=fraction, progress=progress) if method != "svd" else {}
+    spectra, energies = {}, {}
     for name, layer in linears.items():
         gram = grams.pop(name).gram if grams else None  # freed as soon as it is used
         if compensation:  # every factorised layer is refitted from scratch: only σ² is needed
-            energy = _energy(method, layer.weight.detach(), gram)
+            energies[name] = _energy(method, layer.weight.detach(), gram)
         else:
             spectra[name] = _spectrum(method, layer.weight.detach(), gram)
-            energy = spectra[name].energy
+            energies[name] = spectra[name].energy
+    # after the Gram matrices are gone: the backward pass keeps activations alive
+    channel_weights = _sensitivities(compressed, linears, batches, sensitivity, sensitivity_images, progress)
+    costs = []
+    for name, layer in linears.items():
         # the allocator scores σ² normalised by the layer's total; fisher weights undo that
         # normalisation so a component's score is the loss it removes, F_l · σ²_i
-        scale = float(energy.sum()) if sensitivity == "fisher" else 1.0
-        costs.append(LayerCost(name, layer.out_features, layer.in_features, energy, weights.get(name, 1.0) * scale))
+        scale = float(energies[name].sum()) if sensitivity == "fisher" else 1.0
+        weight = float(channel_weights[name].mean()) if name in channel_weights else 1.0
+        costs.append(LayerCost(name, layer.out_features, layer.in_features, energies[name], weight * scale))
     floor = sum(rank_multiple * cost.per_rank for cost in costs)
     if budget < floor:
         raise VitslimError(f"the budget of {target:,} parameters cannot give every layer even rank {rank_multiple}; raise it")
@@ -178,7 +187,8 @@ def compress_lowrank(
         _replace(compressed, plan.name, layer)
         ranks[plan.name] = plan.rank
     if compensation:
-        compensate(model, compressed, list(ranks), batches, progress=progress)
+        compensate(model, compressed, list(ranks), batches, output_weights=channel_weights if weigh_channels else None,
+                   fraction=fraction, progress=progress)
     record_step(compressed, {
         "method": STEP, "ranks": ranks, "factorisation": method, "allocation": allocation, "rank_multiple": rank_multiple,
         "sensitivity": sensitivity if isinstance(sensitivity, str) else "custom", "compensation": compensation,

@@ -26,7 +26,7 @@ from tqdm import tqdm
 from vitslim.adapters import describe
 from vitslim.lowrank.calibration import images_of
 
-FISHER_IMAGES = 64
+FISHER_IMAGES = 32
 CHUNK = 8
 
 
@@ -42,12 +42,13 @@ def _chunks(batches: Iterable, limit: int | None):
             yield chunk
 
 
-def fisher_sensitivity(model: nn.Module, linears: dict[str, nn.Linear], batches: Iterable, *, images: int | None = FISHER_IMAGES, progress: bool = True) -> dict[str, float]:
-    """Mean squared gradient of the pseudo-label loss per output element of each named Linear,
-    over the first ``images`` images of ``batches`` (all of them with ``None``)."""
+def fisher_channels(model: nn.Module, linears: dict[str, nn.Linear], batches: Iterable, *, images: int | None = FISHER_IMAGES, progress: bool = True) -> dict[str, torch.Tensor]:
+    """Mean squared gradient of the pseudo-label loss for each output channel of each named
+    Linear (float64, one value per output feature), over the first ``images`` images of
+    ``batches`` (all of them with ``None``)."""
     spec = describe(model)
-    sums = {name: 0.0 for name in linears}
-    elements = {name: 0 for name in linears}
+    sums = {name: torch.zeros(layer.out_features, dtype=torch.float64) for name, layer in linears.items()}
+    rows = {name: 0 for name in linears}
     handles = []
 
     def watch(name: str):
@@ -58,8 +59,9 @@ def fisher_sensitivity(model: nn.Module, linears: dict[str, nn.Linear], batches:
         return on_output
 
     def _add(name: str, grad: torch.Tensor) -> None:
-        sums[name] += float(grad.double().square().sum())
-        elements[name] += grad.numel()
+        flat = grad.detach().reshape(-1, grad.shape[-1])
+        sums[name] += flat.double().square().sum(0).cpu()
+        rows[name] += flat.shape[0]
 
     for name, layer in linears.items():
         handles.append(layer.register_forward_hook(watch(name)))
@@ -78,4 +80,10 @@ def fisher_sensitivity(model: nn.Module, linears: dict[str, nn.Linear], batches:
             handle.remove()
         model.zero_grad(set_to_none=True)
         model.train(was_training)
-    return {name: sums[name] / max(elements[name], 1) for name in linears}
+    return {name: sums[name] / max(rows[name], 1) for name in linears}
+
+
+def fisher_sensitivity(model: nn.Module, linears: dict[str, nn.Linear], batches: Iterable, *, images: int | None = FISHER_IMAGES, progress: bool = True) -> dict[str, float]:
+    """Mean squared gradient of the pseudo-label loss per output element of each named Linear
+    (the mean of ``fisher_channels`` over the layer's outputs)."""
+    return {name: float(values.mean()) for name, values in fisher_channels(model, linears, batches, images=images, progress=progress).items()}
