@@ -274,7 +274,7 @@ def test_fisher_chunks_cap_the_images_and_keep_their_order():
 
 
 def test_token_subsets_are_seeded_by_batch_and_capped():
-    from vitslim.lowrank.calibration import STAT_TOKENS, token_fraction, token_rows
+    from vitslim.lowrank.calibration import STAT_TOKENS, leading_batches, token_fraction, token_rows
 
     rows = torch.arange(100.0)[:, None].expand(100, 3)
     assert token_rows(rows, 1.0, 0) is rows
@@ -283,5 +283,7 @@ def test_token_subsets_are_seeded_by_batch_and_capped():
     assert not torch.equal(picked, token_rows(rows, 0.25, 8))
     assert picked[:, 0].unique().numel() == 25  # distinct tokens, no repeats
     batches = [torch.zeros(32, 3, 4, 4)] * 8
-    assert token_fraction(batches, 65) == 1.0  # 256 images x 65 tokens: every token
+    assert token_fraction(batches, 64) == 1.0  # 256 images x 64 tokens: every token
     assert token_fraction(batches, 197) * 256 * 197 == pytest.approx(STAT_TOKENS)
+    assert len(leading_batches(batches, 197)) == 3  # 3 x 32 x 197 >= STAT_TOKENS > 2 x 32 x 197
+    assert len(leading_batches(batches, 10)) == 8  # fewer tokens than the cap: every batch

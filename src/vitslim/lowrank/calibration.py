@@ -7,9 +7,10 @@ and one batch sums only a few thousand tokens) and added to the float64 total.
 
 Large models see many more tokens than a Gram matrix needs (ViT-B: 256 images × 197 tokens), and
 forming the products costs more than the forward pass itself, so compress_lowrank caps the tokens
-the statistics use at ``STAT_TOKENS`` per layer: a seeded random subset of each batch's tokens,
-the same positions wherever a batch is seen again (compensation pairs them across two models).
-Small calibration sets (the reference CIFAR ViT: 256 × 65) use every token.
+its statistics use at about ``STAT_TOKENS`` per layer: the allocation's Gram matrices come from
+the first images that hold that many tokens (``leading_batches``), and compensation, which must
+replay every image, uses a seeded random subset of each batch's tokens (``token_rows``), the same
+positions in both models. The reference CIFAR ViT (256 images × 65 tokens) keeps nearly all.
 """
 
 from __future__ import annotations
@@ -24,7 +25,18 @@ from tqdm import tqdm
 from vitslim.errors import VitslimError
 
 
-STAT_TOKENS = 24_576  # 8 samples per input feature of ViT-B's widest layer (fc2, 3072)
+STAT_TOKENS = 16_384  # over 5 samples per input feature of ViT-B's widest layer (fc2, 3072)
+
+
+def leading_batches(batches: list, tokens_per_image: int) -> list:
+    """The fewest leading batches that hold ``STAT_TOKENS`` tokens (all batches if they hold fewer)."""
+    taken, tokens = [], 0
+    for batch in batches:
+        if tokens >= STAT_TOKENS:
+            break
+        taken.append(batch)
+        tokens += images_of(batch).shape[0] * tokens_per_image
+    return taken
 
 
 def token_fraction(batches: list, tokens_per_image: int) -> float:

@@ -17,7 +17,7 @@ from torch import nn
 from vitslim.adapters import describe, prepare_for_replacement
 from vitslim.errors import VitslimError
 from vitslim.lowrank.allocation import LayerCost, LayerPlan, allocate, uniform
-from vitslim.lowrank.calibration import collect_grams, token_fraction
+from vitslim.lowrank.calibration import collect_grams, images_of, leading_batches, token_fraction
 from vitslim.lowrank.compensation import compensate
 from vitslim.lowrank.layers import LowRankLinear
 from vitslim.lowrank.sensitivity import FISHER_IMAGES, fisher_channels
@@ -147,8 +147,15 @@ def compress_lowrank(
     # read more than once: statistics, then gradients and/or compensation
     batches = list(batches) if sensitivity == "fisher" or compensation else batches
     spec = describe(compressed)
-    fraction = token_fraction(batches, spec.num_patches + spec.num_prefix_tokens) if isinstance(batches, list) else 1.0
-    grams = collect_grams(compressed, linears, batches, min_images=min_images, fraction=fraction, progress=progress) if method != "svd" else {}
+    fraction, statistics_batches = 1.0, batches
+    if isinstance(batches, list):  # else a single pass over a stream: every token of every image
+        images = sum(images_of(batch).shape[0] for batch in batches)
+        if images < min_images:
+            raise VitslimError(f"only {images} calibration images were given; at least {min_images} are needed")
+        tokens_per_image = spec.num_patches + spec.num_prefix_tokens
+        fraction, statistics_batches = token_fraction(batches, tokens_per_image), leading_batches(batches, tokens_per_image)
+    grams = collect_grams(compressed, linears, statistics_batches, min_images=min_images if statistics_batches is not batches else 1,
+                          progress=progress) if method != "svd" else {}
     spectra, energies = {}, {}
     for name, layer in linears.items():
         gram = grams.pop(name).gram if grams else None  # freed as soon as it is used
