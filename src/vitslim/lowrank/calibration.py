@@ -25,17 +25,18 @@ from tqdm import tqdm
 from vitslim.errors import VitslimError
 
 
-STAT_TOKENS = 16_384  # over 5 samples per input feature of ViT-B's widest layer (fc2, 3072)
+STAT_TOKENS = 12_288  # 4 samples per input feature of ViT-B's widest layer (fc2, 3072)
 
 
 def leading_batches(batches: list, tokens_per_image: int) -> list:
-    """The fewest leading batches that hold ``STAT_TOKENS`` tokens (all batches if they hold fewer)."""
-    taken, tokens = [], 0
+    """The leading images that hold ``STAT_TOKENS`` tokens, as batches (all if they hold fewer)."""
+    taken, wanted = [], -(-STAT_TOKENS // tokens_per_image)
     for batch in batches:
-        if tokens >= STAT_TOKENS:
+        if wanted <= 0:
             break
-        taken.append(batch)
-        tokens += images_of(batch).shape[0] * tokens_per_image
+        images = images_of(batch)[:wanted]
+        taken.append(images)
+        wanted -= images.shape[0]
     return taken
 
 

@@ -21,7 +21,7 @@ from vitslim.lowrank.calibration import collect_grams, images_of, leading_batche
 from vitslim.lowrank.compensation import compensate
 from vitslim.lowrank.layers import LowRankLinear
 from vitslim.lowrank.sensitivity import FISHER_IMAGES, fisher_channels
-from vitslim.lowrank.whitening import diagonal_scale, diagonal_spectrum, plain_spectrum, whitened_spectrum, whitening_factor
+from vitslim.lowrank.whitening import diagonal_scale, diagonal_spectrum, plain_spectrum, whitened_energy, whitened_spectrum
 from vitslim.metrics import count_params
 from vitslim.persist import record_step, register_step
 
@@ -78,8 +78,8 @@ def _energy(method: str, weight: torch.Tensor, gram: torch.Tensor | None) -> tor
     """σ² of ``_spectrum`` without its singular vectors: all the allocator needs when compensation
     refits every factorised layer anyway (faster, and nothing per layer is kept)."""
     if method == "whitened":
-        matrix = weight.double() @ whitening_factor(gram)[0]
-    elif method == "asvd":
+        return whitened_energy(weight, gram)
+    if method == "asvd":
         matrix = weight.double() * diagonal_scale(gram)
     else:
         matrix = weight.double()

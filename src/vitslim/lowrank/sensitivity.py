@@ -26,7 +26,7 @@ from tqdm import tqdm
 from vitslim.adapters import describe
 from vitslim.lowrank.calibration import images_of
 
-FISHER_IMAGES = 32
+FISHER_IMAGES = 16
 CHUNK = 8
 
 

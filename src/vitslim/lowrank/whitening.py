@@ -48,6 +48,13 @@ class WhitenedSpectrum:
         return up, down
 
 
+def _regularised(gram: torch.Tensor, ridge: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """(G + λI, λ) with λ = ridge · mean(diag G), in float64."""
+    gram = gram.double()
+    ridge_value = ridge * gram.diagonal().mean().clamp_min(torch.finfo(torch.float64).tiny)
+    return gram + ridge_value * torch.eye(gram.shape[0], dtype=gram.dtype, device=gram.device), ridge_value
+
+
 def whitening_factor(gram: torch.Tensor, ridge: float = DEFAULT_RIDGE) -> tuple[torch.Tensor, torch.Tensor]:
     """(L, L⁻¹) with L Lᵀ = G + λI, λ = ridge · mean(diag G).
 
@@ -56,11 +63,8 @@ def whitening_factor(gram: torch.Tensor, ridge: float = DEFAULT_RIDGE) -> tuple[
     """
     if not torch.isfinite(gram).all():
         raise ValueError("the Gram matrix holds NaN or Inf: the calibration activations were not finite")
-    gram = gram.double()
     size = gram.shape[0]
-    scale = gram.diagonal().mean().clamp_min(torch.finfo(torch.float64).tiny)
-    ridge_value = ridge * scale
-    regularised = gram + ridge_value * torch.eye(size, dtype=gram.dtype, device=gram.device)
+    regularised, ridge_value = _regularised(gram, ridge)
     factor, info = torch.linalg.cholesky_ex(regularised)
     if int(info) == 0:
         inverse = torch.linalg.solve_triangular(factor, torch.eye(size, dtype=gram.dtype, device=gram.device), upper=False)
@@ -76,6 +80,20 @@ def whitened_spectrum(weight: torch.Tensor, gram: torch.Tensor, ridge: float = D
     factor, inverse = whitening_factor(gram, ridge)
     U, S, Vh = torch.linalg.svd(weight.double() @ factor, full_matrices=False)
     return WhitenedSpectrum(U=U, S=S, Vh=Vh, L_inv=inverse)
+
+
+def whitened_energy(weight: torch.Tensor, gram: torch.Tensor, ridge: float = DEFAULT_RIDGE) -> torch.Tensor:
+    """σ² of ``whitened_spectrum`` (descending) from the smaller side's eigenvalues: W G Wᵀ
+    when the layer has fewer outputs than inputs, else Lᵀ WᵀW L with the (small) input factor.
+    No SVD and, for wide-input layers (fc2), no factorisation of the large Gram matrix."""
+    weight = weight.double()
+    if weight.shape[0] <= weight.shape[1]:
+        regularised, _ = _regularised(gram, ridge)
+        product = weight @ regularised @ weight.T
+    else:
+        whitened = weight @ whitening_factor(gram, ridge)[0]
+        product = whitened.T @ whitened
+    return torch.linalg.eigvalsh((product + product.T) / 2).flip(0).clamp_min(0)
 
 
 def plain_spectrum(weight: torch.Tensor) -> WhitenedSpectrum:
