@@ -150,7 +150,7 @@ def compress_lowrank(
     fraction, statistics_batches = 1.0, batches
     if isinstance(batches, list):  # else a single pass over a stream: every token of every image
         images = sum(images_of(batch).shape[0] for batch in batches)
-        if images < min_images:
+        if images < min_images and (method != "svd" or compensation or sensitivity == "fisher"):  # plain SVD reads no activations
             raise VitslimError(f"only {images} calibration images were given; at least {min_images} are needed")
         tokens_per_image = spec.num_patches + spec.num_prefix_tokens
         fraction, statistics_batches = token_fraction(batches, tokens_per_image), leading_batches(batches, tokens_per_image)
