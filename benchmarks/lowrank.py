@@ -110,6 +110,7 @@ def write(out: Path, rows: list[dict], args) -> None:
     axis.grid(alpha=0.3)
     fig.tight_layout()
     fig.savefig(out / "results.png", dpi=120)
+    plt.close(fig)
     print(f"wrote {out / 'results.md'}")
 
 
