@@ -79,7 +79,7 @@ def _config_json(family: str, architecture: dict, preprocessing: Preprocessing, 
     return {"family": family, "note": "plain PyTorch model; reload with vitslim.load_model(folder, skeleton=...)"}
 
 
-def _unique_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
+def unique_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
     """State dict with shared storage written once (safetensors refuses aliased tensors)."""
     tensors, seen = {}, set()
     for name, tensor in model.state_dict().items():
@@ -122,7 +122,7 @@ def save(model: nn.Module, folder: str | os.PathLike, *, extra: dict | None = No
     }
 
     def fill(staging: Path) -> None:
-        safetensors.torch.save_file(_unique_state_dict(model), str(staging / WEIGHTS_FILE), metadata={"format": "pt"})
+        safetensors.torch.save_file(unique_state_dict(model), str(staging / WEIGHTS_FILE), metadata={"format": "pt"})
         (staging / RECIPE_FILE).write_text(json.dumps(recipe, indent=2))
         (staging / CONFIG_FILE).write_text(json.dumps(_config_json(family.FAMILY, architecture, spec.preprocessing, spec.label_names), indent=2))
 

@@ -21,7 +21,7 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
-from vitslim.adapters import FAMILIES, prepare_for_replacement
+from vitslim.adapters import FAMILIES, prepare_for_replacement, replace_submodule
 from vitslim.adapters.base import is_linear
 from vitslim.errors import VitslimError
 from vitslim.persist import record_step, register_step
@@ -79,11 +79,6 @@ class Int8Linear(nn.Module):
         return f"in_features={self.in_features}, out_features={self.out_features}, bias={self.bias is not None}, int8 per-channel"
 
 
-def _parent(model: nn.Module, name: str) -> tuple[nn.Module, str]:
-    parent_name, _, child = name.rpartition(".")
-    return (model.get_submodule(parent_name) if parent_name else model), child
-
-
 def _kept_dense(model: nn.Module) -> set[int]:
     """Linears that must stay ``nn.Linear``, by id.
 
@@ -120,8 +115,7 @@ def _replace_all(model: nn.Module, names: list[str], make) -> None:
         module = model.get_submodule(name)
         if id(module) not in made:
             made[id(module)] = make(name, module)
-        parent, child = _parent(model, name)
-        setattr(parent, child, made[id(module)])
+        replace_submodule(model, name, made[id(module)])
 
 
 def quantize_int8(model: nn.Module) -> nn.Module:

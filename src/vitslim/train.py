@@ -41,7 +41,7 @@ from vitslim import data as imagedata
 from vitslim.adapters import describe
 from vitslim.atomic import atomic_folder
 from vitslim.errors import VitslimError
-from vitslim.persist import _unique_state_dict, load_state_strict, load_weights, read_json
+from vitslim.persist import load_state_strict, load_weights, read_json, unique_state_dict
 
 logger = logging.getLogger("vitslim")
 
@@ -366,7 +366,7 @@ def _save(folder: Path, epoch: int, step: int, student: nn.Module, optimizer: to
     }
 
     def fill(staging: Path) -> None:
-        safetensors.torch.save_file(_unique_state_dict(student), str(staging / STUDENT_FILE), metadata={"format": "pt"})
+        safetensors.torch.save_file(unique_state_dict(student), str(staging / STUDENT_FILE), metadata={"format": "pt"})
         safetensors.torch.save_file(tensors, str(staging / OPTIMIZER_FILE), metadata={"format": "pt"})
         (staging / STATE_FILE).write_text(json.dumps(state, indent=2))  # last: marks the folder complete
 

@@ -44,6 +44,12 @@ def prepare_for_replacement(model: nn.Module, part: nn.Module | None = None) -> 
         prepare(model if part is None else part)
 
 
+def replace_submodule(model: nn.Module, name: str, module: nn.Module) -> None:
+    """Put ``module`` where the qualified ``name`` points inside ``model``."""
+    parent_name, _, child = name.rpartition(".")
+    setattr(model.get_submodule(parent_name) if parent_name else model, child, module)
+
+
 def describe(model: nn.Module, preprocessing: Preprocessing | None = None, **hints) -> ViTSpec:
     """The structure and preprocessing of ``model`` that compression methods rely on."""
     return family_of(model).describe(model, preprocessing, **hints)

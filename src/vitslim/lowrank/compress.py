@@ -14,7 +14,7 @@ from collections.abc import Iterable
 import torch
 from torch import nn
 
-from vitslim.adapters import describe, prepare_for_replacement
+from vitslim.adapters import describe, prepare_for_replacement, replace_submodule
 from vitslim.errors import VitslimError
 from vitslim.lowrank.allocation import LayerCost, LayerPlan, allocate, uniform
 from vitslim.lowrank.calibration import collect_grams, images_of, leading_batches, token_fraction
@@ -52,18 +52,13 @@ def target_params(model: nn.Module, *, param_ratio: float | None, params: int | 
     return int(params)
 
 
-def _replace(model: nn.Module, name: str, layer: nn.Module) -> None:
-    parent_name, _, child = name.rpartition(".")
-    setattr(model.get_submodule(parent_name) if parent_name else model, child, layer)
-
-
 @register_step(STEP)
 def _rebuild(model: nn.Module, step: dict) -> None:
     """Recipe replay: give each named Linear its factorised shape (weights are loaded after)."""
     prepare_for_replacement(model)
     for name, rank in step["ranks"].items():
         dense = model.get_submodule(name)
-        _replace(model, name, LowRankLinear(dense.in_features, dense.out_features, rank, bias=dense.bias is not None))
+        replace_submodule(model, name, LowRankLinear(dense.in_features, dense.out_features, rank, bias=dense.bias is not None))
 
 
 def _spectrum(method: str, weight: torch.Tensor, gram: torch.Tensor | None):
@@ -191,7 +186,7 @@ def compress_lowrank(
                 layer.up.bias.data.copy_(bias)
         else:
             layer = LowRankLinear.from_factors(*spectra.pop(plan.name).factors(plan.rank), bias, dtype=dense.weight.dtype)
-        _replace(compressed, plan.name, layer)
+        replace_submodule(compressed, plan.name, layer)
         ranks[plan.name] = plan.rank
     if compensation:
         compensate(model, compressed, list(ranks), batches, output_weights=channel_weights if weigh_channels else None,
