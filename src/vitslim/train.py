@@ -161,7 +161,7 @@ def distill(
                 if images is None:  # every image of the batch was unreadable
                     continue
                 for group in optimizer.param_groups:
-                    group["lr"] = _learning_rate(epoch * steps_per_epoch + position, lr, warmup_steps, total_steps)
+                    group["lr"] = group["lr_scale"] * _learning_rate(epoch * steps_per_epoch + position, lr, warmup_steps, total_steps)
                 images = images.to(device, non_blocking=True)
                 autocast = torch.autocast("cuda", dtype=torch.bfloat16) if use_bf16 else contextlib.nullcontext()
                 with autocast:
@@ -325,18 +325,28 @@ def _epoch_seed(seed: int, epoch: int) -> int:
     return (seed * _SEED_STRIDE + epoch) % (2**63)
 
 
+LR_SCALE_ATTR = "vitslim_lr_scale"
+
+
 def _optimizer(student: nn.Module, lr: float, weight_decay: float) -> tuple[torch.optim.AdamW, list[str]]:
-    """AdamW with two groups (decayed, not decayed); also the parameter names in optimizer order."""
+    """AdamW with one group per (weight decay, learning-rate scale); also the parameter names in
+    optimizer order. A parameter carrying a ``vitslim_lr_scale`` attribute (pruning gates, which
+    must travel much further than the weights in a short fine-tune) runs at ``lr`` times that
+    scale and without weight decay."""
     skip = getattr(student, "no_weight_decay", None)
     skip = set(skip()) if callable(skip) else set()
-    decay, no_decay = [], []
+    grouped: dict[tuple[float, float], list[tuple[str, nn.Parameter]]] = {}
     for name, parameter in student.named_parameters():
-        if parameter.requires_grad:
-            (no_decay if parameter.ndim <= 1 or name in skip else decay).append((name, parameter))
-    if not decay and not no_decay:
+        if not parameter.requires_grad:
+            continue
+        scale = float(getattr(parameter, LR_SCALE_ATTR, 1.0))
+        decayed = parameter.ndim > 1 and name not in skip and scale == 1.0
+        grouped.setdefault((weight_decay if decayed else 0.0, scale), []).append((name, parameter))
+    if not grouped:
         raise VitslimError("the student has no trainable parameters (all have requires_grad=False)")
-    groups = [{"params": [p for _, p in g], "weight_decay": wd} for g, wd in ((decay, weight_decay), (no_decay, 0.0)) if g]
-    names = [name for g in (decay, no_decay) for name, _ in g]
+    keys = sorted(grouped, key=lambda key: (-key[0], key[1]))
+    groups = [{"params": [p for _, p in grouped[key]], "weight_decay": key[0], "lr_scale": key[1]} for key in keys]
+    names = [name for key in keys for name, _ in grouped[key]]
     return torch.optim.AdamW(groups, lr=lr), names
 
 
