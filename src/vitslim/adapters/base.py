@@ -115,6 +115,7 @@ class ViTSpec:
     num_classes: int
     label_names: list[str] | None = None
     prefix_kinds: dict[str, int] = field(default_factory=dict)  # e.g. {"class": 1, "register": 4}
+    batch_first: bool = True  # blocks take (batch, tokens, dim); torch.nn encoders may take (tokens, batch, dim)
 
     @property
     def num_patches(self) -> int:
@@ -153,3 +154,13 @@ def logits_of(output) -> torch.Tensor:
 # A loaded model carries its preprocessing in this plain attribute (not a buffer, not in the
 # state dict), so that describe() knows it for families whose modules do not (HF, torch.nn).
 PREPROCESSING_ATTR = "vitslim_preprocessing"
+
+
+def add_bias(mask: torch.Tensor | None, bias: torch.Tensor) -> torch.Tensor:
+    """An additive attention bias on top of whatever mask the caller already passed (a boolean
+    mask means "may attend", as in ``scaled_dot_product_attention``)."""
+    if mask is None:
+        return bias
+    if mask.dtype == torch.bool:
+        mask = torch.zeros(mask.shape, dtype=bias.dtype, device=bias.device).masked_fill(~mask, float("-inf"))
+    return mask + bias

@@ -8,6 +8,7 @@ built, so vitslim works without it for the other families.
 
 from __future__ import annotations
 
+import inspect
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -24,6 +25,7 @@ from vitslim.adapters.base import (
     MlpSpec,
     Preprocessing,
     ViTSpec,
+    add_bias,
 )
 from vitslim.errors import VitslimError
 
@@ -290,3 +292,44 @@ def read_preprocessing(source: Path, channels: int) -> Preprocessing:
         crop_pct=crop[0] / size[0],
         crop_mode="center" if isinstance(resize, dict) and "shortest_edge" in resize else "squash",
     )
+
+
+def add_attention_bias(attention: AttentionSpec, args: tuple, kwargs: dict, bias: torch.Tensor) -> tuple[tuple, dict]:
+    """transformers 5's ``ViTAttention.forward(hidden_states, attention_mask=None)`` adds
+    ``attention_mask`` to the attention logits (eager) or hands it to SDPA; ``ViTLayer`` passes it
+    positionally. transformers 4's ViT attention takes no mask at all."""
+    if "attention_mask" not in inspect.signature(attention.module.forward).parameters:
+        raise VitslimError(
+            "this transformers version's ViT attention takes no attention mask, which token merging needs for "
+            "proportional attention; upgrade to transformers 5"
+        )
+    if len(args) > 1:
+        return (args[0], add_bias(args[1], bias), *args[2:]), kwargs
+    return args, {**kwargs, "attention_mask": add_bias(kwargs.get("attention_mask"), bias)}
+
+
+def resize_attention(attention: AttentionSpec, head_dim: int, original_head_dim: int) -> None:
+    """Set the per-head width after the q/k/v/o projections were cut to ``head_dim``.
+
+    transformers 5's ``ViTAttention`` reshapes by ``head_dim`` and scales logits by ``scaling``;
+    4.x's ``ViTSelfAttention`` (inside ``ViTAttention.attention``) reshapes by
+    ``attention_head_size`` and ``all_head_size`` and, depending on the release, scales by
+    ``scaling`` or by ``attention_head_size`` directly.
+    """
+    module = attention.module
+    inner = getattr(module, "attention", None)
+    if hasattr(module, "head_dim") and hasattr(module, "scaling"):
+        target, current = module, module.head_dim
+    elif inner is not None and hasattr(inner, "attention_head_size"):
+        target, current = inner, inner.attention_head_size
+    else:
+        raise VitslimError(f"{type(module).__name__} keeps its head width in attributes vitslim does not know; this transformers version cannot be channel-pruned")
+    if current != original_head_dim:
+        raise VitslimError(f"Hugging Face attention has head width {current}, not the {original_head_dim} expected; the model and its recipe disagree")
+    if target is module:
+        module.head_dim = head_dim
+    else:
+        inner.attention_head_size = head_dim
+        inner.all_head_size = attention.num_heads * head_dim
+    if hasattr(target, "scaling"):
+        target.scaling = head_dim**-0.5

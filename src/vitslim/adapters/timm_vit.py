@@ -6,6 +6,7 @@ Reads only public structure: ``blocks[i].attn.qkv/proj``, ``blocks[i].mlp.fc1/fc
 
 from __future__ import annotations
 
+import torch
 from torch import nn
 
 from vitslim.adapters.base import (
@@ -15,6 +16,7 @@ from vitslim.adapters.base import (
     MlpSpec,
     Preprocessing,
     ViTSpec,
+    add_bias,
     is_linear,
 )
 from vitslim.errors import VitslimError
@@ -143,3 +145,50 @@ def build(record: dict) -> nn.Module:
     model = timm.create_model(record["architecture"], pretrained=False, num_classes=record["num_classes"], **record.get("model_args", {}))
     setattr(model, TIMM_CONFIG_ATTR, dict(record))
     return model.eval()
+
+
+def add_attention_bias(attention: AttentionSpec, args: tuple, kwargs: dict, bias: torch.Tensor) -> tuple[tuple, dict]:
+    """timm's ``Attention.forward(x, attn_mask=None, ...)`` hands ``attn_mask`` to
+    ``scaled_dot_product_attention`` as an additive mask; ``Block`` passes it by keyword."""
+    if len(args) > 1:
+        return (args[0], add_bias(args[1], bias), *args[2:]), kwargs
+    return args, {**kwargs, "attn_mask": add_bias(kwargs.get("attn_mask"), bias)}
+
+
+def resize_attention(attention: AttentionSpec, head_dim: int, original_head_dim: int) -> None:
+    """Set a timm ``Attention``'s per-head width after its projections were cut to ``head_dim``:
+    its forward reshapes q, k, v by ``head_dim`` and ``attn_dim`` and scales logits by ``scale``
+    (the fused path lets SDPA derive the same scale from q's width)."""
+    attn = attention.module
+    if attn.head_dim != original_head_dim:
+        raise VitslimError(f"timm attention has head width {attn.head_dim}, not the {original_head_dim} expected; the model and its recipe disagree")
+    attn.head_dim = head_dim
+    attn.attn_dim = attn.num_heads * head_dim
+    attn.scale = head_dim**-0.5
+
+
+def channel_pruning_obstacles(block: BlockSpec) -> dict[str, str]:
+    """Why masking and slicing channels would change what a block computes, by part ("attention",
+    "mlp"): a norm over the head width or the hidden units sees every channel, pruned or not."""
+    from timm.models.vision_transformer import Attention
+
+    found = {}
+    attn = block.attention.module
+    if type(attn) is not Attention:
+        found["attention"] = f"{type(attn).__name__} is not timm's Attention, whose head width vitslim knows how to change"
+    elif not (isinstance(attn.q_norm, nn.Identity) and isinstance(attn.k_norm, nn.Identity)):
+        found["attention"] = "q/k norm normalises over the whole head width"
+    elif not isinstance(getattr(attn, "norm", nn.Identity()), nn.Identity):
+        found["attention"] = "the attention output norm (scale_norm) normalises over all heads' channels"
+    elif getattr(attn, "gate", None) is not None:
+        found["attention"] = "the gated attention output has its own projection over all heads' channels"
+    norm = getattr(block.module.mlp, "norm", None)
+    if norm is not None and not isinstance(norm, nn.Identity):
+        found["mlp"] = "the MLP normalises over all hidden units between fc1 and fc2"
+    return found
+
+
+def pin_architecture(model: nn.Module) -> None:
+    """Remember the constructor arguments while the modules still show them: ``architecture``
+    reads ``mlp_ratio`` off the first block, which a sliced MLP would misstate."""
+    setattr(model, TIMM_CONFIG_ATTR, architecture(model))

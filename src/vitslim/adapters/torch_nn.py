@@ -21,6 +21,7 @@ from vitslim.adapters.base import (
     MlpSpec,
     Preprocessing,
     ViTSpec,
+    add_bias,
     is_linear,
 )
 from vitslim.errors import VitslimError
@@ -190,6 +191,7 @@ def describe(
         embed_dim=embed_dim,
         num_classes=_head(model, layers).out_features,
         prefix_kinds={"class": prefix} if prefix else {},
+        batch_first=bool(layers[0].self_attn.batch_first),
     )
 
 
@@ -236,3 +238,18 @@ def prepare_for_replacement(model: nn.Module) -> None:
             module.activation_relu_or_gelu = 0
         elif isinstance(module, nn.TransformerEncoder):
             module.use_nested_tensor = False
+
+
+def add_attention_bias(attention: AttentionSpec, args: tuple, kwargs: dict, bias: torch.Tensor) -> tuple[tuple, dict]:
+    """``nn.MultiheadAttention`` takes a float ``attn_mask`` of shape (batch·heads, L, S); the
+    encoder layer passes it by keyword."""
+    batch, _, _, keys = bias.shape
+    expanded = bias.expand(batch, attention.num_heads, keys, keys).reshape(batch * attention.num_heads, keys, keys)
+    return args, {**kwargs, "attn_mask": add_bias(kwargs.get("attn_mask"), expanded)}
+
+
+def resize_attention(attention: AttentionSpec, head_dim: int, original_head_dim: int) -> None:
+    raise VitslimError(
+        f"a packed nn.MultiheadAttention cannot change its head width ({original_head_dim} to {head_dim}): it reads "
+        "in_proj_weight directly and derives the width from embed_dim / num_heads"
+    )

@@ -1,0 +1,201 @@
+"""Token merging inside any supported ViT, through hooks rather than copies of its forward methods.
+
+Four narrow hooks do all of it: the model's forward pre-hook starts a fresh ``TokenMap``; at a
+merging block, a hook on the key projection keeps the keys (the similarity metric) and a forward
+hook on the block merges its output tokens, so every later block runs on fewer tokens; and every
+attention module gets a pre-hook that adds proportional attention (``log size``) to the mask its
+caller passes, in the form the family's adapter knows (``add_attention_bias``). Nothing of the
+model is replaced, so ``remove_token_merging`` gives back the original behaviour exactly.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from vitslim.adapters import describe, family_of
+from vitslim.adapters.base import AttentionSpec, ViTSpec
+from vitslim.cait.merging import TokenMap, atme_merge, attention_bias, tome_merge
+from vitslim.errors import VitslimError
+from vitslim.persist import STEPS_ATTR, record_step, register_step
+
+MERGING_ATTR = "vitslim_merging"
+STEP = "merging"
+METHODS = ("atme", "tome")
+
+
+@dataclass(frozen=True)
+class MergeSchedule:
+    """Which blocks merge, how many tokens, and (ATME) the destination sub-grid's level.
+
+    ``steps`` holds ``(block, r, level)``: after block ``block``, ``r`` tokens are merged away
+    (``merging.sub_grid`` gives a level's grid; ToMe ignores it).
+    """
+
+    method: str
+    steps: tuple[tuple[int, int, int], ...]
+
+    def __post_init__(self) -> None:
+        if self.method not in METHODS:
+            raise VitslimError(f"unknown token merging method {self.method!r}; choose one of {', '.join(METHODS)}")
+        blocks = [block for block, _, _ in self.steps]
+        if blocks != sorted(set(blocks)):
+            raise VitslimError("a merge schedule names each block at most once, in order")
+        for block, r, level in self.steps:
+            if r < 0 or level < 1:
+                raise VitslimError(f"block {block}: merge counts are ≥ 0 and levels ≥ 1 (got r={r}, level={level})")
+        levels = [level for _, _, level in self.steps]
+        if self.method == "atme" and levels != sorted(levels):
+            raise VitslimError("ATME levels must not decrease along the network (destinations must persist)")
+
+    @property
+    def merged(self) -> int:
+        return sum(r for _, r, _ in self.steps)
+
+    def as_dict(self) -> dict:
+        return {"method": self.method, "steps": [list(step) for step in self.steps]}
+
+    @classmethod
+    def from_dict(cls, data: dict) -> "MergeSchedule":
+        return cls(str(data["method"]), tuple(tuple(int(v) for v in step) for step in data["steps"]))
+
+
+@dataclass
+class _Merger:
+    """The hooks' shared state for one patched model."""
+
+    spec: ViTSpec
+    schedule: MergeSchedule
+    handles: list = field(default_factory=list)
+    token_map: TokenMap | None = None
+    keys: torch.Tensor | None = None
+
+    def start(self, module, args) -> None:
+        self.token_map, self.keys = None, None
+
+    def add_bias(self, attention: AttentionSpec):
+        family = family_of(self.spec.model)
+
+        def hook(module, args, kwargs):
+            if self.token_map is None or not self.token_map.merged:
+                return None
+            return family.add_attention_bias(attention, args, kwargs, attention_bias(self.token_map))
+
+        return hook
+
+    def _tokens_first(self, tensor: torch.Tensor) -> torch.Tensor:
+        return tensor if self.spec.batch_first else tensor.transpose(0, 1)
+
+    def keep_keys(self, attention: AttentionSpec):
+        """A hook that stores the block's keys, averaged over heads, as ``(B, N, head_dim)``."""
+        heads = attention.num_heads
+
+        def mean_over_heads(keys: torch.Tensor) -> torch.Tensor:
+            keys = self._tokens_first(keys)
+            return keys.reshape(*keys.shape[:2], heads, -1).mean(2)
+
+        if attention.layout == "qkv":
+            def from_qkv(module, args, output):
+                width = output.shape[-1] // 3
+                self.keys = mean_over_heads(output[..., width: 2 * width])
+            return attention.qkv, from_qkv, False
+        if attention.layout == "separate":
+            def from_k(module, args, output):
+                self.keys = mean_over_heads(output)
+            return attention.k, from_k, False
+        packed = attention.packed
+
+        def from_packed(module, args, kwargs):  # nn.MultiheadAttention never calls a k module
+            query = args[0] if args else kwargs["query"]
+            width = packed.embed_dim
+            bias = packed.in_proj_bias[width: 2 * width] if packed.in_proj_bias is not None else None
+            self.keys = mean_over_heads(F.linear(query, packed.in_proj_weight[width: 2 * width], bias))
+        return packed, from_packed, True
+
+    def merge_after(self, r: int, level: int):
+        prefix, grid = self.spec.num_prefix_tokens, self.spec.grid_size
+
+        def hook(module, args, output):
+            tokens = self._tokens_first(output[0] if isinstance(output, tuple) else output)
+            if self.token_map is None:
+                if tokens.shape[1] != prefix + grid[0] * grid[1]:
+                    raise VitslimError(
+                        f"token merging was planned for {prefix} prefix tokens and a {grid[0]}x{grid[1]} grid, but a block "
+                        f"sees {tokens.shape[1]} tokens; feed images of the model's input size"
+                    )
+                self.token_map = TokenMap.identity(tokens.shape[0], grid, prefix, tokens.device, tokens.dtype)
+            if self.schedule.method == "atme":
+                merged, self.token_map = atme_merge(tokens, self.keys, self.token_map, r, level)
+            else:
+                merged, self.token_map = tome_merge(tokens, self.keys, self.token_map, r)
+            self.keys = None
+            merged = self._tokens_first(merged)
+            return (merged, *output[1:]) if isinstance(output, tuple) else merged
+
+        return hook
+
+
+def apply_token_merging(model: nn.Module, schedule: MergeSchedule, *, record: bool = True) -> nn.Module:
+    """Patch ``model`` in place to merge tokens on ``schedule``; returns it.
+
+    Prefix tokens (class, distillation, registers) are never merged. After a forward pass,
+    ``token_map(model)`` says where every original patch went (see ``merging.unmerge``).
+    """
+    if getattr(model, MERGING_ATTR, None) is not None:
+        raise VitslimError("this model already merges tokens; remove_token_merging(model) first")
+    spec = describe(model)
+    depth = len(spec.blocks)
+    for block, _, _ in schedule.steps:
+        if not 0 <= block < depth:
+            raise VitslimError(f"the merge schedule names block {block}, but the model has blocks 0-{depth - 1}")
+    from vitslim.cait.schedule import check_schedule
+
+    check_schedule(schedule, spec.grid_size, spec.num_prefix_tokens)
+    merger = _Merger(spec, schedule)
+    merger.handles.append(model.register_forward_pre_hook(merger.start))
+    for block in spec.blocks:
+        merger.handles.append(block.attention.module.register_forward_pre_hook(merger.add_bias(block.attention), with_kwargs=True))
+    for index, r, level in schedule.steps:
+        block = spec.blocks[index]
+        module, hook, before = merger.keep_keys(block.attention)
+        if before:
+            merger.handles.append(module.register_forward_pre_hook(hook, with_kwargs=True))
+        else:
+            merger.handles.append(module.register_forward_hook(hook))
+        merger.handles.append(block.module.register_forward_hook(merger.merge_after(r, level)))
+    object.__setattr__(model, MERGING_ATTR, merger)  # a plain attribute: not a module, not in the state dict
+    if record:
+        record_step(model, {"method": STEP, "schedule": schedule.as_dict()})
+    return model
+
+
+def remove_token_merging(model: nn.Module) -> nn.Module:
+    """Undo ``apply_token_merging``: hooks removed, recipe step dropped, original behaviour back."""
+    merger = getattr(model, MERGING_ATTR, None)
+    if merger is None:
+        raise VitslimError("this model does not merge tokens")
+    for handle in merger.handles:
+        handle.remove()
+    delattr(model, MERGING_ATTR)
+    steps = [step for step in getattr(model, STEPS_ATTR, []) if step.get("method") != STEP]
+    setattr(model, STEPS_ATTR, steps)
+    return model
+
+
+def merge_schedule(model: nn.Module) -> MergeSchedule | None:
+    merger = getattr(model, MERGING_ATTR, None)
+    return None if merger is None else merger.schedule
+
+
+def token_map(model: nn.Module) -> TokenMap | None:
+    """Where the last forward pass put every patch (None before any merge happened)."""
+    merger = getattr(model, MERGING_ATTR, None)
+    return None if merger is None else merger.token_map
+
+
+@register_step(STEP)
+def _rebuild(model: nn.Module, step: dict) -> None:
+    apply_token_merging(model, MergeSchedule.from_dict(step["schedule"]), record=False)

@@ -1,0 +1,129 @@
+"""Merge schedules: how many tokens each block merges, and what that saves.
+
+A schedule is planned from one number, the mean tokens merged per block, spread over the blocks
+from ``start`` to the second-to-last by cumulative rounding (so fractional rates are honoured on
+average). ATME starts at sub-grid level 1 (every other column holds destinations) and moves to
+a coarser level only when no token is left off the current one. The cost model counts each
+block's matmuls (linear layers per token, attention per token pair) from the layer shapes, so a
+target speed-up can be turned into a schedule before anything is measured.
+"""
+
+from __future__ import annotations
+
+import math
+
+from vitslim.adapters.base import BlockSpec, ViTSpec
+from vitslim.cait.merging import sub_grid
+from vitslim.cait.patch import MergeSchedule
+from vitslim.errors import VitslimError
+
+def destinations(grid: tuple[int, int], level: int) -> int:
+    rows, cols = sub_grid(level)
+    return math.ceil(grid[0] / rows) * math.ceil(grid[1] / cols)
+
+
+def mergeable(method: str, patches: int, grid: tuple[int, int], level: int) -> int:
+    """Tokens one block can merge away with ``patches`` patch tokens left."""
+    if method == "tome":
+        return patches // 2
+    return max(patches - destinations(grid, level), 0)
+
+
+def _top_level(grid: tuple[int, int]) -> int:
+    """The first level whose sub-grid holds a single destination."""
+    level = 1
+    while destinations(grid, level) > 1:
+        level += 1
+    return level
+
+
+def check_schedule(schedule: MergeSchedule, grid: tuple[int, int], prefix: int) -> None:
+    """Refuse a schedule that merges more tokens than a block can offer."""
+    patches = grid[0] * grid[1]
+    for block, r, level in schedule.steps:
+        available = mergeable(schedule.method, patches, grid, level)
+        if r > available:
+            raise VitslimError(
+                f"block {block} would merge {r} tokens, but only {available} of its {patches} patch tokens can merge"
+                + (f" at level {level}" if schedule.method == "atme" else "")
+            )
+        patches -= r
+
+
+def plan(method: str, grid: tuple[int, int], depth: int, per_block: float, *, start: int = 0) -> MergeSchedule:
+    """Merge ``per_block`` tokens per block on average, from block ``start`` to block depth-2."""
+    if per_block < 0:
+        raise VitslimError("tokens merged per block must be ≥ 0")
+    patches, merged, level = grid[0] * grid[1], 0, 1
+    steps = []
+    for position, block in enumerate(range(start, depth - 1)):
+        wanted = round((position + 1) * per_block) - merged
+        if method == "atme":
+            while mergeable(method, patches, grid, level) == 0 and level < _top_level(grid):
+                level += 1
+        r = min(wanted, mergeable(method, patches, grid, level))
+        if r > 0:
+            steps.append((block, r, level if method == "atme" else 1))
+            patches -= r
+            merged += r
+    return MergeSchedule(method, tuple(steps))
+
+
+def tokens_per_block(schedule: MergeSchedule | None, spec: ViTSpec) -> list[int]:
+    """The number of tokens each block processes under ``schedule``."""
+    tokens = spec.num_prefix_tokens + spec.num_patches
+    merges = {block: r for block, r, _ in schedule.steps} if schedule else {}
+    counts = []
+    for index in range(len(spec.blocks)):
+        counts.append(tokens)
+        tokens -= merges.get(index, 0)
+    return counts
+
+
+def _linear_flops(layer) -> int:
+    return 2 * layer.in_features * layer.out_features
+
+
+def block_cost(block: BlockSpec) -> tuple[int, int]:
+    """(FLOPs per token, FLOPs per token pair) of one block's matmuls."""
+    attention = block.attention
+    if attention.layout == "qkv":
+        projections = _linear_flops(attention.qkv)
+    elif attention.layout == "separate":
+        projections = sum(_linear_flops(layer) for layer in (attention.q, attention.k, attention.v))
+    else:
+        projections = 2 * attention.packed.in_proj_weight.numel()
+    per_token = projections + _linear_flops(attention.out_proj) + _linear_flops(block.mlp.fc1) + _linear_flops(block.mlp.fc2)
+    per_pair = 2 * 2 * attention.num_heads * attention.head_dim  # scores, then the weighted sum
+    return per_token, per_pair
+
+
+def blocks_flops(spec: ViTSpec, tokens: list[int]) -> int:
+    return sum(per_token * n + per_pair * n * n for (per_token, per_pair), n in zip(map(block_cost, spec.blocks), tokens))
+
+
+def predicted_speedup(spec: ViTSpec, schedule: MergeSchedule | None, reference: ViTSpec | None = None) -> float:
+    """The blocks' FLOPs of ``reference`` (default: ``spec`` itself, unmerged) over those of
+    ``spec`` under ``schedule``: the speed-up if time followed the blocks' matmuls."""
+    reference = reference or spec
+    full = [reference.num_prefix_tokens + reference.num_patches] * len(reference.blocks)
+    return blocks_flops(reference, full) / blocks_flops(spec, tokens_per_block(schedule, spec))
+
+
+def schedule_for_speedup(spec: ViTSpec, method: str, speedup: float, *, reference: ViTSpec | None = None, start: int = 0) -> MergeSchedule:
+    """The gentlest schedule whose predicted speed-up (against ``reference``) reaches ``speedup``."""
+    grid, depth = spec.grid_size, len(spec.blocks)
+    most = plan(method, grid, depth, float(spec.num_patches), start=start)
+    if predicted_speedup(spec, most, reference) < speedup:
+        raise VitslimError(
+            f"a {speedup:g}x speed-up is beyond token merging here: merging everything it can gives "
+            f"{predicted_speedup(spec, most, reference):.2f}x by the FLOPs model; ask for less, or add channel pruning (epochs > 0)"
+        )
+    low, high = 0.0, float(spec.num_patches)
+    for _ in range(40):
+        middle = (low + high) / 2
+        if predicted_speedup(spec, plan(method, grid, depth, middle, start=start), reference) >= speedup:
+            high = middle
+        else:
+            low = middle
+    return plan(method, grid, depth, high, start=start)
