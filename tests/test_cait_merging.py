@@ -1,0 +1,226 @@
+"""Token merging (ATME and the ToMe baseline): the merge math on small tensors, and the hooks on
+real small models of every family."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+import vitslim
+from vitslim.adapters import describe
+from vitslim.cait.merging import TokenMap, atme_merge, attention_bias, sub_grid, tome_merge, unmerge
+from vitslim.cait.patch import MergeSchedule, apply_token_merging, merge_schedule, remove_token_merging, token_map
+from vitslim.cait.schedule import check_schedule, plan, predicted_speedup, schedule_for_speedup, tokens_per_block
+from vitslim.errors import VitslimError
+
+from plain_vit import PlainViT, tiny_hf_config
+
+GRID = (6, 8)
+PREFIX = 2
+
+
+def _tokens(batch=3, dim=5, seed=0):
+    generator = torch.Generator().manual_seed(seed)
+    tokens = torch.randn(batch, PREFIX + GRID[0] * GRID[1], dim, generator=generator)
+    keys = torch.randn(batch, PREFIX + GRID[0] * GRID[1], 4, generator=generator)
+    return tokens, keys, TokenMap.identity(batch, GRID, PREFIX, tokens.device, tokens.dtype)
+
+
+def _merge_levels(tokens, keys, token_map, merges):
+    """Apply ATME merges [(r, level), ...] straight on the tensors (keys re-gathered like tokens)."""
+    for r, level in merges:
+        tokens_keys = torch.cat([tokens, keys], dim=-1)
+        merged, token_map = atme_merge(tokens_keys, keys, token_map, r, level)
+        tokens, keys = merged[..., : tokens.shape[-1]], merged[..., tokens.shape[-1]:]
+    return tokens, token_map
+
+
+def _originals_held(token_map):
+    """For every image, the original patch cells each current patch token holds."""
+    return [[(token_map.source[b] == t).nonzero().flatten().tolist() for t in range(token_map.size.shape[1] - PREFIX)]
+            for b in range(token_map.size.shape[0])]
+
+
+@pytest.mark.parametrize("merges", [[(10, 1)], [(24, 1)], [(20, 1), (4, 1), (10, 2)], [(24, 1), (12, 2), (6, 3)]])
+def test_atme_joins_only_spatial_neighbours_and_keeps_destinations(merges):
+    tokens, keys, start = _tokens()
+    merged, token_map = _merge_levels(tokens, keys, start, merges)
+    reach = sum(max(sub_grid(level)) for _, level in merges)
+    cols = GRID[1]
+    for b, groups in enumerate(_originals_held(token_map)):
+        for t, members in enumerate(groups):
+            assert members, "every surviving token holds at least its own cell"
+            row, col = token_map.position[b, t].tolist()
+            assert row * cols + col in members, "a destination keeps its own cell"
+            for cell in members:
+                assert max(abs(cell // cols - row), abs(cell % cols - col)) <= reach
+    top_level = merges[-1][1]
+    rows_step, cols_step = sub_grid(top_level)
+    on_grid = (token_map.position[..., 0] % rows_step == 0) & (token_map.position[..., 1] % cols_step == 0)
+    assert int(on_grid[0].sum()) == -(-GRID[0] // rows_step) * -(-GRID[1] // cols_step)
+
+
+@pytest.mark.parametrize("method", ["atme", "tome"])
+def test_merged_tokens_are_size_weighted_means_and_unmerge_puts_them_back(method):
+    tokens, keys, token_map = _tokens()
+    for r in (12, 7, 5):
+        both = torch.cat([tokens, keys], dim=-1)
+        if method == "atme":
+            merged, token_map = atme_merge(both, keys, token_map, r, 1 if token_map.size.shape[1] - PREFIX > 24 else 2)
+        else:
+            merged, token_map = tome_merge(both, keys, token_map, r)
+        tokens, keys = merged[..., :5], merged[..., 5:]
+    original, _, _ = _tokens()
+    assert tokens.shape[1] == PREFIX + GRID[0] * GRID[1] - 24
+    torch.testing.assert_close(tokens[:, :PREFIX], original[:, :PREFIX], rtol=0, atol=0)  # prefix never merged
+    torch.testing.assert_close(token_map.size[:, :PREFIX], torch.ones(3, PREFIX))
+    for b, groups in enumerate(_originals_held(token_map)):
+        for t, members in enumerate(groups):
+            assert token_map.size[b, PREFIX + t] == len(members)
+            torch.testing.assert_close(tokens[b, PREFIX + t], original[b, PREFIX + torch.tensor(members)].mean(0), rtol=1e-5, atol=1e-6)
+    full = unmerge(tokens, token_map)
+    assert full.shape == original.shape
+    for b, groups in enumerate(_originals_held(token_map)):
+        for t, members in enumerate(groups):
+            for cell in members:
+                assert torch.equal(full[b, PREFIX + cell], tokens[b, PREFIX + t])
+
+
+def test_unmerge_of_identical_tokens_restores_the_original_map():
+    tokens, keys, token_map = _tokens()
+    tokens = tokens.round()  # merging equal tokens must give them back exactly
+    window = torch.arange(GRID[0] * GRID[1]) // GRID[1] // 2 * 100 + torch.arange(GRID[0] * GRID[1]) % GRID[1] // 2
+    tokens[:, PREFIX:] = window[None, :, None].float().expand(3, -1, 5)
+    window_keys = torch.randn(1000, 4, generator=torch.Generator().manual_seed(3))
+    keys[:, PREFIX:] = window_keys[window][None].expand(3, -1, -1)  # tokens of a window alike, windows apart
+    both = torch.cat([tokens, keys], dim=-1)
+    merged, token_map = atme_merge(both, keys, token_map, 24, 2)
+    torch.testing.assert_close(unmerge(merged[..., :5], token_map), tokens, rtol=0, atol=0)
+
+
+def test_proportional_attention_equals_attention_over_copies():
+    generator = torch.Generator().manual_seed(1)
+    q, k, v = (torch.randn(2, 3, 4, 8, generator=generator) for _ in range(3))
+    sizes = torch.tensor([[1.0, 3.0, 2.0, 1.0], [2.0, 1.0, 1.0, 4.0]])
+    token_map = TokenMap(size=sizes, position=torch.zeros(2, 4, 2, dtype=torch.long), source=torch.zeros(2, 9, dtype=torch.long), prefix=0)
+    with_bias = F.scaled_dot_product_attention(q, k, v, attn_mask=attention_bias(token_map))
+    for b in range(2):
+        repeat = sizes[b].long()
+        copies = F.scaled_dot_product_attention(q[b:b + 1], k[b:b + 1].repeat_interleave(repeat, dim=2), v[b:b + 1].repeat_interleave(repeat, dim=2))
+        torch.testing.assert_close(with_bias[b:b + 1], copies, rtol=1e-5, atol=1e-6)
+
+
+def test_merge_counts_beyond_what_exists_are_refused():
+    tokens, keys, token_map = _tokens()
+    with pytest.raises(VitslimError, match="cannot merge 25 tokens at level 1"):
+        atme_merge(tokens, keys, token_map, 25, 1)
+    with pytest.raises(VitslimError, match="bipartite"):
+        tome_merge(tokens, keys, token_map, 25)
+    with pytest.raises(VitslimError, match="only 24 of its 48 patch tokens"):
+        check_schedule(MergeSchedule("atme", ((0, 30, 1),)), GRID, PREFIX)
+    with pytest.raises(VitslimError, match="must not decrease"):
+        MergeSchedule("atme", ((0, 4, 2), (1, 4, 1)))
+
+
+def test_plan_spreads_merges_and_moves_up_levels():
+    schedule = plan("atme", (8, 8), 6, 10.0)
+    # level 1 (every other column) offers 32 sources; the rest waits for level 2 (16 of the 32 left)
+    assert schedule.steps == ((0, 10, 1), (1, 10, 1), (2, 10, 1), (3, 2, 1), (4, 16, 2))
+    assert [level for _, _, level in schedule.steps] == sorted(level for _, _, level in schedule.steps)
+    check_schedule(schedule, (8, 8), 1)
+    assert plan("tome", (8, 8), 6, 0.0).steps == ()
+    assert plan("atme", (8, 8), 6, 2.5).merged == 12  # cumulative rounding over 5 merging blocks
+
+
+# --- on real small models ----------------------------------------------------------------------
+
+
+def _timm(**kwargs):
+    import timm
+
+    torch.manual_seed(0)
+    args = dict(img_size=32, patch_size=4, depth=4, embed_dim=48, num_heads=3, num_classes=10)
+    return timm.create_model("vit_tiny_patch16_224", **{**args, **kwargs}).eval()
+
+
+def _hf():
+    from transformers import ViTForImageClassification
+
+    torch.manual_seed(0)
+    return ViTForImageClassification(tiny_hf_config(image_size=32, patch_size=4)).eval()
+
+
+MODELS = {
+    "timm": lambda: _timm(),
+    "timm-registers-qknorm-layerscale": lambda: _timm(reg_tokens=4, qk_norm=True, init_values=0.1, no_embed_class=True, class_token=True),
+    "timm-distilled": lambda: __import__("timm").create_model("deit_tiny_distilled_patch16_224", img_size=32, patch_size=4, depth=3,
+                                                                embed_dim=48, num_heads=3, num_classes=10).eval(),
+    "hf": _hf,
+    "torch": lambda: (torch.manual_seed(0), PlainViT(img_size=32, patch_size=4, dim=48, depth=3, heads=3, mlp_dim=96))[1].eval(),
+    "torch-seq-first": lambda: (torch.manual_seed(0), PlainViT(img_size=32, patch_size=4, dim=48, depth=3, heads=3, mlp_dim=96, batch_first=False))[1].eval(),
+}
+
+
+def _logits(model, images):
+    with torch.no_grad():
+        return describe(model).logits(images)
+
+
+@pytest.mark.parametrize("family", sorted(MODELS))
+@pytest.mark.parametrize("method", ["atme", "tome"])
+def test_merging_on_every_family_and_removal_restores_it(family, method):
+    model = MODELS[family]()
+    images = torch.randn(3, 3, 32, 32, generator=torch.Generator().manual_seed(2))
+    before = _logits(model, images)
+    spec = describe(model)
+    apply_token_merging(model, MergeSchedule(method, tuple((b, 0, 1) for b in range(len(spec.blocks) - 1))))
+    torch.testing.assert_close(_logits(model, images), before, rtol=0, atol=0)  # r = 0 is the original exactly
+    remove_token_merging(model)
+    schedule = plan(method, spec.grid_size, len(spec.blocks), 12.0)
+    apply_token_merging(model, schedule)
+    seen = []
+    last = spec.blocks[-1].module
+    handle = last.register_forward_hook(lambda module, args, output: seen.append(output if spec.batch_first else output.transpose(0, 1)))
+    merged = _logits(model, images)
+    handle.remove()
+    assert merge_schedule(model) == schedule
+    assert seen[0].shape[1] == tokens_per_block(schedule, spec)[-1] == spec.num_prefix_tokens + spec.num_patches - schedule.merged
+    assert torch.isfinite(merged).all() and not torch.allclose(merged, before)
+    full = unmerge(seen[0], token_map(model))
+    assert full.shape[1] == spec.num_prefix_tokens + spec.num_patches
+    remove_token_merging(model)
+    torch.testing.assert_close(_logits(model, images), before, rtol=0, atol=0)
+    assert not [step for step in getattr(model, "vitslim_steps", []) if step["method"] == "merging"]
+
+
+def test_merged_model_saves_and_reloads_bit_identically(tmp_path):
+    model = _timm(reg_tokens=2)
+    apply_token_merging(model, plan("atme", (8, 8), 4, 10.0))
+    vitslim.save(model, tmp_path / "merged")
+    loaded = vitslim.load_model(str(tmp_path / "merged"))
+    images = torch.randn(2, 3, 32, 32)
+    assert merge_schedule(loaded) == merge_schedule(model)
+    assert torch.equal(_logits(loaded, images), _logits(model, images))
+
+
+def test_wrong_token_count_and_double_patching_are_refused():
+    model = _timm(dynamic_img_size=True)
+    apply_token_merging(model, plan("atme", (8, 8), 4, 4.0))
+    with pytest.raises(VitslimError, match="feed images of the model's input size"):
+        model(torch.randn(1, 3, 48, 48))
+    with pytest.raises(VitslimError, match="already merges"):
+        apply_token_merging(model, plan("atme", (8, 8), 4, 4.0))
+    with pytest.raises(VitslimError, match="blocks 0-3"):
+        apply_token_merging(_timm(), MergeSchedule("atme", ((7, 1, 1),)))
+
+
+def test_schedule_for_speedup_meets_the_flops_model_and_refuses_the_impossible():
+    spec = describe(_timm())
+    for method in ("atme", "tome"):
+        schedule = schedule_for_speedup(spec, method, 1.6)
+        assert predicted_speedup(spec, schedule) >= 1.6
+        gentler = plan(method, spec.grid_size, len(spec.blocks), max(0.0, schedule.merged / 3 - 1))
+        assert predicted_speedup(spec, gentler) < 1.6 or gentler.merged >= schedule.merged
+    with pytest.raises(VitslimError, match="beyond token merging"):
+        schedule_for_speedup(spec, "tome", 50.0)
