@@ -105,8 +105,14 @@ def bench_command(models, batch_size, threads, device, dtype, runs, warmup, as_j
 @click.argument("model")
 @click.option("--data", required=True, help="Calibration images (train split, never the images you report on).")
 @click.option("--out", required=True, help="Output folder (model.safetensors + recipe.json + config.json).")
-@click.option("--method", type=click.Choice(["lowrank", "svd", "asvd"]), default="lowrank", show_default=True,
-              help="lowrank: activation-aware whitened SVD; svd and asvd: baselines in the same code path.")
+@click.option("--method", type=click.Choice(["lowrank", "svd", "asvd", "cait"]), default="lowrank", show_default=True,
+              help="lowrank: activation-aware whitened SVD (svd, asvd: its baselines in the same code path); "
+                   "cait: token merging (ATME) plus, with --epochs, consistent channel pruning (CDCP).")
+@click.option("--speedup", type=float, help="cait: target throughput, times the original's (measured after compression).")
+@click.option("--merge", type=click.Choice(["atme", "tome"]), default="atme", show_default=True, help="cait: token merging method (tome: the ToMe baseline).")
+@click.option("--token-speedup", type=float, help="cait: the share of --speedup given to token merging (default: its square root when channels are pruned, all of it otherwise).")
+@click.option("--channel-ratio", type=float, help="cait: fraction of the blocks' FLOPs the channel gates keep (default: what --speedup leaves after tokens).")
+@click.option("--consistent/--unconstrained", default=True, show_default=True, help="cait: one channel mask shared by all heads (CDCP), or per-head masks (the ablation).")
 @click.option("--param-ratio", type=float, help="Keep this fraction of the whole model's parameters (0 < R < 1).")
 @click.option("--params", type=int, help="Keep this many parameters.")
 @click.option("--like", help="Keep as many parameters as this timm model has (e.g. deit_small_patch16_224).")
@@ -117,14 +123,15 @@ def bench_command(models, batch_size, threads, device, dtype, runs, warmup, as_j
 @click.option("--calib-images", type=int, default=256, show_default=True, callback=_positive("--calib-images"), help="Calibration images, a seeded subset of --data.")
 @click.option("--seed", type=int, default=0, show_default=True)
 @click.option("--batch-size", type=int, default=32, show_default=True, callback=_positive("--batch-size"))
-@click.option("--finetune-epochs", type=int, default=0, show_default=True, help="Then distil the original into the result for E epochs over all of --data.")
+@click.option("--finetune-epochs", "--epochs", "finetune_epochs", type=int, default=0, show_default=True,
+              help="Distil the original into the result for E epochs over all of --data (cait: trains the channel gates; 0 = training-free token merging).")
 @click.option("--finetune-lr", type=float, default=1e-4, show_default=True, help="Peak AdamW learning rate of the fine-tune (warm-up, then cosine).")
 @click.option("--checkpoints", help="Folder for the fine-tune's per-epoch checkpoints (pickle-free).")
 @click.option("--resume", is_flag=True, help="Continue the fine-tune from the last checkpoint in --checkpoints.")
 @click.option("--int8", is_flag=True, help="Finally quantise every Linear's weights to int8 (per output channel): about 4x fewer bytes on disk.")
-def compress_command(model, data, out, method, param_ratio, params, like, allocation, sensitivity, compensation, rank_multiple, calib_images, seed, batch_size,
-                     finetune_epochs, finetune_lr, checkpoints, resume, int8):
-    """Compress MODEL to one parameter budget and save it to --out."""
+def compress_command(model, data, out, method, speedup, merge, token_speedup, channel_ratio, consistent, param_ratio, params, like, allocation, sensitivity,
+                     compensation, rank_multiple, calib_images, seed, batch_size, finetune_epochs, finetune_lr, checkpoints, resume, int8):
+    """Compress MODEL to one budget (parameters, or speed-up for cait) and save it to --out."""
     from vitslim import data as imagedata
     from vitslim.adapters import describe
     from vitslim.lowrank.compress import compress_lowrank
@@ -137,6 +144,15 @@ def compress_command(model, data, out, method, param_ratio, params, like, alloca
         raise VitslimError("--finetune-epochs must be 0 or more")
     if resume and not checkpoints:
         raise VitslimError("--resume needs --checkpoints, the folder the interrupted fine-tune wrote")
+    if (checkpoints or resume) and not finetune_epochs:
+        raise VitslimError("--checkpoints and --resume belong to the fine-tune; give --epochs/--finetune-epochs too")
+    if method == "cait":
+        _compress_cait(model, data, out, speedup=speedup, merge=merge, token_speedup=token_speedup, channel_ratio=channel_ratio, consistent=consistent,
+                       epochs=finetune_epochs, lr=finetune_lr, batch_size=batch_size, seed=seed, checkpoints=checkpoints, resume=resume,
+                       stray=[name for name, value in (("--param-ratio", param_ratio), ("--params", params), ("--like", like), ("--int8", int8 or None)) if value is not None])
+        return
+    if speedup is not None or token_speedup is not None or channel_ratio is not None:
+        raise VitslimError("--speedup, --token-speedup and --channel-ratio belong to --method cait; low-rank methods take a parameter budget")
     if sum(option is not None for option in (param_ratio, params, like)) != 1:
         raise VitslimError("state exactly one budget: --param-ratio, --params or --like")
     check_output_folder(out)
@@ -162,6 +178,36 @@ def compress_command(model, data, out, method, param_ratio, params, like, alloca
     if int8:
         compressed = quantize_int8(compressed)
         click.echo("weights quantised to int8 (per output channel)")
+    click.echo(f"saved to {save(compressed, Path(out))}")
+
+
+def _compress_cait(model, data, out, *, speedup, merge, token_speedup, channel_ratio, consistent, epochs, lr, batch_size, seed, checkpoints, resume, stray):
+    from vitslim import data as imagedata
+    from vitslim.adapters import describe
+    from vitslim.cait.compress import compress_cait
+    from vitslim.cait.patch import merge_schedule
+    from vitslim.metrics import count_params
+    from vitslim.persist import STEPS_ATTR, check_output_folder, save
+
+    if stray:
+        raise VitslimError(f"{', '.join(stray)} do not apply to --method cait, which takes --speedup (and --epochs)")
+    if speedup is None:
+        raise VitslimError("--method cait needs --speedup S (S > 1, a multiple of the original's throughput)")
+    check_output_folder(out)
+    original = _load(model)
+    spec = describe(original)
+    dataset = imagedata.open_images(data, imagedata.build_transform(spec.preprocessing), class_names=spec.label_names) if epochs else None
+    compressed = compress_cait(original, dataset, speedup=speedup, epochs=epochs, merge=merge, token_speedup=token_speedup, channel_ratio=channel_ratio,
+                               consistent=consistent, lr=lr, batch_size=batch_size, seed=seed, checkpoint_dir=checkpoints, resume=resume)
+    steps = {step["method"]: step for step in getattr(compressed, STEPS_ATTR, [])}
+    schedule = merge_schedule(compressed)
+    if schedule is not None:
+        click.echo(render(["block", "tokens merged after it", "level"], [[str(b), str(r), str(level) if merge == "atme" else "-"] for b, r, level in schedule.steps]))
+    if "channels" in steps:
+        widths = steps["channels"]["blocks"]
+        click.echo(render(["block", "head dim", "MLP hidden"], [[index, str(w.get("head_dim", "-")), str(w.get("mlp_hidden", "-"))] for index, w in widths.items()]))
+    measured = steps.get("merging", {}).get("measured_speedup")
+    click.echo(f"params {count_params(original):,} -> {count_params(compressed):,}" + (f"; measured speed-up {measured:.2f}x (target {speedup:g}x)" if measured else ""))
     click.echo(f"saved to {save(compressed, Path(out))}")
 
 

@@ -106,20 +106,20 @@ def merge_step(tokens: torch.Tensor, token_map: TokenMap, destinations: torch.Te
     head_size, patch_size = token_map.size[:, :prefix], token_map.size[:, prefix:]
     order = score.argsort(dim=1, descending=True)
     merged, kept = order[:, :r], order[:, r:]
-    weighted = patches * patch_size[..., None]
-    total = _take(weighted, destinations)
-    total_size = _take(patch_size, destinations)
+    merged_sources, kept_sources = sources.gather(1, merged), sources.gather(1, kept)
     target = assignment.gather(1, merged)
-    total = total.scatter_add(1, target[..., None].expand(-1, -1, tokens.shape[-1]), _take(weighted, sources.gather(1, merged)))
-    total_size = total_size.scatter_add(1, target, _take(patch_size, sources.gather(1, merged)))
-    kept_sources = sources.gather(1, kept)
+    total_size = _take(patch_size, destinations)
+    total = _take(patches, destinations) * total_size[..., None]
+    merged_size = _take(patch_size, merged_sources)
+    total.scatter_add_(1, target[..., None].expand(-1, -1, tokens.shape[-1]), _take(patches, merged_sources) * merged_size[..., None])
+    total_size = total_size.scatter_add(1, target, merged_size)
     new_tokens = torch.cat([head, total / total_size[..., None], _take(patches, kept_sources)], dim=1)
 
     count = destinations.shape[1]
     new_index = torch.empty_like(token_map.source[:, : patches.shape[1]])
     new_index.scatter_(1, destinations, torch.arange(count, device=tokens.device).expand_as(destinations))
     new_index.scatter_(1, kept_sources, torch.arange(count, count + kept.shape[1], device=tokens.device).expand_as(kept_sources))
-    new_index.scatter_(1, sources.gather(1, merged), target)
+    new_index.scatter_(1, merged_sources, target)
     new_map = TokenMap(
         size=torch.cat([head_size, total_size, _take(patch_size, kept_sources)], dim=1),
         position=torch.cat([_take(token_map.position, destinations), _take(token_map.position, kept_sources)], dim=1),

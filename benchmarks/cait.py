@@ -1,0 +1,270 @@
+"""CAIT benchmark: measured speed-up and accuracy of token merging and channel pruning.
+
+Three parts, each resumable (rows land in ``--out/results.json`` as they finish; a rerun skips
+the rows already there):
+
+* ``throughput``: deit_tiny and deit_small geometry at 224 (random init), batch 32, every variant
+  timed against the original in one interleaved run: ATME alone, CDCP alone (channel widths from
+  weight magnitudes: speed depends on widths, not on which channels), both, and ToMe at ATME's
+  token counts.
+* ``cifar``: on the reference vit-d6-cifar10, CIFAR-10 *test* top-1 against measured speed-up for
+  training-free ATME and ToMe, ATME + CDCP after KD epochs on the *train* split, and ATME with
+  unconstrained (per-head) channel pruning. Compressed models are kept in ``--out/models`` (not
+  committed) and timed together against the original at the end, in one run.
+* ``fidelity``: after ``unmerge``, the mean cosine similarity of the last block's per-position
+  features with the original model's, for ATME and ToMe at the same token counts.
+
+    .venv/bin/python benchmarks/cait.py --parts throughput cifar fidelity
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import time
+from pathlib import Path
+
+import torch
+
+import vitslim
+from vitslim import data as imagedata
+from vitslim.adapters import describe
+from vitslim.cait.channels import slice_channels
+from vitslim.cait.compress import compress_cait
+from vitslim.cait.merging import unmerge
+from vitslim.cait.patch import MergeSchedule, apply_token_merging, merge_schedule, token_map
+from vitslim.cait.schedule import schedule_for_speedup
+from vitslim.evaluate import evaluate
+
+ROOT = Path(__file__).resolve().parents[1]
+SHARED = ROOT.parent / "shared"
+GEOMETRIES = {"deit_tiny": ("deit_tiny_patch16_224", 1.8), "deit_small": ("deit_small_patch16_224", 2.0)}
+
+
+def magnitude_masks(model: torch.nn.Module, keep: float) -> dict:
+    """Consistent masks keeping the ``keep`` fraction of head-dim channels and MLP units with the
+    largest weight norms; for timing untrained geometries, where which channels go does not matter."""
+    masks = {}
+    for block in describe(model).blocks:
+        attention = block.attention
+        weight = attention.qkv.weight.detach()
+        heads, width = attention.num_heads, attention.head_dim
+        q, k, v = weight.reshape(3, heads, width, -1).norm(dim=-1)
+        kept = max(1, round(keep * width))
+        hidden = block.mlp.fc1.weight.detach().norm(dim=-1)
+        masks[str(block.index)] = {
+            "qk": _top((q * k).sum(0), kept), "v": _top(v.sum(0), kept), "mlp": _top(hidden, max(1, round(keep * hidden.numel()))),
+        }
+    return masks
+
+
+def _top(scores: torch.Tensor, count: int) -> torch.Tensor:
+    mask = torch.zeros_like(scores, dtype=torch.bool)
+    mask[scores.topk(count).indices] = True
+    return mask
+
+
+def _save_rows(out: Path, rows: list[dict]) -> None:
+    out.mkdir(parents=True, exist_ok=True)
+    temporary = out / "results.json.tmp"
+    temporary.write_text(json.dumps(rows, indent=1))
+    temporary.replace(out / "results.json")
+
+
+def _bench(models: list[tuple[str, torch.nn.Module]], runs: int) -> dict[str, float]:
+    results = vitslim.benchmark(models, batch_size=32, runs=runs, progress=False)
+    return {r.model: r.ratio for r in results} | {f"{r.model} img/s": r.images_per_s for r in results}
+
+
+def _copy(name: str, original: torch.nn.Module) -> torch.nn.Module:
+    """A fresh model with ``original``'s weights (hooks and slicing never touch the original)."""
+    import timm
+
+    model = timm.create_model(name, pretrained=False).eval()
+    model.load_state_dict(original.state_dict())
+    return model
+
+
+def throughput(rows: list[dict], out: Path, runs: int) -> None:
+    import timm
+
+    for geometry, (name, target) in GEOMETRIES.items():
+        if any(r["part"] == "throughput" and r["geometry"] == geometry for r in rows):
+            continue
+        original = timm.create_model(name, pretrained=False).eval()
+        spec = describe(original)
+        token_speedup = target ** 0.5 * 1.1
+        atme = schedule_for_speedup(spec, "atme", token_speedup)
+        tome = MergeSchedule("tome", tuple((b, r, 1) for b, r, _ in atme.steps))
+        keep = 1 / token_speedup
+
+        def sliced() -> torch.nn.Module:
+            model = _copy(name, original)
+            slice_channels(model, masks=magnitude_masks(model, keep))
+            return model
+
+        variants = [("original", original)]
+        variants.append(("ATME", apply_token_merging(_copy(name, original), atme)))
+        variants.append(("ToMe (same tokens)", apply_token_merging(_copy(name, original), tome)))
+        variants.append(("CDCP", sliced()))
+        variants.append(("ATME+CDCP", apply_token_merging(sliced(), atme)))
+        start = time.perf_counter()
+        ratios = _bench(variants, runs)
+        for variant, _ in variants[1:]:
+            rows.append({"part": "throughput", "geometry": geometry, "variant": variant, "speedup": ratios[variant],
+                         "images_per_s": ratios[f"{variant} img/s"], "original_images_per_s": ratios["original img/s"],
+                         "tokens_merged": atme.merged, "channel_keep": round(keep, 3), "target": target, "seconds": time.perf_counter() - start})
+        _save_rows(out, rows)
+
+
+CIFAR_VARIANTS = {
+    # name: (merge, epochs, consistent, speed-ups)
+    "ATME": ("atme", 0, True, (1.3, 1.5, 1.8, 2.0, 2.5)),
+    "ToMe": ("tome", 0, True, (1.3, 1.5, 1.8, 2.0, 2.5)),
+    "ATME+CDCP": ("atme", None, True, (1.8, 2.2)),
+    "ATME+unconstrained": ("atme", None, False, (1.8, 2.2)),
+}
+
+
+def cifar(rows: list[dict], out: Path, args) -> None:
+    original = vitslim.load_model(args.model)
+    spec = describe(original)
+    transform = imagedata.build_transform(spec.preprocessing)
+    train = imagedata.open_images(args.train, transform, class_names=spec.label_names)
+    models = out / "models"
+    if not any(r["part"] == "cifar" and r["variant"] == "original" for r in rows):
+        score = evaluate(original, args.test, limit=args.eval_limit)
+        rows.append({"part": "cifar", "variant": "original", "speedup": 1.0, "top1": score["top1"], "images": score["images"]})
+        _save_rows(out, rows)
+    for variant, (merge, epochs, consistent, speedups) in CIFAR_VARIANTS.items():
+        epochs = args.epochs if epochs is None else epochs
+        for speedup in speedups:
+            if any(r["part"] == "cifar" and r["variant"] == variant and r["target"] == speedup for r in rows):
+                continue
+            start = time.perf_counter()
+            compressed = compress_cait(original, train if epochs else None, speedup=speedup, epochs=epochs, merge=merge,
+                                       consistent=consistent, seed=0, batch_size=64, checkpoint_dir=models / f"{variant}-{speedup}-checkpoints" if epochs else None)
+            seconds = time.perf_counter() - start
+            folder = vitslim.save(compressed, models / f"{variant}-{speedup}")
+            score = evaluate(compressed, args.test, limit=args.eval_limit)
+            steps = {step["method"]: step for step in compressed.vitslim_steps}
+            rows.append({"part": "cifar", "variant": variant, "target": speedup, "epochs": epochs, "top1": score["top1"], "images": score["images"],
+                         "compress_measured_speedup": steps.get("merging", {}).get("measured_speedup"), "folder": str(folder.relative_to(ROOT)),
+                         "schedule": merge_schedule(compressed).as_dict() if merge_schedule(compressed) else None,
+                         "widths": steps.get("channels", {}).get("blocks"), "params": score["params"], "flops": score["flops"], "seconds": seconds})
+            _save_rows(out, rows)
+    timed = [r for r in rows if r["part"] == "cifar" and r["variant"] != "original"]
+    if timed and any("speedup" not in r for r in timed):
+        loaded = [("original", original)] + [(f"{r['variant']}@{r['target']}", vitslim.load_model(str(ROOT / r["folder"]))) for r in timed]
+        ratios = _bench(loaded, args.runs)
+        for r in timed:
+            r["speedup"] = ratios[f"{r['variant']}@{r['target']}"]
+        _save_rows(out, rows)
+
+
+def fidelity(rows: list[dict], out: Path, args) -> None:
+    original = vitslim.load_model(args.model)
+    spec = describe(original)
+    transform = imagedata.build_transform(spec.preprocessing)
+    test = imagedata.select(imagedata.open_images(args.test, transform, class_names=spec.label_names), limit=args.fidelity_images, seed=0)
+    batches = [images for images, _, _ in imagedata.make_loader(test, 100)]
+    reference = _last_block_features(original, batches)
+    for speedup in (1.3, 1.5, 1.8, 2.0):
+        if any(r["part"] == "fidelity" and r["target"] == speedup for r in rows):
+            continue
+        atme = schedule_for_speedup(spec, "atme", speedup)
+        for variant, schedule in (("ATME", atme), ("ToMe", MergeSchedule("tome", tuple((b, r, 1) for b, r, _ in atme.steps)))):
+            model = vitslim.load_model(args.model)
+            apply_token_merging(model, schedule)
+            features = _last_block_features(model, batches)
+            cosine = torch.nn.functional.cosine_similarity(features, reference, dim=-1)[:, spec.num_prefix_tokens:].mean().item()
+            rows.append({"part": "fidelity", "variant": variant, "target": speedup, "tokens_merged": schedule.merged, "cosine": cosine})
+        _save_rows(out, rows)
+
+
+def _last_block_features(model: torch.nn.Module, batches: list[torch.Tensor]) -> torch.Tensor:
+    spec = describe(model)
+    seen = []
+    handle = spec.blocks[-1].module.register_forward_hook(lambda module, args, output: seen.append(output))
+    collected = []
+    with torch.no_grad():
+        for images in batches:
+            seen.clear()
+            model(images)
+            features = seen[0]
+            mapping = token_map(model)
+            collected.append(unmerge(features, mapping) if mapping is not None else features)
+    handle.remove()
+    return torch.cat(collected)
+
+
+def write(out: Path, rows: list[dict], args) -> None:
+    """results.md and results.png from whatever rows exist."""
+    lines = [f"# CAIT benchmark\n\nDevice: CPU ({platform.processor() or platform.machine()}), {torch.get_num_threads()} threads, float32, batch 32; "
+             f"speed-ups are ratios to the original measured in the same interleaved run (median of {args.runs}).\n"]
+    through = [r for r in rows if r["part"] == "throughput"]
+    if through:
+        lines += ["## Throughput, random-init geometry at 224\n", "| geometry | variant | speed-up | images/s (original) | target |", "| --- | --- | --- | --- | --- |"]
+        lines += [f"| {r['geometry']} | {r['variant']} | {r['speedup']:.2f}x | {r['images_per_s']:.1f} ({r['original_images_per_s']:.1f}) | {r['target']}x |" for r in through]
+    cifar_rows = [r for r in rows if r["part"] == "cifar"]
+    if cifar_rows:
+        base = next((r["top1"] for r in cifar_rows if r["variant"] == "original"), None)
+        lines += ["\n## vit-d6-cifar10: test top-1 against measured speed-up\n", "| variant | target | measured speed-up | KD epochs | top-1 | vs original |", "| --- | --- | --- | --- | --- | --- |"]
+        for r in cifar_rows:
+            speed = f"{r['speedup']:.2f}x" if "speedup" in r else "-"
+            lines.append(f"| {r['variant']} | {r.get('target', '-')} | {speed} | {r.get('epochs', 0)} | {100 * r['top1']:.2f}% | {100 * (r['top1'] - base):+.2f} |")
+    fid = [r for r in rows if r["part"] == "fidelity"]
+    if fid:
+        lines += ["\n## Spatial fidelity after unmerge (mean cosine of last-block features per position)\n", "| target | tokens merged | ATME | ToMe |", "| --- | --- | --- | --- |"]
+        for target in sorted({r["target"] for r in fid}):
+            pair = {r["variant"]: r for r in fid if r["target"] == target}
+            lines.append(f"| {target}x | {pair['ATME']['tokens_merged']} | {pair['ATME']['cosine']:.4f} | {pair['ToMe']['cosine']:.4f} |")
+    (out / "results.md").write_text("\n".join(lines) + "\n")
+    if cifar_rows:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+
+        figure, axis = plt.subplots(figsize=(7, 4.5))
+        for variant in CIFAR_VARIANTS:
+            points = sorted((r["speedup"], 100 * r["top1"]) for r in cifar_rows if r["variant"] == variant and "speedup" in r)
+            if points:
+                axis.plot(*zip(*points), marker="o", label=variant)
+        if base is not None:
+            axis.axhline(100 * base, color="gray", linestyle="--", label="original")
+        axis.set_xlabel("measured speed-up (CPU, batch 32)")
+        axis.set_ylabel("CIFAR-10 test top-1 (%)")
+        axis.set_title("vit-d6-cifar10: CAIT variants")
+        axis.legend()
+        figure.tight_layout()
+        figure.savefig(out / "results.png", dpi=120)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--parts", nargs="+", choices=["throughput", "cifar", "fidelity"], default=["throughput", "cifar", "fidelity"])
+    parser.add_argument("--model", default=f"local-dir:{SHARED / 'models' / 'vit-d6-cifar10'}")
+    parser.add_argument("--train", default=str(SHARED / "data" / "cifar10-jpeg" / "train.zip"))
+    parser.add_argument("--test", default=str(SHARED / "data" / "cifar10-jpeg" / "test.zip"))
+    parser.add_argument("--epochs", type=int, default=2, help="KD epochs for the channel-pruned variants (at most 3 for the targets)")
+    parser.add_argument("--eval-limit", type=int, default=None, help="test images (default: the whole split)")
+    parser.add_argument("--fidelity-images", type=int, default=1000)
+    parser.add_argument("--runs", type=int, default=20)
+    parser.add_argument("--out", default=str(ROOT / "benchmarks" / "results" / "cait"))
+    args = parser.parse_args()
+    out = Path(args.out)
+    rows = json.loads((out / "results.json").read_text()) if (out / "results.json").is_file() else []
+    if "throughput" in args.parts:
+        throughput(rows, out, args.runs)
+    if "cifar" in args.parts:
+        cifar(rows, out, args)
+    if "fidelity" in args.parts:
+        fidelity(rows, out, args)
+    write(out, rows, args)
+    print((out / "results.md").read_text())
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,150 @@
+"""``compress_cait``: one target speed-up turned into a token schedule and a channel budget.
+
+Without training (``epochs=0``) only tokens are merged (ATME, or ToMe as the baseline). With
+``epochs > 0`` the channel gates (CDCP) are trained jointly with knowledge distillation from the
+original model while the merge schedule is already in place, then frozen and sliced into a
+smaller dense model, and the schedule is put back on top. The split between the two axes is
+even in log-speed by default (each gives √S), our choice where the paper's abstract is silent;
+``token_speedup`` sets it directly. Finally the result is measured against the original in the
+same process and, when it falls short of the target, merges a little more.
+"""
+
+from __future__ import annotations
+
+import copy
+import logging
+from collections.abc import Iterable
+
+from torch import nn
+
+from vitslim.adapters import describe
+from vitslim.cait.channels import attach_gates, slice_channels
+from vitslim.cait.patch import MERGING_ATTR, STEP as MERGING_STEP, apply_token_merging, remove_token_merging
+from vitslim.cait.schedule import predicted_speedup, schedule_for_speedup, tokens_per_block
+from vitslim.errors import VitslimError
+from vitslim.persist import STEPS_ATTR
+
+logger = logging.getLogger("vitslim")
+
+TOKEN_SHARE = 0.5  # of log(speed-up) given to token merging when channels are pruned too
+SHORTFALL_TOLERANCE = 0.95  # measured/target below which the schedule is tightened
+MEASURE_ROUNDS = 3
+
+
+def measured_speedup(original: nn.Module, compressed: nn.Module, *, batch_size: int = 32, runs: int = 20, device: str = "cpu") -> float:
+    from vitslim.bench import benchmark
+
+    results = benchmark([("original", original), ("compressed", compressed)], batch_size=batch_size, runs=runs, device=device, progress=False)
+    return results[1].ratio
+
+
+def _split(speedup: float, epochs: int, token_speedup: float | None, channel_ratio: float | None) -> tuple[float, float | None]:
+    if epochs == 0:
+        if channel_ratio is not None:
+            raise VitslimError("channel pruning needs training: give epochs > 0 with channel_ratio (or drop it for training-free ATME)")
+        return token_speedup or speedup, None
+    if token_speedup is None:
+        token_speedup = speedup ** TOKEN_SHARE if channel_ratio is None else speedup * channel_ratio
+    if channel_ratio is None:
+        channel_ratio = token_speedup / speedup
+    if token_speedup < 1 or not 0 < channel_ratio <= 1:
+        raise VitslimError(f"token speed-up {token_speedup:g} and channel FLOPs ratio {channel_ratio:g} cannot give {speedup:g}x")
+    return token_speedup, channel_ratio
+
+
+def compress_cait(
+    model: nn.Module,
+    batches: Iterable | None = None,
+    *,
+    speedup: float,
+    epochs: int = 0,
+    merge: str = "atme",
+    token_speedup: float | None = None,
+    channel_ratio: float | None = None,
+    consistent: bool = True,
+    lr: float = 1e-4,
+    gate_lr_scale: float = 100.0,
+    batch_size: int = 64,
+    seed: int = 0,
+    device: str = "cpu",
+    checkpoint_dir=None,
+    resume: bool = False,
+    measure: bool = True,
+    progress: bool = True,
+) -> nn.Module:
+    """A CAIT-compressed copy of ``model`` (the original is left untouched) aiming at ``speedup``
+    times its throughput.
+
+    ``batches`` are the training images for the distillation (a Dataset of (image, label) or an
+    iterable of image batches, as ``vitslim.distill`` takes them); they are not needed when
+    ``epochs=0``. ``merge`` picks ATME or the ToMe baseline; ``channel_ratio`` is the fraction of
+    the blocks' FLOPs the channel gates may keep; ``consistent=False`` trains per-head masks
+    (the ablation without CDCP's consistency constraints); the gates learn at ``lr`` times
+    ``gate_lr_scale`` (they must travel far in a few epochs). With ``measure`` the result is timed
+    against the original (CPU or ``device``, batch 32) and the merge schedule tightened, at most
+    a few times, until the measured speed-up reaches 95% of the target.
+    """
+    if not speedup > 1:
+        raise VitslimError(f"--speedup must be greater than 1 (a speed-up of the original), got {speedup:g}")
+    if epochs < 0:
+        raise VitslimError("epochs must be 0 or more")
+    if getattr(model, MERGING_ATTR, None) is not None:
+        raise VitslimError("the model already merges tokens; compress the original model")
+    if epochs > 0 and batches is None:
+        raise VitslimError("channel pruning trains with distillation: pass the training images as batches")
+    token_target, channel_target = _split(speedup, epochs, token_speedup, channel_ratio)
+    student = copy.deepcopy(model).eval()
+    spec = describe(student)
+    schedule = schedule_for_speedup(spec, merge, token_target) if token_target > 1 else None
+
+    if channel_target is not None:
+        from vitslim.train import distill
+
+        gates = attach_gates(student, consistent=consistent, lr_scale=gate_lr_scale)
+        if schedule is not None:
+            apply_token_merging(student, schedule, record=False)
+        tokens = tokens_per_block(schedule, spec)
+        distill(student, model, batches, epochs=epochs, lr=lr, batch_size=batch_size, seed=seed, device=device,
+                extra_loss=lambda _: gates.budget_penalty(channel_target, tokens=tokens),
+                checkpoint_dir=checkpoint_dir, resume=resume, progress=progress)
+        if schedule is not None:
+            remove_token_merging(student)
+        slice_channels(student, gates)
+        student.to("cpu").eval()
+        model.to("cpu")
+    reference = describe(model)
+    if schedule is not None:
+        apply_token_merging(student, schedule)
+    if measure:
+        schedule = _meet_target(model, student, reference, merge, speedup, schedule, device)
+    return student
+
+
+def _meet_target(model, student, reference, merge, speedup, schedule, device):
+    """Merge more until the measured speed-up reaches ``SHORTFALL_TOLERANCE`` of the target."""
+    measured = measured_speedup(model, student, device=device)
+    for _ in range(MEASURE_ROUNDS):
+        if measured >= SHORTFALL_TOLERANCE * speedup:
+            break
+        if schedule is not None:
+            remove_token_merging(student)
+        spec = describe(student)
+        predicted = predicted_speedup(spec, schedule, reference)
+        try:
+            tighter = schedule_for_speedup(spec, merge, predicted * speedup / measured, reference=reference)
+        except VitslimError:
+            tighter = schedule
+        if tighter == schedule:
+            if schedule is not None:
+                apply_token_merging(student, schedule)
+            logger.warning("measured %.2fx against a %.2fx target, and merging cannot go further", measured, speedup)
+            break
+        schedule = tighter
+        apply_token_merging(student, schedule)
+        measured = measured_speedup(model, student, device=device)
+    if measured < SHORTFALL_TOLERANCE * speedup:
+        logger.warning("measured speed-up %.2fx is below the %.2fx target", measured, speedup)
+    for step in getattr(student, STEPS_ATTR, []):
+        if step.get("method") == MERGING_STEP:
+            step["measured_speedup"] = round(measured, 3)
+    return schedule

@@ -1,0 +1,144 @@
+"""compress_cait and ``vitslim compress --method cait`` on small real models of every family."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import timm
+import torch
+from PIL import Image
+
+import vitslim
+from vitslim import data as imagedata
+from vitslim.cait.compress import compress_cait
+from vitslim.cait.patch import merge_schedule
+from vitslim.cli import main
+from vitslim.errors import VitslimError
+
+from plain_vit import PlainViT, tiny_hf_vit
+
+
+def _timm():
+    torch.manual_seed(0)
+    return timm.create_model("vit_tiny_patch16_224", img_size=32, patch_size=4, depth=3, embed_dim=48, num_heads=3, num_classes=3).eval()
+
+
+@pytest.fixture(scope="module")
+def images(tmp_path_factory):
+    root = tmp_path_factory.mktemp("images")
+    generator = torch.Generator().manual_seed(0)
+    for label in range(3):
+        (root / f"class{label}").mkdir()
+        for index in range(8):
+            pixels = (torch.rand(36, 36, 3, generator=generator) * 255).to(torch.uint8).numpy()
+            Image.fromarray(pixels).save(root / f"class{label}" / f"{index}.png")
+    return root
+
+
+def _logits(model, seed=1):
+    with torch.no_grad():
+        return vitslim.describe(model).logits(torch.randn(4, 3, 32, 32, generator=torch.Generator().manual_seed(seed)))
+
+
+def test_training_free_cait_merges_tokens_and_leaves_the_original_alone(tmp_path):
+    model = _timm()
+    before = _logits(model)
+    compressed = compress_cait(model, speedup=1.4, measure=False)
+    assert torch.equal(_logits(model), before) and merge_schedule(model) is None
+    schedule = merge_schedule(compressed)
+    assert schedule.method == "atme" and schedule.merged > 0
+    folder = vitslim.save(compressed, tmp_path / "atme")
+    reloaded = vitslim.load_model(str(folder))
+    assert merge_schedule(reloaded) == schedule
+    assert torch.equal(_logits(reloaded), _logits(compressed))
+
+
+def test_cait_with_training_prunes_channels_and_reloads_bit_identically(tmp_path, images):
+    model = _timm()
+    dataset = imagedata.open_images(images, imagedata.build_transform(vitslim.describe(model).preprocessing))
+    compressed = compress_cait(model, dataset, speedup=2.0, epochs=2, batch_size=4, lr=1e-3, gate_lr_scale=2000.0, measure=False, progress=False)
+    steps = {step["method"]: step for step in compressed.vitslim_steps}
+    assert set(steps) == {"channels", "merging"}
+    widths = steps["channels"]["blocks"]
+    assert any(w.get("head_dim", 16) < 16 or w.get("mlp_hidden", 192) < 192 for w in widths.values()), widths
+    assert sum(p.numel() for p in compressed.parameters()) < sum(p.numel() for p in model.parameters())
+    assert not hasattr(compressed, "vitslim_gates")
+    folder = vitslim.save(compressed, tmp_path / "cait")
+    reloaded = vitslim.load_model(str(folder))
+    assert torch.equal(_logits(reloaded), _logits(compressed))
+
+
+def test_measured_speedup_is_recorded():
+    compressed = compress_cait(_timm(), speedup=1.2)
+    step = next(step for step in compressed.vitslim_steps if step["method"] == "merging")
+    assert step["measured_speedup"] > 0
+
+
+@pytest.mark.parametrize("kwargs, message", [
+    (dict(speedup=1.0), "greater than 1"),
+    (dict(speedup=0.5), "greater than 1"),
+    (dict(speedup=2.0, epochs=1), "pass the training images"),
+    (dict(speedup=2.0, channel_ratio=0.5), "needs training"),
+    (dict(speedup=500.0), "beyond token merging"),
+])
+def test_bad_input_is_refused(kwargs, message):
+    with pytest.raises(VitslimError, match=message):
+        compress_cait(_timm(), measure=False, **kwargs)
+
+
+def test_timm_folder_compress_eval_bench_through_the_cli(tmp_path, images, capsys):
+    folder = vitslim.save(_timm(), tmp_path / "timm")
+    out = tmp_path / "cait"
+    assert main(["compress", str(folder), "--data", str(images), "--method", "cait", "--speedup", "1.3", "--out", str(out)]) == 0
+    printed = capsys.readouterr().out
+    assert "tokens merged after it" in printed and "measured speed-up" in printed
+    assert main(["eval", str(out), "--data", str(images), "--teacher", str(folder), "--json"]) == 0
+    result = json.loads(capsys.readouterr().out)
+    assert result["images"] == 24 and 0 <= result["agreement"] <= 1
+    original_flops = vitslim.evaluate(vitslim.load_model(str(folder)), images, progress=False)["flops"]
+    assert result["flops"] < original_flops  # merged tokens are fewer FLOPs, counted by eval itself
+    assert main(["bench", str(folder), str(out), "--batch-size", "2", "--warmup", "1", "--json"]) == 0
+    assert len(json.loads(capsys.readouterr().out)) == 2
+
+
+def test_hf_folder_compress_eval_bench_through_the_cli(tmp_path, images, capsys):
+    torch.manual_seed(0)
+    tiny_hf_vit(num_labels=3).save_pretrained(tmp_path / "hf", safe_serialization=True)
+    out = tmp_path / "hf-cait"
+    assert main(["compress", str(tmp_path / "hf"), "--data", str(images), "--method", "cait", "--speedup", "1.2", "--epochs", "1",
+                 "--batch-size", "8", "--out", str(out)]) == 0
+    capsys.readouterr()
+    assert main(["eval", str(out), "--data", str(images), "--teacher", str(tmp_path / "hf"), "--json"]) == 0
+    assert json.loads(capsys.readouterr().out)["images"] == 24
+    assert main(["bench", str(tmp_path / "hf"), str(out), "--batch-size", "2", "--warmup", "1", "--json"]) == 0
+    assert [step["method"] for step in json.loads((out / "recipe.json").read_text())["steps"]] == ["channels", "merging"]
+
+
+def test_plain_torch_vit_compress_eval_bench_in_python(tmp_path, images):
+    torch.manual_seed(0)
+    model = PlainViT(img_size=32, patch_size=4, dim=48, depth=3, heads=3, mlp_dim=96, num_classes=3).eval()
+    dataset = imagedata.open_images(images, imagedata.build_transform(vitslim.describe(model).preprocessing))
+    compressed = compress_cait(model, dataset, speedup=1.5, epochs=1, batch_size=8, measure=False, progress=False)
+    folder = vitslim.save(compressed, tmp_path / "plain-cait")
+    reloaded = vitslim.load_model(folder, skeleton=PlainViT(img_size=32, patch_size=4, dim=48, depth=3, heads=3, mlp_dim=96, num_classes=3))
+    assert torch.equal(_logits(compressed), _logits(reloaded))
+    result = vitslim.evaluate(reloaded, images, teacher=model, progress=False)
+    assert result["images"] == 24
+    speeds = vitslim.benchmark([("original", model), ("cait", reloaded)], batch_size=2, runs=20, warmup=1, progress=False)
+    assert speeds[1].ratio > 0
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--method", "cait"], "needs --speedup"),
+    (["--method", "cait", "--speedup", "2", "--param-ratio", "0.5"], "do not apply to --method cait"),
+    (["--speedup", "2", "--param-ratio", "0.5"], "belong to --method cait"),
+    (["--method", "cait", "--speedup", "0.9"], "greater than 1"),
+    (["--method", "cait", "--speedup", "2", "--checkpoints", "ck"], "give --epochs"),
+])
+def test_cli_bad_input(tmp_path, images, capsys, args, message):
+    folder = vitslim.save(_timm(), tmp_path / "timm")
+    code = main(["compress", str(folder), "--data", str(images), "--out", str(tmp_path / "o"), *args])
+    err = capsys.readouterr().err
+    assert code == 2 and message in err and len(err.strip().splitlines()) == 1
+    assert not (tmp_path / "o").exists()
