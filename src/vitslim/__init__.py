@@ -1,7 +1,7 @@
 """vitslim: compress pretrained Vision Transformers and prove the result.
 
 Public API: ``load_model``, ``save``, ``describe``, ``evaluate``, ``benchmark``, and the methods:
-``compress_lowrank``, ``distill`` (KD recovery fine-tune), ``quantize_int8``, ``export_onnx``.
+``compress_lowrank``, ``compress_cait``, ``distill`` (KD recovery fine-tune), ``quantize_int8``, ``export_onnx``.
 """
 
 from vitslim._compat import import_torchvision
@@ -12,6 +12,7 @@ __version__ = "0.1.0"
 
 from vitslim.adapters import describe  # noqa: E402
 from vitslim.bench import benchmark  # noqa: E402
+from vitslim.cait.compress import compress_cait  # noqa: E402
 from vitslim.errors import VitslimError  # noqa: E402
 from vitslim.evaluate import evaluate  # noqa: E402
 from vitslim.loading import load_model  # noqa: E402
@@ -21,5 +22,5 @@ from vitslim.persist import save  # noqa: E402
 from vitslim.quantize import quantize_int8  # noqa: E402
 from vitslim.train import distill  # noqa: E402
 
-__all__ = ["VitslimError", "benchmark", "compress_lowrank", "describe", "distill", "evaluate", "export_onnx", "load_model",
+__all__ = ["VitslimError", "benchmark", "compress_cait", "compress_lowrank", "describe", "distill", "evaluate", "export_onnx", "load_model",
            "quantize_int8", "save", "__version__"]

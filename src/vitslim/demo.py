@@ -26,6 +26,7 @@ from vitslim.bench import benchmark
 from vitslim.errors import VitslimError
 from vitslim.evaluate import evaluate
 from vitslim.loading import load_model
+from vitslim.cait.compress import compress_cait
 from vitslim.lowrank.compress import compress_lowrank
 from vitslim.persist import save
 from vitslim.table import human, percent, render
@@ -116,6 +117,9 @@ def build_variants(original: nn.Module, work: Path) -> list[Variant]:
         compressed = compress_lowrank(original, calibration, param_ratio=ratio, rank_multiple=4, progress=False)
         save(compressed, work / f"lowrank-{int(100 * ratio)}")
         variants.append(Variant(f"low-rank {int(100 * ratio)}%", compressed, f"whitened SVD, mixed ranks, {int(100 * ratio)}% of the parameters"))
+    merged = compress_cait(original, speedup=1.5, measure=False)
+    save(merged, work / "cait-atme")
+    variants.append(Variant("CAIT ATME", merged, "training-free neighbour token merging, 1.5x by the FLOPs model"))
     return variants
 
 
