@@ -140,6 +140,8 @@ def cifar(rows: list[dict], out: Path, args) -> None:
         rows.append({"part": "cifar", "variant": "original", "speedup": 1.0, "top1": score["top1"], "images": score["images"]})
         _save_rows(out, rows)
     for variant, (merge, epochs, consistent, speedups) in CIFAR_VARIANTS.items():
+        if variant not in args.variants:
+            continue
         epochs = args.epochs if epochs is None else epochs
         for speedup in speedups:
             if any(r["part"] == "cifar" and r["variant"] == variant and r["target"] == speedup for r in rows):
@@ -250,13 +252,14 @@ def main() -> None:
     parser.add_argument("--model", default=f"local-dir:{SHARED / 'models' / 'vit-d6-cifar10'}")
     parser.add_argument("--train", default=str(SHARED / "data" / "cifar10-jpeg" / "train.zip"))
     parser.add_argument("--test", default=str(SHARED / "data" / "cifar10-jpeg" / "test.zip"))
+    parser.add_argument("--variants", nargs="+", choices=list(CIFAR_VARIANTS), default=list(CIFAR_VARIANTS), help="cifar part: which variants")
     parser.add_argument("--epochs", type=int, default=2, help="KD epochs for the channel-pruned variants (at most 3 for the targets)")
     parser.add_argument("--eval-limit", type=int, default=None, help="test images (default: the whole split)")
     parser.add_argument("--fidelity-images", type=int, default=1000)
     parser.add_argument("--runs", type=int, default=20)
     parser.add_argument("--out", default=str(ROOT / "benchmarks" / "results" / "cait"))
     args = parser.parse_args()
-    out = Path(args.out)
+    out = Path(args.out).resolve()
     rows = json.loads((out / "results.json").read_text()) if (out / "results.json").is_file() else []
     if "throughput" in args.parts:
         throughput(rows, out, args.runs)
