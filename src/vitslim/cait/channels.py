@@ -1,0 +1,511 @@
+"""CDCP, consistent dynamic channel pruning: our reading of arXiv 2309.15755 (DESIGN.md §1.2, item 2).
+
+Training. ``attach_gates`` gives each block learnable gate logits whose 0/1 masks multiply the
+query and key channels (one mask for both: their dot product runs over the same channels), the
+value channels (which are also the output projection's inputs) and the MLP hidden units. With
+``consistent=True`` (CDCP) the query/key mask and the value mask run over the head dimension and
+are shared by every head, so all heads keep one width and attention stays one batched matmul;
+``consistent=False`` gives every head its own masks, the ablation "without the consistency
+constraints". The masks are hard in the forward pass and straight-through in the backward pass,
+so a pruned channel still gets a gradient and can come back ("dynamic").
+``ChannelGates.budget_penalty`` is the ``extra_loss`` that pushes the estimated FLOPs down to a
+target while ``distill`` trains the gates (at ``lr × vitslim_lr_scale``) with the weights.
+
+Inference. ``slice_channels`` freezes the masks, removes the gates and cuts the projections into
+physically smaller ``nn.Linear``s that compute exactly what the masked model computed, and
+records the new widths as a recipe step ``{"method": "channels", ...}`` so a saved model
+reloads with its smaller shapes.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+from dataclasses import dataclass
+from types import ModuleType
+
+import torch
+from torch import nn
+
+from vitslim.adapters import describe, family_of, prepare_for_replacement, replace_submodule
+from vitslim.adapters.base import BlockSpec, ViTSpec
+from vitslim.errors import VitslimError
+from vitslim.persist import record_step, register_step
+from vitslim.train import LR_SCALE_ATTR
+
+logger = logging.getLogger("vitslim")
+
+STEP = "channels"
+GATES_ATTR = "vitslim_gates"  # the gates are a submodule, so optimisers and checkpoints see them
+# The budget penalty (see ChannelGates.budget_penalty): its starting weight, how fast its
+# multiplier adapts (change of its logarithm per step, per unit of ratio off the target) and the
+# multiplier's bounds. AdamW moves every gate by about lr × lr_scale per step whatever the size
+# of its gradient, so the weight only sets how the budget's push compares with the distillation
+# loss's pull. Measured with distill at lr 1e-4 towards a 0.5 FLOPs ratio: the 6-block CIFAR-10
+# reference model ended at 0.499 after 400 steps of 16 images (gates from 1.0; 94% top-1
+# agreement with the original, which a fixed weight of 0.1 left at 0.75), a 4-block ViT trained on
+# CIFAR-10 at 0.496 after 781 steps of 32 (a fixed weight of 10 pruned it to 0.21 at the first
+# crossing and never regrew it), and a sharp random teacher that holds a fixed weight of 1 at
+# 0.76 reached 0.51.
+PENALTY_WEIGHT = 1.0
+ADAPT_RATE = 0.1
+MULTIPLIER_RANGE = (1e-4, 1e4)  # against a runaway when the target sits just above what is reachable
+
+
+@dataclass(frozen=True)
+class GatedBlock:
+    """One block's shape and which of its parts carry gates."""
+
+    index: int
+    embed_dim: int
+    num_heads: int
+    head_dim: int
+    mlp_hidden: int
+    attention: bool
+    mlp: bool
+
+    def flops(self, tokens: int, width, hidden):
+        """FLOPs (2 per multiply-add) of the matmuls whose size depends on the channels, at a
+        per-head width ``width`` and ``hidden`` MLP units: q/k/v projections, attention logits
+        and weighted sum, output projection, fc1 and fc2."""
+        n, c, h = tokens, self.embed_dim, self.num_heads
+        return 2 * n * c * 3 * h * width + 2 * n * n * h * width * 2 + 2 * n * h * width * c + 2 * n * c * hidden * 2
+
+
+class ChannelGates(nn.Module):
+    """Gate logits per block: ``qk[i]`` and ``v[i]`` (``head_dim`` entries, or
+    ``num_heads·head_dim`` when not ``consistent``) and ``mlp[i]`` (one per hidden unit).
+
+    Every logit is a 1-D parameter, so ``distill`` gives it no weight decay, and carries
+    ``vitslim_lr_scale``: gates must travel from ``init`` across 0 within a short fine-tune.
+    ``tokens`` is the number of tokens each block processes, for the FLOPs estimate.
+    """
+
+    def __init__(self, blocks: list[GatedBlock], *, tokens: int, consistent: bool = True, init: float = 3.0,
+                 lr_scale: float = 100.0, temperature: float = 1.0) -> None:
+        super().__init__()
+        if temperature <= 0:
+            raise VitslimError(f"the gate temperature must be above 0 (got {temperature})")
+        self.blocks = list(blocks)
+        self.tokens = int(tokens)
+        self.consistent = bool(consistent)
+        self.lr_scale = float(lr_scale)
+        self.temperature = float(temperature)
+        self.qk, self.v, self.mlp = nn.ParameterDict(), nn.ParameterDict(), nn.ParameterDict()
+        self.register_buffer("multiplier", torch.tensor(1.0))  # of the budget penalty, see budget_penalty
+        for block in self.blocks:
+            key = str(block.index)
+            if block.attention:
+                width = block.head_dim if self.consistent else block.num_heads * block.head_dim
+                self.qk[key] = nn.Parameter(torch.full((width,), float(init)))
+                self.v[key] = nn.Parameter(torch.full((width,), float(init)))
+            if block.mlp:
+                self.mlp[key] = nn.Parameter(torch.full((block.mlp_hidden,), float(init)))
+        self._tag()
+
+    def _tag(self) -> None:
+        for parameter in self.parameters():
+            setattr(parameter, LR_SCALE_ATTR, self.lr_scale)
+
+    def __setstate__(self, state: dict) -> None:
+        """A deep copy (or unpickling) rebuilds parameters without their attributes; tag them again."""
+        super().__setstate__(state)
+        self._tag()
+
+    def _straight_through(self, logit: torch.Tensor) -> torch.Tensor:
+        """The hard 0/1 mask in the forward pass, the sigmoid's gradient in the backward pass."""
+        soft = torch.sigmoid(logit / self.temperature)
+        return (logit > 0).to(soft.dtype) + (soft - soft.detach())
+
+    def _per_head(self, block: GatedBlock, values: torch.Tensor) -> torch.Tensor:
+        """A qk or v tensor as (num_heads, head_dim): shared rows when consistent."""
+        if self.consistent:
+            return values.expand(block.num_heads, block.head_dim)
+        return values.view(block.num_heads, block.head_dim)
+
+    def head_mask(self, block: GatedBlock, kind: str) -> torch.Tensor:
+        """The straight-through ``kind`` ("qk" or "v") mask of ``block``, (num_heads, head_dim)."""
+        return self._per_head(block, self._straight_through(getattr(self, kind)[str(block.index)]))
+
+    def flat_mask(self, block: GatedBlock, kind: str) -> torch.Tensor:
+        """The straight-through mask in the order of a projection's output channels (head after
+        head) for "qk" and "v", or of the hidden units for "mlp"."""
+        if kind == "mlp":
+            return self._straight_through(self.mlp[str(block.index)])
+        return self.head_mask(block, kind).reshape(-1)
+
+    def masks(self) -> dict[str, dict[str, torch.Tensor]]:
+        """The hard masks now, by block index: boolean ``qk`` and ``v`` of shape (num_heads,
+        head_dim) and ``mlp`` of shape (hidden,), for the gated parts; what
+        ``slice_channels(masks=...)`` takes."""
+        found: dict[str, dict[str, torch.Tensor]] = {}
+        with torch.no_grad():
+            for block in self.blocks:
+                key, entry = str(block.index), {}
+                if block.attention:
+                    entry["qk"] = self._per_head(block, self.qk[key] > 0).clone()
+                    entry["v"] = self._per_head(block, self.v[key] > 0).clone()
+                if block.mlp:
+                    entry["mlp"] = self.mlp[key] > 0
+                if entry:
+                    found[key] = entry
+        return found
+
+    def kept(self) -> dict[str, dict[str, list[int] | int]]:
+        """Kept channel counts by block index: per head for ``qk`` and ``v``, in all for ``mlp``."""
+        return {key: {kind: int(mask.sum()) if kind == "mlp" else mask.sum(-1).tolist() for kind, mask in entry.items()}
+                for key, entry in self.masks().items()}
+
+    def flops_ratio(self, tokens: list[int] | None = None) -> torch.Tensor:
+        """Estimated FLOPs of the blocks' channel-dependent matmuls with the current masks, over
+        the same with every channel kept; differentiable through the straight-through masks.
+
+        It is the cost of the model ``slice_channels`` would make: there every head keeps the
+        widest head's width, the larger of its query/key and value counts (at least 1), and an
+        MLP at least one unit, so those maxima are what the estimate counts. ``tokens[b]`` is
+        the number of tokens block ``b`` processes (default: the model's full count in every
+        block); parts without gates count as fully kept.
+        """
+        return self._ratio(self._token_counts(tokens))
+
+    def _ratio(self, counts: list[int], minimal: bool = False):
+        """The FLOPs ratio at the current masks, or (``minimal``) with every gated channel pruned."""
+        kept, dense = 0.0, 0.0
+        for block, n in zip(self.blocks, counts):
+            width, hidden = block.head_dim, block.mlp_hidden
+            if block.attention:
+                # float64 here and below: large models' FLOPs counts lose their last digits in float32
+                width = 1 if minimal else torch.stack([self.head_mask(block, kind).sum(-1) for kind in ("qk", "v")]).amax().clamp(min=1).double()
+            if block.mlp:
+                hidden = 1 if minimal else self.flat_mask(block, "mlp").sum().clamp(min=1).double()
+            kept = kept + block.flops(n, width, hidden)
+            dense += block.flops(n, block.head_dim, block.mlp_hidden)
+        return kept / dense
+
+    def budget_penalty(self, target_ratio: float, tokens: list[int] | None = None, weight: float = PENALTY_WEIGHT) -> torch.Tensor:
+        """``weight · multiplier · max(0, flops_ratio − target_ratio)``, to be added to the loss
+        once per optimisation step (``distill(..., extra_loss=lambda m: gates.budget_penalty(r))``).
+
+        A hinge rather than a square, whose push would fade near the target: above the budget
+        every gate that still counts towards the cost is pushed down, within it only the
+        distillation loss acts, so the channels it needs most come back.
+
+        How hard to push depends on how much the teacher's outputs move per channel, which no
+        fixed weight fits: a sharp teacher holds a weak push above the target, a strong push
+        prunes everything at once and then regrows slowly. So ``multiplier`` (a buffer, saved in
+        checkpoints) adapts on every call once the first channel is pruned: times
+        exp(ADAPT_RATE · (ratio − target)), up while over budget, down while under.
+        """
+        if not 0 < target_ratio <= 1:
+            raise VitslimError(f"the FLOPs target must be a ratio in (0, 1], got {target_ratio}")
+        counts = self._token_counts(tokens)
+        floor = float(self._ratio(counts, minimal=True))
+        if target_ratio < floor:
+            raise VitslimError(f"a FLOPs ratio of {target_ratio} is out of reach: with every gated channel pruned the "
+                               f"blocks keep {floor:.3f} of their FLOPs (the parts without gates stay dense)")
+        ratio = self._ratio(counts)
+        penalty = weight * self.multiplier * torch.relu(ratio - target_ratio)
+        with torch.no_grad():  # on the device, so the training step waits for no host sync
+            # until a first gate crosses 0 all of them move as fast as the optimiser lets them anyway
+            started = torch.stack([(logit <= 0).any() for logit in self.parameters()]).any()
+            factor = torch.exp(ADAPT_RATE * (ratio.detach() - target_ratio))
+            self.multiplier.mul_(torch.where(started, factor, torch.ones_like(factor))).clamp_(*MULTIPLIER_RANGE)
+        return penalty
+
+    def _token_counts(self, tokens: list[int] | None) -> list[int]:
+        if tokens is None:
+            return [self.tokens] * len(self.blocks)
+        if len(tokens) != len(self.blocks):
+            raise VitslimError(f"give one token count per block: the model has {len(self.blocks)} blocks, got {len(tokens)} counts")
+        return [int(n) for n in tokens]
+
+
+class _MaskHook:
+    """Multiplies a layer's output (forward hook) or fc2's input (pre-hook) by a block's current
+    masks, concatenated in ``kinds`` order. An object rather than a closure so that a deep copy
+    of the model gets hooks that read the copied gates, and so ``detach_gates`` can find them."""
+
+    def __init__(self, gates: ChannelGates, block: GatedBlock, kinds: tuple[str, ...]) -> None:
+        self.gates, self.block, self.kinds = gates, block, kinds
+
+    def __call__(self, module: nn.Module, args: tuple, *output):
+        mask = torch.cat([self.gates.flat_mask(self.block, kind) for kind in self.kinds])
+        if output:
+            return output[0] * mask.to(output[0].dtype)
+        # fc2's input: masking the hidden unit itself is exact whatever the activation is
+        return (args[0] * mask.to(args[0].dtype), *args[1:])
+
+
+def _obstacles(family: ModuleType, block: BlockSpec) -> dict[str, str]:
+    """Why masking and slicing a part ("attention", "mlp") of ``block`` would not be exact."""
+    found = dict(family.channel_pruning_obstacles(block)) if hasattr(family, "channel_pruning_obstacles") else {}
+    attn = block.attention
+    if attn.layout == "packed":
+        found.setdefault("attention", "a packed nn.MultiheadAttention reads in_proj_weight directly, so its channels cannot be masked or sliced")
+    elif not all(isinstance(layer, nn.Linear) for layer in (attn.qkv, attn.q, attn.k, attn.v, attn.out_proj) if layer is not None):
+        found.setdefault("attention", "its projections are no longer plain nn.Linear; prune channels before low-rank or int8 compression")
+    if not (isinstance(block.mlp.fc1, nn.Linear) and isinstance(block.mlp.fc2, nn.Linear)):
+        found.setdefault("mlp", "its layers are no longer plain nn.Linear; prune channels before low-rank or int8 compression")
+    elif block.mlp.fc1.out_features != block.mlp.fc2.in_features:
+        found.setdefault("mlp", "fc1's outputs are not fc2's inputs one to one (a gated MLP)")
+    return found
+
+
+def _geometry(spec: ViTSpec, block: BlockSpec, attention: bool, mlp: bool) -> GatedBlock:
+    return GatedBlock(index=block.index, embed_dim=spec.embed_dim, num_heads=block.attention.num_heads,
+                      head_dim=block.attention.head_dim, mlp_hidden=block.mlp.fc1.out_features, attention=attention, mlp=mlp)
+
+
+def attach_gates(model: nn.Module, *, consistent: bool = True, init: float = 3.0, lr_scale: float = 100.0,
+                 temperature: float = 1.0, prune_attention: bool = True, prune_mlp: bool = True) -> ChannelGates:
+    """Add channel gates to ``model`` (in place) as the submodule ``vitslim_gates`` and hook them
+    into its forward pass; return them.
+
+    A part that cannot be pruned exactly (a packed ``nn.MultiheadAttention``, q/k norm, a norm
+    inside the MLP, layers already factorised or quantised) is left dense, with a warning on the
+    ``vitslim`` logger; ``VitslimError`` when nothing at all can be gated. With ``init > 0``
+    every mask starts at 1 and the model computes exactly what it did before.
+    """
+    if isinstance(getattr(model, GATES_ATTR, None), ChannelGates):
+        raise VitslimError("this model already carries channel gates; slice_channels or detach_gates them first")
+    spec = describe(model)
+    family = family_of(model)
+    wanted = {"attention": prune_attention, "mlp": prune_mlp}
+    blocks, skipped = [], {}
+    for block in spec.blocks:
+        problems = _obstacles(family, block)
+        for part, reason in problems.items():
+            if wanted[part]:
+                skipped.setdefault((part, reason), []).append(str(block.index))
+        blocks.append(_geometry(spec, block, prune_attention and "attention" not in problems, prune_mlp and "mlp" not in problems))
+    for (part, reason), indices in skipped.items():
+        logger.warning(f"channel gates: {part} of block{'s' if len(indices) > 1 else ''} {', '.join(indices)} left dense: {reason}")
+    if not any(block.attention or block.mlp for block in blocks):
+        reasons = "; ".join(f"{part}: {reason}" for part, reason in skipped) or "prune_attention and prune_mlp are both off"
+        raise VitslimError(f"no channel of this model can be gated ({reasons})")
+    prepare_for_replacement(model)  # torch.nn's fused encoder kernel would bypass the hooked Linears
+    device = next(model.parameters()).device
+    gates = ChannelGates(blocks, tokens=spec.num_prefix_tokens + spec.num_patches, consistent=consistent, init=init,
+                         lr_scale=lr_scale, temperature=temperature).to(device)
+    setattr(model, GATES_ATTR, gates)
+    for block, gated in zip(spec.blocks, blocks):
+        attn = block.attention
+        if gated.attention and attn.layout == "qkv":
+            attn.qkv.register_forward_hook(_MaskHook(gates, gated, ("qk", "qk", "v")))
+        elif gated.attention:
+            for layer, kind in ((attn.q, "qk"), (attn.k, "qk"), (attn.v, "v")):
+                layer.register_forward_hook(_MaskHook(gates, gated, (kind,)))
+        if gated.mlp:
+            block.mlp.fc2.register_forward_pre_hook(_MaskHook(gates, gated, ("mlp",)))
+    return gates
+
+
+def detach_gates(model: nn.Module) -> ChannelGates:
+    """Remove the gates and their hooks from ``model``, which then computes what it did before
+    ``attach_gates``; return the gates.
+
+    The hooks are found by their type rather than through stored handles: in a deep copy of a
+    gated model, handles copied along would still point at the original model's hooks.
+    """
+    gates = getattr(model, GATES_ATTR, None)
+    if not isinstance(gates, ChannelGates):
+        raise VitslimError("this model carries no channel gates (attach_gates adds them)")
+    for module in model.modules():
+        for hooks in (module._forward_hooks, module._forward_pre_hooks):
+            for key in [key for key, hook in hooks.items() if isinstance(hook, _MaskHook) and hook.gates is gates]:
+                del hooks[key]
+    delattr(model, GATES_ATTR)
+    return gates
+
+
+# --- slicing --------------------------------------------------------------------------------------
+
+
+def _install(model: nn.Module, names: dict[int, str], old: nn.Linear, weight: torch.Tensor, bias: torch.Tensor | None) -> None:
+    """Put a Linear holding ``weight`` and ``bias`` where ``old`` is."""
+    new = nn.Linear(weight.shape[1], weight.shape[0], bias=bias is not None, device=weight.device, dtype=weight.dtype)
+    with torch.no_grad():
+        new.weight.copy_(weight)
+        if bias is not None:
+            new.bias.copy_(bias)
+    new.requires_grad_(old.weight.requires_grad)
+    new.train(old.training)
+    replace_submodule(model, names[id(old)], new)
+
+
+def _keep_rows(model: nn.Module, names: dict[int, str], layer: nn.Linear, rows: torch.Tensor, scale: torch.Tensor) -> None:
+    scale = scale.to(layer.weight.device, layer.weight.dtype)
+    rows = rows.to(layer.weight.device)
+    bias = None if layer.bias is None else layer.bias.detach()[rows] * scale
+    _install(model, names, layer, layer.weight.detach()[rows] * scale[:, None], bias)
+
+
+def _keep_columns(model: nn.Module, names: dict[int, str], layer: nn.Linear, columns: torch.Tensor, scale: torch.Tensor) -> None:
+    scale = scale.to(layer.weight.device, layer.weight.dtype)
+    weight = layer.weight.detach()[:, columns.to(layer.weight.device)] * scale[None, :]
+    _install(model, names, layer, weight, None if layer.bias is None else layer.bias.detach())
+
+
+def _slice_attention(model: nn.Module, names: dict[int, str], block: BlockSpec, qk: torch.Tensor, qk_keep: torch.Tensor,
+                     v: torch.Tensor, v_keep: torch.Tensor) -> None:
+    """Cut the attention to ``qk.shape[1]`` channels per head: head ``h`` keeps query/key
+    channels ``qk[h]`` and value channels ``v[h]``, zeroed where ``*_keep`` is False (padding).
+
+    The model scaled logits by 1/√head_dim and will scale them by 1/√width, so the kept query
+    rows are multiplied by √(width/head_dim) to compute the same logits.
+    """
+    attn = block.attention
+    heads, head_dim, width = attn.num_heads, attn.head_dim, qk.shape[1]
+    offsets = torch.arange(heads)[:, None] * head_dim
+
+    def rows(channels: torch.Tensor) -> torch.Tensor:
+        return (offsets + channels).flatten()
+
+    parts = [(rows(qk), qk_keep.flatten().double() * math.sqrt(width / head_dim)), (rows(qk), qk_keep.flatten().double()),
+             (rows(v), v_keep.flatten().double())]
+    if attn.layout == "qkv":
+        size = heads * head_dim
+        _keep_rows(model, names, attn.qkv, torch.cat([r + p * size for p, (r, _) in enumerate(parts)]), torch.cat([s for _, s in parts]))
+    else:
+        for layer, (r, s) in zip((attn.q, attn.k, attn.v), parts):
+            _keep_rows(model, names, layer, r, s)
+    _keep_columns(model, names, attn.out_proj, rows(v), v_keep.flatten().double())
+    family_of(model).resize_attention(attn, width, head_dim)
+
+
+def _slice_mlp(model: nn.Module, names: dict[int, str], block: BlockSpec, units: torch.Tensor, keep: torch.Tensor) -> None:
+    """Keep hidden ``units`` of the MLP, zeroed where ``keep`` is False (padding)."""
+    scale = keep.double()
+    _keep_rows(model, names, block.mlp.fc1, units, scale)
+    _keep_columns(model, names, block.mlp.fc2, units, scale)
+
+
+def _choose(mask: torch.Tensor, width: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per row of a boolean (rows, channels) mask: the kept channels, then pruned ones up to
+    ``width``; and which of those are kept."""
+    chosen = []
+    for row in mask:
+        kept = row.nonzero().flatten()
+        chosen.append(torch.cat([kept, (~row).nonzero().flatten()[: width - len(kept)]]))
+    index = torch.stack(chosen)
+    return index, torch.gather(mask, 1, index)
+
+
+def _block_at(spec: ViTSpec, key) -> BlockSpec:
+    try:
+        index = int(key)
+    except (TypeError, ValueError):
+        index = -1
+    if not 0 <= index < len(spec.blocks):
+        raise VitslimError(f"no block {key!r}: the model has blocks 0 to {len(spec.blocks) - 1}")
+    return spec.blocks[index]
+
+
+def _head_masks(entry: dict, block: BlockSpec) -> tuple[torch.Tensor, torch.Tensor]:
+    attn = block.attention
+    if not {"qk", "v"} <= entry.keys():
+        raise VitslimError(f"block {block.index}: give both the qk and the v mask to slice the attention")
+    found = []
+    for kind in ("qk", "v"):
+        mask = torch.as_tensor(entry[kind]).detach().cpu().bool()
+        if mask.shape == (attn.head_dim,):
+            mask = mask.expand(attn.num_heads, attn.head_dim)
+        if mask.shape != (attn.num_heads, attn.head_dim):
+            raise VitslimError(f"block {block.index}: the {kind} mask has shape {tuple(mask.shape)}, expected "
+                               f"({attn.num_heads}, {attn.head_dim}) or ({attn.head_dim},)")
+        found.append(mask)
+    return found[0], found[1]
+
+
+def _mlp_mask(entry: dict, block: BlockSpec) -> torch.Tensor:
+    mask = torch.as_tensor(entry["mlp"]).detach().cpu().bool()
+    if mask.shape != (block.mlp.fc1.out_features,):
+        raise VitslimError(f"block {block.index}: the mlp mask has shape {tuple(mask.shape)}, expected ({block.mlp.fc1.out_features},)")
+    return mask
+
+
+def slice_channels(model: nn.Module, gates: ChannelGates | None = None, *, masks: dict | None = None) -> dict:
+    """Freeze the masks and make ``model`` (in place) a smaller dense model computing exactly
+    what the masked model computed; remove the gates; record the widths in its recipe.
+
+    The masks come from ``gates`` (by default the model's own), or from ``masks`` in the form
+    ``ChannelGates.masks()`` returns (a (head_dim,) mask stands for every head). In each sliced
+    attention every head keeps the same width k', the largest query/key or value count of any
+    head (at least 1); heads that keep fewer are padded with zeroed channels. An MLP keeps its
+    kept hidden units (at least one, zeroed if none was kept).
+
+    Returns ``{"method": "channels", "consistent": bool, "blocks": {index: {...}}}`` with, per
+    sliced block, ``head_dim`` (k') and the kept ``qk`` and ``v`` channels per head, and
+    ``mlp_hidden`` and the kept ``mlp`` units. The recipe step holds the same without the
+    channel lists (the shapes are what a reload rebuilds; the weights come after).
+    """
+    attached = getattr(model, GATES_ATTR, None)
+    if gates is not None and masks is not None:
+        raise VitslimError("give the gates or the masks to slice with, not both")
+    if gates is not None and gates is not attached:
+        raise VitslimError("these gates are not attached to this model")
+    if masks is None:
+        if not isinstance(attached, ChannelGates):
+            raise VitslimError("the model carries no channel gates and no masks were given: attach_gates and train first, or pass masks=")
+        gates, masks = attached, attached.masks()
+    spec = describe(model)
+    family = family_of(model)
+    plan = [_plan(family, _block_at(spec, key), entry) for key, entry in masks.items()]  # all checked before any change
+    if isinstance(attached, ChannelGates):
+        detach_gates(model)
+    if hasattr(family, "pin_architecture"):
+        family.pin_architecture(model)  # while the modules still show the original widths
+    prepare_for_replacement(model)
+    names = {id(module): name for name, module in model.named_modules()}
+    result, step = {}, {}
+    for block, qk, v, mlp in plan:
+        done, recorded = {}, {}
+        if qk is not None:
+            width = max(1, int(qk.sum(-1).max()), int(v.sum(-1).max()))
+            _slice_attention(model, names, block, *_choose(qk, width), *_choose(v, width))
+            recorded["head_dim"] = width
+            done.update(head_dim=width, qk=[row.nonzero().flatten().tolist() for row in qk],
+                        v=[row.nonzero().flatten().tolist() for row in v])
+        if mlp is not None:
+            index, keep = _choose(mlp[None], max(1, int(mlp.sum())))
+            _slice_mlp(model, names, block, index[0], keep[0])
+            recorded["mlp_hidden"] = index.shape[1]
+            done.update(mlp_hidden=index.shape[1], mlp=mlp.nonzero().flatten().tolist())
+        step[str(block.index)] = recorded
+        result[str(block.index)] = done
+    if gates is not None:
+        consistent = gates.consistent
+    else:  # explicit masks: consistent when every head of every block has the same masks
+        consistent = all(bool((mask == mask[0]).all()) for _, qk, v, _ in plan if qk is not None for mask in (qk, v))
+    record_step(model, {"method": STEP, "consistent": consistent, "blocks": step})
+    return {"method": STEP, "consistent": consistent, "blocks": result}
+
+
+def _plan(family: ModuleType, block: BlockSpec, entry: dict) -> tuple:
+    """One block's masks, checked: (block, qk, v, mlp), None for a part left as it is."""
+    unknown = set(entry) - {"qk", "v", "mlp"}
+    if unknown:
+        raise VitslimError(f"block {block.index}: unknown mask kinds {sorted(unknown)}; expected qk, v and mlp")
+    problems = _obstacles(family, block)
+    for part, kinds in (("attention", {"qk", "v"}), ("mlp", {"mlp"})):
+        if kinds & entry.keys() and part in problems:
+            raise VitslimError(f"block {block.index}: the {part} cannot be sliced: {problems[part]}")
+    qk, v = _head_masks(entry, block) if {"qk", "v"} & entry.keys() else (None, None)
+    return block, qk, v, _mlp_mask(entry, block) if "mlp" in entry else None
+
+
+@register_step(STEP)
+def _rebuild(model: nn.Module, step: dict) -> None:
+    """Recipe replay: give the recorded blocks their sliced shapes and head widths, with zero
+    weights (the saved weights are loaded after)."""
+    spec = describe(model)
+    prepare_for_replacement(model)
+    names = {id(module): name for name, module in model.named_modules()}
+    for key, entry in step["blocks"].items():
+        block = _block_at(spec, key)
+        if "head_dim" in entry:
+            zeros = torch.zeros(block.attention.num_heads, int(entry["head_dim"]), dtype=torch.long)
+            _slice_attention(model, names, block, zeros, zeros.bool(), zeros, zeros.bool())
+        if "mlp_hidden" in entry:
+            zeros = torch.zeros(int(entry["mlp_hidden"]), dtype=torch.long)
+            _slice_mlp(model, names, block, zeros, zeros.bool())
