@@ -252,7 +252,7 @@ def main() -> None:
     parser.add_argument("--model", default=f"local-dir:{SHARED / 'models' / 'vit-d6-cifar10'}")
     parser.add_argument("--train", default=str(SHARED / "data" / "cifar10-jpeg" / "train.zip"))
     parser.add_argument("--test", default=str(SHARED / "data" / "cifar10-jpeg" / "test.zip"))
-    parser.add_argument("--variants", nargs="+", choices=list(CIFAR_VARIANTS), default=list(CIFAR_VARIANTS), help="cifar part: which variants")
+    parser.add_argument("--variants", nargs="*", choices=list(CIFAR_VARIANTS), default=list(CIFAR_VARIANTS), help="cifar part: which variants (none: only time the models already made)")
     parser.add_argument("--epochs", type=int, default=2, help="KD epochs for the channel-pruned variants (at most 3 for the targets)")
     parser.add_argument("--eval-limit", type=int, default=None, help="test images (default: the whole split)")
     parser.add_argument("--fidelity-images", type=int, default=1000)
