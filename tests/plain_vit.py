@@ -77,3 +77,16 @@ def tiny_hf_vit(num_labels: int = 10, seed: int = 0, **overrides) -> nn.Module:
 
     torch.manual_seed(seed)
     return ViTForImageClassification(tiny_hf_config(num_labels, **overrides)).eval()
+
+
+def write_random_images(root, *, per_class: int, size: int, suffix: str = ".png", classes: int = 3):
+    """An ImageFolder of seeded random RGB images (class0, class1, ...); returns ``root``."""
+    from PIL import Image
+
+    generator = torch.Generator().manual_seed(0)
+    for label in range(classes):
+        (root / f"class{label}").mkdir()
+        for index in range(per_class):
+            pixels = (torch.rand(size, size, 3, generator=generator) * 255).to(torch.uint8).numpy()
+            Image.fromarray(pixels).save(root / f"class{label}" / f"{index}{suffix}")
+    return root

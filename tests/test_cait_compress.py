@@ -7,7 +7,6 @@ import json
 import pytest
 import timm
 import torch
-from PIL import Image
 
 import vitslim
 from vitslim import data as imagedata
@@ -16,7 +15,7 @@ from vitslim.cait.patch import merge_schedule
 from vitslim.cli import main
 from vitslim.errors import VitslimError
 
-from plain_vit import PlainViT, tiny_hf_vit
+from plain_vit import PlainViT, tiny_hf_vit, write_random_images
 
 
 def _timm():
@@ -26,14 +25,7 @@ def _timm():
 
 @pytest.fixture(scope="module")
 def images(tmp_path_factory):
-    root = tmp_path_factory.mktemp("images")
-    generator = torch.Generator().manual_seed(0)
-    for label in range(3):
-        (root / f"class{label}").mkdir()
-        for index in range(8):
-            pixels = (torch.rand(36, 36, 3, generator=generator) * 255).to(torch.uint8).numpy()
-            Image.fromarray(pixels).save(root / f"class{label}" / f"{index}.png")
-    return root
+    return write_random_images(tmp_path_factory.mktemp("images"), per_class=8, size=36)
 
 
 def _logits(model, seed=1):

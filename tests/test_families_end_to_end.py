@@ -4,24 +4,16 @@ import json
 
 import pytest
 import torch
-from PIL import Image
 
 import vitslim
 from vitslim.cli import main
 from vitslim.errors import VitslimError
-from plain_vit import PlainViT, tiny_hf_vit
+from plain_vit import PlainViT, tiny_hf_vit, write_random_images
 
 
 @pytest.fixture(scope="module")
 def images(tmp_path_factory):
-    root = tmp_path_factory.mktemp("images")
-    generator = torch.Generator().manual_seed(0)
-    for label in range(3):
-        (root / f"class{label}").mkdir()
-        for index in range(3):
-            pixels = (torch.rand(48, 48, 3, generator=generator) * 255).to(torch.uint8).numpy()
-            Image.fromarray(pixels).save(root / f"class{label}" / f"{index}.jpg")
-    return root
+    return write_random_images(tmp_path_factory.mktemp("images"), per_class=3, size=48, suffix=".jpg")
 
 
 def _logits(model):
