@@ -9,7 +9,7 @@ import torch.nn.functional as F
 
 import vitslim
 from vitslim.adapters import describe
-from vitslim.cait.merging import TokenMap, atme_merge, attention_bias, sub_grid, tome_merge, unmerge
+from vitslim.cait.merging import NEIGHBOURHOOD, TokenMap, atme_candidates, atme_merge, attention_bias, sub_grid, tome_merge, unmerge
 from vitslim.cait.patch import MergeSchedule, apply_token_merging, merge_schedule, remove_token_merging, token_map
 from vitslim.cait.schedule import check_schedule, plan, predicted_speedup, schedule_for_speedup, tokens_per_block
 from vitslim.errors import VitslimError
@@ -46,7 +46,7 @@ def _originals_held(token_map):
 def test_atme_joins_only_spatial_neighbours_and_keeps_destinations(merges):
     tokens, keys, start = _tokens()
     merged, token_map = _merge_levels(tokens, keys, start, merges)
-    reach = sum(max(sub_grid(level)) for _, level in merges)
+    reach = sum(NEIGHBOURHOOD * max(sub_grid(level)) for _, level in merges)
     cols = GRID[1]
     for b, groups in enumerate(_originals_held(token_map)):
         for t, members in enumerate(groups):
@@ -59,6 +59,14 @@ def test_atme_joins_only_spatial_neighbours_and_keeps_destinations(merges):
     rows_step, cols_step = sub_grid(top_level)
     on_grid = (token_map.position[..., 0] % rows_step == 0) & (token_map.position[..., 1] % cols_step == 0)
     assert int(on_grid[0].sum()) == -(-GRID[0] // rows_step) * -(-GRID[1] // cols_step)
+
+
+@pytest.mark.parametrize("level", [1, 2, 3])
+def test_atme_neighbourhood_ends_exactly_at_its_radius(level):
+    radius = NEIGHBOURHOOD * max(sub_grid(level))
+    destination = torch.tensor([[[0, 0]]])
+    sources = torch.tensor([[[radius, 0], [0, radius], [radius, radius], [radius + 1, 0], [0, radius + 1], [1, radius + 1]]])
+    assert atme_candidates(sources, destination, level)[0, :, 0].tolist() == [True, True, True, False, False, False]
 
 
 @pytest.mark.parametrize("method", ["atme", "tome"])
@@ -125,12 +133,23 @@ def test_merge_counts_beyond_what_exists_are_refused():
 
 def test_plan_spreads_merges_and_moves_up_levels():
     schedule = plan("atme", (8, 8), 6, 10.0)
-    # level 1 (every other column) offers 32 sources; the rest waits for level 2 (16 of the 32 left)
-    assert schedule.steps == ((0, 10, 1), (1, 10, 1), (2, 10, 1), (3, 2, 1), (4, 16, 2))
+    # level 1 (every other column) offers 32 sources, so block 3 needs level 2 (34 left, 16 on its
+    # grid) and block 4 level 3 (24 left, 8 on its grid): the same counts per block as ToMe
+    assert schedule.steps == ((0, 10, 1), (1, 10, 1), (2, 10, 1), (3, 10, 2), (4, 10, 3))
     assert [level for _, _, level in schedule.steps] == sorted(level for _, _, level in schedule.steps)
     check_schedule(schedule, (8, 8), 1)
     assert plan("tome", (8, 8), 6, 0.0).steps == ()
     assert plan("atme", (8, 8), 6, 2.5).merged == 12  # cumulative rounding over 5 merging blocks
+
+
+@pytest.mark.parametrize("per_block", [12.0, 20.0, 40.0])
+def test_plans_merge_at_most_half_of_a_blocks_tokens_and_atme_matches_tome(per_block):
+    atme, tome = plan("atme", (8, 8), 6, per_block), plan("tome", (8, 8), 6, per_block)
+    patches = 64
+    for _, r, _ in atme.steps:
+        assert r <= patches // 2
+        patches -= r
+    assert [(b, r) for b, r, _ in atme.steps] == [(b, r) for b, r, _ in tome.steps]
 
 
 # --- on real small models ----------------------------------------------------------------------

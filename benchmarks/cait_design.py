@@ -1,0 +1,118 @@
+"""How ATME's design choices were made: neighbourhood radius and level policy, against ToMe.
+
+Everything here runs on *train* images of vit-d6-cifar10 (a fixed random subset), never on the
+test split the CAIT benchmark reports on. ToMe and ATME are planned for the same FLOPs target
+(their per-block counts come out equal wherever ATME's grid allows), so mostly the merging rule
+differs. Columns:
+agreement of top-1 predictions with the unmerged model, mean KL divergence from its output
+distribution, top-1 against the labels, and spatial fidelity (mean cosine of the last block's
+per-position features after ``unmerge``).
+
+    .venv/bin/python benchmarks/cait_design.py --images 4000
+"""
+
+from __future__ import annotations
+
+import argparse
+import platform
+from pathlib import Path
+
+import torch
+
+import vitslim
+from vitslim import data as imagedata
+from vitslim.adapters import describe
+from vitslim.cait import merging
+from vitslim.cait.merging import unmerge
+from vitslim.cait.patch import MergeSchedule, apply_token_merging, remove_token_merging, token_map
+from vitslim.cait.schedule import mergeable, predicted_speedup, schedule_for_speedup
+
+ROOT = Path(__file__).resolve().parents[1]
+SHARED = ROOT.parent / "shared"
+GLOBAL = 10_000  # a radius no grid reaches: fixed sub-grid destinations, no spatial restriction
+
+
+def first_emptied_levels(grid: tuple[int, int], counts: list[tuple[int, int]]) -> MergeSchedule:
+    """The level policy before this study: move up a level only once the current one has no
+    token left off its grid, clipping the block's count meanwhile (so it merges fewer tokens:
+    see its FLOPs column)."""
+    patches, level, steps = grid[0] * grid[1], 1, []
+    for block, wanted in counts:
+        while mergeable("atme", patches, grid, level) == 0:
+            level += 1
+        r = min(wanted, mergeable("atme", patches, grid, level))
+        steps.append((block, r, level))
+        patches -= r
+    return MergeSchedule("atme", tuple(steps))
+
+
+def measure(model, batches, reference) -> dict:
+    agree = top1 = kl = count = 0
+    cosines = []
+    spec = describe(model)
+    seen = []
+    handle = spec.blocks[-1].module.register_forward_hook(lambda module, args, output: seen.append(output))
+    with torch.no_grad():
+        for (images, labels), (logits_ref, features_ref) in zip(batches, reference):
+            seen.clear()
+            logits = model(images)
+            mapping = token_map(model)
+            features = unmerge(seen[0], mapping) if mapping is not None else seen[0]
+            cosines.append(torch.nn.functional.cosine_similarity(features, features_ref, dim=-1)[:, spec.num_prefix_tokens:].mean(1))
+            agree += (logits.argmax(-1) == logits_ref.argmax(-1)).sum().item()
+            top1 += (logits.argmax(-1) == labels).sum().item()
+            kl += torch.nn.functional.kl_div(logits.log_softmax(-1), logits_ref.log_softmax(-1), log_target=True, reduction="sum").item()
+            count += len(labels)
+    handle.remove()
+    return {"agreement": agree / count, "kl": kl / count, "top1": top1 / count, "cosine": torch.cat(cosines).mean().item()}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--model", default=f"local-dir:{SHARED / 'models' / 'vit-d6-cifar10'}")
+    parser.add_argument("--train", default=str(SHARED / "data" / "cifar10-jpeg" / "train.zip"))
+    parser.add_argument("--images", type=int, default=4000)
+    parser.add_argument("--targets", type=float, nargs="+", default=[1.6, 2.0, 2.4])
+    parser.add_argument("--out", default=str(ROOT / "benchmarks" / "results" / "cait" / "design.md"))
+    args = parser.parse_args()
+
+    default_radius = merging.NEIGHBOURHOOD
+    model = vitslim.load_model(args.model)
+    spec = describe(model)
+    transform = imagedata.build_transform(spec.preprocessing)
+    train = imagedata.select(imagedata.open_images(args.train, transform, class_names=spec.label_names), limit=args.images, seed=123)
+    batches = [(images, labels) for images, labels, _ in imagedata.make_loader(train, 250)]
+    reference = []
+    seen = []
+    handle = spec.blocks[-1].module.register_forward_hook(lambda module, a, output: seen.append(output))
+    with torch.no_grad():
+        for images, _ in batches:
+            seen.clear()
+            reference.append((model(images), seen[0]))
+    handle.remove()
+
+    lines = [f"# ATME design study (train images only)\n\n{len(train)} CIFAR-10 *train* images (seed 123), vit-d6-cifar10, "
+             f"CPU ({platform.machine()}), float32. Each target's schedules come from the FLOPs model; the old level policy is fed ToMe's counts and clips them.\n",
+             "| target | variant | schedule (block, r, level) | FLOPs speed-up | agreement | KL | top-1 | fidelity (cosine) |",
+             "| --- | --- | --- | --- | --- | --- | --- | --- |"]
+    for target in args.targets:
+        tome = schedule_for_speedup(spec, "tome", target)
+        counts = [(block, r) for block, r, _ in tome.steps]
+        atme = schedule_for_speedup(spec, "atme", target)
+        variants = [("ToMe", tome, None), ("ATME, radius 1, levels moved up only when emptied", first_emptied_levels(spec.grid_size, counts), 1)]
+        variants += [(f"ATME, radius {radius if radius != GLOBAL else 'global'}", atme, radius) for radius in (1, 2, 3, GLOBAL)]
+        for name, schedule, radius in variants:
+            if radius is not None:
+                merging.NEIGHBOURHOOD = radius
+            apply_token_merging(model, schedule, record=False)
+            result = measure(model, batches, reference)
+            remove_token_merging(model)
+            steps = " ".join(f"({b},{r},{level})" if schedule.method == "atme" else f"({b},{r})" for b, r, level in schedule.steps)
+            lines.append(f"| {target}x | {name} | {steps} | {predicted_speedup(spec, schedule):.2f}x | {100 * result['agreement']:.2f}% | {result['kl']:.4f} | {100 * result['top1']:.2f}% | {result['cosine']:.4f} |")
+            print(lines[-1], flush=True)
+    merging.NEIGHBOURHOOD = default_radius
+    Path(args.out).write_text("\n".join(lines) + "\n")
+
+
+if __name__ == "__main__":
+    main()
