@@ -129,6 +129,12 @@ def test_merge_counts_beyond_what_exists_are_refused():
         check_schedule(MergeSchedule("atme", ((0, 30, 1),)), GRID, PREFIX)
     with pytest.raises(VitslimError, match="must not decrease"):
         MergeSchedule("atme", ((0, 4, 2), (1, 4, 1)))
+    _, coarser = atme_merge(tokens, keys, token_map, 4, 2)
+    with pytest.raises(VitslimError, match="level 1 after level 2"):
+        atme_merge(tokens[:, :-4], keys[:, :-4], coarser, 2, 1)
+    _, after_tome = tome_merge(tokens, keys, token_map, 4)
+    with pytest.raises(VitslimError, match="cannot follow ToMe"):
+        atme_merge(tokens[:, :-4], keys[:, :-4], after_tome, 2, 1)
 
 
 def test_plan_spreads_merges_and_moves_up_levels():

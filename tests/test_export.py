@@ -7,6 +7,9 @@ import torch
 import vitslim
 from vitslim.errors import VitslimError
 from vitslim.export import export_onnx, onnx_max_abs_diff
+from vitslim.cait.channels import slice_channels
+from vitslim.cait.compress import compress_cait
+from vitslim.cait.patch import merge_schedule
 from vitslim.lowrank.compress import compress_lowrank
 from vitslim.quantize import quantize_int8
 from plain_vit import PlainViT, tiny_hf_vit
@@ -14,12 +17,12 @@ from plain_vit import PlainViT, tiny_hf_vit
 TINY = dict(img_size=32, patch_size=8, embed_dim=64, depth=2, num_heads=2, num_classes=10)
 
 
-def _model(family):
+def _model(family, patch=8):
     torch.manual_seed(0)
     return {
-        "timm": lambda: timm.create_model("deit_tiny_patch16_224", **TINY).eval(),
-        "hf": lambda: tiny_hf_vit(num_labels=10, hidden_size=64, intermediate_size=256),
-        "torch": lambda: PlainViT(dim=64, mlp_dim=256, num_classes=10).eval(),
+        "timm": lambda: timm.create_model("deit_tiny_patch16_224", **(TINY | {"patch_size": patch})).eval(),
+        "hf": lambda: tiny_hf_vit(num_labels=10, hidden_size=64, intermediate_size=256, patch_size=patch),
+        "torch": lambda: PlainViT(dim=64, mlp_dim=256, num_classes=10, patch_size=patch).eval(),
     }[family]()
 
 
@@ -41,6 +44,28 @@ def test_int8_low_rank_model_exports_to_onnx(tmp_path):
     compressed = quantize_int8(compress_lowrank(_model("timm"), _calibration(), param_ratio=0.5, method="svd", progress=False))
     path = export_onnx(compressed, tmp_path / "int8.onnx")
     assert onnx_max_abs_diff(compressed, path, torch.randn(3, 3, 32, 32)) < 1e-4
+
+
+@pytest.mark.parametrize("merge", ["atme", "tome"])
+@pytest.mark.parametrize("family", ["timm", "hf", "torch"])
+def test_token_merging_model_exports_to_onnx_and_matches_onnx_runtime(family, merge, tmp_path):
+    compressed = compress_cait(_model(family, patch=4), speedup=1.25, merge=merge, measure=False)
+    assert merge_schedule(compressed).merged > 0
+    path = export_onnx(compressed, tmp_path / "merging.onnx")
+    for batch in (1, 5):
+        images = torch.randn(batch, 3, 32, 32, generator=torch.Generator().manual_seed(batch))
+        assert onnx_max_abs_diff(compressed, path, images) < 1e-4
+
+
+def test_channel_sliced_merging_model_exports_to_onnx(tmp_path):
+    model = _model("timm", patch=4)
+    generator = torch.Generator().manual_seed(0)
+    slice_channels(model, masks={str(i): {"qk": torch.rand(32, generator=generator) < 0.6, "v": torch.rand(32, generator=generator) < 0.6,
+                                          "mlp": torch.rand(256, generator=generator) < 0.5} for i in range(2)})
+    compressed = compress_cait(model, speedup=1.2, measure=False)
+    assert compressed.blocks[0].attn.head_dim < 32 and compressed.blocks[0].mlp.fc1.out_features < 256
+    path = export_onnx(compressed, tmp_path / "cait.onnx")
+    assert onnx_max_abs_diff(compressed, path, torch.randn(3, 3, 32, 32, generator=generator)) < 1e-4
 
 
 def test_low_rank_model_compiles_without_graph_breaks():

@@ -297,15 +297,25 @@ def read_preprocessing(source: Path, channels: int) -> Preprocessing:
 def add_attention_bias(attention: AttentionSpec, args: tuple, kwargs: dict, bias: torch.Tensor) -> tuple[tuple, dict]:
     """transformers 5's ``ViTAttention.forward(hidden_states, attention_mask=None)`` adds
     ``attention_mask`` to the attention logits (eager) or hands it to SDPA; ``ViTLayer`` passes it
-    positionally. transformers 4's ViT attention takes no mask at all."""
+    positionally. transformers 4's ViT attention takes no mask at all.
+
+    Eagerly the incoming mask is None; while tracing (ONNX export) transformers builds an
+    explicit one for the unmerged sequence. ViT takes no padding mask, so every row and column of
+    that mask is alike and its leading block stands for the merged sequence."""
     if "attention_mask" not in inspect.signature(attention.module.forward).parameters:
         raise VitslimError(
             "this transformers version's ViT attention takes no attention mask, which token merging needs for "
             "proportional attention; upgrade to transformers 5"
         )
+
+    tokens = bias.shape[-1]
+
+    def with_bias(mask):
+        return add_bias(None if mask is None else mask[..., :tokens, :tokens], bias)
+
     if len(args) > 1:
-        return (args[0], add_bias(args[1], bias), *args[2:]), kwargs
-    return args, {**kwargs, "attention_mask": add_bias(kwargs.get("attention_mask"), bias)}
+        return (args[0], with_bias(args[1]), *args[2:]), kwargs
+    return args, {**kwargs, "attention_mask": with_bias(kwargs.get("attention_mask"))}
 
 
 def resize_attention(attention: AttentionSpec, head_dim: int, original_head_dim: int) -> None:

@@ -44,6 +44,8 @@ class TokenMap:
     position: torch.Tensor  # (B, M, 2) long: grid cell (row, col) of each current patch token
     source: torch.Tensor  # (B, H*W) long: current patch-token index holding each original patch
     prefix: int
+    grid: tuple[int, int] = (0, 0)  # (H, W) of the original patch grid
+    level: int = 0  # the last ATME level merged at (0: none yet; -1: ToMe has merged)
 
     @classmethod
     def identity(cls, batch: int, grid: tuple[int, int], prefix: int, device: torch.device, dtype: torch.dtype) -> "TokenMap":
@@ -54,6 +56,7 @@ class TokenMap:
             position=cells.expand(batch, -1, -1),
             source=torch.arange(rows * cols, device=device).expand(batch, -1),
             prefix=prefix,
+            grid=(rows, cols),
         )
 
     @property
@@ -102,7 +105,7 @@ def _take(values: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
 
 
 def merge_step(tokens: torch.Tensor, token_map: TokenMap, destinations: torch.Tensor, sources: torch.Tensor,
-               assignment: torch.Tensor, score: torch.Tensor, r: int) -> tuple[torch.Tensor, TokenMap]:
+               assignment: torch.Tensor, score: torch.Tensor, r: int, level: int = 0) -> tuple[torch.Tensor, TokenMap]:
     """Merge the ``r`` best-scoring sources into their assigned destinations (size-weighted).
 
     ``destinations`` ``(B, D)`` and ``sources`` ``(B, S)`` index the patch tokens (after the
@@ -133,28 +136,38 @@ def merge_step(tokens: torch.Tensor, token_map: TokenMap, destinations: torch.Te
         position=torch.cat([_take(token_map.position, destinations), _take(token_map.position, kept_sources)], dim=1),
         source=new_index.gather(1, token_map.source),
         prefix=prefix,
+        grid=token_map.grid,
+        level=level,
     )
     return new_tokens, new_map
 
 
 def atme_merge(tokens: torch.Tensor, metric: torch.Tensor, token_map: TokenMap, r: int, level: int) -> tuple[torch.Tensor, TokenMap]:
     """ATME: merge ``r`` sources into neighbouring destinations on the sub-grid of ``level``."""
+    if token_map.level < 0:
+        raise VitslimError("ATME cannot follow ToMe merges: ToMe does not keep the sub-grid's destinations")
+    if level < token_map.level:
+        raise VitslimError(f"ATME level {level} after level {token_map.level}: merge levels must not decrease along the network")
+    rows, cols = sub_grid(level)
+    # every destination of this level is still a token (levels never decrease), so the count is
+    # known without looking at the data, which keeps the merge traceable for ONNX export
+    destination_count = -(-token_map.grid[0] // rows) * -(-token_map.grid[1] // cols)
     on_grid = on_sub_grid(token_map.position, level)
-    destination_count = int(on_grid[0].sum())
-    if bool((on_grid.sum(1) != destination_count).any()):
-        raise VitslimError("ATME destinations differ between images: merge levels must not decrease along the network")
     available = on_grid.shape[1] - destination_count
     if not 0 <= r <= available:
         raise VitslimError(f"cannot merge {r} tokens at level {level}: only {available} tokens lie off that sub-grid")
     if r == 0:
         return tokens, token_map
-    order = (~on_grid).to(torch.int8).argsort(dim=1, stable=True)
+    patches = on_grid.shape[1]
+    # destinations first, each group in grid order; unique keys make a plain sort deterministic
+    # (ONNX has no stable sort)
+    order = ((~on_grid).long() * patches + torch.arange(patches, device=on_grid.device)).argsort(dim=1)
     destinations, sources = order[:, :destination_count], order[:, destination_count:]
     keys = metric[:, token_map.prefix:].detach()
     similarity = _cosine(_take(keys, sources), _take(keys, destinations))
     allowed = atme_candidates(_take(token_map.position, sources), _take(token_map.position, destinations), level)
     score, assignment = similarity.masked_fill(~allowed, float("-inf")).max(dim=-1)
-    return merge_step(tokens, token_map, destinations, sources, assignment, score, r)
+    return merge_step(tokens, token_map, destinations, sources, assignment, score, r, level)
 
 
 def tome_merge(tokens: torch.Tensor, metric: torch.Tensor, token_map: TokenMap, r: int) -> tuple[torch.Tensor, TokenMap]:
@@ -170,7 +183,7 @@ def tome_merge(tokens: torch.Tensor, metric: torch.Tensor, token_map: TokenMap, 
     sources, destinations = index[:, 0::2], index[:, 1::2]
     keys = metric[:, token_map.prefix:].detach()
     score, assignment = _cosine(_take(keys, sources), _take(keys, destinations)).max(dim=-1)
-    return merge_step(tokens, token_map, destinations, sources, assignment, score, r)
+    return merge_step(tokens, token_map, destinations, sources, assignment, score, r, level=-1)
 
 
 def unmerge(tokens: torch.Tensor, token_map: TokenMap) -> torch.Tensor:
