@@ -19,48 +19,12 @@ from torch import nn
 from vitslim.adapters import describe, family_of
 from vitslim.adapters.base import AttentionSpec, ViTSpec
 from vitslim.cait.merging import TokenMap, atme_merge, attention_bias, tome_merge
+from vitslim.cait.schedule import MergeSchedule, check_schedule
 from vitslim.errors import VitslimError
 from vitslim.persist import STEPS_ATTR, record_step, register_step
 
 MERGING_ATTR = "vitslim_merging"
 STEP = "merging"
-METHODS = ("atme", "tome")
-
-
-@dataclass(frozen=True)
-class MergeSchedule:
-    """Which blocks merge, how many tokens, and (ATME) the destination sub-grid's level.
-
-    ``steps`` holds ``(block, r, level)``: after block ``block``, ``r`` tokens are merged away
-    (``merging.sub_grid`` gives a level's grid; ToMe ignores it).
-    """
-
-    method: str
-    steps: tuple[tuple[int, int, int], ...]
-
-    def __post_init__(self) -> None:
-        if self.method not in METHODS:
-            raise VitslimError(f"unknown token merging method {self.method!r}; choose one of {', '.join(METHODS)}")
-        blocks = [block for block, _, _ in self.steps]
-        if blocks != sorted(set(blocks)):
-            raise VitslimError("a merge schedule names each block at most once, in order")
-        for block, r, level in self.steps:
-            if r < 0 or level < 1:
-                raise VitslimError(f"block {block}: merge counts are ≥ 0 and levels ≥ 1 (got r={r}, level={level})")
-        levels = [level for _, _, level in self.steps]
-        if self.method == "atme" and levels != sorted(levels):
-            raise VitslimError("ATME levels must not decrease along the network (destinations must persist)")
-
-    @property
-    def merged(self) -> int:
-        return sum(r for _, r, _ in self.steps)
-
-    def as_dict(self) -> dict:
-        return {"method": self.method, "steps": [list(step) for step in self.steps]}
-
-    @classmethod
-    def from_dict(cls, data: dict) -> "MergeSchedule":
-        return cls(str(data["method"]), tuple(tuple(int(v) for v in step) for step in data["steps"]))
 
 
 @dataclass
@@ -151,8 +115,6 @@ def apply_token_merging(model: nn.Module, schedule: MergeSchedule, *, record: bo
     for block, _, _ in schedule.steps:
         if not 0 <= block < depth:
             raise VitslimError(f"the merge schedule names block {block}, but the model has blocks 0-{depth - 1}")
-    from vitslim.cait.schedule import check_schedule
-
     check_schedule(schedule, spec.grid_size, spec.num_prefix_tokens)
     merger = _Merger(spec, schedule)
     merger.handles.append(model.register_forward_pre_hook(merger.start))

@@ -15,11 +15,50 @@ target speed-up can be turned into a schedule before anything is measured.
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
 
 from vitslim.adapters.base import BlockSpec, ViTSpec
 from vitslim.cait.merging import sub_grid
-from vitslim.cait.patch import MergeSchedule
 from vitslim.errors import VitslimError
+
+METHODS = ("atme", "tome")
+
+
+@dataclass(frozen=True)
+class MergeSchedule:
+    """Which blocks merge, how many tokens, and (ATME) the destination sub-grid's level.
+
+    ``steps`` holds ``(block, r, level)``: after block ``block``, ``r`` tokens are merged away
+    (``merging.sub_grid`` gives a level's grid; ToMe ignores it).
+    """
+
+    method: str
+    steps: tuple[tuple[int, int, int], ...]
+
+    def __post_init__(self) -> None:
+        if self.method not in METHODS:
+            raise VitslimError(f"unknown token merging method {self.method!r}; choose one of {', '.join(METHODS)}")
+        blocks = [block for block, _, _ in self.steps]
+        if blocks != sorted(set(blocks)):
+            raise VitslimError("a merge schedule names each block at most once, in order")
+        for block, r, level in self.steps:
+            if r < 0 or level < 1:
+                raise VitslimError(f"block {block}: merge counts are ≥ 0 and levels ≥ 1 (got r={r}, level={level})")
+        levels = [level for _, _, level in self.steps]
+        if self.method == "atme" and levels != sorted(levels):
+            raise VitslimError("ATME levels must not decrease along the network (destinations must persist)")
+
+    @property
+    def merged(self) -> int:
+        return sum(r for _, r, _ in self.steps)
+
+    def as_dict(self) -> dict:
+        return {"method": self.method, "steps": [list(step) for step in self.steps]}
+
+    @classmethod
+    def from_dict(cls, data: dict) -> "MergeSchedule":
+        return cls(str(data["method"]), tuple(tuple(int(v) for v in step) for step in data["steps"]))
+
 
 def destinations(grid: tuple[int, int], level: int) -> int:
     rows, cols = sub_grid(level)
