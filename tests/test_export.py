@@ -5,6 +5,7 @@ import timm
 import torch
 
 import vitslim
+from vitslim.cli import main
 from vitslim.errors import VitslimError
 from vitslim.export import export_onnx, onnx_max_abs_diff
 from vitslim.cait.channels import slice_channels
@@ -79,3 +80,15 @@ def test_low_rank_model_compiles_without_graph_breaks():
 def test_export_to_a_folder_path_is_refused(tmp_path):
     with pytest.raises(VitslimError, match="is a folder"):
         export_onnx(_model("timm"), tmp_path)
+
+
+def test_export_command_checks_the_file_and_keeps_it_only_within_tolerance(tmp_path, capsys):
+    compressed = compress_cait(_model("timm", patch=4), speedup=1.25, measure=False)
+    folder = vitslim.save(compressed, tmp_path / "atme")
+    target = tmp_path / "atme.onnx"
+    assert main(["export", str(folder), "--onnx", str(target), "--check-images", "3"]) == 0
+    assert target.is_file() and "max abs difference" in capsys.readouterr().out
+    refused = tmp_path / "refused.onnx"
+    assert main(["export", str(folder), "--onnx", str(refused), "--tolerance", "0"]) == 2
+    assert "above --tolerance" in capsys.readouterr().err
+    assert not refused.exists() and sorted(p.name for p in tmp_path.iterdir()) == ["atme", "atme.onnx"]

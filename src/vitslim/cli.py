@@ -211,6 +211,40 @@ def _compress_cait(model, data, out, *, speedup, merge, token_speedup, channel_r
     click.echo(f"saved to {save(compressed, Path(out))}")
 
 
+@cli.command("export")
+@click.argument("model")
+@click.option("--onnx", "onnx_path", required=True, type=click.Path(dir_okay=False), help="The ONNX file to write.")
+@click.option("--check-images", default=8, show_default=True, callback=_positive("--check-images"), help="Random images ONNX Runtime and PyTorch both run.")
+@click.option("--tolerance", default=1e-4, show_default=True, type=float, help="Largest absolute logit difference accepted.")
+@click.option("--pretrained", is_flag=True, help="Load pretrained weights for a timm model name (needs the network).")
+def export_command(model, onnx_path, check_images, tolerance, pretrained):
+    """Export MODEL (any kind vitslim compresses) to ONNX and check it with ONNX Runtime.
+
+    The file takes preprocessed images of any batch size and returns the logits. It is kept
+    only when ONNX Runtime's logits on seeded random images match PyTorch's within --tolerance.
+    """
+    import os
+
+    import torch
+
+    from vitslim.adapters import describe
+    from vitslim.export import export_onnx, onnx_max_abs_diff
+
+    loaded = _load(model, pretrained=pretrained)
+    target = Path(onnx_path)
+    unchecked = target.with_name(f".{target.name}.unchecked")
+    try:
+        export_onnx(loaded, unchecked)
+        images = torch.randn(check_images, *describe(loaded).preprocessing.input_size, generator=torch.Generator().manual_seed(0))
+        difference = onnx_max_abs_diff(loaded, unchecked, images)
+        if not difference <= tolerance:
+            raise VitslimError(f"ONNX Runtime's logits differ from PyTorch's by up to {difference:.3g}, above --tolerance {tolerance:g}; nothing was written")
+        os.replace(unchecked, target)
+    finally:
+        unchecked.unlink(missing_ok=True)
+    click.echo(f"wrote {target}; ONNX Runtime vs PyTorch on {check_images} images: max abs difference {difference:.3g} (tolerance {tolerance:g})")
+
+
 @cli.command("info")
 @click.argument("model")
 def info_command(model):
