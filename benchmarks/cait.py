@@ -15,7 +15,7 @@ the rows already there):
   the original at the end, in one interleaved run: that is the measured speed-up.
 * ``delivery``: ``compress_cait(speedup=S)`` as the CLI's ``--speedup`` runs it (training-free,
   timed and tightened during compression), then timed again, independently, against the
-  original in one interleaved run: does it deliver at least 0.95·S?
+  original in three separate interleaved runs: does it deliver at least 0.95·S?
 * ``fidelity``: after ``unmerge``, the mean cosine similarity of the last block's per-position
   features with the original model's, for ATME and ToMe at the same token counts.
 
@@ -125,7 +125,7 @@ def throughput(rows: list[dict], out: Path, runs: int) -> None:
 
 CIFAR_VARIANTS = {
     # name: (merge, epochs, consistent, speed-ups)
-    "ATME+CDCP": ("atme", None, True, (2.2, 2.6)),
+    "ATME+CDCP": ("atme", None, True, (2.2, 2.6, 3.0, 3.4)),
     "ATME": ("atme", 0, True, (1.3, 1.45, 1.6, 2.0, 2.4)),
     "ToMe": ("tome", 0, True, (1.3, 1.45, 1.6, 2.0, 2.4)),
     "ATME+unconstrained": ("atme", None, False, (2.6,)),
@@ -171,6 +171,7 @@ def cifar(rows: list[dict], out: Path, args) -> None:
 
 
 DELIVERY_TARGETS = (1.3, 1.5, 1.8)
+DELIVERY_PASSES = 3  # separate timing runs: on a shared CPU the ratio itself moves between runs
 
 
 def delivery(rows: list[dict], out: Path, args) -> None:
@@ -188,9 +189,10 @@ def delivery(rows: list[dict], out: Path, args) -> None:
     pending = [r for r in rows if r["part"] == "delivery" and "speedup" not in r]
     if pending:
         loaded = [("original", original)] + [(f"delivery@{r['target']}", vitslim.load_model(str(ROOT / r["folder"]))) for r in pending]
-        ratios = _bench(loaded, args.runs)
+        passes = [_bench(loaded, args.runs) for _ in range(DELIVERY_PASSES)]
         for r in pending:
-            r["speedup"] = ratios[f"delivery@{r['target']}"]
+            r["speedups"] = sorted(ratios[f"delivery@{r['target']}"] for ratios in passes)
+            r["speedup"] = r["speedups"][len(passes) // 2]
         _save_rows(out, rows)
 
 
@@ -248,8 +250,8 @@ def write(out: Path, rows: list[dict], args) -> None:
     delivered = [r for r in rows if r["part"] == "delivery" and "speedup" in r]
     if delivered:
         lines += ["\n## `--speedup S` delivery (training-free ATME, timed during compression, then re-timed)\n",
-                  "| S | measured while compressing | re-measured | re-measured / S | schedule (block, r, level) |", "| --- | --- | --- | --- | --- |"]
-        lines += [f"| {r['target']} | {r['compress_measured_speedup']:.2f}x | {r['speedup']:.2f}x | {r['speedup'] / r['target']:.3f} | "
+                  "| S | measured while compressing | re-measured (median; every pass) | median / S | schedule (block, r, level) |", "| --- | --- | --- | --- | --- |"]
+        lines += [f"| {r['target']} | {r['compress_measured_speedup']:.2f}x | {r['speedup']:.2f}x ({', '.join(f'{v:.2f}' for v in r.get('speedups', [r['speedup']]))}) | {r['speedup'] / r['target']:.3f} | "
                   + " ".join(f"({b},{n},{level})" for b, n, level in r["schedule"]["steps"]) + " |" for r in delivered]
     fid = [r for r in rows if r["part"] == "fidelity"]
     if fid:

@@ -27,7 +27,10 @@ from vitslim.persist import STEPS_ATTR
 logger = logging.getLogger("vitslim")
 
 TOKEN_SHARE = 0.5  # of log(speed-up) given to token merging when channels are pruned too
-SHORTFALL_TOLERANCE = 0.95  # measured/target below which the schedule is tightened
+PROMISE = 0.95  # measured/target that --speedup promises
+AIM = 0.98  # measured/target the schedule is tightened to reach: timings on a busy CPU move by a few
+# percent between runs, so aiming at the promise itself left a 1.8x request at 0.94x of it when
+# re-measured (benchmarks/cait.py --parts delivery)
 MEASURE_ROUNDS = 4
 MAX_STEP = 1.15  # largest factor by which one round raises the predicted speed-up (timings are noisy)
 
@@ -83,7 +86,8 @@ def compress_cait(
     (the ablation without CDCP's consistency constraints); the gates learn at ``lr`` times
     ``gate_lr_scale`` (they must travel far in a few epochs). With ``measure`` the result is timed
     against the original (CPU or ``device``, batch 32) and the merge schedule tightened, at most
-    a few times, until the measured speed-up reaches 95% of the target.
+    a few times, until the measured speed-up reaches 98% of the target (so that it still shows at
+    least 95% when timed again).
     """
     if not speedup > 1:
         raise VitslimError(f"--speedup must be greater than 1 (a speed-up of the original), got {speedup:g}")
@@ -122,10 +126,10 @@ def compress_cait(
 
 
 def _meet_target(model, student, reference, merge, speedup, schedule, device):
-    """Merge more until the measured speed-up reaches ``SHORTFALL_TOLERANCE`` of the target."""
+    """Merge more until the measured speed-up reaches ``AIM`` of the target."""
     measured = measured_speedup(model, student, device=device)
     for _ in range(MEASURE_ROUNDS):
-        if measured >= SHORTFALL_TOLERANCE * speedup:
+        if measured >= AIM * speedup:
             break
         if schedule is not None:
             remove_token_merging(student)
@@ -143,7 +147,7 @@ def _meet_target(model, student, reference, merge, speedup, schedule, device):
         schedule = tighter
         apply_token_merging(student, schedule)
         measured = measured_speedup(model, student, device=device)
-    if measured < SHORTFALL_TOLERANCE * speedup:
+    if measured < PROMISE * speedup:
         logger.warning("measured speed-up %.2fx is below the %.2fx target", measured, speedup)
     for step in getattr(student, STEPS_ATTR, []):
         if step.get("method") == MERGING_STEP:
