@@ -82,6 +82,14 @@ def _peak_memory_mb(model: nn.Module, images: torch.Tensor, device: torch.device
         return _peak_rss_mb()
 
 
+MIN_RUNS = 20
+
+
+def check_runs(runs: int) -> None:
+    if runs < MIN_RUNS:
+        raise VitslimError(f"--runs must be at least {MIN_RUNS}: fewer timed runs give medians too noisy to compare")
+
+
 def benchmark(
     models: list[tuple[str, nn.Module]],
     *,
@@ -99,8 +107,7 @@ def benchmark(
         raise VitslimError("bench needs at least one model")
     if batch_size < 1:
         raise VitslimError("--batch-size must be at least 1")
-    if runs < 20:
-        raise VitslimError("--runs must be at least 20: fewer timed runs give medians too noisy to compare")
+    check_runs(runs)
     if dtype not in DTYPES:
         raise VitslimError(f"unknown dtype {dtype}; choose one of {', '.join(DTYPES)}")
     target = torch.device(device)

@@ -211,6 +211,32 @@ def _compress_cait(model, data, out, *, speedup, merge, token_speedup, channel_r
     click.echo(f"saved to {save(compressed, Path(out))}")
 
 
+@cli.command("sweep")
+@click.argument("model")
+@click.option("--data", required=True, help="Train images: calibration (and KD with --epochs); never scored.")
+@click.option("--eval-data", required=True, help="Held-out labelled images every point is scored on.")
+@click.option("--budgets", multiple=True, required=True,
+              help="METHOD=V[,V...], repeatable: lowrank/svd/asvd take fractions of the parameters kept, cait/tome take speed-ups.")
+@click.option("--out", required=True, help="Sweep folder: points.json, models/, report.md, pareto.png. Rerun with the same --out to resume.")
+@click.option("--reference", "references", multiple=True, help="Another model to mark on the plots (e.g. a smaller one of the same family).")
+@click.option("--calib-images", type=int, default=256, show_default=True, callback=_positive("--calib-images"))
+@click.option("--eval-limit", type=int, callback=_positive("--eval-limit"), help="Score on a seeded subset of this many held-out images.")
+@click.option("--epochs", type=int, default=0, show_default=True, help="KD epochs per point (cait: trains the channel gates too).")
+@click.option("--seed", type=int, default=0, show_default=True)
+@click.option("--batch-size", type=int, default=32, show_default=True, callback=_positive("--batch-size"))
+@click.option("--runs", type=int, default=20, show_default=True, help="Timed rounds of the final speed run (at least 20).")
+def sweep_command(model, data, eval_data, budgets, out, references, calib_images, eval_limit, epochs, seed, batch_size, runs):
+    """Compress MODEL over a grid of methods and budgets; score, time and plot every point."""
+    from vitslim.sweep import run_sweep
+
+    if epochs < 0:
+        raise VitslimError("--epochs must be 0 or more")
+    rows = run_sweep(model, data, eval_data, list(budgets), out, references=tuple(references), calib_images=calib_images, eval_limit=eval_limit,
+                     epochs=epochs, seed=seed, batch_size=batch_size, runs=runs)
+    click.echo(render(["model", "top-1", "params", "throughput"], [[r["name"], percent(r["top1"]), human(r["params"]), f"{r['ratio']:.2f}x"] for r in rows]))
+    click.echo(f"report: {Path(out) / 'report.md'}, plot: {Path(out) / 'pareto.png'}")
+
+
 @cli.command("export")
 @click.argument("model")
 @click.option("--onnx", "onnx_path", required=True, type=click.Path(dir_okay=False), help="The ONNX file to write.")

@@ -1,0 +1,193 @@
+"""``vitslim sweep``: compress one model over a grid of methods and budgets, measure every point
+against the original in one process, and draw the trade-off.
+
+Each point is compressed from the original, saved under ``OUT/models/``, and scored on the
+held-out images as soon as it is made; its row lands in ``OUT/points.json`` at once, so a sweep
+that stops resumes with the points it has not finished. Speed is measured last, for every point,
+the original and any reference models together in one interleaved run, because ratios from
+different runs do not compare on a shared machine. ``report.md`` and ``pareto.png`` come from
+``points.json``: top-1 against parameters and against measured throughput, one curve per method.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+import click
+import torch
+from torch import nn
+
+from vitslim.errors import VitslimError
+from vitslim.table import human, percent, render
+
+PARAMETER_METHODS = {"lowrank": "whitened", "svd": "svd", "asvd": "asvd"}  # budget: fraction of the parameters kept
+SPEED_METHODS = {"cait": "atme", "tome": "tome"}  # budget: target speed-up
+
+
+@dataclass(frozen=True)
+class Point:
+    method: str
+    budget: float
+
+    @property
+    def name(self) -> str:
+        return f"{self.method}-{self.budget:g}"
+
+
+def parse_budgets(specs: list[str]) -> list[Point]:
+    """``["lowrank=0.5,0.3", "cait=1.5"]`` → points, checking each method's budget range."""
+    points = []
+    for spec in specs:
+        method, sep, values = spec.partition("=")
+        if not sep or not values:
+            raise VitslimError(f"--budgets takes METHOD=V[,V...] (e.g. lowrank=0.5,0.3 or cait=1.5,2), got {spec!r}")
+        if method not in PARAMETER_METHODS and method not in SPEED_METHODS:
+            raise VitslimError(f"unknown sweep method {method!r}; choose from {', '.join([*PARAMETER_METHODS, *SPEED_METHODS])}")
+        for text in values.split(","):
+            try:
+                budget = float(text)
+            except ValueError:
+                raise VitslimError(f"--budgets {spec!r}: {text!r} is not a number") from None
+            if method in PARAMETER_METHODS and not 0 < budget < 1:
+                raise VitslimError(f"{method} budgets are fractions of the parameters kept (0 < R < 1), got {budget:g}")
+            if method in SPEED_METHODS and not budget > 1:
+                raise VitslimError(f"{method} budgets are speed-ups (greater than 1), got {budget:g}")
+            points.append(Point(method, budget))
+    if not points:
+        raise VitslimError("give at least one --budgets METHOD=V[,V...]")
+    if len(set(points)) != len(points):
+        raise VitslimError("a point appears twice in --budgets")
+    return points
+
+
+def _write_json(path: Path, rows: list[dict]) -> None:
+    partial = path.with_name(f".{path.name}.partial")
+    partial.write_text(json.dumps(rows, indent=1))
+    os.replace(partial, path)
+
+
+def _compress(original: nn.Module, point: Point, calibration: list, train, epochs: int, seed: int) -> nn.Module:
+    from vitslim.cait.compress import compress_cait
+    from vitslim.lowrank.compress import compress_lowrank
+    from vitslim.train import distill
+
+    if point.method in PARAMETER_METHODS:
+        compressed = compress_lowrank(original, calibration, param_ratio=point.budget, method=PARAMETER_METHODS[point.method], progress=False)
+        if epochs:
+            distill(compressed, original, train, epochs=epochs, seed=seed)
+        return compressed
+    # speed points are planned by the FLOPs model: timing each one inside the sweep would let
+    # the load of the moment shape the plan; the final run measures them all together
+    return compress_cait(original, train if epochs else None, speedup=point.budget, epochs=epochs, merge=SPEED_METHODS[point.method],
+                         seed=seed, measure=False, progress=False)
+
+
+def run_sweep(model: str, data: str, eval_data: str, budgets: list[str], out: str | os.PathLike, *, references: tuple[str, ...] = (),
+              calib_images: int = 256, eval_limit: int | None = None, epochs: int = 0, seed: int = 0, batch_size: int = 32,
+              runs: int = 20) -> list[dict]:
+    """Run (or resume) the sweep in ``out`` and return its rows, the original's first."""
+    from vitslim import data as imagedata
+    from vitslim.adapters import describe
+    from vitslim.bench import benchmark, check_runs
+    from vitslim.evaluate import evaluate
+    from vitslim.loading import load_model
+    from vitslim.persist import save
+
+    points = parse_budgets(list(budgets))
+    check_runs(runs)
+    out = Path(out)
+    if out.exists() and not out.is_dir():
+        raise VitslimError(f"{out} is a file; give a folder for the sweep")
+    out.mkdir(parents=True, exist_ok=True)
+    log = out / "points.json"
+    rows: list[dict] = json.loads(log.read_text()) if log.is_file() else []
+    original = load_model(model)
+    spec = describe(original)
+    train = imagedata.open_images(data, imagedata.build_transform(spec.preprocessing), class_names=spec.label_names)
+    if len(train) < calib_images:
+        raise VitslimError(f"{data} holds {len(train)} images, fewer than --calib-images {calib_images}")
+    calibration = [images for images, _, _ in imagedata.make_loader(imagedata.select(train, limit=calib_images, seed=seed), batch_size)]
+
+    def score(name: str, kind: str, candidate: nn.Module, **extra) -> None:
+        result = evaluate(candidate, eval_data, teacher=original, limit=eval_limit, seed=seed, progress=False)
+        rows[:] = [r for r in rows if r["name"] != name] + [{"name": name, "kind": kind, **extra, **result}]
+        _write_json(log, rows)
+
+    done = {r["name"] for r in rows if r["kind"] != "point" or (out / r["folder"]).is_dir()}
+    if "original" not in done:
+        score("original", "original", original)
+    for reference in references:
+        if f"reference {reference}" not in done:
+            score(f"reference {reference}", "reference", load_model(reference), spec=reference)
+    for index, point in enumerate(points, 1):
+        if point.name in done:
+            click.echo(f"[{index}/{len(points)}] {point.name}: already measured")
+            continue
+        click.echo(f"[{index}/{len(points)}] {point.name}: compressing, then scoring on the held-out images")
+        compressed = _compress(original, point, calibration, train, epochs, seed)
+        folder = save(compressed, out / "models" / point.name)
+        score(point.name, "point", compressed, method=point.method, budget=point.budget, epochs=epochs, folder=str(folder.relative_to(out)))
+
+    wanted = {"original", *(f"reference {r}" for r in references), *(p.name for p in points)}
+    timed = [r for r in rows if r["name"] in wanted]
+    timed.sort(key=lambda r: (r["kind"] != "original", r["kind"] != "reference", r.get("method", ""), r.get("budget", 0)))
+    click.echo(f"timing {len(timed)} models in one interleaved run (batch {batch_size}, median of {runs})")
+    loaded = {"original": original, **{r["name"]: load_model(r["spec"]) for r in timed if r["kind"] == "reference"},
+              **{r["name"]: load_model(str(out / r["folder"])) for r in timed if r["kind"] == "point"}}
+    speeds = benchmark([(r["name"], loaded[r["name"]]) for r in timed], batch_size=batch_size, runs=runs, progress=False)
+    for row, speed in zip(timed, speeds):
+        row.update(ratio=speed.ratio, images_per_s=speed.images_per_s, device=speed.device, threads=speed.threads)
+    _write_json(log, rows)
+    _plot(timed, out / "pareto.png")
+    report = out / "report.md"
+    partial = report.with_name(".report.md.partial")
+    partial.write_text(_report(timed, speeds[0], eval_data))
+    os.replace(partial, report)
+    return timed
+
+
+def _plot(rows: list[dict], path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    figure, (by_size, by_speed) = plt.subplots(1, 2, figsize=(11, 4.5))
+    methods = sorted({r["method"] for r in rows if r["kind"] == "point"})
+    for method in methods:
+        curve = sorted((r for r in rows if r.get("method") == method), key=lambda r: r["params"])
+        by_size.plot([r["params"] / 1e6 for r in curve], [100 * r["top1"] for r in curve], marker="o", label=method)
+        curve.sort(key=lambda r: r["ratio"])
+        by_speed.plot([r["ratio"] for r in curve], [100 * r["top1"] for r in curve], marker="o", label=method)
+    for row in rows:
+        if row["kind"] == "point":
+            continue
+        style = {"marker": "*", "s": 160, "color": "black"} if row["kind"] == "original" else {"marker": "D", "s": 60, "color": "gray"}
+        by_size.scatter(row["params"] / 1e6, 100 * row["top1"], label=row["name"], **style)
+        by_speed.scatter(row["ratio"], 100 * row["top1"], label=row["name"], **style)
+    by_size.set(xlabel="parameters (millions)", ylabel="held-out top-1 (%)", title="accuracy against size")
+    by_speed.set(xlabel="throughput, times the original's (one run)", ylabel="held-out top-1 (%)", title="accuracy against measured speed")
+    for axis in (by_size, by_speed):
+        axis.grid(alpha=0.3)
+        axis.legend(fontsize=8)
+    figure.tight_layout()
+    partial = path.with_name(f".{path.stem}.partial.png")
+    figure.savefig(partial, dpi=120)
+    plt.close(figure)
+    os.replace(partial, path)
+
+
+def _report(rows: list[dict], first, eval_data: str) -> str:
+    table = render(["model", "top-1", "agreement", "params", "FLOPs / image", "throughput ratio", "images/s"],
+                   [[r["name"], percent(r["top1"]), percent(r["agreement"]), f"{r['params']:,}", human(r["flops"]), f"{r['ratio']:.2f}x",
+                     f"{r['images_per_s']:.1f}"] for r in rows], markdown=True)
+    return (
+        "# vitslim sweep\n\n"
+        f"Held-out images: `{eval_data}` ({rows[0]['images']} scored). Agreement is top-1 agreement with the original.\n"
+        f"Speed: {first.device}, {first.threads} threads, batch {first.batch_size}, {first.dtype}, median of {first.runs} "
+        "interleaved runs; ratios are to the original in the same run.\n\n"
+        f"{table}\n\n![trade-off](pareto.png)\n"
+    )

@@ -1,0 +1,86 @@
+"""``vitslim sweep``: a grid of methods and budgets, scored, timed in one run, plotted, resumable."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import timm
+import torch
+
+import vitslim
+import vitslim.sweep
+from vitslim.cli import main
+from vitslim.errors import VitslimError
+from vitslim.sweep import Point, parse_budgets
+
+from plain_vit import write_random_images
+
+
+@pytest.fixture(scope="module")
+def setup(tmp_path_factory):
+    root = tmp_path_factory.mktemp("sweep")
+    torch.manual_seed(0)
+    model = timm.create_model("vit_tiny_patch16_224", img_size=32, patch_size=4, depth=3, embed_dim=48, num_heads=3, num_classes=3).eval()
+    folder = vitslim.save(model, root / "model")
+    (root / "train").mkdir()
+    (root / "heldout").mkdir()
+    train = write_random_images(root / "train", per_class=6, size=32)
+    heldout = write_random_images(root / "heldout", per_class=4, size=32)
+    return folder, train, heldout, root
+
+
+def _sweep(setup, out, *extra):
+    folder, train, heldout, _ = setup
+    return main(["sweep", str(folder), "--data", str(train), "--eval-data", str(heldout), "--budgets", "lowrank=0.6,0.4",
+                 "--budgets", "cait=1.3", "--out", str(out), "--calib-images", "8", *extra])
+
+
+def test_sweep_scores_times_and_plots_every_point_then_resumes(setup, monkeypatch, capsys):
+    out = setup[3] / "run"
+    assert _sweep(setup, out, "--reference", str(setup[0])) == 0
+    rows = json.loads((out / "points.json").read_text())
+    names = [r["name"] for r in rows]
+    assert names[0] == "original" and set(names) == {"original", f"reference {setup[0]}", "lowrank-0.6", "lowrank-0.4", "cait-1.3"}
+    by_name = {r["name"]: r for r in rows}
+    assert by_name["lowrank-0.4"]["params"] < by_name["lowrank-0.6"]["params"] < by_name["original"]["params"]
+    assert by_name["original"]["ratio"] == 1.0 and all(r["ratio"] > 0 for r in rows)
+    assert by_name["cait-1.3"]["params"] == by_name["original"]["params"]
+    assert (out / "pareto.png").stat().st_size > 0 and "| lowrank-0.4 |" in (out / "report.md").read_text()
+    reloaded = vitslim.load_model(str(out / by_name["lowrank-0.4"]["folder"]))
+    assert sum(p.numel() for p in reloaded.parameters()) == by_name["lowrank-0.4"]["params"]
+
+    # a rerun (say, after an interruption) compresses only the points it has no model for
+    (out / "models" / "cait-1.3").rename(out / "lost")
+    compressed = []
+    real = vitslim.sweep._compress
+    monkeypatch.setattr(vitslim.sweep, "_compress", lambda original, point, *args: compressed.append(point) or real(original, point, *args))
+    capsys.readouterr()
+    assert _sweep(setup, out, "--reference", str(setup[0])) == 0
+    assert compressed == [Point("cait", 1.3)]
+    assert "lowrank-0.6: already measured" in capsys.readouterr().out
+    assert len(json.loads((out / "points.json").read_text())) == 5
+
+
+def test_too_few_timing_runs_are_refused_before_any_work(setup, capsys):
+    assert _sweep(setup, setup[3] / "few", "--runs", "5") == 2
+    assert "at least 20" in capsys.readouterr().err and not (setup[3] / "few").exists()
+
+
+@pytest.mark.parametrize("specs, message", [
+    (["lowrank"], "METHOD=V"),
+    (["pruning=0.5"], "unknown sweep method"),
+    (["lowrank=1.5"], "fractions of the parameters"),
+    (["cait=0.5"], "speed-ups"),
+    (["lowrank=0.5,x"], "not a number"),
+    (["lowrank=0.5", "lowrank=0.5"], "twice"),
+])
+def test_bad_budgets_are_refused(specs, message):
+    with pytest.raises(VitslimError, match=message):
+        parse_budgets(specs)
+
+
+def test_cli_refuses_bad_budgets_before_any_work(setup, capsys):
+    folder, train, heldout, root = setup
+    assert main(["sweep", str(folder), "--data", str(train), "--eval-data", str(heldout), "--budgets", "cait=0.9", "--out", str(root / "bad")]) == 2
+    assert "speed-ups" in capsys.readouterr().err and not (root / "bad").exists()
