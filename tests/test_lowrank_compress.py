@@ -92,6 +92,15 @@ def test_too_few_calibration_images_and_non_finite_activations():
         compress_lowrank(model, poisoned, param_ratio=0.5, progress=False)
 
 
+def test_enough_calibration_images_pass_even_when_the_statistics_use_only_the_leading_ones(monkeypatch):
+    import vitslim.lowrank.calibration as calibration
+
+    tokens = vitslim.describe(_models()["timm"]).num_patches + 1
+    monkeypatch.setattr(calibration, "STAT_TOKENS", 3 * tokens)  # the Gram matrices read 3 of the 16 images
+    compressed = compress_lowrank(_models()["timm"], _batches(2), param_ratio=0.5, min_images=16, progress=False)
+    assert count_params(compressed) < count_params(_models()["timm"])
+
+
 def test_a_model_with_no_compressible_layer_is_refused():
     model = _models()["timm"]
     with pytest.raises(VitslimError, match="no compressible"):

@@ -149,7 +149,8 @@ def compress_lowrank(
             raise VitslimError(f"only {images} calibration images were given; at least {min_images} are needed")
         tokens_per_image = spec.num_patches + spec.num_prefix_tokens
         fraction, statistics_batches = token_fraction(batches, tokens_per_image), leading_batches(batches, tokens_per_image)
-    grams = collect_grams(compressed, linears, statistics_batches, min_images=min_images if statistics_batches is not batches else 1,
+    # a list was counted above; its leading images may be fewer than min_images by design
+    grams = collect_grams(compressed, linears, statistics_batches, min_images=1 if isinstance(batches, list) else min_images,
                           progress=progress) if method != "svd" else {}
     spectra, energies = {}, {}
     for name, layer in linears.items():
