@@ -80,7 +80,10 @@ def test_bad_budgets_are_refused(specs, message):
         parse_budgets(specs)
 
 
-def test_cli_refuses_bad_budgets_before_any_work(setup, capsys):
+def test_cli_refuses_bad_input_before_any_work(setup, capsys):
     folder, train, heldout, root = setup
     assert main(["sweep", str(folder), "--data", str(train), "--eval-data", str(heldout), "--budgets", "cait=0.9", "--out", str(root / "bad")]) == 2
     assert "speed-ups" in capsys.readouterr().err and not (root / "bad").exists()
+    assert main(["sweep", str(folder), "--data", str(train), "--eval-data", str(heldout), "--budgets", "cait=1.3", "--out", str(root / "bad"),
+                 "--calib-images", "500"]) == 2
+    assert "fewer than --calib-images 500" in capsys.readouterr().err and not (root / "bad").exists()

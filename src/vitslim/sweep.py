@@ -101,14 +101,14 @@ def run_sweep(model: str, data: str, eval_data: str, budgets: list[str], out: st
     out = Path(out)
     if out.exists() and not out.is_dir():
         raise VitslimError(f"{out} is a file; give a folder for the sweep")
-    out.mkdir(parents=True, exist_ok=True)
-    log = out / "points.json"
-    rows: list[dict] = json.loads(log.read_text()) if log.is_file() else []
     original = load_model(model)
     spec = describe(original)
     train = imagedata.open_images(data, imagedata.build_transform(spec.preprocessing), class_names=spec.label_names)
     if len(train) < calib_images:
         raise VitslimError(f"{data} holds {len(train)} images, fewer than --calib-images {calib_images}")
+    out.mkdir(parents=True, exist_ok=True)
+    log = out / "points.json"
+    rows: list[dict] = json.loads(log.read_text()) if log.is_file() else []
     calibration = [images for images, _, _ in imagedata.make_loader(imagedata.select(train, limit=calib_images, seed=seed), batch_size)]
 
     def score(name: str, kind: str, candidate: nn.Module, **extra) -> None:
