@@ -1,4 +1,4 @@
-"""Write a whole output folder or nothing: build it under a temporary name, then rename it."""
+"""Write a whole output folder or file, or nothing: build it under a temporary name, then rename it."""
 
 from __future__ import annotations
 
@@ -41,4 +41,22 @@ def atomic_folder(target: Path, fill: Callable[[Path], None]) -> Path:
     except BaseException:
         shutil.rmtree(staging, ignore_errors=True)
         raise
+    return target
+
+
+def atomic_file(target: Path, write: Callable[[Path], None]) -> Path:
+    """Call ``write`` on a temporary path beside ``target`` (same suffix, so tools that infer a
+    format from it still work), then rename it to ``target``. If ``write`` raises, the temporary
+    file goes and any previous ``target`` is left untouched."""
+    target = Path(target)
+    try:
+        target.parent.mkdir(parents=True, exist_ok=True)
+    except OSError as error:
+        raise VitslimError(f"cannot write to {target.parent}: {error.strerror}; choose a writable output path") from None
+    partial = target.with_name(f".{target.stem}.partial{target.suffix}")
+    try:
+        write(partial)
+        os.replace(partial, target)
+    finally:
+        partial.unlink(missing_ok=True)
     return target

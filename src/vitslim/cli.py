@@ -249,25 +249,25 @@ def export_command(model, onnx_path, check_images, tolerance, pretrained):
     The file takes preprocessed images of any batch size and returns the logits. It is kept
     only when ONNX Runtime's logits on seeded random images match PyTorch's within --tolerance.
     """
-    import os
-
     import torch
 
     from vitslim.adapters import describe
+    from vitslim.atomic import atomic_file
     from vitslim.export import export_onnx, onnx_max_abs_diff
 
     loaded = _load(model, pretrained=pretrained)
     target = Path(onnx_path)
-    unchecked = target.with_name(f".{target.name}.unchecked")
-    try:
+    images = torch.randn(check_images, *describe(loaded).preprocessing.input_size, generator=torch.Generator().manual_seed(0))
+    difference = float("nan")
+
+    def export_and_check(unchecked: Path) -> None:
+        nonlocal difference
         export_onnx(loaded, unchecked)
-        images = torch.randn(check_images, *describe(loaded).preprocessing.input_size, generator=torch.Generator().manual_seed(0))
         difference = onnx_max_abs_diff(loaded, unchecked, images)
         if not difference <= tolerance:
             raise VitslimError(f"ONNX Runtime's logits differ from PyTorch's by up to {difference:.3g}, above --tolerance {tolerance:g}; nothing was written")
-        os.replace(unchecked, target)
-    finally:
-        unchecked.unlink(missing_ok=True)
+
+    atomic_file(target, export_and_check)
     click.echo(f"wrote {target}; ONNX Runtime vs PyTorch on {check_images} images: max abs difference {difference:.3g} (tolerance {tolerance:g})")
 
 

@@ -16,6 +16,7 @@ import torch
 from torch import nn
 
 from vitslim.adapters import describe
+from vitslim.atomic import atomic_file
 from vitslim.adapters.base import logits_of
 from vitslim.errors import VitslimError
 
@@ -49,17 +50,14 @@ def export_onnx(model: nn.Module, path: str | os.PathLike, *, batch_size: int = 
     spec = describe(model)
     model.eval()
     example = torch.randn(batch_size, *spec.preprocessing.input_size, device=next(model.parameters()).device)
-    partial = path.with_name(f".{path.name}.partial")
-    path.parent.mkdir(parents=True, exist_ok=True)
-    try:
+
+    def write(partial: Path) -> None:
         quiet = contextlib.nullcontext() if verbose else contextlib.redirect_stdout(io.StringIO())
         with quiet, torch.no_grad():
             torch.onnx.export(LogitsOnly(model), (example,), str(partial), input_names=["images"], output_names=["logits"],
                               dynamic_shapes=({0: torch.export.Dim("batch")},), dynamo=True, external_data=False)
-        os.replace(partial, path)
-    finally:
-        partial.unlink(missing_ok=True)
-    return path
+
+    return atomic_file(path, write)
 
 
 def onnx_max_abs_diff(model: nn.Module, path: str | os.PathLike, images: torch.Tensor) -> float:

@@ -20,6 +20,7 @@ import click
 import torch
 from torch import nn
 
+from vitslim.atomic import atomic_file
 from vitslim.errors import VitslimError
 from vitslim.table import human, percent, render
 
@@ -64,9 +65,7 @@ def parse_budgets(specs: list[str]) -> list[Point]:
 
 
 def _write_json(path: Path, rows: list[dict]) -> None:
-    partial = path.with_name(f".{path.name}.partial")
-    partial.write_text(json.dumps(rows, indent=1))
-    os.replace(partial, path)
+    atomic_file(path, lambda partial: partial.write_text(json.dumps(rows, indent=1)))
 
 
 def _compress(original: nn.Module, point: Point, calibration: list, train, epochs: int, seed: int) -> nn.Module:
@@ -142,10 +141,7 @@ def run_sweep(model: str, data: str, eval_data: str, budgets: list[str], out: st
         row.update(ratio=speed.ratio, images_per_s=speed.images_per_s, device=speed.device, threads=speed.threads)
     _write_json(log, rows)
     _plot(timed, out / "pareto.png")
-    report = out / "report.md"
-    partial = report.with_name(".report.md.partial")
-    partial.write_text(_report(timed, speeds[0], eval_data))
-    os.replace(partial, report)
+    atomic_file(out / "report.md", lambda partial: partial.write_text(_report(timed, speeds[0], eval_data)))
     return timed
 
 
@@ -174,10 +170,8 @@ def _plot(rows: list[dict], path: Path) -> None:
         axis.grid(alpha=0.3)
         axis.legend(fontsize=8)
     figure.tight_layout()
-    partial = path.with_name(f".{path.stem}.partial.png")
-    figure.savefig(partial, dpi=120)
+    atomic_file(path, lambda partial: figure.savefig(partial, dpi=120))
     plt.close(figure)
-    os.replace(partial, path)
 
 
 def _report(rows: list[dict], first, eval_data: str) -> str:
