@@ -35,7 +35,7 @@ import torch
 import vitslim
 from vitslim import data as imagedata
 from vitslim.adapters import describe
-from vitslim.cait.channels import slice_channels
+from vitslim.cait.channels import importance_masks, slice_channels
 from vitslim.cait.compress import compress_cait
 from vitslim.cait.merging import unmerge
 from vitslim.cait.patch import MergeSchedule, apply_token_merging, merge_schedule, token_map
@@ -45,29 +45,6 @@ from vitslim.evaluate import evaluate
 ROOT = Path(__file__).resolve().parents[1]
 SHARED = ROOT.parent / "shared"
 GEOMETRIES = {"deit_tiny": ("deit_tiny_patch16_224", 1.8), "deit_small": ("deit_small_patch16_224", 2.0)}
-
-
-def magnitude_masks(model: torch.nn.Module, keep: float) -> dict:
-    """Consistent masks keeping the ``keep`` fraction of head-dim channels and MLP units with the
-    largest weight norms; for timing untrained geometries, where which channels go does not matter."""
-    masks = {}
-    for block in describe(model).blocks:
-        attention = block.attention
-        weight = attention.qkv.weight.detach()
-        heads, width = attention.num_heads, attention.head_dim
-        q, k, v = weight.reshape(3, heads, width, -1).norm(dim=-1)
-        kept = max(1, round(keep * width))
-        hidden = block.mlp.fc1.weight.detach().norm(dim=-1)
-        masks[str(block.index)] = {
-            "qk": _top((q * k).sum(0), kept), "v": _top(v.sum(0), kept), "mlp": _top(hidden, max(1, round(keep * hidden.numel()))),
-        }
-    return masks
-
-
-def _top(scores: torch.Tensor, count: int) -> torch.Tensor:
-    mask = torch.zeros_like(scores, dtype=torch.bool)
-    mask[scores.topk(count).indices] = True
-    return mask
 
 
 def _save_rows(out: Path, rows: list[dict]) -> None:
@@ -106,7 +83,7 @@ def throughput(rows: list[dict], out: Path, runs: int) -> None:
 
         def sliced() -> torch.nn.Module:
             model = _copy(name, original)
-            slice_channels(model, masks=magnitude_masks(model, keep))
+            slice_channels(model, masks=importance_masks(model, keep))
             return model
 
         variants = [("original", original)]

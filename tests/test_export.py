@@ -92,3 +92,41 @@ def test_export_command_checks_the_file_and_keeps_it_only_within_tolerance(tmp_p
     assert main(["export", str(folder), "--onnx", str(refused), "--tolerance", "0"]) == 2
     assert "above --tolerance" in capsys.readouterr().err
     assert not refused.exists() and sorted(p.name for p in tmp_path.iterdir()) == ["atme", "atme.onnx"]
+
+
+def test_composed_model_exports_to_onnx_and_torch_export(tmp_path):
+    """Sliced channels, then low-rank factors on the sliced layers, then ATME: the three steps of
+    --method lowrank+cait, in both formats."""
+    from vitslim.cait.channels import importance_masks
+    from vitslim.export import export_program, program_max_abs_diff
+
+    model = _model("timm", patch=4)
+    slice_channels(model, masks=importance_masks(model, 0.6))
+    factorised = compress_lowrank(model, _calibration(), param_ratio=0.7, sensitivity="none", compensation=False, progress=False)
+    composed = compress_cait(factorised, speedup=1.2, measure=False)
+    assert [step["method"] for step in composed.vitslim_steps] == ["channels", "lowrank", "merging"]
+    images = torch.randn(3, 3, 32, 32, generator=torch.Generator().manual_seed(3))
+    assert onnx_max_abs_diff(composed, export_onnx(composed, tmp_path / "composed.onnx"), images) < 1e-4
+    assert program_max_abs_diff(composed, export_program(composed, tmp_path / "composed.pt2"), images) < 1e-4
+
+
+@pytest.mark.parametrize("family", ["timm", "hf", "torch"])
+def test_merged_low_rank_model_round_trips_through_torch_export(family, tmp_path):
+    from vitslim.export import export_program, program_max_abs_diff
+
+    factorised = compress_lowrank(_model(family, patch=4), _calibration(), param_ratio=0.6, method="svd", progress=False)
+    compressed = compress_cait(factorised, speedup=1.2, measure=False)
+    path = export_program(compressed, tmp_path / "model.pt2")
+    for batch in (1, 4):  # the batch dimension is dynamic
+        assert program_max_abs_diff(compressed, path, torch.randn(batch, 3, 32, 32, generator=torch.Generator().manual_seed(batch))) < 1e-5
+
+
+def test_export_command_writes_both_formats_or_refuses(tmp_path, capsys):
+    folder = vitslim.save(compress_cait(_model("timm", patch=4), speedup=1.25, measure=False), tmp_path / "atme")
+    assert main(["export", str(folder), "--onnx", str(tmp_path / "m.onnx"), "--torch-export", str(tmp_path / "m.pt2"), "--check-images", "2"]) == 0
+    printed = capsys.readouterr().out
+    assert "ONNX Runtime vs PyTorch" in printed and "torch.export vs PyTorch" in printed
+    assert (tmp_path / "m.onnx").is_file() and (tmp_path / "m.pt2").is_file()
+    assert main(["export", str(folder)]) == 2 and "say what to write" in capsys.readouterr().err
+    assert main(["export", str(folder), "--torch-export", str(tmp_path / "no.pt2"), "--tolerance", "-1"]) == 2
+    assert not (tmp_path / "no.pt2").exists()

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 import sys
 from pathlib import Path
 
@@ -11,6 +12,8 @@ import click
 
 from vitslim.errors import VitslimError
 from vitslim.table import human, percent, render
+
+DISTRIBUTED_COMMANDS = {"compress", "eval"}  # the others time models or write many files: one process
 
 
 def _load(spec: str, pretrained: bool = False):
@@ -39,6 +42,24 @@ def cli(verbose: bool) -> None:
     or a folder written by vitslim.
     """
     logging.basicConfig(level=logging.INFO if verbose else logging.WARNING, format="%(name)s: %(message)s")
+    from vitslim import distributed
+
+    distributed.init_from_environment()
+    if distributed.active():
+        command = click.get_current_context().invoked_subcommand
+        if command not in DISTRIBUTED_COMMANDS:
+            raise VitslimError(f"vitslim {command} runs in one process; launch it without torchrun "
+                               f"(under torchrun: {', '.join(sorted(DISTRIBUTED_COMMANDS))})")
+        if not distributed.is_main():  # one report, from rank 0; errors still reach stderr
+            sys.stdout = open(os.devnull, "w")
+
+
+def _save(model, out) -> None:
+    """Write the result on rank 0 alone (every process when not under torchrun)."""
+    from vitslim.distributed import on_main
+    from vitslim.persist import save
+
+    click.echo(f"saved to {on_main(lambda: save(model, Path(out)))}")
 
 
 @cli.command("eval")
@@ -105,10 +126,14 @@ def bench_command(models, batch_size, threads, device, dtype, runs, warmup, as_j
 @click.argument("model")
 @click.option("--data", required=True, help="Calibration images (train split, never the images you report on).")
 @click.option("--out", required=True, help="Output folder (model.safetensors + recipe.json + config.json).")
-@click.option("--method", type=click.Choice(["lowrank", "svd", "asvd", "cait"]), default="lowrank", show_default=True,
+@click.option("--method", type=click.Choice(["lowrank", "svd", "asvd", "cait", "lowrank+cait"]), default="lowrank", show_default=True,
               help="lowrank: activation-aware whitened SVD (svd, asvd: its baselines in the same code path); "
-                   "cait: token merging (ATME) plus, with --epochs, consistent channel pruning (CDCP).")
-@click.option("--speedup", type=float, help="cait: target throughput, times the original's (measured after compression).")
+                   "cait: token merging (ATME) plus, with --epochs, consistent channel pruning (CDCP); "
+                   "lowrank+cait: all three axes, the target split between them by measured cost.")
+@click.option("--speedup", type=float, help="cait, lowrank+cait: target throughput, times the original's (measured after compression).")
+@click.option("--flops-ratio", type=float, help="lowrank+cait: keep at most this fraction of the original's FLOPs per image.")
+@click.option("--recovery-epochs", type=int, default=0, show_default=True,
+              help="lowrank+cait: distil the original into the composed model for E epochs once it is built.")
 @click.option("--merge", type=click.Choice(["atme", "tome"]), default="atme", show_default=True, help="cait: token merging method (tome: the ToMe baseline).")
 @click.option("--token-speedup", type=float, help="cait: the share of --speedup given to token merging (default: its square root when channels are pruned, all of it otherwise).")
 @click.option("--channel-ratio", type=float, help="cait: fraction of the blocks' FLOPs the channel gates keep (default: what --speedup leaves after tokens).")
@@ -129,14 +154,14 @@ def bench_command(models, batch_size, threads, device, dtype, runs, warmup, as_j
 @click.option("--checkpoints", help="Folder for the fine-tune's per-epoch checkpoints (pickle-free).")
 @click.option("--resume", is_flag=True, help="Continue the fine-tune from the last checkpoint in --checkpoints.")
 @click.option("--int8", is_flag=True, help="Finally quantise every Linear's weights to int8 (per output channel): about 4x fewer bytes on disk.")
-def compress_command(model, data, out, method, speedup, merge, token_speedup, channel_ratio, consistent, param_ratio, params, like, allocation, sensitivity,
+def compress_command(model, data, out, method, speedup, flops_ratio, recovery_epochs, merge, token_speedup, channel_ratio, consistent, param_ratio, params, like, allocation, sensitivity,
                      compensation, rank_multiple, calib_images, seed, batch_size, finetune_epochs, finetune_lr, checkpoints, resume, int8):
     """Compress MODEL to one budget (parameters, or speed-up for cait) and save it to --out."""
     from vitslim import data as imagedata
     from vitslim.adapters import describe
     from vitslim.lowrank.compress import compress_lowrank
     from vitslim.metrics import count_params
-    from vitslim.persist import STEPS_ATTR, check_output_folder, save
+    from vitslim.persist import STEPS_ATTR, check_output_folder
     from vitslim.quantize import quantize_int8
     from vitslim.train import distill
 
@@ -144,8 +169,16 @@ def compress_command(model, data, out, method, speedup, merge, token_speedup, ch
         raise VitslimError("--finetune-epochs must be 0 or more")
     if resume and not checkpoints:
         raise VitslimError("--resume needs --checkpoints, the folder the interrupted fine-tune wrote")
-    if (checkpoints or resume) and not finetune_epochs:
+    if (checkpoints or resume) and not (finetune_epochs or recovery_epochs):
         raise VitslimError("--checkpoints and --resume belong to the fine-tune; give --epochs/--finetune-epochs too")
+    if method == "lowrank+cait":
+        _compress_composed(model, data, out, speedup=speedup, flops_ratio=flops_ratio, param_ratio=param_ratio, params=params, like=like,
+                           channel_ratio=channel_ratio, merge=merge, epochs=finetune_epochs, recovery_epochs=recovery_epochs,
+                           calib_images=calib_images, lr=finetune_lr, batch_size=batch_size, seed=seed, checkpoints=checkpoints, resume=resume,
+                           stray=[name for name, value in (("--token-speedup", token_speedup), ("--int8", int8 or None)) if value is not None])
+        return
+    if flops_ratio is not None or recovery_epochs:
+        raise VitslimError("--flops-ratio and --recovery-epochs belong to --method lowrank+cait")
     if method == "cait":
         _compress_cait(model, data, out, speedup=speedup, merge=merge, token_speedup=token_speedup, channel_ratio=channel_ratio, consistent=consistent,
                        epochs=finetune_epochs, lr=finetune_lr, batch_size=batch_size, seed=seed, checkpoints=checkpoints, resume=resume,
@@ -178,7 +211,7 @@ def compress_command(model, data, out, method, speedup, merge, token_speedup, ch
     if int8:
         compressed = quantize_int8(compressed)
         click.echo("weights quantised to int8 (per output channel)")
-    click.echo(f"saved to {save(compressed, Path(out))}")
+    _save(compressed, out)
 
 
 def _compress_cait(model, data, out, *, speedup, merge, token_speedup, channel_ratio, consistent, epochs, lr, batch_size, seed, checkpoints, resume, stray):
@@ -187,7 +220,7 @@ def _compress_cait(model, data, out, *, speedup, merge, token_speedup, channel_r
     from vitslim.cait.compress import compress_cait
     from vitslim.cait.patch import merge_schedule
     from vitslim.metrics import count_params
-    from vitslim.persist import STEPS_ATTR, check_output_folder, save
+    from vitslim.persist import STEPS_ATTR, check_output_folder
 
     if stray:
         raise VitslimError(f"{', '.join(stray)} do not apply to --method cait, which takes --speedup (and --epochs)")
@@ -208,7 +241,46 @@ def _compress_cait(model, data, out, *, speedup, merge, token_speedup, channel_r
         click.echo(render(["block", "head dim", "MLP hidden"], [[index, str(w.get("head_dim", "-")), str(w.get("mlp_hidden", "-"))] for index, w in widths.items()]))
     measured = steps.get("merging", {}).get("measured_speedup")
     click.echo(f"params {count_params(original):,} -> {count_params(compressed):,}" + (f"; measured speed-up {measured:.2f}x (target {speedup:g}x)" if measured else ""))
-    click.echo(f"saved to {save(compressed, Path(out))}")
+    _save(compressed, out)
+
+
+def _compress_composed(model, data, out, *, speedup, flops_ratio, param_ratio, params, like, channel_ratio, merge, epochs, recovery_epochs,
+                       calib_images, lr, batch_size, seed, checkpoints, resume, stray):
+    from vitslim import data as imagedata
+    from vitslim.adapters import describe
+    from vitslim.compose import compress_composed
+    from vitslim.metrics import count_params
+    from vitslim.persist import STEPS_ATTR, check_output_folder
+
+    if stray:
+        raise VitslimError(f"{', '.join(stray)} do not apply to --method lowrank+cait")
+    if recovery_epochs < 0:
+        raise VitslimError("--recovery-epochs must be 0 or more")
+    if sum(option is not None for option in (param_ratio, params, like)) > 1:
+        raise VitslimError("state the parameter budget once: --param-ratio, --params or --like")
+    if speedup is None and flops_ratio is None and param_ratio is None and params is None and like is None:
+        raise VitslimError("--method lowrank+cait needs a target: state a target with --speedup, --flops-ratio, --param-ratio, --params or --like")
+    check_output_folder(out)
+    original = _load(model)
+    if like is not None:
+        params = count_params(_load(like))
+    spec = describe(original)
+    dataset = imagedata.open_images(data, imagedata.build_transform(spec.preprocessing), class_names=spec.label_names)
+    if len(dataset) < calib_images:
+        raise VitslimError(f"{data} holds {len(dataset)} images, fewer than --calib-images {calib_images}")
+    calibration = imagedata.make_loader(imagedata.select(dataset, limit=calib_images, seed=seed), batch_size)
+    compressed = compress_composed(original, calibration, dataset, speedup=speedup, flops_ratio=flops_ratio, param_ratio=param_ratio,
+                                   params=params, epochs=epochs, finetune_epochs=recovery_epochs, channel_ratio=channel_ratio, merge=merge,
+                                   lr=lr, batch_size=batch_size, seed=seed, checkpoint_dir=checkpoints, resume=resume)
+    steps = {step["method"]: step for step in getattr(compressed, STEPS_ATTR, [])}
+    split = steps["composed"]
+    click.echo(render(["axis", "level", "probe cost (KL)", "probe speed-up"],
+                      [[probe["axis"], f"{probe['level']:g}", f"{probe['cost']:.4f}", f"{probe['speedup']:.2f}x"]
+                       for probe in split["probes"] if probe["level"] == split["levels"][probe["axis"]]]))
+    measured = split.get("measured_speedup")
+    click.echo(f"split: {', '.join(f'{axis} {level:g}' for axis, level in split['levels'].items())}; "
+               f"params {count_params(original):,} -> {count_params(compressed):,}" + (f"; measured speed-up {measured:.2f}x" if measured else ""))
+    _save(compressed, out)
 
 
 @cli.command("sweep")
@@ -239,36 +311,43 @@ def sweep_command(model, data, eval_data, budgets, out, references, calib_images
 
 @cli.command("export")
 @click.argument("model")
-@click.option("--onnx", "onnx_path", required=True, type=click.Path(dir_okay=False), help="The ONNX file to write.")
-@click.option("--check-images", default=8, show_default=True, callback=_positive("--check-images"), help="Random images ONNX Runtime and PyTorch both run.")
+@click.option("--onnx", "onnx_path", type=click.Path(dir_okay=False), help="The ONNX file to write (checked with ONNX Runtime).")
+@click.option("--torch-export", "program_path", type=click.Path(dir_okay=False),
+              help="A torch.export ExportedProgram (.pt2) to write (checked by loading it back).")
+@click.option("--check-images", default=8, show_default=True, callback=_positive("--check-images"), help="Random images the file and PyTorch both run.")
 @click.option("--tolerance", default=1e-4, show_default=True, type=float, help="Largest absolute logit difference accepted.")
 @click.option("--pretrained", is_flag=True, help="Load pretrained weights for a timm model name (needs the network).")
-def export_command(model, onnx_path, check_images, tolerance, pretrained):
-    """Export MODEL (any kind vitslim compresses) to ONNX and check it with ONNX Runtime.
+def export_command(model, onnx_path, program_path, check_images, tolerance, pretrained):
+    """Export MODEL (any kind vitslim compresses) to ONNX and/or torch.export, and check each file.
 
-    The file takes preprocessed images of any batch size and returns the logits. It is kept
-    only when ONNX Runtime's logits on seeded random images match PyTorch's within --tolerance.
+    Each file takes preprocessed images of any batch size and returns the logits. It is kept
+    only when its logits on seeded random images match PyTorch's within --tolerance.
     """
     import torch
 
     from vitslim.adapters import describe
     from vitslim.atomic import atomic_file
-    from vitslim.export import export_onnx, onnx_max_abs_diff
+    from vitslim.export import export_onnx, export_program, onnx_max_abs_diff, program_max_abs_diff
 
+    if onnx_path is None and program_path is None:
+        raise VitslimError("say what to write: --onnx FILE and/or --torch-export FILE")
     loaded = _load(model, pretrained=pretrained)
-    target = Path(onnx_path)
     images = torch.randn(check_images, *describe(loaded).preprocessing.input_size, generator=torch.Generator().manual_seed(0))
-    difference = float("nan")
+    formats = [("ONNX Runtime", onnx_path, export_onnx, onnx_max_abs_diff), ("torch.export", program_path, export_program, program_max_abs_diff)]
+    for name, path, write, compare in formats:
+        if path is None:
+            continue
+        difference = float("nan")
 
-    def export_and_check(unchecked: Path) -> None:
-        nonlocal difference
-        export_onnx(loaded, unchecked)
-        difference = onnx_max_abs_diff(loaded, unchecked, images)
-        if not difference <= tolerance:
-            raise VitslimError(f"ONNX Runtime's logits differ from PyTorch's by up to {difference:.3g}, above --tolerance {tolerance:g}; nothing was written")
+        def export_and_check(unchecked: Path) -> None:
+            nonlocal difference
+            write(loaded, unchecked)
+            difference = compare(loaded, unchecked, images)
+            if not difference <= tolerance:
+                raise VitslimError(f"{name}'s logits differ from PyTorch's by up to {difference:.3g}, above --tolerance {tolerance:g}; {path} was not written")
 
-    atomic_file(target, export_and_check)
-    click.echo(f"wrote {target}; ONNX Runtime vs PyTorch on {check_images} images: max abs difference {difference:.3g} (tolerance {tolerance:g})")
+        atomic_file(Path(path), export_and_check)
+        click.echo(f"wrote {path}; {name} vs PyTorch on {check_images} images: max abs difference {difference:.3g} (tolerance {tolerance:g})")
 
 
 @cli.command("info")

@@ -9,6 +9,7 @@ from torch import nn
 from tqdm import tqdm
 
 from vitslim import data as imagedata
+from vitslim import distributed
 from vitslim.adapters import describe
 from vitslim.errors import VitslimError
 from vitslim.metrics import ClassificationScore, count_flops, count_params
@@ -19,6 +20,8 @@ def _loader(source, preprocessing, *, class_names, limit, skip, seed, batch_size
         source, imagedata.build_transform(preprocessing), class_names=class_names
     )
     subset = imagedata.select(dataset, limit=limit, skip=skip, seed=seed)
+    if distributed.active():  # this rank's shard: every world_size-th image, none twice
+        subset = torch.utils.data.Subset(subset, range(distributed.rank(), len(subset), distributed.world_size()))
     return dataset, imagedata.make_loader(subset, batch_size, workers=workers)
 
 
@@ -40,7 +43,8 @@ def evaluate(
     top-1 agreement and mean KL(teacher || model), which need no labels to be meaningful.
 
     A path is opened with the model's own preprocessing; the teacher gets its own preprocessing
-    of the same images when it differs.
+    of the same images when it differs. Under ``torchrun`` each rank scores its shard of the
+    images and the counts are summed, so every rank returns the whole result.
     """
     spec = describe(model)
     model = model.to(device).eval()
@@ -54,7 +58,7 @@ def evaluate(
             teacher_batches = iter(teacher_loader)
     score = ClassificationScore(spec.num_classes)
     skipped = 0
-    for images, labels, dropped in tqdm(loader, desc="evaluating", unit="batch", disable=None if progress else True, leave=False):
+    for images, labels, dropped in tqdm(loader, desc="evaluating", unit="batch", disable=None if progress and distributed.is_main() else True, leave=False):
         teacher_images = next(teacher_batches)[0] if teacher_batches is not None else images
         skipped += dropped
         if images is None:
@@ -67,6 +71,8 @@ def evaluate(
         images, labels = images.to(device), labels.to(device)
         teacher_logits = teacher_spec.logits(teacher_images.to(device)) if teacher_spec is not None else None
         score.update(spec.logits(images), labels, teacher_logits)
+    score.reduce_across_ranks()
+    (skipped,) = map(int, distributed.sum_numbers(skipped))
     if score.images == 0:
         raise VitslimError(f"no readable images in {getattr(dataset, 'source', data)}; all {skipped} failed to decode")
     result = score.result()

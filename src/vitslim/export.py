@@ -1,8 +1,10 @@
-"""Export a (compressed) model to ONNX and check the file against PyTorch with ONNX Runtime.
+"""Export a (compressed) model for deployment and check the file against PyTorch.
 
-The exported graph takes a batch of preprocessed images (any batch size) and returns the class
-logits, whatever the model's family returns from its own forward. ``onnx``, ``onnxscript`` (the
-exporter's own dependencies) and ``onnxruntime`` come with the ``export`` extra.
+Two formats: ONNX, checked with ONNX Runtime (``onnx``, ``onnxscript`` and ``onnxruntime`` come
+with the ``export`` extra), and ``torch.export``'s ExportedProgram (``.pt2``: a whole-graph
+capture that AOTInductor and ExecuTorch compile ahead of time), checked by loading it back. The
+exported graph takes a batch of preprocessed images (any batch size) and returns the class
+logits, whatever the model's family returns from its own forward.
 """
 
 from __future__ import annotations
@@ -54,7 +56,7 @@ def export_onnx(model: nn.Module, path: str | os.PathLike, *, batch_size: int = 
     def write(partial: Path) -> None:
         quiet = contextlib.nullcontext() if verbose else contextlib.redirect_stdout(io.StringIO())
         with quiet, torch.no_grad():
-            torch.onnx.export(LogitsOnly(model), (example,), str(partial), input_names=["images"], output_names=["logits"],
+            torch.onnx.export(LogitsOnly(model).eval(), (example,), str(partial), input_names=["images"], output_names=["logits"],
                               dynamic_shapes=({0: torch.export.Dim("batch")},), dynamo=True, external_data=False)
 
     return atomic_file(path, write)
@@ -70,3 +72,29 @@ def onnx_max_abs_diff(model: nn.Module, path: str | os.PathLike, images: torch.T
     with torch.no_grad():
         reference = describe(model).logits(images).float().cpu()
     return float((torch.from_numpy(exported) - reference).abs().max())
+
+
+def _example(model: nn.Module, batch_size: int) -> torch.Tensor:
+    return torch.randn(batch_size, *describe(model).preprocessing.input_size, device=next(model.parameters()).device)
+
+
+def export_program(model: nn.Module, path: str | os.PathLike, *, batch_size: int = 2) -> Path:
+    """Write ``model`` as a ``torch.export`` ExportedProgram (``torch.export.save``) to ``path``,
+    with a dynamic batch dimension; written under a temporary name, then renamed."""
+    path = Path(path)
+    if path.is_dir():
+        raise VitslimError(f"{path} is a folder; give the program file's path (e.g. {path / 'model.pt2'})")
+    model.eval()
+    with torch.no_grad():
+        program = torch.export.export(LogitsOnly(model).eval(), (_example(model, batch_size),), dynamic_shapes=({0: torch.export.Dim("batch")},))
+    return atomic_file(path, lambda partial: torch.export.save(program, str(partial)))
+
+
+def program_max_abs_diff(model: nn.Module, path: str | os.PathLike, images: torch.Tensor) -> float:
+    """Largest absolute difference between the saved program's logits (loaded back from the file
+    vitslim wrote) and the model's own."""
+    program = torch.export.load(str(path)).module()
+    with torch.no_grad():
+        exported = program(images)
+        reference = describe(model).logits(images)
+    return float((exported.float() - reference.float()).abs().max())

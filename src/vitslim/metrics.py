@@ -10,6 +10,8 @@ from torch import nn
 from torch.nn import functional as F
 from torch.utils.flop_counter import FlopCounterMode, sdpa_flop_count
 
+from vitslim.distributed import active, sum_numbers
+
 
 
 def _cpu_flash_attention_flops(query_shape, key_shape, value_shape, *args, out_shape=None, **kwargs) -> int:
@@ -64,6 +66,15 @@ class ClassificationScore:
             # KL(teacher || student), summed over classes, per image
             kl = F.kl_div(F.log_softmax(logits, 1), F.log_softmax(teacher_logits, 1), log_target=True, reduction="none")
             self.kl_sum += float(kl.sum())
+
+    def reduce_across_ranks(self) -> None:
+        """Sum the counts of every ``torchrun`` rank (a no-op in one process)."""
+        if not active():
+            return
+        images, top1, topk, agreements, kl, teacher = sum_numbers(self.images, self.top1_hits, self.topk_hits, self.agreements,
+                                                                  self.kl_sum, float(self.has_teacher))
+        self.images, self.top1_hits, self.topk_hits, self.agreements = int(images), int(top1), int(topk), int(agreements)
+        self.kl_sum, self.has_teacher = kl, teacher > 0
 
     def result(self) -> dict:
         n = max(self.images, 1)

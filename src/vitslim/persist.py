@@ -36,7 +36,8 @@ STEPS_ATTR = "vitslim_steps"
 STEP_APPLIERS: dict[str, Callable[[nn.Module, dict], None]] = {}
 # vitslim's own modules that register those functions, imported on first need. A fixed table:
 # a name read from a recipe only ever selects one of these, never an arbitrary import.
-STEP_MODULES = {"lowrank": "vitslim.lowrank.compress", "int8": "vitslim.quantize", "merging": "vitslim.cait.patch", "channels": "vitslim.cait.channels"}
+STEP_MODULES = {"lowrank": "vitslim.lowrank.compress", "int8": "vitslim.quantize", "merging": "vitslim.cait.patch", "channels": "vitslim.cait.channels",
+                "composed": "vitslim.compose"}
 
 
 def register_step(method: str):

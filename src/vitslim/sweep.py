@@ -17,7 +17,6 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import click
-import torch
 from torch import nn
 
 from vitslim.atomic import atomic_file

@@ -16,6 +16,13 @@ resumable exactly:
 * a checkpoint is written after every finished epoch: the student and AdamW's moment tensors in
   safetensors, everything else (epoch, step, seed, hyper-parameters, optimiser structure) in
   JSON. Nothing is pickled, so a checkpoint can be read without executing code.
+
+Under ``torchrun`` (see ``vitslim.distributed``) ``batch_size`` stays the *global* batch: each
+rank reads ``batch_size / world_size`` images of every step's batch through a
+``DistributedSampler`` over the same permutation a single process draws, the student runs under
+``DistributedDataParallel`` (which averages the gradients), and only rank 0 writes checkpoints.
+With equal per-rank shares every step therefore sees the same images and the same averaged
+gradient as a single process, and the weights agree up to float summation order.
 """
 
 from __future__ import annotations
@@ -34,11 +41,15 @@ import safetensors.torch
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.nn.parallel import DistributedDataParallel
 from torch.utils.data import Dataset, IterableDataset, Subset
+from torch.utils.data.distributed import DistributedSampler
 from tqdm import tqdm
 
 from vitslim import data as imagedata
+from vitslim import distributed
 from vitslim.adapters import describe
+from vitslim.adapters.base import logits_of
 from vitslim.atomic import atomic_folder
 from vitslim.errors import VitslimError
 from vitslim.persist import load_state_strict, load_weights, read_json, unique_state_dict
@@ -141,8 +152,13 @@ def distill(
     if folder is not None:
         if resume:
             start_epoch, step = _restore(folder, student, optimizer, names, config)
-        else:
+        elif distributed.is_main():
             _remove_checkpoints(folder)
+    forward = student
+    if distributed.active():  # averages the gradients over ranks during backward
+        forward = DistributedDataParallel(student, device_ids=[torch.device(device).index] if torch.device(device).type == "cuda" else None,
+                                          find_unused_parameters=True)
+    show = progress and distributed.is_main()
 
     device_type = torch.device(device).type
     use_bf16 = device_type == "cuda" and torch.cuda.is_bf16_supported()
@@ -155,7 +171,7 @@ def distill(
             student.train()
             total, images_seen, skipped = 0.0, 0, 0
             bar = tqdm(batches.epoch(seed, epoch), total=steps_per_epoch, desc=f"distilling {epoch + 1}/{epochs}",
-                       unit="batch", disable=None if progress else True, leave=False)
+                       unit="batch", disable=None if show else True, leave=False)
             for position, (images, labels, dropped) in enumerate(bar):
                 skipped += dropped
                 if images is None:  # every image of the batch was unreadable
@@ -167,13 +183,13 @@ def distill(
                 with autocast:
                     with torch.no_grad():
                         teacher_logits = teacher_spec.logits(images)
-                    student_logits = student_spec.logits(images)
+                    student_logits = logits_of(forward(images))
                 loss = _kd_loss(student_logits.float(), teacher_logits.float(), temperature)
                 if label_weight > 0:
                     loss = loss + label_weight * F.cross_entropy(student_logits.float(), _labels(labels, student_spec.num_classes, device))
                 if extra_loss is not None:
                     loss = loss + _extra(extra_loss, student)
-                value = float(loss.detach())  # the one host sync of the step
+                value = distributed.sum_numbers(float(loss.detach()))[0] / distributed.world_size()  # the one host sync of the step
                 if not math.isfinite(value):
                     raise VitslimError(f"the distillation loss became {value} at epoch {epoch + 1}, step {position + 1}; lower the learning rate")
                 optimizer.zero_grad(set_to_none=True)
@@ -187,12 +203,17 @@ def distill(
                 images_seen += count
                 bar.set_postfix(loss=f"{total / images_seen:.4f}", refresh=False)
             bar.close()
+            if distributed.active():
+                seen, dropped, total = distributed.sum_numbers(images_seen, skipped, total)
+                images_seen, skipped = int(seen), int(dropped)
             if images_seen == 0:
                 raise VitslimError(f"no readable images in the training data; all {skipped} failed to decode")
             logger.info(f"distill epoch {epoch + 1}/{epochs}: mean loss {total / images_seen:.4f} over {images_seen} images"
                         + (f", {skipped} unreadable skipped" if skipped else ""))
             if folder is not None:
-                _save(folder, epoch + 1, step, student, optimizer, names, config, total / images_seen)
+                if distributed.is_main():
+                    _save(folder, epoch + 1, step, student, optimizer, names, config, total / images_seen)
+                distributed.barrier()
     return student.eval()
 
 
@@ -241,9 +262,15 @@ class _Batches:
             self.size = len(data)
             if self.size == 0:
                 raise VitslimError("the training data holds no images")
+            if batch_size % distributed.world_size():
+                raise VitslimError(f"the batch size {batch_size} must be a multiple of the {distributed.world_size()} processes, "
+                                   "which each take an equal share of every batch")
             return
         if not isinstance(data, Iterable):
             raise VitslimError(f"training data must be a Dataset of (image, label) or an iterable of batches, not {type(data).__name__}")
+        if distributed.active():
+            raise VitslimError("under torchrun, pass the training data as a Dataset of (image, label), which each process samples "
+                               "its share of; ready-made batches cannot be shared out")
         self.dataset, self.batch_size = None, None
         self.items = data if isinstance(data, Sized) else list(data)
         self.size = len(self.items)
@@ -252,15 +279,19 @@ class _Batches:
 
     def __len__(self) -> int:
         if self.dataset is not None:
-            return math.ceil(self.size / self.batch_size)
+            world = distributed.world_size()
+            return math.ceil(math.ceil(self.size / world) / (self.batch_size // world))
         return self.size
 
     def epoch(self, seed: int, epoch: int) -> Iterable[tuple[torch.Tensor | None, torch.Tensor | None, int]]:
-        generator = torch.Generator().manual_seed(_epoch_seed(seed, epoch))
         if self.dataset is not None:
-            order = torch.randperm(self.size, generator=generator).tolist()
-            yield from imagedata.make_loader(Subset(self.dataset, order), self.batch_size, workers=self.workers)
+            # one process: the permutation drawn from (seed, epoch); several: every k-th entry of
+            # that same permutation, so the ranks' k-th batches together are the single process's
+            world = distributed.world_size()
+            sampler = DistributedSampler(self.dataset, num_replicas=world, rank=distributed.rank(), shuffle=True, seed=_epoch_seed(seed, epoch))
+            yield from imagedata.make_loader(Subset(self.dataset, list(sampler)), self.batch_size // world, workers=self.workers)
             return
+        generator = torch.Generator().manual_seed(_epoch_seed(seed, epoch))
         items = self.items
         if isinstance(items, (list, tuple)):
             items = [items[i] for i in torch.randperm(len(items), generator=generator).tolist()]

@@ -21,6 +21,7 @@ from vitslim.adapters import describe
 from vitslim.cait.channels import attach_gates, slice_channels
 from vitslim.cait.patch import MERGING_ATTR, STEP as MERGING_STEP, apply_token_merging, remove_token_merging
 from vitslim.cait.schedule import predicted_speedup, schedule_for_speedup, tokens_per_block
+from vitslim.distributed import on_main
 from vitslim.errors import VitslimError
 from vitslim.persist import STEPS_ATTR
 
@@ -36,10 +37,13 @@ MAX_STEP = 1.15  # largest factor by which one round raises the predicted speed-
 
 
 def measured_speedup(original: nn.Module, compressed: nn.Module, *, batch_size: int = 32, runs: int = 20, device: str = "cpu") -> float:
+    """Throughput of ``compressed`` over ``original``'s, timed in one run; under ``torchrun`` on
+    rank 0 alone (ranks timing at once would slow each other) and shared with the others, so all
+    ranks take the same decisions from it."""
     from vitslim.bench import benchmark
 
-    results = benchmark([("original", original), ("compressed", compressed)], batch_size=batch_size, runs=runs, device=device, progress=False)
-    return results[1].ratio
+    return on_main(lambda: benchmark([("original", original), ("compressed", compressed)], batch_size=batch_size, runs=runs,
+                                     device=device, progress=False)[1].ratio)
 
 
 def _split(speedup: float, epochs: int, token_speedup: float | None, channel_ratio: float | None) -> tuple[float, float | None]:
@@ -103,30 +107,43 @@ def compress_cait(
     schedule = schedule_for_speedup(spec, merge, token_target) if token_target > 1 else None
 
     if channel_target is not None:
-        from vitslim.train import distill
-
-        gates = attach_gates(student, consistent=consistent, lr_scale=gate_lr_scale)
-        if schedule is not None:
-            apply_token_merging(student, schedule, record=False)
-        tokens = tokens_per_block(schedule, spec)
-        distill(student, model, batches, epochs=epochs, lr=lr, batch_size=batch_size, seed=seed, device=device,
-                extra_loss=lambda _: gates.budget_penalty(channel_target, tokens=tokens),
-                checkpoint_dir=checkpoint_dir, resume=resume, progress=progress)
-        if schedule is not None:
-            remove_token_merging(student)
-        slice_channels(student, gates)
-        student.to("cpu").eval()
-        model.to("cpu")
+        prune_channels(student, model, batches, channel_ratio=channel_target, schedule=schedule, consistent=consistent,
+                       epochs=epochs, lr=lr, gate_lr_scale=gate_lr_scale, batch_size=batch_size, seed=seed, device=device,
+                       checkpoint_dir=checkpoint_dir, resume=resume, progress=progress)
     reference = describe(model)
     if schedule is not None:
         apply_token_merging(student, schedule)
     if measure:
-        schedule = _meet_target(model, student, reference, merge, speedup, schedule, device)
+        meet_speedup(model, student, reference, merge, speedup, schedule, device)
     return student
 
 
-def _meet_target(model, student, reference, merge, speedup, schedule, device):
-    """Merge more until the measured speed-up reaches ``AIM`` of the target."""
+def prune_channels(student: nn.Module, teacher: nn.Module, batches, *, channel_ratio: float, schedule, consistent: bool = True,
+                   epochs: int, lr: float = 1e-4, gate_lr_scale: float = 100.0, batch_size: int = 64, seed: int = 0,
+                   device: str = "cpu", checkpoint_dir=None, resume: bool = False, progress: bool = True) -> None:
+    """CDCP on ``student`` in place: gates trained with distillation from ``teacher`` towards
+    ``channel_ratio`` of the blocks' FLOPs (counted at the token counts ``schedule`` leaves, with
+    the schedule in place during training, so the gates learn for the model that will run), then
+    frozen and sliced. Both models end on the CPU in eval mode."""
+    from vitslim.train import distill
+
+    spec = describe(student)
+    gates = attach_gates(student, consistent=consistent, lr_scale=gate_lr_scale)
+    if schedule is not None:
+        apply_token_merging(student, schedule, record=False)
+    tokens = tokens_per_block(schedule, spec)
+    distill(student, teacher, batches, epochs=epochs, lr=lr, batch_size=batch_size, seed=seed, device=device,
+            extra_loss=lambda _: gates.budget_penalty(channel_ratio, tokens=tokens),
+            checkpoint_dir=checkpoint_dir, resume=resume, progress=progress)
+    if schedule is not None:
+        remove_token_merging(student)
+    slice_channels(student, gates)
+    student.to("cpu").eval()
+    teacher.to("cpu")
+
+
+def meet_speedup(model, student, reference, merge, speedup, schedule, device) -> float:
+    """Merge more until the measured speed-up reaches ``AIM`` of the target; return the last measurement."""
     measured = measured_speedup(model, student, device=device)
     for _ in range(MEASURE_ROUNDS):
         if measured >= AIM * speedup:
@@ -152,4 +169,4 @@ def _meet_target(model, student, reference, merge, speedup, schedule, device):
     for step in getattr(student, STEPS_ATTR, []):
         if step.get("method") == MERGING_STEP:
             step["measured_speedup"] = round(measured, 3)
-    return schedule
+    return measured

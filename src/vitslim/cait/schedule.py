@@ -124,7 +124,8 @@ def tokens_per_block(schedule: MergeSchedule | None, spec: ViTSpec) -> list[int]
 
 
 def _linear_flops(layer) -> int:
-    return 2 * layer.in_features * layer.out_features
+    rank = getattr(layer, "rank", None)  # a LowRankLinear: two thin matmuls
+    return 2 * rank * (layer.in_features + layer.out_features) if rank else 2 * layer.in_features * layer.out_features
 
 
 def block_cost(block: BlockSpec) -> tuple[int, int]:

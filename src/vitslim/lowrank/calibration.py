@@ -22,6 +22,7 @@ import torch
 from torch import nn
 from tqdm import tqdm
 
+from vitslim.distributed import all_reduce_sum, owns, sum_numbers
 from vitslim.errors import VitslimError
 
 
@@ -74,7 +75,8 @@ def collect_grams(model: nn.Module, linears: dict[str, nn.Linear], batches: Iter
                   progress: bool = True) -> dict[str, GramStats]:
     """Run ``batches`` through ``model`` and return each named Linear's input Gram matrix over
     ``fraction`` of the tokens (see ``token_rows``). Non-finite activations, or fewer than
-    ``min_images`` images, are errors."""
+    ``min_images`` images, are errors. Under ``torchrun`` each rank runs its share of the batches
+    (every rank must be given the same ones) and the sums are all-reduced."""
     stats: dict[str, GramStats] = {}
     handles = []
     device = next(model.parameters()).device
@@ -98,15 +100,19 @@ def collect_grams(model: nn.Module, linears: dict[str, nn.Linear], batches: Iter
     was_training = model.training
     model.eval()
     try:
-        for batch in tqdm(batches, desc="calibrating", unit="batch", disable=None if progress else True, leave=False):
+        for index, batch in enumerate(tqdm(batches, desc="calibrating", unit="batch", disable=None if progress else True, leave=False)):
             images = images_of(batch)
-            model(images.to(device))
             images_seen += images.shape[0]
-            batch_index += 1
+            if owns(index):
+                batch_index = index
+                model(images.to(device))
     finally:
         for handle in handles:
             handle.remove()
         model.train(was_training)
+    for entry in stats.values():
+        all_reduce_sum(entry.gram)
+        entry.tokens = int(sum_numbers(entry.tokens)[0])
     if images_seen < min_images:
         raise VitslimError(f"only {images_seen} calibration images were given; at least {min_images} are needed")
     return stats

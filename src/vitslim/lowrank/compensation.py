@@ -32,6 +32,7 @@ from torch import nn
 from tqdm import tqdm
 
 from vitslim.adapters import describe, prepare_for_replacement
+from vitslim.distributed import all_reduce_sum, owns, sum_numbers
 from vitslim.errors import VitslimError
 from vitslim.lowrank.calibration import images_of, token_rows
 from vitslim.lowrank.whitening import DEFAULT_RIDGE, WhitenedSpectrum, whitening_factor
@@ -81,6 +82,15 @@ class PairedStats:
             self.cross += parts[2]
             self.gram += parts[3]
         self.tokens += x.shape[0]
+
+    def reduce_across_ranks(self, features: int, device) -> None:
+        """Sum over ``torchrun`` ranks (a rank that saw no batch contributes zeros)."""
+        if self.cross is None:
+            zeros = lambda *shape: torch.zeros(*shape, dtype=torch.float64, device=device)
+            self.sum_x, self.sum_x_tilde, self.cross, self.gram = zeros(features), zeros(features), zeros(features, features), zeros(features, features)
+        for total in (self.sum_x, self.sum_x_tilde, self.cross, self.gram):
+            all_reduce_sum(total)
+        self.tokens = int(sum_numbers(self.tokens)[0])
 
 
 def compensated_layer(weight: torch.Tensor, bias: torch.Tensor | None, stats: PairedStats, rank: int, ridge: float = DEFAULT_RIDGE,
@@ -173,8 +183,11 @@ def compensate(original: nn.Module, compressed: nn.Module, names: list[str], bat
                output_weights: dict[str, torch.Tensor] | None = None, fraction: float = 1.0, progress: bool = True) -> None:
     """Refit the factorised layers ``names`` (in execution order) of ``compressed`` in place,
     block by block, optionally weighting each layer's output channels, on ``fraction`` of the
-    tokens (``calibration.token_rows``). ``original`` is only read."""
-    batches = list(batches)
+    tokens (``calibration.token_rows``). ``original`` is only read. Under ``torchrun`` each rank
+    replays its share of the batches (every rank is given the same ones) and the statistics of
+    every layer are all-reduced before it is fitted, so all ranks fit the same factors."""
+    indexed = [(index, batch) for index, batch in enumerate(batches) if owns(index)]
+    indices, batches = [index for index, _ in indexed], [batch for _, batch in indexed]
     original_blocks = describe(original).blocks
     compressed_blocks = describe(compressed).blocks
     qualified = {id(module): name for name, module in compressed.named_modules()}
@@ -189,11 +202,12 @@ def compensate(original: nn.Module, compressed: nn.Module, names: list[str], bat
         prefix = qualified[id(block.module)] + "."
         own = {name[len(prefix):]: compressed.get_submodule(name) for name in names if name.startswith(prefix)}
         recorded = [_run_recording(reference, {n: reference.get_submodule(n) for n in own}, call, x, fraction, index)
-                    for index, (call, x) in enumerate(zip(calls, reference_hidden))]
+                    for index, call, x in zip(indices, calls, reference_hidden)]
         for relative, layer in own.items():
             stats = PairedStats()
-            for index, ((_, original_inputs), call, x_tilde_hidden) in enumerate(zip(recorded, calls, hidden)):
+            for index, (_, original_inputs), call, x_tilde_hidden in zip(indices, recorded, calls, hidden):
                 stats.add(original_inputs.pop(relative), token_rows(_inputs_until(block.module, layer, call, x_tilde_hidden), fraction, index))
+            stats.reduce_across_ranks(layer.in_features, layer.down.weight.device)
             dense = reference.get_submodule(relative)
             up, down, bias = compensated_layer(dense.weight.detach(), None if dense.bias is None else dense.bias.detach(), stats, layer.rank,
                                                output_weights=(output_weights or {}).get(prefix + relative))

@@ -24,6 +24,7 @@ from torch.nn import functional as F
 from tqdm import tqdm
 
 from vitslim.adapters import describe
+from vitslim.distributed import all_reduce_sum, owns, sum_numbers
 from vitslim.lowrank.calibration import images_of
 
 FISHER_IMAGES = 16
@@ -69,7 +70,10 @@ def fisher_channels(model: nn.Module, linears: dict[str, nn.Linear], batches: It
     model.eval()
     device = next(model.parameters()).device
     try:
-        for chunk in tqdm(_chunks(batches, images), desc="measuring layer sensitivity", unit="chunk", disable=None if progress else True, leave=False):
+        for index, chunk in enumerate(tqdm(_chunks(batches, images), desc="measuring layer sensitivity", unit="chunk",
+                                           disable=None if progress else True, leave=False)):
+            if not owns(index):  # under torchrun: this rank's share, summed over ranks below
+                continue
             # gradients must reach the activations even when the user froze the parameters
             chunk = chunk.to(device).requires_grad_(True)
             with torch.enable_grad():
@@ -80,7 +84,8 @@ def fisher_channels(model: nn.Module, linears: dict[str, nn.Linear], batches: It
             handle.remove()
         model.zero_grad(set_to_none=True)
         model.train(was_training)
-    return {name: sums[name] / max(rows[name], 1) for name in linears}
+    counts = sum_numbers(*rows.values())
+    return {name: all_reduce_sum(sums[name]) / max(count, 1) for name, count in zip(linears, counts)}
 
 
 def fisher_sensitivity(model: nn.Module, linears: dict[str, nn.Linear], batches: Iterable, *, images: int | None = FISHER_IMAGES, progress: bool = True) -> dict[str, float]:

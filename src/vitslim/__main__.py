@@ -1,0 +1,7 @@
+"""``python -m vitslim`` (and ``torchrun -m vitslim``): the command line."""
+
+import sys
+
+from vitslim.cli import main
+
+sys.exit(main())

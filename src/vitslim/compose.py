@@ -1,0 +1,332 @@
+"""``compress_composed`` (``--method lowrank+cait``): channels, low-rank factors and tokens under one target.
+
+The three axes compound: CDCP narrows every block, the low-rank factors then thin the narrowed
+projections, and ATME shortens the token sequence all of it runs on. How much to ask of each axis
+is decided by measurement, not by fixed shares:
+
+1. **Probe** each axis alone, training-free, at a ladder of levels (``LEVELS``) on a few
+   calibration images: token merging at a schedule's predicted speed-up, channels sliced to a
+   FLOPs ratio by weight importance (``importance_masks``), whitened low-rank factors keeping a
+   fraction of the compressible weights. Each probe's *cost* is the mean KL divergence of its
+   logits from the original's; its *gains* are its throughput ratio (all probes timed against
+   the original in one interleaved run), FLOPs ratio and parameter count.
+2. **Split** (``split_target``): the combination of levels with the least summed cost whose
+   combined gains meet every stated bound, found exhaustively over the ladder. Gains combine
+   multiplicatively (speed, FLOPs) and on the compressible weights (parameters); costs add.
+   Both are approximations, and the final model is measured, not predicted.
+3. **Build**: channels pruned with distillation (``epochs``) while the chosen merge schedule is in
+   place, low-rank factors fitted to the sliced model with compensation, an optional distillation
+   of the whole (``finetune_epochs``), then the merge schedule; for a speed-up target the
+   schedule is tightened until the measured speed-up reaches it (as ``compress_cait`` does).
+
+The channel probe has no training, so it overstates what CDCP costs after distillation; the
+split therefore leans towards the training-free axes, which is the safe side of the error. The
+recipe holds the channel, low-rank and merging steps in that order, so the folder reloads exactly.
+"""
+
+from __future__ import annotations
+
+import copy
+import itertools
+import logging
+from collections.abc import Iterable
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from vitslim.adapters import describe
+from vitslim.cait.channels import importance_masks, slice_channels
+from vitslim.cait.compress import PROMISE, measured_speedup, meet_speedup, prune_channels
+from vitslim.cait.patch import MERGING_ATTR, apply_token_merging, remove_token_merging
+from vitslim.cait.schedule import schedule_for_speedup
+from vitslim.distributed import on_main
+from vitslim.errors import VitslimError
+from vitslim.lowrank.calibration import images_of
+from vitslim.lowrank.compress import compress_lowrank, compressible_linears
+from vitslim.metrics import count_params
+from vitslim.persist import record_step, register_step
+
+logger = logging.getLogger("vitslim")
+
+AXES = ("channels", "lowrank", "tokens")
+# the ladder each axis is probed at: channels, the blocks' FLOPs ratio kept; lowrank, the share
+# of the compressible Linears' weights kept; tokens, the merge schedule's predicted speed-up
+LEVELS = {
+    "channels": (0.85, 0.7, 0.6, 0.5, 0.4, 0.3),
+    "lowrank": (0.9, 0.8, 0.7, 0.6, 0.5, 0.45, 0.4, 0.35, 0.3, 0.25, 0.2, 0.15),
+    "tokens": (1.1, 1.2, 1.3, 1.45, 1.6, 1.8, 2.0, 2.3),
+}
+IDENTITY = {"channels": 1.0, "lowrank": 1.0, "tokens": 1.0}
+PROBE_IMAGES = 64
+STEP = "composed"
+
+
+@dataclass(frozen=True)
+class Probe:
+    """One axis applied alone at one level, as measured against the original."""
+
+    axis: str
+    level: float
+    cost: float  # mean KL(original ‖ probe) of the logits on the probe images, nats
+    speedup: float  # measured throughput ratio
+    flops_ratio: float
+    params: int
+
+
+@dataclass(frozen=True)
+class Target:
+    """The bounds the composed model must meet; any of them may be None (not stated)."""
+
+    speedup: float | None = None
+    flops_ratio: float | None = None
+    params: int | None = None
+
+    def __post_init__(self) -> None:
+        if self.speedup is None and self.flops_ratio is None and self.params is None:
+            raise VitslimError("state a target: --speedup, --flops-ratio, --param-ratio or --params")
+        if self.speedup is not None and not self.speedup > 1:
+            raise VitslimError(f"--speedup must be greater than 1, got {self.speedup:g}")
+        if self.flops_ratio is not None and not 0 < self.flops_ratio < 1:
+            raise VitslimError(f"--flops-ratio must be between 0 and 1 (exclusive), got {self.flops_ratio:g}")
+
+
+@dataclass(frozen=True)
+class Split:
+    """The chosen level of every axis and what the probes predict for their combination."""
+
+    levels: dict[str, float]
+    cost: float
+    speedup: float
+    flops_ratio: float
+    params: int
+
+    def as_dict(self) -> dict:
+        return {"levels": self.levels, "predicted": {"cost": round(self.cost, 6), "speedup": round(self.speedup, 3),
+                                                     "flops_ratio": round(self.flops_ratio, 4), "params": self.params}}
+
+
+def combine(chosen: list[Probe], *, total: int, fixed: int) -> tuple[float, float, float, int]:
+    """(cost, speed-up, FLOPs ratio, params) of applying every probe's axis at its level: costs
+    add, speed and FLOPs multiply, and the parameter cuts compound on the ``total - fixed``
+    compressible weights (tokens cut none)."""
+    cost, speedup, flops, kept = 0.0, 1.0, 1.0, 1.0
+    for probe in chosen:
+        cost += probe.cost
+        speedup *= probe.speedup
+        flops *= probe.flops_ratio
+        kept *= (probe.params - fixed) / (total - fixed)
+    return cost, speedup, flops, round(fixed + kept * (total - fixed))
+
+
+def split_target(probes: list[Probe], target: Target, *, total: int, fixed: int, required: tuple[str, ...] = ()) -> Split:
+    """The least-cost combination of one level per axis meeting ``target``; an axis may stay off
+    unless it is ``required``.
+
+    Exhaustive over the probed ladder: a few hundred combinations, each a handful of products.
+    Ties go to the higher predicted speed-up."""
+    by_axis: dict[str, list[Probe | None]] = {}
+    for probe in probes:
+        by_axis.setdefault(probe.axis, [] if probe.axis in required else [None]).append(probe)
+    best, best_key = None, None
+    for combination in itertools.product(*by_axis.values()):
+        chosen = [probe for probe in combination if probe is not None]
+        cost, speedup, flops, params = combine(chosen, total=total, fixed=fixed)
+        if target.speedup is not None and speedup < target.speedup:
+            continue
+        if target.flops_ratio is not None and flops > target.flops_ratio:
+            continue
+        if target.params is not None and params > target.params:
+            continue
+        key = (cost, -speedup)
+        if best_key is None or key < best_key:
+            levels = {**IDENTITY, **{probe.axis: probe.level for probe in chosen}}
+            best, best_key = Split(levels, cost, speedup, flops, params), key
+    if best is None:
+        reach = combine([max(filter(None, options), key=lambda p: p.speedup) for options in by_axis.values()], total=total, fixed=fixed)
+        raise VitslimError(f"no probed combination meets the target ({_describe(target)}); the strongest reaches "
+                           f"{reach[1]:.2f}x, FLOPs ratio {reach[2]:.2f}, {reach[3]:,} parameters. Ask for less"
+                           + ("" if "channels" in by_axis else ", or give --epochs so channels can be pruned"))
+    return best
+
+
+def _describe(target: Target) -> str:
+    parts = [f"{target.speedup:g}x" if target.speedup else "", f"FLOPs ratio {target.flops_ratio:g}" if target.flops_ratio else "",
+             f"{target.params:,} parameters" if target.params else ""]
+    return ", ".join(part for part in parts if part)
+
+
+def fixed_params(model: nn.Module) -> int:
+    """Parameters outside the compressible Linears' weights: what no axis removes."""
+    return count_params(model) - sum(layer.weight.numel() for layer in compressible_linears(model).values())
+
+
+def _probe_model(model: nn.Module, axis: str, level: float, calibration: list, merge: str) -> nn.Module:
+    if axis == "tokens":
+        probe = copy.deepcopy(model)
+        return apply_token_merging(probe, schedule_for_speedup(describe(probe), merge, level), record=False)
+    if axis == "channels":
+        probe = copy.deepcopy(model)
+        slice_channels(probe, masks=importance_masks(probe, level))
+        return probe.eval()
+    fixed = fixed_params(model)
+    return compress_lowrank(model, calibration, params=fixed + int(level * (count_params(model) - fixed)),
+                            sensitivity="none", compensation=False, progress=False)
+
+
+@torch.no_grad()
+def _kl(teacher_logits: list[torch.Tensor], model: nn.Module, images: list[torch.Tensor]) -> float:
+    spec, total, count = describe(model), 0.0, 0
+    for reference, batch in zip(teacher_logits, images):
+        log_p = F.log_softmax(spec.logits(batch), dim=-1)
+        log_q = F.log_softmax(reference, dim=-1)
+        total += float(F.kl_div(log_p, log_q, log_target=True, reduction="sum"))
+        count += batch.shape[0]
+    return total / count
+
+
+def probe_axes(model: nn.Module, calibration: list, *, levels: dict[str, tuple[float, ...]] = LEVELS, merge: str = "atme",
+               probe_images: int = PROBE_IMAGES, runs: int = 20, batch_size: int = 32, device: str = "cpu",
+               progress: bool = True) -> list[Probe]:
+    """Every axis of ``levels`` alone at every level of its ladder, measured (see the module
+    docstring). Levels an axis cannot reach on this model (merging beyond what the grid allows)
+    are left out."""
+    from vitslim.bench import benchmark
+
+    images, wanted = [], probe_images
+    for batch in calibration:
+        if wanted <= 0:
+            break
+        images.append(images_of(batch)[:wanted])
+        wanted -= images[-1].shape[0]
+    spec = describe(model)
+    with torch.no_grad():
+        teacher_logits = [spec.logits(batch) for batch in images]
+    built = []
+    for axis, ladder in levels.items():
+        for level in ladder:
+            try:
+                probe = _probe_model(model, axis, level, calibration, merge)
+            except VitslimError as error:
+                logger.info("probe %s at %g skipped: %s", axis, level, error)
+                continue
+            built.append((axis, level, probe, _kl(teacher_logits, probe, images)))
+    timed = on_main(lambda: benchmark([("original", model)] + [(f"{axis}@{level:g}", probe) for axis, level, probe, _ in built],
+                                      batch_size=batch_size, runs=runs, device=device, progress=progress))
+    original = timed[0]
+    return [Probe(axis, level, cost, result.ratio, result.flops / original.flops, result.params)
+            for (axis, level, _, cost), result in zip(built, timed[1:])]
+
+
+def compress_composed(
+    model: nn.Module,
+    calibration: Iterable,
+    train_data=None,
+    *,
+    speedup: float | None = None,
+    flops_ratio: float | None = None,
+    param_ratio: float | None = None,
+    params: int | None = None,
+    epochs: int = 0,
+    finetune_epochs: int = 0,
+    axes: tuple[str, ...] = AXES,
+    channel_ratio: float | None = None,
+    merge: str = "atme",
+    probe_images: int = PROBE_IMAGES,
+    probe_runs: int = 20,
+    lr: float = 1e-4,
+    batch_size: int = 64,
+    seed: int = 0,
+    device: str = "cpu",
+    checkpoint_dir=None,
+    resume: bool = False,
+    progress: bool = True,
+) -> nn.Module:
+    """A copy of ``model`` compressed on all three axes to meet every stated bound (a measured
+    ``speedup``, a ``flops_ratio``, a parameter budget as ``param_ratio`` or ``params``).
+
+    ``calibration`` are the calibration image batches (probes and low-rank statistics);
+    ``train_data`` the training images for distillation (as ``vitslim.distill`` takes them),
+    needed when ``epochs`` (CDCP gate training; without it channels are not pruned) or
+    ``finetune_epochs`` (a distillation of the composed model) is above 0. ``axes`` limits the
+    split to some of the axes (one axis alone is that method's own speed-matched baseline);
+    ``channel_ratio`` fixes the channels' FLOPs ratio instead of letting the split choose it.
+    The split and the probes it came from are recorded in the recipe (step ``composed``).
+    """
+    unknown = set(axes) - set(AXES)
+    if unknown or not axes:
+        raise VitslimError(f"unknown axes {sorted(unknown)}; choose from {', '.join(AXES)}")
+    if channel_ratio is not None and not (0 < channel_ratio < 1 and epochs and "channels" in axes):
+        raise VitslimError("channel_ratio must lie in (0, 1), and channel pruning needs epochs > 0 and the channels axis")
+    if param_ratio is not None and params is not None:
+        raise VitslimError("give the parameter budget once: --param-ratio or --params")
+    if epochs < 0 or finetune_epochs < 0:
+        raise VitslimError("epochs must be 0 or more")
+    if (epochs or finetune_epochs) and train_data is None:
+        raise VitslimError("distillation needs the training images: pass train_data")
+    if getattr(model, MERGING_ATTR, None) is not None:
+        raise VitslimError("the model already merges tokens; compress the original model")
+    total, fixed = count_params(model), fixed_params(model)
+    if param_ratio is not None:
+        if not 0 < param_ratio < 1:
+            raise VitslimError(f"--param-ratio must be between 0 and 1 (exclusive), got {param_ratio}")
+        params = int(param_ratio * total)
+    if params is not None and not fixed < params < total:
+        raise VitslimError(f"the parameter budget must lie between the {fixed:,} parameters no axis removes and the model's {total:,}")
+    target = Target(speedup=speedup, flops_ratio=flops_ratio, params=params)
+    calibration = list(calibration)
+    if not epochs and "channels" in axes:
+        axes = tuple(axis for axis in axes if axis != "channels")
+        logger.info("channels are not pruned: CDCP trains its gates, and epochs is 0")
+    ladders = {axis: LEVELS[axis] for axis in axes}
+    if channel_ratio is not None:
+        ladders["channels"] = (channel_ratio,)
+    probes = probe_axes(model, calibration, levels=ladders, merge=merge, probe_images=probe_images, runs=probe_runs,
+                        device=device, progress=progress)
+    split = split_target(probes, target, total=total, fixed=fixed, required=("channels",) if channel_ratio is not None else ())
+    logger.info("split: %s", split.as_dict())
+
+    student = copy.deepcopy(model).eval()
+    schedule = schedule_for_speedup(describe(student), merge, split.levels["tokens"]) if split.levels["tokens"] > 1 else None
+    folder = (lambda name: None) if checkpoint_dir is None else (lambda name: f"{checkpoint_dir}/{name}")
+    if split.levels["channels"] < 1:
+        prune_channels(student, model, train_data, channel_ratio=split.levels["channels"], schedule=schedule, epochs=epochs, lr=lr,
+                       batch_size=batch_size, seed=seed, device=device, checkpoint_dir=folder("channels"), resume=resume, progress=progress)
+    kept = fixed_params(student)
+    budget = kept + int(split.levels["lowrank"] * (count_params(student) - kept))
+    if params is not None:  # the stated budget holds whatever widths the channel gates settled on
+        budget = min(budget, params)
+    if budget < count_params(student):
+        student = compress_lowrank(student, calibration, params=budget, progress=progress)
+    if finetune_epochs:
+        from vitslim.train import distill
+
+        if schedule is not None:
+            apply_token_merging(student, schedule, record=False)
+        distill(student, model, train_data, epochs=finetune_epochs, lr=lr, batch_size=batch_size, seed=seed + 1, device=device,
+                checkpoint_dir=folder("finetune"), resume=resume, progress=progress)
+        if schedule is not None:
+            remove_token_merging(student)
+        student.to("cpu").eval()
+        model.to("cpu")
+    if schedule is not None:
+        apply_token_merging(student, schedule)
+    measured = None
+    if speedup is not None and "tokens" in axes:
+        measured = meet_speedup(model, student, describe(model), merge, speedup, schedule, device)
+    elif speedup is not None:
+        measured = measured_speedup(model, student, device=device)
+        if measured < PROMISE * speedup:
+            logger.warning("measured speed-up %.2fx is below the %.2fx target (token merging, which could close the gap, is not among the axes)", measured, speedup)
+    record_step(student, {"method": STEP, "target": {k: v for k, v in target.__dict__.items() if v is not None}, **split.as_dict(),
+                          "measured_speedup": None if measured is None else round(measured, 3),
+                          "probes": [{**probe.__dict__, "cost": round(probe.cost, 6), "speedup": round(probe.speedup, 3),
+                                      "flops_ratio": round(probe.flops_ratio, 4)} for probe in probes]})
+    return student
+
+
+@register_step(STEP)
+def _rebuild(model: nn.Module, step: dict) -> None:
+    """Nothing to rebuild: the step documents the split; the channel, low-rank and merging steps
+    before it carry the structure."""

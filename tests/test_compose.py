@@ -1,0 +1,179 @@
+"""``--method lowrank+cait``: the split's arithmetic, the importance masks, and the composed
+model on small real models (recipe round trip, budgets, bad input)."""
+
+from __future__ import annotations
+
+import itertools
+import json
+
+import pytest
+import timm
+import torch
+
+import vitslim
+from vitslim import data as imagedata
+from vitslim.cait.channels import importance_masks
+from vitslim.cli import main
+from vitslim.compose import Probe, Target, combine, compress_composed, fixed_params, split_target
+from vitslim.errors import VitslimError
+from vitslim.metrics import count_params
+
+from plain_vit import tiny_hf_vit, write_random_images
+
+TOTAL, FIXED = 1000, 200
+
+
+def _probe(axis, level, cost, speedup, params=TOTAL, flops=None):
+    return Probe(axis, level, cost, speedup, flops if flops is not None else 1 / speedup, params)
+
+
+PROBES = [
+    _probe("tokens", 1.2, 0.010, 1.2), _probe("tokens", 1.5, 0.050, 1.5), _probe("tokens", 2.0, 0.300, 2.0),
+    _probe("lowrank", 0.7, 0.002, 1.1, params=760), _probe("lowrank", 0.5, 0.020, 1.3, params=600), _probe("lowrank", 0.3, 0.200, 1.6, params=440),
+    _probe("channels", 0.7, 0.030, 1.4, params=760), _probe("channels", 0.5, 0.100, 2.0, params=600),
+]
+
+
+def _brute_force(probes, target):
+    """Every subset of at most one probe per axis, written independently of split_target."""
+    best = None
+    axes = sorted({p.axis for p in probes})
+    for choice in itertools.product(*[[None] + [p for p in probes if p.axis == axis] for axis in axes]):
+        chosen = [p for p in choice if p]
+        cost = sum(p.cost for p in chosen)
+        speed = 1.0
+        kept = 1.0
+        for p in chosen:
+            speed *= p.speedup
+            kept *= (p.params - FIXED) / (TOTAL - FIXED)
+        params = round(FIXED + kept * (TOTAL - FIXED))
+        if (target.speedup and speed < target.speedup) or (target.params and params > target.params):
+            continue
+        if best is None or (cost, -speed) < best[0]:
+            best = ((cost, -speed), {p.axis: p.level for p in chosen})
+    return best
+
+
+@pytest.mark.parametrize("target", [Target(speedup=1.5), Target(speedup=2.0), Target(speedup=2.0, params=600), Target(params=500),
+                                    Target(speedup=2.4, params=450)])
+def test_split_is_the_cheapest_feasible_combination(target):
+    split = split_target(PROBES, target, total=TOTAL, fixed=FIXED)
+    (cost, _), levels = _brute_force(PROBES, target)
+    assert split.cost == pytest.approx(cost)
+    assert {axis: level for axis, level in split.levels.items() if level != 1.0} == levels
+    assert (target.speedup is None or split.speedup >= target.speedup) and (target.params is None or split.params <= target.params)
+
+
+def test_split_prefers_a_free_axis_and_honours_a_required_one():
+    free = PROBES + [_probe("lowrank", 0.2, 0.0, 1.6, params=360)]
+    assert split_target(free, Target(speedup=1.5), total=TOTAL, fixed=FIXED).levels == {"channels": 1.0, "lowrank": 0.2, "tokens": 1.0}
+    forced = split_target(PROBES, Target(speedup=1.5), total=TOTAL, fixed=FIXED, required=("channels",))
+    assert forced.levels["channels"] < 1
+
+
+def test_combine_compounds_parameter_cuts_on_the_compressible_weights():
+    cost, speed, flops, params = combine([PROBES[4], PROBES[7], PROBES[1]], total=TOTAL, fixed=FIXED)
+    assert cost == pytest.approx(0.17) and speed == pytest.approx(1.3 * 2.0 * 1.5)
+    assert flops == pytest.approx(1 / (1.3 * 2.0 * 1.5))
+    assert params == 200 + round(0.5 * 0.5 * 800)  # each keeps half of the 800 compressible weights
+
+
+def test_unreachable_target_names_what_is_reachable():
+    with pytest.raises(VitslimError, match="strongest reaches"):
+        split_target(PROBES, Target(speedup=50.0), total=TOTAL, fixed=FIXED)
+    with pytest.raises(VitslimError, match="state a target"):
+        Target()
+
+
+def _timm():
+    torch.manual_seed(0)
+    return timm.create_model("vit_tiny_patch16_224", img_size=32, patch_size=4, depth=3, embed_dim=48, num_heads=3, num_classes=3).eval()
+
+
+def test_importance_masks_keep_the_strongest_channels_at_the_ratio():
+    model = _timm()
+    block = model.blocks[0]
+    with torch.no_grad():
+        block.mlp.fc1.weight[7] *= 100  # hidden unit 7 dominates
+        for part in range(2):  # query and key channel 5 of every head
+            rows = block.attn.qkv.weight[part * 48: (part + 1) * 48].view(3, 16, 48)
+            rows[:, 5] *= 100
+    masks = importance_masks(model, 0.5)
+    assert set(masks) == {"0", "1", "2"}
+    entry = masks["0"]
+    assert entry["qk"].sum() == 8 and entry["v"].sum() == 8 and entry["mlp"].sum() == 96
+    assert entry["qk"][5] and entry["mlp"][7]
+
+
+@pytest.fixture(scope="module")
+def images(tmp_path_factory):
+    return write_random_images(tmp_path_factory.mktemp("images"), per_class=8, size=36)
+
+
+def _logits(model):
+    with torch.no_grad():
+        return vitslim.describe(model).logits(torch.randn(4, 3, 32, 32, generator=torch.Generator().manual_seed(1)))
+
+
+def test_three_axes_compose_meet_the_budget_and_reload_bit_identically(tmp_path, images):
+    model = _timm()
+    before = _logits(model)
+    dataset = imagedata.open_images(images, imagedata.build_transform(vitslim.describe(model).preprocessing))
+    calibration = list(imagedata.make_loader(dataset, 8))
+    budget = int(0.6 * count_params(model))
+    composed = compress_composed(model, calibration, dataset, flops_ratio=0.5, params=budget, epochs=1, finetune_epochs=1,
+                                 channel_ratio=0.7, batch_size=8, progress=False)
+    assert torch.equal(_logits(model), before)  # the original is untouched
+    steps = composed.vitslim_steps
+    assert [step["method"] for step in steps] == ["channels", "lowrank", "merging", "composed"]
+    split = steps[-1]
+    assert split["levels"]["channels"] == 0.7 and split["predicted"]["flops_ratio"] <= 0.5
+    assert count_params(composed) <= budget
+    assert composed.blocks[0].attn.qkv.rank > 0 and composed.blocks[0].attn.qkv.in_features == 48  # factorised after slicing
+    folder = vitslim.save(composed, tmp_path / "composed")
+    reloaded = vitslim.load_model(str(folder))
+    assert torch.equal(_logits(reloaded), _logits(composed))
+    assert json.loads((folder / "recipe.json").read_text())["steps"][-1]["levels"] == split["levels"]
+
+
+def test_training_free_composition_uses_only_low_rank_and_tokens_on_hf(images):
+    torch.manual_seed(0)
+    model = tiny_hf_vit(num_labels=3).eval()
+    dataset = imagedata.open_images(images, imagedata.build_transform(vitslim.describe(model).preprocessing))
+    composed = compress_composed(model, list(imagedata.make_loader(dataset, 8)), flops_ratio=0.6, progress=False)
+    split = composed.vitslim_steps[-1]
+    assert split["levels"]["channels"] == 1.0 and {probe["axis"] for probe in split["probes"]} == {"lowrank", "tokens"}
+    assert vitslim.evaluate(composed, images, teacher=model, progress=False)["flops"] < vitslim.evaluate(model, images, progress=False)["flops"]
+
+
+@pytest.mark.parametrize("kwargs, message", [
+    (dict(), "state a target"),
+    (dict(speedup=2.0, epochs=1), "training images"),
+    (dict(speedup=2.0, axes=("lowrank", "depth")), "unknown axes"),
+    (dict(param_ratio=1.2), "between 0 and 1"),
+    (dict(params=10), "parameters no axis removes"),
+    (dict(flops_ratio=0.5, channel_ratio=0.5), "needs epochs > 0"),
+])
+def test_bad_input_is_refused_before_any_work(kwargs, message):
+    with pytest.raises(VitslimError, match=message):
+        compress_composed(_timm(), [torch.zeros(2, 3, 32, 32)], progress=False, **kwargs)
+
+
+def test_cli_composed_compress_then_eval(tmp_path, images, capsys):
+    folder = vitslim.save(_timm(), tmp_path / "timm")
+    out = tmp_path / "composed"
+    assert main(["compress", str(folder), "--data", str(images), "--method", "lowrank+cait", "--flops-ratio", "0.6",
+                 "--param-ratio", "0.7", "--calib-images", "16", "--out", str(out)]) == 0
+    printed = capsys.readouterr().out
+    assert "split:" in printed and "probe cost" in printed
+    assert count_params(vitslim.load_model(str(out))) <= int(0.7 * count_params(vitslim.load_model(str(folder))))
+    assert main(["eval", str(out), "--data", str(images), "--teacher", str(folder), "--json"]) == 0
+    assert json.loads(capsys.readouterr().out)["images"] == 24
+    assert main(["compress", str(folder), "--data", str(images), "--method", "lowrank+cait", "--out", str(tmp_path / "o")]) == 2
+    assert "state a target" in capsys.readouterr().err and not (tmp_path / "o").exists()
+
+
+def test_fixed_params_counts_what_no_axis_removes():
+    model = _timm()
+    linears = sum(layer.weight.numel() for block in model.blocks for layer in (block.attn.qkv, block.attn.proj, block.mlp.fc1, block.mlp.fc2))
+    assert fixed_params(model) == count_params(model) - linears
