@@ -1,7 +1,9 @@
 """vitslim: compress pretrained Vision Transformers and prove the result.
 
 Public API: ``load_model``, ``save``, ``describe``, ``evaluate``, ``benchmark``, and the methods:
-``compress_lowrank``, ``compress_cait``, ``distill`` (KD recovery fine-tune), ``quantize_int8``, ``export_onnx``.
+``compress_lowrank``, ``compress_cait``, ``compress_composed`` (all axes under one target), ``distill`` (KD
+recovery fine-tune), ``quantize_int8``, ``export_onnx``, ``export_program`` (torch.export). Under ``torchrun``,
+calibration, distillation and evaluation share the work across processes (``vitslim.distributed``).
 """
 
 from vitslim._compat import import_torchvision
@@ -13,14 +15,15 @@ __version__ = "0.1.0"
 from vitslim.adapters import describe  # noqa: E402
 from vitslim.bench import benchmark  # noqa: E402
 from vitslim.cait.compress import compress_cait  # noqa: E402
+from vitslim.compose import compress_composed  # noqa: E402
 from vitslim.errors import VitslimError  # noqa: E402
 from vitslim.evaluate import evaluate  # noqa: E402
 from vitslim.loading import load_model  # noqa: E402
-from vitslim.export import export_onnx  # noqa: E402
+from vitslim.export import export_onnx, export_program  # noqa: E402
 from vitslim.lowrank.compress import compress_lowrank  # noqa: E402
 from vitslim.persist import save  # noqa: E402
 from vitslim.quantize import quantize_int8  # noqa: E402
 from vitslim.train import distill  # noqa: E402
 
-__all__ = ["VitslimError", "benchmark", "compress_cait", "compress_lowrank", "describe", "distill", "evaluate", "export_onnx", "load_model",
-           "quantize_int8", "save", "__version__"]
+__all__ = ["VitslimError", "benchmark", "compress_cait", "compress_composed", "compress_lowrank", "describe", "distill", "evaluate",
+           "export_onnx", "export_program", "load_model", "quantize_int8", "save", "__version__"]
