@@ -122,6 +122,23 @@ def bench_command(models, batch_size, threads, device, dtype, runs, warmup, as_j
     click.echo(render(["model", "images/s", "ratio", "latency ms", "peak MB", "params", "FLOPs/img"], rows))
 
 
+def _model_and_calibration(model, like, params, data, calib_images, seed, batch_size):
+    """The original model, the parameter budget (``--like`` resolved), the training images and a
+    seeded calibration subset of ``calib_images`` of them as batches."""
+    from vitslim import data as imagedata
+    from vitslim.adapters import describe
+    from vitslim.metrics import count_params
+
+    original = _load(model)
+    if like is not None:
+        params = count_params(_load(like))
+    spec = describe(original)
+    dataset = imagedata.open_images(data, imagedata.build_transform(spec.preprocessing), class_names=spec.label_names)
+    if len(dataset) < calib_images:
+        raise VitslimError(f"{data} holds {len(dataset)} images, fewer than --calib-images {calib_images}")
+    return original, params, dataset, imagedata.make_loader(imagedata.select(dataset, limit=calib_images, seed=seed), batch_size)
+
+
 @cli.command("compress")
 @click.argument("model")
 @click.option("--data", required=True, help="Calibration images (train split, never the images you report on).")
@@ -157,8 +174,6 @@ def bench_command(models, batch_size, threads, device, dtype, runs, warmup, as_j
 def compress_command(model, data, out, method, speedup, flops_ratio, recovery_epochs, merge, token_speedup, channel_ratio, consistent, param_ratio, params, like, allocation, sensitivity,
                      compensation, rank_multiple, calib_images, seed, batch_size, finetune_epochs, finetune_lr, checkpoints, resume, int8):
     """Compress MODEL to one budget (parameters, or speed-up for cait) and save it to --out."""
-    from vitslim import data as imagedata
-    from vitslim.adapters import describe
     from vitslim.lowrank.compress import compress_lowrank
     from vitslim.metrics import count_params
     from vitslim.persist import STEPS_ATTR, check_output_folder
@@ -189,14 +204,7 @@ def compress_command(model, data, out, method, speedup, flops_ratio, recovery_ep
     if sum(option is not None for option in (param_ratio, params, like)) != 1:
         raise VitslimError("state exactly one budget: --param-ratio, --params or --like")
     check_output_folder(out)
-    original = _load(model)
-    if like is not None:
-        params = count_params(_load(like))
-    spec = describe(original)
-    dataset = imagedata.open_images(data, imagedata.build_transform(spec.preprocessing), class_names=spec.label_names)
-    if len(dataset) < calib_images:
-        raise VitslimError(f"{data} holds {len(dataset)} images, fewer than --calib-images {calib_images}")
-    batches = imagedata.make_loader(imagedata.select(dataset, limit=calib_images, seed=seed), batch_size)
+    original, params, dataset, batches = _model_and_calibration(model, like, params, data, calib_images, seed, batch_size)
     factorisation = {"lowrank": "whitened", "svd": "svd", "asvd": "asvd"}[method]
     compressed = compress_lowrank(original, batches, param_ratio=param_ratio, params=params, method=factorisation,
                                   allocation=allocation, sensitivity=sensitivity, compensation=compensation, rank_multiple=rank_multiple, min_images=calib_images)
@@ -246,8 +254,6 @@ def _compress_cait(model, data, out, *, speedup, merge, token_speedup, channel_r
 
 def _compress_composed(model, data, out, *, speedup, flops_ratio, param_ratio, params, like, channel_ratio, merge, epochs, recovery_epochs,
                        calib_images, lr, batch_size, seed, checkpoints, resume, stray):
-    from vitslim import data as imagedata
-    from vitslim.adapters import describe
     from vitslim.compose import compress_composed
     from vitslim.metrics import count_params
     from vitslim.persist import STEPS_ATTR, check_output_folder
@@ -261,14 +267,7 @@ def _compress_composed(model, data, out, *, speedup, flops_ratio, param_ratio, p
     if speedup is None and flops_ratio is None and param_ratio is None and params is None and like is None:
         raise VitslimError("--method lowrank+cait needs a target: state a target with --speedup, --flops-ratio, --param-ratio, --params or --like")
     check_output_folder(out)
-    original = _load(model)
-    if like is not None:
-        params = count_params(_load(like))
-    spec = describe(original)
-    dataset = imagedata.open_images(data, imagedata.build_transform(spec.preprocessing), class_names=spec.label_names)
-    if len(dataset) < calib_images:
-        raise VitslimError(f"{data} holds {len(dataset)} images, fewer than --calib-images {calib_images}")
-    calibration = imagedata.make_loader(imagedata.select(dataset, limit=calib_images, seed=seed), batch_size)
+    original, params, dataset, calibration = _model_and_calibration(model, like, params, data, calib_images, seed, batch_size)
     compressed = compress_composed(original, calibration, dataset, speedup=speedup, flops_ratio=flops_ratio, param_ratio=param_ratio,
                                    params=params, epochs=epochs, finetune_epochs=recovery_epochs, channel_ratio=channel_ratio, merge=merge,
                                    lr=lr, batch_size=batch_size, seed=seed, checkpoint_dir=checkpoints, resume=resume)
