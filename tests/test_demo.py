@@ -23,6 +23,8 @@ def test_demo_runs_offline_and_writes_its_report(tmp_path, monkeypatch, capsys):
     assert by_name["low-rank 50%"]["params"] <= 0.5 * rows[0]["params"]
     assert by_name["low-rank 30%"]["params"] <= 0.3 * rows[0]["params"]
     assert by_name["CAIT ATME"]["flops"] < 0.8 * rows[0]["flops"] and by_name["CAIT ATME"]["agreement"] > 0.8
+    composed = by_name["low-rank + ATME"]
+    assert composed["params"] <= 0.5 * rows[0]["params"] and composed["flops"] < 0.5 * rows[0]["flops"] and composed["agreement"] > 0.8
 
 
 def test_demo_refuses_a_file_as_output(tmp_path):

@@ -27,6 +27,7 @@ from vitslim.errors import VitslimError
 from vitslim.evaluate import evaluate
 from vitslim.loading import load_model
 from vitslim.cait.compress import compress_cait
+from vitslim.compose import compress_composed
 from vitslim.lowrank.compress import compress_lowrank
 from vitslim.persist import save
 from vitslim.table import human, percent, render
@@ -120,6 +121,11 @@ def build_variants(original: nn.Module, work: Path) -> list[Variant]:
     merged = compress_cait(original, speedup=1.5, measure=False)
     save(merged, work / "cait-atme")
     variants.append(Variant("CAIT ATME", merged, "training-free neighbour token merging, 1.5x by the FLOPs model"))
+    composed = compress_composed(original, calibration, flops_ratio=0.4, param_ratio=0.5, progress=False)
+    save(composed, work / "lowrank+cait")
+    levels = composed.vitslim_steps[-1]["levels"]
+    variants.append(Variant("low-rank + ATME", composed, f"one target (40% of the FLOPs, 50% of the parameters) split by measured cost: "
+                                                        f"low-rank {levels['lowrank']:g}, tokens {levels['tokens']:g}x"))
     return variants
 
 
