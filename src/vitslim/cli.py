@@ -171,8 +171,9 @@ def _model_and_calibration(model, like, params, data, calib_images, seed, batch_
 @click.option("--checkpoints", help="Folder for the fine-tune's per-epoch checkpoints (pickle-free).")
 @click.option("--resume", is_flag=True, help="Continue the fine-tune from the last checkpoint in --checkpoints.")
 @click.option("--int8", is_flag=True, help="Finally quantise every Linear's weights to int8 (per output channel): about 4x fewer bytes on disk.")
+@click.option("--device", default="cpu", show_default=True, help="Where calibration and distillation run (cuda: under torchrun, each rank's own GPU).")
 def compress_command(model, data, out, method, speedup, flops_ratio, recovery_epochs, merge, token_speedup, channel_ratio, consistent, param_ratio, params, like, allocation, sensitivity,
-                     compensation, rank_multiple, calib_images, seed, batch_size, finetune_epochs, finetune_lr, checkpoints, resume, int8):
+                     compensation, rank_multiple, calib_images, seed, batch_size, finetune_epochs, finetune_lr, checkpoints, resume, int8, device):
     """Compress MODEL to one budget (parameters, or speed-up for cait) and save it to --out."""
     from vitslim.lowrank.compress import compress_lowrank
     from vitslim.metrics import count_params
@@ -187,7 +188,7 @@ def compress_command(model, data, out, method, speedup, flops_ratio, recovery_ep
     if (checkpoints or resume) and not (finetune_epochs or recovery_epochs):
         raise VitslimError("--checkpoints and --resume belong to the fine-tune; give --epochs/--finetune-epochs too")
     if method == "lowrank+cait":
-        _compress_composed(model, data, out, speedup=speedup, flops_ratio=flops_ratio, param_ratio=param_ratio, params=params, like=like,
+        _compress_composed(model, data, out, device=device, speedup=speedup, flops_ratio=flops_ratio, param_ratio=param_ratio, params=params, like=like,
                            channel_ratio=channel_ratio, merge=merge, epochs=finetune_epochs, recovery_epochs=recovery_epochs,
                            calib_images=calib_images, lr=finetune_lr, batch_size=batch_size, seed=seed, checkpoints=checkpoints, resume=resume,
                            stray=[name for name, value in (("--token-speedup", token_speedup), ("--int8", int8 or None)) if value is not None])
@@ -195,7 +196,7 @@ def compress_command(model, data, out, method, speedup, flops_ratio, recovery_ep
     if flops_ratio is not None or recovery_epochs:
         raise VitslimError("--flops-ratio and --recovery-epochs belong to --method lowrank+cait")
     if method == "cait":
-        _compress_cait(model, data, out, speedup=speedup, merge=merge, token_speedup=token_speedup, channel_ratio=channel_ratio, consistent=consistent,
+        _compress_cait(model, data, out, device=device, speedup=speedup, merge=merge, token_speedup=token_speedup, channel_ratio=channel_ratio, consistent=consistent,
                        epochs=finetune_epochs, lr=finetune_lr, batch_size=batch_size, seed=seed, checkpoints=checkpoints, resume=resume,
                        stray=[name for name, value in (("--param-ratio", param_ratio), ("--params", params), ("--like", like), ("--int8", int8 or None)) if value is not None])
         return
@@ -205,6 +206,7 @@ def compress_command(model, data, out, method, speedup, flops_ratio, recovery_ep
         raise VitslimError("state exactly one budget: --param-ratio, --params or --like")
     check_output_folder(out)
     original, params, dataset, batches = _model_and_calibration(model, like, params, data, calib_images, seed, batch_size)
+    original.to(device)
     factorisation = {"lowrank": "whitened", "svd": "svd", "asvd": "asvd"}[method]
     compressed = compress_lowrank(original, batches, param_ratio=param_ratio, params=params, method=factorisation,
                                   allocation=allocation, sensitivity=sensitivity, compensation=compensation, rank_multiple=rank_multiple, min_images=calib_images)
@@ -214,15 +216,16 @@ def compress_command(model, data, out, method, speedup, flops_ratio, recovery_ep
     before, after = count_params(original), count_params(compressed)
     click.echo(f"params {before:,} -> {after:,} ({100 * after / before:.1f}%, target {step['target_params']:,})")
     if finetune_epochs:
-        distill(compressed, original, dataset, epochs=finetune_epochs, lr=finetune_lr, batch_size=batch_size, seed=seed,
+        distill(compressed, original, dataset, epochs=finetune_epochs, lr=finetune_lr, batch_size=batch_size, seed=seed, device=device,
                 checkpoint_dir=checkpoints, resume=resume)
+    compressed.to("cpu")
     if int8:
         compressed = quantize_int8(compressed)
         click.echo("weights quantised to int8 (per output channel)")
     _save(compressed, out)
 
 
-def _compress_cait(model, data, out, *, speedup, merge, token_speedup, channel_ratio, consistent, epochs, lr, batch_size, seed, checkpoints, resume, stray):
+def _compress_cait(model, data, out, *, device, speedup, merge, token_speedup, channel_ratio, consistent, epochs, lr, batch_size, seed, checkpoints, resume, stray):
     from vitslim import data as imagedata
     from vitslim.adapters import describe
     from vitslim.cait.compress import compress_cait
@@ -239,7 +242,7 @@ def _compress_cait(model, data, out, *, speedup, merge, token_speedup, channel_r
     spec = describe(original)
     dataset = imagedata.open_images(data, imagedata.build_transform(spec.preprocessing), class_names=spec.label_names) if epochs else None
     compressed = compress_cait(original, dataset, speedup=speedup, epochs=epochs, merge=merge, token_speedup=token_speedup, channel_ratio=channel_ratio,
-                               consistent=consistent, lr=lr, batch_size=batch_size, seed=seed, checkpoint_dir=checkpoints, resume=resume)
+                               consistent=consistent, lr=lr, batch_size=batch_size, seed=seed, device=device, checkpoint_dir=checkpoints, resume=resume)
     steps = {step["method"]: step for step in getattr(compressed, STEPS_ATTR, [])}
     schedule = merge_schedule(compressed)
     if schedule is not None:
@@ -252,7 +255,7 @@ def _compress_cait(model, data, out, *, speedup, merge, token_speedup, channel_r
     _save(compressed, out)
 
 
-def _compress_composed(model, data, out, *, speedup, flops_ratio, param_ratio, params, like, channel_ratio, merge, epochs, recovery_epochs,
+def _compress_composed(model, data, out, *, device, speedup, flops_ratio, param_ratio, params, like, channel_ratio, merge, epochs, recovery_epochs,
                        calib_images, lr, batch_size, seed, checkpoints, resume, stray):
     from vitslim.compose import compress_composed
     from vitslim.metrics import count_params
@@ -268,9 +271,10 @@ def _compress_composed(model, data, out, *, speedup, flops_ratio, param_ratio, p
         raise VitslimError("--method lowrank+cait needs a target: state a target with --speedup, --flops-ratio, --param-ratio, --params or --like")
     check_output_folder(out)
     original, params, dataset, calibration = _model_and_calibration(model, like, params, data, calib_images, seed, batch_size)
+    original.to(device)
     compressed = compress_composed(original, calibration, dataset, speedup=speedup, flops_ratio=flops_ratio, param_ratio=param_ratio,
                                    params=params, epochs=epochs, finetune_epochs=recovery_epochs, channel_ratio=channel_ratio, merge=merge,
-                                   lr=lr, batch_size=batch_size, seed=seed, checkpoint_dir=checkpoints, resume=resume)
+                                   lr=lr, batch_size=batch_size, seed=seed, device=device, checkpoint_dir=checkpoints, resume=resume)
     steps = {step["method"]: step for step in getattr(compressed, STEPS_ATTR, [])}
     split = steps["composed"]
     click.echo(render(["axis", "level", "probe cost (KL)", "probe speed-up"],

@@ -198,7 +198,7 @@ def probe_axes(model: nn.Module, calibration: list, *, levels: dict[str, tuple[f
     for batch in calibration:
         if wanted <= 0:
             break
-        images.append(images_of(batch)[:wanted])
+        images.append(images_of(batch)[:wanted].to(next(model.parameters()).device))
         wanted -= images[-1].shape[0]
     spec = describe(model)
     with torch.no_grad():
@@ -298,7 +298,7 @@ def compress_composed(
     if params is not None:  # the stated budget holds whatever widths the channel gates settled on
         budget = min(budget, params)
     if budget < count_params(student):
-        student = compress_lowrank(student, calibration, params=budget, progress=progress)
+        student = compress_lowrank(student.to(device), calibration, params=budget, progress=progress).to("cpu")
     if finetune_epochs:
         from vitslim.train import distill
 

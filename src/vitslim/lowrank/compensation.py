@@ -128,10 +128,11 @@ def _first_block_calls(model: nn.Module, block: nn.Module, batches: list) -> lis
         raise _Stop
 
     handle = block.register_forward_pre_hook(capture, with_kwargs=True)
+    device = next(model.parameters()).device
     try:
         for batch in batches:
             try:
-                model(images_of(batch))
+                model(images_of(batch).to(device))
             except _Stop:
                 pass
     finally:
