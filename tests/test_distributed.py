@@ -67,3 +67,19 @@ def test_commands_that_time_models_refuse_torchrun(setup):
     root, folder, _ = setup
     run = _torchrun("bench", str(folder), "--batch-size", "2")
     assert run.returncode != 0 and "runs in one process" in run.stderr
+
+
+def test_channel_pruning_with_merging_trains_under_ddp_and_writes_once(setup):
+    """CDCP's gates (a hooked submodule with an adaptive buffer) and ATME's hooks under
+    DistributedDataParallel; the --speedup timing runs on rank 0 and is shared."""
+    root, folder, images = setup
+    out = root / "cait"
+    run = _torchrun("compress", str(folder), "--data", str(images), "--method", "cait", "--speedup", "1.5", "--epochs", "1",
+                    "--batch-size", "8", "--out", str(out))
+    assert run.returncode == 0, run.stderr[-3000:]
+    assert run.stdout.count("saved to") == 1
+    steps = [step["method"] for step in json.loads((out / "recipe.json").read_text())["steps"]]
+    assert steps == ["channels", "merging"]
+    reloaded = vitslim.load_model(str(out))
+    with torch.no_grad():
+        assert torch.isfinite(reloaded(torch.randn(2, 3, 32, 32))).all()
