@@ -120,9 +120,9 @@ def combine(chosen: list[Probe], *, total: int, fixed: int) -> tuple[float, floa
     return cost, speedup, flops, round(fixed + kept * (total - fixed))
 
 
-def split_target(probes: list[Probe], target: Target, *, total: int, fixed: int, required: tuple[str, ...] = ()) -> Split:
+def split_target(probes: list[Probe], target: Target, *, total: int, fixed: int, required: tuple[str, ...] = (), hint: str = "") -> Split:
     """The least-cost combination of one level per axis meeting ``target``; an axis may stay off
-    unless it is ``required``.
+    unless it is ``required``. ``hint`` ends the error when nothing meets the target.
 
     Exhaustive over the probed ladder: a few hundred combinations, each a handful of products.
     Ties go to the higher predicted speed-up."""
@@ -146,8 +146,7 @@ def split_target(probes: list[Probe], target: Target, *, total: int, fixed: int,
     if best is None:
         reach = combine([max(filter(None, options), key=lambda p: p.speedup) for options in by_axis.values()], total=total, fixed=fixed)
         raise VitslimError(f"no probed combination meets the target ({_describe(target)}); the strongest reaches "
-                           f"{reach[1]:.2f}x, FLOPs ratio {reach[2]:.2f}, {reach[3]:,} parameters. Ask for less"
-                           + ("" if "channels" in by_axis else ", or give --epochs so channels can be pruned"))
+                           f"{reach[1]:.2f}x, FLOPs ratio {reach[2]:.2f}, {reach[3]:,} parameters. Ask for less{hint}")
     return best
 
 
@@ -276,15 +275,17 @@ def compress_composed(
         raise VitslimError(f"the parameter budget must lie between the {fixed:,} parameters no axis removes and the model's {total:,}")
     target = Target(speedup=speedup, flops_ratio=flops_ratio, params=params)
     calibration = list(calibration)
+    hint = ""
     if not epochs and "channels" in axes:
         axes = tuple(axis for axis in axes if axis != "channels")
+        hint = ", or give epochs so that channels can be pruned too"
         logger.info("channels are not pruned: CDCP trains its gates, and epochs is 0")
     ladders = {axis: LEVELS[axis] for axis in axes}
     if channel_ratio is not None:
         ladders["channels"] = (channel_ratio,)
     probes = probe_axes(model, calibration, levels=ladders, merge=merge, probe_images=probe_images, runs=probe_runs,
                         device=device, progress=progress)
-    split = split_target(probes, target, total=total, fixed=fixed, required=("channels",) if channel_ratio is not None else ())
+    split = split_target(probes, target, total=total, fixed=fixed, required=("channels",) if channel_ratio is not None else (), hint=hint)
     logger.info("split: %s", split.as_dict())
 
     student = copy.deepcopy(model).eval()
