@@ -19,9 +19,10 @@ is decided by measurement, not by fixed shares:
    of the whole (``finetune_epochs``), then the merge schedule; for a speed-up target the
    schedule is tightened until the measured speed-up reaches it (as ``compress_cait`` does).
 
-The channel probe has no training, so it overstates what CDCP costs after distillation; the
-split therefore leans towards the training-free axes, which is the safe side of the error. The
-recipe holds the channel, low-rank and merging steps in that order, so the folder reloads exactly.
+The probes are training-free, so they cannot see how much distillation recovers on each axis
+(on the reference CIFAR ViT low-rank factors recover more than merged tokens, so the split's mix
+for 2x ended behind low-rank alone: benchmarks/compose.py). The recipe holds the channel,
+low-rank and merging steps in that order, so the folder reloads exactly.
 """
 
 from __future__ import annotations
