@@ -56,7 +56,7 @@ AXES = ("channels", "lowrank", "tokens")
 # of the compressible Linears' weights kept; tokens, the merge schedule's predicted speed-up
 LEVELS = {
     "channels": (0.85, 0.7, 0.6, 0.5, 0.4, 0.3),
-    "lowrank": (0.9, 0.8, 0.7, 0.6, 0.5, 0.45, 0.4, 0.35, 0.3, 0.25, 0.2, 0.15, 0.1),
+    "lowrank": (0.9, 0.8, 0.7, 0.6, 0.5, 0.45, 0.4, 0.35, 0.3, 0.25, 0.2, 0.15, 0.1, 0.07),
     "tokens": (1.1, 1.2, 1.3, 1.45, 1.6, 1.8, 2.0, 2.3),
 }
 IDENTITY = {"channels": 1.0, "lowrank": 1.0, "tokens": 1.0}
