@@ -177,3 +177,10 @@ def test_fixed_params_counts_what_no_axis_removes():
     model = _timm()
     linears = sum(layer.weight.numel() for block in model.blocks for layer in (block.attn.qkv, block.attn.proj, block.mlp.fc1, block.mlp.fc2))
     assert fixed_params(model) == count_params(model) - linears
+
+
+def test_cli_refuses_low_rank_knobs_the_composition_would_ignore(tmp_path, images, capsys):
+    folder = vitslim.save(_timm(), tmp_path / "timm")
+    assert main(["compress", str(folder), "--data", str(images), "--method", "lowrank+cait", "--flops-ratio", "0.6",
+                 "--rank-multiple", "8", "--out", str(tmp_path / "o")]) == 2
+    assert "--rank-multiple do not apply to --method lowrank+cait" in capsys.readouterr().err and not (tmp_path / "o").exists()

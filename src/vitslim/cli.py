@@ -191,7 +191,11 @@ def compress_command(model, data, out, method, speedup, flops_ratio, recovery_ep
         _compress_composed(model, data, out, device=device, speedup=speedup, flops_ratio=flops_ratio, param_ratio=param_ratio, params=params, like=like,
                            channel_ratio=channel_ratio, merge=merge, epochs=finetune_epochs, recovery_epochs=recovery_epochs,
                            calib_images=calib_images, lr=finetune_lr, batch_size=batch_size, seed=seed, checkpoints=checkpoints, resume=resume,
-                           stray=[name for name, value in (("--token-speedup", token_speedup), ("--int8", int8 or None)) if value is not None])
+                           stray=[name for name, value in (("--token-speedup", token_speedup), ("--int8", int8 or None),
+                                                           ("--allocation", None if allocation == "mixed" else allocation), ("--sensitivity", sensitivity),
+                                                           ("--compensation/--no-compensation", compensation),
+                                                           ("--rank-multiple", None if rank_multiple == 1 else rank_multiple),
+                                                           ("--unconstrained", None if consistent else True)) if value is not None])
         return
     if flops_ratio is not None or recovery_epochs:
         raise VitslimError("--flops-ratio and --recovery-epochs belong to --method lowrank+cait")
