@@ -78,6 +78,15 @@ def test_combine_compounds_parameter_cuts_on_the_compressible_weights():
     assert params == 200 + round(0.5 * 0.5 * 800)  # each keeps half of the 800 compressible weights
 
 
+def test_untimed_probes_split_a_flops_target_and_cannot_promise_a_speed_up():
+    untimed = [Probe(p.axis, p.level, p.cost, None, p.flops_ratio, p.params) for p in PROBES]
+    split = split_target(untimed, Target(flops_ratio=0.5, params=600), total=TOTAL, fixed=FIXED)
+    timed = split_target(PROBES, Target(flops_ratio=0.5, params=600), total=TOTAL, fixed=FIXED)
+    assert split.speedup is None and split.levels == timed.levels and split.as_dict()["predicted"]["speedup"] is None
+    with pytest.raises(VitslimError, match=r"strongest reaches FLOPs ratio"):
+        split_target(untimed, Target(speedup=1.5), total=TOTAL, fixed=FIXED)
+
+
 def test_unreachable_target_names_what_is_reachable():
     with pytest.raises(VitslimError, match="strongest reaches"):
         split_target(PROBES, Target(speedup=50.0), total=TOTAL, fixed=FIXED)
@@ -128,6 +137,7 @@ def test_three_axes_compose_meet_the_budget_and_reload_bit_identically(tmp_path,
     assert [step["method"] for step in steps] == ["channels", "lowrank", "merging", "composed"]
     split = steps[-1]
     assert split["levels"]["channels"] == 0.7 and split["predicted"]["flops_ratio"] <= 0.5
+    assert all(probe["speedup"] is None for probe in split["probes"])  # no speed-up stated: nothing timed
     assert count_params(composed) <= budget
     assert composed.blocks[0].attn.qkv.rank > 0 and composed.blocks[0].attn.qkv.in_features == 48  # factorised after slicing
     folder = vitslim.save(composed, tmp_path / "composed")

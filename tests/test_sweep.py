@@ -74,10 +74,38 @@ def test_too_few_timing_runs_are_refused_before_any_work(setup, capsys):
     (["cait=0.5"], "speed-ups"),
     (["lowrank=0.5,x"], "not a number"),
     (["lowrank=0.5", "lowrank=0.5"], "twice"),
+    (["cait=1.5@0.5"], "only lowrank\\+cait takes a parameter cap"),
+    (["lowrank+cait=0.5"], "FLOPs reduction factors"),
+    (["lowrank+cait=2@1.5"], "parameter caps are fractions"),
+    (["lowrank+cait=2@x"], "not a number"),
 ])
 def test_bad_budgets_are_refused(specs, message):
     with pytest.raises(VitslimError, match=message):
         parse_budgets(specs)
+
+
+def test_composed_budgets_parse_with_and_without_a_parameter_cap():
+    points = parse_budgets(["lowrank+cait=2@0.5,1.5"])
+    assert points == [Point("lowrank+cait", 2.0, 0.5), Point("lowrank+cait", 1.5)]
+    assert [p.name for p in points] == ["lowrank+cait-2@0.5", "lowrank+cait-1.5"]
+
+
+def test_a_composed_point_meets_its_caps_and_records_its_distillation(setup):
+    """One composed point with KD: its FLOPs and parameter caps hold, the row states the epochs
+    it trained, and the folder reloads to the scored model."""
+    folder, train, heldout, root = setup
+    out = root / "composed"
+    assert main(["sweep", str(folder), "--data", str(train), "--eval-data", str(heldout), "--budgets", "lowrank+cait=1.2@0.6",
+                 "--out", str(out), "--calib-images", "8", "--epochs", "1"]) == 0
+    rows = {r["name"]: r for r in json.loads((out / "points.json").read_text())}
+    point = rows["lowrank+cait-1.2@0.6"]
+    assert point["params"] <= 0.6 * rows["original"]["params"] and point["param_ratio"] == 0.6
+    assert point["flops"] <= rows["original"]["flops"] / 1.2
+    reloaded = vitslim.load_model(str(out / point["folder"]))
+    steps = [step["method"] for step in reloaded.vitslim_steps]
+    assert "composed" in steps and point["kd_epochs"] == (2 if "channels" in steps else 1)
+    assert sum(p.numel() for p in reloaded.parameters()) == point["params"]
+    assert "| lowrank+cait-1.2@0.6 | " in (out / "report.md").read_text()
 
 
 def test_cli_refuses_bad_input_before_any_work(setup, capsys):

@@ -281,8 +281,9 @@ def _compress_composed(model, data, out, *, device, speedup, flops_ratio, param_
                                    lr=lr, batch_size=batch_size, seed=seed, device=device, checkpoint_dir=checkpoints, resume=resume)
     steps = {step["method"]: step for step in getattr(compressed, STEPS_ATTR, [])}
     split = steps["composed"]
-    click.echo(render(["axis", "level", "probe cost (KL)", "probe speed-up"],
-                      [[probe["axis"], f"{probe['level']:g}", f"{probe['cost']:.4f}", f"{probe['speedup']:.2f}x"]
+    click.echo(render(["axis", "level", "probe cost (KL)", "probe FLOPs ratio", "probe speed-up"],
+                      [[probe["axis"], f"{probe['level']:g}", f"{probe['cost']:.4f}", f"{probe['flops_ratio']:.2f}",
+                        "not timed" if probe["speedup"] is None else f"{probe['speedup']:.2f}x"]
                        for probe in split["probes"] if probe["level"] == split["levels"][probe["axis"]]]))
     measured = split.get("measured_speedup")
     click.echo(f"split: {', '.join(f'{axis} {level:g}' for axis, level in split['levels'].items())}; "
@@ -295,12 +296,14 @@ def _compress_composed(model, data, out, *, device, speedup, flops_ratio, param_
 @click.option("--data", required=True, help="Train images: calibration (and KD with --epochs); never scored.")
 @click.option("--eval-data", required=True, help="Held-out labelled images every point is scored on.")
 @click.option("--budgets", multiple=True, required=True,
-              help="METHOD=V[,V...], repeatable: lowrank/svd/asvd take fractions of the parameters kept, cait/tome take speed-ups.")
+              help="METHOD=V[,V...], repeatable: lowrank/svd/asvd take fractions of the parameters kept, cait/tome take speed-ups, "
+                   "lowrank+cait takes FLOPs reduction factors with an optional parameter cap (2@0.5: half the FLOPs and at most half the parameters).")
 @click.option("--out", required=True, help="Sweep folder: points.json, models/, report.md, pareto.png. Rerun with the same --out to resume.")
 @click.option("--reference", "references", multiple=True, help="Another model to mark on the plots (e.g. a smaller one of the same family).")
 @click.option("--calib-images", type=int, default=256, show_default=True, callback=_positive("--calib-images"))
 @click.option("--eval-limit", type=int, callback=_positive("--eval-limit"), help="Score on a seeded subset of this many held-out images.")
-@click.option("--epochs", type=int, default=0, show_default=True, help="KD epochs per point (cait: trains the channel gates too).")
+@click.option("--epochs", type=int, default=0, show_default=True, help="KD epochs per point (cait: trains the channel gates too; lowrank+cait: E epochs of channel gates "
+                   "when its split prunes channels, then E of distillation of the composed model).")
 @click.option("--seed", type=int, default=0, show_default=True)
 @click.option("--batch-size", type=int, default=32, show_default=True, callback=_positive("--batch-size"))
 @click.option("--runs", type=int, default=20, show_default=True, help="Timed rounds of the final speed run (at least 20).")

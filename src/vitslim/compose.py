@@ -9,7 +9,9 @@ is decided by measurement, not by fixed shares:
    FLOPs ratio by weight importance (``importance_masks``), whitened low-rank factors keeping a
    fraction of the compressible weights. Each probe's *cost* is the mean KL divergence of its
    logits from the original's; its *gains* are its throughput ratio (all probes timed against
-   the original in one interleaved run), FLOPs ratio and parameter count.
+   the original in one interleaved run; only when the target states a speed-up, so that a FLOPs
+   or parameter target's plan does not depend on the machine's load), FLOPs ratio and parameter
+   count.
 2. **Split** (``split_target``): the combination of levels with the least summed cost whose
    combined gains meet every stated bound, found exhaustively over the ladder. Gains combine
    multiplicatively (speed, FLOPs) and on the compressible weights (parameters); costs add.
@@ -46,7 +48,7 @@ from vitslim.distributed import on_main
 from vitslim.errors import VitslimError
 from vitslim.lowrank.calibration import images_of
 from vitslim.lowrank.compress import compress_lowrank, compressible_linears
-from vitslim.metrics import count_params
+from vitslim.metrics import count_flops, count_params
 from vitslim.persist import record_step, register_step
 
 logger = logging.getLogger("vitslim")
@@ -71,7 +73,7 @@ class Probe:
     axis: str
     level: float
     cost: float  # mean KL(original ‖ probe) of the logits on the probe images, nats
-    speedup: float  # measured throughput ratio
+    speedup: float | None  # measured throughput ratio; None when not timed (no speed-up target)
     flops_ratio: float
     params: int
 
@@ -99,23 +101,27 @@ class Split:
 
     levels: dict[str, float]
     cost: float
-    speedup: float
+    speedup: float | None
     flops_ratio: float
     params: int
 
     def as_dict(self) -> dict:
-        return {"levels": self.levels, "predicted": {"cost": round(self.cost, 6), "speedup": round(self.speedup, 3),
+        return {"levels": self.levels, "predicted": {"cost": round(self.cost, 6), "speedup": _rounded(self.speedup, 3),
                                                      "flops_ratio": round(self.flops_ratio, 4), "params": self.params}}
 
 
-def combine(chosen: list[Probe], *, total: int, fixed: int) -> tuple[float, float, float, int]:
+def _rounded(value: float | None, digits: int) -> float | None:
+    return None if value is None else round(value, digits)
+
+
+def combine(chosen: list[Probe], *, total: int, fixed: int) -> tuple[float, float | None, float, int]:
     """(cost, speed-up, FLOPs ratio, params) of applying every probe's axis at its level: costs
     add, speed and FLOPs multiply, and the parameter cuts compound on the ``total - fixed``
-    compressible weights (tokens cut none)."""
+    compressible weights (tokens cut none). The speed-up is None unless every probe was timed."""
     cost, speedup, flops, kept = 0.0, 1.0, 1.0, 1.0
     for probe in chosen:
         cost += probe.cost
-        speedup *= probe.speedup
+        speedup = None if speedup is None or probe.speedup is None else speedup * probe.speedup
         flops *= probe.flops_ratio
         kept *= (probe.params - fixed) / (total - fixed)
     return cost, speedup, flops, round(fixed + kept * (total - fixed))
@@ -126,7 +132,7 @@ def split_target(probes: list[Probe], target: Target, *, total: int, fixed: int,
     unless it is ``required``. ``hint`` ends the error when nothing meets the target.
 
     Exhaustive over the probed ladder: a few hundred combinations, each a handful of products.
-    Ties go to the higher predicted speed-up."""
+    Ties go to the higher predicted speed-up (the fewer FLOPs when untimed)."""
     by_axis: dict[str, list[Probe | None]] = {}
     for probe in probes:
         by_axis.setdefault(probe.axis, [] if probe.axis in required else [None]).append(probe)
@@ -134,20 +140,22 @@ def split_target(probes: list[Probe], target: Target, *, total: int, fixed: int,
     for combination in itertools.product(*by_axis.values()):
         chosen = [probe for probe in combination if probe is not None]
         cost, speedup, flops, params = combine(chosen, total=total, fixed=fixed)
-        if target.speedup is not None and speedup < target.speedup:
+        if target.speedup is not None and (speedup is None or speedup < target.speedup):
             continue
         if target.flops_ratio is not None and flops > target.flops_ratio:
             continue
         if target.params is not None and params > target.params:
             continue
-        key = (cost, -speedup)
+        key = (cost, flops if speedup is None else -speedup)
         if best_key is None or key < best_key:
             levels = {**IDENTITY, **{probe.axis: probe.level for probe in chosen}}
             best, best_key = Split(levels, cost, speedup, flops, params), key
     if best is None:
-        reach = combine([max(filter(None, options), key=lambda p: p.speedup) for options in by_axis.values()], total=total, fixed=fixed)
+        strongest = [min(filter(None, options), key=lambda p: p.flops_ratio if p.speedup is None else -p.speedup) for options in by_axis.values()]
+        _, speedup, flops, params = combine(strongest, total=total, fixed=fixed)
+        speed = "" if speedup is None else f"{speedup:.2f}x, "
         raise VitslimError(f"no probed combination meets the target ({_describe(target)}); the strongest reaches "
-                           f"{reach[1]:.2f}x, FLOPs ratio {reach[2]:.2f}, {reach[3]:,} parameters. Ask for less{hint}")
+                           f"{speed}FLOPs ratio {flops:.2f}, {params:,} parameters. Ask for less{hint}")
     return best
 
 
@@ -187,11 +195,11 @@ def _kl(teacher_logits: list[torch.Tensor], model: nn.Module, images: list[torch
 
 
 def probe_axes(model: nn.Module, calibration: list, *, levels: dict[str, tuple[float, ...]] = LEVELS, merge: str = "atme",
-               probe_images: int = PROBE_IMAGES, runs: int = 20, batch_size: int = 32, device: str = "cpu",
+               probe_images: int = PROBE_IMAGES, timed: bool = True, runs: int = 20, batch_size: int = 32, device: str = "cpu",
                progress: bool = True) -> list[Probe]:
     """Every axis of ``levels`` alone at every level of its ladder, measured (see the module
-    docstring). Levels an axis cannot reach on this model (merging beyond what the grid allows)
-    are left out."""
+    docstring); ``timed=False`` skips the timing run (speed-ups None). Levels an axis cannot
+    reach on this model (merging beyond what the grid allows) are left out."""
     from vitslim.bench import benchmark
 
     images, wanted = [], probe_images
@@ -212,6 +220,11 @@ def probe_axes(model: nn.Module, calibration: list, *, levels: dict[str, tuple[f
                 logger.info("probe %s at %g skipped: %s", axis, level, error)
                 continue
             built.append((axis, level, probe, _kl(teacher_logits, probe, images)))
+    if not timed:
+        size = spec.preprocessing.input_size
+        original_flops = count_flops(model, size)
+        return [Probe(axis, level, cost, None, count_flops(probe, size) / original_flops, count_params(probe))
+                for axis, level, probe, cost in built]
     timed = on_main(lambda: benchmark([("original", model)] + [(f"{axis}@{level:g}", probe) for axis, level, probe, _ in built],
                                       batch_size=batch_size, runs=runs, device=device, progress=progress))
     original = timed[0]
@@ -284,8 +297,8 @@ def compress_composed(
     ladders = {axis: LEVELS[axis] for axis in axes}
     if channel_ratio is not None:
         ladders["channels"] = (channel_ratio,)
-    probes = probe_axes(model, calibration, levels=ladders, merge=merge, probe_images=probe_images, runs=probe_runs,
-                        device=device, progress=progress)
+    probes = probe_axes(model, calibration, levels=ladders, merge=merge, probe_images=probe_images, timed=speedup is not None,
+                        runs=probe_runs, device=device, progress=progress)
     split = split_target(probes, target, total=total, fixed=fixed, required=("channels",) if channel_ratio is not None else (), hint=hint)
     logger.info("split: %s", split.as_dict())
 
@@ -323,7 +336,7 @@ def compress_composed(
             logger.warning("measured speed-up %.2fx is below the %.2fx target (token merging, which could close the gap, is not among the axes)", measured, speedup)
     record_step(student, {"method": STEP, "target": {k: v for k, v in target.__dict__.items() if v is not None}, **split.as_dict(),
                           "measured_speedup": None if measured is None else round(measured, 3),
-                          "probes": [{**probe.__dict__, "cost": round(probe.cost, 6), "speedup": round(probe.speedup, 3),
+                          "probes": [{**probe.__dict__, "cost": round(probe.cost, 6), "speedup": _rounded(probe.speedup, 3),
                                       "flops_ratio": round(probe.flops_ratio, 4)} for probe in probes]})
     return student
 

@@ -25,37 +25,54 @@ from vitslim.table import human, percent, render
 
 PARAMETER_METHODS = {"lowrank": "whitened", "svd": "svd", "asvd": "asvd"}  # budget: fraction of the parameters kept
 SPEED_METHODS = {"cait": "atme", "tome": "tome"}  # budget: target speed-up
+COMPOSED = "lowrank+cait"  # budget: FLOPs reduction factor S (FLOPs ratio 1/S), optionally "@R" for a cap on the parameters kept
+METHODS = [*PARAMETER_METHODS, *SPEED_METHODS, COMPOSED]
 
 
 @dataclass(frozen=True)
 class Point:
     method: str
     budget: float
+    param_ratio: float | None = None  # lowrank+cait only: the parameter cap that goes with its speed-up
 
     @property
     def name(self) -> str:
-        return f"{self.method}-{self.budget:g}"
+        cap = "" if self.param_ratio is None else f"@{self.param_ratio:g}"
+        return f"{self.method}-{self.budget:g}{cap}"
+
+
+def _number(spec: str, text: str) -> float:
+    try:
+        return float(text)
+    except ValueError:
+        raise VitslimError(f"--budgets {spec!r}: {text!r} is not a number") from None
 
 
 def parse_budgets(specs: list[str]) -> list[Point]:
-    """``["lowrank=0.5,0.3", "cait=1.5"]`` → points, checking each method's budget range."""
+    """``["lowrank=0.5,0.3", "cait=1.5", "lowrank+cait=2@0.5"]`` → points, checking each method's
+    budget range."""
     points = []
     for spec in specs:
         method, sep, values = spec.partition("=")
         if not sep or not values:
-            raise VitslimError(f"--budgets takes METHOD=V[,V...] (e.g. lowrank=0.5,0.3 or cait=1.5,2), got {spec!r}")
-        if method not in PARAMETER_METHODS and method not in SPEED_METHODS:
-            raise VitslimError(f"unknown sweep method {method!r}; choose from {', '.join([*PARAMETER_METHODS, *SPEED_METHODS])}")
+            raise VitslimError(f"--budgets takes METHOD=V[,V...] (e.g. lowrank=0.5,0.3, cait=1.5,2 or lowrank+cait=2@0.5), got {spec!r}")
+        if method not in METHODS:
+            raise VitslimError(f"unknown sweep method {method!r}; choose from {', '.join(METHODS)}")
         for text in values.split(","):
-            try:
-                budget = float(text)
-            except ValueError:
-                raise VitslimError(f"--budgets {spec!r}: {text!r} is not a number") from None
+            speed, cap, ratio = text.partition("@")
+            if cap and method != COMPOSED:
+                raise VitslimError(f"--budgets {spec!r}: only {COMPOSED} takes a parameter cap (S@R)")
+            budget = _number(spec, speed)
+            param_ratio = _number(spec, ratio) if cap else None
             if method in PARAMETER_METHODS and not 0 < budget < 1:
                 raise VitslimError(f"{method} budgets are fractions of the parameters kept (0 < R < 1), got {budget:g}")
             if method in SPEED_METHODS and not budget > 1:
                 raise VitslimError(f"{method} budgets are speed-ups (greater than 1), got {budget:g}")
-            points.append(Point(method, budget))
+            if method == COMPOSED and not budget > 1:
+                raise VitslimError(f"{method} budgets are FLOPs reduction factors (greater than 1; 2 keeps half the FLOPs), got {budget:g}")
+            if param_ratio is not None and not 0 < param_ratio < 1:
+                raise VitslimError(f"{COMPOSED} parameter caps are fractions of the parameters kept (0 < R < 1), got {param_ratio:g}")
+            points.append(Point(method, budget, param_ratio))
     if not points:
         raise VitslimError("give at least one --budgets METHOD=V[,V...]")
     if len(set(points)) != len(points):
@@ -69,18 +86,32 @@ def _write_json(path: Path, rows: list[dict]) -> None:
 
 def _compress(original: nn.Module, point: Point, calibration: list, train, epochs: int, seed: int) -> nn.Module:
     from vitslim.cait.compress import compress_cait
+    from vitslim.compose import compress_composed
     from vitslim.lowrank.compress import compress_lowrank
     from vitslim.train import distill
 
+    # speed points are planned by FLOPs (cait: its schedule's predicted speed-up; lowrank+cait: a
+    # FLOPs ratio of 1/S): timing inside the sweep would let the load of the moment shape the
+    # plan; the final run measures them all together
+    if point.method == COMPOSED:
+        return compress_composed(original, calibration, train if epochs else None, flops_ratio=1 / point.budget, param_ratio=point.param_ratio,
+                                 epochs=epochs, finetune_epochs=epochs, seed=seed, progress=False)
     if point.method in PARAMETER_METHODS:
         compressed = compress_lowrank(original, calibration, param_ratio=point.budget, method=PARAMETER_METHODS[point.method], progress=False)
         if epochs:
             distill(compressed, original, train, epochs=epochs, seed=seed)
         return compressed
-    # speed points are planned by the FLOPs model: timing each one inside the sweep would let
-    # the load of the moment shape the plan; the final run measures them all together
     return compress_cait(original, train if epochs else None, speedup=point.budget, epochs=epochs, merge=SPEED_METHODS[point.method],
                          seed=seed, measure=False, progress=False)
+
+
+def _kd_epochs(compressed: nn.Module, point: Point, epochs: int) -> int:
+    """Epochs of distillation a point received: a composed point that pruned channels trained
+    their gates for ``epochs`` and then distilled the whole for ``epochs`` more."""
+    if point.method != COMPOSED:
+        return epochs
+    pruned = any(step["method"] == "channels" for step in compressed.vitslim_steps)
+    return 2 * epochs if pruned else epochs
 
 
 def run_sweep(model: str, data: str, eval_data: str, budgets: list[str], out: str | os.PathLike, *, references: tuple[str, ...] = (),
@@ -127,7 +158,8 @@ def run_sweep(model: str, data: str, eval_data: str, budgets: list[str], out: st
         click.echo(f"[{index}/{len(points)}] {point.name}: compressing, then scoring on the held-out images")
         compressed = _compress(original, point, calibration, train, epochs, seed)
         folder = save(compressed, out / "models" / point.name)
-        score(point.name, "point", compressed, method=point.method, budget=point.budget, epochs=epochs, folder=str(folder.relative_to(out)))
+        score(point.name, "point", compressed, method=point.method, budget=point.budget, param_ratio=point.param_ratio,
+              kd_epochs=_kd_epochs(compressed, point, epochs), folder=str(folder.relative_to(out)))
 
     wanted = {"original", *(f"reference {r}" for r in references), *(p.name for p in points)}
     timed = [r for r in rows if r["name"] in wanted]
@@ -174,9 +206,9 @@ def _plot(rows: list[dict], path: Path) -> None:
 
 
 def _report(rows: list[dict], first, eval_data: str) -> str:
-    table = render(["model", "top-1", "agreement", "params", "FLOPs / image", "throughput ratio", "images/s"],
-                   [[r["name"], percent(r["top1"]), percent(r["agreement"]), f"{r['params']:,}", human(r["flops"]), f"{r['ratio']:.2f}x",
-                     f"{r['images_per_s']:.1f}"] for r in rows], markdown=True)
+    table = render(["model", "KD epochs", "top-1", "agreement", "params", "FLOPs / image", "throughput ratio", "images/s"],
+                   [[r["name"], str(r.get("kd_epochs", 0)), percent(r["top1"]), percent(r["agreement"]), f"{r['params']:,}", human(r["flops"]),
+                     f"{r['ratio']:.2f}x", f"{r['images_per_s']:.1f}"] for r in rows], markdown=True)
     return (
         "# vitslim sweep\n\n"
         f"Held-out images: `{eval_data}` ({rows[0]['images']} scored). Agreement is top-1 agreement with the original.\n"
