@@ -34,26 +34,25 @@ from vitslim.evaluate import evaluate
 ROOT = Path(__file__).resolve().parents[1]
 SHARED = ROOT.parent / "shared"
 
-# name: (axes, speed-up, parameter ratio, CDCP epochs, recovery epochs)
+# name: (axes, speed-up, FLOPs ratio, parameter ratio, CDCP epochs, recovery epochs)
 POINTS = {
-    "composed 2x/50%": (("channels", "lowrank", "tokens"), 2.0, 0.5, 1, 1),
-    "composed 2.5x/40%": (("channels", "lowrank", "tokens"), 2.5, 0.4, 1, 1),
-    "low-rank alone 2x": (("lowrank",), 2.0, None, 0, 1),
-    "low-rank alone 2.5x": (("lowrank",), 2.5, None, 0, 1),
-    "ATME alone 2.5x": (("tokens",), 2.5, None, 0, 0),
+    "composed 2x/50%": (("channels", "lowrank", "tokens"), 2.0, None, 0.5, 1, 1),
+    "composed 2.5x/40%": (("channels", "lowrank", "tokens"), 2.5, None, 0.4, 1, 1),
+    "low-rank alone 2x": (("lowrank",), 2.0, None, None, 0, 1),
+    "low-rank alone 2.5x": (("lowrank",), 2.5, None, None, 0, 1),
+    "ATME alone 2.5x": (("tokens",), 2.5, None, None, 0, 0),
     # the probes' timing found low-rank alone short of 2.5x, but their speed-ups are measured
     # among ~25 probes: this is its next ladder level, timed in the final run with the rest
-    "low-rank alone 16%": (("lowrank",), None, 0.165, 0, 1),
+    "low-rank alone 16%": (("lowrank",), None, None, 0.165, 0, 1),
     # beyond what low-rank alone does well on this very low-rank model: 3x, and its low-rank-only match
-    "composed 3x/40%": (("channels", "lowrank", "tokens"), 3.0, 0.4, 1, 1),
-    "low-rank alone 11%": (("lowrank",), None, 0.115, 0, 1),
-    "composed 3.5x/20% (low-rank + tokens)": (("lowrank", "tokens"), 3.5, 0.2, 0, 1),
-    "low-rank alone 8%": (("lowrank",), None, 0.085, 0, 1),
-    # the point neither axis reaches alone within 1.5 points: past low-rank alone's knee (11%) in
-    # speed, with the whole allowance of 3 KD epochs, and low-rank alone given the same 3 epochs
-    "composed 3.2x/12% (low-rank + tokens), 3 KD": (("lowrank", "tokens"), 3.2, 0.12, 0, 3),
-    "low-rank alone 11%, 3 KD": (("lowrank",), None, 0.115, 0, 3),
-    "low-rank alone 8%, 3 KD": (("lowrank",), None, 0.085, 0, 3),
+    "composed 3x/40%": (("channels", "lowrank", "tokens"), 3.0, None, 0.4, 1, 1),
+    "low-rank alone 11%": (("lowrank",), None, None, 0.115, 0, 1),
+    "composed 3.5x/20% (low-rank + tokens)": (("lowrank", "tokens"), 3.5, None, 0.2, 0, 1),
+    "low-rank alone 8%": (("lowrank",), None, None, 0.085, 0, 1),
+    # past low-rank alone's knee (11%) in speed, at the same single KD epoch as the low-rank rows;
+    # stated as FLOPs, not speed: a speed target is split by probes timed on this shared machine,
+    # and under load they found 3.2x unreachable
+    "composed 1/8 FLOPs & 12% (low-rank + tokens)": (("lowrank", "tokens"), None, 0.125, 0.12, 0, 1),
 }
 # compress_cait with 1 KD epoch, at FLOPs-model targets whose measured speed-ups bracket 2x and 2.5x
 # (benchmarks/cait.py: 2.6 -> 1.94x, 3.4 -> 2.36x)
@@ -75,8 +74,8 @@ def build(rows: list[dict], out: Path, args) -> None:
         score = evaluate(original, args.test, limit=args.eval_limit)
         rows.append({"name": "original", "top1": score["top1"], "params": score["params"], "flops": score["flops"], "kd_epochs": 0})
         _save(out, rows)
-    wanted = [(name, *settings) for name, settings in POINTS.items()] + [(name, None, target, None, 1, 0) for name, target in CAIT_POINTS.items()]
-    for name, axes, speedup, param_ratio, epochs, recovery in wanted:
+    wanted = [(name, *settings) for name, settings in POINTS.items()] + [(name, None, target, None, None, 1, 0) for name, target in CAIT_POINTS.items()]
+    for name, axes, speedup, flops_ratio, param_ratio, epochs, recovery in wanted:
         if any(r["name"] == name for r in rows):
             continue
         start = time.perf_counter()
@@ -84,7 +83,7 @@ def build(rows: list[dict], out: Path, args) -> None:
             compressed = compress_cait(original, train, speedup=speedup, epochs=epochs, seed=0, batch_size=64, measure=False)
         else:
             try:
-                compressed = compress_composed(original, calibration, train, speedup=speedup, param_ratio=param_ratio, axes=axes,
+                compressed = compress_composed(original, calibration, train, speedup=speedup, flops_ratio=flops_ratio, param_ratio=param_ratio, axes=axes,
                                                epochs=epochs, finetune_epochs=recovery, seed=0, batch_size=64)
             except VitslimError as error:  # a single axis may not reach the target at all: that is a result
                 rows.append({"name": name, "axes": list(axes), "target_speedup": speedup, "unreachable": str(error)})
@@ -96,7 +95,8 @@ def build(rows: list[dict], out: Path, args) -> None:
         steps = {step["method"]: step for step in compressed.vitslim_steps}
         composed = steps.get("composed", {})
         used = (epochs if "channels" in steps else 0) + recovery
-        rows.append({"name": name, "axes": list(axes or ("channels", "tokens")), "target_speedup": speedup, "target_param_ratio": param_ratio,
+        rows.append({"name": name, "axes": list(axes or ("channels", "tokens")), "target_speedup": speedup, "target_flops_ratio": flops_ratio,
+                     "target_param_ratio": param_ratio,
                      "kd_epochs": used, "top1": score["top1"], "params": score["params"], "flops": score["flops"],
                      "levels": composed.get("levels"), "predicted": composed.get("predicted"),
                      "compress_measured_speedup": composed.get("measured_speedup"), "folder": str(folder.relative_to(ROOT)), "seconds": round(seconds)})
