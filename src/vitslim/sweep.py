@@ -7,6 +7,11 @@ that stops resumes with the points it has not finished. Speed is measured last, 
 the original and any reference models together in one interleaved run, because ratios from
 different runs do not compare on a shared machine. ``report.md`` and ``pareto.png`` come from
 ``points.json``: top-1 against parameters and against measured throughput, one curve per method.
+
+Budgets: lowrank/svd/asvd keep a fraction of the parameters; cait/tome take a speed-up planned
+by the FLOPs model; lowrank+cait takes a FLOPs reduction factor S (at most 1/S of the FLOPs)
+with an optional parameter cap (``S@R``), split across channels, low-rank and tokens by
+``compose.compress_composed``.
 """
 
 from __future__ import annotations
