@@ -30,6 +30,7 @@ from vitslim.cait.compress import compress_cait
 from vitslim.compose import compress_composed
 from vitslim.errors import VitslimError
 from vitslim.evaluate import evaluate
+from vitslim.lowrank.compress import compress_lowrank
 
 ROOT = Path(__file__).resolve().parents[1]
 SHARED = ROOT.parent / "shared"
@@ -53,7 +54,14 @@ POINTS = {
     # stated as FLOPs, not speed: a speed target is split by probes timed on this shared machine,
     # and under load they found 3.2x unreachable
     "composed 1/8 FLOPs & 12% (low-rank + tokens)": (("lowrank", "tokens"), None, 0.125, 0.12, 0, 1),
+    # light merging does not pay on this model; heavier merging on a less squeezed low-rank model,
+    # with the issue's whole allowance of 3 KD epochs, and low-rank alone given the same 3 epochs
+    "composed 1/9 FLOPs & 16.5% (low-rank + tokens), 3 KD": (("lowrank", "tokens"), None, 0.11, 0.165, 0, 3),
+    "low-rank alone 8%, 3 KD": (("lowrank",), None, None, 0.085, 0, 3),
 }
+# low-rank alone between the ladder's levels (0.1 and 0.07 of the weights), speed-matched to the
+# 3-epoch composed point: compress_lowrank and distill as compress_composed calls them
+LOWRANK_POINTS = {"low-rank alone 9%, 3 KD": (0.09, 3)}
 # compress_cait with 1 KD epoch, at FLOPs-model targets whose measured speed-ups bracket 2x and 2.5x
 # (benchmarks/cait.py: 2.6 -> 1.94x, 3.4 -> 2.36x)
 CAIT_POINTS = {"ATME+CDCP 2.6x": 2.6, "ATME+CDCP 3.8x": 3.8}
@@ -75,12 +83,16 @@ def build(rows: list[dict], out: Path, args) -> None:
         rows.append({"name": "original", "top1": score["top1"], "params": score["params"], "flops": score["flops"], "kd_epochs": 0})
         _save(out, rows)
     wanted = [(name, *settings) for name, settings in POINTS.items()] + [(name, None, target, None, None, 1, 0) for name, target in CAIT_POINTS.items()]
+    wanted += [(name, ("lowrank",), None, None, ratio, 0, recovery) for name, (ratio, recovery) in LOWRANK_POINTS.items()]
     for name, axes, speedup, flops_ratio, param_ratio, epochs, recovery in wanted:
         if any(r["name"] == name for r in rows):
             continue
         start = time.perf_counter()
         if axes is None:
             compressed = compress_cait(original, train, speedup=speedup, epochs=epochs, seed=0, batch_size=64, measure=False)
+        elif name in LOWRANK_POINTS:
+            compressed = compress_lowrank(original, calibration, param_ratio=param_ratio)
+            vitslim.distill(compressed, original, train, epochs=recovery, lr=1e-4, batch_size=64, seed=1)
         else:
             try:
                 compressed = compress_composed(original, calibration, train, speedup=speedup, flops_ratio=flops_ratio, param_ratio=param_ratio, axes=axes,
@@ -139,7 +151,8 @@ def write(out: Path, rows: list[dict], args) -> None:
         shown = " / ".join(f"{levels[a]:g}" for a in ("channels", "lowrank", "tokens")) if levels else "-"
         lines.append(f"| {r['name']} | {'+'.join(r.get('axes', [])) or '-'} | {r['kd_epochs']} | {shown} | {r.get('speedup', 1.0):.2f}x | "
                      f"{100 * r['params'] / base['params']:.1f}% | {100 * r['top1']:.2f}% | {100 * (r['top1'] - base['top1']):+.2f} |")
-    lines += ["", "Target (issue #5): at least 2x measured *and* at most 50% of the parameters, within 1.5 points, after at most 3 KD epochs."]
+    lines += ["", "Target (issue #5): a point no single method reaches, with at least 2x measured *and* at most 50% of the parameters, "
+              "within 1.5 points, after at most 3 KD epochs."]
     (out / "compose.md").write_text("\n".join(lines) + "\n")
     figure, axis = plt.subplots(figsize=(6, 4.5))
     for r in rows:
