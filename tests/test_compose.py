@@ -14,7 +14,7 @@ import vitslim
 from vitslim import data as imagedata
 from vitslim.cait.channels import importance_masks
 from vitslim.cli import main
-from vitslim.compose import Probe, Target, combine, compress_composed, fixed_params, split_target
+from vitslim.compose import Probe, Target, combine, compress_composed, fixed_params, probe_axes, split_target
 from vitslim.errors import VitslimError
 from vitslim.metrics import count_params
 
@@ -144,6 +144,18 @@ def test_three_axes_compose_meet_the_budget_and_reload_bit_identically(tmp_path,
     reloaded = vitslim.load_model(str(folder))
     assert torch.equal(_logits(reloaded), _logits(composed))
     assert json.loads((folder / "recipe.json").read_text())["steps"][-1]["levels"] == split["levels"]
+
+
+def test_timed_probes_measure_speed_and_agree_with_untimed_ones_on_the_rest():
+    model = _timm()
+    calibration = [torch.randn(8, 3, 32, 32, generator=torch.Generator().manual_seed(2))]
+    ladders = {"lowrank": (0.5,), "tokens": (1.3,)}
+    timed = probe_axes(model, calibration, levels=ladders, runs=20, progress=False)
+    untimed = probe_axes(model, calibration, levels=ladders, timed=False, progress=False)
+    assert [(p.axis, p.level) for p in timed] == [("lowrank", 0.5), ("tokens", 1.3)]
+    assert all(p.speedup > 0 for p in timed) and all(p.speedup is None for p in untimed)
+    for a, b in zip(timed, untimed):
+        assert (a.cost, a.params) == (b.cost, b.params) and a.flops_ratio == pytest.approx(b.flops_ratio)
 
 
 def test_training_free_composition_uses_only_low_rank_and_tokens_on_hf(images):

@@ -225,11 +225,11 @@ def probe_axes(model: nn.Module, calibration: list, *, levels: dict[str, tuple[f
         original_flops = count_flops(model, size)
         return [Probe(axis, level, cost, None, count_flops(probe, size) / original_flops, count_params(probe))
                 for axis, level, probe, cost in built]
-    timed = on_main(lambda: benchmark([("original", model)] + [(f"{axis}@{level:g}", probe) for axis, level, probe, _ in built],
-                                      batch_size=batch_size, runs=runs, device=device, progress=progress))
-    original = timed[0]
+    results = on_main(lambda: benchmark([("original", model)] + [(f"{axis}@{level:g}", probe) for axis, level, probe, _ in built],
+                                        batch_size=batch_size, runs=runs, device=device, progress=progress))
+    original = results[0]
     return [Probe(axis, level, cost, result.ratio, result.flops / original.flops, result.params)
-            for (axis, level, _, cost), result in zip(built, timed[1:])]
+            for (axis, level, _, cost), result in zip(built, results[1:])]
 
 
 def compress_composed(

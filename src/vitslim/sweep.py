@@ -38,7 +38,7 @@ METHODS = [*PARAMETER_METHODS, *SPEED_METHODS, COMPOSED]
 class Point:
     method: str
     budget: float
-    param_ratio: float | None = None  # lowrank+cait only: the parameter cap that goes with its speed-up
+    param_ratio: float | None = None  # lowrank+cait only: the parameter cap that goes with its FLOPs factor
 
     @property
     def name(self) -> str:
