@@ -9,7 +9,7 @@ import torch.nn.functional as F
 
 import vitslim
 from vitslim.adapters import describe
-from vitslim.cait.merging import NEIGHBOURHOOD, TokenMap, atme_candidates, atme_merge, attention_bias, sub_grid, tome_merge, unmerge
+from vitslim.cait.merging import NEIGHBOURHOOD, TokenMap, atme_merge, attention_bias, neighbourhood, sub_grid, tome_merge, unmerge
 from vitslim.cait.patch import MergeSchedule, apply_token_merging, merge_schedule, remove_token_merging, token_map
 from vitslim.cait.schedule import check_schedule, plan, predicted_speedup, schedule_for_speedup, tokens_per_block
 from vitslim.errors import VitslimError
@@ -64,9 +64,18 @@ def test_atme_joins_only_spatial_neighbours_and_keeps_destinations(merges):
 @pytest.mark.parametrize("level", [1, 2, 3])
 def test_atme_neighbourhood_ends_exactly_at_its_radius(level):
     radius = NEIGHBOURHOOD * max(sub_grid(level))
-    destination = torch.tensor([[[0, 0]]])
-    sources = torch.tensor([[[radius, 0], [0, radius], [radius, radius], [radius + 1, 0], [0, radius + 1], [1, radius + 1]]])
-    assert atme_candidates(sources, destination, level)[0, :, 0].tolist() == [True, True, True, False, False, False]
+    grid = (radius + 3, radius + 3)
+    table = neighbourhood(grid, level)
+    rows_step, cols_step = sub_grid(level)
+    destinations = [(row, col) for row in range(grid[0]) for col in range(grid[1]) if row % rows_step == 0 and col % cols_step == 0]
+    assert table.shape == (grid[0] * grid[1], len(destinations))
+    for cell in range(grid[0] * grid[1]):
+        row, col = divmod(cell, grid[1])
+        for column, (d_row, d_col) in enumerate(destinations):
+            assert bool(table[cell, column]) == (max(abs(row - d_row), abs(col - d_col)) <= radius)
+    # the first destination, (0, 0): reached at exactly the radius along rows, columns and the diagonal
+    assert [bool(table[row * grid[1] + col, 0]) for row, col in [(radius, 0), (0, radius), (radius, radius), (radius + 1, 0), (0, radius + 1), (1, radius + 1)]] \
+        == [True, True, True, False, False, False]
 
 
 @pytest.mark.parametrize("method", ["atme", "tome"])

@@ -29,9 +29,9 @@ logger = logging.getLogger("vitslim")
 
 TOKEN_SHARE = 0.5  # of log(speed-up) given to token merging when channels are pruned too
 PROMISE = 0.95  # measured/target that --speedup promises
-AIM = 0.98  # measured/target the schedule is tightened to reach: timings on a busy CPU move by a few
-# percent between runs, so aiming at the promise itself left a 1.8x request at 0.94x of it when
-# re-measured (benchmarks/cait.py --parts delivery)
+AIM = 1.0  # measured/target the schedule is tightened to reach: on a shared CPU the ratio moves by
+# up to ~5% between timing runs, so aiming at 0.98 left a 1.3x request at 0.946x of it when re-timed,
+# and aiming at the promise itself left a 1.8x one at 0.94x (benchmarks/cait.py --parts delivery)
 MEASURE_ROUNDS = 4
 MAX_STEP = 1.15  # largest factor by which one round raises the predicted speed-up (timings are noisy)
 
@@ -90,8 +90,8 @@ def compress_cait(
     (the ablation without CDCP's consistency constraints); the gates learn at ``lr`` times
     ``gate_lr_scale`` (they must travel far in a few epochs). With ``measure`` the result is timed
     against the original (CPU or ``device``, batch 32) and the merge schedule tightened, at most
-    a few times, until the measured speed-up reaches 98% of the target (so that it still shows at
-    least 95% when timed again).
+    a few times, until the measured speed-up reaches the target (so that it still shows at
+    least 95% of it when timed again).
     """
     if not speedup > 1:
         raise VitslimError(f"--speedup must be greater than 1 (a speed-up of the original), got {speedup:g}")

@@ -36,6 +36,12 @@ limit, and 87.8% for ToMe: two steps recover most of what the restriction costs 
 local on larger grids."""
 
 
+def grid_cells(grid: tuple[int, int], device: torch.device | None = None) -> torch.Tensor:
+    """``(H*W, 2)`` long: the (row, col) of every grid cell, row-major."""
+    rows, cols = grid
+    return torch.stack(torch.meshgrid(torch.arange(rows, device=device), torch.arange(cols, device=device), indexing="ij"), -1).reshape(-1, 2)
+
+
 @dataclass
 class TokenMap:
     """Where the current tokens came from; one row per image."""
@@ -49,14 +55,13 @@ class TokenMap:
 
     @classmethod
     def identity(cls, batch: int, grid: tuple[int, int], prefix: int, device: torch.device, dtype: torch.dtype) -> "TokenMap":
-        rows, cols = grid
-        cells = torch.stack(torch.meshgrid(torch.arange(rows, device=device), torch.arange(cols, device=device), indexing="ij"), -1).reshape(-1, 2)
+        cells = grid_cells(grid, device)
         return cls(
-            size=torch.ones(batch, prefix + rows * cols, device=device, dtype=dtype),
+            size=torch.ones(batch, prefix + len(cells), device=device, dtype=dtype),
             position=cells.expand(batch, -1, -1),
-            source=torch.arange(rows * cols, device=device).expand(batch, -1),
+            source=torch.arange(len(cells), device=device).expand(batch, -1),
             prefix=prefix,
-            grid=(rows, cols),
+            grid=tuple(grid),
         )
 
     @property
@@ -81,15 +86,49 @@ def sub_grid(level: int) -> tuple[int, int]:
     return 1 << (level // 2), 1 << ((level + 1) // 2)
 
 
-def on_sub_grid(cells: torch.Tensor, level: int) -> torch.Tensor:
+def destination_cells(grid: tuple[int, int], level: int) -> list[tuple[int, int]]:
+    """The (row, col) cells of the level's destinations, in grid order."""
     rows, cols = sub_grid(level)
-    return (cells[..., 0] % rows == 0) & (cells[..., 1] % cols == 0)
+    return [(row, col) for row in range(0, grid[0], rows) for col in range(0, grid[1], cols)]
 
 
-def atme_candidates(source_cells: torch.Tensor, destination_cells: torch.Tensor, level: int) -> torch.Tensor:
-    """``(B, S, D)`` bool: which destinations each source may merge into (its neighbourhood)."""
-    distance = (source_cells[:, :, None, :] - destination_cells[:, None, :, :]).abs().amax(-1)
+def neighbourhood(grid: tuple[int, int], level: int, device: torch.device | None = None) -> torch.Tensor:
+    """``(H*W, D)`` bool: which of the level's destinations (in grid order) a token standing at
+    each grid cell (row-major) may merge into. It depends on the grid alone, so a merge looks
+    its rows up instead of comparing every source's cell with every destination's."""
+    destinations = torch.tensor(destination_cells(grid, level), device=device)
+    distance = (grid_cells(grid, device)[:, None, :] - destinations[None, :, :]).abs().amax(-1)
     return distance <= NEIGHBOURHOOD * max(sub_grid(level))
+
+
+def _partition(grid: tuple[int, int], previous_level: int, level: int, patches: int) -> tuple[list[int], list[int]]:
+    """Current patch-token indices of the destinations at ``level`` and of the sources, each in
+    order. They follow from the grid alone (so no merge sorts or masks to find them, and
+    tracing for export sees constants): after a merge at ``previous_level`` the first tokens
+    are that level's destinations in grid order (``merge_step`` puts them there), and this
+    level's destinations are some of them, since levels never decrease."""
+    cells = [(row, col) for row in range(grid[0]) for col in range(grid[1])]
+    held = cells if previous_level == 0 else destination_cells(grid, previous_level)
+    rows, cols = sub_grid(level)
+    lead = [row % rows == 0 and col % cols == 0 for row, col in held]
+    destinations = [index for index, on_grid in enumerate(lead) if on_grid]
+    sources = [index for index, on_grid in enumerate(lead) if not on_grid] + list(range(len(held), patches))
+    return destinations, sources
+
+
+_GRID_TENSORS: dict[tuple, object] = {}
+
+
+def _grid_tensors(key: tuple, build):
+    """Tensors that depend on the grid and schedule alone, built once per ``key``. While
+    ``torch.compile`` or ``torch.export`` traces they are built afresh instead: a trace's fake
+    tensors must not outlive it."""
+    if torch.compiler.is_compiling():
+        return build()
+    if key not in _GRID_TENSORS:
+        with torch.inference_mode(False):
+            _GRID_TENSORS[key] = build()
+    return _GRID_TENSORS[key]
 
 
 def _cosine(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
@@ -98,10 +137,23 @@ def _cosine(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
     return a @ b.transpose(-1, -2)
 
 
-def _take(values: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
-    """``values[b, index[b, i]]`` for every batch row, keeping trailing dimensions."""
-    expanded = index.reshape(*index.shape, *([1] * (values.dim() - 2))).expand(*index.shape, *values.shape[2:])
-    return values.gather(1, expanded)
+def _take(values: torch.Tensor, index: torch.Tensor, start: int = 0) -> torch.Tensor:
+    """``values[b, start + index[b, i]]`` for every batch row, keeping trailing dimensions.
+
+    One ``index_select`` over the flattened batch, on the whole tensor (``start`` skips the
+    prefix tokens without slicing, which would make the flattening copy): on the CPU a ``gather``
+    with an index expanded over the channels took 12x as long, which made merging a tenth of a
+    small model's forward time."""
+    batch, count = values.shape[:2]
+    flat = (index + (torch.arange(batch, device=index.device)[:, None] * count + start)).reshape(-1)
+    return values.reshape(batch * count, *values.shape[2:]).index_select(0, flat).reshape(*index.shape, *values.shape[2:])
+
+
+def _add_into(totals: torch.Tensor, index: torch.Tensor, values: torch.Tensor) -> torch.Tensor:
+    """``totals[b, index[b, i]] += values[b, i]`` (out of place), by one flat ``index_add``."""
+    batch, count = totals.shape[:2]
+    flat = (index + torch.arange(batch, device=index.device)[:, None] * count).reshape(-1)
+    return totals.reshape(batch * count, *totals.shape[2:]).index_add(0, flat, values.reshape(-1, *values.shape[2:])).reshape(totals.shape)
 
 
 def merge_step(tokens: torch.Tensor, token_map: TokenMap, destinations: torch.Tensor, sources: torch.Tensor,
@@ -113,26 +165,25 @@ def merge_step(tokens: torch.Tensor, token_map: TokenMap, destinations: torch.Te
     sources. The result is ``[prefix, destinations, unmerged sources]``.
     """
     prefix = token_map.prefix
-    head, patches = tokens[:, :prefix], tokens[:, prefix:]
-    head_size, patch_size = token_map.size[:, :prefix], token_map.size[:, prefix:]
+    size = token_map.size
     order = score.argsort(dim=1, descending=True)
     merged, kept = order[:, :r], order[:, r:]
     merged_sources, kept_sources = sources.gather(1, merged), sources.gather(1, kept)
     target = assignment.gather(1, merged)
-    total_size = _take(patch_size, destinations)
-    total = _take(patches, destinations) * total_size[..., None]
-    merged_size = _take(patch_size, merged_sources)
-    total.scatter_add_(1, target[..., None].expand(-1, -1, tokens.shape[-1]), _take(patches, merged_sources) * merged_size[..., None])
-    total_size = total_size.scatter_add(1, target, merged_size)
-    new_tokens = torch.cat([head, total / total_size[..., None], _take(patches, kept_sources)], dim=1)
+    destination_size = _take(size, destinations, prefix)
+    merged_size = _take(size, merged_sources, prefix)
+    total = _add_into(_take(tokens, destinations, prefix) * destination_size[..., None], target,
+                      _take(tokens, merged_sources, prefix) * merged_size[..., None])
+    total_size = _add_into(destination_size, target, merged_size)
+    new_tokens = torch.cat([tokens[:, :prefix], total / total_size[..., None], _take(tokens, kept_sources, prefix)], dim=1)
 
     count = destinations.shape[1]
-    new_index = torch.empty_like(token_map.source[:, : patches.shape[1]])
+    new_index = torch.empty_like(token_map.source[:, : tokens.shape[1] - prefix])
     new_index.scatter_(1, destinations, torch.arange(count, device=tokens.device).expand_as(destinations))
     new_index.scatter_(1, kept_sources, torch.arange(count, count + kept.shape[1], device=tokens.device).expand_as(kept_sources))
     new_index.scatter_(1, merged_sources, target)
     new_map = TokenMap(
-        size=torch.cat([head_size, total_size, _take(patch_size, kept_sources)], dim=1),
+        size=torch.cat([size[:, :prefix], total_size, _take(size, kept_sources, prefix)], dim=1),
         position=torch.cat([_take(token_map.position, destinations), _take(token_map.position, kept_sources)], dim=1),
         source=new_index.gather(1, token_map.source),
         prefix=prefix,
@@ -148,24 +199,22 @@ def atme_merge(tokens: torch.Tensor, metric: torch.Tensor, token_map: TokenMap, 
         raise VitslimError("ATME cannot follow ToMe merges: ToMe does not keep the sub-grid's destinations")
     if level < token_map.level:
         raise VitslimError(f"ATME level {level} after level {token_map.level}: merge levels must not decrease along the network")
-    rows, cols = sub_grid(level)
-    # every destination of this level is still a token (levels never decrease), so the count is
-    # known without looking at the data, which keeps the merge traceable for ONNX export
-    destination_count = -(-token_map.grid[0] // rows) * -(-token_map.grid[1] // cols)
-    on_grid = on_sub_grid(token_map.position, level)
-    available = on_grid.shape[1] - destination_count
-    if not 0 <= r <= available:
-        raise VitslimError(f"cannot merge {r} tokens at level {level}: only {available} tokens lie off that sub-grid")
+    patches = tokens.shape[1] - token_map.prefix
+    grid, device = tuple(token_map.grid), tokens.device
+    destinations, sources = _grid_tensors(("partition", grid, token_map.level, level, patches, device),
+                                          lambda: tuple(torch.tensor(part, device=device) for part in _partition(grid, token_map.level, level, patches)))
+    if not 0 <= r <= len(sources):
+        raise VitslimError(f"cannot merge {r} tokens at level {level}: only {len(sources)} tokens lie off that sub-grid")
     if r == 0:
         return tokens, token_map
-    patches = on_grid.shape[1]
-    # destinations first, each group in grid order; unique keys make a plain sort deterministic
-    # (ONNX has no stable sort)
-    order = ((~on_grid).long() * patches + torch.arange(patches, device=on_grid.device)).argsort(dim=1)
-    destinations, sources = order[:, :destination_count], order[:, destination_count:]
-    keys = metric[:, token_map.prefix:].detach()
-    similarity = _cosine(_take(keys, sources), _take(keys, destinations))
-    allowed = atme_candidates(_take(token_map.position, sources), _take(token_map.position, destinations), level)
+    batch = tokens.shape[0]
+    destinations, sources = destinations.expand(batch, -1), sources.expand(batch, -1)
+    keys = metric.detach()
+    similarity = _cosine(_take(keys, sources, token_map.prefix), _take(keys, destinations, token_map.prefix))
+    source_cells = _take(token_map.position, sources)
+    flat_cells = source_cells[..., 0] * grid[1] + source_cells[..., 1]
+    table = _grid_tensors(("neighbourhood", grid, level, NEIGHBOURHOOD, device), lambda: neighbourhood(grid, level, device))
+    allowed = table.index_select(0, flat_cells.reshape(-1)).reshape(*flat_cells.shape, -1)
     score, assignment = similarity.masked_fill(~allowed, float("-inf")).max(dim=-1)
     return merge_step(tokens, token_map, destinations, sources, assignment, score, r, level)
 
@@ -181,8 +230,8 @@ def tome_merge(tokens: torch.Tensor, metric: torch.Tensor, token_map: TokenMap, 
         return tokens, token_map
     index = torch.arange(patches, device=tokens.device).expand(tokens.shape[0], -1)
     sources, destinations = index[:, 0::2], index[:, 1::2]
-    keys = metric[:, token_map.prefix:].detach()
-    score, assignment = _cosine(_take(keys, sources), _take(keys, destinations)).max(dim=-1)
+    keys = metric.detach()
+    score, assignment = _cosine(_take(keys, sources, token_map.prefix), _take(keys, destinations, token_map.prefix)).max(dim=-1)
     return merge_step(tokens, token_map, destinations, sources, assignment, score, r, level=-1)
 
 
@@ -190,4 +239,4 @@ def unmerge(tokens: torch.Tensor, token_map: TokenMap) -> torch.Tensor:
     """The full ``(B, prefix + H*W, C)`` token map: every original patch position gets the
     features of the token that now holds it."""
     prefix = token_map.prefix
-    return torch.cat([tokens[:, :prefix], _take(tokens[:, prefix:], token_map.source)], dim=1)
+    return torch.cat([tokens[:, :prefix], _take(tokens, token_map.source, prefix)], dim=1)

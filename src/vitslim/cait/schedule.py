@@ -72,7 +72,7 @@ def mergeable(method: str, patches: int, grid: tuple[int, int], level: int) -> i
     return max(patches - destinations(grid, level), 0)
 
 
-def _top_level(grid: tuple[int, int]) -> int:
+def top_level(grid: tuple[int, int]) -> int:
     """The first level whose sub-grid holds a single destination."""
     level = 1
     while destinations(grid, level) > 1:
@@ -102,7 +102,7 @@ def plan(method: str, grid: tuple[int, int], depth: int, per_block: float, *, st
     for position, block in enumerate(range(start, depth - 1)):
         wanted = min(round((position + 1) * per_block) - merged, patches // 2)
         if method == "atme":
-            while mergeable(method, patches, grid, level) < wanted and level < _top_level(grid):
+            while mergeable(method, patches, grid, level) < wanted and level < top_level(grid):
                 level += 1
         r = min(wanted, mergeable(method, patches, grid, level))
         if r > 0:
