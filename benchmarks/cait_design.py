@@ -122,6 +122,25 @@ def measure(model, batches, reference) -> dict:
     return {"agreement": agree / count, "kl": kl / count, "top1": top1 / count, "cosine": torch.cat(cosines).mean().item()}
 
 
+def study_data(model_name: str, train_path: str, images: int):
+    """The model, its spec, ``images`` seeded train images in batches of 250, and the unmerged
+    model's logits and last-block features on each batch."""
+    model = vitslim.load_model(model_name)
+    spec = describe(model)
+    transform = imagedata.build_transform(spec.preprocessing)
+    train = imagedata.select(imagedata.open_images(train_path, transform, class_names=spec.label_names), limit=images, seed=123)
+    batches = [(images, labels) for images, labels, _ in imagedata.make_loader(train, 250)]
+    reference = []
+    seen = []
+    handle = spec.blocks[-1].module.register_forward_hook(lambda module, a, output: seen.append(output))
+    with torch.no_grad():
+        for images, _ in batches:
+            seen.clear()
+            reference.append((model(images), seen[0]))
+    handle.remove()
+    return model, spec, train, batches, reference
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--model", default=f"local-dir:{SHARED / 'models' / 'vit-d6-cifar10'}")
@@ -133,19 +152,7 @@ def main() -> None:
     args = parser.parse_args()
 
     default_radius = merging.NEIGHBOURHOOD
-    model = vitslim.load_model(args.model)
-    spec = describe(model)
-    transform = imagedata.build_transform(spec.preprocessing)
-    train = imagedata.select(imagedata.open_images(args.train, transform, class_names=spec.label_names), limit=args.images, seed=123)
-    batches = [(images, labels) for images, labels, _ in imagedata.make_loader(train, 250)]
-    reference = []
-    seen = []
-    handle = spec.blocks[-1].module.register_forward_hook(lambda module, a, output: seen.append(output))
-    with torch.no_grad():
-        for images, _ in batches:
-            seen.clear()
-            reference.append((model(images), seen[0]))
-    handle.remove()
+    model, spec, train, batches, reference = study_data(args.model, args.train, args.images)
 
     lines = [f"# ATME design study (train images only)\n\n{len(train)} CIFAR-10 *train* images (seed 123), vit-d6-cifar10, "
              f"CPU ({platform.machine()}), float32. Each target's schedules come from the FLOPs model; the old level policy is fed ToMe's counts and clips them.\n",
