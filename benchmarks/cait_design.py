@@ -32,7 +32,7 @@ from vitslim.adapters import describe
 from vitslim.cait import merging
 from vitslim.cait.merging import unmerge
 from vitslim.cait.patch import MergeSchedule, apply_token_merging, remove_token_merging, token_map
-from vitslim.cait.schedule import top_level, mergeable, predicted_speedup, schedule_for_speedup
+from vitslim.cait.schedule import mergeable, predicted_speedup, schedule_for_speedup, top_level
 
 ROOT = Path(__file__).resolve().parents[1]
 SHARED = ROOT.parent / "shared"
@@ -87,9 +87,7 @@ def search_schedules(model, spec, method: str, batches, reference, until: float)
                 if schedule is None:
                     continue
                 trial_speedup = predicted_speedup(spec, schedule)
-                apply_token_merging(model, schedule, record=False)
-                trial_kl = measure(model, batches, reference)["kl"]
-                remove_token_merging(model)
+                trial_kl = scored(model, schedule, batches, reference)["kl"]
                 cost = (trial_kl - kl) / (1 / speedup - 1 / trial_speedup)
                 if best is None or cost < best[0]:
                     best = (cost, trial, schedule, trial_speedup, trial_kl)
@@ -99,6 +97,14 @@ def search_schedules(model, spec, method: str, batches, reference, until: float)
         path.append(schedule)
         print(f"search {method}: {speedup:.2f}x {schedule.steps} KL {kl:.4f}", flush=True)
     return path
+
+
+def scored(model, schedule: MergeSchedule, batches, reference) -> dict:
+    """``measure`` with ``schedule`` applied for the duration."""
+    apply_token_merging(model, schedule, record=False)
+    result = measure(model, batches, reference)
+    remove_token_merging(model)
+    return result
 
 
 def measure(model, batches, reference) -> dict:
@@ -167,9 +173,7 @@ def main() -> None:
         for name, schedule, radius in variants:
             if radius is not None:
                 merging.NEIGHBOURHOOD = radius
-            apply_token_merging(model, schedule, record=False)
-            result = measure(model, batches, reference)
-            remove_token_merging(model)
+            result = scored(model, schedule, batches, reference)
             steps = " ".join(f"({b},{r},{level})" if schedule.method == "atme" else f"({b},{r})" for b, r, level in schedule.steps)
             lines.append(f"| {target}x | {name} | {steps} | {predicted_speedup(spec, schedule):.2f}x | {100 * result['agreement']:.2f}% | {result['kl']:.4f} | {100 * result['top1']:.2f}% | {result['cosine']:.4f} |")
             print(lines[-1], flush=True)
@@ -184,9 +188,7 @@ def main() -> None:
                   "| --- | --- | --- | --- | --- | --- | --- |"]
         for method in ("tome", "atme"):
             for schedule in search_schedules(model, spec, method, batches[:split], reference[:split], max(args.targets)):
-                apply_token_merging(model, schedule, record=False)
-                result = measure(model, batches[split:], reference[split:])
-                remove_token_merging(model)
+                result = scored(model, schedule, batches[split:], reference[split:])
                 steps = " ".join(f"({b},{r},{level})" if method == "atme" else f"({b},{r})" for b, r, level in schedule.steps)
                 lines.append(f"| {'ATME' if method == 'atme' else 'ToMe'} | {steps} | {predicted_speedup(spec, schedule):.2f}x | {100 * result['agreement']:.2f}% "
                              f"| {result['kl']:.4f} | {100 * result['top1']:.2f}% | {result['cosine']:.4f} |")

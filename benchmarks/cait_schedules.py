@@ -17,19 +17,11 @@ import itertools
 import platform
 from pathlib import Path
 
-from cait_design import ROOT, SHARED, level_schedule, measure, study_data
+from cait_design import ROOT, SHARED, level_schedule, scored, study_data
 
-from vitslim.cait.patch import apply_token_merging, remove_token_merging
 from vitslim.cait.schedule import predicted_speedup, schedule_for_speedup
 
 BAND = 0.1  # a target band: FLOPs speed-ups from the target to the target + BAND
-
-
-def scored(model, schedule, batches, reference) -> dict:
-    apply_token_merging(model, schedule, record=False)
-    result = measure(model, batches, reference)
-    remove_token_merging(model)
-    return result
 
 
 def main() -> None:
