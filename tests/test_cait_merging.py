@@ -146,25 +146,38 @@ def test_merge_counts_beyond_what_exists_are_refused():
         atme_merge(tokens[:, :-4], keys[:, :-4], after_tome, 2, 1)
 
 
-def test_plan_spreads_merges_and_moves_up_levels():
-    schedule = plan("atme", (8, 8), 6, 10.0)
-    # level 1 (every other column) offers 32 sources, so block 3 needs level 2 (34 left, 16 on its
-    # grid) and block 4 level 3 (24 left, 8 on its grid): the same counts per block as ToMe
-    assert schedule.steps == ((0, 10, 1), (1, 10, 1), (2, 10, 1), (3, 10, 2), (4, 10, 3))
-    assert [level for _, _, level in schedule.steps] == sorted(level for _, _, level in schedule.steps)
+def test_plan_front_loads_merges_and_moves_up_levels():
+    schedule = plan("atme", (8, 8), 6, 52.0)
+    # shares 5:4:3:2:1 of 52, cumulatively rounded (17.3, 31.2, 41.6, 48.5, 52); level 1 (every
+    # other column) leaves block 2 one source among its 33 tokens, so it moves to level 2 (16
+    # destinations), and block 3 (22 left, 6 off level 2's grid) to level 3
+    assert schedule.steps == ((0, 17, 1), (1, 14, 1), (2, 11, 2), (3, 7, 3), (4, 3, 3))
     check_schedule(schedule, (8, 8), 1)
     assert plan("tome", (8, 8), 6, 0.0).steps == ()
-    assert plan("atme", (8, 8), 6, 2.5).merged == 12  # cumulative rounding over 5 merging blocks
+    assert plan("atme", (8, 8), 6, 7.0).merged == 7  # cumulative rounding honours the total
+    # a total beyond the caps halves every block
+    assert plan("tome", (8, 8), 6, 400.0).steps == ((0, 32, 1), (1, 16, 1), (2, 8, 1), (3, 4, 1), (4, 2, 1))
+    with pytest.raises(VitslimError, match="must be ≥ 0"):
+        plan("tome", (8, 8), 6, -1.0)
 
 
-@pytest.mark.parametrize("per_block", [12.0, 20.0, 40.0])
-def test_plans_merge_at_most_half_of_a_blocks_tokens_and_atme_matches_tome(per_block):
-    atme, tome = plan("atme", (8, 8), 6, per_block), plan("tome", (8, 8), 6, per_block)
+@pytest.mark.parametrize("total", [12.0, 40.0, 60.0, 200.0])
+def test_plans_merge_at_most_half_of_a_blocks_tokens_and_atme_matches_tome(total):
+    atme, tome = plan("atme", (8, 8), 6, total), plan("tome", (8, 8), 6, total)
     patches = 64
     for _, r, _ in atme.steps:
         assert r <= patches // 2
         patches -= r
     assert [(b, r) for b, r, _ in atme.steps] == [(b, r) for b, r, _ in tome.steps]
+
+
+def test_front_loaded_plan_reaches_a_flops_target_with_fewer_merges_than_an_even_spread():
+    spec = describe(_timm(depth=6))
+    planned = schedule_for_speedup(spec, "tome", 1.5)
+    even = next(schedule for per_block in range(1, 17)
+                if predicted_speedup(spec, schedule := MergeSchedule("tome", tuple((b, per_block, 1) for b in range(5)))) >= 1.5)
+    assert planned.merged < even.merged
+    assert [r for _, r, _ in planned.steps] == sorted((r for _, r, _ in planned.steps), reverse=True)
 
 
 # --- on real small models ----------------------------------------------------------------------
@@ -254,7 +267,7 @@ def test_schedule_for_speedup_meets_the_flops_model_and_refuses_the_impossible()
     for method in ("atme", "tome"):
         schedule = schedule_for_speedup(spec, method, 1.6)
         assert predicted_speedup(spec, schedule) >= 1.6
-        gentler = plan(method, spec.grid_size, len(spec.blocks), max(0.0, schedule.merged / 3 - 1))
+        gentler = plan(method, spec.grid_size, len(spec.blocks), max(0.0, schedule.merged - 1))
         assert predicted_speedup(spec, gentler) < 1.6 or gentler.merged >= schedule.merged
     with pytest.raises(VitslimError, match="beyond token merging"):
         schedule_for_speedup(spec, "tome", 50.0)
