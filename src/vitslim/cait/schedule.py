@@ -4,17 +4,17 @@ A schedule is planned from one number, the tokens merged in all, shared among th
 the last in proportion to how many blocks follow each one (block i of a depth-d model weighs
 d-1-i), by cumulative rounding. Tokens merged early save every later block's work, so this
 front-loaded plan reaches a FLOPs target with fewer merges than an even spread. On
-vit-d6-cifar10 (train images, ``benchmarks/cait_schedules.py``) it matched the even spread's KL
-from the unmerged model at 1.3x, beat it at 1.6x (ToMe 0.0164 against 0.0176, ATME 0.0230
-against 0.0249) and reached 2x, which the even spread cannot without breaking the cap below;
-no other one-number rule, nor a grid search over blocks 0-3, did clearly better for both
-methods at every target. ATME starts at
-sub-grid level 1 (every other column holds destinations) and moves to the next coarser level
-whenever the current one has fewer tokens off its grid than the block should merge. No block
-merges more than half of its patch tokens: ToMe's bipartite matching cannot, and without that cap
-ATME's plans starve the last blocks (a 2x plan on vit-d6-cifar10 left the final block 2 patch
-tokens, and agreement with the unmerged model fell from 88% to 80%: ``benchmarks/cait_design.py``).
-So both methods get the same counts per block. The cost model counts each block's matmuls
+vit-d6-cifar10 (train images, ``benchmarks/cait_schedules.py``) its KL from the unmerged model
+matched the even spread's at 1.3x and beat it at 1.6x (ToMe 0.0164 against 0.0176, ATME 0.0230
+against 0.0249); at 2x an even spread would break the cap below. No other one-number rule, nor
+a grid search over blocks 0-3, did clearly better for both methods at every target.
+
+ATME starts at sub-grid level 1 (every other column holds destinations) and moves to the next
+coarser level whenever the current one has fewer tokens off its grid than the block should
+merge. No block merges more than half of its patch tokens: ToMe's bipartite matching cannot,
+and without that cap ATME's plans starve the last blocks (a 2x plan on vit-d6-cifar10 left the
+final block 2 patch tokens, and agreement with the unmerged model fell from 88% to 80% in an
+earlier version of ``benchmarks/cait_design.py``). So both methods get the same counts per block. The cost model counts each block's matmuls
 (linear layers per token, attention per token pair) from the layer shapes, so a target speed-up
 can be turned into a schedule before anything is measured.
 """
