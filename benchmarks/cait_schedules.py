@@ -4,7 +4,7 @@ Same model, images and measures as ``cait_design.py`` (train images only). Per F
 method, rows are:
 - the planned schedule (``schedule_for_speedup``: shares weighing depth-1-i for block i);
 - other one-number rules, each scaled to just reach the target: an even spread over all blocks
-  (the planner before this study), an even spread over the first 3 blocks, and shares halving
+  (the planner before the front-loaded one), an even spread over the first 3 blocks, and shares halving
   from block to block;
 - the best of a grid of per-block counts (blocks 0–3, steps of 4; tokens merged early save every
   later block's work, so fewer merges reach the same FLOPs) whose FLOPs speed-up falls within
