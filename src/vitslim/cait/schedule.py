@@ -107,10 +107,11 @@ def plan(method: str, grid: tuple[int, int], depth: int, total: float) -> MergeS
     if total < 0:
         raise VitslimError("the number of tokens to merge must be ≥ 0")
     weights = [depth - 1 - block for block in range(depth - 1)]
+    whole = sum(weights)
     patches, merged, level, share = grid[0] * grid[1], 0, 1, 0.0
     steps = []
     for block, weight in enumerate(weights):
-        share += total * weight / sum(weights)
+        share += total * weight / whole
         wanted = min(round(share) - merged, patches // 2)
         if method == "atme":
             while mergeable(method, patches, grid, level) < wanted and level < top_level(grid):
