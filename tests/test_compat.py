@@ -1,3 +1,4 @@
+import logging
 import subprocess
 import sys
 
@@ -28,8 +29,9 @@ def test_other_runtime_errors_propagate(monkeypatch):
         _compat.import_torchvision()
 
 
-def test_missing_op_error_declares_a_placeholder_once(monkeypatch):
-    """The fallback engages on exactly the mismatch error, declares the op, and retries."""
+def test_missing_op_error_declares_a_placeholder_once(monkeypatch, caplog):
+    """The fallback engages on exactly the mismatch error, declares the op, retries, and says so
+    once (vitslim and timm both import torchvision through it)."""
     import builtins
 
     real_import = builtins.__import__
@@ -47,5 +49,8 @@ def test_missing_op_error_declares_a_placeholder_once(monkeypatch):
     monkeypatch.setattr(_compat, "_forget_torchvision", lambda: None)
     monkeypatch.setattr(_compat, "_declare_placeholder", lambda op: (declared.append(op), _compat._placeholders.append(op)))
     monkeypatch.setattr(_compat, "_placeholders", [])
-    assert _compat.import_torchvision() is not None
-    assert declared == ["fake_op_for_test"] and len(attempts) == 2
+    with caplog.at_level(logging.INFO, logger="vitslim"):
+        assert _compat.import_torchvision() is not None
+        assert _compat.import_torchvision() is not None
+    assert declared == ["fake_op_for_test"] and len(attempts) == 3
+    assert [record.message.count("fake_op_for_test") for record in caplog.records] == [1]

@@ -40,11 +40,12 @@ def _declare_placeholder(op_name: str) -> None:
 
 def import_torchvision():
     """Import torchvision, working around a torch/torchvision build mismatch (see module doc)."""
+    declared_here = False  # report the workaround once, from the call that made it
     for _ in range(8):
         try:
             import torchvision
 
-            if _placeholders:
+            if declared_here:
                 logging.getLogger("vitslim").info(
                     "torchvision does not match the installed torch build (its C++ ops did not load); "
                     f"vitslim declared placeholders for {', '.join(_placeholders)} so timm can import. "
@@ -57,6 +58,7 @@ def import_torchvision():
                 raise
             _forget_torchvision()
             _declare_placeholder(missing.group(1))
+            declared_here = True
     raise RuntimeError("torchvision still fails to import after declaring placeholder operators")
 
 
