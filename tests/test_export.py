@@ -130,3 +130,24 @@ def test_export_command_writes_both_formats_or_refuses(tmp_path, capsys):
     assert main(["export", str(folder)]) == 2 and "say what to write" in capsys.readouterr().err
     assert main(["export", str(folder), "--torch-export", str(tmp_path / "no.pt2"), "--tolerance", "-1"]) == 2
     assert not (tmp_path / "no.pt2").exists()
+
+
+def test_quiet_exporter_hides_exporter_chatter_and_restores_the_loggers(caplog, capsys):
+    import logging
+    import warnings
+
+    from vitslim.export import _quiet_exporter
+
+    logging.getLogger("onnx_ir").setLevel(logging.NOTSET)
+    with caplog.at_level(logging.WARNING), warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        with _quiet_exporter():
+            print("exporter progress")
+            logging.getLogger("onnx_ir._convenience").warning("Attribute type is ambiguous")
+            warnings.warn("torch internals", FutureWarning)
+        logging.getLogger("vitslim").warning("ours still shows")
+        warnings.warn("outside the exporter", FutureWarning)
+    assert capsys.readouterr().out == ""
+    assert [record.getMessage() for record in caplog.records] == ["ours still shows"]
+    assert [str(warning.message) for warning in caught] == ["outside the exporter"]
+    assert logging.getLogger("onnx_ir").level == logging.NOTSET

@@ -11,7 +11,9 @@ from __future__ import annotations
 
 import contextlib
 import io
+import logging
 import os
+import warnings
 from pathlib import Path
 
 import torch
@@ -41,6 +43,25 @@ def _require(module: str) -> None:
         raise VitslimError(f"ONNX export needs the '{module}' package; install it with: pip install 'vitslim[export]'") from None
 
 
+@contextlib.contextmanager
+def _quiet_exporter():
+    """The ONNX exporter prints its progress, logs warnings about its own internals (for example
+    onnx_ir's "Attribute type is ambiguous" on empty attribute lists) and trips torch's own
+    deprecation warnings: nothing a user can act on, and the file is checked against PyTorch
+    afterwards either way. ``verbose`` keeps all of it."""
+    loggers = [logging.getLogger(name) for name in ("onnx_ir", "onnxscript")]
+    levels = [logger.level for logger in loggers]
+    for logger in loggers:
+        logger.setLevel(logging.ERROR)
+    try:
+        with contextlib.redirect_stdout(io.StringIO()), warnings.catch_warnings():
+            warnings.simplefilter("ignore", FutureWarning)  # torch's own deprecations inside the exporter
+            yield
+    finally:
+        for logger, level in zip(loggers, levels):
+            logger.setLevel(level)
+
+
 def export_onnx(model: nn.Module, path: str | os.PathLike, *, batch_size: int = 2, verbose: bool = False) -> Path:
     """Write ``model`` as ONNX to ``path`` (written under a temporary name, then renamed), with
     a dynamic batch dimension. ``batch_size`` only shapes the example input used for tracing."""
@@ -54,7 +75,7 @@ def export_onnx(model: nn.Module, path: str | os.PathLike, *, batch_size: int = 
     example = torch.randn(batch_size, *spec.preprocessing.input_size, device=next(model.parameters()).device)
 
     def write(partial: Path) -> None:
-        quiet = contextlib.nullcontext() if verbose else contextlib.redirect_stdout(io.StringIO())
+        quiet = contextlib.nullcontext() if verbose else _quiet_exporter()
         with quiet, torch.no_grad():
             torch.onnx.export(LogitsOnly(model).eval(), (example,), str(partial), input_names=["images"], output_names=["logits"],
                               dynamic_shapes=({0: torch.export.Dim("batch")},), dynamo=True, external_data=False)
