@@ -63,7 +63,7 @@ POINTS = {
 # 3-epoch composed point: compress_lowrank and distill as compress_composed calls them
 LOWRANK_POINTS = {"low-rank alone 9%, 3 KD": (0.09, 3)}
 # compress_cait with 1 KD epoch, at FLOPs-model targets whose measured speed-ups bracket 2x and 2.5x
-# (benchmarks/cait.py: 2.6 -> 1.94x, 3.4 -> 2.36x)
+# (benchmarks/cait.py: 2.6 -> 2.00x, 3.4 -> 2.44x)
 CAIT_POINTS = {"ATME+CDCP 2.6x": 2.6, "ATME+CDCP 3.8x": 3.8}
 
 
