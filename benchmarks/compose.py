@@ -10,7 +10,7 @@ target, so every comparison is speed-matched; a CAIT (ATME+CDCP) point comes fro
     .venv/bin/python benchmarks/compose.py --runs 40
 
 Rows go to ``OUT/compose.json`` as they are made (a rerun skips finished points); ``OUT/compose.md``
-and ``OUT/compose.png`` are written at the end.
+and ``OUT/compose.png`` are written at the end (``--write-only --runs 40`` rewrites them from the JSON alone).
 """
 
 from __future__ import annotations
@@ -154,17 +154,21 @@ def write(out: Path, rows: list[dict], args) -> None:
     lines += ["", "Target (issue #5): a point no single method reaches, with at least 2x measured *and* at most 50% of the parameters, "
               "within 1.5 points, after at most 3 KD epochs."]
     (out / "compose.md").write_text("\n".join(lines) + "\n")
-    figure, axis = plt.subplots(figsize=(6, 4.5))
-    for r in rows:
-        if "unreachable" in r:
-            continue
+    shown = [r for r in rows if "unreachable" not in r]
+    colours = plt.get_cmap("tab20")
+    figure, axis = plt.subplots(figsize=(10, 5))
+    for index, r in enumerate(shown):
         size = 100 * r["params"] / base["params"]
-        axis.scatter(r.get("speedup", 1.0), 100 * r["top1"], s=20 + 2 * size, label=f"{r['name']} ({size:.0f}% params)")
+        axes = set(r.get("axes") or ())
+        marker = "o" if not axes else "*" if "lowrank" in axes and "tokens" in axes else "s" if "tokens" in axes else "D"
+        axis.scatter(r.get("speedup", 1.0), 100 * r["top1"], s=30 + 1.5 * size, marker=marker, color=colours(index % 20),
+                     edgecolor="black", linewidth=0.5, label=f"{r['name']} ({size:.0f}% params)")
     axis.axvline(2.0, color="grey", lw=0.8, ls="--")
     axis.axhline(100 * base["top1"] - 1.5, color="grey", lw=0.8, ls="--")
     axis.set_xlabel("measured speed-up (CPU, batch 32)")
     axis.set_ylabel("CIFAR-10 test top-1 (%)")
-    axis.legend(fontsize=7)
+    axis.set_title("diamonds: low-rank alone; stars: low-rank + tokens; squares: ATME + CDCP", fontsize=8)
+    axis.legend(fontsize=7, loc="center left", bbox_to_anchor=(1.01, 0.5))
     figure.tight_layout()
     figure.savefig(out / "compose.png", dpi=110)
 
@@ -177,12 +181,14 @@ def main() -> None:
     parser.add_argument("--eval-limit", type=int, default=None, help="test images (default: the whole split)")
     parser.add_argument("--runs", type=int, default=20)
     parser.add_argument("--out", default=str(ROOT / "benchmarks" / "results" / "compose"))
+    parser.add_argument("--write-only", action="store_true", help="rewrite compose.md and compose.png from compose.json (no building, no timing)")
     args = parser.parse_args()
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     rows = json.loads((out / "compose.json").read_text()) if (out / "compose.json").exists() else []
-    build(rows, out, args)
-    time_all(rows, out, args)
+    if not args.write_only:
+        build(rows, out, args)
+        time_all(rows, out, args)
     write(out, rows, args)
     print((out / "compose.md").read_text())
 
