@@ -24,6 +24,13 @@ ROOT = Path(__file__).resolve().parents[1]
 SHARED = ROOT.parent / "shared"
 
 
+def _shown(path: str) -> str:
+    """``path`` relative to the repository when it lies inside it, quoted for a shell."""
+    resolved = Path(path).resolve()
+    shown = str(resolved.relative_to(ROOT)) if resolved.is_relative_to(ROOT) else path
+    return f'"{shown}"' if any(c in shown for c in " %&()") else shown
+
+
 def child(args) -> None:
     import vitslim
 
@@ -59,10 +66,12 @@ def main() -> None:
         print(f"process {index + 1}/{args.processes}: " + ", ".join(f"{row['ratio']:.2f}x" for row in processes[-1]), flush=True)
     ratios = [row["ratio"] for rows in processes for row in rows]
     spreads = [max(r["ratio"] for r in rows) / min(r["ratio"] for r in rows) for rows in processes]
+    reference = "" if args.reference == parser.get_default("reference") else f" --reference {_shown(args.reference)}"
     lines = [
         "# Timing noise: the same two models, timed within and between processes",
         "",
-        f"Command: `.venv/bin/python benchmarks/timing_noise.py --processes {args.processes} --repeats {args.repeats} --runs {args.runs}`. "
+        f"Command: `.venv/bin/python benchmarks/timing_noise.py{reference} --model {_shown(args.model)} --processes {args.processes} "
+        f"--repeats {args.repeats} --runs {args.runs} --out {_shown(args.out)}`. "
         f"CPU ({platform.processor() or platform.machine()}), default threads, float32, batch 32, each ratio a median of {args.runs} "
         f"interleaved rounds. Reference `{Path(args.reference.removeprefix('local-dir:')).name}`, model `{Path(args.model).name}`.",
         "",
