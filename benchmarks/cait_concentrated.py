@@ -19,6 +19,7 @@ from pathlib import Path
 
 from cait_design import scored, study_data
 
+from vitslim.atomic import atomic_file
 from vitslim.cait.patch import MergeSchedule
 from vitslim.cait.schedule import predicted_speedup, schedule_for_speedup
 
@@ -61,10 +62,7 @@ def main() -> None:
         steps = " ".join(f"({b},{r},{level})" if schedule.method == "atme" else f"({b},{r})" for b, r, level in schedule.steps)
         lines.append(f"| {'ATME' if schedule.method == 'atme' else 'ToMe'} | {origin} | {steps} | {speedup:.2f}x | "
                      f"{100 * result['agreement']:.2f}% | {result['kl']:.4f} | {100 * result['top1']:.2f}% | {result['cosine']:.4f} |")
-    out = Path(args.out)
-    temporary = out.with_name(out.name + ".tmp")
-    temporary.write_text("\n".join(lines) + "\n")
-    temporary.replace(out)
+    atomic_file(Path(args.out), lambda partial: partial.write_text("\n".join(lines) + "\n"))
     print("\n".join(lines))
 
 

@@ -15,10 +15,13 @@ from __future__ import annotations
 import argparse
 import json
 import platform
+import shlex
 import statistics
 import subprocess
 import sys
 from pathlib import Path
+
+from vitslim.atomic import atomic_file
 
 ROOT = Path(__file__).resolve().parents[1]
 SHARED = ROOT.parent / "shared"
@@ -27,8 +30,7 @@ SHARED = ROOT.parent / "shared"
 def _shown(path: str) -> str:
     """``path`` relative to the repository when it lies inside it, quoted for a shell."""
     resolved = Path(path).resolve()
-    shown = str(resolved.relative_to(ROOT)) if resolved.is_relative_to(ROOT) else path
-    return f'"{shown}"' if any(c in shown for c in " %&()") else shown
+    return shlex.quote(str(resolved.relative_to(ROOT)) if resolved.is_relative_to(ROOT) else path)
 
 
 def child(args) -> None:
@@ -84,11 +86,7 @@ def main() -> None:
         lines.append(f"| {index} | {speeds} | {shown} | {spread:.2f} |")
     lines += ["", f"All ratios: {min(ratios):.2f}x to {max(ratios):.2f}x (median {statistics.median(ratios):.2f}x); "
               f"median spread within a process {statistics.median(spreads):.2f}, largest {max(spreads):.2f}."]
-    out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
-    temporary = out / "timing_noise.md.tmp"
-    temporary.write_text("\n".join(lines) + "\n")
-    temporary.replace(out / "timing_noise.md")
+    atomic_file(Path(args.out) / "timing_noise.md", lambda partial: partial.write_text("\n".join(lines) + "\n"))
     print("\n".join(lines))
 
 
