@@ -55,7 +55,12 @@ def main() -> None:
     parser.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.child:
-        child(args)
+        from vitslim.errors import VitslimError
+
+        try:
+            child(args)
+        except VitslimError as error:
+            sys.exit(str(error))
         return
     if not Path(args.model).is_dir():
         sys.exit(f"{args.model} does not exist: run benchmarks/compose.py first, or pass --model FOLDER")
@@ -63,7 +68,9 @@ def main() -> None:
                "--repeats", str(args.repeats), "--runs", str(args.runs)]
     processes = []
     for index in range(args.processes):
-        done = subprocess.run(command, capture_output=True, text=True, check=True)
+        done = subprocess.run(command, capture_output=True, text=True)
+        if done.returncode != 0:
+            sys.exit(f"timing process {index + 1} failed:\n{done.stderr.strip()[-2000:]}")
         processes.append(json.loads(done.stdout.strip().splitlines()[-1]))
         print(f"process {index + 1}/{args.processes}: " + ", ".join(f"{row['ratio']:.2f}x" for row in processes[-1]), flush=True)
     ratios = [row["ratio"] for rows in processes for row in rows]
