@@ -2,16 +2,20 @@
 
 from __future__ import annotations
 
+import copy
 import json
 
 import pytest
 import timm
 import torch
+import torch.nn.functional as F
 
 import vitslim
 from vitslim import data as imagedata
 from vitslim.cait.compress import compress_cait
-from vitslim.cait.patch import merge_schedule
+from vitslim.cait.patch import apply_token_merging, merge_schedule
+from vitslim.cait.schedule import schedule_for_speedup
+from vitslim.cait.shape import choose_concentration
 from vitslim.cli import main
 from vitslim.errors import VitslimError
 
@@ -61,6 +65,58 @@ def test_cait_with_training_prunes_channels_and_reloads_bit_identically(tmp_path
     assert torch.equal(_logits(reloaded), _logits(compressed))
 
 
+def test_the_chosen_concentration_is_the_candidate_closest_to_the_unmerged_logits():
+    model = _timm()
+    before = _logits(model)
+    batches = [torch.randn(8, 3, 32, 32, generator=torch.Generator().manual_seed(seed)) for seed in (2, 3)]
+    candidates = (0.0, 1.0, 4.0)
+    best, scores = choose_concentration(model, "tome", 1.5, batches, candidates=candidates, images=12, progress=False)
+    images = torch.cat(batches)[:12]
+    spec = vitslim.describe(model)
+    with torch.no_grad():
+        teacher = spec.logits(images).log_softmax(-1)
+    schedules = {c: schedule_for_speedup(spec, "tome", 1.5, concentration=c) for c in candidates}
+    assert len(set(schedules.values())) == len(candidates)  # the choice is between different schedules
+    for concentration, schedule in schedules.items():
+        merged = apply_token_merging(copy.deepcopy(model), schedule, record=False)
+        with torch.no_grad():
+            log_p = vitslim.describe(merged).logits(images).log_softmax(-1)
+        kl = F.kl_div(log_p, teacher, log_target=True, reduction="sum").item() / len(images)
+        assert scores[concentration] == pytest.approx(kl, rel=1e-5)
+    assert best == min(candidates, key=scores.get)
+    assert merge_schedule(model) is None and torch.equal(_logits(model), before)
+
+
+def test_training_images_choose_the_schedule_and_the_recipe_records_it(tmp_path, images):
+    model = _timm()
+    spec = vitslim.describe(model)
+    dataset = imagedata.open_images(images, imagedata.build_transform(spec.preprocessing))
+    compressed = compress_cait(model, dataset, speedup=1.5, measure=False, progress=False)
+    step = next(step for step in compressed.vitslim_steps if step["method"] == "merging")
+    assert set(step["concentration_kl"]) == {"1", "2", "4"}
+    assert step["concentration_kl"][f"{step['concentration']:g}"] == min(step["concentration_kl"].values())
+    assert merge_schedule(compressed) == schedule_for_speedup(spec, "atme", 1.5, concentration=step["concentration"])
+    folder = vitslim.save(compressed, tmp_path / "chosen")
+    saved = json.loads((folder / "recipe.json").read_text())["steps"]
+    assert saved[-1]["concentration"] == step["concentration"]
+    assert merge_schedule(vitslim.load_model(str(folder))) == merge_schedule(compressed)
+
+    fixed = compress_cait(model, dataset, speedup=1.5, concentration=0.0, measure=False, progress=False)
+    step = next(step for step in fixed.vitslim_steps if step["method"] == "merging")
+    assert step["concentration"] == 0.0 and "concentration_kl" not in step
+    assert merge_schedule(fixed) == schedule_for_speedup(spec, "atme", 1.5, concentration=0.0)
+    without_images = compress_cait(model, speedup=1.5, measure=False)
+    assert merge_schedule(without_images) == schedule_for_speedup(spec, "atme", 1.5)
+
+
+def test_a_one_shot_iterator_of_batches_serves_both_the_choice_and_the_distillation():
+    model = _timm()
+    batches = [torch.randn(4, 3, 32, 32, generator=torch.Generator().manual_seed(seed)) for seed in range(3)]
+    listed = compress_cait(model, batches, speedup=1.5, epochs=1, measure=False, progress=False)
+    streamed = compress_cait(model, iter(batches), speedup=1.5, epochs=1, measure=False, progress=False)
+    assert torch.equal(_logits(listed), _logits(streamed))
+
+
 def test_measured_speedup_is_recorded():
     compressed = compress_cait(_timm(), speedup=1.2)
     step = next(step for step in compressed.vitslim_steps if step["method"] == "merging")
@@ -73,6 +129,7 @@ def test_measured_speedup_is_recorded():
     (dict(speedup=2.0, epochs=1), "pass the training images"),
     (dict(speedup=2.0, channel_ratio=0.5), "needs training"),
     (dict(speedup=500.0), "beyond token merging"),
+    (dict(speedup=1.5, concentration=-1.0), "concentration must be ≥ 0"),
 ])
 def test_bad_input_is_refused(kwargs, message):
     with pytest.raises(VitslimError, match=message):
@@ -85,6 +142,7 @@ def test_timm_folder_compress_eval_bench_through_the_cli(tmp_path, images, capsy
     assert main(["compress", str(folder), "--data", str(images), "--method", "cait", "--speedup", "1.3", "--out", str(out)]) == 0
     printed = capsys.readouterr().out
     assert "tokens merged after it" in printed and "measured speed-up" in printed
+    assert "schedule concentration" in printed and "KL to the original on the calibration images" in printed
     assert main(["eval", str(out), "--data", str(images), "--teacher", str(folder), "--json"]) == 0
     result = json.loads(capsys.readouterr().out)
     assert result["images"] == 24 and 0 <= result["agreement"] <= 1
@@ -127,6 +185,9 @@ def test_plain_torch_vit_compress_eval_bench_in_python(tmp_path, images):
     (["--speedup", "2", "--param-ratio", "0.5"], "belong to --method cait"),
     (["--method", "cait", "--speedup", "0.9"], "greater than 1"),
     (["--method", "cait", "--speedup", "2", "--checkpoints", "ck"], "give --epochs"),
+    (["--method", "cait", "--speedup", "1.5", "--concentration", "-1"], "concentration must be ≥ 0"),
+    (["--param-ratio", "0.5", "--concentration", "2"], "belong to --method cait"),
+    (["--method", "lowrank+cait", "--speedup", "1.5", "--concentration", "2"], "do not apply to --method lowrank+cait"),
 ])
 def test_cli_bad_input(tmp_path, images, capsys, args, message):
     folder = vitslim.save(_timm(), tmp_path / "timm")

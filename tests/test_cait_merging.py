@@ -161,6 +161,26 @@ def test_plan_front_loads_merges_and_moves_up_levels():
         plan("tome", (8, 8), 6, -1.0)
 
 
+def test_concentration_reweights_the_plan_by_a_power_of_the_blocks_that_follow():
+    # weights (5-i)^2 = 25:16:9:4:1 of 55 tokens, cumulatively rounded: 25, 41, 50, 54, 55
+    assert plan("tome", (8, 8), 6, 55.0, concentration=2.0).steps == ((0, 25, 1), (1, 16, 1), (2, 9, 1), (3, 4, 1), (4, 1, 1))
+    # concentration 0 spreads evenly; a steep one fills block 0 up to its cap, then block 1
+    assert plan("tome", (8, 8), 6, 20.0, concentration=0.0).steps == tuple((b, 4, 1) for b in range(5))
+    assert plan("tome", (8, 8), 6, 48.0, concentration=16.0).steps == ((0, 32, 1), (1, 16, 1))
+    assert plan("atme", (8, 8), 6, 48.0, concentration=16.0).steps == ((0, 32, 1), (1, 16, 2))
+    assert plan("atme", (8, 8), 6, 52.0, concentration=1.0) == plan("atme", (8, 8), 6, 52.0)
+    with pytest.raises(VitslimError, match="concentration must be ≥ 0"):
+        plan("tome", (8, 8), 6, 10.0, concentration=-1.0)
+
+
+def test_every_concentration_plans_for_the_same_flops_target():
+    spec = describe(_timm(depth=6))
+    for concentration in (0.0, 1.0, 2.0, 4.0):
+        schedule = schedule_for_speedup(spec, "atme", 1.6, concentration=concentration)
+        assert predicted_speedup(spec, schedule) >= 1.6
+    assert schedule_for_speedup(spec, "atme", 1.6, concentration=4.0).steps[0][1] > schedule_for_speedup(spec, "atme", 1.6).steps[0][1]
+
+
 @pytest.mark.parametrize("total", [12.0, 40.0, 60.0, 200.0])
 def test_plans_merge_at_most_half_of_a_blocks_tokens_and_atme_matches_tome(total):
     atme, tome = plan("atme", (8, 8), 6, total), plan("tome", (8, 8), 6, total)

@@ -154,6 +154,9 @@ def _model_and_calibration(model, like, params, data, calib_images, seed, batch_
 @click.option("--merge", type=click.Choice(["atme", "tome"]), default="atme", show_default=True, help="cait: token merging method (tome: the ToMe baseline).")
 @click.option("--token-speedup", type=float, help="cait: the share of --speedup given to token merging (default: its square root when channels are pruned, all of it otherwise).")
 @click.option("--channel-ratio", type=float, help="cait: fraction of the blocks' FLOPs the channel gates keep (default: what --speedup leaves after tokens).")
+@click.option("--concentration", type=float,
+              help="cait: how front-loaded the merge schedule is (block i's share of the merged tokens weighs (depth-1-i)^C; 0 spreads evenly). "
+                   "Default: the C of 1, 2 or 4 whose schedule keeps the original's logits best on --calib-images of --data.")
 @click.option("--consistent/--unconstrained", default=True, show_default=True, help="cait: one channel mask shared by all heads (CDCP), or per-head masks (the ablation).")
 @click.option("--param-ratio", type=float, help="Keep this fraction of the whole model's parameters (0 < R < 1).")
 @click.option("--params", type=int, help="Keep this many parameters.")
@@ -172,7 +175,7 @@ def _model_and_calibration(model, like, params, data, calib_images, seed, batch_
 @click.option("--resume", is_flag=True, help="Continue the fine-tune from the last checkpoint in --checkpoints.")
 @click.option("--int8", is_flag=True, help="Finally quantise every Linear's weights to int8 (per output channel): about 4x fewer bytes on disk.")
 @click.option("--device", default="cpu", show_default=True, help="Where calibration and distillation run (cuda: under torchrun, each rank's own GPU).")
-def compress_command(model, data, out, method, speedup, flops_ratio, recovery_epochs, merge, token_speedup, channel_ratio, consistent, param_ratio, params, like, allocation, sensitivity,
+def compress_command(model, data, out, method, speedup, flops_ratio, recovery_epochs, merge, token_speedup, channel_ratio, concentration, consistent, param_ratio, params, like, allocation, sensitivity,
                      compensation, rank_multiple, calib_images, seed, batch_size, finetune_epochs, finetune_lr, checkpoints, resume, int8, device):
     """Compress MODEL to one budget (parameters, or speed-up for cait) and save it to --out."""
     from vitslim.lowrank.compress import compress_lowrank
@@ -191,7 +194,7 @@ def compress_command(model, data, out, method, speedup, flops_ratio, recovery_ep
         _compress_composed(model, data, out, device=device, speedup=speedup, flops_ratio=flops_ratio, param_ratio=param_ratio, params=params, like=like,
                            channel_ratio=channel_ratio, merge=merge, epochs=finetune_epochs, recovery_epochs=recovery_epochs,
                            calib_images=calib_images, lr=finetune_lr, batch_size=batch_size, seed=seed, checkpoints=checkpoints, resume=resume,
-                           stray=[name for name, value in (("--token-speedup", token_speedup), ("--int8", int8 or None),
+                           stray=[name for name, value in (("--token-speedup", token_speedup), ("--concentration", concentration), ("--int8", int8 or None),
                                                            ("--allocation", None if allocation == "mixed" else allocation), ("--sensitivity", sensitivity),
                                                            ("--compensation/--no-compensation", compensation),
                                                            ("--rank-multiple", None if rank_multiple == 1 else rank_multiple),
@@ -200,12 +203,13 @@ def compress_command(model, data, out, method, speedup, flops_ratio, recovery_ep
     if flops_ratio is not None or recovery_epochs:
         raise VitslimError("--flops-ratio and --recovery-epochs belong to --method lowrank+cait")
     if method == "cait":
-        _compress_cait(model, data, out, device=device, speedup=speedup, merge=merge, token_speedup=token_speedup, channel_ratio=channel_ratio, consistent=consistent,
-                       epochs=finetune_epochs, lr=finetune_lr, batch_size=batch_size, seed=seed, checkpoints=checkpoints, resume=resume,
+        _compress_cait(model, data, out, device=device, speedup=speedup, merge=merge, token_speedup=token_speedup, channel_ratio=channel_ratio,
+                       concentration=concentration, consistent=consistent, calib_images=calib_images, epochs=finetune_epochs, lr=finetune_lr,
+                       batch_size=batch_size, seed=seed, checkpoints=checkpoints, resume=resume,
                        stray=[name for name, value in (("--param-ratio", param_ratio), ("--params", params), ("--like", like), ("--int8", int8 or None)) if value is not None])
         return
-    if speedup is not None or token_speedup is not None or channel_ratio is not None:
-        raise VitslimError("--speedup, --token-speedup and --channel-ratio belong to --method cait; low-rank methods take a parameter budget")
+    if speedup is not None or token_speedup is not None or channel_ratio is not None or concentration is not None:
+        raise VitslimError("--speedup, --token-speedup, --channel-ratio and --concentration belong to --method cait; low-rank methods take a parameter budget")
     if sum(option is not None for option in (param_ratio, params, like)) != 1:
         raise VitslimError("state exactly one budget: --param-ratio, --params or --like")
     check_output_folder(out)
@@ -229,7 +233,8 @@ def compress_command(model, data, out, method, speedup, flops_ratio, recovery_ep
     _save(compressed, out)
 
 
-def _compress_cait(model, data, out, *, device, speedup, merge, token_speedup, channel_ratio, consistent, epochs, lr, batch_size, seed, checkpoints, resume, stray):
+def _compress_cait(model, data, out, *, device, speedup, merge, token_speedup, channel_ratio, concentration, consistent, calib_images, epochs, lr, batch_size,
+                   seed, checkpoints, resume, stray):
     from vitslim import data as imagedata
     from vitslim.adapters import describe
     from vitslim.cait.compress import compress_cait
@@ -244,13 +249,18 @@ def _compress_cait(model, data, out, *, device, speedup, merge, token_speedup, c
     check_output_folder(out)
     original = _load(model)
     spec = describe(original)
-    dataset = imagedata.open_images(data, imagedata.build_transform(spec.preprocessing), class_names=spec.label_names) if epochs else None
+    dataset = imagedata.open_images(data, imagedata.build_transform(spec.preprocessing), class_names=spec.label_names)
     compressed = compress_cait(original, dataset, speedup=speedup, epochs=epochs, merge=merge, token_speedup=token_speedup, channel_ratio=channel_ratio,
-                               consistent=consistent, lr=lr, batch_size=batch_size, seed=seed, device=device, checkpoint_dir=checkpoints, resume=resume)
+                               concentration=concentration, calib_images=calib_images, consistent=consistent, lr=lr, batch_size=batch_size, seed=seed,
+                               device=device, checkpoint_dir=checkpoints, resume=resume)
     steps = {step["method"]: step for step in getattr(compressed, STEPS_ATTR, [])}
     schedule = merge_schedule(compressed)
     if schedule is not None:
         click.echo(render(["block", "tokens merged after it", "level"], [[str(b), str(r), str(level) if merge == "atme" else "-"] for b, r, level in schedule.steps]))
+        merging = steps["merging"]
+        scores = merging.get("concentration_kl")
+        click.echo(f"schedule concentration {merging['concentration']:g}"
+                   + (f" (KL to the original on the calibration images: {', '.join(f'{c}: {kl:.4f}' for c, kl in scores.items())})" if scores else ""))
     if "channels" in steps:
         widths = steps["channels"]["blocks"]
         click.echo(render(["block", "head dim", "MLP hidden"], [[index, str(w.get("head_dim", "-")), str(w.get("mlp_hidden", "-"))] for index, w in widths.items()]))

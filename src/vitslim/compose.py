@@ -36,7 +36,6 @@ from collections.abc import Iterable
 from dataclasses import dataclass
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from vitslim.adapters import describe
@@ -46,9 +45,9 @@ from vitslim.cait.patch import MERGING_ATTR, apply_token_merging, remove_token_m
 from vitslim.cait.schedule import schedule_for_speedup
 from vitslim.distributed import on_main
 from vitslim.errors import VitslimError
-from vitslim.lowrank.calibration import images_of
+from vitslim.lowrank.calibration import leading_images
 from vitslim.lowrank.compress import compress_lowrank, compressible_linears
-from vitslim.metrics import count_flops, count_params
+from vitslim.metrics import count_flops, count_params, mean_kl
 from vitslim.persist import record_step, register_step
 
 logger = logging.getLogger("vitslim")
@@ -183,17 +182,6 @@ def _probe_model(model: nn.Module, axis: str, level: float, calibration: list, m
                             sensitivity="none", compensation=False, progress=False)
 
 
-@torch.no_grad()
-def _kl(teacher_logits: list[torch.Tensor], model: nn.Module, images: list[torch.Tensor]) -> float:
-    spec, total, count = describe(model), 0.0, 0
-    for reference, batch in zip(teacher_logits, images):
-        log_p = F.log_softmax(spec.logits(batch), dim=-1)
-        log_q = F.log_softmax(reference, dim=-1)
-        total += float(F.kl_div(log_p, log_q, log_target=True, reduction="sum"))
-        count += batch.shape[0]
-    return total / count
-
-
 def probe_axes(model: nn.Module, calibration: list, *, levels: dict[str, tuple[float, ...]] = LEVELS, merge: str = "atme",
                probe_images: int = PROBE_IMAGES, timed: bool = True, runs: int = 20, batch_size: int = 32, device: str = "cpu",
                progress: bool = True) -> list[Probe]:
@@ -202,12 +190,7 @@ def probe_axes(model: nn.Module, calibration: list, *, levels: dict[str, tuple[f
     reach on this model (merging beyond what the grid allows) are left out."""
     from vitslim.bench import benchmark
 
-    images, wanted = [], probe_images
-    for batch in calibration:
-        if wanted <= 0:
-            break
-        images.append(images_of(batch)[:wanted].to(next(model.parameters()).device))
-        wanted -= images[-1].shape[0]
+    images = leading_images(calibration, probe_images, next(model.parameters()).device)
     spec = describe(model)
     with torch.no_grad():
         teacher_logits = [spec.logits(batch) for batch in images]
@@ -219,7 +202,7 @@ def probe_axes(model: nn.Module, calibration: list, *, levels: dict[str, tuple[f
             except VitslimError as error:
                 logger.info("probe %s at %g skipped: %s", axis, level, error)
                 continue
-            built.append((axis, level, probe, _kl(teacher_logits, probe, images)))
+            built.append((axis, level, probe, mean_kl(teacher_logits, probe, images)))
     if not timed:
         size = spec.preprocessing.input_size
         original_flops = count_flops(model, size)

@@ -118,7 +118,7 @@ def build_variants(original: nn.Module, work: Path) -> list[Variant]:
         compressed = compress_lowrank(original, calibration, param_ratio=ratio, rank_multiple=4, progress=False)
         save(compressed, work / f"lowrank-{int(100 * ratio)}")
         variants.append(Variant(f"low-rank {int(100 * ratio)}%", compressed, f"whitened SVD, mixed ranks, {int(100 * ratio)}% of the parameters"))
-    merged = compress_cait(original, speedup=1.5, measure=False)
+    merged = compress_cait(original, calibration, speedup=1.5, measure=False, progress=False)
     save(merged, work / "cait-atme")
     variants.append(Variant("CAIT ATME", merged, "training-free neighbour token merging, 1.5x by the FLOPs model"))
     composed = compress_composed(original, calibration, flops_ratio=0.4, param_ratio=0.5, progress=False)

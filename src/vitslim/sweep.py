@@ -106,7 +106,8 @@ def _compress(original: nn.Module, point: Point, calibration: list, train, epoch
         if epochs:
             distill(compressed, original, train, epochs=epochs, seed=seed)
         return compressed
-    return compress_cait(original, train if epochs else None, speedup=point.budget, epochs=epochs, merge=SPEED_METHODS[point.method],
+    # training-free, the calibration images still choose the schedule's shape (as the CLI's --data does)
+    return compress_cait(original, train if epochs else calibration, speedup=point.budget, epochs=epochs, merge=SPEED_METHODS[point.method],
                          seed=seed, measure=False, progress=False)
 
 

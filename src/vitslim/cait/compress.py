@@ -5,22 +5,25 @@ Without training (``epochs=0``) only tokens are merged (ATME, or ToMe as the bas
 original model while the merge schedule is already in place, then frozen and sliced into a
 smaller dense model, and the schedule is put back on top. The split between the two axes is
 even in log-speed by default (each gives √S), our choice where the paper's abstract is silent;
-``token_speedup`` sets it directly. Finally the result is measured against the original in the
-same process and, when it falls short of the target, merges a little more.
+``token_speedup`` sets it directly. How front-loaded the merge schedule is gets chosen on the
+training images when there are any (``cait.shape``). Finally the result is measured against the
+original in the same process and, when it falls short of the target, merges a little more.
 """
 
 from __future__ import annotations
 
 import copy
 import logging
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator, Sized
 
 from torch import nn
+from torch.utils.data import Dataset
 
 from vitslim.adapters import describe
 from vitslim.cait.channels import attach_gates, slice_channels
 from vitslim.cait.patch import MERGING_ATTR, STEP as MERGING_STEP, apply_token_merging, remove_token_merging
 from vitslim.cait.schedule import predicted_speedup, schedule_for_speedup, tokens_per_block
+from vitslim.cait.shape import CHOICE_IMAGES, choose_concentration
 from vitslim.distributed import on_main
 from vitslim.errors import VitslimError
 from vitslim.persist import STEPS_ATTR
@@ -69,6 +72,8 @@ def compress_cait(
     merge: str = "atme",
     token_speedup: float | None = None,
     channel_ratio: float | None = None,
+    concentration: float | None = None,
+    calib_images: int = CHOICE_IMAGES,
     consistent: bool = True,
     lr: float = 1e-4,
     gate_lr_scale: float = 100.0,
@@ -83,12 +88,15 @@ def compress_cait(
     """A CAIT-compressed copy of ``model`` (the original is left untouched) aiming at ``speedup``
     times its throughput.
 
-    ``batches`` are the training images for the distillation (a Dataset of (image, label) or an
-    iterable of image batches, as ``vitslim.distill`` takes them); they are not needed when
-    ``epochs=0``. ``merge`` picks ATME or the ToMe baseline; ``channel_ratio`` is the fraction of
-    the blocks' FLOPs the channel gates may keep; ``consistent=False`` trains per-head masks
-    (the ablation without CDCP's consistency constraints); the gates learn at ``lr`` times
-    ``gate_lr_scale`` (they must travel far in a few epochs). With ``measure`` the result is timed
+    ``batches`` are the training images (a Dataset of (image, label) or an iterable of image
+    batches, as ``vitslim.distill`` takes them): the distillation's when ``epochs > 0`` and, in
+    every case, ``calib_images`` of them (a seeded subset of a Dataset, else the leading batches)
+    choose the merge schedule's ``concentration`` (see ``cait.shape``; without images, or when
+    ``concentration`` is given, no choice is made and it defaults to 1). ``merge`` picks ATME or
+    the ToMe baseline; ``channel_ratio`` is the fraction of the blocks' FLOPs the channel gates
+    may keep; ``consistent=False`` trains per-head masks (the ablation without CDCP's consistency
+    constraints); the gates learn at ``lr`` times ``gate_lr_scale`` (they must travel far in a
+    few epochs). With ``measure`` the result is timed
     against the original (CPU or ``device``, batch 32) and the merge schedule tightened, at most
     a few times, until the measured speed-up reaches the target (so that it still shows at
     least 95% of it when timed again).
@@ -101,11 +109,20 @@ def compress_cait(
         raise VitslimError("the model already merges tokens; compress the original model")
     if epochs > 0 and batches is None:
         raise VitslimError("channel pruning trains with distillation: pass the training images as batches")
+    if concentration is not None and concentration < 0:
+        raise VitslimError(f"the merge schedule's concentration must be ≥ 0 (0 spreads merges evenly), got {concentration:g}")
     token_target, channel_target = _split(speedup, epochs, token_speedup, channel_ratio)
+    if isinstance(batches, Iterator):
+        batches = list(batches)  # read twice: once to choose the schedule, once to distil
     student = copy.deepcopy(model).eval()
     spec = describe(student)
-    schedule = schedule_for_speedup(spec, merge, token_target) if token_target > 1 else None
-
+    choice = {}
+    if token_target > 1 and concentration is None and batches is not None:
+        concentration, scores = choose_concentration(student, merge, token_target, choice_batches(batches, calib_images, seed),
+                                                     images=calib_images, progress=progress)
+        choice = {"concentration_kl": {f"{c:g}": round(kl, 6) for c, kl in scores.items()}}
+    concentration = 1.0 if concentration is None else concentration
+    schedule = schedule_for_speedup(spec, merge, token_target, concentration=concentration) if token_target > 1 else None
     if channel_target is not None:
         prune_channels(student, model, batches, channel_ratio=channel_target, schedule=schedule, consistent=consistent,
                        epochs=epochs, lr=lr, gate_lr_scale=gate_lr_scale, batch_size=batch_size, seed=seed, device=device,
@@ -114,8 +131,26 @@ def compress_cait(
     if schedule is not None:
         apply_token_merging(student, schedule)
     if measure:
-        meet_speedup(model, student, reference, merge, speedup, schedule, device)
+        meet_speedup(model, student, reference, merge, speedup, schedule, device, concentration=concentration)
+    annotate_merging(student, {"concentration": concentration} | choice)  # after meet_speedup, which may record the step anew
     return student
+
+
+def choice_batches(batches, count: int, seed: int) -> Iterable:
+    """What the schedule is chosen on: a seeded subset of a Dataset (an ImageFolder lists its
+    images class by class, so its first images would be one class), else the batches as given."""
+    from vitslim import data as imagedata
+
+    if isinstance(batches, Dataset) and isinstance(batches, Sized):
+        return imagedata.make_loader(imagedata.select(batches, limit=min(count, len(batches)), seed=seed), 64)
+    return batches
+
+
+def annotate_merging(student: nn.Module, fields: dict) -> None:
+    """Add ``fields`` to the recipe's merging step (what was chosen or measured, for the record)."""
+    for step in getattr(student, STEPS_ATTR, []):
+        if step.get("method") == MERGING_STEP:
+            step.update(fields)
 
 
 def prune_channels(student: nn.Module, teacher: nn.Module, batches, *, channel_ratio: float, schedule, consistent: bool = True,
@@ -142,8 +177,9 @@ def prune_channels(student: nn.Module, teacher: nn.Module, batches, *, channel_r
     teacher.to("cpu")
 
 
-def meet_speedup(model, student, reference, merge, speedup, schedule, device) -> float:
-    """Merge more until the measured speed-up reaches ``AIM`` of the target; return the last measurement."""
+def meet_speedup(model, student, reference, merge, speedup, schedule, device, *, concentration: float = 1.0) -> float:
+    """Merge more (keeping the schedule's ``concentration``) until the measured speed-up reaches
+    ``AIM`` of the target; return the last measurement."""
     measured = measured_speedup(model, student, device=device)
     for _ in range(MEASURE_ROUNDS):
         if measured >= AIM * speedup:
@@ -153,7 +189,8 @@ def meet_speedup(model, student, reference, merge, speedup, schedule, device) ->
         spec = describe(student)
         predicted = predicted_speedup(spec, schedule, reference)
         try:
-            tighter = schedule_for_speedup(spec, merge, predicted * min(speedup / measured, MAX_STEP), reference=reference)
+            tighter = schedule_for_speedup(spec, merge, predicted * min(speedup / measured, MAX_STEP), reference=reference,
+                                           concentration=concentration)
         except VitslimError:
             tighter = schedule
         if tighter == schedule:
@@ -166,7 +203,5 @@ def meet_speedup(model, student, reference, merge, speedup, schedule, device) ->
         measured = measured_speedup(model, student, device=device)
     if measured < PROMISE * speedup:
         logger.warning("measured speed-up %.2fx is below the %.2fx target", measured, speedup)
-    for step in getattr(student, STEPS_ATTR, []):
-        if step.get("method") == MERGING_STEP:
-            step["measured_speedup"] = round(measured, 3)
+    annotate_merging(student, {"measured_speedup": round(measured, 3)})
     return measured
