@@ -135,6 +135,8 @@ def test_three_axes_compose_meet_the_budget_and_reload_bit_identically(tmp_path,
     assert torch.equal(_logits(model), before)  # the original is untouched
     steps = composed.vitslim_steps
     assert [step["method"] for step in steps] == ["channels", "lowrank", "merging", "composed"]
+    merging = steps[2]  # its concentration chosen on the calibration images, as compress_cait chooses
+    assert merging["concentration_kl"][f"{merging['concentration']:g}"] == min(merging["concentration_kl"].values())
     split = steps[-1]
     assert split["levels"]["channels"] == 0.7 and split["predicted"]["flops_ratio"] <= 0.5
     assert all(probe["speedup"] is None for probe in split["probes"])  # no speed-up stated: nothing timed

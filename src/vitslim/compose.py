@@ -20,6 +20,9 @@ is decided by measurement, not by fixed shares:
    place, low-rank factors fitted to the sliced model with compensation, an optional distillation
    of the whole (``finetune_epochs``), then the merge schedule; for a speed-up target the
    schedule is tightened until the measured speed-up reaches it (as ``compress_cait`` does).
+   The schedule's concentration is chosen on the calibration images as ``compress_cait`` chooses
+   it (``cait.shape``); the token probes keep concentration 1, three schedules per level being
+   more than a probe is worth.
 
 The probes are training-free, so they cannot see how much distillation recovers on each axis
 (on the reference CIFAR ViT low-rank factors recover more than merged tokens, so the split's mix
@@ -40,9 +43,10 @@ from torch import nn
 
 from vitslim.adapters import describe
 from vitslim.cait.channels import importance_masks, slice_channels
-from vitslim.cait.compress import PROMISE, measured_speedup, meet_speedup, prune_channels
+from vitslim.cait.compress import PROMISE, annotate_merging, measured_speedup, meet_speedup, prune_channels
 from vitslim.cait.patch import MERGING_ATTR, apply_token_merging, remove_token_merging
 from vitslim.cait.schedule import schedule_for_speedup
+from vitslim.cait.shape import planned_schedule
 from vitslim.distributed import on_main
 from vitslim.errors import VitslimError
 from vitslim.lowrank.calibration import leading_images
@@ -286,7 +290,9 @@ def compress_composed(
     logger.info("split: %s", split.as_dict())
 
     student = copy.deepcopy(model).eval()
-    schedule = schedule_for_speedup(describe(student), merge, split.levels["tokens"]) if split.levels["tokens"] > 1 else None
+    schedule, planning = None, {"concentration": 1.0}
+    if split.levels["tokens"] > 1:
+        schedule, planning = planned_schedule(student, merge, split.levels["tokens"], calibration, progress=progress)
     folder = (lambda name: None) if checkpoint_dir is None else (lambda name: f"{checkpoint_dir}/{name}")
     if split.levels["channels"] < 1:
         prune_channels(student, model, train_data, channel_ratio=split.levels["channels"], schedule=schedule, epochs=epochs, lr=lr,
@@ -312,11 +318,12 @@ def compress_composed(
         apply_token_merging(student, schedule)
     measured = None
     if speedup is not None and "tokens" in axes:
-        measured = meet_speedup(model, student, describe(model), merge, speedup, schedule, device)
+        measured = meet_speedup(model, student, describe(model), merge, speedup, schedule, device, concentration=planning["concentration"])
     elif speedup is not None:
         measured = measured_speedup(model, student, device=device)
         if measured < PROMISE * speedup:
             logger.warning("measured speed-up %.2fx is below the %.2fx target (token merging, which could close the gap, is not among the axes)", measured, speedup)
+    annotate_merging(student, planning)
     record_step(student, {"method": STEP, "target": {k: v for k, v in target.__dict__.items() if v is not None}, **split.as_dict(),
                           "measured_speedup": None if measured is None else round(measured, 3),
                           "probes": [{**probe.__dict__, "cost": round(probe.cost, 6), "speedup": _rounded(probe.speedup, 3),

@@ -23,7 +23,7 @@ from vitslim.adapters import describe
 from vitslim.cait.channels import attach_gates, slice_channels
 from vitslim.cait.patch import MERGING_ATTR, STEP as MERGING_STEP, apply_token_merging, remove_token_merging
 from vitslim.cait.schedule import predicted_speedup, schedule_for_speedup, tokens_per_block
-from vitslim.cait.shape import CHOICE_IMAGES, choose_concentration
+from vitslim.cait.shape import CHOICE_IMAGES, planned_schedule
 from vitslim.distributed import on_main
 from vitslim.errors import VitslimError
 from vitslim.persist import STEPS_ATTR
@@ -109,20 +109,15 @@ def compress_cait(
         raise VitslimError("the model already merges tokens; compress the original model")
     if epochs > 0 and batches is None:
         raise VitslimError("channel pruning trains with distillation: pass the training images as batches")
-    if concentration is not None and concentration < 0:
-        raise VitslimError(f"the merge schedule's concentration must be ≥ 0 (0 spreads merges evenly), got {concentration:g}")
     token_target, channel_target = _split(speedup, epochs, token_speedup, channel_ratio)
     if isinstance(batches, Iterator):
         batches = list(batches)  # read twice: once to choose the schedule, once to distil
     student = copy.deepcopy(model).eval()
-    spec = describe(student)
-    choice = {}
-    if token_target > 1 and concentration is None and batches is not None:
-        concentration, scores = choose_concentration(student, merge, token_target, choice_batches(batches, calib_images, seed),
-                                                     images=calib_images, progress=progress)
-        choice = {"concentration_kl": {f"{c:g}": round(kl, 6) for c, kl in scores.items()}}
-    concentration = 1.0 if concentration is None else concentration
-    schedule = schedule_for_speedup(spec, merge, token_target, concentration=concentration) if token_target > 1 else None
+    schedule, planning = None, {"concentration": 1.0 if concentration is None else concentration}
+    if token_target > 1:
+        schedule, planning = planned_schedule(student, merge, token_target, None if batches is None else choice_batches(batches, calib_images, seed),
+                                              concentration=concentration, images=calib_images, progress=progress)
+
     if channel_target is not None:
         prune_channels(student, model, batches, channel_ratio=channel_target, schedule=schedule, consistent=consistent,
                        epochs=epochs, lr=lr, gate_lr_scale=gate_lr_scale, batch_size=batch_size, seed=seed, device=device,
@@ -131,8 +126,8 @@ def compress_cait(
     if schedule is not None:
         apply_token_merging(student, schedule)
     if measure:
-        meet_speedup(model, student, reference, merge, speedup, schedule, device, concentration=concentration)
-    annotate_merging(student, {"concentration": concentration} | choice)  # after meet_speedup, which may record the step anew
+        meet_speedup(model, student, reference, merge, speedup, schedule, device, concentration=planning["concentration"])
+    annotate_merging(student, planning)  # after meet_speedup, which may record the step anew
     return student
 
 

@@ -65,3 +65,15 @@ def choose_concentration(model: nn.Module, method: str, speedup: float, calibrat
     logger.info("merge schedule concentration %g chosen (KL on %d images: %s)", best, sum(len(b) for b in batches),
                 ", ".join(f"{c:g}: {kl:.4f}" for c, kl in scores.items()))
     return best, scores
+
+
+def planned_schedule(model: nn.Module, method: str, speedup: float, calibration: Iterable | None, *, concentration: float | None = None,
+                     images: int = CHOICE_IMAGES, progress: bool = True) -> tuple[MergeSchedule, dict]:
+    """The schedule for ``speedup``: at ``concentration`` when given, else at the one chosen on
+    ``calibration`` (1 without images); and the recipe fields that record how it was planned."""
+    fields = {}
+    if concentration is None and calibration is not None:
+        concentration, scores = choose_concentration(model, method, speedup, calibration, images=images, progress=progress)
+        fields["concentration_kl"] = {f"{c:g}": round(kl, 6) for c, kl in scores.items()}
+    concentration = 1.0 if concentration is None else concentration
+    return schedule_for_speedup(describe(model), method, speedup, concentration=concentration), {"concentration": concentration, **fields}
