@@ -71,15 +71,17 @@ def test_commands_that_time_models_refuse_torchrun(setup):
 
 def test_channel_pruning_with_merging_trains_under_ddp_and_writes_once(setup):
     """CDCP's gates (a hooked submodule with an adaptive buffer) and ATME's hooks under
-    DistributedDataParallel; the --speedup timing runs on rank 0 and is shared."""
+    DistributedDataParallel; the schedule's concentration is chosen and the --speedup timing
+    run on rank 0, and both are shared."""
     root, folder, images = setup
     out = root / "cait"
     run = _torchrun("compress", str(folder), "--data", str(images), "--method", "cait", "--speedup", "1.5", "--epochs", "1",
                     "--batch-size", "8", "--out", str(out))
     assert run.returncode == 0, run.stderr[-3000:]
     assert run.stdout.count("saved to") == 1
-    steps = [step["method"] for step in json.loads((out / "recipe.json").read_text())["steps"]]
-    assert steps == ["channels", "merging"]
+    steps = json.loads((out / "recipe.json").read_text())["steps"]
+    assert [step["method"] for step in steps] == ["channels", "merging"]
+    assert len(steps[1]["concentration_kl"]) == 3  # chosen on rank 0, shared with rank 1
     reloaded = vitslim.load_model(str(out))
     with torch.no_grad():
         assert torch.isfinite(reloaded(torch.randn(2, 3, 32, 32))).all()

@@ -24,6 +24,7 @@ from vitslim.adapters import describe
 from vitslim.adapters.base import ViTSpec
 from vitslim.cait.patch import apply_token_merging, remove_token_merging
 from vitslim.cait.schedule import MergeSchedule, schedule_for_speedup
+from vitslim.distributed import on_main
 from vitslim.errors import VitslimError
 from vitslim.lowrank.calibration import leading_images
 from vitslim.metrics import mean_kl
@@ -70,10 +71,11 @@ def choose_concentration(model: nn.Module, method: str, speedup: float, calibrat
 def planned_schedule(model: nn.Module, method: str, speedup: float, calibration: Iterable | None, *, concentration: float | None = None,
                      images: int = CHOICE_IMAGES, progress: bool = True) -> tuple[MergeSchedule, dict]:
     """The schedule for ``speedup``: at ``concentration`` when given, else at the one chosen on
-    ``calibration`` (1 without images); and the recipe fields that record how it was planned."""
+    ``calibration`` (1 without images); and the recipe fields that record how it was planned.
+    Under ``torchrun`` rank 0 chooses and the others take its choice, so every rank merges alike."""
     fields = {}
     if concentration is None and calibration is not None:
-        concentration, scores = choose_concentration(model, method, speedup, calibration, images=images, progress=progress)
+        concentration, scores = on_main(lambda: choose_concentration(model, method, speedup, calibration, images=images, progress=progress))
         fields["concentration_kl"] = {f"{c:g}": round(kl, 6) for c, kl in scores.items()}
     concentration = 1.0 if concentration is None else concentration
     return schedule_for_speedup(describe(model), method, speedup, concentration=concentration), {"concentration": concentration, **fields}
