@@ -14,7 +14,7 @@ import vitslim
 from vitslim import data as imagedata
 from vitslim.cait.compress import compress_cait
 from vitslim.cait.patch import apply_token_merging, merge_schedule
-from vitslim.cait.schedule import schedule_for_speedup
+from vitslim.cait.schedule import predicted_speedup, schedule_for_speedup, strongest_schedule
 from vitslim.cait.shape import choose_concentration
 from vitslim.cli import main
 from vitslim.errors import VitslimError
@@ -115,6 +115,22 @@ def test_a_one_shot_iterator_of_batches_serves_both_the_choice_and_the_distillat
     listed = compress_cait(model, batches, speedup=1.5, epochs=1, measure=False, progress=False)
     streamed = compress_cait(model, iter(batches), speedup=1.5, epochs=1, measure=False, progress=False)
     assert torch.equal(_logits(listed), _logits(streamed))
+
+
+def test_a_target_beyond_the_plans_reach_ends_at_the_strongest_schedule(monkeypatch):
+    """When the measured speed-up lags and the next step is beyond every plan, merging all the
+    plans can beats stopping one step short."""
+    import vitslim.cait.compress as cait_compress
+
+    model = _timm()
+    spec = vitslim.describe(model)
+    strongest = strongest_schedule(spec, "tome", 2.0)
+    target = 0.97 * predicted_speedup(spec, strongest)
+    assert schedule_for_speedup(spec, "tome", target, concentration=2.0) != strongest
+    monkeypatch.setattr(cait_compress, "measured_speedup", lambda *args, **kwargs: 1.0)  # a machine too busy to show any gain
+    compressed = compress_cait(model, speedup=target, merge="tome", concentration=2.0)
+    assert merge_schedule(compressed) == strongest
+    assert next(step for step in compressed.vitslim_steps if step["method"] == "merging")["concentration"] == 2.0
 
 
 def test_measured_speedup_is_recorded():

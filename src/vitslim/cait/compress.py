@@ -22,7 +22,7 @@ from torch.utils.data import Dataset
 from vitslim.adapters import describe
 from vitslim.cait.channels import attach_gates, slice_channels
 from vitslim.cait.patch import MERGING_ATTR, STEP as MERGING_STEP, apply_token_merging, remove_token_merging
-from vitslim.cait.schedule import predicted_speedup, schedule_for_speedup, tokens_per_block
+from vitslim.cait.schedule import predicted_speedup, schedule_for_speedup, strongest_schedule, tokens_per_block
 from vitslim.cait.shape import CHOICE_IMAGES, planned_schedule
 from vitslim.distributed import on_main
 from vitslim.errors import VitslimError
@@ -186,8 +186,9 @@ def meet_speedup(model, student, reference, merge, speedup, schedule, device, *,
         try:
             tighter = schedule_for_speedup(spec, merge, predicted * min(speedup / measured, MAX_STEP), reference=reference,
                                            concentration=concentration)
-        except VitslimError:
-            tighter = schedule
+        except VitslimError:  # beyond what the plans reach: merge all they can, if that is more
+            strongest = strongest_schedule(spec, merge, concentration)
+            tighter = strongest if predicted_speedup(spec, strongest, reference) > predicted else schedule
         if tighter == schedule:
             if schedule is not None:
                 apply_token_merging(student, schedule)

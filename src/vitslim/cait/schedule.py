@@ -170,12 +170,17 @@ def predicted_speedup(spec: ViTSpec, schedule: MergeSchedule | None, reference: 
     return blocks_flops(reference, full) / blocks_flops(spec, tokens_per_block(schedule, spec))
 
 
+def strongest_schedule(spec: ViTSpec, method: str, concentration: float = 1.0) -> MergeSchedule:
+    """The plan that merges all it can: every block's cap binds."""
+    return plan(method, spec.grid_size, len(spec.blocks), float(len(spec.blocks) * spec.num_patches), concentration)
+
+
 def schedule_for_speedup(spec: ViTSpec, method: str, speedup: float, *, reference: ViTSpec | None = None,
                          concentration: float = 1.0) -> MergeSchedule:
     """The gentlest planned schedule whose predicted speed-up (against ``reference``) reaches ``speedup``."""
     grid, depth = spec.grid_size, len(spec.blocks)
-    ceiling = float(depth * spec.num_patches)  # enough that every block's cap binds
-    most = plan(method, grid, depth, ceiling, concentration)
+    ceiling = float(depth * spec.num_patches)
+    most = strongest_schedule(spec, method, concentration)
     if predicted_speedup(spec, most, reference) < speedup:
         raise VitslimError(
             f"a {speedup:g}x speed-up is beyond token merging here: merging everything it can gives "
