@@ -216,3 +216,15 @@ def test_block_cached_compensation_equals_whole_network_replay(family):
         fast_logits, slow_logits = vitslim.describe(fast).logits(batches[0]), vitslim.describe(principal).logits(batches[0])
     assert (slow_logits - uncompensated).abs().max() > 100 * 1e-4  # compensation moved the outputs
     torch.testing.assert_close(fast_logits, slow_logits, rtol=0, atol=1e-4)
+
+
+def test_leading_images_take_the_first_images_across_batches_and_pass_over_unreadable_ones():
+    from vitslim.lowrank.calibration import leading_images
+
+    first, second = torch.randn(3, 3, 8, 8), torch.randn(4, 3, 8, 8)
+    batches = [(first, torch.zeros(3), 0), (None, torch.zeros(0), 2), (second, torch.zeros(4), 0)]
+    taken = leading_images(batches, 5)
+    assert [len(b) for b in taken] == [3, 2]
+    assert torch.equal(torch.cat(taken), torch.cat([first, second])[:5])
+    assert [len(b) for b in leading_images([first, second], 100)] == [3, 4]  # fewer when they run out
+    assert leading_images([first], 0) == []

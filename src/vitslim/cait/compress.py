@@ -96,10 +96,9 @@ def compress_cait(
     the ToMe baseline; ``channel_ratio`` is the fraction of the blocks' FLOPs the channel gates
     may keep; ``consistent=False`` trains per-head masks (the ablation without CDCP's consistency
     constraints); the gates learn at ``lr`` times ``gate_lr_scale`` (they must travel far in a
-    few epochs). With ``measure`` the result is timed
-    against the original (CPU or ``device``, batch 32) and the merge schedule tightened, at most
-    a few times, until the measured speed-up reaches the target (so that it still shows at
-    least 95% of it when timed again).
+    few epochs). With ``measure`` the result is timed against the original (CPU or ``device``,
+    batch 32) and the merge schedule tightened, at most a few times, until the measured speed-up
+    reaches the target (so that it still shows at least 95% of it when timed again).
     """
     if not speedup > 1:
         raise VitslimError(f"--speedup must be greater than 1 (a speed-up of the original), got {speedup:g}")

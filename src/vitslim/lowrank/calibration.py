@@ -71,11 +71,14 @@ def images_of(batch) -> torch.Tensor:
 
 
 def leading_images(batches: Iterable, count: int, device: str | torch.device = "cpu") -> list[torch.Tensor]:
-    """The first ``count`` images of ``batches`` (fewer if they run out), batch by batch."""
+    """The first ``count`` images of ``batches`` (fewer if they run out), batch by batch; a
+    loader's batch whose every image was unreadable (``None``) is passed over."""
     images = []
     for batch in batches:
         if count <= 0:
             break
+        if isinstance(batch, (tuple, list)) and batch[0] is None:
+            continue
         images.append(images_of(batch)[:count].to(device))
         count -= images[-1].shape[0]
     return images
