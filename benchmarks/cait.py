@@ -35,6 +35,7 @@ import torch
 import vitslim
 from vitslim import data as imagedata
 from vitslim.adapters import describe
+from vitslim.atomic import atomic_file
 from vitslim.cait.channels import importance_masks, slice_channels
 from vitslim.cait.compress import compress_cait
 from vitslim.cait.merging import unmerge
@@ -48,10 +49,7 @@ GEOMETRIES = {"deit_tiny": ("deit_tiny_patch16_224", 1.8), "deit_small": ("deit_
 
 
 def _save_rows(out: Path, rows: list[dict]) -> None:
-    out.mkdir(parents=True, exist_ok=True)
-    temporary = out / "results.json.tmp"
-    temporary.write_text(json.dumps(rows, indent=1))
-    temporary.replace(out / "results.json")
+    atomic_file(out / "results.json", lambda partial: partial.write_text(json.dumps(rows, indent=1)))
 
 
 def _bench(models: list[tuple[str, torch.nn.Module]], runs: int) -> dict[str, float]:

@@ -26,6 +26,7 @@ import torch
 import vitslim
 from vitslim import data as imagedata
 from vitslim.adapters import describe
+from vitslim.atomic import atomic_file
 from vitslim.cait.compress import compress_cait
 from vitslim.compose import compress_composed
 from vitslim.errors import VitslimError
@@ -68,9 +69,7 @@ CAIT_POINTS = {"ATME+CDCP 2.6x": 2.6, "ATME+CDCP 3.8x": 3.8}
 
 
 def _save(out: Path, rows: list[dict]) -> None:
-    temporary = out / "compose.json.tmp"
-    temporary.write_text(json.dumps(rows, indent=2))
-    temporary.replace(out / "compose.json")
+    atomic_file(out / "compose.json", lambda partial: partial.write_text(json.dumps(rows, indent=2)))
 
 
 def build(rows: list[dict], out: Path, args) -> None:

@@ -22,6 +22,7 @@ from pathlib import Path
 
 import vitslim
 from vitslim import data as imagedata
+from vitslim.atomic import atomic_file
 from vitslim.lowrank.compress import compress_lowrank
 from vitslim.metrics import count_params
 
@@ -87,10 +88,7 @@ def write(out: Path, rows: list[dict], args) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    out.mkdir(parents=True, exist_ok=True)
-    partial = out / "results.json.partial"
-    partial.write_text(json.dumps(rows, indent=2))
-    partial.replace(out / "results.json")
+    atomic_file(out / "results.json", lambda partial: partial.write_text(json.dumps(rows, indent=2)))
     model_label = args.model.replace(str(SHARED), "../shared")
     lines = [f"Model `{model_label}`; calibration: {args.calib_images} train images (seed 0); top-1 on {rows[0]['images']} test images; "
              f"KD: 1 epoch over the train split, lr {args.finetune_lr}.", "",

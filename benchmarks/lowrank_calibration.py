@@ -22,6 +22,7 @@ from pathlib import Path
 
 import vitslim
 from vitslim import data as imagedata
+from vitslim.atomic import atomic_file
 from vitslim.lowrank.compress import compress_lowrank
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -64,9 +65,7 @@ def main() -> None:
         rows.append({"size": size, "ratio": args.ratio, "top1": score["top1"], "agreement": score["agreement"], "kl": score["kl"],
                      "seconds": round(seconds, 1)})
         print(f"{size} images, ratio {args.ratio:g}: held-out top-1 {100 * score['top1']:.2f}%, KL {score['kl']:.4f}", flush=True)
-        partial = out / "results.json.partial"
-        partial.write_text(json.dumps(rows, indent=2))
-        partial.replace(out / "results.json")
+        atomic_file(out / "results.json", lambda partial: partial.write_text(json.dumps(rows, indent=2)))
 
     original = next(r for r in rows if r["size"] == 0)
     lines = [f"Calibration size for low-rank compression, scored on {HELD_OUT} held-out train images (never the test split). "
