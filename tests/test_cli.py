@@ -67,6 +67,31 @@ def test_eval_table_for_people(capsys, model_folder, image_folder):
     assert code == 0 and "top-1" in out and "FLOPs / image" in out and "bytes on disk" in out
 
 
+@pytest.fixture(scope="module")
+def unlabelled_folder(tmp_path_factory):
+    root = tmp_path_factory.mktemp("unlabelled")
+    generator = torch.Generator().manual_seed(1)
+    for index in range(6):
+        pixels = (torch.rand(40, 40, 3, generator=generator) * 255).to(torch.uint8).numpy()
+        Image.fromarray(pixels).save(root / f"{index}.png")
+    return root
+
+
+def test_unlabelled_images_calibrate_compress_and_measure_agreement(capsys, tmp_path, model_folder, unlabelled_folder):
+    for method, budget in (("lowrank", ["--param-ratio", "0.6"]), ("cait", ["--speedup", "1.3"])):
+        out = tmp_path / method
+        code, _, err = run(capsys, "compress", str(model_folder), "--data", str(unlabelled_folder), "--method", method, *budget,
+                           "--calib-images", "6", "--out", str(out))
+        assert code == 0, err
+    code, out, _ = run(capsys, "eval", str(tmp_path / "lowrank"), "--data", str(unlabelled_folder), "--teacher", str(model_folder), "--json")
+    result = json.loads(out)
+    assert code == 0 and result["images"] == 6 and "top1" not in result and 0 <= result["agreement"] <= 1
+    code, out, _ = run(capsys, "eval", str(tmp_path / "cait"), "--data", str(unlabelled_folder), "--teacher", str(model_folder))
+    assert code == 0 and "top-1 agreement" in out and "top-5" not in out
+    code, _, err = run(capsys, "eval", str(model_folder), "--data", str(unlabelled_folder))
+    assert code == 2 and "no labels" in err
+
+
 def test_unreadable_images_are_skipped_and_counted(capsys, caplog, model_folder, image_folder, tmp_path):
     broken = tmp_path / "data"
     for label in ("a", "b", "c"):

@@ -12,7 +12,7 @@ import torch
 from PIL import Image
 
 from vitslim.adapters.base import IMAGENET_PREPROCESSING, Preprocessing
-from vitslim.data import build_transform, make_loader, open_images, select
+from vitslim.data import UNLABELLED, build_transform, is_labelled, make_loader, open_images, select
 from vitslim.errors import VitslimError
 
 SHARED_DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data"
@@ -206,6 +206,34 @@ def test_path_errors(tmp_path: Path) -> None:
         archive.writestr("cat/readme.txt", "hello")
     with pytest.raises(VitslimError, match="texts.zip holds no images"):
         open_images(tmp_path / "texts.zip")
+
+
+def test_a_plain_folder_or_zip_of_images_opens_unlabelled_where_labels_are_not_required(tmp_path: Path) -> None:
+    loose = tmp_path / "loose"
+    for index, colour in enumerate([(200, 0, 0), (0, 200, 0), (0, 0, 200)]):
+        _write_image(loose / f"{index}.png", "RGB", colour)
+    (loose / ".hidden.png").write_bytes(b"not an image")
+    (loose / "notes.txt").write_text("ignore me")
+    dataset = open_images(loose, build_transform(TINY), labels_required=False)
+    assert len(dataset) == 3 and not dataset.labelled and not is_labelled(select(dataset, limit=2))
+    assert [label for _, label in dataset.samples] == [UNLABELLED] * 3
+    images, labels, skipped = next(iter(make_loader(dataset, 4)))
+    assert images.shape == (3, 3, 8, 8) and labels.tolist() == [UNLABELLED] * 3 and skipped == 0
+    with zipfile.ZipFile(tmp_path / "loose.zip", "w") as archive:
+        for index in range(3):
+            archive.write(loose / f"{index}.png", f"{index}.png")
+    zipped = open_images(tmp_path / "loose.zip", build_transform(TINY), labels_required=False)
+    assert not zipped.labelled and torch.equal(next(iter(make_loader(zipped, 4)))[0], images)
+    with pytest.raises(VitslimError, match="no labels"):
+        open_images(loose)
+    with pytest.raises(VitslimError, match="holds no images in class folders"):
+        open_images(tmp_path / "loose.zip")
+
+
+def test_labelled_sources_stay_labelled_when_labels_are_not_required(image_folder: Path) -> None:
+    dataset = open_images(image_folder, labels_required=False)
+    assert dataset.labelled and is_labelled(dataset)
+    assert _relative(dataset, image_folder) == _relative(open_images(image_folder), image_folder)
 
 
 def test_unreadable_image_is_skipped_counted_and_warned_once(image_folder: Path, caplog) -> None:

@@ -55,6 +55,21 @@ def test_classification_score_against_brute_force():
     assert result["kl"] == pytest.approx(sum(kl) / 50, rel=1e-5)
 
 
+def test_unlabelled_batches_count_towards_agreement_but_not_accuracy():
+    logits, teacher = torch.randn(6, 4, generator=torch.Generator().manual_seed(0)), torch.randn(6, 4, generator=torch.Generator().manual_seed(1))
+    labels = torch.tensor([0, 1, 2])
+    score = ClassificationScore(4)
+    score.update(logits[:3], labels, teacher[:3])
+    score.update(logits[3:], None, teacher[3:])
+    result = score.result()
+    assert result["images"] == 6
+    assert result["top1"] == pytest.approx((logits[:3].argmax(1) == labels).double().mean().item())
+    assert result["agreement"] == pytest.approx((logits.argmax(1) == teacher.argmax(1)).double().mean().item())
+    only_unlabelled = ClassificationScore(4)
+    only_unlabelled.update(logits, None, teacher)
+    assert "top1" not in only_unlabelled.result() and only_unlabelled.result()["images"] == 6
+
+
 def test_top5_falls_back_to_all_classes_when_there_are_fewer():
     score = ClassificationScore(3)
     score.update(torch.tensor([[3.0, 2.0, 1.0]]), torch.tensor([2]))

@@ -8,6 +8,7 @@ import torch
 from torch.utils.data import Dataset
 
 import vitslim
+from vitslim.data import UNLABELLED
 from vitslim.errors import VitslimError
 from vitslim.train import distill
 
@@ -113,6 +114,10 @@ def test_label_term_pulls_the_student_toward_the_labels():
     assert ce[2.0] < ce[0.0] - 0.1  # random labels: 1.48 vs 1.64 here
     with pytest.raises(VitslimError, match="needs labels"):
         distill(copy.deepcopy(start), teacher, [b[0] for b in batches], epochs=1, label_weight=1.0, **FAST)
+    unlabelled = [(images, torch.full((len(images),), UNLABELLED)) for images, _ in batches]  # as a plain image folder gives them
+    with pytest.raises(VitslimError, match="training images are unlabelled"):
+        distill(copy.deepcopy(start), teacher, unlabelled, epochs=1, label_weight=1.0, **FAST)
+    distill(copy.deepcopy(start), teacher, unlabelled, epochs=1, **FAST)  # distillation alone needs no labels
 
 
 def test_extra_loss_is_added_to_the_objective():

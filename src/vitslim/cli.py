@@ -64,7 +64,8 @@ def _save(model, out) -> None:
 
 @cli.command("eval")
 @click.argument("model")
-@click.option("--data", required=True, help="ImageFolder directory, a zip of one, or a CSV (file,label) beside its images.")
+@click.option("--data", required=True, help="ImageFolder directory, a zip of one, or a CSV (file,label) beside its images; "
+                                             "with --teacher also a plain folder of unlabelled images (agreement and KL only).")
 @click.option("--limit", type=int, callback=_positive("--limit"), help="Evaluate a seeded random subset of N images.")
 @click.option("--skip", type=int, default=0, show_default=True, help="Leave out the first N images of the seeded order (e.g. those used for calibration).")
 @click.option("--seed", type=int, default=0, show_default=True, help="Seed of the subset order.")
@@ -75,7 +76,7 @@ def _save(model, out) -> None:
 @click.option("--pretrained", is_flag=True, help="Download pretrained weights for a timm name (needs a reachable hub).")
 @click.option("--json", "as_json", is_flag=True, help="Print exactly one JSON object.")
 def eval_command(model, data, limit, skip, seed, teacher, batch_size, workers, device, pretrained, as_json):
-    """Accuracy, parameters and FLOPs of MODEL on labelled images."""
+    """Accuracy, parameters and FLOPs of MODEL on labelled images (with --teacher: agreement and KL, on any images)."""
     from vitslim.evaluate import evaluate
     from vitslim.metrics import folder_bytes
     from vitslim.persist import WEIGHTS_FILE
@@ -88,9 +89,9 @@ def eval_command(model, data, limit, skip, seed, teacher, batch_size, workers, d
     if as_json:
         click.echo(json.dumps(result))
         return
-    rows = [["top-1", percent(result["top1"])], [f"top-{result.get('top5_is_top', 5)}", percent(result["top5"])],
-            ["images", f"{result['images']}" + (f" ({result['skipped']} unreadable, skipped)" if result["skipped"] else "")],
-            ["params", human(result["params"])], ["FLOPs / image", human(result["flops"])]]
+    rows = [["top-1", percent(result["top1"])], [f"top-{result.get('top5_is_top', 5)}", percent(result["top5"])]] if "top1" in result else []
+    rows += [["images", f"{result['images']}" + (f" ({result['skipped']} unreadable, skipped)" if result["skipped"] else "")],
+             ["params", human(result["params"])], ["FLOPs / image", human(result["flops"])]]
     if "agreement" in result:
         rows += [["top-1 agreement", percent(result["agreement"])], ["mean KL", f"{result['kl']:.4f}"]]
     if "bytes" in result:
@@ -133,7 +134,7 @@ def _model_and_calibration(model, like, params, data, calib_images, seed, batch_
     if like is not None:
         params = count_params(_load(like))
     spec = describe(original)
-    dataset = imagedata.open_images(data, imagedata.build_transform(spec.preprocessing), class_names=spec.label_names)
+    dataset = imagedata.open_images(data, imagedata.build_transform(spec.preprocessing), class_names=spec.label_names, labels_required=False)
     if len(dataset) < calib_images:
         raise VitslimError(f"{data} holds {len(dataset)} images, fewer than --calib-images {calib_images}")
     return original, params, dataset, imagedata.make_loader(imagedata.select(dataset, limit=calib_images, seed=seed), batch_size)
@@ -141,7 +142,8 @@ def _model_and_calibration(model, like, params, data, calib_images, seed, batch_
 
 @cli.command("compress")
 @click.argument("model")
-@click.option("--data", required=True, help="Calibration images (train split, never the images you report on).")
+@click.option("--data", required=True, help="Calibration images (train split, never the images you report on): class folders, "
+                                             "a zip, a CSV, or a plain folder of unlabelled images (none of the methods needs labels).")
 @click.option("--out", required=True, help="Output folder (model.safetensors + recipe.json + config.json).")
 @click.option("--method", type=click.Choice(["lowrank", "svd", "asvd", "cait", "lowrank+cait"]), default="lowrank", show_default=True,
               help="lowrank: activation-aware whitened SVD (svd, asvd: its baselines in the same code path); "
@@ -249,7 +251,7 @@ def _compress_cait(model, data, out, *, device, speedup, merge, token_speedup, c
     check_output_folder(out)
     original = _load(model)
     spec = describe(original)
-    dataset = imagedata.open_images(data, imagedata.build_transform(spec.preprocessing), class_names=spec.label_names)
+    dataset = imagedata.open_images(data, imagedata.build_transform(spec.preprocessing), class_names=spec.label_names, labels_required=False)
     compressed = compress_cait(original, dataset, speedup=speedup, epochs=epochs, merge=merge, token_speedup=token_speedup, channel_ratio=channel_ratio,
                                concentration=concentration, calib_images=calib_images, consistent=consistent, lr=lr, batch_size=batch_size, seed=seed,
                                device=device, checkpoint_dir=checkpoints, resume=resume)
@@ -303,7 +305,7 @@ def _compress_composed(model, data, out, *, device, speedup, flops_ratio, param_
 
 @cli.command("sweep")
 @click.argument("model")
-@click.option("--data", required=True, help="Train images: calibration (and KD with --epochs); never scored.")
+@click.option("--data", required=True, help="Train images: calibration (and KD with --epochs); never scored; labels not needed.")
 @click.option("--eval-data", required=True, help="Held-out labelled images every point is scored on.")
 @click.option("--budgets", multiple=True, required=True,
               help="METHOD=V[,V...], repeatable: lowrank/svd/asvd take fractions of the parameters kept, cait/tome take speed-ups, "

@@ -1,12 +1,17 @@
-"""Labelled images for calibration and evaluation, from whatever the user already has on disk.
+"""Images for calibration and evaluation, from whatever the user already has on disk.
 
-Three layouts are recognised without options, because users should not have to convert data:
+Three labelled layouts are recognised without options, because users should not have to convert
+data:
 
 * an ImageFolder directory, ``DIR/<class>/<image>`` (images may sit in nested folders below the
   class folder; the class is the first folder level);
 * a zip of such a directory, optionally under one top folder, read member by member without
   unpacking;
 * a folder of images plus a CSV naming each file and its integer label.
+
+Where no labels are needed (calibration, distillation, agreement with a teacher) a plain folder
+or zip of images opens too (``labels_required=False``), every image labelled ``UNLABELLED``:
+the images people have from their deployment rarely come sorted by class.
 
 An image that cannot be decoded is not an error: ``ImageDataset`` returns ``None`` for it, logs a
 warning once, and ``make_loader`` drops it from its batch and counts it, so one bad file does not
@@ -46,12 +51,15 @@ CSV_IMAGE_FOLDER = "images"
 # Everything PIL or zipfile raise for a file that is damaged, truncated or not an image at all.
 _DECODE_ERRORS = (OSError, ValueError, SyntaxError, zipfile.BadZipFile, zlib.error, Image.DecompressionBombError)
 
+UNLABELLED = -1
+
 Transform = Callable[[Image.Image], torch.Tensor]
 Sample = tuple[str, int]
 
 
 class ImageDataset(Dataset):
-    """Labelled images from one source. ``dataset[i]`` is ``(image, label)``.
+    """Images from one source. ``dataset[i]`` is ``(image, label)``; ``labelled`` is False for a
+    source without labels, whose every label is ``UNLABELLED``.
 
     ``image`` is the transformed tensor, or ``None`` when the file cannot be decoded; a warning
     naming the file is then logged to the ``vitslim`` logger, once per file and process.
@@ -70,8 +78,10 @@ class ImageDataset(Dataset):
         classes: list[str] | None,
         transform: Transform | None = None,
         zip_path: str | None = None,
+        labelled: bool = True,
     ) -> None:
         self.samples = samples
+        self.labelled = labelled
         self.source = source
         self.classes = classes
         self.transform = transform
@@ -156,8 +166,10 @@ def open_images(
     *,
     label_column: str | None = None,
     class_names: list[str] | None = None,
+    labels_required: bool = True,
 ) -> ImageDataset:
-    """Open an ImageFolder directory, a zip of one, or a CSV of files and labels (see module doc).
+    """Open an ImageFolder directory, a zip of one, or a CSV of files and labels (see module doc);
+    with ``labels_required=False`` also a plain folder or zip of images, unlabelled.
 
     ``class_names`` are the model's label names: when every class folder is among them, folders
     are labelled by their position in it, so a folder subset of ImageNet keeps ImageNet indices.
@@ -167,11 +179,11 @@ def open_images(
     if not path.exists():
         raise VitslimError(f"{path} does not exist: give an image folder, a .zip of one, or a labels .csv")
     if path.is_dir():
-        return _open_directory(path, transform, label_column, class_names)
+        return _open_directory(path, transform, label_column, class_names, labels_required)
     if path.suffix.lower() == ".csv":
         return _open_csv(path, transform, label_column)
     if path.suffix.lower() == ".zip" or zipfile.is_zipfile(path):
-        return _open_zip(path, transform, class_names)
+        return _open_zip(path, transform, class_names, labels_required)
     raise VitslimError(f"{path} is not a folder, .zip or .csv: give an image folder, a .zip of one, or a labels .csv")
 
 
@@ -198,7 +210,7 @@ def _scan_class_folders(root: Path) -> dict[str, list[str]]:
 
 
 def _open_directory(
-    root: Path, transform: Transform | None, label_column: str | None, class_names: list[str] | None
+    root: Path, transform: Transform | None, label_column: str | None, class_names: list[str] | None, labels_required: bool
 ) -> ImageDataset:
     """Decide between ImageFolder and CSV; an ``images/`` folder beside one CSV belongs to the CSV."""
     by_class = _scan_class_folders(root)
@@ -211,11 +223,19 @@ def _open_directory(
         return _open_csv(csvs[0], transform, label_column)
     if folders_with_images:
         return _labelled_by_folder(by_class, f"image folder {root}", transform, class_names)
-    if any(p.is_file() and _is_image(p.name) and not _is_hidden(p.name) for p in root.iterdir()):
+    flat = sorted(str(p) for p in root.iterdir() if p.is_file() and _is_image(p.name) and not _is_hidden(p.name))
+    if flat and not labels_required:
+        return _unlabelled(flat, f"image folder {root}", transform)
+    if flat:
         raise VitslimError(
             f"{root} has images but no labels: put them in one sub-folder per class, or add a CSV of file and label"
         )
     raise VitslimError(f"{root} contains no images ({', '.join(sorted(IMAGE_EXTENSIONS))}): check the path")
+
+
+def _unlabelled(references: list[str], source: str, transform: Transform | None, zip_path: str | None = None) -> ImageDataset:
+    return ImageDataset([(ref, UNLABELLED) for ref in references], source=f"{source} (unlabelled)", classes=None, transform=transform,
+                        zip_path=zip_path, labelled=False)
 
 
 def _labelled_by_folder(
@@ -249,13 +269,18 @@ def _class_index(
 # --- zip ---------------------------------------------------------------------------------------
 
 
-def _open_zip(path: Path, transform: Transform | None, class_names: list[str] | None) -> ImageDataset:
+def _open_zip(path: Path, transform: Transform | None, class_names: list[str] | None, labels_required: bool) -> ImageDataset:
     try:
         with zipfile.ZipFile(path) as archive:
             names = archive.namelist()
     except zipfile.BadZipFile as error:
         raise VitslimError(f"{path} is not a valid zip archive ({error}): re-create or re-download it") from None
     by_class = _zip_classes(names)
+    if not any(by_class.values()) and not labels_required:
+        images = sorted(name for name in names if not name.endswith("/") and _is_image(name)
+                        and not any(_is_hidden(part) for part in PurePosixPath(name).parts))
+        if images:
+            return _unlabelled(images, f"zip {path}", transform, zip_path=str(path))
     if not any(by_class.values()):
         raise VitslimError(f"{path} holds no images in class folders (<class>/<image> or <top>/<class>/<image>): check the archive")
     return _labelled_by_folder(by_class, f"zip {path}", transform, class_names, zip_path=str(path))
@@ -388,6 +413,13 @@ def select(dataset: Sequence | Dataset, *, limit: int | None = None, skip: int =
     if limit is not None:
         order = order[:limit]
     return Subset(dataset, sorted(order.tolist()))
+
+
+def is_labelled(dataset: Dataset) -> bool:
+    """False for an unlabelled ``ImageDataset``, also behind ``Subset``s; True for anything else."""
+    while isinstance(dataset, Subset):
+        dataset = dataset.dataset
+    return getattr(dataset, "labelled", True)
 
 
 def make_loader(dataset: Dataset, batch_size: int, *, workers: int = 0) -> DataLoader:

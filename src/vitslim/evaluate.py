@@ -1,4 +1,5 @@
-"""``evaluate``: accuracy and cost of a model on labelled images, optionally against a teacher."""
+"""``evaluate``: accuracy and cost of a model on labelled images, optionally against a teacher
+(with a teacher the images need no labels: agreement and KL are measured on any images)."""
 
 from __future__ import annotations
 
@@ -15,9 +16,9 @@ from vitslim.errors import VitslimError
 from vitslim.metrics import ClassificationScore, count_flops, count_params
 
 
-def _loader(source, preprocessing, *, class_names, limit, skip, seed, batch_size, workers):
+def _loader(source, preprocessing, *, class_names, labels_required, limit, skip, seed, batch_size, workers):
     dataset = source if isinstance(source, torch.utils.data.Dataset) else imagedata.open_images(
-        source, imagedata.build_transform(preprocessing), class_names=class_names
+        source, imagedata.build_transform(preprocessing), class_names=class_names, labels_required=labels_required
     )
     subset = imagedata.select(dataset, limit=limit, skip=skip, seed=seed)
     if distributed.active():  # this rank's shard: every world_size-th image, none twice
@@ -37,10 +38,14 @@ def evaluate(
     batch_size: int = 64,
     workers: int = 0,
     device: str = "cpu",
+    labels_required: bool | None = None,
     progress: bool = True,
 ) -> dict:
     """Top-1/top-5 (fractions), parameters, FLOPs per image and image count; with a teacher also
     top-1 agreement and mean KL(teacher || model), which need no labels to be meaningful.
+
+    With a teacher a plain folder of unlabelled images is accepted (the result then has no
+    top-1/top-5) unless ``labels_required``; without one, labels are always required.
 
     A path is opened with the model's own preprocessing; the teacher gets its own preprocessing
     of the same images when it differs. Under ``torchrun`` each rank scores its shard of the
@@ -48,13 +53,20 @@ def evaluate(
     """
     spec = describe(model)
     model = model.to(device).eval()
-    dataset, loader = _loader(data, spec.preprocessing, class_names=spec.label_names, limit=limit, skip=skip, seed=seed, batch_size=batch_size, workers=workers)
+    labels_required = teacher is None or bool(labels_required)
+    options = dict(class_names=spec.label_names, labels_required=labels_required, limit=limit, skip=skip, seed=seed, batch_size=batch_size,
+                   workers=workers)
+    dataset, loader = _loader(data, spec.preprocessing, **options)
+    labelled = imagedata.is_labelled(dataset)
+    if not labelled and teacher is None:
+        raise VitslimError(f"{getattr(dataset, 'source', data)} has no labels: accuracy needs labelled images; "
+                           "to compare with a reference model instead, give it as the teacher (--teacher)")
     teacher_batches, teacher_spec = None, None
     if teacher is not None:
         teacher_spec = describe(teacher)
         teacher = teacher.to(device).eval()
         if teacher_spec.preprocessing != spec.preprocessing and not isinstance(data, torch.utils.data.Dataset):
-            _, teacher_loader = _loader(data, teacher_spec.preprocessing, class_names=spec.label_names, limit=limit, skip=skip, seed=seed, batch_size=batch_size, workers=workers)
+            _, teacher_loader = _loader(data, teacher_spec.preprocessing, **options)
             teacher_batches = iter(teacher_loader)
     score = ClassificationScore(spec.num_classes)
     skipped = 0
@@ -63,12 +75,14 @@ def evaluate(
         skipped += dropped
         if images is None:
             continue
-        if int(labels.max()) >= spec.num_classes or int(labels.min()) < 0:
+        if not labelled:
+            labels = None
+        elif int(labels.max()) >= spec.num_classes or int(labels.min()) < 0:
             raise VitslimError(
                 f"the data has label {int(labels.max())} but the model has {spec.num_classes} classes; "
                 "is this the right data set for this model?"
             )
-        images, labels = images.to(device), labels.to(device)
+        images, labels = images.to(device), None if labels is None else labels.to(device)
         teacher_logits = teacher_spec.logits(teacher_images.to(device)) if teacher_spec is not None else None
         score.update(spec.logits(images), labels, teacher_logits)
     score.reduce_across_ranks()

@@ -54,23 +54,28 @@ def mean_kl(teacher_logits: list[torch.Tensor], model: nn.Module, images: list[t
 
 
 class ClassificationScore:
-    """Streaming top-1/top-5 accuracy and, against a teacher, top-1 agreement and mean KL."""
+    """Streaming top-1/top-5 accuracy (over the images that have labels) and, against a teacher,
+    top-1 agreement and mean KL (over every image)."""
 
     def __init__(self, num_classes: int) -> None:
         self.topk = min(5, num_classes)
         self.images = 0
+        self.labelled = 0
         self.top1_hits = 0
         self.topk_hits = 0
         self.agreements = 0
         self.kl_sum = 0.0
         self.has_teacher = False
 
-    def update(self, logits: torch.Tensor, labels: torch.Tensor, teacher_logits: torch.Tensor | None = None) -> None:
+    def update(self, logits: torch.Tensor, labels: torch.Tensor | None, teacher_logits: torch.Tensor | None = None) -> None:
+        """One batch; ``labels`` is None for unlabelled images."""
         logits = logits.float()
         ranked = logits.topk(self.topk, dim=1).indices
-        self.top1_hits += int((ranked[:, 0] == labels).sum())
-        self.topk_hits += int((ranked == labels[:, None]).any(dim=1).sum())
-        self.images += labels.numel()
+        self.images += logits.shape[0]
+        if labels is not None:
+            self.top1_hits += int((ranked[:, 0] == labels).sum())
+            self.topk_hits += int((ranked == labels[:, None]).any(dim=1).sum())
+            self.labelled += labels.numel()
         if teacher_logits is not None:
             self.has_teacher = True
             teacher_logits = teacher_logits.float()
@@ -83,17 +88,19 @@ class ClassificationScore:
         """Sum the counts of every ``torchrun`` rank (a no-op in one process)."""
         if not active():
             return
-        images, top1, topk, agreements, kl, teacher = sum_numbers(self.images, self.top1_hits, self.topk_hits, self.agreements,
-                                                                  self.kl_sum, float(self.has_teacher))
-        self.images, self.top1_hits, self.topk_hits, self.agreements = int(images), int(top1), int(topk), int(agreements)
-        self.kl_sum, self.has_teacher = kl, teacher > 0
+        images, labelled, top1, topk, agreements, kl, teacher = sum_numbers(self.images, self.labelled, self.top1_hits, self.topk_hits,
+                                                                            self.agreements, self.kl_sum, float(self.has_teacher))
+        self.images, self.labelled, self.top1_hits, self.topk_hits = int(images), int(labelled), int(top1), int(topk)
+        self.agreements, self.kl_sum, self.has_teacher = int(agreements), kl, teacher > 0
 
     def result(self) -> dict:
-        n = max(self.images, 1)
-        out = {"top1": self.top1_hits / n, "top5": self.topk_hits / n, "images": self.images}
-        if self.topk != 5:
+        """``images``; ``top1``/``top5`` when any image had a label; ``agreement``/``kl`` with a teacher."""
+        out: dict = {"top1": self.top1_hits / self.labelled, "top5": self.topk_hits / self.labelled} if self.labelled else {}
+        out["images"] = self.images
+        if self.labelled and self.topk != 5:
             out["top5_is_top"] = self.topk
         if self.has_teacher:
+            n = max(self.images, 1)
             out["agreement"] = self.agreements / n
             out["kl"] = self.kl_sum / n
         return out

@@ -138,7 +138,7 @@ def run_sweep(model: str, data: str, eval_data: str, budgets: list[str], out: st
         raise VitslimError(f"{out} is a file; give a folder for the sweep")
     original = load_model(model)
     spec = describe(original)
-    train = imagedata.open_images(data, imagedata.build_transform(spec.preprocessing), class_names=spec.label_names)
+    train = imagedata.open_images(data, imagedata.build_transform(spec.preprocessing), class_names=spec.label_names, labels_required=False)
     if len(train) < calib_images:
         raise VitslimError(f"{data} holds {len(train)} images, fewer than --calib-images {calib_images}")
     out.mkdir(parents=True, exist_ok=True)
@@ -147,7 +147,7 @@ def run_sweep(model: str, data: str, eval_data: str, budgets: list[str], out: st
     calibration = [images for images, _, _ in imagedata.make_loader(imagedata.select(train, limit=calib_images, seed=seed), batch_size)]
 
     def score(name: str, kind: str, candidate: nn.Module, **extra) -> None:
-        result = evaluate(candidate, eval_data, teacher=original, limit=eval_limit, seed=seed, progress=False)
+        result = evaluate(candidate, eval_data, teacher=original, limit=eval_limit, seed=seed, labels_required=True, progress=False)
         rows[:] = [r for r in rows if r["name"] != name] + [{"name": name, "kind": kind, **extra, **result}]
         _write_json(log, rows)
 

@@ -320,6 +320,8 @@ def _labels(labels: torch.Tensor | None, num_classes: int, device: str) -> torch
     if labels is None:
         raise VitslimError("label_weight > 0 needs labels, but the training batches are bare image tensors")
     labels = labels.long()
+    if labels.numel() and bool((labels == imagedata.UNLABELLED).all()):
+        raise VitslimError("label_weight > 0 needs labels, but the training images are unlabelled (a plain folder of images)")
     if labels.numel() and (int(labels.max()) >= num_classes or int(labels.min()) < 0):
         raise VitslimError(
             f"the data has label {int(labels.max())} but the model has {num_classes} classes; is this the right data set for this model?"
