@@ -21,7 +21,6 @@ from torch import nn
 from tqdm import tqdm
 
 from vitslim.adapters import describe
-from vitslim.adapters.base import ViTSpec
 from vitslim.cait.patch import apply_token_merging, remove_token_merging
 from vitslim.cait.schedule import MergeSchedule, schedule_for_speedup
 from vitslim.distributed import on_main
@@ -35,7 +34,7 @@ CONCENTRATIONS = (1.0, 2.0, 4.0)
 CHOICE_IMAGES = 256
 
 
-def choose_concentration(model: nn.Module, method: str, speedup: float, calibration: Iterable, *, reference: ViTSpec | None = None,
+def choose_concentration(model: nn.Module, method: str, speedup: float, calibration: Iterable, *,
                          candidates: tuple[float, ...] = CONCENTRATIONS, images: int = CHOICE_IMAGES,
                          progress: bool = True) -> tuple[float, dict[float, float]]:
     """The candidate concentration whose schedule for ``speedup`` keeps ``model``'s logits closest
@@ -54,7 +53,7 @@ def choose_concentration(model: nn.Module, method: str, speedup: float, calibrat
     scores: dict[float, float] = {}
     scored: dict[MergeSchedule, float] = {}
     for concentration in tqdm(candidates, desc="merge schedule shapes", unit="shape", disable=not progress):
-        schedule = schedule_for_speedup(spec, method, speedup, reference=reference, concentration=concentration)
+        schedule = schedule_for_speedup(spec, method, speedup, concentration=concentration)
         if schedule not in scored:
             apply_token_merging(model, schedule, record=False)
             try:
