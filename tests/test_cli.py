@@ -104,6 +104,25 @@ def test_unreadable_images_are_skipped_and_counted(capsys, caplog, model_folder,
     assert "bad.jpg" in caplog.text
 
 
+def test_info_summarises_every_compression_step_of_a_vitslim_folder(capsys, tmp_path, model_folder, image_folder):
+    lowrank, merged = tmp_path / "lowrank", tmp_path / "cait"
+    assert run(capsys, "compress", str(model_folder), "--data", str(image_folder), "--param-ratio", "0.5", "--calib-images", "12",
+               "--int8", "--out", str(lowrank))[0] == 0
+    assert run(capsys, "compress", str(model_folder), "--data", str(image_folder), "--method", "cait", "--speedup", "1.3",
+               "--out", str(merged))[0] == 0
+    code, printed, _ = run(capsys, "info", str(lowrank))
+    steps = [line.split(None, 2)[2] for line in printed.splitlines() if line.startswith("compression step")]
+    assert code == 0 and len(steps) == 2
+    assert steps[0].startswith("whitened low-rank, 8 layers at ranks") and "compensated" in steps[0] and steps[1].startswith("int8 weights (")
+    code, printed, _ = run(capsys, "info", str(merged))
+    steps = [line.split(None, 2)[2] for line in printed.splitlines() if line.startswith("compression step")]
+    recipe = json.loads((merged / "recipe.json").read_text())["steps"][0]
+    assert code == 0 and steps == [f"ATME token merging: {sum(r for _, r, _ in recipe['schedule']['steps'])} tokens after blocks 0, "
+                                   f"concentration {recipe['concentration']:g}, measured {recipe['measured_speedup']:.2f}x"]
+    code, printed, _ = run(capsys, "info", str(model_folder))
+    assert "compression step" not in printed  # an uncompressed model has no recipe steps
+
+
 def test_info_describes_the_model(capsys, model_folder):
     code, out, _ = run(capsys, "info", str(model_folder))
     assert code == 0 and "timm" in out and "2 x 16" in out and "4 x 4" in out

@@ -372,15 +372,54 @@ def export_command(model, onnx_path, program_path, check_images, tolerance, pret
         click.echo(f"wrote {path}; {name} vs PyTorch on {check_images} images: max abs difference {difference:.3g} (tolerance {tolerance:g})")
 
 
+MERGE_NAMES = {"atme": "ATME", "tome": "ToMe"}
+
+
+def _span(values) -> str:
+    low, high = min(values), max(values)
+    return f"{low}" if low == high else f"{low}-{high}"
+
+
+def _step_summary(step: dict) -> str:
+    """One line on a recipe step, for people: what was changed and what was chosen or measured."""
+    method = step.get("method")
+    if method == "lowrank":
+        ranks = step.get("ranks", {}).values()
+        return (f"{step.get('factorisation', '')} low-rank, {len(ranks)} layers at ranks {_span(ranks) if ranks else '-'}"
+                f"{', compensated' if step.get('compensation') else ''}, target {step.get('target_params', 0):,} params")
+    if method == "channels":
+        widths = step.get("blocks", {}).values()
+        heads = [w["head_dim"] for w in widths if "head_dim" in w]
+        hidden = [w["mlp_hidden"] for w in widths if "mlp_hidden" in w]
+        return (f"{'consistent' if step.get('consistent', True) else 'per-head'} channel pruning: head dim {_span(heads) if heads else 'kept'}, "
+                f"MLP hidden {_span(hidden) if hidden else 'kept'}")
+    if method == "merging":
+        schedule = step.get("schedule", {})
+        steps = schedule.get("steps", [])
+        measured = step.get("measured_speedup")
+        return (f"{MERGE_NAMES.get(schedule.get('method'), schedule.get('method'))} token merging: {sum(r for _, r, _ in steps)} tokens after blocks "
+                f"{', '.join(str(b) for b, _, _ in steps)}" + (f", concentration {step['concentration']:g}" if "concentration" in step else "")
+                + (f", measured {measured:.2f}x" if measured else ""))
+    if method == "int8":
+        return f"int8 weights ({len(step.get('modules', []))} layers)"
+    if method == "composed":
+        return "composed split: " + ", ".join(f"{axis} {level:g}" for axis, level in step.get("levels", {}).items())
+    return str(method)
+
+
 @cli.command("info")
 @click.argument("model")
 def info_command(model):
-    """What vitslim sees in MODEL: family, blocks, attention layout, tokens, preprocessing."""
+    """What vitslim sees in MODEL: family, blocks, attention layout, tokens, preprocessing, and
+    for a vitslim folder what its recipe changed."""
     from vitslim.adapters import describe
     from vitslim.metrics import count_params
+    from vitslim.persist import STEPS_ATTR
 
-    spec = describe(_load(model))
+    loaded = _load(model)
+    spec = describe(loaded)
     attn = spec.blocks[0].attention
+    steps = [["compression step", _step_summary(step)] for step in getattr(loaded, STEPS_ATTR, [])]
     click.echo(render(["property", "value"], [
         ["family", spec.family], ["blocks", str(len(spec.blocks))], ["embed dim", str(spec.embed_dim)],
         ["heads x head dim", f"{attn.num_heads} x {attn.head_dim}"], ["attention layout", attn.layout],
@@ -389,6 +428,7 @@ def info_command(model):
         ["classes", str(spec.num_classes)], ["params", human(count_params(spec.model))],
         ["compressible linears", str(len(spec.linears()))],
         ["input", "x".join(map(str, spec.preprocessing.input_size)) + f", {spec.preprocessing.interpolation}, crop {spec.preprocessing.crop_pct:g}"],
+        *steps,
     ]))
 
 
