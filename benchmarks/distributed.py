@@ -63,6 +63,7 @@ def worker(args) -> None:
     if distributed.is_main():
         vitslim.save(compressed, args.weights)
         Path(args.report).write_text(json.dumps({"calibration_s": calibrate, "distill_s": train_seconds, "steps": args.steps}))
+    distributed.shutdown(clean=True)
 
 
 def effective_weights(model) -> dict:

@@ -85,3 +85,19 @@ def test_channel_pruning_with_merging_trains_under_ddp_and_writes_once(setup):
     reloaded = vitslim.load_model(str(out))
     with torch.no_grad():
         assert torch.isfinite(reloaded(torch.randn(2, 3, 32, 32))).all()
+
+
+def test_shutdown_leaves_the_process_group_and_is_a_no_op_without_one(tmp_path):
+    import torch.distributed as dist
+
+    from vitslim import distributed
+
+    dist.init_process_group("gloo", init_method=f"file://{tmp_path / 'store'}", rank=0, world_size=1)
+    try:
+        distributed.shutdown(clean=True)
+        assert not dist.is_initialized()
+    finally:
+        if dist.is_initialized():
+            dist.destroy_process_group()
+    distributed.shutdown(clean=True)
+    distributed.shutdown(clean=False)

@@ -443,8 +443,12 @@ def demo_command(out, retrain):
 
 
 def main(argv: list[str] | None = None) -> int:
+    from vitslim import distributed
+
+    clean = False
     try:
         cli.main(args=argv, prog_name="vitslim", standalone_mode=False)
+        clean = True
     except VitslimError as error:
         click.echo(f"vitslim: error: {error}", err=True)
         return 2
@@ -461,6 +465,8 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         click.echo("vitslim: interrupted", err=True)
         return 130
+    finally:
+        distributed.shutdown(clean=clean)
     return 0
 
 

@@ -61,6 +61,20 @@ def init_from_environment() -> None:
     dist.init_process_group(backend="nccl" if cuda else "gloo")
 
 
+def shutdown(*, clean: bool) -> None:
+    """Leave the process group in order: after a run that ended ``clean`` on every rank, wait for
+    all ranks at a barrier, then tear the group down before the interpreter exits. Left to
+    interpreter exit, gloo's threads were torn down while the other rank still used them, and one
+    ``torchrun`` run in five aborted (SIGABRT, "terminate called without an active exception")
+    after its work was done. After an error there is no barrier: another rank may never reach it.
+    A no-op outside ``torchrun``."""
+    if not (dist.is_available() and dist.is_initialized()):
+        return
+    if clean:
+        dist.barrier()
+    dist.destroy_process_group()
+
+
 def all_reduce_sum(tensor: torch.Tensor) -> torch.Tensor:
     """Sum ``tensor`` over ranks, in place; returned for convenience. NCCL reduces only CUDA
     tensors, so a CPU tensor travels through this rank's GPU there."""
