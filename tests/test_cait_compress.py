@@ -203,7 +203,6 @@ def test_plain_torch_vit_compress_eval_bench_in_python(tmp_path, images):
     (["--method", "cait", "--speedup", "2", "--checkpoints", "ck"], "give --epochs"),
     (["--method", "cait", "--speedup", "1.5", "--concentration", "-1"], "concentration must be ≥ 0"),
     (["--param-ratio", "0.5", "--concentration", "2"], "belong to --method cait"),
-    (["--method", "lowrank+cait", "--speedup", "1.5", "--concentration", "2"], "do not apply to --method lowrank+cait"),
 ])
 def test_cli_bad_input(tmp_path, images, capsys, args, message):
     folder = vitslim.save(_timm(), tmp_path / "timm")

@@ -197,6 +197,20 @@ def test_cli_composed_compress_then_eval(tmp_path, images, capsys):
     assert "state a target" in capsys.readouterr().err and not (tmp_path / "o").exists()
 
 
+def test_a_fixed_concentration_plans_the_composed_schedule_without_a_choice(images):
+    from vitslim.cait.patch import merge_schedule
+    from vitslim.cait.schedule import schedule_for_speedup
+
+    model = _timm()
+    dataset = imagedata.open_images(images, imagedata.build_transform(vitslim.describe(model).preprocessing))
+    composed = compress_composed(model, list(imagedata.make_loader(dataset, 8)), flops_ratio=0.7, axes=("tokens",), concentration=0.0, progress=False)
+    merging = next(step for step in composed.vitslim_steps if step["method"] == "merging")
+    level = composed.vitslim_steps[-1]["levels"]["tokens"]
+    assert merging["concentration"] == 0.0 and "concentration_kl" not in merging
+    assert merge_schedule(composed) == schedule_for_speedup(vitslim.describe(model), "atme", level, concentration=0.0)
+    assert merge_schedule(composed) != schedule_for_speedup(vitslim.describe(model), "atme", level)  # not the default shape
+
+
 def test_fixed_params_counts_what_no_axis_removes():
     model = _timm()
     linears = sum(layer.weight.numel() for block in model.blocks for layer in (block.attn.qkv, block.attn.proj, block.mlp.fc1, block.mlp.fc2))

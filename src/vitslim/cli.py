@@ -157,7 +157,7 @@ def _model_and_calibration(model, like, params, data, calib_images, seed, batch_
 @click.option("--token-speedup", type=float, help="cait: the share of --speedup given to token merging (default: its square root when channels are pruned, all of it otherwise).")
 @click.option("--channel-ratio", type=float, help="cait: fraction of the blocks' FLOPs the channel gates keep (default: what --speedup leaves after tokens).")
 @click.option("--concentration", type=float,
-              help="cait: how front-loaded the merge schedule is (block i's share of the merged tokens weighs (depth-1-i)^C; 0 spreads evenly). "
+              help="cait, lowrank+cait: how front-loaded the merge schedule is (block i's share of the merged tokens weighs (depth-1-i)^C; 0 spreads evenly). "
                    "Default: the C of 1, 2 or 4 whose schedule keeps the original's logits best on --calib-images of --data.")
 @click.option("--consistent/--unconstrained", default=True, show_default=True, help="cait: one channel mask shared by all heads (CDCP), or per-head masks (the ablation).")
 @click.option("--param-ratio", type=float, help="Keep this fraction of the whole model's parameters (0 < R < 1).")
@@ -194,9 +194,9 @@ def compress_command(model, data, out, method, speedup, flops_ratio, recovery_ep
         raise VitslimError("--checkpoints and --resume belong to the fine-tune; give --epochs/--finetune-epochs too")
     if method == "lowrank+cait":
         _compress_composed(model, data, out, device=device, speedup=speedup, flops_ratio=flops_ratio, param_ratio=param_ratio, params=params, like=like,
-                           channel_ratio=channel_ratio, merge=merge, epochs=finetune_epochs, recovery_epochs=recovery_epochs,
+                           channel_ratio=channel_ratio, merge=merge, concentration=concentration, epochs=finetune_epochs, recovery_epochs=recovery_epochs,
                            calib_images=calib_images, lr=finetune_lr, batch_size=batch_size, seed=seed, checkpoints=checkpoints, resume=resume,
-                           stray=[name for name, value in (("--token-speedup", token_speedup), ("--concentration", concentration), ("--int8", int8 or None),
+                           stray=[name for name, value in (("--token-speedup", token_speedup), ("--int8", int8 or None),
                                                            ("--allocation", None if allocation == "mixed" else allocation), ("--sensitivity", sensitivity),
                                                            ("--compensation/--no-compensation", compensation),
                                                            ("--rank-multiple", None if rank_multiple == 1 else rank_multiple),
@@ -271,7 +271,7 @@ def _compress_cait(model, data, out, *, device, speedup, merge, token_speedup, c
     _save(compressed, out)
 
 
-def _compress_composed(model, data, out, *, device, speedup, flops_ratio, param_ratio, params, like, channel_ratio, merge, epochs, recovery_epochs,
+def _compress_composed(model, data, out, *, device, speedup, flops_ratio, param_ratio, params, like, channel_ratio, merge, concentration, epochs, recovery_epochs,
                        calib_images, lr, batch_size, seed, checkpoints, resume, stray):
     from vitslim.compose import compress_composed
     from vitslim.metrics import count_params
@@ -290,7 +290,7 @@ def _compress_composed(model, data, out, *, device, speedup, flops_ratio, param_
     original.to(device)
     compressed = compress_composed(original, calibration, dataset, speedup=speedup, flops_ratio=flops_ratio, param_ratio=param_ratio,
                                    params=params, epochs=epochs, finetune_epochs=recovery_epochs, channel_ratio=channel_ratio, merge=merge,
-                                   lr=lr, batch_size=batch_size, seed=seed, device=device, checkpoint_dir=checkpoints, resume=resume)
+                                   concentration=concentration, lr=lr, batch_size=batch_size, seed=seed, device=device, checkpoint_dir=checkpoints, resume=resume)
     steps = {step["method"]: step for step in getattr(compressed, STEPS_ATTR, [])}
     split = steps["composed"]
     click.echo(render(["axis", "level", "probe cost (KL)", "probe FLOPs ratio", "probe speed-up"],

@@ -233,6 +233,7 @@ def compress_composed(
     axes: tuple[str, ...] = AXES,
     channel_ratio: float | None = None,
     merge: str = "atme",
+    concentration: float | None = None,
     probe_images: int = PROBE_IMAGES,
     probe_runs: int = 20,
     lr: float = 1e-4,
@@ -251,8 +252,8 @@ def compress_composed(
     needed when ``epochs`` (CDCP gate training; without it channels are not pruned) or
     ``finetune_epochs`` (a distillation of the composed model) is above 0. ``axes`` limits the
     split to some of the axes (one axis alone is that method's own speed-matched baseline);
-    ``channel_ratio`` fixes the channels' FLOPs ratio instead of letting the split choose it.
-    The split and the probes it came from are recorded in the recipe (step ``composed``).
+    ``channel_ratio`` fixes the channels' FLOPs ratio instead of letting the split choose it;
+    ``concentration`` fixes the merge schedule's instead of choosing it on ``calibration``. The split and the probes it came from are recorded in the recipe (step ``composed``).
     """
     unknown = set(axes) - set(AXES)
     if unknown or not axes:
@@ -292,7 +293,7 @@ def compress_composed(
     student = copy.deepcopy(model).eval()
     schedule, planning = None, {"concentration": 1.0}
     if split.levels["tokens"] > 1:
-        schedule, planning = planned_schedule(student, merge, split.levels["tokens"], calibration, progress=progress)
+        schedule, planning = planned_schedule(student, merge, split.levels["tokens"], calibration, concentration=concentration, progress=progress)
     folder = (lambda name: None) if checkpoint_dir is None else (lambda name: f"{checkpoint_dir}/{name}")
     if split.levels["channels"] < 1:
         prune_channels(student, model, train_data, channel_ratio=split.levels["channels"], schedule=schedule, epochs=epochs, lr=lr,
