@@ -152,7 +152,8 @@ DELIVERY_PASSES = 3  # separate timing runs: on a shared CPU the ratio itself mo
 
 def delivery(rows: list[dict], out: Path, args) -> None:
     original = vitslim.load_model(args.model)
-    train = imagedata.open_images(args.train, imagedata.build_transform(describe(original).preprocessing), class_names=describe(original).label_names)
+    spec = describe(original)
+    train = imagedata.open_images(args.train, imagedata.build_transform(spec.preprocessing), class_names=spec.label_names)
     models = out / "models"
     for speedup in DELIVERY_TARGETS:
         if any(r["part"] == "delivery" and r["target"] == speedup for r in rows):

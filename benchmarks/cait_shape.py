@@ -23,10 +23,9 @@ import vitslim
 from vitslim import data as imagedata
 from vitslim.adapters import describe
 from vitslim.atomic import atomic_file
-from vitslim.cait.compress import choice_batches
 from vitslim.cait.patch import apply_token_merging, remove_token_merging
 from vitslim.cait.schedule import predicted_speedup, schedule_for_speedup
-from vitslim.cait.shape import CHOICE_IMAGES, CONCENTRATIONS, choose_concentration
+from vitslim.cait.shape import CHOICE_IMAGES, CONCENTRATIONS, choice_batches, choose_concentration
 from vitslim.metrics import ClassificationScore
 
 ROOT = Path(__file__).resolve().parents[1]

@@ -277,13 +277,22 @@ def _open_zip(path: Path, transform: Transform | None, class_names: list[str] | 
         raise VitslimError(f"{path} is not a valid zip archive ({error}): re-create or re-download it") from None
     by_class = _zip_classes(names)
     if not any(by_class.values()) and not labels_required:
-        images = sorted(name for name in names if not name.endswith("/") and _is_image(name)
-                        and not any(_is_hidden(part) for part in PurePosixPath(name).parts))
+        images = sorted(name for name, _ in _zip_images(_zip_entries(names)))
         if images:
             return _unlabelled(images, f"zip {path}", transform, zip_path=str(path))
     if not any(by_class.values()):
         raise VitslimError(f"{path} holds no images in class folders (<class>/<image> or <top>/<class>/<image>): check the archive")
     return _labelled_by_folder(by_class, f"zip {path}", transform, class_names, zip_path=str(path))
+
+
+def _zip_entries(names: list[str]) -> list[tuple[str, tuple[str, ...]]]:
+    """(member name, path parts) of every member outside hidden folders, folder entries included."""
+    entries = [(name, PurePosixPath(name).parts) for name in names]
+    return [(name, parts) for name, parts in entries if parts and not any(_is_hidden(p) for p in parts)]
+
+
+def _zip_images(entries: list[tuple[str, tuple[str, ...]]]) -> list[tuple[str, tuple[str, ...]]]:
+    return [(name, parts) for name, parts in entries if not name.endswith("/") and _is_image(name)]
 
 
 def _zip_classes(names: list[str]) -> dict[str, list[str]]:
@@ -292,9 +301,8 @@ def _zip_classes(names: list[str]) -> dict[str, list[str]]:
     Folder entries (ending in ``/``) name classes but are never samples, so an empty class folder
     still takes its index, as it does for a directory.
     """
-    entries = [(name, PurePosixPath(name).parts) for name in names]
-    entries = [(name, parts) for name, parts in entries if parts and not any(_is_hidden(p) for p in parts)]
-    images = [(name, parts) for name, parts in entries if not name.endswith("/") and _is_image(name)]
+    entries = _zip_entries(names)
+    images = _zip_images(entries)
     tops = {parts[0] for _, parts in images}
     depth = 1 if len(tops) == 1 and all(len(parts) >= 3 for _, parts in images) else 0
     by_class: dict[str, list[str]] = {}

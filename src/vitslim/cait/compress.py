@@ -14,16 +14,15 @@ from __future__ import annotations
 
 import copy
 import logging
-from collections.abc import Iterable, Iterator, Sized
+from collections.abc import Iterable, Iterator
 
 from torch import nn
-from torch.utils.data import Dataset
 
 from vitslim.adapters import describe
 from vitslim.cait.channels import attach_gates, slice_channels
 from vitslim.cait.patch import MERGING_ATTR, STEP as MERGING_STEP, apply_token_merging, remove_token_merging
 from vitslim.cait.schedule import predicted_speedup, schedule_for_speedup, strongest_schedule, tokens_per_block
-from vitslim.cait.shape import CHOICE_IMAGES, planned_schedule
+from vitslim.cait.shape import CHOICE_IMAGES, choice_batches, planned_schedule
 from vitslim.distributed import on_main
 from vitslim.errors import VitslimError
 from vitslim.persist import STEPS_ATTR
@@ -128,16 +127,6 @@ def compress_cait(
         meet_speedup(model, student, reference, merge, speedup, schedule, device, concentration=planning["concentration"])
     annotate_merging(student, planning)  # after meet_speedup, which may record the step anew
     return student
-
-
-def choice_batches(batches, count: int, seed: int) -> Iterable:
-    """What the schedule is chosen on: a seeded subset of a Dataset (an ImageFolder lists its
-    images class by class, so its first images would be one class), else the batches as given."""
-    from vitslim import data as imagedata
-
-    if isinstance(batches, Dataset) and isinstance(batches, Sized):
-        return imagedata.make_loader(imagedata.select(batches, limit=min(count, len(batches)), seed=seed), 64)
-    return batches
 
 
 def annotate_merging(student: nn.Module, fields: dict) -> None:

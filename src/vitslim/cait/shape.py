@@ -14,12 +14,14 @@ predicted speed-up, so the choice trades no speed.
 from __future__ import annotations
 
 import logging
-from collections.abc import Iterable
+from collections.abc import Iterable, Sized
 
 import torch
 from torch import nn
+from torch.utils.data import Dataset
 from tqdm import tqdm
 
+from vitslim import data as imagedata
 from vitslim.adapters import describe
 from vitslim.cait.patch import apply_token_merging, remove_token_merging
 from vitslim.cait.schedule import MergeSchedule, schedule_for_speedup
@@ -32,6 +34,14 @@ logger = logging.getLogger("vitslim")
 
 CONCENTRATIONS = (1.0, 2.0, 4.0)
 CHOICE_IMAGES = 256
+
+
+def choice_batches(batches, count: int, seed: int) -> Iterable:
+    """What the schedule is chosen on: a seeded subset of a Dataset (an ImageFolder lists its
+    images class by class, so its first images would be one class), else the batches as given."""
+    if isinstance(batches, Dataset) and isinstance(batches, Sized):
+        return imagedata.make_loader(imagedata.select(batches, limit=min(count, len(batches)), seed=seed), 64)
+    return batches
 
 
 def choose_concentration(model: nn.Module, method: str, speedup: float, calibration: Iterable, *,
