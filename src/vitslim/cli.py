@@ -79,7 +79,7 @@ def eval_command(model, data, limit, skip, seed, teacher, batch_size, workers, d
     """Accuracy, parameters and FLOPs of MODEL on labelled images (with --teacher: agreement and KL, on any images)."""
     from vitslim.evaluate import evaluate
     from vitslim.metrics import folder_bytes
-    from vitslim.persist import WEIGHTS_FILE
+    from vitslim.folder_io import WEIGHTS_FILE
 
     student = _load(model, pretrained)
     reference = _load(teacher, pretrained) if teacher else None

@@ -16,7 +16,6 @@ from typing import Callable
 
 import safetensors.torch
 import torch
-from safetensors import SafetensorError
 from torch import nn
 
 from vitslim import __version__
@@ -24,10 +23,9 @@ from vitslim.adapters import PREPROCESSING_ATTR, describe, family_named, family_
 from vitslim.adapters.base import Preprocessing
 from vitslim.atomic import atomic_folder, check_writable
 from vitslim.errors import VitslimError
+from vitslim.folder_io import CONFIG_FILE, WEIGHTS_FILE, load_state_strict, load_weights, read_json, unique_state_dict
 
 RECIPE_FILE = "recipe.json"
-WEIGHTS_FILE = "model.safetensors"
-CONFIG_FILE = "config.json"
 RECIPE_FORMAT = "vitslim"
 RECIPE_VERSION = 1
 STEPS_ATTR = "vitslim_steps"
@@ -80,18 +78,6 @@ def _config_json(family: str, architecture: dict, preprocessing: Preprocessing, 
     return {"family": family, "note": "plain PyTorch model; reload with vitslim.load_model(folder, skeleton=...)"}
 
 
-def unique_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
-    """State dict with shared storage written once (safetensors refuses aliased tensors)."""
-    tensors, seen = {}, set()
-    for name, tensor in model.state_dict().items():
-        key = _storage_key(tensor)
-        if tensor.numel() and key in seen:
-            continue
-        seen.add(key)
-        tensors[name] = tensor.detach().contiguous().cpu()
-    return tensors
-
-
 def check_output_folder(folder: str | os.PathLike) -> Path:
     """Refuse, before any long work, an output that ``save`` would refuse or could not write."""
     folder = Path(folder)
@@ -132,62 +118,6 @@ def save(model: nn.Module, folder: str | os.PathLike, *, extra: dict | None = No
 
 def is_vitslim_folder(path: Path) -> bool:
     return (path / RECIPE_FILE).is_file()
-
-
-def read_json(path: Path, what: str) -> dict:
-    try:
-        data = json.loads(path.read_text())
-    except FileNotFoundError:
-        raise VitslimError(f"{path} is missing; {what} needs it") from None
-    except (json.JSONDecodeError, UnicodeDecodeError) as error:
-        raise VitslimError(f"{path} is not valid JSON ({error}); the {what} is corrupt") from None
-    if not isinstance(data, dict):
-        raise VitslimError(f"{path} does not hold a JSON object; the {what} is corrupt")
-    return data
-
-
-def load_weights(path: Path) -> dict[str, torch.Tensor]:
-    if not path.is_file():
-        raise VitslimError(f"{path} is missing: the folder has no weights")
-    try:
-        return safetensors.torch.load_file(str(path))
-    except (SafetensorError, OSError, ValueError) as error:
-        raise VitslimError(f"{path} is not a readable safetensors file ({error}); the checkpoint is corrupt") from None
-
-
-def _storage_key(tensor: torch.Tensor) -> tuple:
-    return (tensor.untyped_storage().data_ptr(), tensor.storage_offset(), tuple(tensor.shape))
-
-
-def _aliases(model: nn.Module) -> dict[str, str]:
-    """State-dict names that share storage with an earlier name (tied weights): alias -> original."""
-    first_name, aliases = {}, {}
-    for name, tensor in model.state_dict().items():
-        key = _storage_key(tensor)
-        if tensor.numel() and key in first_name:
-            aliases[name] = first_name[key]
-        else:
-            first_name[key] = name
-    return aliases
-
-
-def load_state_strict(model: nn.Module, state: dict[str, torch.Tensor], source: Path) -> None:
-    """Load every tensor, failing with a readable summary when the checkpoint does not fit.
-
-    Tied tensors are stored once by ``save``; their aliases are filled from the stored name.
-    """
-    for alias, original in _aliases(model).items():
-        if alias not in state and original in state:
-            state[alias] = state[original]
-    expected = model.state_dict()
-    missing = [k for k in expected if k not in state]
-    unexpected = [k for k in state if k not in expected]
-    mismatched = [f"{k} {tuple(state[k].shape)} vs {tuple(v.shape)}" for k, v in expected.items() if k in state and state[k].shape != v.shape]
-    if missing or unexpected or mismatched:
-        parts = [f"{len(items)} {label} (e.g. {', '.join(items[:3])})"
-                 for label, items in (("missing", missing), ("unexpected", unexpected), ("wrong shape", mismatched)) if items]
-        raise VitslimError(f"checkpoint {source} does not match the model architecture: {'; '.join(parts)}")
-    model.load_state_dict(state, strict=True)
 
 
 def load_folder(folder: Path, *, skeleton: nn.Module | None = None) -> nn.Module:

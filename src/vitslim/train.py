@@ -52,7 +52,7 @@ from vitslim.adapters import describe
 from vitslim.adapters.base import logits_of
 from vitslim.atomic import atomic_folder
 from vitslim.errors import VitslimError
-from vitslim.persist import load_state_strict, load_weights, read_json, unique_state_dict
+from vitslim.folder_io import load_state_strict, load_weights, read_json, unique_state_dict
 
 logger = logging.getLogger("vitslim")
 

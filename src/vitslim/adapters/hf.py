@@ -28,11 +28,10 @@ from vitslim.adapters.base import (
     add_bias,
 )
 from vitslim.errors import VitslimError
+from vitslim.folder_io import CONFIG_FILE, WEIGHTS_FILE, load_weights, read_json
 
 FAMILY = "hf"
 CLASS_NAME = "ViTForImageClassification"
-CONFIG_FILE = "config.json"
-WEIGHTS_FILE = "model.safetensors"
 PROCESSOR_FILE = "preprocessor_config.json"
 PICKLE_FILE = "pytorch_model.bin"
 # PIL resampling codes, as image processors store them, in timm's interpolation vocabulary
@@ -183,7 +182,6 @@ def _config(transformers: ModuleType, data: dict):
 
 def is_hf_folder(path: Path) -> bool:
     """A folder whose config.json describes a transformers ViT (timm folders have no model_type)."""
-    from vitslim.persist import read_json  # here, not at the top: persist imports the adapters
 
     if not (path / CONFIG_FILE).is_file():
         return False
@@ -198,8 +196,6 @@ def load_hf_folder(path: Path) -> nn.Module:
     so that transformers renames checkpoints saved in another version's layout (5.x still writes
     the 4.x names); the tensors themselves were read by safetensors, so no file is unpickled.
     """
-    from vitslim.persist import load_weights, read_json  # here, not at the top: persist imports the adapters
-
     config_data = read_json(path / CONFIG_FILE, "Hugging Face model folder")
     architectures = config_data.get("architectures") or [CLASS_NAME]
     if CLASS_NAME not in architectures:
@@ -275,7 +271,6 @@ def read_preprocessing(source: Path, channels: int) -> Preprocessing:
     A {"height", "width"} resize ignores the aspect ratio, which timm calls the "squash" crop
     mode; a {"shortest_edge"} resize keeps it, timm's "center" mode.
     """
-    from vitslim.persist import read_json  # here, not at the top: persist imports the adapters
 
     config = read_json(source, "image processor config")
     resize = config.get("size", {"height": 224, "width": 224})
