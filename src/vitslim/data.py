@@ -7,15 +7,17 @@ data:
   class folder; the class is the first folder level);
 * a zip of such a directory, optionally under one top folder, read member by member without
   unpacking;
-* a folder of images plus a CSV naming each file and its integer label.
+* a folder of images plus a CSV naming each file and its label: a class index, or a class name
+  (indexed as folder names are).
 
 Where no labels are needed (calibration, distillation, agreement with a teacher) a plain folder
 or zip of images opens too (``labels_required=False``), every image labelled ``UNLABELLED``:
 the images people have from their deployment rarely come sorted by class.
 
-An image that cannot be decoded is not an error: ``ImageDataset`` returns ``None`` for it, logs a
-warning once, and ``make_loader`` drops it from its batch and counts it, so one bad file does not
-abort an hour-long evaluation but cannot go unnoticed either.
+An image that cannot be decoded, or is over PIL's decompression-bomb pixel limit, is not an
+error: ``ImageDataset`` returns ``None`` for it, logs a warning once, and ``make_loader`` drops
+it from its batch and counts it, so one bad file does not abort an hour-long evaluation but
+cannot go unnoticed either.
 """
 
 from __future__ import annotations
@@ -24,11 +26,13 @@ import csv
 import io
 import logging
 import os
+import re
+import warnings
 import zipfile
 import zlib
 from collections.abc import Callable, Sequence
 from pathlib import Path, PurePosixPath
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, NamedTuple
 
 import numpy as np
 import torch
@@ -49,7 +53,9 @@ LABEL_COLUMNS = ("label", "class_index", "target", "class", "y")
 # The folder a CSV's files may live in, next to the CSV (as in imagenet-sample-256/).
 CSV_IMAGE_FOLDER = "images"
 # Everything PIL or zipfile raise for a file that is damaged, truncated or not an image at all.
-_DECODE_ERRORS = (OSError, ValueError, SyntaxError, zipfile.BadZipFile, zlib.error, Image.DecompressionBombError)
+_DECODE_ERRORS = (OSError, ValueError, SyntaxError, zipfile.BadZipFile, zlib.error)
+# PIL's decompression-bomb check only warns between its limit and twice that, then decodes anyway.
+_OVERSIZED = (Image.DecompressionBombWarning, Image.DecompressionBombError)
 
 UNLABELLED = -1
 
@@ -108,13 +114,25 @@ class ImageDataset(Dataset):
         return state
 
     def _decode(self, reference: str) -> Image.Image | None:
+        """The image, or None (with a warning) when it cannot be decoded or is too large to decode
+        safely: an image over PIL's pixel limit could exhaust memory, the decompression bomb PIL
+        guards against, so it is treated as unreadable rather than decoded after a warning."""
         try:
-            return _to_rgb(Image.open(self._open(reference)))
+            with warnings.catch_warnings():
+                warnings.simplefilter("error", Image.DecompressionBombWarning)
+                return _to_rgb(Image.open(self._open(reference)))
+        except _OVERSIZED as error:
+            self._warn_once(reference, f"skipping image {self._describe(reference)}: {_pixel_count(error)}, over PIL's "
+                                       f"decompression-bomb limit of {Image.MAX_IMAGE_PIXELS:,} (PIL.Image.MAX_IMAGE_PIXELS); "
+                                       "downscale it to use it")
         except _DECODE_ERRORS as error:
-            if reference not in self._warned:
-                self._warned.add(reference)
-                logger.warning(f"skipping unreadable image {self._describe(reference)}: {error}")
-            return None
+            self._warn_once(reference, f"skipping unreadable image {self._describe(reference)}: {error}")
+        return None
+
+    def _warn_once(self, reference: str, message: str) -> None:
+        if reference not in self._warned:
+            self._warned.add(reference)
+            logger.warning(message)
 
     def _open(self, reference: str) -> str | io.BytesIO:
         if self.zip_path is None:
@@ -126,6 +144,12 @@ class ImageDataset(Dataset):
 
     def _describe(self, reference: str) -> str:
         return reference if self.zip_path is None else f"{self.zip_path}:{reference}"
+
+
+def _pixel_count(error: Warning | Exception) -> str:
+    """How many pixels PIL found, which its decompression-bomb check gives only in its message."""
+    found = re.search(r"\((\d+) pixels\)", str(error))
+    return f"{int(found.group(1)):,} pixels" if found else str(error)
 
 
 def _to_rgb(image: Image.Image) -> Image.Image:
@@ -173,7 +197,9 @@ def open_images(
 
     ``class_names`` are the model's label names: when every class folder is among them, folders
     are labelled by their position in it, so a folder subset of ImageNet keeps ImageNet indices.
-    Otherwise sorted folder names become 0..K-1. ``label_column`` only applies to CSV sources.
+    Otherwise sorted folder names become 0..K-1. A CSV whose labels are class names rather than
+    indices is labelled the same way, except that a name missing from ``class_names`` is an
+    error (a CSV cannot fall back on folder order). ``label_column`` only applies to CSV sources.
     """
     path = Path(path).expanduser().absolute()  # samples must survive a later chdir
     if not path.exists():
@@ -181,7 +207,7 @@ def open_images(
     if path.is_dir():
         return _open_directory(path, transform, label_column, class_names, labels_required)
     if path.suffix.lower() == ".csv":
-        return _open_csv(path, transform, label_column)
+        return _open_csv(path, transform, label_column, class_names)
     if path.suffix.lower() == ".zip" or zipfile.is_zipfile(path):
         return _open_zip(path, transform, class_names, labels_required)
     raise VitslimError(f"{path} is not a folder, .zip or .csv: give an image folder, a .zip of one, or a labels .csv")
@@ -220,7 +246,7 @@ def _open_directory(
         if len(csvs) > 1:
             names = ", ".join(p.name for p in csvs)
             raise VitslimError(f"{root} holds {len(csvs)} CSV files ({names}): pass the path of the one that lists the labels")
-        return _open_csv(csvs[0], transform, label_column)
+        return _open_csv(csvs[0], transform, label_column, class_names)
     if folders_with_images:
         return _labelled_by_folder(by_class, f"image folder {root}", transform, class_names)
     flat = sorted(str(p) for p in root.iterdir() if p.is_file() and _is_image(p.name) and not _is_hidden(p.name))
@@ -318,15 +344,22 @@ def _zip_classes(names: list[str]) -> dict[str, list[str]]:
 # --- CSV ---------------------------------------------------------------------------------------
 
 
-def _open_csv(path: Path, transform: Transform | None, label_column: str | None) -> ImageDataset:
-    rows = _read_csv_rows(path, label_column)
-    samples = _resolve_files(path, [(file, label) for file, label, _ in rows])
-    classes = _csv_classes([(label, name) for _, label, name in rows])
+def _open_csv(path: Path, transform: Transform | None, label_column: str | None, class_names: list[str] | None) -> ImageDataset:
+    column, rows = _read_csv_rows(path, label_column)
+    labels, classes = _csv_labels(path, column, rows, class_names)
+    samples = _resolve_files(path, [(row.file, label) for row, label in zip(rows, labels)])
     return ImageDataset(samples, source=f"CSV {path}", classes=classes, transform=transform)
 
 
-def _read_csv_rows(path: Path, label_column: str | None) -> list[tuple[str, int, str | None]]:
-    """``(file, label, name)`` per row; ``name`` is the optional class-name column."""
+class _CsvRow(NamedTuple):
+    file: str
+    label: str
+    name: str | None  # the optional class-name column
+    line: int
+
+
+def _read_csv_rows(path: Path, label_column: str | None) -> tuple[str, list[_CsvRow]]:
+    """The label column's name, and every row with its label as written."""
     with open(path, newline="", encoding="utf-8-sig") as handle:
         reader = csv.DictReader(handle)
         columns = list(reader.fieldnames or [])
@@ -336,36 +369,70 @@ def _read_csv_rows(path: Path, label_column: str | None) -> list[tuple[str, int,
         label_key = _label_column(path, columns, label_column)
         rows = []
         for row in reader:
-            label = _parse_label(path, reader.line_num, label_key, row)
-            rows.append(((row[file_column] or "").strip(), label, row.get("name")))
+            label = (row.get(label_key) or "").strip()
+            if not label:
+                raise VitslimError(
+                    f"{path} line {reader.line_num}: no label in column '{label_key}'; give every row a class index or a class name"
+                )
+            rows.append(_CsvRow((row[file_column] or "").strip(), label, row.get("name"), reader.line_num))
     if not rows:
         raise VitslimError(f"{path} lists no images: add one row per image with its file and label")
-    return rows
+    return label_key, rows
 
 
 def _label_column(path: Path, columns: list[str], requested: str | None) -> str:
     available = ", ".join(columns)
     if requested is not None:
         if requested not in columns:
-            raise VitslimError(f"{path} has no column '{requested}': its columns are {available}; pick one with --label-column")
+            raise VitslimError(f"{path} has no column '{requested}': its columns are {available}; pass one of them as label_column")
         return requested
     found = next((c for c in LABEL_COLUMNS if c in columns), None)
     if found is None:
         raise VitslimError(
-            f"{path} has no label column ({', '.join(LABEL_COLUMNS)}): its columns are {available}; pick one with --label-column"
+            f"{path} has no label column ({', '.join(LABEL_COLUMNS)}): its columns are {available}; "
+            "rename the one that holds the labels to 'label'"
         )
     return found
 
 
-def _parse_label(path: Path, line: int, column: str, row: dict[str, str | None]) -> int:
-    value = (row.get(column) or "").strip()
-    try:
-        return int(value)
-    except ValueError:
+def _csv_labels(path: Path, column: str, rows: list[_CsvRow], class_names: list[str] | None) -> tuple[list[int], list[str] | None]:
+    """Each row's class index, and the class names when known.
+
+    A column of integers holds indices. Any other column holds class names, indexed as folder
+    names are (by the model's label names, else in sorted order); a column mixing both is refused,
+    because sorting indices as names ("10" before "2") would mislabel the images silently.
+    """
+    named = [row for row in rows if not _is_integer(row.label)]
+    if not named:
+        labels = [int(row.label) for row in rows]
+        return labels, _csv_classes([(label, row.name) for label, row in zip(labels, rows)])
+    if len(named) < len(rows):
+        first = named[0]
         raise VitslimError(
-            f"{path} line {line}: label '{value}' in column '{column}' is not an integer; "
-            "labels must be class indices (choose another column with --label-column)"
-        ) from None
+            f"{path} line {first.line}: label '{first.label}' in column '{column}' is not an integer, but other rows give class "
+            "indices; label every row with a class index, or every row with a class name"
+        )
+    distinct = {row.label for row in rows}
+    if class_names is None:
+        classes = sorted(distinct)
+    else:
+        unknown = sorted(distinct - set(class_names))
+        if unknown:
+            raise VitslimError(
+                f"{path}: {len(unknown)} class name(s) in column '{column}' are not among the model's {len(class_names)} label names "
+                f"(first: {', '.join(unknown[:5])}); use the model's names (e.g. {', '.join(class_names[:3])}) or class indices"
+            )
+        classes = list(class_names)
+    index = {name: classes.index(name) for name in distinct}
+    return [index[row.label] for row in rows], classes
+
+
+def _is_integer(text: str) -> bool:
+    try:
+        int(text)
+    except ValueError:
+        return False
+    return True
 
 
 def _resolve_files(csv_path: Path, rows: list[Sample]) -> list[Sample]:

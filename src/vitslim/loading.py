@@ -63,9 +63,18 @@ def _refuse_pickles(folder: Path) -> None:
 
 
 def _load_timm_folder(folder: Path) -> nn.Module:
-    config = read_json(folder / "config.json", "timm model folder")
+    import timm
+
+    config_path = folder / "config.json"
+    config = read_json(config_path, "timm model folder")
     if "architecture" not in config:
-        raise VitslimError(f"{folder / 'config.json'} names no 'architecture'; it is not a timm model folder")
+        _refuse_other_hf_models(folder, config.get("model_type"))
+        raise VitslimError(f"{config_path} names no 'architecture'; it is not a timm model folder")
+    if not timm_vit.is_architecture(config["architecture"]):
+        raise VitslimError(
+            f"{config_path} names architecture {config['architecture']!r}, which timm {timm.__version__} does not know "
+            f"(a typo in config.json, or a folder from a newer timm){_name_hint(config['architecture'])}"
+        )
     _refuse_pickles(folder)
     model = _create_timm(config["architecture"], pretrained=False, num_classes=config.get("num_classes"), **config.get("model_args", {}))
     load_state_strict(model, load_weights(folder / WEIGHTS_FILE), folder / WEIGHTS_FILE)
@@ -84,13 +93,29 @@ def _load_timm_folder(folder: Path) -> nn.Module:
     return model.eval()
 
 
+def _refuse_other_hf_models(folder: Path, model_type: object) -> None:
+    """Only Hugging Face configs carry a ``model_type``: name the one found, not a missing timm field."""
+    if model_type is None or model_type == hf.MODEL_TYPE:
+        return
+    raise VitslimError(
+        f"{folder} holds a Hugging Face model of type {model_type!r}, which vitslim does not load (supported Hugging Face "
+        f"model types: '{hf.MODEL_TYPE}', {hf.CLASS_NAME}); pass a ViT image classifier, from Hugging Face or timm"
+    )
+
+
+def _name_hint(name: object) -> str:
+    """The close timm names to suggest for an unknown ``name``, as a clause to end a message."""
+    import timm
+
+    close = difflib.get_close_matches(name, timm.list_models(), n=3) if isinstance(name, str) else []
+    return f"; did you mean {', '.join(close)}?" if close else "; `timm.list_models('*vit*')` lists the names"
+
+
 def _create_timm(name: str, pretrained: bool, num_classes: int | None = None, **model_args) -> nn.Module:
     import timm
 
     if not timm.is_model(name):
-        close = difflib.get_close_matches(name, timm.list_models(), n=3)
-        hint = f"; did you mean {', '.join(close)}?" if close else "; `timm.list_models('*vit*')` lists the names"
-        raise VitslimError(f"unknown model '{name}': not a timm model name nor an existing folder{hint}")
+        raise VitslimError(f"unknown model '{name}': not a timm model name nor an existing folder{_name_hint(name)}")
     kwargs = dict(model_args)
     if num_classes is not None:
         kwargs["num_classes"] = num_classes

@@ -32,6 +32,8 @@ from vitslim.folder_io import CONFIG_FILE, WEIGHTS_FILE, load_weights, read_json
 
 FAMILY = "hf"
 CLASS_NAME = "ViTForImageClassification"
+# The config ``model_type`` of the one Hugging Face model family vitslim loads (as CLASS_NAME).
+MODEL_TYPE = "vit"
 PROCESSOR_FILE = "preprocessor_config.json"
 PICKLE_FILE = "pytorch_model.bin"
 # PIL resampling codes, as image processors store them, in timm's interpolation vocabulary
@@ -186,7 +188,7 @@ def is_hf_folder(path: Path) -> bool:
     if not (path / CONFIG_FILE).is_file():
         return False
     config = read_json(path / CONFIG_FILE, "model folder")
-    return config.get("model_type") == "vit" or CLASS_NAME in (config.get("architectures") or [])
+    return config.get("model_type") == MODEL_TYPE or CLASS_NAME in (config.get("architectures") or [])
 
 
 def load_hf_folder(path: Path) -> nn.Module:

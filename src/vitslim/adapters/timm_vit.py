@@ -139,10 +139,25 @@ def architecture(model: nn.Module) -> dict:
     return {"architecture": name, "num_classes": int(model.num_classes), "model_args": _read_model_args(model)}
 
 
+def is_architecture(name: object) -> bool:
+    """Whether timm registers ``name`` (optionally with a pretrained tag). A name read from a
+    file must pass this before it reaches ``timm.create_model``, which would otherwise try to
+    parse it as a hub or local-dir reference and fail with a traceback far from the cause."""
+    import timm
+
+    return isinstance(name, str) and timm.is_model(name)
+
+
 def build(record: dict) -> nn.Module:
     import timm
 
-    model = timm.create_model(record["architecture"], pretrained=False, num_classes=record["num_classes"], **record.get("model_args", {}))
+    name = record.get("architecture") if isinstance(record, dict) else None
+    if not is_architecture(name):
+        raise VitslimError(
+            f"the recipe names timm architecture {name!r}, which timm {timm.__version__} does not know: the vitslim folder is "
+            "corrupt, or was written with a newer timm (upgrade timm to load it)"
+        )
+    model = timm.create_model(name, pretrained=False, num_classes=record["num_classes"], **record.get("model_args", {}))
     setattr(model, TIMM_CONFIG_ATTR, dict(record))
     return model.eval()
 
