@@ -42,6 +42,8 @@ from vitslim.cait.merging import unmerge
 from vitslim.cait.patch import MergeSchedule, apply_token_merging, merge_schedule, token_map
 from vitslim.cait.schedule import schedule_for_speedup
 from vitslim.evaluate import evaluate
+from vitslim.recipe import steps as recipe_steps
+from vitslim.train import Training
 
 ROOT = Path(__file__).resolve().parents[1]
 SHARED = ROOT.parent / "shared"
@@ -125,12 +127,13 @@ def cifar(rows: list[dict], out: Path, args) -> None:
             if any(r["part"] == "cifar" and r["variant"] == variant and r["target"] == speedup for r in rows):
                 continue
             start = time.perf_counter()
-            compressed = compress_cait(original, train, speedup=speedup, epochs=epochs, merge=merge, consistent=consistent,
-                                       seed=0, batch_size=64, measure=False, checkpoint_dir=models / f"{variant}-{speedup}-checkpoints" if epochs else None)
+            gates = Training(epochs=epochs, batch_size=64, seed=0, checkpoints=models / f"{variant}-{speedup}-checkpoints") if epochs else None
+            compressed = compress_cait(original, train, speedup=speedup, gate_training=gates, merge=merge, consistent=consistent,
+                                       seed=0, measure=False)
             seconds = time.perf_counter() - start
             folder = vitslim.save(compressed, models / f"{variant}-{speedup}")
             score = evaluate(compressed, args.test, limit=args.eval_limit)
-            steps = {step["method"]: step for step in compressed.vitslim_steps}
+            steps = {step["method"]: step for step in recipe_steps(compressed)}
             rows.append({"part": "cifar", "variant": variant, "target": speedup, "epochs": epochs, "top1": score["top1"], "images": score["images"],
                          "compress_measured_speedup": steps.get("merging", {}).get("measured_speedup"), "folder": str(folder.relative_to(ROOT)),
                          "schedule": merge_schedule(compressed).as_dict() if merge_schedule(compressed) else None,
@@ -158,8 +161,8 @@ def delivery(rows: list[dict], out: Path, args) -> None:
     for speedup in DELIVERY_TARGETS:
         if any(r["part"] == "delivery" and r["target"] == speedup for r in rows):
             continue
-        compressed = compress_cait(original, train, speedup=speedup, epochs=0, measure=True, progress=False)
-        steps = {step["method"]: step for step in compressed.vitslim_steps}
+        compressed = compress_cait(original, train, speedup=speedup, measure=True, progress=False)
+        steps = {step["method"]: step for step in recipe_steps(compressed)}
         folder = vitslim.save(compressed, models / f"delivery-{speedup}")
         rows.append({"part": "delivery", "target": speedup, "compress_measured_speedup": steps["merging"]["measured_speedup"],
                      "schedule": merge_schedule(compressed).as_dict(), "folder": str(folder.relative_to(ROOT))})

@@ -32,6 +32,8 @@ from vitslim.compose import compress_composed
 from vitslim.errors import VitslimError
 from vitslim.evaluate import evaluate
 from vitslim.lowrank.compress import compress_lowrank
+from vitslim.recipe import steps as recipe_steps
+from vitslim.train import Training
 
 ROOT = Path(__file__).resolve().parents[1]
 SHARED = ROOT.parent / "shared"
@@ -88,14 +90,17 @@ def build(rows: list[dict], out: Path, args) -> None:
             continue
         start = time.perf_counter()
         if axes is None:
-            compressed = compress_cait(original, train, speedup=speedup, epochs=epochs, seed=0, batch_size=64, measure=False)
+            compressed = compress_cait(original, train, speedup=speedup, gate_training=Training(epochs=epochs, batch_size=64) if epochs else None,
+                                       seed=0, measure=False)
         elif name in LOWRANK_POINTS:
             compressed = compress_lowrank(original, calibration, param_ratio=param_ratio)
-            vitslim.distill(compressed, original, train, epochs=recovery, lr=1e-4, batch_size=64, seed=1)
+            vitslim.distill(compressed, original, train, Training(epochs=recovery, lr=1e-4, batch_size=64, seed=1))
         else:
             try:
                 compressed = compress_composed(original, calibration, train, speedup=speedup, flops_ratio=flops_ratio, param_ratio=param_ratio, axes=axes,
-                                               epochs=epochs, finetune_epochs=recovery, seed=0, batch_size=64)
+                                               gate_training=Training(epochs=epochs, batch_size=64) if epochs else None)
+                if recovery:
+                    vitslim.distill(compressed, original, train, Training(epochs=recovery, batch_size=64, seed=1))
             except VitslimError as error:  # a single axis may not reach the target at all: that is a result
                 rows.append({"name": name, "axes": list(axes), "target_speedup": speedup, "unreachable": str(error)})
                 _save(out, rows)
@@ -103,7 +108,7 @@ def build(rows: list[dict], out: Path, args) -> None:
         seconds = time.perf_counter() - start
         folder = vitslim.save(compressed, out / "models" / name.replace(" ", "_").replace("/", "-"))
         score = evaluate(compressed, args.test, limit=args.eval_limit)
-        steps = {step["method"]: step for step in compressed.vitslim_steps}
+        steps = {step["method"]: step for step in recipe_steps(compressed)}
         composed = steps.get("composed", {})
         used = (epochs if "channels" in steps else 0) + recovery
         rows.append({"name": name, "axes": list(axes or ("channels", "tokens")), "target_speedup": speedup, "target_flops_ratio": flops_ratio,

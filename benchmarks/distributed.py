@@ -57,7 +57,7 @@ def worker(args) -> None:
     calibrate = time.perf_counter() - start
     subset = imagedata.select(train, limit=args.steps * BATCH, skip=256, seed=0)
     start = time.perf_counter()
-    vitslim.distill(compressed, model, subset, epochs=1, batch_size=BATCH, seed=0, progress=False)
+    vitslim.distill(compressed, model, subset, vitslim.Training(epochs=1, batch_size=BATCH, seed=0, progress=False))
     distributed.barrier()
     train_seconds = time.perf_counter() - start
     if distributed.is_main():

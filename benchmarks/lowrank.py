@@ -73,7 +73,7 @@ def main() -> None:
             started = time.perf_counter()
             compressed = compress_lowrank(model, calibration, param_ratio=ratio, progress=False, **VARIANTS[variant])
             if variant.endswith("+kd1"):
-                vitslim.distill(compressed, model, train, epochs=1, lr=args.finetune_lr, progress=False)
+                vitslim.distill(compressed, model, train, vitslim.Training(epochs=1, lr=args.finetune_lr, progress=False))
             seconds = time.perf_counter() - started
             result = vitslim.evaluate(compressed, test, limit=args.eval_limit, teacher=model)
             rows.append({"variant": variant, "ratio": ratio, "params": count_params(compressed), "top1": result["top1"],

@@ -8,9 +8,9 @@ import sys
 import pytest
 import safetensors.torch
 import torch
+from plain_vit import PlainViT, tiny_hf_vit
 from torch import nn
 
-from plain_vit import PlainViT, tiny_hf_vit
 from vitslim.adapters import hf, torch_nn
 from vitslim.adapters.base import PREPROCESSING_ATTR, Preprocessing
 from vitslim.errors import VitslimError

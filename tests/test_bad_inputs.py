@@ -19,7 +19,7 @@ from vitslim import train
 from vitslim.data import make_loader, open_images
 from vitslim.errors import VitslimError
 from vitslim.persist import RECIPE_FILE, WEIGHTS_FILE
-from vitslim.train import distill
+from vitslim.train import Training, distill
 
 
 def _tiny_vit(seed: int = 0) -> torch.nn.Module:
@@ -134,7 +134,7 @@ def test_distill_logs_progress_every_few_steps_within_an_epoch(monkeypatch, capl
     generator = torch.Generator().manual_seed(0)
     batches = [(torch.randn(2, 3, 32, 32, generator=generator), torch.tensor([0, 1])) for _ in range(3)]
     with caplog.at_level(logging.INFO, logger="vitslim"):
-        distill(_tiny_vit(1), _tiny_vit(0), batches, epochs=1)
+        distill(_tiny_vit(1), _tiny_vit(0), batches, Training(epochs=1))
     steps = [r.getMessage() for r in caplog.records if r.getMessage().startswith("distill step")]
     assert [message.split(" (")[0] for message in steps] == ["distill step 1/3", "distill step 2/3", "distill step 3/3"]
     assert all("epoch 1/1" in m and "loss " in m and "images/s" in m and "ETA " in m for m in steps)

@@ -10,6 +10,7 @@ import math
 import pytest
 import timm
 import torch
+from plain_vit import PlainViT, tiny_hf_vit
 from torch import nn
 from torch.utils.flop_counter import FlopCounterMode
 
@@ -18,8 +19,8 @@ from vitslim.cait.channels import ADAPT_RATE, GATES_ATTR, PENALTY_WEIGHT, attach
 from vitslim.errors import VitslimError
 from vitslim.metrics import count_params
 from vitslim.persist import RECIPE_FILE
+from vitslim.recipe import steps as recipe_steps
 from vitslim.train import LR_SCALE_ATTR
-from plain_vit import PlainViT, tiny_hf_vit
 
 TINY = dict(img_size=32, patch_size=8, depth=2, embed_dim=48, num_heads=3, num_classes=10)  # 17 tokens, head_dim 16
 
@@ -128,7 +129,7 @@ def test_sliced_model_computes_what_the_masked_model_did_and_reloads(tmp_path, f
     assert all(isinstance(p, nn.Parameter) and not hasattr(p, LR_SCALE_ATTR) for p in model.parameters())
     assert count_params(model) < params
     spec = vitslim.describe(model)
-    step = model.vitslim_steps[-1]
+    step = recipe_steps(model)[-1]
     assert step["method"] == "channels" and step["consistent"] == consistent
     for block in spec.blocks:
         recorded, detail = step["blocks"][str(block.index)], result["blocks"][str(block.index)]
@@ -160,7 +161,7 @@ def test_explicit_masks_slice_only_what_they_name(tmp_path):
     masks = gates.masks()
     detach_gates(model)
     result = slice_channels(model, masks={"0": {"mlp": masks["0"]["mlp"]}, "1": {"qk": masks["1"]["qk"][0], "v": masks["1"]["v"]}})
-    assert model.vitslim_steps[-1]["blocks"] == {"0": {"mlp_hidden": 128}, "1": {"head_dim": 5}}
+    assert recipe_steps(model)[-1]["blocks"] == {"0": {"mlp_hidden": 128}, "1": {"head_dim": 5}}
     assert result["blocks"]["1"]["qk"] == [[], [], []] and result["blocks"]["1"]["v"] == [[0, 1, 2, 3, 4]] * 3
     assert torch.allclose(_logits(model, images), masked, atol=1e-5, rtol=0)
     assert model.blocks[1].mlp.fc1.out_features == 192 and model.blocks[0].attn.head_dim == 16
@@ -178,7 +179,7 @@ def test_nothing_kept_leaves_one_zeroed_channel():
             group["0"].fill_(-1.0)
     masked = _logits(model, images)
     slice_channels(model, gates)
-    assert model.vitslim_steps[-1]["blocks"]["0"] == {"head_dim": 1, "mlp_hidden": 1}
+    assert recipe_steps(model)[-1]["blocks"]["0"] == {"head_dim": 1, "mlp_hidden": 1}
     assert torch.allclose(_logits(model, images), masked, atol=1e-5, rtol=0)
 
 
@@ -244,7 +245,7 @@ def test_budget_penalty_drives_distillation_to_the_target():
     gates = attach_gates(student, init=0.5)  # a shorter way to 0 than the default 3.0, to keep the test short
     generator = torch.Generator().manual_seed(0)
     batches = [torch.randn(4, 3, 32, 32, generator=generator) for _ in range(200)]
-    vitslim.distill(student, teacher, batches, epochs=1, lr=1e-4, progress=False,
+    vitslim.distill(student, teacher, batches, vitslim.Training(epochs=1, lr=1e-4, progress=False),
                     extra_loss=lambda model: gates.budget_penalty(0.5))
     assert 0.3 < float(gates.flops_ratio().detach()) <= 0.55  # at the target, neither short of it nor collapsed
 

@@ -9,6 +9,7 @@ import pytest
 import timm
 import torch
 import torch.nn.functional as F
+from plain_vit import PlainViT, tiny_hf_vit, write_random_images
 
 import vitslim
 from vitslim import data as imagedata
@@ -18,8 +19,8 @@ from vitslim.cait.schedule import predicted_speedup, schedule_for_speedup, stron
 from vitslim.cait.shape import choose_concentration
 from vitslim.cli import main
 from vitslim.errors import VitslimError
-
-from plain_vit import PlainViT, tiny_hf_vit, write_random_images
+from vitslim.recipe import steps as recipe_steps
+from vitslim.train import Training
 
 
 def _timm():
@@ -53,8 +54,9 @@ def test_training_free_cait_merges_tokens_and_leaves_the_original_alone(tmp_path
 def test_cait_with_training_prunes_channels_and_reloads_bit_identically(tmp_path, images):
     model = _timm()
     dataset = imagedata.open_images(images, imagedata.build_transform(vitslim.describe(model).preprocessing))
-    compressed = compress_cait(model, dataset, speedup=2.0, epochs=2, batch_size=4, lr=1e-3, gate_lr_scale=2000.0, measure=False, progress=False)
-    steps = {step["method"]: step for step in compressed.vitslim_steps}
+    compressed = compress_cait(model, dataset, speedup=2.0, gate_training=Training(epochs=2, batch_size=4, lr=1e-3, progress=False), gate_lr_scale=2000.0,
+                               measure=False, progress=False)
+    steps = {step["method"]: step for step in recipe_steps(compressed)}
     assert set(steps) == {"channels", "merging"}
     widths = steps["channels"]["blocks"]
     assert any(w.get("head_dim", 16) < 16 or w.get("mlp_hidden", 192) < 192 for w in widths.values()), widths
@@ -82,7 +84,7 @@ def test_the_chosen_concentration_is_the_candidate_closest_to_the_unmerged_logit
         with torch.no_grad():
             log_p = vitslim.describe(merged).logits(images).log_softmax(-1)
         kl = F.kl_div(log_p, teacher, log_target=True, reduction="sum").item() / len(images)
-        assert scores[concentration] == pytest.approx(kl, rel=1e-5)
+        assert scores[concentration] == pytest.approx(kl, rel=1e-3, abs=1e-7)  # batches of 8 vs one of 12: float32 summation order
     assert best == min(candidates, key=scores.get)
     assert merge_schedule(model) is None and torch.equal(_logits(model), before)
 
@@ -92,7 +94,7 @@ def test_training_images_choose_the_schedule_and_the_recipe_records_it(tmp_path,
     spec = vitslim.describe(model)
     dataset = imagedata.open_images(images, imagedata.build_transform(spec.preprocessing))
     compressed = compress_cait(model, dataset, speedup=1.5, measure=False, progress=False)
-    step = next(step for step in compressed.vitslim_steps if step["method"] == "merging")
+    step = next(step for step in recipe_steps(compressed) if step["method"] == "merging")
     assert set(step["concentration_kl"]) == {"1", "2", "4"}
     assert step["concentration_kl"][f"{step['concentration']:g}"] == min(step["concentration_kl"].values())
     assert merge_schedule(compressed) == schedule_for_speedup(spec, "atme", 1.5, concentration=step["concentration"])
@@ -102,7 +104,7 @@ def test_training_images_choose_the_schedule_and_the_recipe_records_it(tmp_path,
     assert merge_schedule(vitslim.load_model(str(folder))) == merge_schedule(compressed)
 
     fixed = compress_cait(model, dataset, speedup=1.5, concentration=0.0, measure=False, progress=False)
-    step = next(step for step in fixed.vitslim_steps if step["method"] == "merging")
+    step = next(step for step in recipe_steps(fixed) if step["method"] == "merging")
     assert step["concentration"] == 0.0 and "concentration_kl" not in step
     assert merge_schedule(fixed) == schedule_for_speedup(spec, "atme", 1.5, concentration=0.0)
     without_images = compress_cait(model, speedup=1.5, measure=False)
@@ -112,8 +114,8 @@ def test_training_images_choose_the_schedule_and_the_recipe_records_it(tmp_path,
 def test_a_one_shot_iterator_of_batches_serves_both_the_choice_and_the_distillation():
     model = _timm()
     batches = [torch.randn(4, 3, 32, 32, generator=torch.Generator().manual_seed(seed)) for seed in range(3)]
-    listed = compress_cait(model, batches, speedup=1.5, epochs=1, measure=False, progress=False)
-    streamed = compress_cait(model, iter(batches), speedup=1.5, epochs=1, measure=False, progress=False)
+    listed = compress_cait(model, batches, speedup=1.5, gate_training=Training(epochs=1, progress=False), measure=False, progress=False)
+    streamed = compress_cait(model, iter(batches), speedup=1.5, gate_training=Training(epochs=1, progress=False), measure=False, progress=False)
     assert torch.equal(_logits(listed), _logits(streamed))
 
 
@@ -130,20 +132,20 @@ def test_a_target_beyond_the_plans_reach_ends_at_the_strongest_schedule(monkeypa
     monkeypatch.setattr(cait_compress, "measured_speedup", lambda *args, **kwargs: 1.0)  # a machine too busy to show any gain
     compressed = compress_cait(model, speedup=target, merge="tome", concentration=2.0)
     assert merge_schedule(compressed) == strongest
-    assert next(step for step in compressed.vitslim_steps if step["method"] == "merging")["concentration"] == 2.0
+    assert next(step for step in recipe_steps(compressed) if step["method"] == "merging")["concentration"] == 2.0
 
 
 def test_measured_speedup_is_recorded():
     compressed = compress_cait(_timm(), speedup=1.2)
-    step = next(step for step in compressed.vitslim_steps if step["method"] == "merging")
+    step = next(step for step in recipe_steps(compressed) if step["method"] == "merging")
     assert step["measured_speedup"] > 0
 
 
 @pytest.mark.parametrize("kwargs, message", [
     (dict(speedup=1.0), "greater than 1"),
     (dict(speedup=0.5), "greater than 1"),
-    (dict(speedup=2.0, epochs=1), "pass the training images"),
-    (dict(speedup=2.0, channel_ratio=0.5), "needs training"),
+    (dict(speedup=2.0, gate_training=Training(epochs=1)), "pass the training images"),
+    (dict(speedup=2.0, channel_ratio=0.5), "channel_ratio needs gate training"),
     (dict(speedup=500.0), "beyond token merging"),
     (dict(speedup=1.5, concentration=-1.0), "concentration must be ≥ 0"),
 ])
@@ -172,7 +174,7 @@ def test_hf_folder_compress_eval_bench_through_the_cli(tmp_path, images, capsys)
     torch.manual_seed(0)
     tiny_hf_vit(num_labels=3).save_pretrained(tmp_path / "hf", safe_serialization=True)
     out = tmp_path / "hf-cait"
-    assert main(["compress", str(tmp_path / "hf"), "--data", str(images), "--method", "cait", "--speedup", "1.2", "--epochs", "1",
+    assert main(["compress", str(tmp_path / "hf"), "--data", str(images), "--method", "cait", "--speedup", "1.2", "--gate-epochs", "1",
                  "--batch-size", "8", "--out", str(out)]) == 0
     capsys.readouterr()
     assert main(["eval", str(out), "--data", str(images), "--teacher", str(tmp_path / "hf"), "--json"]) == 0
@@ -185,7 +187,8 @@ def test_plain_torch_vit_compress_eval_bench_in_python(tmp_path, images):
     torch.manual_seed(0)
     model = PlainViT(img_size=32, patch_size=4, dim=48, depth=3, heads=3, mlp_dim=96, num_classes=3).eval()
     dataset = imagedata.open_images(images, imagedata.build_transform(vitslim.describe(model).preprocessing))
-    compressed = compress_cait(model, dataset, speedup=1.5, epochs=1, batch_size=8, measure=False, progress=False)
+    compressed = compress_cait(model, dataset, speedup=1.5, gate_training=Training(epochs=1, batch_size=8, progress=False), measure=False,
+                               progress=False)
     folder = vitslim.save(compressed, tmp_path / "plain-cait")
     reloaded = vitslim.load_model(folder, skeleton=PlainViT(img_size=32, patch_size=4, dim=48, depth=3, heads=3, mlp_dim=96, num_classes=3))
     assert torch.equal(_logits(compressed), _logits(reloaded))
@@ -196,13 +199,13 @@ def test_plain_torch_vit_compress_eval_bench_in_python(tmp_path, images):
 
 
 @pytest.mark.parametrize("args, message", [
-    (["--method", "cait"], "needs --speedup"),
-    (["--method", "cait", "--speedup", "2", "--param-ratio", "0.5"], "do not apply to --method cait"),
-    (["--speedup", "2", "--param-ratio", "0.5"], "belong to --method cait"),
+    (["--method", "cait"], "--speedup is needed by the cait method"),
+    (["--method", "cait", "--speedup", "2", "--param-ratio", "0.5"], "--param-ratio does not apply to --method cait"),
+    (["--speedup", "2", "--param-ratio", "0.5"], "--speedup does not apply to --method lowrank"),
     (["--method", "cait", "--speedup", "0.9"], "greater than 1"),
-    (["--method", "cait", "--speedup", "2", "--checkpoints", "ck"], "give --epochs"),
+    (["--method", "cait", "--speedup", "2", "--checkpoints", "ck"], "give --recovery-epochs or --gate-epochs"),
     (["--method", "cait", "--speedup", "1.5", "--concentration", "-1"], "concentration must be ≥ 0"),
-    (["--param-ratio", "0.5", "--concentration", "2"], "belong to --method cait"),
+    (["--param-ratio", "0.5", "--concentration", "2"], "--concentration does not apply to --method lowrank"),
 ])
 def test_cli_bad_input(tmp_path, images, capsys, args, message):
     folder = vitslim.save(_timm(), tmp_path / "timm")

@@ -6,15 +6,24 @@ from __future__ import annotations
 import pytest
 import torch
 import torch.nn.functional as F
+from plain_vit import PlainViT, tiny_hf_config
 
 import vitslim
 from vitslim.adapters import describe
-from vitslim.cait.merging import NEIGHBOURHOOD, TokenMap, atme_merge, attention_bias, neighbourhood, sub_grid, tome_merge, unmerge
+from vitslim.cait.merging import (
+    NEIGHBOURHOOD,
+    TokenMap,
+    atme_merge,
+    attention_bias,
+    neighbourhood,
+    sub_grid,
+    tome_merge,
+    unmerge,
+)
 from vitslim.cait.patch import MergeSchedule, apply_token_merging, merge_schedule, remove_token_merging, token_map
 from vitslim.cait.schedule import check_schedule, plan, predicted_speedup, schedule_for_speedup, tokens_per_block
 from vitslim.errors import VitslimError
-
-from plain_vit import PlainViT, tiny_hf_config
+from vitslim.recipe import steps as recipe_steps
 
 GRID = (6, 8)
 PREFIX = 2
@@ -258,7 +267,7 @@ def test_merging_on_every_family_and_removal_restores_it(family, method):
     assert full.shape[1] == spec.num_prefix_tokens + spec.num_patches
     remove_token_merging(model)
     torch.testing.assert_close(_logits(model, images), before, rtol=0, atol=0)
-    assert not [step for step in getattr(model, "vitslim_steps", []) if step["method"] == "merging"]
+    assert not [step for step in recipe_steps(model) if step["method"] == "merging"]
 
 
 def test_merged_model_saves_and_reloads_bit_identically(tmp_path):

@@ -5,32 +5,22 @@ import json
 import pytest
 import timm
 import torch
+from conftest import TINY
 from PIL import Image
+from shared_paths import CIFAR_TEST_ZIP, VIT_D6, needs_shared
 
 import vitslim
 from vitslim.cli import main
-from shared_paths import CIFAR_TEST_ZIP, VIT_D6, needs_shared
-
-TINY = dict(img_size=32, patch_size=8, embed_dim=32, depth=2, num_heads=2, num_classes=3)
 
 
 @pytest.fixture(scope="module")
-def model_folder(tmp_path_factory):
-    torch.manual_seed(0)
-    model = timm.create_model("deit_tiny_patch16_224", **TINY).eval()
-    return vitslim.save(model, tmp_path_factory.mktemp("models") / "tiny")
+def model_folder(tiny_model_folder):
+    return tiny_model_folder
 
 
 @pytest.fixture(scope="module")
-def image_folder(tmp_path_factory):
-    root = tmp_path_factory.mktemp("images")
-    generator = torch.Generator().manual_seed(0)
-    for label in ("a", "b", "c"):
-        (root / label).mkdir()
-        for index in range(4):
-            pixels = (torch.rand(40, 40, 3, generator=generator) * 255).to(torch.uint8).numpy()
-            Image.fromarray(pixels).save(root / label / f"{index}.png")
-    return root
+def image_folder(tiny_image_folder):
+    return tiny_image_folder
 
 
 def run(capsys, *args):
@@ -201,9 +191,9 @@ def test_compress_with_a_kd_finetune_moves_the_model_towards_the_original(capsys
     common = ["--data", str(image_folder), "--param-ratio", "0.3", "--calib-images", "8", "--method", "svd", "--seed", "3"]
     code, _, _ = run(capsys, "compress", str(model_folder), *common, "--out", str(tmp_path / "plain"))
     assert code == 0
-    code, _, _ = run(capsys, "compress", str(model_folder), *common, "--finetune-epochs", "4", "--finetune-lr", "3e-4",
+    code, _, _ = run(capsys, "compress", str(model_folder), *common, "--recovery-epochs", "4", "--lr", "3e-4",
                      "--checkpoints", str(tmp_path / "ckpt"), "--out", str(tmp_path / "tuned"))
-    assert code == 0 and list((tmp_path / "ckpt").glob("epoch-*"))
+    assert code == 0 and list((tmp_path / "ckpt" / "recovery").glob("epoch-*"))
     kl = {}
     for name in ("plain", "tuned"):
         code, stdout, _ = run(capsys, "eval", str(tmp_path / name), "--data", str(image_folder), "--teacher", str(model_folder), "--json")
@@ -225,7 +215,7 @@ def test_compress_refuses_a_foreign_output_before_working(capsys, tmp_path, mode
     ([], "exactly one budget"),
     (["--param-ratio", "0.5", "--params", "1000"], "exactly one budget"),
     (["--param-ratio", "1.5"], "between 0 and 1"),
-    (["--param-ratio", "0.5", "--calib-images", "999"], "fewer than --calib-images"),
+    (["--param-ratio", "0.5", "--calib-images", "999"], "--calib-images asks for 999 images, more than the 12"),
     (["--like", "no_such_model"], "unknown model"),
 ])
 def test_compress_bad_input(capsys, tmp_path, model_folder, image_folder, args, message):

@@ -9,6 +9,7 @@ import json
 import pytest
 import timm
 import torch
+from plain_vit import tiny_hf_vit, write_random_images
 
 import vitslim
 from vitslim import data as imagedata
@@ -17,8 +18,7 @@ from vitslim.cli import main
 from vitslim.compose import Probe, Target, combine, compress_composed, fixed_params, probe_axes, split_target
 from vitslim.errors import VitslimError
 from vitslim.metrics import count_params
-
-from plain_vit import tiny_hf_vit, write_random_images
+from vitslim.recipe import steps as recipe_steps
 
 TOTAL, FIXED = 1000, 200
 
@@ -128,12 +128,12 @@ def test_three_axes_compose_meet_the_budget_and_reload_bit_identically(tmp_path,
     model = _timm()
     before = _logits(model)
     dataset = imagedata.open_images(images, imagedata.build_transform(vitslim.describe(model).preprocessing))
-    calibration = list(imagedata.make_loader(dataset, 8))
     budget = int(0.6 * count_params(model))
-    composed = compress_composed(model, calibration, dataset, flops_ratio=0.5, params=budget, epochs=1, finetune_epochs=1,
-                                 channel_ratio=0.7, batch_size=8, progress=False)
+    training = vitslim.Training(epochs=1, batch_size=8, progress=False)
+    composed = vitslim.compress(model, "lowrank+cait", dataset, calib_images=len(dataset), calib_batch_size=8, flops_ratio=0.5, params=budget,
+                                gate_training=training, channel_ratio=0.7, recovery=training, progress=False)
     assert torch.equal(_logits(model), before)  # the original is untouched
-    steps = composed.vitslim_steps
+    steps = recipe_steps(composed)
     assert [step["method"] for step in steps] == ["channels", "lowrank", "merging", "composed"]
     merging = steps[2]  # its concentration chosen on the calibration images, as compress_cait chooses
     assert merging["concentration_kl"][f"{merging['concentration']:g}"] == min(merging["concentration_kl"].values())
@@ -165,18 +165,18 @@ def test_training_free_composition_uses_only_low_rank_and_tokens_on_hf(images):
     model = tiny_hf_vit(num_labels=3).eval()
     dataset = imagedata.open_images(images, imagedata.build_transform(vitslim.describe(model).preprocessing))
     composed = compress_composed(model, list(imagedata.make_loader(dataset, 8)), flops_ratio=0.6, progress=False)
-    split = composed.vitslim_steps[-1]
+    split = recipe_steps(composed)[-1]
     assert split["levels"]["channels"] == 1.0 and {probe["axis"] for probe in split["probes"]} == {"lowrank", "tokens"}
     assert vitslim.evaluate(composed, images, teacher=model, progress=False)["flops"] < vitslim.evaluate(model, images, progress=False)["flops"]
 
 
 @pytest.mark.parametrize("kwargs, message", [
     (dict(), "state a target"),
-    (dict(speedup=2.0, epochs=1), "training images"),
+    (dict(speedup=2.0, gate_training=vitslim.Training(epochs=1)), "training images"),
     (dict(speedup=2.0, axes=("lowrank", "depth")), "unknown axes"),
     (dict(param_ratio=1.2), "between 0 and 1"),
     (dict(params=10), "parameters no axis removes"),
-    (dict(flops_ratio=0.5, channel_ratio=0.5), "needs epochs > 0"),
+    (dict(flops_ratio=0.5, channel_ratio=0.5), "channel pruning needs gate_training"),
 ])
 def test_bad_input_is_refused_before_any_work(kwargs, message):
     with pytest.raises(VitslimError, match=message):
@@ -193,7 +193,7 @@ def test_cli_composed_compress_then_eval(tmp_path, images, capsys):
     assert count_params(vitslim.load_model(str(out))) <= int(0.7 * count_params(vitslim.load_model(str(folder))))
     assert main(["eval", str(out), "--data", str(images), "--teacher", str(folder), "--json"]) == 0
     assert json.loads(capsys.readouterr().out)["images"] == 24
-    assert main(["compress", str(folder), "--data", str(images), "--method", "lowrank+cait", "--out", str(tmp_path / "o")]) == 2
+    assert main(["compress", str(folder), "--data", str(images), "--method", "lowrank+cait", "--calib-images", "16", "--out", str(tmp_path / "o")]) == 2
     assert "state a target" in capsys.readouterr().err and not (tmp_path / "o").exists()
 
 
@@ -204,8 +204,8 @@ def test_a_fixed_concentration_plans_the_composed_schedule_without_a_choice(imag
     model = _timm()
     dataset = imagedata.open_images(images, imagedata.build_transform(vitslim.describe(model).preprocessing))
     composed = compress_composed(model, list(imagedata.make_loader(dataset, 8)), flops_ratio=0.7, axes=("tokens",), concentration=0.0, progress=False)
-    merging = next(step for step in composed.vitslim_steps if step["method"] == "merging")
-    level = composed.vitslim_steps[-1]["levels"]["tokens"]
+    merging = next(step for step in recipe_steps(composed) if step["method"] == "merging")
+    level = recipe_steps(composed)[-1]["levels"]["tokens"]
     assert merging["concentration"] == 0.0 and "concentration_kl" not in merging
     assert merge_schedule(composed) == schedule_for_speedup(vitslim.describe(model), "atme", level, concentration=0.0)
     assert merge_schedule(composed) != schedule_for_speedup(vitslim.describe(model), "atme", level)  # not the default shape
@@ -221,4 +221,4 @@ def test_cli_refuses_low_rank_knobs_the_composition_would_ignore(tmp_path, image
     folder = vitslim.save(_timm(), tmp_path / "timm")
     assert main(["compress", str(folder), "--data", str(images), "--method", "lowrank+cait", "--flops-ratio", "0.6",
                  "--rank-multiple", "8", "--out", str(tmp_path / "o")]) == 2
-    assert "--rank-multiple do not apply to --method lowrank+cait" in capsys.readouterr().err and not (tmp_path / "o").exists()
+    assert "--rank-multiple does not apply to --method lowrank+cait" in capsys.readouterr().err and not (tmp_path / "o").exists()

@@ -3,8 +3,8 @@
 import pytest
 
 from vitslim.cli import main
-from vitslim.errors import VitslimError
 from vitslim.demo import run_demo
+from vitslim.errors import VitslimError
 
 
 @pytest.mark.slow

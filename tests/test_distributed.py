@@ -12,11 +12,10 @@ import pytest
 import safetensors.torch
 import timm
 import torch
+from plain_vit import write_random_images
 
 import vitslim
 from vitslim.cli import main
-
-from plain_vit import write_random_images
 
 
 def _torchrun(*args: str, processes: int = 2) -> subprocess.CompletedProcess:
@@ -36,7 +35,7 @@ def setup(tmp_path_factory):
 def test_two_processes_calibrate_and_distil_to_the_same_weights_as_one(setup):
     root, folder, images = setup
     # 16 calibration images in 2 batches, 24 training images in 3 global batches of 8 (4 per rank)
-    options = ["--data", str(images), "--param-ratio", "0.5", "--calib-images", "16", "--batch-size", "8", "--finetune-epochs", "1"]
+    options = ["--data", str(images), "--param-ratio", "0.5", "--calib-images", "16", "--batch-size", "8", "--recovery-epochs", "1"]
     assert main(["compress", str(folder), *options, "--out", str(root / "one")]) == 0
     run = _torchrun("compress", str(folder), *options, "--out", str(root / "two"))
     assert run.returncode == 0, run.stderr[-3000:]
@@ -75,7 +74,7 @@ def test_channel_pruning_with_merging_trains_under_ddp_and_writes_once(setup):
     run on rank 0, and both are shared."""
     root, folder, images = setup
     out = root / "cait"
-    run = _torchrun("compress", str(folder), "--data", str(images), "--method", "cait", "--speedup", "1.5", "--epochs", "1",
+    run = _torchrun("compress", str(folder), "--data", str(images), "--method", "cait", "--speedup", "1.5", "--gate-epochs", "1",
                     "--batch-size", "8", "--out", str(out))
     assert run.returncode == 0, run.stderr[-3000:]
     assert run.stdout.count("saved to") == 1

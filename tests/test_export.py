@@ -3,17 +3,18 @@
 import pytest
 import timm
 import torch
+from plain_vit import PlainViT, tiny_hf_vit
 
 import vitslim
-from vitslim.cli import main
-from vitslim.errors import VitslimError
-from vitslim.export import export_onnx, onnx_max_abs_diff
 from vitslim.cait.channels import slice_channels
 from vitslim.cait.compress import compress_cait
 from vitslim.cait.patch import merge_schedule
+from vitslim.cli import main
+from vitslim.errors import VitslimError
+from vitslim.export import export_onnx, onnx_max_abs_diff
 from vitslim.lowrank.compress import compress_lowrank
 from vitslim.quantize import quantize_int8
-from plain_vit import PlainViT, tiny_hf_vit
+from vitslim.recipe import steps as recipe_steps
 
 TINY = dict(img_size=32, patch_size=8, embed_dim=64, depth=2, num_heads=2, num_classes=10)
 
@@ -104,7 +105,7 @@ def test_composed_model_exports_to_onnx_and_torch_export(tmp_path):
     slice_channels(model, masks=importance_masks(model, 0.6))
     factorised = compress_lowrank(model, _calibration(), param_ratio=0.7, sensitivity="none", compensation=False, progress=False)
     composed = compress_cait(factorised, speedup=1.2, measure=False)
-    assert [step["method"] for step in composed.vitslim_steps] == ["channels", "lowrank", "merging"]
+    assert [step["method"] for step in recipe_steps(composed)] == ["channels", "lowrank", "merging"]
     images = torch.randn(3, 3, 32, 32, generator=torch.Generator().manual_seed(3))
     assert onnx_max_abs_diff(composed, export_onnx(composed, tmp_path / "composed.onnx"), images) < 1e-4
     assert program_max_abs_diff(composed, export_program(composed, tmp_path / "composed.pt2"), images) < 1e-4

@@ -4,11 +4,11 @@ import json
 
 import pytest
 import torch
+from plain_vit import PlainViT, tiny_hf_vit, write_random_images
 
 import vitslim
 from vitslim.cli import main
 from vitslim.errors import VitslimError
-from plain_vit import PlainViT, tiny_hf_vit, write_random_images
 
 
 @pytest.fixture(scope="module")

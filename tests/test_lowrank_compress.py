@@ -3,14 +3,14 @@
 import pytest
 import timm
 import torch
+from plain_vit import PlainViT, tiny_hf_vit
 
 import vitslim
 from vitslim.errors import VitslimError
 from vitslim.lowrank.compress import compress_lowrank, compressible_linears
 from vitslim.lowrank.layers import LowRankLinear
 from vitslim.metrics import count_params
-from vitslim.persist import STEPS_ATTR
-from plain_vit import PlainViT, tiny_hf_vit
+from vitslim.recipe import steps as recipe_steps
 
 TINY = dict(img_size=32, patch_size=8, embed_dim=64, depth=2, num_heads=2, num_classes=10)
 
@@ -36,7 +36,7 @@ def test_budget_is_met_and_the_original_is_untouched(family):
     compressed = compress_lowrank(model, _batches(), param_ratio=0.6, progress=False)
     target = int(0.6 * count_params(model))
     assert count_params(compressed) <= target
-    assert count_params(compressed) > target - max(l.in_features + l.out_features for l in compressible_linears(model).values())
+    assert count_params(compressed) > target - max(layer.in_features + layer.out_features for layer in compressible_linears(model).values())
     assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
     assert any(isinstance(m, LowRankLinear) for m in compressed.modules())
     with torch.no_grad():
@@ -48,7 +48,7 @@ def test_budget_is_met_and_the_original_is_untouched(family):
 @pytest.mark.parametrize("family", ["timm", "hf"])
 def test_save_and_reload_of_a_factorised_model_is_bit_identical(family, tmp_path):
     compressed = compress_lowrank(_models()[family], _batches(), param_ratio=0.5, rank_multiple=4, progress=False)
-    step = getattr(compressed, STEPS_ATTR)[-1]
+    step = recipe_steps(compressed)[-1]
     assert step["method"] == "lowrank" and all(rank % 4 == 0 for rank in step["ranks"].values())
     reloaded = vitslim.load_model(vitslim.save(compressed, tmp_path / "out"))
     x = _batches(1, seed=3)[0]
@@ -143,7 +143,7 @@ def test_fisher_sensitivity_is_zero_where_the_output_cannot_matter():
     assert weights["blocks.1.mlp.fc2"] == 0.0 and weights["blocks.1.mlp.fc1"] == 0.0
     assert all(w > 0 for n, w in weights.items() if not n.startswith("blocks.1.mlp"))
     compressed = compress_lowrank(model, _batches(), param_ratio=0.6, rank_multiple=2, progress=False)
-    ranks = getattr(compressed, STEPS_ATTR)[-1]["ranks"]
+    ranks = recipe_steps(compressed)[-1]["ranks"]
     assert ranks["blocks.1.mlp.fc2"] == 2 and ranks["blocks.1.mlp.fc1"] == 2
 
 
@@ -152,7 +152,7 @@ def test_fisher_needs_no_trainable_parameters():
     for parameter in model.parameters():
         parameter.requires_grad_(False)
     compressed = compress_lowrank(model, _batches(), param_ratio=0.6, progress=False)
-    assert getattr(compressed, STEPS_ATTR)[-1]["sensitivity"] == "fisher"
+    assert recipe_steps(compressed)[-1]["sensitivity"] == "fisher"
 
 
 def test_fisher_is_refused_for_the_baselines():
@@ -170,7 +170,7 @@ def test_compensation_lowers_the_error_of_the_compressed_model():
             compressed = compress_lowrank(model, batches, param_ratio=0.4, compensation=compensation, progress=False)
             error[compensation] = float((torch.cat([compressed(x) for x in batches]) - reference).square().mean())
     assert error[True] < error[False]
-    assert getattr(compressed, STEPS_ATTR)[-1]["compensation"] is True
+    assert recipe_steps(compressed)[-1]["compensation"] is True
 
 
 def _compensate_by_whole_forwards(original, compressed, names, batches):
@@ -203,9 +203,9 @@ def test_block_cached_compensation_equals_whole_network_replay(family):
     batches = _batches(3)
     ratio = 0.6 if family == "torch" else 0.4  # the packed out_proj stays dense
     principal = compress_lowrank(model, batches, param_ratio=ratio, compensation=False, sensitivity="none", progress=False)
-    names = list(getattr(principal, STEPS_ATTR)[-1]["ranks"])
+    names = list(recipe_steps(principal)[-1]["ranks"])
     fast = compress_lowrank(model, batches, param_ratio=ratio, compensation=True, sensitivity="none", progress=False)
-    assert list(getattr(fast, STEPS_ATTR)[-1]["ranks"]) == names
+    assert list(recipe_steps(fast)[-1]["ranks"]) == names
     with torch.no_grad():
         uncompensated = vitslim.describe(principal).logits(batches[0])
     vitslim.adapters.prepare_for_replacement(model)  # the reference hooks need the layers called

@@ -118,14 +118,18 @@ def test_allocation_equals_brute_force_for_equal_shaped_layers(budget):
     assert normalised_error(layers, plans) == pytest.approx(_brute_force(layers, budget), abs=1e-12)
 
 
-def test_allocation_is_optimal_for_its_own_cost_with_mixed_shapes():
-    """Greedy by gain per parameter is the Lagrangian solution: optimal at the cost it spends."""
-    layers = _layers([(8, 3), (5, 5), (9, 6)], seed=3)
-    for budget in range(0, 140, 7):
+@pytest.mark.parametrize("seed", range(4))
+def test_allocation_with_mixed_shapes_is_within_one_component_of_optimal(seed):
+    """With layers of different shapes the costs are not interchangeable, so greedy by gain per
+    parameter can miss the optimum (seed 3 at a budget of 62: 0.063 behind it); the greedy
+    knapsack bound still holds at every budget: never worse than the optimum by more than the
+    largest single component's share of its layer's energy."""
+    layers = _layers([(8, 3), (5, 5), (9, 6)], seed=seed)
+    largest_share = max(float(layer.energy.max() / layer.energy.sum()) for layer in layers)
+    for budget in range(0, 140, 2):
         plans = allocate(layers, budget)
-        spent = sum(p.params for p in plans)
-        assert spent <= budget
-        assert normalised_error(layers, plans) <= _brute_force(layers, spent) + 1e-12 or spent != budget
+        assert sum(p.params for p in plans) <= budget
+        assert normalised_error(layers, plans) <= _brute_force(layers, budget) + largest_share
 
 
 def test_break_even_layers_stay_dense_and_ranks_respect_the_multiple():
@@ -141,7 +145,7 @@ def test_break_even_layers_stay_dense_and_ranks_respect_the_multiple():
 
 def test_sensitivity_weights_shift_rank_towards_the_sensitive_layer():
     base = _layers([(16, 16), (16, 16)], seed=2)
-    base = [LayerCost(l.name, 16, 16, torch.arange(16, 0, -1, dtype=torch.float64)) for l in base]
+    base = [LayerCost(layer.name, 16, 16, torch.arange(16, 0, -1, dtype=torch.float64)) for layer in base]
     even = allocate(base, budget=6 * 32)  # below break-even (rank 8 of 16x16 costs the dense 256)
     weighted = allocate([base[0], LayerCost("l1", 16, 16, base[1].energy, weight=5.0)], budget=6 * 32)
     assert even[0].rank == even[1].rank == 3
@@ -152,7 +156,7 @@ def test_uniform_allocation_uses_one_fraction_and_fits():
     layers = _layers([(64, 64), (64, 256)], seed=1)
     plans = uniform(layers, budget=10_000)
     assert sum(p.params for p in plans) <= 10_000
-    fractions = [p.rank / (l.dense // l.per_rank) for l, p in zip(layers, plans)]
+    fractions = [p.rank / (layer.dense // layer.per_rank) for layer, p in zip(layers, plans)]
     assert abs(fractions[0] - fractions[1]) < 0.1
 
 

@@ -4,11 +4,11 @@ import pytest
 import safetensors.torch
 import timm
 import torch
+from shared_paths import VIT_D6, needs_shared
 
 import vitslim
 from vitslim.errors import VitslimError
 from vitslim.persist import RECIPE_FILE, WEIGHTS_FILE
-from shared_paths import VIT_D6, needs_shared
 
 TINY = dict(img_size=32, patch_size=8, embed_dim=32, depth=2, num_heads=2, num_classes=10)
 

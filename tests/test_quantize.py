@@ -4,6 +4,7 @@ bit-identical save/reload, bytes on disk, parameter counts and refusals."""
 import pytest
 import timm
 import torch
+from plain_vit import PlainViT, tiny_hf_vit
 from torch import nn
 from torch.nn import functional as F
 
@@ -12,9 +13,8 @@ from vitslim.errors import VitslimError
 from vitslim.lowrank.compress import compress_lowrank
 from vitslim.lowrank.layers import LowRankLinear
 from vitslim.metrics import count_params, folder_bytes
-from vitslim.persist import STEPS_ATTR
 from vitslim.quantize import Int8Linear, quantize_int8
-from plain_vit import PlainViT, tiny_hf_vit
+from vitslim.recipe import steps as recipe_steps
 
 # 16 patches of 4x4, width 64, depth 4: the Linears hold 96% of the parameters
 TINY = dict(img_size=16, patch_size=4, embed_dim=64, depth=4, num_heads=2, num_classes=10)
@@ -115,7 +115,7 @@ def test_lowrank_then_int8_stays_close_and_quantises_every_linear(lowrank, lowra
     factorised = [m for m in lowrank_int8.modules() if isinstance(m, LowRankLinear)]
     assert factorised and all(isinstance(m.up, Int8Linear) and isinstance(m.down, Int8Linear) for m in factorised)
     assert isinstance(lowrank_int8.head, Int8Linear)
-    steps = getattr(lowrank_int8, STEPS_ATTR)
+    steps = recipe_steps(lowrank_int8)
     assert [step["method"] for step in steps] == ["lowrank", "int8"]
     assert "head" in steps[1]["modules"] and "blocks.0.mlp.fc1.up" in steps[1]["modules"]
     assert count_params(lowrank_int8) == count_params(lowrank)
@@ -130,7 +130,7 @@ def test_int8_folder_reloads_bit_identical(lowrank_int8, tmp_path):
     assert torch.equal(_logits(reloaded, images), _logits(lowrank_int8, images))
     assert isinstance(reloaded.blocks[0].attn.qkv.up, Int8Linear) and reloaded.blocks[0].attn.qkv.up.weight.dtype == torch.int8
     assert count_params(reloaded) == count_params(lowrank_int8)
-    assert [step["method"] for step in getattr(reloaded, STEPS_ATTR)] == ["lowrank", "int8"]
+    assert [step["method"] for step in recipe_steps(reloaded)] == ["lowrank", "int8"]
 
 
 def test_int8_folder_is_about_a_quarter_of_the_float_one(tmp_path):
@@ -170,10 +170,10 @@ def test_a_model_without_linear_layers_is_refused(lowrank_int8):
         quantize_int8(lowrank_int8)
 
 
-def test_the_int8_step_is_found_from_the_recipe_alone():
-    """load_folder imports a step's module from persist's fixed table, so a fresh process that
-    never imported vitslim.quantize can still reload an int8 folder."""
-    from vitslim.persist import STEP_APPLIERS, STEP_MODULES
-    from vitslim import quantize
+def test_the_int8_step_is_registered_for_reload_and_summary():
+    """Loading finds every step's rebuild function through the recipe registry, which imports
+    the pipeline's stages on first need: no fixed table of modules to keep in step."""
+    from vitslim import quantize, recipe
 
-    assert STEP_MODULES["int8"] == "vitslim.quantize" and STEP_APPLIERS["int8"] is quantize._rebuild
+    assert recipe.step_kind("int8").rebuild is quantize._rebuild
+    assert recipe.summarise({"method": "int8", "modules": ["a", "b"]}) == "int8 weights (2 layers)"

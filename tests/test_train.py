@@ -10,7 +10,7 @@ from torch.utils.data import Dataset
 import vitslim
 from vitslim.data import UNLABELLED
 from vitslim.errors import VitslimError
-from vitslim.train import distill
+from vitslim.train import Training, distill
 
 TINY = dict(img_size=16, patch_size=4, embed_dim=32, depth=2, num_heads=2, num_classes=5)
 FAST = dict(lr=3e-3, batch_size=8, progress=False)
@@ -68,7 +68,7 @@ def test_kd_loss_falls_toward_the_teacher_and_unreadable_images_are_skipped():
     data = RandomImages(unreadable={3})
     before = _kl(student, teacher, data)
     teacher_before = copy.deepcopy(teacher.state_dict())
-    returned = distill(student, teacher, data, epochs=4, warmup_fraction=0.1, **FAST)
+    returned = distill(student, teacher, data, Training(epochs=4, **FAST), warmup_fraction=0.1)
     assert returned is student and not student.training
     assert _kl(student, teacher, data) < 0.5 * before
     assert all(torch.equal(v, teacher.state_dict()[k]) for k, v in teacher_before.items())
@@ -76,7 +76,7 @@ def test_kd_loss_falls_toward_the_teacher_and_unreadable_images_are_skipped():
 
 def test_two_runs_with_one_seed_give_identical_weights_and_another_seed_does_not():
     teacher, start = _vit(0), _vit(1)
-    runs = [distill(copy.deepcopy(start), teacher, RandomImages(), epochs=2, seed=seed, **FAST) for seed in (7, 7, 8)]
+    runs = [distill(copy.deepcopy(start), teacher, RandomImages(), Training(epochs=2, seed=seed, **FAST)) for seed in (7, 7, 8)]
     assert _same_weights(runs[0], runs[1])
     assert not _same_weights(runs[0], runs[2])
 
@@ -92,14 +92,14 @@ def test_resume_after_an_interruption_ends_with_the_uninterrupted_weights(tmp_pa
             raise KeyboardInterrupt
         return torch.zeros(())
 
-    reference = distill(copy.deepcopy(start), teacher, data, epochs=4, extra_loss=lambda m: torch.zeros(()), **FAST)
+    reference = distill(copy.deepcopy(start), teacher, data, Training(epochs=4, **FAST), extra_loss=lambda m: torch.zeros(()))
     with pytest.raises(KeyboardInterrupt):
-        distill(copy.deepcopy(start), teacher, data, epochs=4, extra_loss=crash_in_epoch_three, checkpoint_dir=tmp_path, **FAST)
+        distill(copy.deepcopy(start), teacher, data, Training(epochs=4, checkpoints=tmp_path, **FAST), extra_loss=crash_in_epoch_three)
     assert sorted(p.name for p in tmp_path.iterdir()) == ["epoch-0002"]
     assert sorted(p.name for p in (tmp_path / "epoch-0002").iterdir()) == ["optimizer.safetensors", "state.json", "student.safetensors"]
     with pytest.raises(VitslimError, match="other settings.*lr"):
-        distill(copy.deepcopy(start), teacher, data, epochs=4, extra_loss=lambda m: torch.zeros(()), checkpoint_dir=tmp_path, resume=True, **{**FAST, "lr": 1e-3})
-    resumed = distill(copy.deepcopy(start), teacher, data, epochs=4, extra_loss=lambda m: torch.zeros(()), checkpoint_dir=tmp_path, resume=True, **FAST)
+        distill(copy.deepcopy(start), teacher, data, Training(epochs=4, checkpoints=tmp_path, resume=True, **{**FAST, "lr": 1e-3}), extra_loss=lambda m: torch.zeros(()))
+    resumed = distill(copy.deepcopy(start), teacher, data, Training(epochs=4, checkpoints=tmp_path, resume=True, **FAST), extra_loss=lambda m: torch.zeros(()))
     assert _same_weights(resumed, reference)
     assert sorted(p.name for p in tmp_path.iterdir()) == ["epoch-0004"]
 
@@ -108,53 +108,53 @@ def test_label_term_pulls_the_student_toward_the_labels():
     teacher, start = _vit(0), _vit(1)
     data = RandomImages()
     batches = [(data.images[i:i + 8], torch.tensor(data.labels[i:i + 8])) for i in range(0, 32, 8)]  # an iterable of batches
-    runs = {weight: distill(copy.deepcopy(start), teacher, batches, epochs=3, label_weight=weight, **FAST) for weight in (0.0, 2.0)}
+    runs = {weight: distill(copy.deepcopy(start), teacher, batches, Training(epochs=3, **FAST), label_weight=weight) for weight in (0.0, 2.0)}
     with torch.no_grad():
         ce = {weight: float(torch.nn.functional.cross_entropy(model(data.images), torch.tensor(data.labels))) for weight, model in runs.items()}
     assert ce[2.0] < ce[0.0] - 0.1  # random labels: 1.48 vs 1.64 here
     with pytest.raises(VitslimError, match="needs labels"):
-        distill(copy.deepcopy(start), teacher, [b[0] for b in batches], epochs=1, label_weight=1.0, **FAST)
+        distill(copy.deepcopy(start), teacher, [b[0] for b in batches], Training(epochs=1, **FAST), label_weight=1.0)
     unlabelled = [(images, torch.full((len(images),), UNLABELLED)) for images, _ in batches]  # as a plain image folder gives them
     with pytest.raises(VitslimError, match="training images are unlabelled"):
-        distill(copy.deepcopy(start), teacher, unlabelled, epochs=1, label_weight=1.0, **FAST)
-    distill(copy.deepcopy(start), teacher, unlabelled, epochs=1, **FAST)  # distillation alone needs no labels
+        distill(copy.deepcopy(start), teacher, unlabelled, Training(epochs=1, **FAST), label_weight=1.0)
+    distill(copy.deepcopy(start), teacher, unlabelled, Training(epochs=1, **FAST))  # distillation alone needs no labels
 
 
 def test_extra_loss_is_added_to_the_objective():
     teacher, start = _vit(0), _vit(1)
     penalty = lambda model: model.head.weight.square().sum()  # noqa: E731
-    runs = [distill(copy.deepcopy(start), teacher, RandomImages(), epochs=2, extra_loss=extra, **FAST) for extra in (None, penalty)]
+    runs = [distill(copy.deepcopy(start), teacher, RandomImages(), Training(epochs=2, **FAST), extra_loss=extra) for extra in (None, penalty)]
     assert runs[1].head.weight.norm() < 0.8 * runs[0].head.weight.norm()
 
 
-@pytest.mark.parametrize("data, kwargs, message", [
-    ("dataset", {"epochs": -1}, "epochs must be"),
-    ("dataset", {"epochs": 1, "lr": 0.0}, "learning rate must be above 0"),
-    ("empty", {"epochs": 1}, "holds no images"),
-    ("no-batches", {"epochs": 1}, "holds no batches"),
-    ("unreadable", {"epochs": 1}, "no readable images"),
-    ("dataset", {"epochs": 1, "resume": True}, "needs the checkpoint_dir"),
-    ("dataset", {"epochs": 1, "temperature": 0.0}, "temperature must be above 0"),
-    ("iterable-dataset", {"epochs": 1}, "IterableDataset"),
-    ("bad-batches", {"epochs": 1}, "a training batch must be"),
-    ("list-of-samples", {"epochs": 1}, "pass single .* samples as a torch Dataset"),
+@pytest.mark.parametrize("data, training, kwargs, message", [
+    ("dataset", {"epochs": -1}, {}, "Training.epochs must be"),
+    ("dataset", {"epochs": 1, "lr": 0.0}, {}, "learning rate.* must be above 0"),
+    ("empty", {"epochs": 1}, {}, "holds no images"),
+    ("no-batches", {"epochs": 1}, {}, "holds no batches"),
+    ("unreadable", {"epochs": 1}, {}, "no readable images"),
+    ("dataset", {"epochs": 1, "resume": True}, {}, "needs Training.checkpoints"),
+    ("dataset", {"epochs": 1}, {"temperature": 0.0}, "temperature must be above 0"),
+    ("iterable-dataset", {"epochs": 1}, {}, "IterableDataset"),
+    ("bad-batches", {"epochs": 1}, {}, "a training batch must be"),
+    ("list-of-samples", {"epochs": 1}, {}, "pass single .* samples as a torch Dataset"),
 ])
-def test_bad_inputs_are_clear_errors(data, kwargs, message):
+def test_bad_inputs_are_clear_errors(data, training, kwargs, message):
     data = {"dataset": RandomImages(8), "empty": RandomImages(0), "no-batches": [], "bad-batches": ["images"], "list-of-samples": [RandomImages(8)[0]],
             "unreadable": RandomImages(8, unreadable=range(8)), "iterable-dataset": Stream()}[data]
     with pytest.raises(VitslimError, match=message):
-        distill(_vit(1), _vit(0), data, progress=False, **kwargs)
+        distill(_vit(1), _vit(0), data, Training(progress=False, **training), **kwargs)
 
 
 def test_a_teacher_with_other_classes_or_inputs_is_refused():
     with pytest.raises(VitslimError, match="same classes"):
-        distill(_vit(1), _vit(0, num_classes=7), RandomImages(8), epochs=1, progress=False)
+        distill(_vit(1), _vit(0, num_classes=7), RandomImages(8), Training(epochs=1, progress=False))
     with pytest.raises(VitslimError, match="different inputs"):
-        distill(_vit(1), _vit(0, img_size=32), RandomImages(8), epochs=1, progress=False)
+        distill(_vit(1), _vit(0, img_size=32), RandomImages(8), Training(epochs=1, progress=False))
 
 
 def test_zero_epochs_returns_the_student_untouched_in_eval_mode():
     teacher, student = _vit(0), _vit(1).train()
     before = copy.deepcopy(student)
-    assert not distill(student, teacher, RandomImages(8), epochs=0, progress=False).training
+    assert not distill(student, teacher, RandomImages(8), Training(epochs=0, progress=False)).training
     assert _same_weights(student, before)

@@ -1,4 +1,4 @@
-"""Throughput, latency and memory, measured by the protocol of DESIGN.md §4.
+"""Throughput, latency and memory, measured by the protocol in docs/protocol.md.
 
 All models run in one process, in interleaved rounds (the order rotates each round), so slow
 drift of a shared machine (thermal, other tenants) hits every model alike and the ratios stay

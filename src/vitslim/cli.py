@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import re
 import sys
 from pathlib import Path
 
@@ -54,14 +55,6 @@ def cli(verbose: bool) -> None:
             sys.stdout = open(os.devnull, "w")
 
 
-def _save(model, out) -> None:
-    """Write the result on rank 0 alone (every process when not under torchrun)."""
-    from vitslim.distributed import on_main
-    from vitslim.persist import save
-
-    click.echo(f"saved to {on_main(lambda: save(model, Path(out)))}")
-
-
 @cli.command("eval")
 @click.argument("model")
 @click.option("--data", required=True, help="ImageFolder directory, a zip of one, or a CSV (file,label) beside its images; "
@@ -78,8 +71,8 @@ def _save(model, out) -> None:
 def eval_command(model, data, limit, skip, seed, teacher, batch_size, workers, device, pretrained, as_json):
     """Accuracy, parameters and FLOPs of MODEL on labelled images (with --teacher: agreement and KL, on any images)."""
     from vitslim.evaluate import evaluate
-    from vitslim.metrics import folder_bytes
     from vitslim.folder_io import WEIGHTS_FILE
+    from vitslim.metrics import folder_bytes
 
     student = _load(model, pretrained)
     reference = _load(teacher, pretrained) if teacher else None
@@ -123,184 +116,168 @@ def bench_command(models, batch_size, threads, device, dtype, runs, warmup, as_j
     click.echo(render(["model", "images/s", "ratio", "latency ms", "peak MB", "params", "FLOPs/img"], rows))
 
 
-def _model_and_calibration(model, like, params, data, calib_images, seed, batch_size):
-    """The original model, the parameter budget (``--like`` resolved), the training images and a
-    seeded calibration subset of ``calib_images`` of them as batches."""
-    from vitslim import data as imagedata
-    from vitslim.adapters import describe
-    from vitslim.metrics import count_params
-
-    original = _load(model)
-    if like is not None:
-        params = count_params(_load(like))
-    spec = describe(original)
-    dataset = imagedata.open_images(data, imagedata.build_transform(spec.preprocessing), class_names=spec.label_names, labels_required=False)
-    if len(dataset) < calib_images:
-        raise VitslimError(f"{data} holds {len(dataset)} images, fewer than --calib-images {calib_images}")
-    return original, params, dataset, imagedata.make_loader(imagedata.select(dataset, limit=calib_images, seed=seed), batch_size)
+SHARED_TRAINING_FLAGS = {"Training.lr": "--lr", "Training.batch_size": "--batch-size", "Training.checkpoints": "--checkpoints",
+                         "Training.resume": "--resume"}
+# old flag -> (new flag for the lowrank methods, new flag for the methods that train channel gates); removed in 0.3
+DEPRECATED = {"--finetune-epochs": ("--recovery-epochs", "--gate-epochs"), "--epochs": ("--recovery-epochs", "--gate-epochs"),
+              "--finetune-lr": ("--lr", "--lr")}
 
 
-@cli.command("compress")
+def _method_in(args: list[str]) -> str | None:
+    """The ``--method`` value among raw arguments, read before click parses them (for ``--help``)."""
+    for index, arg in enumerate(args):
+        if arg == "--method" and index + 1 < len(args):
+            return args[index + 1]
+        if arg.startswith("--method="):
+            return arg.partition("=")[2]
+    return None
+
+
+def _method_options() -> dict[str, click.Option]:
+    """One click option per method option name, across every registered method."""
+    from vitslim.methods import methods
+    from vitslim.train import Training
+
+    made: dict[str, click.Option] = {}
+    for method in methods():
+        for option in method.options:
+            if option.name in made:
+                continue
+            if option.kind is bool:
+                flags = [f"{option.cli_flag}/{option.off}", option.name]
+                made[option.name] = click.Option(flags, default=None, help=option.help)
+            elif option.kind is Training:
+                made[option.name] = click.Option([option.cli_flag, option.name], type=click.IntRange(min=0), help=option.help)
+            else:
+                kind = click.Choice(option.choices) if option.choices else option.kind
+                made[option.name] = click.Option([option.cli_flag, option.name], type=kind, help=option.help)
+    return made
+
+
+class CompressCommand(click.Command):
+    """``compress`` with each method's own options: ``--help`` lists the shared options and, for
+    ``--method M``, only M's (without it, each method's in a section of its own)."""
+
+    def get_params(self, ctx):
+        """The shared options, then every registered method's (read now, so a method registered
+        after this module was imported has its options too)."""
+        shared = super().get_params(ctx)
+        return [*shared[:-1], *_method_options().values(), shared[-1]]  # --help stays last
+
+    def parse_args(self, ctx, args):
+        ctx.meta["vitslim_method"] = _method_in(args)
+        return super().parse_args(ctx, args)
+
+    def format_options(self, ctx, formatter):
+        from vitslim.methods import get_method, methods
+
+        method_names = set(_method_options())
+        shared = [p.get_help_record(ctx) for p in self.get_params(ctx) if isinstance(p, click.Option) and p.name not in method_names and not p.hidden]
+        with formatter.section("Options for every method"):
+            formatter.write_dl([record for record in shared if record])
+        chosen = ctx.meta.get("vitslim_method")
+        shown = [get_method(chosen)] if chosen in {m.name for m in methods()} else methods()
+        by_name = {p.name: p for p in self.get_params(ctx)}
+        for method in shown:
+            with formatter.section(f"--method {method.name} ({method.summary})"):
+                formatter.write_dl([by_name[option.name].get_help_record(ctx) for option in method.options])
+
+
+def _training(epochs: int, flag: str, *, lr, batch_size, seed, device, checkpoints, resume, folder: str):
+    """A ``Training`` from the shared flags, its errors said in flags."""
+    from vitslim.errors import ParameterError
+    from vitslim.train import Training
+
+    try:
+        return Training(epochs=epochs, lr=lr, batch_size=batch_size, seed=seed, device=device, checkpoints=checkpoints,
+                        resume=resume).within(folder)
+    except ParameterError as error:
+        raise _in_flags(error, {"Training.epochs": flag}) from None
+
+
+def _in_flags(error, flags: dict[str, str]) -> VitslimError:
+    """A library ``ParameterError`` re-worded with the CLI's flag names."""
+    names = {**SHARED_TRAINING_FLAGS, **flags}
+    pattern = re.compile(r"(?<![\w.-])(" + "|".join(re.escape(name) for name in sorted(names, key=len, reverse=True)) + r")(?![\w])")
+    return VitslimError(pattern.sub(lambda match: names[match.group(1)], str(error)))
+
+
+@cli.command("compress", cls=CompressCommand)
 @click.argument("model")
-@click.option("--data", required=True, help="Calibration images (train split, never the images you report on): class folders, "
-                                             "a zip, a CSV, or a plain folder of unlabelled images (none of the methods needs labels).")
+@click.option("--data", required=True, help="Training images (never the images you report on): class folders, a zip, a CSV, or a plain "
+                                             "folder of unlabelled images (no method needs labels). Calibration, gate training and recovery read them.")
 @click.option("--out", required=True, help="Output folder (model.safetensors + recipe.json + config.json).")
-@click.option("--method", type=click.Choice(["lowrank", "svd", "asvd", "cait", "lowrank+cait"]), default="lowrank", show_default=True,
-              help="lowrank: activation-aware whitened SVD (svd, asvd: its baselines in the same code path); "
-                   "cait: token merging (ATME) plus, with --epochs, consistent channel pruning (CDCP); "
-                   "lowrank+cait: all three axes, the target split between them by measured cost.")
-@click.option("--speedup", type=float, help="cait, lowrank+cait: target throughput, times the original's (measured after compression).")
-@click.option("--flops-ratio", type=float, help="lowrank+cait: keep at most this fraction of the original's FLOPs per image.")
-@click.option("--recovery-epochs", type=int, default=0, show_default=True,
-              help="lowrank+cait: distil the original into the composed model for E epochs once it is built.")
-@click.option("--merge", type=click.Choice(["atme", "tome"]), default="atme", show_default=True, help="cait: token merging method (tome: the ToMe baseline).")
-@click.option("--token-speedup", type=float, help="cait: the share of --speedup given to token merging (default: its square root when channels are pruned, all of it otherwise).")
-@click.option("--channel-ratio", type=float, help="cait: fraction of the blocks' FLOPs the channel gates keep (default: what --speedup leaves after tokens).")
-@click.option("--concentration", type=float,
-              help="cait, lowrank+cait: how front-loaded the merge schedule is (block i's share of the merged tokens weighs (depth-1-i)^C; 0 spreads evenly). "
-                   "Default: the C of 1, 2 or 4 whose schedule keeps the original's logits best on --calib-images of --data.")
-@click.option("--consistent/--unconstrained", default=True, show_default=True, help="cait: one channel mask shared by all heads (CDCP), or per-head masks (the ablation).")
-@click.option("--param-ratio", type=float, help="Keep this fraction of the whole model's parameters (0 < R < 1).")
-@click.option("--params", type=int, help="Keep this many parameters.")
-@click.option("--like", help="Keep as many parameters as this timm model has (e.g. deit_small_patch16_224).")
-@click.option("--allocation", type=click.Choice(["mixed", "uniform"]), default="mixed", show_default=True)
-@click.option("--sensitivity", type=click.Choice(["fisher", "none"]), help="Per-layer error weights for mixed allocation (default: fisher for lowrank, none for the baselines).")
-@click.option("--compensation/--no-compensation", default=None, help="Refit each factorised layer to the compressed prefix's inputs (default: on for lowrank, off for the baselines).")
-@click.option("--rank-multiple", type=int, default=1, show_default=True, callback=_positive("--rank-multiple"), help="Round ranks to multiples of k (8 or 16 keep matmuls fast).")
+@click.option("--method", default="lowrank", show_default=True,
+              help="The compression method (lowrank, svd, asvd, cait, lowrank+cait, or any registered); "
+                   "'vitslim compress MODEL --method M --help' lists M's options.")
+@click.option("--like", help="Keep as many parameters as this timm model has (e.g. deit_small_patch16_224); methods with a parameter budget.")
 @click.option("--calib-images", type=int, default=256, show_default=True, callback=_positive("--calib-images"), help="Calibration images, a seeded subset of --data.")
-@click.option("--seed", type=int, default=0, show_default=True)
-@click.option("--batch-size", type=int, default=32, show_default=True, callback=_positive("--batch-size"))
-@click.option("--finetune-epochs", "--epochs", "finetune_epochs", type=int, default=0, show_default=True,
-              help="Distil the original into the result for E epochs over all of --data (cait: trains the channel gates; 0 = training-free token merging).")
-@click.option("--finetune-lr", type=float, default=1e-4, show_default=True, help="Peak AdamW learning rate of the fine-tune (warm-up, then cosine).")
-@click.option("--checkpoints", help="Folder for the fine-tune's per-epoch checkpoints (pickle-free).")
-@click.option("--resume", is_flag=True, help="Continue the fine-tune from the last checkpoint in --checkpoints.")
+@click.option("--seed", type=int, default=0, show_default=True, help="Seed of the calibration subset and of every training run.")
+@click.option("--batch-size", type=int, default=32, show_default=True, callback=_positive("--batch-size"), help="Batch of calibration and training.")
+@click.option("--recovery-epochs", type=click.IntRange(min=0), default=0, show_default=True,
+              help="Distil the original into the compressed model for E epochs over all of --data (knowledge-distillation recovery).")
+@click.option("--lr", type=float, default=1e-4, show_default=True, help="Peak AdamW learning rate of gate training and recovery (warm-up, then cosine).")
+@click.option("--checkpoints", help="Folder for per-epoch training checkpoints (pickle-free): gates/ and recovery/ inside.")
+@click.option("--resume", is_flag=True, help="Continue the training runs from the last checkpoints in --checkpoints.")
 @click.option("--int8", is_flag=True, help="Finally quantise every Linear's weights to int8 (per output channel): about 4x fewer bytes on disk.")
-@click.option("--device", default="cpu", show_default=True, help="Where calibration and distillation run (cuda: under torchrun, each rank's own GPU).")
-def compress_command(model, data, out, method, speedup, flops_ratio, recovery_epochs, merge, token_speedup, channel_ratio, concentration, consistent, param_ratio, params, like, allocation, sensitivity,
-                     compensation, rank_multiple, calib_images, seed, batch_size, finetune_epochs, finetune_lr, checkpoints, resume, int8, device):
-    """Compress MODEL to one budget (parameters, or speed-up for cait) and save it to --out."""
-    from vitslim.lowrank.compress import compress_lowrank
+@click.option("--device", default="cpu", show_default=True, help="Where calibration and training run (cuda: under torchrun, each rank's own GPU).")
+@click.option("--finetune-epochs", "--epochs", "old_epochs", type=int, hidden=True)
+@click.option("--finetune-lr", "old_lr", type=float, hidden=True)
+@click.pass_context
+def compress_command(ctx, model, data, out, method, like, calib_images, seed, batch_size, recovery_epochs, lr, checkpoints, resume, int8, device,
+                     old_epochs, old_lr, **method_values):
+    """Compress MODEL with one method to its budget (parameters, speed-up or FLOPs), optionally
+    recover with distillation and quantise to int8, and save it to --out."""
+    from vitslim.errors import ParameterError
+    from vitslim.methods import get_method
     from vitslim.metrics import count_params
-    from vitslim.persist import STEPS_ATTR, check_output_folder
-    from vitslim.quantize import quantize_int8
-    from vitslim.train import distill
+    from vitslim.pipeline import compress_to_folder
 
-    if finetune_epochs < 0:
-        raise VitslimError("--finetune-epochs must be 0 or more")
+    try:
+        chosen = get_method(method)
+    except ParameterError as error:
+        raise VitslimError(f"--method {error.problem}") from None
+    given = {name for name in method_values if ctx.get_parameter_source(name) == click.core.ParameterSource.COMMANDLINE}
+    flags = {option.name: option.cli_flag for option in chosen.options}
+    trains_gates = "gate_training" in flags
+    if old_epochs is not None:
+        new = DEPRECATED["--finetune-epochs"][trains_gates]
+        click.echo(f"vitslim: warning: --finetune-epochs/--epochs is deprecated; for --method {method} use {new}", err=True)
+        if trains_gates:
+            method_values["gate_training"] = old_epochs
+            given.add("gate_training")
+        else:
+            recovery_epochs = old_epochs
+    if old_lr is not None:
+        click.echo("vitslim: warning: --finetune-lr is deprecated; use --lr", err=True)
+        lr = old_lr
+    stray = sorted(given - set(flags))
+    if stray or (like is not None and "params" not in flags):
+        names = [_method_options()[name].opts[0] for name in stray] + (["--like"] if like is not None and "params" not in flags else [])
+        raise VitslimError(f"{', '.join(names)} {'does' if len(names) == 1 else 'do'} not apply to --method {method}; "
+                           f"see 'vitslim compress MODEL --method {method} --help'")
+    options = {name: method_values[name] for name in given}
+    if like is not None:
+        if "params" in options or "param_ratio" in options:
+            raise VitslimError("state the parameter budget once: --param-ratio, --params or --like")
+        options["params"] = count_params(_load(like))
+    settings = dict(lr=lr, batch_size=batch_size, seed=seed, device=device, checkpoints=checkpoints, resume=resume)
+    gate_epochs = options.pop("gate_training", 0) or 0
     if resume and not checkpoints:
-        raise VitslimError("--resume needs --checkpoints, the folder the interrupted fine-tune wrote")
-    if (checkpoints or resume) and not (finetune_epochs or recovery_epochs):
-        raise VitslimError("--checkpoints and --resume belong to the fine-tune; give --epochs/--finetune-epochs too")
-    if method == "lowrank+cait":
-        _compress_composed(model, data, out, device=device, speedup=speedup, flops_ratio=flops_ratio, param_ratio=param_ratio, params=params, like=like,
-                           channel_ratio=channel_ratio, merge=merge, concentration=concentration, epochs=finetune_epochs, recovery_epochs=recovery_epochs,
-                           calib_images=calib_images, lr=finetune_lr, batch_size=batch_size, seed=seed, checkpoints=checkpoints, resume=resume,
-                           stray=[name for name, value in (("--token-speedup", token_speedup), ("--int8", int8 or None),
-                                                           ("--allocation", None if allocation == "mixed" else allocation), ("--sensitivity", sensitivity),
-                                                           ("--compensation/--no-compensation", compensation),
-                                                           ("--rank-multiple", None if rank_multiple == 1 else rank_multiple),
-                                                           ("--unconstrained", None if consistent else True)) if value is not None])
-        return
-    if flops_ratio is not None or recovery_epochs:
-        raise VitslimError("--flops-ratio and --recovery-epochs belong to --method lowrank+cait")
-    if method == "cait":
-        _compress_cait(model, data, out, device=device, speedup=speedup, merge=merge, token_speedup=token_speedup, channel_ratio=channel_ratio,
-                       concentration=concentration, consistent=consistent, calib_images=calib_images, epochs=finetune_epochs, lr=finetune_lr,
-                       batch_size=batch_size, seed=seed, checkpoints=checkpoints, resume=resume,
-                       stray=[name for name, value in (("--param-ratio", param_ratio), ("--params", params), ("--like", like), ("--int8", int8 or None)) if value is not None])
-        return
-    if speedup is not None or token_speedup is not None or channel_ratio is not None or concentration is not None:
-        raise VitslimError("--speedup, --token-speedup, --channel-ratio and --concentration belong to --method cait; low-rank methods take a parameter budget")
-    if sum(option is not None for option in (param_ratio, params, like)) != 1:
-        raise VitslimError("state exactly one budget: --param-ratio, --params or --like")
-    check_output_folder(out)
-    original, params, dataset, batches = _model_and_calibration(model, like, params, data, calib_images, seed, batch_size)
-    original.to(device)
-    factorisation = {"lowrank": "whitened", "svd": "svd", "asvd": "asvd"}[method]
-    compressed = compress_lowrank(original, batches, param_ratio=param_ratio, params=params, method=factorisation,
-                                  allocation=allocation, sensitivity=sensitivity, compensation=compensation, rank_multiple=rank_multiple, min_images=calib_images)
-    step = getattr(compressed, STEPS_ATTR)[-1]
-    rows = [[name, str(step["ranks"].get(name, "dense")), f"{100 * kept:.1f}%"] for name, kept in step["kept_energy"].items()]
-    click.echo(render(["layer", "rank", "kept energy"], rows))
-    before, after = count_params(original), count_params(compressed)
-    click.echo(f"params {before:,} -> {after:,} ({100 * after / before:.1f}%, target {step['target_params']:,})")
-    if finetune_epochs:
-        distill(compressed, original, dataset, epochs=finetune_epochs, lr=finetune_lr, batch_size=batch_size, seed=seed, device=device,
-                checkpoint_dir=checkpoints, resume=resume)
-    compressed.to("cpu")
+        raise VitslimError("--resume needs --checkpoints, the folder the interrupted training wrote")
+    if (checkpoints or resume) and not (gate_epochs or recovery_epochs):
+        raise VitslimError("--checkpoints and --resume belong to training; give --recovery-epochs or --gate-epochs too")
+    if gate_epochs:
+        options["gate_training"] = _training(gate_epochs, "--gate-epochs", folder="gates", **settings)
+    recovery = _training(recovery_epochs, "--recovery-epochs", folder="recovery", **settings) if recovery_epochs else None
+    try:
+        _, compressed, folder = compress_to_folder(model, data, out, method, report=click.echo, calib_images=calib_images, calib_batch_size=batch_size,
+                                                   seed=seed, device=device, recovery=recovery, int8=int8, **options)
+    except ParameterError as error:
+        raise _in_flags(error, {**flags, "calib_images": "--calib-images", "Training.epochs": "--recovery-epochs"}) from None
     if int8:
-        compressed = quantize_int8(compressed)
         click.echo("weights quantised to int8 (per output channel)")
-    _save(compressed, out)
-
-
-def _compress_cait(model, data, out, *, device, speedup, merge, token_speedup, channel_ratio, concentration, consistent, calib_images, epochs, lr, batch_size,
-                   seed, checkpoints, resume, stray):
-    from vitslim import data as imagedata
-    from vitslim.adapters import describe
-    from vitslim.cait.compress import compress_cait
-    from vitslim.cait.patch import merge_schedule
-    from vitslim.metrics import count_params
-    from vitslim.persist import STEPS_ATTR, check_output_folder
-
-    if stray:
-        raise VitslimError(f"{', '.join(stray)} do not apply to --method cait, which takes --speedup (and --epochs)")
-    if speedup is None:
-        raise VitslimError("--method cait needs --speedup S (S > 1, a multiple of the original's throughput)")
-    check_output_folder(out)
-    original = _load(model)
-    spec = describe(original)
-    dataset = imagedata.open_images(data, imagedata.build_transform(spec.preprocessing), class_names=spec.label_names, labels_required=False)
-    compressed = compress_cait(original, dataset, speedup=speedup, epochs=epochs, merge=merge, token_speedup=token_speedup, channel_ratio=channel_ratio,
-                               concentration=concentration, calib_images=calib_images, consistent=consistent, lr=lr, batch_size=batch_size, seed=seed,
-                               device=device, checkpoint_dir=checkpoints, resume=resume)
-    steps = {step["method"]: step for step in getattr(compressed, STEPS_ATTR, [])}
-    schedule = merge_schedule(compressed)
-    if schedule is not None:
-        click.echo(render(["block", "tokens merged after it", "level"], [[str(b), str(r), str(level) if merge == "atme" else "-"] for b, r, level in schedule.steps]))
-        merging = steps["merging"]
-        scores = merging.get("concentration_kl")
-        click.echo(f"schedule concentration {merging['concentration']:g}"
-                   + (f" (KL to the original on the calibration images: {', '.join(f'{c}: {kl:.4f}' for c, kl in scores.items())})" if scores else ""))
-    if "channels" in steps:
-        widths = steps["channels"]["blocks"]
-        click.echo(render(["block", "head dim", "MLP hidden"], [[index, str(w.get("head_dim", "-")), str(w.get("mlp_hidden", "-"))] for index, w in widths.items()]))
-    measured = steps.get("merging", {}).get("measured_speedup")
-    click.echo(f"params {count_params(original):,} -> {count_params(compressed):,}" + (f"; measured speed-up {measured:.2f}x (target {speedup:g}x)" if measured else ""))
-    _save(compressed, out)
-
-
-def _compress_composed(model, data, out, *, device, speedup, flops_ratio, param_ratio, params, like, channel_ratio, merge, concentration, epochs, recovery_epochs,
-                       calib_images, lr, batch_size, seed, checkpoints, resume, stray):
-    from vitslim.compose import compress_composed
-    from vitslim.metrics import count_params
-    from vitslim.persist import STEPS_ATTR, check_output_folder
-
-    if stray:
-        raise VitslimError(f"{', '.join(stray)} do not apply to --method lowrank+cait")
-    if recovery_epochs < 0:
-        raise VitslimError("--recovery-epochs must be 0 or more")
-    if sum(option is not None for option in (param_ratio, params, like)) > 1:
-        raise VitslimError("state the parameter budget once: --param-ratio, --params or --like")
-    if speedup is None and flops_ratio is None and param_ratio is None and params is None and like is None:
-        raise VitslimError("--method lowrank+cait needs a target: state a target with --speedup, --flops-ratio, --param-ratio, --params or --like")
-    check_output_folder(out)
-    original, params, dataset, calibration = _model_and_calibration(model, like, params, data, calib_images, seed, batch_size)
-    original.to(device)
-    compressed = compress_composed(original, calibration, dataset, speedup=speedup, flops_ratio=flops_ratio, param_ratio=param_ratio,
-                                   params=params, epochs=epochs, finetune_epochs=recovery_epochs, channel_ratio=channel_ratio, merge=merge,
-                                   concentration=concentration, lr=lr, batch_size=batch_size, seed=seed, device=device, checkpoint_dir=checkpoints, resume=resume)
-    steps = {step["method"]: step for step in getattr(compressed, STEPS_ATTR, [])}
-    split = steps["composed"]
-    click.echo(render(["axis", "level", "probe cost (KL)", "probe FLOPs ratio", "probe speed-up"],
-                      [[probe["axis"], f"{probe['level']:g}", f"{probe['cost']:.4f}", f"{probe['flops_ratio']:.2f}",
-                        "not timed" if probe["speedup"] is None else f"{probe['speedup']:.2f}x"]
-                       for probe in split["probes"] if probe["level"] == split["levels"][probe["axis"]]]))
-    measured = split.get("measured_speedup")
-    click.echo(f"split: {', '.join(f'{axis} {level:g}' for axis, level in split['levels'].items())}; "
-               f"params {count_params(original):,} -> {count_params(compressed):,}" + (f"; measured speed-up {measured:.2f}x" if measured else ""))
-    _save(compressed, out)
+    click.echo(f"saved to {folder}")
 
 
 @cli.command("sweep")
@@ -372,41 +349,6 @@ def export_command(model, onnx_path, program_path, check_images, tolerance, pret
         click.echo(f"wrote {path}; {name} vs PyTorch on {check_images} images: max abs difference {difference:.3g} (tolerance {tolerance:g})")
 
 
-MERGE_NAMES = {"atme": "ATME", "tome": "ToMe"}
-
-
-def _span(values) -> str:
-    low, high = min(values), max(values)
-    return f"{low}" if low == high else f"{low}-{high}"
-
-
-def _step_summary(step: dict) -> str:
-    """One line on a recipe step, for people: what was changed and what was chosen or measured."""
-    method = step.get("method")
-    if method == "lowrank":
-        ranks = step.get("ranks", {}).values()
-        return (f"{step.get('factorisation', '')} low-rank, {len(ranks)} layers at ranks {_span(ranks) if ranks else '-'}"
-                f"{', compensated' if step.get('compensation') else ''}, target {step.get('target_params', 0):,} params")
-    if method == "channels":
-        widths = step.get("blocks", {}).values()
-        heads = [w["head_dim"] for w in widths if "head_dim" in w]
-        hidden = [w["mlp_hidden"] for w in widths if "mlp_hidden" in w]
-        return (f"{'consistent' if step.get('consistent', True) else 'per-head'} channel pruning: head dim {_span(heads) if heads else 'kept'}, "
-                f"MLP hidden {_span(hidden) if hidden else 'kept'}")
-    if method == "merging":
-        schedule = step.get("schedule", {})
-        steps = schedule.get("steps", [])
-        measured = step.get("measured_speedup")
-        return (f"{MERGE_NAMES.get(schedule.get('method'), schedule.get('method'))} token merging: {sum(r for _, r, _ in steps)} tokens after blocks "
-                f"{', '.join(str(b) for b, _, _ in steps)}" + (f", concentration {step['concentration']:g}" if "concentration" in step else "")
-                + (f", measured {measured:.2f}x" if measured else ""))
-    if method == "int8":
-        return f"int8 weights ({len(step.get('modules', []))} layers)"
-    if method == "composed":
-        return "composed split: " + ", ".join(f"{axis} {level:g}" for axis, level in step.get("levels", {}).items())
-    return str(method)
-
-
 @cli.command("info")
 @click.argument("model")
 def info_command(model):
@@ -414,12 +356,12 @@ def info_command(model):
     for a vitslim folder what its recipe changed."""
     from vitslim.adapters import describe
     from vitslim.metrics import count_params
-    from vitslim.persist import STEPS_ATTR
+    from vitslim.recipe import steps, summarise
 
     loaded = _load(model)
     spec = describe(loaded)
     attn = spec.blocks[0].attention
-    steps = [["compression step", _step_summary(step)] for step in getattr(loaded, STEPS_ATTR, [])]
+    step_rows = [["compression step", summarise(step)] for step in steps(loaded)]
     click.echo(render(["property", "value"], [
         ["family", spec.family], ["blocks", str(len(spec.blocks))], ["embed dim", str(spec.embed_dim)],
         ["heads x head dim", f"{attn.num_heads} x {attn.head_dim}"], ["attention layout", attn.layout],
@@ -428,7 +370,7 @@ def info_command(model):
         ["classes", str(spec.num_classes)], ["params", human(count_params(spec.model))],
         ["compressible linears", str(len(spec.linears()))],
         ["input", "x".join(map(str, spec.preprocessing.input_size)) + f", {spec.preprocessing.interpolation}, crop {spec.preprocessing.crop_pct:g}"],
-        *steps,
+        *step_rows,
     ]))
 
 

@@ -16,9 +16,9 @@ is decided by measurement, not by fixed shares:
    combined gains meet every stated bound, found exhaustively over the ladder. Gains combine
    multiplicatively (speed, FLOPs) and on the compressible weights (parameters); costs add.
    Both are approximations, and the final model is measured, not predicted.
-3. **Build**: channels pruned with distillation (``epochs``) while the chosen merge schedule is in
-   place, low-rank factors fitted to the sliced model with compensation, an optional distillation
-   of the whole (``finetune_epochs``), then the merge schedule; for a speed-up target the
+3. **Build**: channels pruned with distillation (``gate_training``) while the chosen merge schedule
+   is in place, low-rank factors fitted to the sliced model with compensation, then the merge
+   schedule; for a speed-up target the
    schedule is tightened until the measured speed-up reaches it (as ``compress_cait`` does).
    The schedule's concentration is chosen on the calibration images as ``compress_cait`` chooses
    it (``cait.shape``); the token probes keep concentration 1, three schedules per level being
@@ -43,16 +43,18 @@ from torch import nn
 
 from vitslim.adapters import describe
 from vitslim.cait.channels import importance_masks, slice_channels
-from vitslim.cait.compress import PROMISE, annotate_merging, measured_speedup, meet_speedup, prune_channels
-from vitslim.cait.patch import MERGING_ATTR, apply_token_merging, remove_token_merging
+from vitslim.cait.compress import PROMISE, measured_speedup, meet_speedup, prune_channels
+from vitslim.cait.patch import MERGING_ATTR, apply_token_merging
+from vitslim.cait.patch import STEP as MERGING_STEP
 from vitslim.cait.schedule import schedule_for_speedup
 from vitslim.cait.shape import planned_schedule
 from vitslim.distributed import on_main
-from vitslim.errors import VitslimError
+from vitslim.errors import ParameterError, VitslimError
 from vitslim.lowrank.calibration import leading_images
 from vitslim.lowrank.compress import compress_lowrank, compressible_linears
 from vitslim.metrics import count_flops, count_params, mean_kl
-from vitslim.persist import record_step, register_step
+from vitslim.recipe import find_step, record_step, register_step, update_step
+from vitslim.train import Training
 
 logger = logging.getLogger("vitslim")
 
@@ -91,11 +93,11 @@ class Target:
 
     def __post_init__(self) -> None:
         if self.speedup is None and self.flops_ratio is None and self.params is None:
-            raise VitslimError("state a target: --speedup, --flops-ratio, --param-ratio or --params")
+            raise ParameterError("speedup", "(or flops_ratio, param_ratio, params): state a target")
         if self.speedup is not None and not self.speedup > 1:
-            raise VitslimError(f"--speedup must be greater than 1, got {self.speedup:g}")
+            raise ParameterError("speedup", f"must be greater than 1, got {self.speedup:g}")
         if self.flops_ratio is not None and not 0 < self.flops_ratio < 1:
-            raise VitslimError(f"--flops-ratio must be between 0 and 1 (exclusive), got {self.flops_ratio:g}")
+            raise ParameterError("flops_ratio", f"must be between 0 and 1 (exclusive), got {self.flops_ratio:g}")
 
 
 @dataclass(frozen=True)
@@ -228,60 +230,55 @@ def compress_composed(
     flops_ratio: float | None = None,
     param_ratio: float | None = None,
     params: int | None = None,
-    epochs: int = 0,
-    finetune_epochs: int = 0,
+    gate_training: Training | None = None,
     axes: tuple[str, ...] = AXES,
     channel_ratio: float | None = None,
     merge: str = "atme",
     concentration: float | None = None,
     probe_images: int = PROBE_IMAGES,
     probe_runs: int = 20,
-    lr: float = 1e-4,
-    batch_size: int = 64,
-    seed: int = 0,
     device: str = "cpu",
-    checkpoint_dir=None,
-    resume: bool = False,
     progress: bool = True,
 ) -> nn.Module:
     """A copy of ``model`` compressed on all three axes to meet every stated bound (a measured
     ``speedup``, a ``flops_ratio``, a parameter budget as ``param_ratio`` or ``params``).
 
     ``calibration`` are the calibration image batches (probes and low-rank statistics);
-    ``train_data`` the training images for distillation (as ``vitslim.distill`` takes them),
-    needed when ``epochs`` (CDCP gate training; without it channels are not pruned) or
-    ``finetune_epochs`` (a distillation of the composed model) is above 0. ``axes`` limits the
-    split to some of the axes (one axis alone is that method's own speed-matched baseline);
-    ``channel_ratio`` fixes the channels' FLOPs ratio instead of letting the split choose it;
-    ``concentration`` fixes the merge schedule's instead of choosing it on ``calibration``. The split and the probes it came from are recorded in the recipe (step ``composed``).
+    ``train_data`` the training images the channel gates are trained on (as ``vitslim.distill``
+    takes them), needed with ``gate_training`` (CDCP; without it channels are not pruned).
+    ``axes`` limits the split to some of the axes (one axis alone is that method's own
+    speed-matched baseline); ``channel_ratio`` fixes the channels' FLOPs ratio instead of letting
+    the split choose it; ``concentration`` fixes the merge schedule's instead of choosing it on
+    ``calibration``. The split and the probes it came from are recorded in the recipe (step
+    ``composed``). A distillation of the composed model is the pipeline's recovery step
+    (``vitslim.compress(..., recovery=Training(...))``), as for every method.
     """
+    pruning = gate_training is not None and gate_training.epochs > 0
     unknown = set(axes) - set(AXES)
     if unknown or not axes:
-        raise VitslimError(f"unknown axes {sorted(unknown)}; choose from {', '.join(AXES)}")
-    if channel_ratio is not None and not (0 < channel_ratio < 1 and epochs and "channels" in axes):
-        raise VitslimError("channel_ratio must lie in (0, 1), and channel pruning needs epochs > 0 and the channels axis")
+        raise ParameterError("axes", f"names unknown axes {sorted(unknown)}; choose from {', '.join(AXES)}")
+    if channel_ratio is not None and not (0 < channel_ratio < 1 and pruning and "channels" in axes):
+        raise ParameterError("channel_ratio", "must lie in (0, 1), and channel pruning needs gate_training and the channels axis")
     if param_ratio is not None and params is not None:
-        raise VitslimError("give the parameter budget once: --param-ratio or --params")
-    if epochs < 0 or finetune_epochs < 0:
-        raise VitslimError("epochs must be 0 or more")
-    if (epochs or finetune_epochs) and train_data is None:
-        raise VitslimError("distillation needs the training images: pass train_data")
+        raise ParameterError("param_ratio", "and params both state the parameter budget; give one")
+    if pruning and train_data is None:
+        raise VitslimError("gate training needs the training images: pass train_data")
     if getattr(model, MERGING_ATTR, None) is not None:
         raise VitslimError("the model already merges tokens; compress the original model")
     total, fixed = count_params(model), fixed_params(model)
     if param_ratio is not None:
         if not 0 < param_ratio < 1:
-            raise VitslimError(f"--param-ratio must be between 0 and 1 (exclusive), got {param_ratio}")
+            raise ParameterError("param_ratio", f"must be between 0 and 1 (exclusive), got {param_ratio}")
         params = int(param_ratio * total)
     if params is not None and not fixed < params < total:
-        raise VitslimError(f"the parameter budget must lie between the {fixed:,} parameters no axis removes and the model's {total:,}")
+        raise ParameterError("params", f"(the parameter budget) must lie between the {fixed:,} parameters no axis removes and the model's {total:,}")
     target = Target(speedup=speedup, flops_ratio=flops_ratio, params=params)
     calibration = list(calibration)
     hint = ""
-    if not epochs and "channels" in axes:
+    if not pruning and "channels" in axes:
         axes = tuple(axis for axis in axes if axis != "channels")
-        hint = ", or give epochs so that channels can be pruned too"
-        logger.info("channels are not pruned: CDCP trains its gates, and epochs is 0")
+        hint = ", or give gate training so that channels can be pruned too"
+        logger.info("channels are not pruned: CDCP trains its gates, and no gate training was given")
     ladders = {axis: LEVELS[axis] for axis in axes}
     if channel_ratio is not None:
         ladders["channels"] = (channel_ratio,)
@@ -294,27 +291,14 @@ def compress_composed(
     schedule, planning = None, {"concentration": 1.0}
     if split.levels["tokens"] > 1:
         schedule, planning = planned_schedule(student, merge, split.levels["tokens"], calibration, concentration=concentration, progress=progress)
-    folder = (lambda name: None) if checkpoint_dir is None else (lambda name: f"{checkpoint_dir}/{name}")
     if split.levels["channels"] < 1:
-        prune_channels(student, model, train_data, channel_ratio=split.levels["channels"], schedule=schedule, epochs=epochs, lr=lr,
-                       batch_size=batch_size, seed=seed, device=device, checkpoint_dir=folder("channels"), resume=resume, progress=progress)
+        prune_channels(student, model, train_data, gate_training, channel_ratio=split.levels["channels"], schedule=schedule)
     kept = fixed_params(student)
     budget = kept + int(split.levels["lowrank"] * (count_params(student) - kept))
     if params is not None:  # the stated budget holds whatever widths the channel gates settled on
         budget = min(budget, params)
     if budget < count_params(student):
         student = compress_lowrank(student.to(device), calibration, params=budget, progress=progress).to("cpu")
-    if finetune_epochs:
-        from vitslim.train import distill
-
-        if schedule is not None:
-            apply_token_merging(student, schedule, record=False)
-        distill(student, model, train_data, epochs=finetune_epochs, lr=lr, batch_size=batch_size, seed=seed + 1, device=device,
-                checkpoint_dir=folder("finetune"), resume=resume, progress=progress)
-        if schedule is not None:
-            remove_token_merging(student)
-        student.to("cpu").eval()
-        model.to("cpu")
     if schedule is not None:
         apply_token_merging(student, schedule)
     measured = None
@@ -324,7 +308,8 @@ def compress_composed(
         measured = measured_speedup(model, student, device=device)
         if measured < PROMISE * speedup:
             logger.warning("measured speed-up %.2fx is below the %.2fx target (token merging, which could close the gap, is not among the axes)", measured, speedup)
-    annotate_merging(student, planning)
+    if find_step(student, MERGING_STEP) is not None:
+        update_step(student, MERGING_STEP, planning)
     record_step(student, {"method": STEP, "target": {k: v for k, v in target.__dict__.items() if v is not None}, **split.as_dict(),
                           "measured_speedup": None if measured is None else round(measured, 3),
                           "probes": [{**probe.__dict__, "cost": round(probe.cost, 6), "speedup": _rounded(probe.speedup, 3),
@@ -332,7 +317,7 @@ def compress_composed(
     return student
 
 
-@register_step(STEP)
+@register_step(STEP, summary=lambda step: "composed split: " + ", ".join(f"{axis} {level:g}" for axis, level in step.get("levels", {}).items()))
 def _rebuild(model: nn.Module, step: dict) -> None:
     """Nothing to rebuild: the step documents the split; the channel, low-rank and merging steps
     before it carry the structure."""

@@ -26,10 +26,9 @@ from vitslim.bench import benchmark
 from vitslim.errors import VitslimError
 from vitslim.evaluate import evaluate
 from vitslim.loading import load_model
-from vitslim.cait.compress import compress_cait
-from vitslim.compose import compress_composed
-from vitslim.lowrank.compress import compress_lowrank
 from vitslim.persist import save
+from vitslim.pipeline import compress
+from vitslim.recipe import find_step
 from vitslim.table import human, percent, render
 
 DIGITS_IMAGE_SIZE = 16  # 8x8 digits upsampled, 4x4 patches of 4 pixels
@@ -107,25 +106,30 @@ class Variant:
     note: str
 
 
+# (name, folder, method, options, note): every method vitslim registers, through the same pipeline a user's run takes
+DEMO_VARIANTS = (
+    ("low-rank 50%", "lowrank-50", "lowrank", {"param_ratio": 0.5, "rank_multiple": 4}, "whitened SVD, mixed ranks, 50% of the parameters"),
+    ("low-rank 30%", "lowrank-30", "lowrank", {"param_ratio": 0.3, "rank_multiple": 4}, "whitened SVD, mixed ranks, 30% of the parameters"),
+    ("CAIT ATME", "cait-atme", "cait", {"speedup": 1.5, "measure": False}, "training-free neighbour token merging, 1.5x by the FLOPs model"),
+    ("low-rank + ATME", "lowrank+cait", "lowrank+cait", {"flops_ratio": 0.4, "param_ratio": 0.5},
+     "one target (40% of the FLOPs, 50% of the parameters) split by measured cost"),
+)
+
+
 def build_variants(original: nn.Module, work: Path) -> list[Variant]:
-    """The original, then one entry per method vitslim implements (later issues add theirs)."""
+    """The original, its save + reload round trip, then one entry per demo variant."""
     variants = [Variant("original", original, "trained on the digits' train split")]
     save(original, work / "original")
     reloaded = load_model(work / "original")
     variants.append(Variant("saved + reloaded", reloaded, "safetensors + recipe round trip"))
     calibration = _calibration_batches(original)
-    for ratio in (0.5, 0.3):
-        compressed = compress_lowrank(original, calibration, param_ratio=ratio, rank_multiple=4, progress=False)
-        save(compressed, work / f"lowrank-{int(100 * ratio)}")
-        variants.append(Variant(f"low-rank {int(100 * ratio)}%", compressed, f"whitened SVD, mixed ranks, {int(100 * ratio)}% of the parameters"))
-    merged = compress_cait(original, calibration, speedup=1.5, measure=False, progress=False)
-    save(merged, work / "cait-atme")
-    variants.append(Variant("CAIT ATME", merged, "training-free neighbour token merging, 1.5x by the FLOPs model"))
-    composed = compress_composed(original, calibration, flops_ratio=0.4, param_ratio=0.5, progress=False)
-    save(composed, work / "lowrank+cait")
-    levels = composed.vitslim_steps[-1]["levels"]
-    variants.append(Variant("low-rank + ATME", composed, f"one target (40% of the FLOPs, 50% of the parameters) split by measured cost: "
-                                                        f"low-rank {levels['lowrank']:g}, tokens {levels['tokens']:g}x"))
+    for name, folder, method, options, note in DEMO_VARIANTS:
+        compressed = compress(original, method, calibration, progress=False, **options)
+        save(compressed, work / folder)
+        split = find_step(compressed, "composed")
+        if split is not None:
+            note += f": low-rank {split['levels']['lowrank']:g}, tokens {split['levels']['tokens']:g}x"
+        variants.append(Variant(name, compressed, note))
     return variants
 
 

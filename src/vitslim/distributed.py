@@ -19,11 +19,11 @@ Outside ``torchrun`` (no process group) every helper is the identity: one proces
 from __future__ import annotations
 
 import os
-from typing import Callable, TypeVar
+from collections.abc import Callable
+from typing import TypeVar
 
 import torch
 import torch.distributed as dist
-
 
 T = TypeVar("T")
 

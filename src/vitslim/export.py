@@ -20,8 +20,8 @@ import torch
 from torch import nn
 
 from vitslim.adapters import describe
-from vitslim.atomic import atomic_file
 from vitslim.adapters.base import logits_of
+from vitslim.atomic import atomic_file
 from vitslim.errors import VitslimError
 
 

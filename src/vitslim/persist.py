@@ -8,17 +8,16 @@ each replayed by a registered function before the weights are loaded strictly.
 
 from __future__ import annotations
 
-import importlib
 import json
 import os
 from pathlib import Path
-from typing import Callable
 
 import safetensors.torch
 import torch
 from torch import nn
 
 from vitslim import __version__
+from vitslim import recipe as recipes
 from vitslim.adapters import PREPROCESSING_ATTR, describe, family_named, family_of
 from vitslim.adapters.base import Preprocessing
 from vitslim.atomic import atomic_folder, check_writable
@@ -28,31 +27,6 @@ from vitslim.folder_io import CONFIG_FILE, WEIGHTS_FILE, load_state_strict, load
 RECIPE_FILE = "recipe.json"
 RECIPE_FORMAT = "vitslim"
 RECIPE_VERSION = 1
-STEPS_ATTR = "vitslim_steps"
-
-# method name -> function(model, step) that re-applies a structural change to a freshly built model
-STEP_APPLIERS: dict[str, Callable[[nn.Module, dict], None]] = {}
-# vitslim's own modules that register those functions, imported on first need. A fixed table:
-# a name read from a recipe only ever selects one of these, never an arbitrary import.
-STEP_MODULES = {"lowrank": "vitslim.lowrank.compress", "int8": "vitslim.quantize", "merging": "vitslim.cait.patch", "channels": "vitslim.cait.channels",
-                "composed": "vitslim.compose"}
-
-
-def register_step(method: str):
-    """Decorator for a method's rebuild function, so saved folders reload its structural changes."""
-
-    def register(function: Callable[[nn.Module, dict], None]):
-        STEP_APPLIERS[method] = function
-        return function
-
-    return register
-
-
-def record_step(model: nn.Module, step: dict) -> None:
-    """Append a structural change to the model's own history; ``save`` writes it to the recipe."""
-    if step.get("method") not in STEP_APPLIERS:
-        raise ValueError(f"no rebuild function registered for method {step.get('method')!r}")
-    setattr(model, STEPS_ATTR, [*getattr(model, STEPS_ATTR, []), step])
 
 
 def _versions() -> dict:
@@ -103,7 +77,7 @@ def save(model: nn.Module, folder: str | os.PathLike, *, extra: dict | None = No
         "architecture": architecture,
         "preprocessing": spec.preprocessing.as_dict(),
         "label_names": spec.label_names,
-        "steps": getattr(model, STEPS_ATTR, []),
+        "steps": recipes.steps(model),
         "versions": _versions(),
         **(extra or {}),
     }
@@ -130,13 +104,8 @@ def load_folder(folder: Path, *, skeleton: nn.Module | None = None) -> nn.Module
     family = family_named(recipe.get("family", ""))
     model = skeleton if skeleton is not None else family.build(recipe["architecture"])
     for step in recipe.get("steps", []):
-        if step.get("method") not in STEP_APPLIERS and step.get("method") in STEP_MODULES:
-            importlib.import_module(STEP_MODULES[step["method"]])
-        apply = STEP_APPLIERS.get(step.get("method"))
-        if apply is None:
-            raise VitslimError(f"{folder} uses method {step.get('method')!r}, which this vitslim version cannot rebuild; upgrade vitslim")
-        apply(model, step)
-    setattr(model, STEPS_ATTR, list(recipe.get("steps", [])))
+        recipes.rebuild(model, step, folder)
+    recipes.set_steps(model, recipe.get("steps", []))
     load_state_strict(model, load_weights(folder / WEIGHTS_FILE), folder / WEIGHTS_FILE)
     setattr(model, PREPROCESSING_ATTR, Preprocessing.from_dict(recipe["preprocessing"]))
     if recipe.get("label_names") and family.FAMILY == "timm":

@@ -23,8 +23,9 @@ from torch.nn import functional as F
 
 from vitslim.adapters import FAMILIES, prepare_for_replacement, replace_submodule
 from vitslim.adapters.base import is_linear
+from vitslim.cait.patch import apply_token_merging, merging_suspended
 from vitslim.errors import VitslimError
-from vitslim.persist import record_step, register_step
+from vitslim.recipe import record_step, register_step
 
 STEP = "int8"
 QMAX = 127  # symmetric range [-127, 127]; -128 is never used, so negation is exact
@@ -49,7 +50,7 @@ class Int8Linear(nn.Module):
         self.bias = nn.Parameter(torch.zeros(out_features, dtype=bias_dtype, device=device)) if bias else None
 
     @classmethod
-    def from_linear(cls, linear: nn.Linear) -> "Int8Linear":
+    def from_linear(cls, linear: nn.Linear) -> Int8Linear:
         """Quantise ``linear``'s weight per output channel; the bias is kept as it is (a copy)."""
         weight = linear.weight.detach()
         bias = linear.bias
@@ -128,7 +129,8 @@ def quantize_int8(model: nn.Module) -> nn.Module:
     """
     if isinstance(model, nn.Linear):
         raise VitslimError("quantize_int8 replaces the Linear layers inside a model; for a single layer use Int8Linear.from_linear")
-    quantised = copy.deepcopy(model).eval()
+    with merging_suspended(model) as schedule:  # a deep copy would share the original's hooks
+        quantised = copy.deepcopy(model).eval()
     linears = _quantisable(quantised)
     if not linears:
         already = any(isinstance(m, Int8Linear) for m in quantised.modules())
@@ -139,11 +141,13 @@ def quantize_int8(model: nn.Module) -> nn.Module:
     _prepare(quantised)
     names = list(linears)
     _replace_all(quantised, names, lambda name, linear: Int8Linear.from_linear(linear))
+    if schedule is not None:  # its recipe step came with the copy
+        apply_token_merging(quantised, schedule, record=False)
     record_step(quantised, {"method": STEP, "modules": names})
     return quantised
 
 
-@register_step(STEP)
+@register_step(STEP, summary=lambda step: f"int8 weights ({len(step.get('modules', []))} layers)")
 def _rebuild(model: nn.Module, step: dict) -> None:
     """Recipe replay: give each named Linear its int8 shape (weights and scales are loaded after)."""
     _prepare(model)
@@ -157,6 +161,7 @@ def _rebuild(model: nn.Module, step: dict) -> None:
                           bias_dtype=bias.dtype if bias is not None else torch.float32)
 
     try:
-        _replace_all(model, list(step["modules"]), empty)
+        with merging_suspended(model):  # the merging hooks move to the int8 layers
+            _replace_all(model, list(step["modules"]), empty)
     except AttributeError as error:
         raise VitslimError(f"the recipe's int8 step names a module the rebuilt model lacks ({error}); the recipe is corrupt") from None

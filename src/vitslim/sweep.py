@@ -28,11 +28,6 @@ from vitslim.atomic import atomic_file
 from vitslim.errors import VitslimError
 from vitslim.table import human, percent, render
 
-PARAMETER_METHODS = {"lowrank": "whitened", "svd": "svd", "asvd": "asvd"}  # budget: fraction of the parameters kept
-SPEED_METHODS = {"cait": "atme", "tome": "tome"}  # budget: target speed-up
-COMPOSED = "lowrank+cait"  # budget: FLOPs reduction factor S (FLOPs ratio 1/S), optionally "@R" for a cap on the parameters kept
-METHODS = [*PARAMETER_METHODS, *SPEED_METHODS, COMPOSED]
-
 
 @dataclass(frozen=True)
 class Point:
@@ -54,29 +49,30 @@ def _number(spec: str, text: str) -> float:
 
 
 def parse_budgets(specs: list[str]) -> list[Point]:
-    """``["lowrank=0.5,0.3", "cait=1.5", "lowrank+cait=2@0.5"]`` → points, checking each method's
-    budget range."""
+    """``["lowrank=0.5,0.3", "cait=1.5", "lowrank+cait=2@0.5"]`` → points, checking each budget
+    as its method reads it (``vitslim.methods.SweepBudget``)."""
+    from vitslim.methods import sweep_budgets
+
+    known = sweep_budgets()
     points = []
     for spec in specs:
         method, sep, values = spec.partition("=")
         if not sep or not values:
             raise VitslimError(f"--budgets takes METHOD=V[,V...] (e.g. lowrank=0.5,0.3, cait=1.5,2 or lowrank+cait=2@0.5), got {spec!r}")
-        if method not in METHODS:
-            raise VitslimError(f"unknown sweep method {method!r}; choose from {', '.join(METHODS)}")
+        if method not in known:
+            raise VitslimError(f"unknown sweep method {method!r}; choose from {', '.join(known)}")
+        budget_kind = known[method][1]
         for text in values.split(","):
             speed, cap, ratio = text.partition("@")
-            if cap and method != COMPOSED:
-                raise VitslimError(f"--budgets {spec!r}: only {COMPOSED} takes a parameter cap (S@R)")
+            if cap and not budget_kind.cap:
+                capped = [name for name, (_, other) in known.items() if other.cap]
+                raise VitslimError(f"--budgets {spec!r}: only {', '.join(capped)} {'takes' if len(capped) == 1 else 'take'} a parameter cap (S@R)")
             budget = _number(spec, speed)
             param_ratio = _number(spec, ratio) if cap else None
-            if method in PARAMETER_METHODS and not 0 < budget < 1:
-                raise VitslimError(f"{method} budgets are fractions of the parameters kept (0 < R < 1), got {budget:g}")
-            if method in SPEED_METHODS and not budget > 1:
-                raise VitslimError(f"{method} budgets are speed-ups (greater than 1), got {budget:g}")
-            if method == COMPOSED and not budget > 1:
-                raise VitslimError(f"{method} budgets are FLOPs reduction factors (greater than 1; 2 keeps half the FLOPs), got {budget:g}")
+            if not budget_kind.valid(budget):
+                raise VitslimError(f"{method} budgets are {budget_kind.meaning}, got {budget:g}")
             if param_ratio is not None and not 0 < param_ratio < 1:
-                raise VitslimError(f"{COMPOSED} parameter caps are fractions of the parameters kept (0 < R < 1), got {param_ratio:g}")
+                raise VitslimError(f"{method} parameter caps are fractions of the parameters kept (0 < R < 1), got {param_ratio:g}")
             points.append(Point(method, budget, param_ratio))
     if not points:
         raise VitslimError("give at least one --budgets METHOD=V[,V...]")
@@ -89,35 +85,31 @@ def _write_json(path: Path, rows: list[dict]) -> None:
     atomic_file(path, lambda partial: partial.write_text(json.dumps(rows, indent=1)))
 
 
-def _compress(original: nn.Module, point: Point, calibration: list, train, epochs: int, seed: int) -> nn.Module:
-    from vitslim.cait.compress import compress_cait
-    from vitslim.compose import compress_composed
-    from vitslim.lowrank.compress import compress_lowrank
-    from vitslim.train import distill
+def _compress(original: nn.Module, point: Point, train, calib_images: int, batch_size: int, epochs: int, seed: int) -> nn.Module:
+    """One point through the pipeline; ``epochs`` trains the method's gates and/or distils the
+    result, as its sweep budget says."""
+    from vitslim.methods import sweep_budgets
+    from vitslim.pipeline import compress
+    from vitslim.train import Training
 
-    # speed points are planned by FLOPs (cait: its schedule's predicted speed-up; lowrank+cait: a
-    # FLOPs ratio of 1/S): timing inside the sweep would let the load of the moment shape the
-    # plan; the final run measures them all together
-    if point.method == COMPOSED:
-        return compress_composed(original, calibration, train if epochs else None, flops_ratio=1 / point.budget, param_ratio=point.param_ratio,
-                                 epochs=epochs, finetune_epochs=epochs, seed=seed, progress=False)
-    if point.method in PARAMETER_METHODS:
-        compressed = compress_lowrank(original, calibration, param_ratio=point.budget, method=PARAMETER_METHODS[point.method], progress=False)
-        if epochs:
-            distill(compressed, original, train, epochs=epochs, seed=seed)
-        return compressed
-    # training-free, the calibration images still choose the schedule's shape (as the CLI's --data does)
-    return compress_cait(original, train if epochs else calibration, speedup=point.budget, epochs=epochs, merge=SPEED_METHODS[point.method],
-                         seed=seed, measure=False, progress=False)
+    method, budget_kind = sweep_budgets()[point.method]
+    options = budget_kind.options(point.budget, point.param_ratio)
+    training = Training(epochs=epochs, batch_size=batch_size, seed=seed, progress=False) if epochs else None
+    if training is not None and budget_kind.gate_training:
+        options["gate_training"] = training
+    return compress(original, method.name, train, calib_images=calib_images, calib_batch_size=batch_size, seed=seed,
+                    recovery=training if budget_kind.recovery else None, progress=False, **options)
 
 
 def _kd_epochs(compressed: nn.Module, point: Point, epochs: int) -> int:
-    """Epochs of distillation a point received: a composed point that pruned channels trained
-    their gates for ``epochs`` and then distilled the whole for ``epochs`` more."""
-    if point.method != COMPOSED:
-        return epochs
-    pruned = any(step["method"] == "channels" for step in compressed.vitslim_steps)
-    return 2 * epochs if pruned else epochs
+    """Epochs of distillation a point received: gate training (when its method pruned channels)
+    and recovery count ``epochs`` each."""
+    from vitslim.methods import sweep_budgets
+    from vitslim.recipe import find_step
+
+    budget_kind = sweep_budgets()[point.method][1]
+    gates = budget_kind.gate_training and find_step(compressed, "channels") is not None
+    return epochs * (int(gates) + int(budget_kind.recovery))
 
 
 def run_sweep(model: str, data: str, eval_data: str, budgets: list[str], out: str | os.PathLike, *, references: tuple[str, ...] = (),
@@ -144,7 +136,6 @@ def run_sweep(model: str, data: str, eval_data: str, budgets: list[str], out: st
     out.mkdir(parents=True, exist_ok=True)
     log = out / "points.json"
     rows: list[dict] = json.loads(log.read_text()) if log.is_file() else []
-    calibration = [images for images, _, _ in imagedata.make_loader(imagedata.select(train, limit=calib_images, seed=seed), batch_size)]
 
     def score(name: str, kind: str, candidate: nn.Module, **extra) -> None:
         result = evaluate(candidate, eval_data, teacher=original, limit=eval_limit, seed=seed, labels_required=True, progress=False)
@@ -162,7 +153,7 @@ def run_sweep(model: str, data: str, eval_data: str, budgets: list[str], out: st
             click.echo(f"[{index}/{len(points)}] {point.name}: already measured")
             continue
         click.echo(f"[{index}/{len(points)}] {point.name}: compressing, then scoring on the held-out images")
-        compressed = _compress(original, point, calibration, train, epochs, seed)
+        compressed = _compress(original, point, train, calib_images, batch_size, epochs, seed)
         folder = save(compressed, out / "models" / point.name)
         score(point.name, "point", compressed, method=point.method, budget=point.budget, param_ratio=point.param_ratio,
               kd_epochs=_kd_epochs(compressed, point, epochs), folder=str(folder.relative_to(out)))

@@ -36,6 +36,7 @@ import re
 import shutil
 import time
 from collections.abc import Callable, Iterable, Sized
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import safetensors.torch
@@ -53,7 +54,7 @@ from vitslim import distributed
 from vitslim.adapters import describe
 from vitslim.adapters.base import logits_of
 from vitslim.atomic import atomic_folder
-from vitslim.errors import VitslimError
+from vitslim.errors import ParameterError, VitslimError
 from vitslim.folder_io import load_state_strict, load_weights, read_json, unique_state_dict
 
 logger = logging.getLogger("vitslim")
@@ -73,41 +74,71 @@ PROGRESS_LOG_SECONDS = 30.0
 ExtraLoss = Callable[[nn.Module], torch.Tensor]
 
 
+@dataclass(frozen=True)
+class Training:
+    """The settings of one training run, as one value: CDCP's gate training and KD recovery take
+    one each (``compress(..., recovery=Training(epochs=1))``), so their settings never mix.
+
+    ``epochs`` over all the training images; ``lr`` the peak AdamW learning rate (warm-up, then
+    cosine); ``batch_size`` the global batch (under ``torchrun`` shared by the processes);
+    ``seed`` draws the sample order and re-seeds dropout; ``device`` runs it; ``checkpoints`` is
+    a folder for per-epoch checkpoints (pickle-free), which ``resume`` continues from; ``progress``
+    shows a progress bar.
+    """
+
+    epochs: int = 1
+    lr: float = 1e-4
+    batch_size: int = 64
+    seed: int = 0
+    device: str = "cpu"
+    checkpoints: str | os.PathLike | None = None
+    resume: bool = False
+    progress: bool = True
+
+    def __post_init__(self) -> None:
+        if not (isinstance(self.epochs, int) and self.epochs >= 0):
+            raise ParameterError("Training.epochs", f"must be a whole number of at least 0 (got {self.epochs})")
+        if not self.lr > 0:
+            raise ParameterError("Training.lr", f"(the learning rate) must be above 0 (got {self.lr})")
+        if not (isinstance(self.batch_size, int) and self.batch_size >= 1):
+            raise ParameterError("Training.batch_size", f"must be at least 1 (got {self.batch_size})")
+        if self.resume and self.checkpoints is None:
+            raise ParameterError("Training.resume", "needs Training.checkpoints, the folder the interrupted run wrote")
+
+    def within(self, name: str) -> Training:
+        """The same settings with checkpoints in the sub-folder ``name`` (one per run of a pipeline)."""
+        return self if self.checkpoints is None else replace(self, checkpoints=Path(self.checkpoints) / name)
+
+
 def distill(
     student: nn.Module,
     teacher: nn.Module,
     train_data: Dataset | Iterable,
+    training: Training,
     *,
-    epochs: int,
-    lr: float = 1e-4,
     weight_decay: float = 0.05,
     temperature: float = 1.0,
     label_weight: float = 0.0,
-    batch_size: int = 64,
     warmup_fraction: float = 0.05,
     grad_clip: float | None = 1.0,
-    seed: int = 0,
-    device: str = "cpu",
     extra_loss: ExtraLoss | None = None,
-    checkpoint_dir: str | os.PathLike | None = None,
-    resume: bool = False,
-    progress: bool = True,
     workers: int = 0,
 ) -> nn.Module:
-    """Fine-tune ``student`` (in place) to match ``teacher``'s logits; return it in eval mode.
+    """Fine-tune ``student`` (in place) to match ``teacher``'s logits for ``training.epochs``
+    epochs; return it in eval mode.
 
     Per batch the loss is ``T² · KL(softmax(t/T) ‖ softmax(s/T))`` (mean over images), plus
     ``label_weight · CE(s, labels)`` when ``label_weight > 0``, plus ``extra_loss(student)``
     when given (a scalar tensor, e.g. a pruning budget penalty; it is called once per step, after
     the forward passes, outside autocast). Logits come from each model's adapter
     (``describe(model).logits``), so any supported family works; the teacher runs in eval mode
-    without gradients, and is left in eval mode on ``device``.
+    without gradients, and is left in eval mode on ``training.device``.
 
     ``train_data`` is either
 
     * a ``torch.utils.data.Dataset`` of ``(image, label)`` samples, e.g. from
       ``vitslim.data.open_images`` (with the model's ``build_transform``) or a ``select`` subset
-      of one: it is batched here, reshuffled every epoch from ``seed``, and decoded by
+      of one: it is batched here, reshuffled every epoch from ``training.seed``, and decoded by
       ``workers`` processes; unreadable images (``None``) are dropped and counted as
       ``make_loader`` does; or
     * anything else iterable, taken as ready-made batches: image tensors, ``(images, labels)``
@@ -115,7 +146,7 @@ def distill(
       is visited in a new order every epoch (drawn from ``seed``); any other sized iterable (a
       ``DataLoader``) is iterated as it is, and must give the same batches each time for runs to
       be reproducible. An iterable without ``len`` (a generator) is read into a list once.
-      ``batch_size`` and ``workers`` do not apply.
+      ``training.batch_size`` and ``workers`` do not apply.
 
     Optimisation: AdamW over the student's parameters that require grad (no weight decay on
     1-D tensors, i.e. biases and norms, nor on what a timm model lists in ``no_weight_decay``:
@@ -124,17 +155,16 @@ def distill(
     gradients are clipped to a global L2 norm of ``grad_clip`` (``None``: no clipping). On CUDA
     the forward passes run under bf16 autocast where the GPU supports it; elsewhere float32.
 
-    With ``checkpoint_dir``, every finished epoch is saved there as ``epoch-NNNN/`` (written
-    atomically; the previous one is removed once the new one is in place). ``resume=True``
+    With ``training.checkpoints``, every finished epoch is saved there as ``epoch-NNNN/`` (written
+    atomically; the previous one is removed once the new one is in place). ``training.resume``
     continues from the latest one and ends with the same weights as an uninterrupted run; the
-    hyper-parameters and data size must match the checkpoint's. Without ``resume``, earlier
+    hyper-parameters and data size must match the checkpoint's. Without it, earlier
     ``epoch-*`` checkpoints in the folder are removed first.
     """
-    _check_options(epochs, lr, weight_decay, temperature, label_weight, batch_size, warmup_fraction, grad_clip, workers)
+    _check_options(weight_decay, temperature, label_weight, warmup_fraction, grad_clip, workers)
     if student is teacher:
         raise VitslimError("the student and the teacher are the same module; distil a compressed copy against the original")
-    if resume and checkpoint_dir is None:
-        raise VitslimError("resume=True needs the checkpoint_dir of the interrupted run")
+    epochs, lr, batch_size, seed, device = training.epochs, training.lr, training.batch_size, training.seed, training.device
     student_spec, teacher_spec = describe(student), describe(teacher)
     _check_same_inputs(student_spec.preprocessing, teacher_spec.preprocessing)
     if student_spec.num_classes != teacher_spec.num_classes:
@@ -153,10 +183,10 @@ def distill(
         "grad_clip": grad_clip, "seed": seed, "data_size": batches.size, "steps_per_epoch": steps_per_epoch,
         "extra_loss": extra_loss is not None,
     }
-    folder = Path(checkpoint_dir) if checkpoint_dir is not None else None
+    folder = Path(training.checkpoints) if training.checkpoints is not None else None
     start_epoch, step = 0, 0
     if folder is not None:
-        if resume:
+        if training.resume:
             start_epoch, step = _restore(folder, student, optimizer, names, config)
         elif distributed.is_main():
             _remove_checkpoints(folder)
@@ -164,7 +194,7 @@ def distill(
     if distributed.active():  # averages the gradients over ranks during backward
         forward = DistributedDataParallel(student, device_ids=[torch.device(device).index] if torch.device(device).type == "cuda" else None,
                                           find_unused_parameters=True)
-    show = progress and distributed.is_main()
+    show = training.progress and distributed.is_main()
 
     device_type = torch.device(device).type
     use_bf16 = device_type == "cuda" and torch.cuda.is_bf16_supported()
@@ -270,17 +300,14 @@ class _Progress:
 # --- options ------------------------------------------------------------------------------------
 
 
-def _check_options(epochs, lr, weight_decay, temperature, label_weight, batch_size, warmup_fraction, grad_clip, workers) -> None:
+def _check_options(weight_decay, temperature, label_weight, warmup_fraction, grad_clip, workers) -> None:
     checks = [
-        (isinstance(epochs, int) and epochs >= 0, f"epochs must be a whole number of at least 0 (got {epochs})"),
-        (lr > 0, f"the learning rate must be above 0 (got {lr})"),
         (weight_decay >= 0, f"weight decay must be at least 0 (got {weight_decay})"),
         (temperature > 0, f"the distillation temperature must be above 0 (got {temperature})"),
         (label_weight >= 0, f"label_weight must be at least 0 (got {label_weight})"),
-        (batch_size >= 1, f"--batch-size must be at least 1 (got {batch_size})"),
         (0 <= warmup_fraction < 1, f"warmup_fraction must be in [0, 1) (got {warmup_fraction})"),
         (grad_clip is None or grad_clip > 0, f"grad_clip must be above 0, or None for no clipping (got {grad_clip})"),
-        (workers >= 0, f"--workers must be at least 0 (got {workers})"),
+        (workers >= 0, f"workers must be at least 0 (got {workers})"),
     ]
     for ok, message in checks:
         if not ok:

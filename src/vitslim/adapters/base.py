@@ -35,7 +35,7 @@ class Preprocessing:
         }
 
     @classmethod
-    def from_dict(cls, data: dict) -> "Preprocessing":
+    def from_dict(cls, data: dict) -> Preprocessing:
         return cls(
             input_size=tuple(int(v) for v in data["input_size"]),
             mean=tuple(float(v) for v in data["mean"]),

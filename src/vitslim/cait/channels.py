@@ -1,4 +1,4 @@
-"""CDCP, consistent dynamic channel pruning: our reading of arXiv 2309.15755 (DESIGN.md §1.2, item 2).
+"""CDCP, consistent dynamic channel pruning: our reading of arXiv 2309.15755 (docs/methods-cait.md).
 
 Training. ``attach_gates`` gives each block learnable gate logits whose 0/1 masks multiply the
 query and key channels (one mask for both: their dot product runs over the same channels), the
@@ -30,7 +30,7 @@ from torch import nn
 from vitslim.adapters import describe, family_of, prepare_for_replacement, replace_submodule
 from vitslim.adapters.base import BlockSpec, ViTSpec
 from vitslim.errors import VitslimError
-from vitslim.persist import record_step, register_step
+from vitslim.recipe import record_step, register_step, span
 from vitslim.train import LR_SCALE_ATTR
 
 logger = logging.getLogger("vitslim")
@@ -532,7 +532,15 @@ def _plan(family: ModuleType, block: BlockSpec, entry: dict) -> tuple:
     return block, qk, v, _mlp_mask(entry, block) if "mlp" in entry else None
 
 
-@register_step(STEP)
+def _summary(step: dict) -> str:
+    widths = step.get("blocks", {}).values()
+    heads = [w["head_dim"] for w in widths if "head_dim" in w]
+    hidden = [w["mlp_hidden"] for w in widths if "mlp_hidden" in w]
+    return (f"{'consistent' if step.get('consistent', True) else 'per-head'} channel pruning: head dim {span(heads) if heads else 'kept'}, "
+            f"MLP hidden {span(hidden) if hidden else 'kept'}")
+
+
+@register_step(STEP, summary=_summary)
 def _rebuild(model: nn.Module, step: dict) -> None:
     """Recipe replay: give the recorded blocks their sliced shapes and head widths, with zero
     weights (the saved weights are loaded after)."""

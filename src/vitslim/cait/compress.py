@@ -20,12 +20,14 @@ from torch import nn
 
 from vitslim.adapters import describe
 from vitslim.cait.channels import attach_gates, slice_channels
-from vitslim.cait.patch import MERGING_ATTR, STEP as MERGING_STEP, apply_token_merging, remove_token_merging
+from vitslim.cait.patch import MERGING_ATTR, apply_token_merging, remove_token_merging, token_merging
+from vitslim.cait.patch import STEP as MERGING_STEP
 from vitslim.cait.schedule import predicted_speedup, schedule_for_speedup, strongest_schedule, tokens_per_block
 from vitslim.cait.shape import CHOICE_IMAGES, choice_batches, planned_schedule
 from vitslim.distributed import on_main
-from vitslim.errors import VitslimError
-from vitslim.persist import STEPS_ATTR
+from vitslim.errors import ParameterError, VitslimError
+from vitslim.recipe import find_step, update_step
+from vitslim.train import Training, distill
 
 logger = logging.getLogger("vitslim")
 
@@ -48,10 +50,10 @@ def measured_speedup(original: nn.Module, compressed: nn.Module, *, batch_size: 
                                      device=device, progress=False)[1].ratio)
 
 
-def _split(speedup: float, epochs: int, token_speedup: float | None, channel_ratio: float | None) -> tuple[float, float | None]:
-    if epochs == 0:
+def _split(speedup: float, pruning: bool, token_speedup: float | None, channel_ratio: float | None) -> tuple[float, float | None]:
+    if not pruning:
         if channel_ratio is not None:
-            raise VitslimError("channel pruning needs training: give epochs > 0 with channel_ratio (or drop it for training-free ATME)")
+            raise ParameterError("channel_ratio", "needs gate training: give gate_training (or drop channel_ratio for training-free ATME)")
         return token_speedup or speedup, None
     if token_speedup is None:
         token_speedup = speedup ** TOKEN_SHARE if channel_ratio is None else speedup * channel_ratio
@@ -67,20 +69,16 @@ def compress_cait(
     batches: Iterable | None = None,
     *,
     speedup: float,
-    epochs: int = 0,
+    gate_training: Training | None = None,
     merge: str = "atme",
     token_speedup: float | None = None,
     channel_ratio: float | None = None,
     concentration: float | None = None,
     calib_images: int = CHOICE_IMAGES,
     consistent: bool = True,
-    lr: float = 1e-4,
     gate_lr_scale: float = 100.0,
-    batch_size: int = 64,
     seed: int = 0,
     device: str = "cpu",
-    checkpoint_dir=None,
-    resume: bool = False,
     measure: bool = True,
     progress: bool = True,
 ) -> nn.Module:
@@ -88,26 +86,27 @@ def compress_cait(
     times its throughput.
 
     ``batches`` are the training images (a Dataset of (image, label) or an iterable of image
-    batches, as ``vitslim.distill`` takes them): the distillation's when ``epochs > 0`` and, in
-    every case, ``calib_images`` of them (a seeded subset of a Dataset, else the leading batches)
-    choose the merge schedule's ``concentration`` (see ``cait.shape``; without images, or when
-    ``concentration`` is given, no choice is made and it defaults to 1). ``merge`` picks ATME or
-    the ToMe baseline; ``channel_ratio`` is the fraction of the blocks' FLOPs the channel gates
-    may keep; ``consistent=False`` trains per-head masks (the ablation without CDCP's consistency
-    constraints); the gates learn at ``lr`` times ``gate_lr_scale`` (they must travel far in a
-    few epochs). With ``measure`` the result is timed against the original (CPU or ``device``,
-    batch 32) and the merge schedule tightened, at most a few times, until the measured speed-up
-    reaches the target (so that it still shows at least 95% of it when timed again).
+    batches, as ``vitslim.distill`` takes them): the gate training's when ``gate_training`` is
+    given and, in every case, ``calib_images`` of them (a seeded subset of a Dataset, drawn from
+    ``seed``, else the leading batches) choose the merge schedule's ``concentration`` (see
+    ``cait.shape``; without images, or when ``concentration`` is given, no choice is made and it
+    defaults to 1). ``merge`` picks ATME or the ToMe baseline. With ``gate_training`` the
+    channels are pruned too (CDCP): ``channel_ratio`` is the fraction of the blocks' FLOPs the
+    gates may keep; ``consistent=False`` trains per-head masks (the ablation without CDCP's
+    consistency constraints); the gates learn at ``gate_training.lr`` times ``gate_lr_scale``
+    (they must travel far in a few epochs). With ``measure`` the result is timed against the
+    original (on ``device``, batch 32) and the merge schedule tightened, at most a few times,
+    until the measured speed-up reaches the target (so that it still shows at least 95% of it
+    when timed again).
     """
     if not speedup > 1:
-        raise VitslimError(f"--speedup must be greater than 1 (a speed-up of the original), got {speedup:g}")
-    if epochs < 0:
-        raise VitslimError("epochs must be 0 or more")
+        raise ParameterError("speedup", f"must be greater than 1 (a speed-up of the original), got {speedup:g}")
     if getattr(model, MERGING_ATTR, None) is not None:
         raise VitslimError("the model already merges tokens; compress the original model")
-    if epochs > 0 and batches is None:
+    pruning = gate_training is not None and gate_training.epochs > 0
+    if pruning and batches is None:
         raise VitslimError("channel pruning trains with distillation: pass the training images as batches")
-    token_target, channel_target = _split(speedup, epochs, token_speedup, channel_ratio)
+    token_target, channel_target = _split(speedup, pruning, token_speedup, channel_ratio)
     if isinstance(batches, Iterator):
         batches = list(batches)  # read twice: once to choose the schedule, once to distil
     student = copy.deepcopy(model).eval()
@@ -117,44 +116,29 @@ def compress_cait(
                                               concentration=concentration, images=calib_images, progress=progress)
 
     if channel_target is not None:
-        prune_channels(student, model, batches, channel_ratio=channel_target, schedule=schedule, consistent=consistent,
-                       epochs=epochs, lr=lr, gate_lr_scale=gate_lr_scale, batch_size=batch_size, seed=seed, device=device,
-                       checkpoint_dir=checkpoint_dir, resume=resume, progress=progress)
+        prune_channels(student, model, batches, gate_training, channel_ratio=channel_target, schedule=schedule, consistent=consistent,
+                       gate_lr_scale=gate_lr_scale)
     reference = describe(model)
     if schedule is not None:
         apply_token_merging(student, schedule)
     if measure:
         meet_speedup(model, student, reference, merge, speedup, schedule, device, concentration=planning["concentration"])
-    annotate_merging(student, planning)  # after meet_speedup, which may record the step anew
+    if find_step(student, MERGING_STEP) is not None:  # after meet_speedup, which may record the step anew
+        update_step(student, MERGING_STEP, planning)
     return student
 
 
-def annotate_merging(student: nn.Module, fields: dict) -> None:
-    """Add ``fields`` to the recipe's merging step (what was chosen or measured, for the record)."""
-    for step in getattr(student, STEPS_ATTR, []):
-        if step.get("method") == MERGING_STEP:
-            step.update(fields)
-
-
-def prune_channels(student: nn.Module, teacher: nn.Module, batches, *, channel_ratio: float, schedule, consistent: bool = True,
-                   epochs: int, lr: float = 1e-4, gate_lr_scale: float = 100.0, batch_size: int = 64, seed: int = 0,
-                   device: str = "cpu", checkpoint_dir=None, resume: bool = False, progress: bool = True) -> None:
+def prune_channels(student: nn.Module, teacher: nn.Module, batches, training: Training, *, channel_ratio: float, schedule,
+                   consistent: bool = True, gate_lr_scale: float = 100.0) -> None:
     """CDCP on ``student`` in place: gates trained with distillation from ``teacher`` towards
     ``channel_ratio`` of the blocks' FLOPs (counted at the token counts ``schedule`` leaves, with
     the schedule in place during training, so the gates learn for the model that will run), then
     frozen and sliced. Both models end on the CPU in eval mode."""
-    from vitslim.train import distill
-
     spec = describe(student)
     gates = attach_gates(student, consistent=consistent, lr_scale=gate_lr_scale)
-    if schedule is not None:
-        apply_token_merging(student, schedule, record=False)
     tokens = tokens_per_block(schedule, spec)
-    distill(student, teacher, batches, epochs=epochs, lr=lr, batch_size=batch_size, seed=seed, device=device,
-            extra_loss=lambda _: gates.budget_penalty(channel_ratio, tokens=tokens),
-            checkpoint_dir=checkpoint_dir, resume=resume, progress=progress)
-    if schedule is not None:
-        remove_token_merging(student)
+    with token_merging(student, schedule):
+        distill(student, teacher, batches, training, extra_loss=lambda _: gates.budget_penalty(channel_ratio, tokens=tokens))
     slice_channels(student, gates)
     student.to("cpu").eval()
     teacher.to("cpu")
@@ -187,5 +171,6 @@ def meet_speedup(model, student, reference, merge, speedup, schedule, device, *,
         measured = measured_speedup(model, student, device=device)
     if measured < PROMISE * speedup:
         logger.warning("measured speed-up %.2fx is below the %.2fx target", measured, speedup)
-    annotate_merging(student, {"measured_speedup": round(measured, 3)})
+    if find_step(student, MERGING_STEP) is not None:
+        update_step(student, MERGING_STEP, {"measured_speedup": round(measured, 3)})
     return measured

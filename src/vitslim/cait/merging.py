@@ -7,7 +7,7 @@ many original patches each token holds (``size``), the grid cell each patch toke
 (``position``) and which current token holds every original patch (``source``), so that
 ``unmerge`` can restore the full H×W token map for dense heads.
 
-ATME (our reading, DESIGN.md §1.2): a merging block works at a sub-grid *level*. Level ``L``
+ATME (our reading, docs/methods-cait.md): a merging block works at a sub-grid *level*. Level ``L``
 puts destinations on the cells whose row is a multiple of ``2^floor(L/2)`` and whose column is a
 multiple of ``2^ceil(L/2)``: level 1 keeps every other column (half the tokens are
 destinations), level 2 one cell per 2×2 window, level 3 one per 2×4, and so on. Every other
@@ -54,7 +54,7 @@ class TokenMap:
     level: int = 0  # the last ATME level merged at (0: none yet; -1: ToMe has merged)
 
     @classmethod
-    def identity(cls, batch: int, grid: tuple[int, int], prefix: int, device: torch.device, dtype: torch.dtype) -> "TokenMap":
+    def identity(cls, batch: int, grid: tuple[int, int], prefix: int, device: torch.device, dtype: torch.dtype) -> TokenMap:
         cells = grid_cells(grid, device)
         return cls(
             size=torch.ones(batch, prefix + len(cells), device=device, dtype=dtype),

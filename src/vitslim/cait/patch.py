@@ -10,6 +10,8 @@ model is replaced, so ``remove_token_merging`` gives back the original behaviour
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 
 import torch
@@ -21,7 +23,7 @@ from vitslim.adapters.base import AttentionSpec, ViTSpec
 from vitslim.cait.merging import TokenMap, atme_merge, attention_bias, tome_merge
 from vitslim.cait.schedule import MergeSchedule, check_schedule
 from vitslim.errors import VitslimError
-from vitslim.persist import STEPS_ATTR, record_step, register_step
+from vitslim.recipe import drop_steps, record_step, register_step
 
 MERGING_ATTR = "vitslim_merging"
 STEP = "merging"
@@ -103,11 +105,57 @@ class _Merger:
 
 
 def apply_token_merging(model: nn.Module, schedule: MergeSchedule, *, record: bool = True) -> nn.Module:
-    """Patch ``model`` in place to merge tokens on ``schedule``; returns it.
+    """Patch ``model`` in place to merge tokens on ``schedule``; returns it. With ``record`` the
+    schedule becomes a recipe step, so a saved folder reloads it; for temporary merging (choosing a
+    schedule, training gates, measuring) use the ``token_merging`` context manager instead.
 
     Prefix tokens (class, distillation, registers) are never merged. After a forward pass,
     ``token_map(model)`` says where every original patch went (see ``merging.unmerge``).
     """
+    _attach(model, schedule)
+    if record:
+        record_step(model, {"method": STEP, "schedule": schedule.as_dict()})
+    return model
+
+
+def remove_token_merging(model: nn.Module) -> nn.Module:
+    """Undo ``apply_token_merging``: hooks removed, recipe step dropped, original behaviour back."""
+    _detach(model)
+    drop_steps(model, STEP)
+    return model
+
+
+@contextmanager
+def token_merging(model: nn.Module, schedule: MergeSchedule | None) -> Iterator[nn.Module]:
+    """``model`` merging tokens on ``schedule`` inside the with-block only, with no recipe step
+    (``None``: no merging). The model must not be merging already."""
+    if schedule is None:
+        yield model
+        return
+    _attach(model, schedule)
+    try:
+        yield model
+    finally:
+        _detach(model)
+
+
+@contextmanager
+def merging_suspended(model: nn.Module) -> Iterator[MergeSchedule | None]:
+    """The merging hooks off while the with-block replaces the model's modules (int8 layers, sliced
+    channels), then attached again, on the same schedule, to the modules the model has then. The
+    recipe is left as it is. Yields the schedule (None: the model does not merge tokens)."""
+    schedule = merge_schedule(model)
+    if schedule is None:
+        yield None
+        return
+    _detach(model)
+    try:
+        yield schedule
+    finally:
+        _attach(model, schedule)
+
+
+def _attach(model: nn.Module, schedule: MergeSchedule) -> None:
     if getattr(model, MERGING_ATTR, None) is not None:
         raise VitslimError("this model already merges tokens; remove_token_merging(model) first")
     spec = describe(model)
@@ -129,22 +177,15 @@ def apply_token_merging(model: nn.Module, schedule: MergeSchedule, *, record: bo
             merger.handles.append(module.register_forward_hook(hook))
         merger.handles.append(block.module.register_forward_hook(merger.merge_after(r, level)))
     object.__setattr__(model, MERGING_ATTR, merger)  # a plain attribute: not a module, not in the state dict
-    if record:
-        record_step(model, {"method": STEP, "schedule": schedule.as_dict()})
-    return model
 
 
-def remove_token_merging(model: nn.Module) -> nn.Module:
-    """Undo ``apply_token_merging``: hooks removed, recipe step dropped, original behaviour back."""
+def _detach(model: nn.Module) -> None:
     merger = getattr(model, MERGING_ATTR, None)
     if merger is None:
         raise VitslimError("this model does not merge tokens")
     for handle in merger.handles:
         handle.remove()
     delattr(model, MERGING_ATTR)
-    steps = [step for step in getattr(model, STEPS_ATTR, []) if step.get("method") != STEP]
-    setattr(model, STEPS_ATTR, steps)
-    return model
 
 
 def merge_schedule(model: nn.Module) -> MergeSchedule | None:
@@ -158,6 +199,18 @@ def token_map(model: nn.Module) -> TokenMap | None:
     return None if merger is None else merger.token_map
 
 
-@register_step(STEP)
+MERGE_NAMES = {"atme": "ATME", "tome": "ToMe"}
+
+
+def _summary(step: dict) -> str:
+    schedule = step.get("schedule", {})
+    merges = schedule.get("steps", [])
+    measured = step.get("measured_speedup")
+    return (f"{MERGE_NAMES.get(schedule.get('method'), schedule.get('method'))} token merging: {sum(r for _, r, _ in merges)} tokens after blocks "
+            f"{', '.join(str(b) for b, _, _ in merges)}" + (f", concentration {step['concentration']:g}" if "concentration" in step else "")
+            + (f", measured {measured:.2f}x" if measured else ""))
+
+
+@register_step(STEP, summary=_summary)
 def _rebuild(model: nn.Module, step: dict) -> None:
     apply_token_merging(model, MergeSchedule.from_dict(step["schedule"]), record=False)

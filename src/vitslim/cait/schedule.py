@@ -65,7 +65,7 @@ class MergeSchedule:
         return {"method": self.method, "steps": [list(step) for step in self.steps]}
 
     @classmethod
-    def from_dict(cls, data: dict) -> "MergeSchedule":
+    def from_dict(cls, data: dict) -> MergeSchedule:
         return cls(str(data["method"]), tuple(tuple(int(v) for v in step) for step in data["steps"]))
 
 

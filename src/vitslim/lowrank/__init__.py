@@ -1,6 +1,8 @@
-"""Activation-aware mixed-rank low-rank compression (arXiv 2402.06004); see DESIGN.md §1.1.
+"""Activation-aware mixed-rank low-rank compression (arXiv 2402.06004); our reading of it is in
+docs/methods-lowrank.md.
 
-Work in progress: the math (whitened SVD with closed-form error curves, budgeted mixed-rank
-allocation) and the factorised layer are here; calibration, error compensation and the
-``compress`` command build on them.
+The math is in plain functions over tensors (``whitening``: whitened SVD with closed-form error
+curves; ``allocation``: budgeted mixed-rank allocation); ``calibration``, ``sensitivity`` and
+``compensation`` gather what it needs from a model; ``compress`` puts them together, and
+``vitslim.methods.lowrank`` registers the method.
 """

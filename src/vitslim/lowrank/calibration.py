@@ -25,7 +25,6 @@ from tqdm import tqdm
 from vitslim.distributed import all_reduce_sum, owns, sum_numbers
 from vitslim.errors import VitslimError
 
-
 STAT_TOKENS = 12_288  # 4 samples per input feature of ViT-B's widest layer (fc2, 3072)
 
 

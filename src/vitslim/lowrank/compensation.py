@@ -86,8 +86,9 @@ class PairedStats:
     def reduce_across_ranks(self, features: int, device) -> None:
         """Sum over ``torchrun`` ranks (a rank that saw no batch contributes zeros)."""
         if self.cross is None:
-            zeros = lambda *shape: torch.zeros(*shape, dtype=torch.float64, device=device)
-            self.sum_x, self.sum_x_tilde, self.cross, self.gram = zeros(features), zeros(features), zeros(features, features), zeros(features, features)
+            vector, matrix = (features,), (features, features)
+            self.sum_x, self.sum_x_tilde, self.cross, self.gram = (torch.zeros(shape, dtype=torch.float64, device=device)
+                                                                   for shape in (vector, vector, matrix, matrix))
         for total in (self.sum_x, self.sum_x_tilde, self.cross, self.gram):
             all_reduce_sum(total)
         self.tokens = int(sum_numbers(self.tokens)[0])

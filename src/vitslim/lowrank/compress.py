@@ -1,6 +1,6 @@
 """``compress_lowrank``: calibrate, plan ranks under one budget, factorise.
 
-Our reading of arXiv 2402.06004 (DESIGN.md §1.1): the principal term of each layer is its
+Our reading of arXiv 2402.06004 (docs/methods-lowrank.md): the principal term of each layer is its
 whitened truncated SVD; ranks come from one global greedy allocation over all layers' closed-form
 error curves; layers past break-even stay dense. Baselines share this code path: ``method="svd"``
 (no activations), ``method="asvd"`` (diagonal activation scaling), ``allocation="uniform"``.
@@ -15,15 +15,21 @@ import torch
 from torch import nn
 
 from vitslim.adapters import describe, prepare_for_replacement, replace_submodule
-from vitslim.errors import VitslimError
+from vitslim.errors import ParameterError, VitslimError
 from vitslim.lowrank.allocation import LayerCost, LayerPlan, allocate, uniform
 from vitslim.lowrank.calibration import collect_grams, images_of, leading_batches, token_fraction
 from vitslim.lowrank.compensation import compensate
 from vitslim.lowrank.layers import LowRankLinear
 from vitslim.lowrank.sensitivity import FISHER_IMAGES, fisher_channels
-from vitslim.lowrank.whitening import diagonal_scale, diagonal_spectrum, plain_spectrum, whitened_energy, whitened_spectrum
+from vitslim.lowrank.whitening import (
+    diagonal_scale,
+    diagonal_spectrum,
+    plain_spectrum,
+    whitened_energy,
+    whitened_spectrum,
+)
 from vitslim.metrics import count_params
-from vitslim.persist import record_step, register_step
+from vitslim.recipe import record_step, register_step, span
 
 METHODS = ("whitened", "svd", "asvd")
 SENSITIVITIES = ("fisher", "none")
@@ -45,14 +51,20 @@ def target_params(model: nn.Module, *, param_ratio: float | None, params: int | 
         raise VitslimError("state exactly one budget: a parameter ratio or a parameter count")
     if param_ratio is not None:
         if not 0 < param_ratio < 1:
-            raise VitslimError(f"--param-ratio must be between 0 and 1 (exclusive), got {param_ratio}")
+            raise ParameterError("param_ratio", f"must be between 0 and 1 (exclusive), got {param_ratio}")
         return int(param_ratio * total)
     if not 0 < params < total:
-        raise VitslimError(f"--params must be between 0 and the model's {total:,} parameters, got {params:,}")
+        raise ParameterError("params", f"must be between 0 and the model's {total:,} parameters, got {params:,}")
     return int(params)
 
 
-@register_step(STEP)
+def _summary(step: dict) -> str:
+    ranks = step.get("ranks", {}).values()
+    return (f"{step.get('factorisation', '')} low-rank, {len(ranks)} layers at ranks {span(ranks)}"
+            f"{', compensated' if step.get('compensation') else ''}, target {step.get('target_params', 0):,} params")
+
+
+@register_step(STEP, summary=_summary)
 def _rebuild(model: nn.Module, step: dict) -> None:
     """Recipe replay: give each named Linear its factorised shape (weights are loaded after)."""
     prepare_for_replacement(model)
@@ -120,7 +132,7 @@ def compress_lowrank(
     if allocation not in ALLOCATIONS:
         raise VitslimError(f"unknown allocation {allocation!r}; choose one of {', '.join(ALLOCATIONS)}")
     if rank_multiple < 1:
-        raise VitslimError("--rank-multiple must be at least 1")
+        raise ParameterError("rank_multiple", "must be at least 1")
     if compensation is None:
         compensation = method == "whitened"
     if sensitivity is None:

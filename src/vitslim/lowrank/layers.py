@@ -23,7 +23,7 @@ class LowRankLinear(nn.Module):
         self.up = nn.Linear(rank, out_features, bias=bias)
 
     @classmethod
-    def from_factors(cls, up: torch.Tensor, down: torch.Tensor, bias: torch.Tensor | None, dtype: torch.dtype = torch.float32) -> "LowRankLinear":
+    def from_factors(cls, up: torch.Tensor, down: torch.Tensor, bias: torch.Tensor | None, dtype: torch.dtype = torch.float32) -> LowRankLinear:
         """Build from ``up`` (out, k) and ``down`` (k, in) so that the weight is ``up @ down``."""
         layer = cls(down.shape[1], up.shape[0], up.shape[1], bias=bias is not None)
         with torch.no_grad():

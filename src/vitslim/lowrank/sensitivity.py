@@ -1,6 +1,6 @@
 """Per-layer sensitivity: how much a unit of output error in each layer costs the model.
 
-**Our reading** of "optionally weighted by a per-layer sensitivity" (DESIGN.md §1.1.3): a second
+**Our reading** of "optionally weighted by a per-layer sensitivity" (docs/methods-lowrank.md): a second
 order (diagonal Fisher) estimate of the loss increase caused by an output perturbation δY of
 layer l is ½ · F_l · ‖δY‖², with F_l the mean squared gradient of the loss per output element.
 The whitened error curve gives ‖δY‖² exactly, so F_l · σ²_i is the loss a component removes.

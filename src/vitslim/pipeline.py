@@ -1,0 +1,109 @@
+"""One pipeline for every method: images → compress → optional KD recovery → optional int8 (→ save).
+
+``compress`` is the Python entry point and ``compress_to_folder`` the CLI's (it also loads the
+model, opens the image folder and saves). Whatever the method, the same code calibrates on the
+same seeded subset of the images, distils the compressed model against the original when asked
+(``recovery``), and quantises its weights to int8 when asked, so every method gets both.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Iterable
+from pathlib import Path
+from typing import Any
+
+from torch import nn
+from torch.utils.data import Dataset
+
+from vitslim import data as imagedata
+from vitslim.errors import ParameterError, VitslimError
+from vitslim.methods import Inputs, get_method
+from vitslim.quantize import quantize_int8
+from vitslim.train import Training, distill
+
+CALIB_IMAGES = 256
+CALIB_BATCH = 32
+
+
+def calibration_batches(images: Dataset | Iterable | None, calib_images: int, seed: int, batch_size: int) -> Iterable | None:
+    """``calib_images`` of a Dataset, a seeded subset as batches; other iterables are batches
+    already and are taken as they are."""
+    if images is None or not isinstance(images, Dataset):
+        return images
+    if len(images) < calib_images:
+        raise ParameterError("calib_images", f"asks for {calib_images} images, more than the {len(images)} the training images hold; lower it")
+    return imagedata.make_loader(imagedata.select(images, limit=calib_images, seed=seed), batch_size)
+
+
+def compress(
+    model: nn.Module,
+    method: str = "lowrank",
+    images: Dataset | Iterable | None = None,
+    *,
+    calib_images: int = CALIB_IMAGES,
+    calib_batch_size: int = CALIB_BATCH,
+    seed: int = 0,
+    device: str = "cpu",
+    recovery: Training | None = None,
+    int8: bool = False,
+    progress: bool = True,
+    **options: Any,
+) -> nn.Module:
+    """A compressed copy of ``model`` by ``method`` (see ``vitslim.methods``; ``options`` are the
+    method's own, e.g. ``param_ratio=0.5`` for lowrank, ``speedup=1.5`` for cait).
+
+    ``images`` are training images, never the ones you report on: a Dataset of (image, label)
+    (``vitslim.data.open_images``; labels are not needed), of which ``calib_images`` (a subset
+    drawn from ``seed``) calibrate, or an iterable of preprocessed image batches, all of which
+    calibrate. ``recovery`` distils the original into the result over all of ``images``;
+    ``int8`` then quantises its Linear weights (per output channel). The original is left as it
+    was (on ``device`` when the method calibrates there).
+    """
+    chosen = get_method(method)
+    unknown = sorted(set(options) - {option.name for option in chosen.options})
+    if unknown:
+        raise ParameterError(unknown[0], f"is not an option of the {method} method; its options are "
+                                         f"{', '.join(option.name for option in chosen.options) or 'none'}")
+    if isinstance(calib_images, bool) or not (isinstance(calib_images, int) and calib_images >= 1):
+        raise ParameterError("calib_images", f"must be at least 1 (got {calib_images})")
+    if chosen.needs_images and images is None:
+        raise VitslimError(f"the {method} method calibrates on images: pass training images")
+    if recovery is not None and recovery.epochs and images is None:
+        raise VitslimError("recovery distils on the training images: pass them as images")
+    calibration = calibration_batches(images, calib_images, seed, calib_batch_size) if chosen.calibrates else None
+    inputs = Inputs(train=images, calibration=calibration,
+                    calib_images=calib_images, seed=seed, device=device, progress=progress)
+    compressed = chosen.compress(model, inputs, **options)
+    if recovery is not None and recovery.epochs:
+        distill(compressed, model, images, recovery)
+    compressed.to("cpu")
+    model.to("cpu")
+    if int8:
+        compressed = quantize_int8(compressed)
+    return compressed
+
+
+def compress_to_folder(model: str | os.PathLike | nn.Module, data: str | os.PathLike, out: str | os.PathLike, method: str = "lowrank", *,
+                       report=None, **settings: Any) -> tuple[nn.Module, nn.Module, Path]:
+    """The whole pipeline on a model name or folder and an image folder: load, open the images
+    (labels not needed), ``compress`` with ``settings``, save to ``out`` (rank 0 alone under
+    ``torchrun``). ``out`` is checked before any work. ``report``, when given, receives the
+    method's lines about the result before it is saved. Returns the original, the result and
+    the folder."""
+    from vitslim.adapters import describe
+    from vitslim.distributed import on_main
+    from vitslim.loading import load_model
+    from vitslim.persist import check_output_folder, save
+
+    chosen = get_method(method)
+    check_output_folder(out)
+    original = load_model(model)
+    spec = describe(original)
+    images = imagedata.open_images(data, imagedata.build_transform(spec.preprocessing), class_names=spec.label_names, labels_required=False)
+    compressed = compress(original, method, images, **settings)
+    if report is not None:
+        for line in chosen.report(original, compressed):
+            report(line)
+    folder = on_main(lambda: save(compressed, Path(out)))
+    return original, compressed, folder
