@@ -13,11 +13,11 @@ from dataclasses import asdict, dataclass
 
 import torch
 from torch import nn
-from tqdm import tqdm
 
 from vitslim.adapters import describe
 from vitslim.errors import VitslimError
 from vitslim.metrics import count_flops, count_params
+from vitslim.progress import track
 
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 
@@ -130,7 +130,7 @@ def benchmark(
             for _ in range(warmup):
                 model(images)
         _sync(target)
-        for round_index in tqdm(range(runs), desc="benchmarking", unit="round", disable=None if progress else True, leave=False):
+        for round_index in track(range(runs), "benchmarking", unit="round", show=progress):
             shift = round_index % len(prepared)
             for name, model, images, _ in prepared[shift:] + prepared[:shift]:
                 _sync(target)

@@ -7,13 +7,13 @@ import os
 
 import torch
 from torch import nn
-from tqdm import tqdm
 
 from vitslim import data as imagedata
 from vitslim import distributed
 from vitslim.adapters import describe
 from vitslim.errors import VitslimError
 from vitslim.metrics import ClassificationScore, count_flops, count_params
+from vitslim.progress import track
 
 
 def _loader(source, preprocessing, *, class_names, labels_required, limit, skip, seed, batch_size, workers):
@@ -70,7 +70,7 @@ def evaluate(
             teacher_batches = iter(teacher_loader)
     score = ClassificationScore(spec.num_classes)
     skipped = 0
-    for images, labels, dropped in tqdm(loader, desc="evaluating", unit="batch", disable=None if progress and distributed.is_main() else True, leave=False):
+    for images, labels, dropped in track(loader, "evaluating", unit="batch", show=progress):
         teacher_images = next(teacher_batches)[0] if teacher_batches is not None else images
         skipped += dropped
         if images is None:

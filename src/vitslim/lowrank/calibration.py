@@ -20,10 +20,10 @@ from dataclasses import dataclass
 
 import torch
 from torch import nn
-from tqdm import tqdm
 
 from vitslim.distributed import all_reduce_sum, owns, sum_numbers
 from vitslim.errors import VitslimError
+from vitslim.progress import track
 
 STAT_TOKENS = 12_288  # 4 samples per input feature of ViT-B's widest layer (fc2, 3072)
 
@@ -113,7 +113,7 @@ def collect_grams(model: nn.Module, linears: dict[str, nn.Linear], batches: Iter
     was_training = model.training
     model.eval()
     try:
-        for index, batch in enumerate(tqdm(batches, desc="calibrating", unit="batch", disable=None if progress else True, leave=False)):
+        for index, batch in enumerate(track(batches, "calibrating", unit="batch", show=progress)):
             images = images_of(batch)
             images_seen += images.shape[0]
             if owns(index):

@@ -29,13 +29,13 @@ from dataclasses import dataclass
 
 import torch
 from torch import nn
-from tqdm import tqdm
 
 from vitslim.adapters import describe, prepare_for_replacement
 from vitslim.distributed import all_reduce_sum, owns, sum_numbers
 from vitslim.errors import VitslimError
 from vitslim.lowrank.calibration import images_of, token_rows
 from vitslim.lowrank.whitening import DEFAULT_RIDGE, WhitenedSpectrum, whitening_factor
+from vitslim.progress import Progress
 
 
 def compensated_factors(weight: torch.Tensor, cross: torch.Tensor, gram: torch.Tensor, rank: int, ridge: float = DEFAULT_RIDGE,
@@ -196,7 +196,7 @@ def compensate(original: nn.Module, compressed: nn.Module, names: list[str], bat
     calls = _first_block_calls(compressed, compressed_blocks[0].module, batches)
     reference_hidden = [call[0][0] for call in calls]
     hidden = list(reference_hidden)
-    bar = tqdm(total=len(names), desc="compensating layers", unit="layer", disable=None if progress else True, leave=False)
+    bar = Progress("compensating layers", total=len(names), unit="layer", show=progress)
     for original_block, block in zip(original_blocks, compressed_blocks):
         # a private copy, prepared like the compressed model, so its layers are always called
         reference = copy.deepcopy(original_block.module)

@@ -21,11 +21,11 @@ from collections.abc import Iterable
 import torch
 from torch import nn
 from torch.nn import functional as F
-from tqdm import tqdm
 
 from vitslim.adapters import describe
 from vitslim.distributed import all_reduce_sum, owns, sum_numbers
 from vitslim.lowrank.calibration import images_of
+from vitslim.progress import track
 
 FISHER_IMAGES = 16
 CHUNK = 8
@@ -70,8 +70,7 @@ def fisher_channels(model: nn.Module, linears: dict[str, nn.Linear], batches: It
     model.eval()
     device = next(model.parameters()).device
     try:
-        for index, chunk in enumerate(tqdm(_chunks(batches, images), desc="measuring layer sensitivity", unit="chunk",
-                                           disable=None if progress else True, leave=False)):
+        for index, chunk in enumerate(track(_chunks(batches, images), "measuring layer sensitivity", unit="chunk", show=progress)):
             if not owns(index):  # under torchrun: this rank's share, summed over ranks below
                 continue
             # gradients must reach the activations even when the user froze the parameters
