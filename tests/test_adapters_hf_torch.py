@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import sys
+from types import SimpleNamespace
 
 import pytest
 import safetensors.torch
@@ -11,8 +12,8 @@ import torch
 from plain_vit import PlainViT, tiny_hf_vit
 from torch import nn
 
-from vitslim.adapters import hf, torch_nn
-from vitslim.adapters.base import PREPROCESSING_ATTR, Preprocessing
+from vitslim.adapters import FAMILIES, hf, replaceable_linears, torch_nn
+from vitslim.adapters.base import PREPROCESSING_ATTR, ModelFamily, Preprocessing
 from vitslim.errors import VitslimError
 
 IMAGES = torch.randn(2, 3, 32, 32, generator=torch.Generator().manual_seed(1))
@@ -269,3 +270,31 @@ def test_torch_architecture_is_informational():
     assert record == {"class": "plain_vit.PlainViT"}
     with pytest.raises(VitslimError, match=r"skeleton=MyViT"):
         torch_nn.build(record)
+
+
+# ---------------------------------------------------------------- every family
+
+PROTOCOL_FUNCTIONS = [name for name, member in vars(ModelFamily).items() if callable(member) and not name.startswith("_")]
+
+
+@pytest.mark.parametrize("family", FAMILIES, ids=lambda family: family.FAMILY)
+def test_every_family_provides_the_whole_protocol(family):
+    assert isinstance(family, ModelFamily)
+    assert isinstance(family.FAMILY, str) and all(callable(getattr(family, name)) for name in PROTOCOL_FUNCTIONS)
+
+
+def test_a_family_lacking_a_member_is_no_model_family():
+    assert "pin_architecture" in PROTOCOL_FUNCTIONS
+    complete = {name: getattr(torch_nn, name) for name in PROTOCOL_FUNCTIONS} | {"FAMILY": "torch"}
+    assert isinstance(SimpleNamespace(**complete), ModelFamily)
+    assert not isinstance(SimpleNamespace(**{k: v for k, v in complete.items() if k != "pin_architecture"}), ModelFamily)
+
+
+def test_replaceable_linears_keep_a_packed_attention_out_proj_dense_in_any_model():
+    model = PlainViT()
+    linears = replaceable_linears(model)
+    assert linears == torch_nn.replaceable_linears(model)
+    assert "head" in linears and any(name.endswith("linear1") for name in linears)
+    assert not any(name.endswith("self_attn.out_proj") for name in linears)
+    unknown = nn.Sequential(nn.Linear(4, 4), nn.MultiheadAttention(4, 1))  # of no family: int8 still quantises it
+    assert list(replaceable_linears(unknown)) == ["0"]

@@ -21,7 +21,7 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
-from vitslim.adapters import FAMILIES, prepare_for_replacement, replace_submodule
+from vitslim.adapters import matching_family, prepare_for_replacement, replace_submodule, replaceable_linears
 from vitslim.adapters.base import is_linear
 from vitslim.cait.patch import apply_token_merging, merging_suspended
 from vitslim.errors import VitslimError
@@ -80,31 +80,10 @@ class Int8Linear(nn.Module):
         return f"in_features={self.in_features}, out_features={self.out_features}, bias={self.bias is not None}, int8 per-channel"
 
 
-def _kept_dense(model: nn.Module) -> set[int]:
-    """Linears that must stay ``nn.Linear``, by id.
-
-    ``nn.MultiheadAttention.out_proj``: the packed attention reads its ``.weight`` directly instead
-    of calling it (and its ``in_proj_weight`` is no Linear at all, so it stays float too).
-    """
-    return {id(m.out_proj) for m in model.modules() if isinstance(m, nn.MultiheadAttention)}
-
-
-def _quantisable(model: nn.Module) -> dict[str, nn.Linear]:
-    """Every ``nn.Linear`` by qualified name (a shared module under each of its names), except
-    those in ``_kept_dense``."""
-    keep = _kept_dense(model)
-    return {name: module for name, module in model.named_modules(remove_duplicate=False)
-            if name and isinstance(module, nn.Linear) and id(module) not in keep}
-
-
-def _family(model: nn.Module):
-    return next((family for family in FAMILIES if family.matches(model)), None)
-
-
 def _prepare(model: nn.Module) -> None:
     # only a model of a family vitslim knows can have a fused path to switch off; any other
     # module (a bare stack of Linears) is quantised as it is
-    if _family(model) is not None:
+    if matching_family(model) is not None:
         prepare_for_replacement(model)
 
 
@@ -131,7 +110,8 @@ def quantize_int8(model: nn.Module) -> nn.Module:
         raise VitslimError("quantize_int8 replaces the Linear layers inside a model; for a single layer use Int8Linear.from_linear")
     with merging_suspended(model) as schedule:  # a deep copy would share the original's hooks
         quantised = copy.deepcopy(model).eval()
-    linears = _quantisable(quantised)
+    # a packed nn.MultiheadAttention's out_proj stays float, as does its in_proj_weight, which is no Linear
+    linears = replaceable_linears(quantised)
     if not linears:
         already = any(isinstance(m, Int8Linear) for m in quantised.modules())
         raise VitslimError(

@@ -2,12 +2,14 @@
 
 Each model family (timm, Hugging Face transformers, plain ``torch.nn``) has one adapter that
 fills these records. The methods read them and never reach into a library's internals, so a new
-family costs one adapter, not a change to every method.
+family costs one adapter, not a change to every method. ``ModelFamily`` is what an adapter
+provides.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import Protocol, runtime_checkable
 
 import torch
 from torch import nn
@@ -164,3 +166,62 @@ def add_bias(mask: torch.Tensor | None, bias: torch.Tensor) -> torch.Tensor:
     if mask.dtype == torch.bool:
         mask = torch.zeros(mask.shape, dtype=bias.dtype, device=bias.device).masked_fill(~mask, float("-inf"))
     return mask + bias
+
+
+def replaceable_linears(model: nn.Module) -> dict[str, nn.Linear]:
+    """Every ``nn.Linear`` of ``model`` that a replacement layer (factorised, int8) may take, by
+    qualified name, a module shared under several names under each of them.
+
+    ``nn.MultiheadAttention`` reads its ``out_proj.weight`` directly instead of calling the
+    module, so a replacement there would be ignored: that projection stays dense. This holds for
+    any model, so it also covers modules of no family vitslim knows.
+    """
+    read_directly = {id(m.out_proj) for m in model.modules() if isinstance(m, nn.MultiheadAttention)}
+    return {name: module for name, module in model.named_modules(remove_duplicate=False)
+            if name and isinstance(module, nn.Linear) and id(module) not in read_directly}
+
+
+@runtime_checkable
+class ModelFamily(Protocol):
+    """What the adapter of one model family provides; each adapter is a module
+    (``adapters.timm_vit``, ``adapters.hf``, ``adapters.torch_nn``) with these members.
+
+    A capability a family lacks is still a member, implemented to say so (nothing to prepare, no
+    obstacles, or a ``VitslimError`` naming the reason), so callers call it instead of probing the
+    adapter with ``hasattr``.
+    """
+
+    FAMILY: str  # the name a recipe records ("timm", "hf", "torch")
+
+    def matches(self, model: nn.Module) -> bool:
+        """Whether ``model`` belongs to this family; never imports an optional library."""
+
+    def describe(self, model: nn.Module, preprocessing: Preprocessing | None = None, **hints) -> ViTSpec:
+        """The ``ViTSpec`` of ``model``; ``hints`` (torch.nn: input_size, ...) fill in what the model cannot tell."""
+
+    def architecture(self, model: nn.Module) -> dict:
+        """A JSON record of ``model``'s shape that ``build`` turns back into a model."""
+
+    def build(self, architecture: dict) -> nn.Module:
+        """An untrained model of the recorded shape, or a ``VitslimError`` saying why it cannot be built."""
+
+    def replaceable_linears(self, model: nn.Module) -> dict[str, nn.Linear]:
+        """The Linears a replacement layer may take, by qualified name (see ``base.replaceable_linears``)."""
+
+    def prepare_for_replacement(self, model: nn.Module) -> None:
+        """Make ``model`` (or one part of it) call the modules that replace its Linears: switch
+        off any fused path that reads their weights directly."""
+
+    def add_attention_bias(self, attention: AttentionSpec, args: tuple, kwargs: dict,
+                           bias: torch.Tensor) -> tuple[tuple, dict]:
+        """The attention module's call arguments with an additive attention ``bias`` (token merging) in them."""
+
+    def resize_attention(self, attention: AttentionSpec, head_dim: int, original_head_dim: int) -> None:
+        """Make the attention module compute with ``head_dim`` channels per head after its projections were cut."""
+
+    def channel_pruning_obstacles(self, block: BlockSpec) -> dict[str, str]:
+        """Why pruning channels of a part ("attention", "mlp") of ``block`` would change what it
+        computes, for reasons only this family knows; empty when none."""
+
+    def pin_architecture(self, model: nn.Module) -> None:
+        """Fix ``architecture(model)`` before channel slicing changes the module widths it may read."""

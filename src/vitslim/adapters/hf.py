@@ -27,6 +27,9 @@ from vitslim.adapters.base import (
     ViTSpec,
     add_bias,
 )
+
+# the rule shared by all families (transformers' ViT calls every Linear it holds), as this family's protocol member
+from vitslim.adapters.base import replaceable_linears as replaceable_linears
 from vitslim.errors import VitslimError
 from vitslim.folder_io import CONFIG_FILE, WEIGHTS_FILE, load_weights, read_json
 
@@ -291,6 +294,10 @@ def read_preprocessing(source: Path, channels: int) -> Preprocessing:
     )
 
 
+def prepare_for_replacement(model: nn.Module) -> None:
+    """Nothing to switch off: transformers' ViT layers always call their Linear modules."""
+
+
 def add_attention_bias(attention: AttentionSpec, args: tuple, kwargs: dict, bias: torch.Tensor) -> tuple[tuple, dict]:
     """transformers 5's ``ViTAttention.forward(hidden_states, attention_mask=None)`` adds
     ``attention_mask`` to the attention logits (eager) or hands it to SDPA; ``ViTLayer`` passes it
@@ -340,3 +347,12 @@ def resize_attention(attention: AttentionSpec, head_dim: int, original_head_dim:
         inner.all_head_size = attention.num_heads * head_dim
     if hasattr(target, "scaling"):
         target.scaling = head_dim**-0.5
+
+
+def channel_pruning_obstacles(block: BlockSpec) -> dict[str, str]:
+    """None: ViT attention has no norm over the head width and the MLP none over its hidden units."""
+    return {}
+
+
+def pin_architecture(model: nn.Module) -> None:
+    """Nothing to pin: ``architecture`` is the config, which slicing channels leaves as it was."""

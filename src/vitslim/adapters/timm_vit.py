@@ -19,6 +19,9 @@ from vitslim.adapters.base import (
     add_bias,
     is_linear,
 )
+
+# the rule shared by all families (timm's modules call every Linear they hold), as this family's protocol member
+from vitslim.adapters.base import replaceable_linears as replaceable_linears
 from vitslim.errors import VitslimError
 
 FAMILY = "timm"
@@ -160,6 +163,10 @@ def build(record: dict) -> nn.Module:
     model = timm.create_model(name, pretrained=False, num_classes=record["num_classes"], **record.get("model_args", {}))
     setattr(model, TIMM_CONFIG_ATTR, dict(record))
     return model.eval()
+
+
+def prepare_for_replacement(model: nn.Module) -> None:
+    """Nothing to switch off: timm's blocks always call their Linear modules."""
 
 
 def add_attention_bias(attention: AttentionSpec, args: tuple, kwargs: dict, bias: torch.Tensor) -> tuple[tuple, dict]:

@@ -24,6 +24,9 @@ from vitslim.adapters.base import (
     add_bias,
     is_linear,
 )
+
+# the rule shared by all families (keeps nn.MultiheadAttention.out_proj dense), as this family's protocol member
+from vitslim.adapters.base import replaceable_linears as replaceable_linears
 from vitslim.errors import VitslimError
 
 FAMILY = "torch"
@@ -253,3 +256,13 @@ def resize_attention(attention: AttentionSpec, head_dim: int, original_head_dim:
         f"a packed nn.MultiheadAttention cannot change its head width ({original_head_dim} to {head_dim}): it reads "
         "in_proj_weight directly and derives the width from embed_dim / num_heads"
     )
+
+
+def channel_pruning_obstacles(block: BlockSpec) -> dict[str, str]:
+    """None of the family's own: the packed attention's obstacle holds for any packed layout and is
+    known from ``AttentionSpec.layout``; the MLP (linear1, activation, linear2) has no norm inside."""
+    return {}
+
+
+def pin_architecture(model: nn.Module) -> None:
+    """Nothing to pin: ``architecture`` records only the class, which slicing channels keeps."""

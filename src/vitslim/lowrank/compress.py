@@ -14,7 +14,7 @@ from collections.abc import Iterable
 import torch
 from torch import nn
 
-from vitslim.adapters import describe, prepare_for_replacement, replace_submodule
+from vitslim.adapters import describe, prepare_for_replacement, replace_submodule, replaceable_linears
 from vitslim.errors import ParameterError, VitslimError
 from vitslim.lowrank.allocation import LayerCost, LayerPlan, allocate, uniform
 from vitslim.lowrank.calibration import collect_grams, images_of, leading_batches, token_fraction
@@ -38,11 +38,11 @@ STEP = "lowrank"
 
 
 def compressible_linears(model: nn.Module) -> dict[str, nn.Linear]:
-    """The Linears a factorised layer can replace. A packed ``nn.MultiheadAttention`` reads its
-    ``out_proj.weight`` directly instead of calling the module, so that projection stays dense."""
-    spec = describe(model)
-    packed_out = {id(block.attention.out_proj) for block in spec.blocks if block.attention.packed is not None}
-    return {name: layer for name, layer in spec.linears().items() if id(layer) not in packed_out}
+    """The blocks' attention and MLP Linears that a factorised layer can replace: those of
+    ``ViTSpec.linears`` that ``replaceable_linears`` allows (a packed ``nn.MultiheadAttention``
+    reads its ``out_proj.weight`` directly, so that projection stays dense)."""
+    replaceable = {id(layer) for layer in replaceable_linears(model).values()}
+    return {name: layer for name, layer in describe(model).linears().items() if id(layer) in replaceable}
 
 
 def target_params(model: nn.Module, *, param_ratio: float | None, params: int | None) -> int:
