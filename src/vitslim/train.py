@@ -13,9 +13,9 @@ resumable exactly:
 * torch's global RNG (dropout, drop-path) is re-seeded from ``(seed, e)`` at the start of each
   epoch, inside ``torch.random.fork_rng`` so the caller's RNG is left as it was;
 * the learning rate is a pure function of the step position, not a stateful scheduler;
-* a checkpoint is written after every finished epoch: the student and AdamW's moment tensors in
-  safetensors, everything else (epoch, step, seed, hyper-parameters, optimiser structure) in
-  JSON. Nothing is pickled, so a checkpoint can be read without executing code.
+* a checkpoint is written after every finished epoch (``vitslim.checkpoints``): the student and
+  AdamW's moment tensors in safetensors, everything else (epoch, step, seed, hyper-parameters,
+  optimiser structure) in JSON. Nothing is pickled, so a checkpoint can be read without executing code.
 
 Under ``torchrun`` (see ``vitslim.distributed``) ``batch_size`` stays the *global* batch: each
 rank reads ``batch_size / world_size`` images of every step's batch through a
@@ -28,18 +28,14 @@ gradient as a single process, and the weights agree up to float summation order.
 from __future__ import annotations
 
 import contextlib
-import json
 import logging
 import math
 import os
-import re
-import shutil
 import time
 from collections.abc import Callable, Iterable, Sized
 from dataclasses import dataclass, replace
 from pathlib import Path
 
-import safetensors.torch
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -49,22 +45,14 @@ from torch.utils.data.distributed import DistributedSampler
 from tqdm import tqdm
 from tqdm.contrib.logging import logging_redirect_tqdm
 
+from vitslim import checkpoints, distributed
 from vitslim import data as imagedata
-from vitslim import distributed
 from vitslim.adapters import describe
 from vitslim.adapters.base import logits_of
-from vitslim.atomic import atomic_folder
 from vitslim.errors import ParameterError, VitslimError
-from vitslim.folder_io import load_state_strict, load_weights, read_json, unique_state_dict
 
 logger = logging.getLogger("vitslim")
 
-CHECKPOINT_FORMAT = "vitslim-distill-checkpoint"
-CHECKPOINT_VERSION = 1
-STUDENT_FILE = "student.safetensors"
-OPTIMIZER_FILE = "optimizer.safetensors"
-STATE_FILE = "state.json"
-_EPOCH_FOLDER = re.compile(r"^epoch-(\d+)$")
 _SEED_STRIDE = 1_000_003  # a prime, so (seed, epoch) pairs map to distinct generator seeds
 # Where no progress bar is on screen, a progress line is logged after the first step and then
 # every PROGRESS_LOG_STEPS steps or PROGRESS_LOG_SECONDS seconds, whichever comes first.
@@ -187,9 +175,9 @@ def distill(
     start_epoch, step = 0, 0
     if folder is not None:
         if training.resume:
-            start_epoch, step = _restore(folder, student, optimizer, names, config)
+            start_epoch, step = checkpoints.restore_latest(folder, student, optimizer, names, config)
         elif distributed.is_main():
-            _remove_checkpoints(folder)
+            checkpoints.remove_epochs(folder)
     forward = student
     if distributed.active():  # averages the gradients over ranks during backward
         forward = DistributedDataParallel(student, device_ids=[torch.device(device).index] if torch.device(device).type == "cuda" else None,
@@ -246,7 +234,7 @@ def distill(
                         + (f", {skipped} unreadable skipped" if skipped else ""))
             if folder is not None:
                 if distributed.is_main():
-                    _save(folder, epoch + 1, step, student, optimizer, names, config, total / images_seen)
+                    checkpoints.save_epoch(folder, epoch + 1, step, student, optimizer, names, config, total / images_seen)
                 distributed.barrier()
     return student.eval()
 
@@ -458,84 +446,3 @@ def _optimizer(student: nn.Module, lr: float, weight_decay: float) -> tuple[torc
     groups = [{"params": [p for _, p in grouped[key]], "weight_decay": key[0], "lr_scale": key[1]} for key in keys]
     names = [name for key in keys for name, _ in grouped[key]]
     return torch.optim.AdamW(groups, lr=lr), names
-
-
-# --- checkpoints --------------------------------------------------------------------------------
-
-
-def _epoch_folders(folder: Path) -> list[tuple[int, Path]]:
-    if not folder.is_dir():
-        return []
-    found = [(int(m.group(1)), entry) for entry in folder.iterdir() if entry.is_dir() and (m := _EPOCH_FOLDER.match(entry.name))]
-    return sorted(found)
-
-
-def _remove_checkpoints(folder: Path, keep: Path | None = None) -> None:
-    for _, path in _epoch_folders(folder):
-        if path != keep and (path / STATE_FILE).is_file():
-            shutil.rmtree(path, ignore_errors=True)
-
-
-def _save(folder: Path, epoch: int, step: int, student: nn.Module, optimizer: torch.optim.Optimizer,
-          names: list[str], config: dict, loss: float) -> None:
-    tensors, structure = _optimizer_parts(optimizer)
-    state = {
-        "format": CHECKPOINT_FORMAT, "version": CHECKPOINT_VERSION,
-        "epoch": epoch, "step": step, "seed": config["seed"], "loss": loss,
-        "config": config, "parameters": names, "optimizer": structure,
-    }
-
-    def fill(staging: Path) -> None:
-        safetensors.torch.save_file(unique_state_dict(student), str(staging / STUDENT_FILE), metadata={"format": "pt"})
-        safetensors.torch.save_file(tensors, str(staging / OPTIMIZER_FILE), metadata={"format": "pt"})
-        (staging / STATE_FILE).write_text(json.dumps(state, indent=2))  # last: marks the folder complete
-
-    target = atomic_folder(folder / f"epoch-{epoch:04d}", fill)
-    _remove_checkpoints(folder, keep=target)
-
-
-def _optimizer_parts(optimizer: torch.optim.Optimizer) -> tuple[dict[str, torch.Tensor], dict]:
-    """Split ``optimizer.state_dict()`` into tensors (``"<index>.<key>"``) and JSON for the rest."""
-    saved = optimizer.state_dict()
-    tensors: dict[str, torch.Tensor] = {}
-    scalars: dict[str, dict] = {}
-    for index, entries in saved["state"].items():
-        scalars[str(index)] = {}
-        for key, value in entries.items():
-            if isinstance(value, torch.Tensor):
-                tensors[f"{index}.{key}"] = value.detach().contiguous().cpu()
-            else:
-                scalars[str(index)][key] = value
-    groups = [{key: (list(v) if isinstance(v, tuple) else v) for key, v in group.items()} for group in saved["param_groups"]]
-    return tensors, {"param_groups": groups, "state": scalars}
-
-
-def _restore(folder: Path, student: nn.Module, optimizer: torch.optim.Optimizer, names: list[str], config: dict) -> tuple[int, int]:
-    """Load the latest complete checkpoint into ``student`` and ``optimizer``; (epoch, step) to go on from."""
-    complete = [(epoch, path) for epoch, path in _epoch_folders(folder) if (path / STATE_FILE).is_file()]
-    if not complete:
-        logger.info(f"no checkpoint in {folder} to resume from; starting at epoch 1")
-        return 0, 0
-    _, path = complete[-1]
-    state = read_json(path / STATE_FILE, "distillation checkpoint")
-    if state.get("format") != CHECKPOINT_FORMAT or state.get("version") != CHECKPOINT_VERSION:
-        raise VitslimError(f"{path / STATE_FILE} is not a vitslim distillation checkpoint (version {CHECKPOINT_VERSION})")
-    differing = [f"{key} {state['config'].get(key)!r} → {value!r}" for key, value in config.items() if state["config"].get(key) != value]
-    if differing:
-        raise VitslimError(f"cannot resume from {path}: it was trained with other settings ({'; '.join(differing)}); "
-                           "resume with the same settings and data, or start afresh without resume")
-    if state["parameters"] != names:
-        raise VitslimError(f"cannot resume from {path}: the student's trainable parameters differ from the checkpoint's")
-    load_state_strict(student, load_weights(path / STUDENT_FILE), path / STUDENT_FILE)
-    tensors = load_weights(path / OPTIMIZER_FILE)
-    structure = state["optimizer"]
-    entries: dict[int, dict] = {int(index): dict(values) for index, values in structure["state"].items()}
-    for key, tensor in tensors.items():
-        index, name = key.split(".", 1)
-        entries.setdefault(int(index), {})[name] = tensor
-    current = optimizer.state_dict()["param_groups"]
-    groups = [{key: (tuple(v) if isinstance(now.get(key), tuple) else v) for key, v in group.items()}
-              for group, now in zip(structure["param_groups"], current)]
-    optimizer.load_state_dict({"state": entries, "param_groups": groups})
-    logger.info(f"resuming distillation from {path} (epoch {state['epoch']}, step {state['step']})")
-    return int(state["epoch"]), int(state["step"])
