@@ -12,7 +12,7 @@ import torch
 from PIL import Image
 
 from vitslim.adapters.base import IMAGENET_PREPROCESSING, Preprocessing
-from vitslim.data import UNLABELLED, build_transform, is_labelled, make_loader, open_images, select
+from vitslim.data import UNLABELLED, Batch, as_batch, build_transform, is_labelled, make_loader, open_images, select
 from vitslim.errors import VitslimError
 
 SHARED_DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data"
@@ -279,6 +279,50 @@ def test_select_and_loader_reject_bad_numbers() -> None:
         select(data, skip=5)
     with pytest.raises(VitslimError, match="--batch-size must be at least 1"):
         make_loader(data, batch_size=0)
+
+
+BATCH_IMAGES = torch.zeros(2, 3, 8, 8)
+BATCH_LABELS = torch.tensor([4, 7])
+
+
+@pytest.mark.parametrize("item, expected", [
+    (BATCH_IMAGES, Batch(BATCH_IMAGES, None, 0)),  # a bare image tensor: no labels
+    ((BATCH_IMAGES, BATCH_LABELS), Batch(BATCH_IMAGES, BATCH_LABELS, 0)),  # a DataLoader's pair
+    ([BATCH_IMAGES, [4, 7]], Batch(BATCH_IMAGES, [4, 7], 0)),  # a list, labels as given
+    ((BATCH_IMAGES, BATCH_LABELS, 3), Batch(BATCH_IMAGES, BATCH_LABELS, 3)),  # make_loader's triple
+    ((None, torch.zeros(0), 2), Batch(None, torch.zeros(0), 2)),  # a triple whose every image was unreadable
+], ids=["tensor", "pair", "list-pair", "triple", "unreadable-triple"])
+def test_as_batch_reads_every_accepted_form(item, expected) -> None:
+    def same(got, wanted) -> bool:
+        return torch.equal(got, wanted) if isinstance(wanted, torch.Tensor) else got == wanted
+
+    batch = as_batch(item)
+    assert isinstance(batch, Batch) and batch.skipped == expected.skipped
+    assert same(batch.images, expected.images) and same(batch.labels, expected.labels)
+
+
+def test_make_loader_gives_batches_as_batch_takes_unchanged(image_folder: Path) -> None:
+    loaded = next(iter(make_loader(open_images(image_folder, build_transform(TINY)), batch_size=4)))
+    assert isinstance(loaded, Batch) and as_batch(loaded) == loaded
+
+
+@pytest.mark.parametrize("item, message", [
+    (None, "must be an image tensor, .* not NoneType"),
+    ("images", "not str"),
+    ((BATCH_IMAGES,), "not tuple"),  # too short for a pair
+    ((BATCH_IMAGES, BATCH_LABELS, 0, 0), "not tuple"),  # too long for a triple
+    (("images", BATCH_LABELS), "not a tuple holding str images"),
+    (torch.zeros(3, 8, 8), r"shape \(3, 8, 8\), not \[batch, channels, height, width\]"),  # one image, unbatched
+    ((torch.zeros(3, 8, 8), 1), "pass single .* samples as a torch Dataset"),  # an (image, label) sample
+], ids=["none", "str", "one-tuple", "four-tuple", "pair-of-str", "single-image", "single-sample"])
+def test_as_batch_refuses_other_forms_clearly(item, message) -> None:
+    with pytest.raises(VitslimError, match=message):
+        as_batch(item)
+
+
+def test_as_batch_errors_name_what_was_read() -> None:
+    with pytest.raises(VitslimError, match="^a training batch must be"):
+        as_batch(None, "a training batch")
 
 
 def _shared(*parts: str) -> Path:

@@ -18,6 +18,9 @@ An image that cannot be decoded, or is over PIL's decompression-bomb pixel limit
 error: ``ImageDataset`` returns ``None`` for it, logs a warning once, and ``make_loader`` drops
 it from its batch and counts it, so one bad file does not abort an hour-long evaluation but
 cannot go unnoticed either.
+
+Batches travel as ``Batch`` values (images, labels, skipped); ``as_batch`` reads every form of
+batch a user may pass instead (a bare image tensor, an (images, labels) pair).
 """
 
 from __future__ import annotations
@@ -32,7 +35,7 @@ import zipfile
 import zlib
 from collections.abc import Callable, Sequence
 from pathlib import Path, PurePosixPath
-from typing import TYPE_CHECKING, NamedTuple
+from typing import TYPE_CHECKING, Any, NamedTuple
 
 import numpy as np
 import torch
@@ -497,8 +500,46 @@ def is_labelled(dataset: Dataset) -> bool:
     return getattr(dataset, "labelled", True)
 
 
+class Batch(NamedTuple):
+    """One batch of images in the one form vitslim computes with; ``as_batch`` reads the others."""
+
+    images: torch.Tensor | None  # [batch, channels, height, width]; None when no image of it could be decoded
+    labels: Any = None  # as given (make_loader: a long tensor); None for a bare image tensor
+    skipped: int = 0  # unreadable images make_loader dropped from the batch
+
+
+def as_batch(item: object, what: str = "a batch") -> Batch:
+    """``item``, one batch in any form vitslim accepts, as a ``Batch``. Accepted:
+
+    * an image tensor ``[batch, channels, height, width]``, without labels;
+    * ``(images, labels)``, as a ``DataLoader`` over ``(image, label)`` samples gives it;
+    * ``(images, labels, skipped)``, as ``make_loader`` gives it (a ``Batch`` is one).
+
+    In a pair or triple ``images`` may be None: ``make_loader`` could decode no image of the
+    batch. A torch ``Dataset`` is not a batch but what ``make_loader`` batches. Anything else is
+    a ``VitslimError`` naming ``what`` ("a training batch"); a tensor of another shape most
+    likely is a single sample, which the error says to batch first.
+    """
+    forms = "an image tensor, (images, labels) or (images, labels, skipped)"
+    if isinstance(item, torch.Tensor):
+        batch = Batch(item)
+    elif isinstance(item, (tuple, list)) and len(item) in (2, 3):
+        batch = Batch(item[0], item[1], int(item[2]) if len(item) == 3 else 0)
+    else:
+        raise VitslimError(f"{what} must be {forms}, not {type(item).__name__}")
+    images = batch.images
+    if images is None or (isinstance(images, torch.Tensor) and images.ndim == 4):
+        return batch
+    if isinstance(images, torch.Tensor):
+        raise VitslimError(
+            f"{what} holds images of shape {tuple(images.shape)}, not [batch, channels, height, width]; pass single "
+            "(image, label) samples as a torch Dataset, or batch them with vitslim.data.make_loader"
+        )
+    raise VitslimError(f"{what} must be {forms}, not a {type(item).__name__} holding {type(images).__name__} images")
+
+
 def make_loader(dataset: Dataset, batch_size: int, *, workers: int = 0) -> DataLoader:
-    """Batches in dataset order as ``(images, labels, skipped)``.
+    """``Batch``es in dataset order: ``(images, labels, skipped)``.
 
     Unreadable images are dropped from their batch and counted in ``skipped``; ``labels`` holds
     the labels of the images kept. When every image of a batch was unreadable, ``images`` is
@@ -511,8 +552,8 @@ def make_loader(dataset: Dataset, batch_size: int, *, workers: int = 0) -> DataL
     return DataLoader(dataset, batch_size=batch_size, shuffle=False, num_workers=workers, collate_fn=_collate_readable)
 
 
-def _collate_readable(batch: list[tuple[torch.Tensor | None, int]]) -> tuple[torch.Tensor | None, torch.Tensor, int]:
+def _collate_readable(batch: list[tuple[torch.Tensor | None, int]]) -> Batch:
     kept = [(image, label) for image, label in batch if image is not None]
     images = torch.stack([image for image, _ in kept]) if kept else None
     labels = torch.tensor([label for _, label in kept], dtype=torch.long)
-    return images, labels, len(batch) - len(kept)
+    return Batch(images, labels, len(batch) - len(kept))

@@ -314,7 +314,7 @@ def _check_same_inputs(student, teacher) -> None:
 
 
 class _Batches:
-    """The training data as ``(images | None, labels | None, skipped)`` batches, epoch by epoch."""
+    """The training data as ``vitslim.data.Batch``es, epoch by epoch."""
 
     def __init__(self, data: Dataset | Iterable, *, batch_size: int, workers: int) -> None:
         self.workers = workers
@@ -348,7 +348,7 @@ class _Batches:
             return math.ceil(math.ceil(self.size / world) / (self.batch_size // world))
         return self.size
 
-    def epoch(self, seed: int, epoch: int) -> Iterable[tuple[torch.Tensor | None, torch.Tensor | None, int]]:
+    def epoch(self, seed: int, epoch: int) -> Iterable[imagedata.Batch]:
         if self.dataset is not None:
             # one process: the permutation drawn from (seed, epoch); several: every k-th entry of
             # that same permutation, so the ranks' k-th batches together are the single process's
@@ -361,30 +361,14 @@ class _Batches:
         if isinstance(items, (list, tuple)):
             items = [items[i] for i in torch.randperm(len(items), generator=generator).tolist()]
         for batch in items:
-            yield _split(batch)
+            yield imagedata.as_batch(batch, "a training batch")
 
 
-def _split(batch) -> tuple[torch.Tensor | None, torch.Tensor | None, int]:
-    images, labels, skipped = batch, None, 0
-    if isinstance(batch, (tuple, list)) and len(batch) in (2, 3):
-        images, labels = batch[0], batch[1]
-        skipped = int(batch[2]) if len(batch) == 3 else 0
-    if images is None or (isinstance(images, torch.Tensor) and images.ndim == 4):
-        return images, (None if labels is None else torch.as_tensor(labels)), skipped
-    if isinstance(images, torch.Tensor):
-        raise VitslimError(
-            f"a training batch holds images of shape {tuple(images.shape)}, not [batch, channels, height, width]; "
-            "pass single (image, label) samples as a torch Dataset, which distill batches itself"
-        )
-    raise VitslimError(
-        f"a training batch must be an image tensor, (images, labels) or (images, labels, skipped), not {type(batch).__name__}"
-    )
-
-
-def _labels(labels: torch.Tensor | None, num_classes: int, device: str) -> torch.Tensor:
+def _labels(labels, num_classes: int, device: str) -> torch.Tensor:
+    """A batch's labels as a long tensor on ``device``, checked against the model's classes."""
     if labels is None:
         raise VitslimError("label_weight > 0 needs labels, but the training batches are bare image tensors")
-    labels = labels.long()
+    labels = torch.as_tensor(labels).long()
     if labels.numel() and bool((labels == imagedata.UNLABELLED).all()):
         raise VitslimError("label_weight > 0 needs labels, but the training images are unlabelled (a plain folder of images)")
     if labels.numel() and (int(labels.max()) >= num_classes or int(labels.min()) < 0):

@@ -21,6 +21,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
+from vitslim.data import as_batch
 from vitslim.distributed import all_reduce_sum, owns, sum_numbers
 from vitslim.errors import VitslimError
 from vitslim.progress import track
@@ -62,10 +63,10 @@ class GramStats:
 
 
 def images_of(batch) -> torch.Tensor:
-    """Accept bare tensors, (images, labels) pairs and vitslim loader triples."""
-    images = batch[0] if isinstance(batch, (tuple, list)) else batch
-    if not isinstance(images, torch.Tensor):
-        raise VitslimError(f"calibration batches must be image tensors, got {type(images).__name__}")
+    """The images of one calibration batch, in any form ``vitslim.data.as_batch`` accepts."""
+    images = as_batch(batch, "a calibration batch").images
+    if images is None:
+        raise VitslimError("a calibration batch holds no images: every image of it was unreadable")
     return images
 
 
@@ -76,9 +77,10 @@ def leading_images(batches: Iterable, count: int, device: str | torch.device = "
     for batch in batches:
         if count <= 0:
             break
-        if isinstance(batch, (tuple, list)) and batch[0] is None:
+        readable = as_batch(batch, "a calibration batch").images
+        if readable is None:
             continue
-        images.append(images_of(batch)[:count].to(device))
+        images.append(readable[:count].to(device))
         count -= images[-1].shape[0]
     return images
 
