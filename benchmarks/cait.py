@@ -36,11 +36,12 @@ import vitslim
 from vitslim import data as imagedata
 from vitslim.adapters import describe
 from vitslim.atomic import atomic_file
-from vitslim.cait.channels import importance_masks, slice_channels
 from vitslim.cait.compress import compress_cait
+from vitslim.cait.importance import importance_masks
 from vitslim.cait.merging import unmerge
 from vitslim.cait.patch import MergeSchedule, apply_token_merging, merge_schedule, token_map
 from vitslim.cait.schedule import schedule_for_speedup
+from vitslim.cait.slicing import slice_channels
 from vitslim.evaluate import evaluate
 from vitslim.recipe import steps as recipe_steps
 from vitslim.train import Training

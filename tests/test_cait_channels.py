@@ -1,6 +1,7 @@
-"""CDCP channel gates and slicing (vitslim.cait.channels): exact masks, exact slicing for every
-family and both gate kinds, the straight-through gradient, the FLOPs estimate against a counted
-forward pass, save/reload of sliced models, the budget penalty under distill, and refusals."""
+"""CDCP channel gates and slicing (vitslim.cait.gates, vitslim.cait.slicing): exact masks, exact
+slicing for every family and both gate kinds, the straight-through gradient, the FLOPs estimate
+against a counted forward pass, save/reload of sliced models, the budget penalty under distill,
+and refusals."""
 
 import copy
 import json
@@ -15,7 +16,8 @@ from torch import nn
 from torch.utils.flop_counter import FlopCounterMode
 
 import vitslim
-from vitslim.cait.channels import ADAPT_RATE, GATES_ATTR, PENALTY_WEIGHT, attach_gates, detach_gates, slice_channels
+from vitslim.cait.gates import ADAPT_RATE, GATES_ATTR, PENALTY_WEIGHT, attach_gates, detach_gates
+from vitslim.cait.slicing import slice_channels
 from vitslim.errors import VitslimError
 from vitslim.metrics import count_params
 from vitslim.persist import RECIPE_FILE

@@ -122,14 +122,14 @@ def test_a_one_shot_iterator_of_batches_serves_both_the_choice_and_the_distillat
 def test_a_target_beyond_the_plans_reach_ends_at_the_strongest_schedule(monkeypatch):
     """When the measured speed-up lags and the next step is beyond every plan, merging all the
     plans can beats stopping one step short."""
-    import vitslim.cait.compress as cait_compress
+    import vitslim.cait.speed as cait_speed
 
     model = _timm()
     spec = vitslim.describe(model)
     strongest = strongest_schedule(spec, "tome", 2.0)
     target = 0.97 * predicted_speedup(spec, strongest)
     assert schedule_for_speedup(spec, "tome", target, concentration=2.0) != strongest
-    monkeypatch.setattr(cait_compress, "measured_speedup", lambda *args, **kwargs: 1.0)  # a machine too busy to show any gain
+    monkeypatch.setattr(cait_speed, "measured_speedup", lambda *args, **kwargs: 1.0)  # a machine too busy to show any gain
     compressed = compress_cait(model, speedup=target, merge="tome", concentration=2.0)
     assert merge_schedule(compressed) == strongest
     assert next(step for step in recipe_steps(compressed) if step["method"] == "merging")["concentration"] == 2.0

@@ -13,7 +13,7 @@ from plain_vit import tiny_hf_vit, write_random_images
 
 import vitslim
 from vitslim import data as imagedata
-from vitslim.cait.channels import importance_masks
+from vitslim.cait.importance import importance_masks
 from vitslim.cli import main
 from vitslim.compose import Probe, Target, combine, compress_composed, fixed_params, probe_axes, split_target
 from vitslim.errors import VitslimError

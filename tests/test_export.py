@@ -6,9 +6,9 @@ import torch
 from plain_vit import PlainViT, tiny_hf_vit
 
 import vitslim
-from vitslim.cait.channels import slice_channels
 from vitslim.cait.compress import compress_cait
 from vitslim.cait.patch import merge_schedule
+from vitslim.cait.slicing import slice_channels
 from vitslim.cli import main
 from vitslim.errors import VitslimError
 from vitslim.export import export_onnx, onnx_max_abs_diff
@@ -98,7 +98,7 @@ def test_export_command_checks_the_file_and_keeps_it_only_within_tolerance(tmp_p
 def test_composed_model_exports_to_onnx_and_torch_export(tmp_path):
     """Sliced channels, then low-rank factors on the sliced layers, then ATME: the three steps of
     --method lowrank+cait, in both formats."""
-    from vitslim.cait.channels import importance_masks
+    from vitslim.cait.importance import importance_masks
     from vitslim.export import export_program, program_max_abs_diff
 
     model = _model("timm", patch=4)

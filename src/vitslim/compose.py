@@ -19,14 +19,14 @@ is decided by measurement, not by fixed shares:
 3. **Build**: channels pruned with distillation (``gate_training``) while the chosen merge schedule
    is in place, low-rank factors fitted to the sliced model with compensation, then the merge
    schedule; for a speed-up target the
-   schedule is tightened until the measured speed-up reaches it (as ``compress_cait`` does).
+   schedule is tightened until the measured speed-up reaches it (``cait.speed``, as for ``compress_cait``).
    The schedule's concentration is chosen on the calibration images as ``compress_cait`` chooses
    it (``cait.shape``); the token probes keep concentration 1, three schedules per level being
    more than a probe is worth.
 
 The probes are training-free, so they cannot see how much distillation recovers on each axis
 (on the reference CIFAR ViT low-rank factors recover more than merged tokens, so the split's mix
-for 2x ended behind low-rank alone: benchmarks/compose.py). The recipe holds the channel,
+for 2x ended behind low-rank alone: docs/composition.md). The recipe holds the channel,
 low-rank and merging steps in that order, so the folder reloads exactly.
 """
 
@@ -42,12 +42,14 @@ import torch
 from torch import nn
 
 from vitslim.adapters import describe
-from vitslim.cait.channels import importance_masks, slice_channels
-from vitslim.cait.compress import PROMISE, measured_speedup, meet_speedup, prune_channels
+from vitslim.cait.compress import prune_channels
+from vitslim.cait.importance import importance_masks
 from vitslim.cait.patch import MERGING_ATTR, apply_token_merging
 from vitslim.cait.patch import STEP as MERGING_STEP
 from vitslim.cait.schedule import schedule_for_speedup
 from vitslim.cait.shape import planned_schedule
+from vitslim.cait.slicing import slice_channels
+from vitslim.cait.speed import PROMISE, measured_speedup, meet_speedup
 from vitslim.distributed import on_main
 from vitslim.errors import ParameterError, VitslimError
 from vitslim.lowrank.calibration import leading_images

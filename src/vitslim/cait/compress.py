@@ -7,47 +7,30 @@ smaller dense model, and the schedule is put back on top. The split between the 
 even in log-speed by default (each gives √S), our choice where the paper's abstract is silent;
 ``token_speedup`` sets it directly. How front-loaded the merge schedule is gets chosen on the
 training images when there are any (``cait.shape``). Finally the result is measured against the
-original in the same process and, when it falls short of the target, merges a little more.
+original in the same process and, when it falls short of the target, merges a little more
+(``cait.speed``).
 """
 
 from __future__ import annotations
 
 import copy
-import logging
 from collections.abc import Iterable, Iterator
 
 from torch import nn
 
 from vitslim.adapters import describe
-from vitslim.cait.channels import attach_gates, slice_channels
-from vitslim.cait.patch import MERGING_ATTR, apply_token_merging, remove_token_merging, token_merging
+from vitslim.cait.gates import attach_gates
+from vitslim.cait.patch import MERGING_ATTR, apply_token_merging, token_merging
 from vitslim.cait.patch import STEP as MERGING_STEP
-from vitslim.cait.schedule import predicted_speedup, schedule_for_speedup, strongest_schedule, tokens_per_block
+from vitslim.cait.schedule import tokens_per_block
 from vitslim.cait.shape import CHOICE_IMAGES, choice_batches, planned_schedule
-from vitslim.distributed import on_main
+from vitslim.cait.slicing import slice_channels
+from vitslim.cait.speed import meet_speedup
 from vitslim.errors import ParameterError, VitslimError
 from vitslim.recipe import find_step, update_step
 from vitslim.train import Training, distill
 
-logger = logging.getLogger("vitslim")
-
 TOKEN_SHARE = 0.5  # of log(speed-up) given to token merging when channels are pruned too
-PROMISE = 0.95  # measured/target that --speedup promises
-AIM = 1.0  # measured/target the schedule is tightened to reach: on a shared CPU the ratio moves by
-# up to ~5% between timing runs, so aiming at 0.98 left a 1.3x request at 0.946x of it when re-timed,
-# and aiming at the promise itself left a 1.8x one at 0.94x (benchmarks/cait.py --parts delivery)
-MEASURE_ROUNDS = 4
-MAX_STEP = 1.15  # largest factor by which one round raises the predicted speed-up (timings are noisy)
-
-
-def measured_speedup(original: nn.Module, compressed: nn.Module, *, batch_size: int = 32, runs: int = 20, device: str = "cpu") -> float:
-    """Throughput of ``compressed`` over ``original``'s, timed in one run; under ``torchrun`` on
-    rank 0 alone (ranks timing at once would slow each other) and shared with the others, so all
-    ranks take the same decisions from it."""
-    from vitslim.bench import benchmark
-
-    return on_main(lambda: benchmark([("original", original), ("compressed", compressed)], batch_size=batch_size, runs=runs,
-                                     device=device, progress=False)[1].ratio)
 
 
 def _split(speedup: float, pruning: bool, token_speedup: float | None, channel_ratio: float | None) -> tuple[float, float | None]:
@@ -142,35 +125,3 @@ def prune_channels(student: nn.Module, teacher: nn.Module, batches, training: Tr
     slice_channels(student, gates)
     student.to("cpu").eval()
     teacher.to("cpu")
-
-
-def meet_speedup(model, student, reference, merge, speedup, schedule, device, *, concentration: float = 1.0) -> float:
-    """Merge more (keeping the schedule's ``concentration``) until the measured speed-up reaches
-    ``AIM`` of the target; return the last measurement."""
-    measured = measured_speedup(model, student, device=device)
-    for _ in range(MEASURE_ROUNDS):
-        if measured >= AIM * speedup:
-            break
-        if schedule is not None:
-            remove_token_merging(student)
-        spec = describe(student)
-        predicted = predicted_speedup(spec, schedule, reference)
-        try:
-            tighter = schedule_for_speedup(spec, merge, predicted * min(speedup / measured, MAX_STEP), reference=reference,
-                                           concentration=concentration)
-        except VitslimError:  # beyond what the plans reach: merge all they can, if that is more
-            strongest = strongest_schedule(spec, merge, concentration)
-            tighter = strongest if predicted_speedup(spec, strongest, reference) > predicted else schedule
-        if tighter == schedule:
-            if schedule is not None:
-                apply_token_merging(student, schedule)
-            logger.warning("measured %.2fx against a %.2fx target, and merging cannot go further", measured, speedup)
-            break
-        schedule = tighter
-        apply_token_merging(student, schedule)
-        measured = measured_speedup(model, student, device=device)
-    if measured < PROMISE * speedup:
-        logger.warning("measured speed-up %.2fx is below the %.2fx target", measured, speedup)
-    if find_step(student, MERGING_STEP) is not None:
-        update_step(student, MERGING_STEP, {"measured_speedup": round(measured, 3)})
-    return measured

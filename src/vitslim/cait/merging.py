@@ -30,10 +30,9 @@ from vitslim.errors import VitslimError
 
 NEIGHBOURHOOD = 2
 """How far a source may reach for a destination, in sub-grid steps. On vit-d6-cifar10 at a 2×
-FLOPs reduction (train images, ``benchmarks/cait_design.py``), KL from the unmerged model was
-0.071 with one step (adjacent windows only), 0.061 with two, 0.058 with three, 0.057 with no
-limit, and 0.050 for ToMe: two steps recover most of what the restriction costs while staying
-local on larger grids."""
+FLOPs reduction (train images), one step (adjacent windows only) moved the logits furthest from
+the unmerged model's; two steps recover most of what the restriction costs (three, or no limit,
+add little) while staying local on larger grids (benchmarks/results/cait/design.md, 2.0x rows)."""
 
 
 def grid_cells(grid: tuple[int, int], device: torch.device | None = None) -> torch.Tensor:

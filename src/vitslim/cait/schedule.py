@@ -5,10 +5,10 @@ the last in proportion to how many blocks follow each one (block i of a depth-d 
 d-1-i, raised to a ``concentration`` of 1 unless chosen otherwise: ``cait.shape``), by
 cumulative rounding. Tokens merged early save every later block's work, so this
 front-loaded plan reaches a FLOPs target with fewer merges than an even spread. On
-vit-d6-cifar10 (train images, ``benchmarks/cait_schedules.py``) its KL from the unmerged model
-matched the even spread's at 1.3x and beat it at 1.6x (ToMe 0.0164 against 0.0176, ATME 0.0230
-against 0.0249); at 2x an even spread would break the cap below. No other one-number rule, nor
-a grid search over blocks 0-3, did clearly better for both methods at every target.
+vit-d6-cifar10 (train images) its KL from the unmerged model matched the even spread's at 1.3x
+and beat it at 1.6x for both methods, and at 2x an even spread would break the cap below. No
+other one-number rule, nor a grid search over blocks 0-3, did clearly better for both methods at
+every target (docs/cait.md, "Where to merge"; benchmarks/results/cait/schedules.md).
 
 ATME starts at sub-grid level 1 (every other column holds destinations) and moves to the next
 coarser level whenever the current one has fewer tokens off its grid than the block should
@@ -16,9 +16,8 @@ merge. No block merges more than half of its patch tokens: ToMe's bipartite matc
 and without that cap ATME's plans starve the last blocks (a 2x plan on vit-d6-cifar10 left the
 final block 2 patch tokens, and agreement with the unmerged model fell from 88% to 80% in an
 earlier version of ``benchmarks/cait_design.py``). So both methods get the same counts per
-block. The cost model counts each block's matmuls (linear layers per token, attention per token
-pair) from the layer shapes, so a target speed-up can be turned into a schedule before anything
-is measured.
+block. The FLOPs model (``cait.flops``) counts each block's matmuls from the layer shapes, so a
+target speed-up can be turned into a schedule before anything is measured.
 """
 
 from __future__ import annotations
@@ -26,7 +25,8 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 
-from vitslim.adapters.base import BlockSpec, ViTSpec
+from vitslim.adapters.base import ViTSpec
+from vitslim.cait.flops import blocks_flops
 from vitslim.cait.merging import sub_grid
 from vitslim.errors import VitslimError
 
@@ -137,29 +137,6 @@ def tokens_per_block(schedule: MergeSchedule | None, spec: ViTSpec) -> list[int]
         counts.append(tokens)
         tokens -= merges.get(index, 0)
     return counts
-
-
-def _linear_flops(layer) -> int:
-    rank = getattr(layer, "rank", None)  # a LowRankLinear: two thin matmuls
-    return 2 * rank * (layer.in_features + layer.out_features) if rank else 2 * layer.in_features * layer.out_features
-
-
-def block_cost(block: BlockSpec) -> tuple[int, int]:
-    """(FLOPs per token, FLOPs per token pair) of one block's matmuls."""
-    attention = block.attention
-    if attention.layout == "qkv":
-        projections = _linear_flops(attention.qkv)
-    elif attention.layout == "separate":
-        projections = sum(_linear_flops(layer) for layer in (attention.q, attention.k, attention.v))
-    else:
-        projections = 2 * attention.packed.in_proj_weight.numel()
-    per_token = projections + _linear_flops(attention.out_proj) + _linear_flops(block.mlp.fc1) + _linear_flops(block.mlp.fc2)
-    per_pair = 2 * 2 * attention.num_heads * attention.head_dim  # scores, then the weighted sum
-    return per_token, per_pair
-
-
-def blocks_flops(spec: ViTSpec, tokens: list[int]) -> int:
-    return sum(per_token * n + per_pair * n * n for (per_token, per_pair), n in zip(map(block_cost, spec.blocks), tokens))
 
 
 def predicted_speedup(spec: ViTSpec, schedule: MergeSchedule | None, reference: ViTSpec | None = None) -> float:

@@ -3,12 +3,12 @@
 The planner shares the merged tokens among blocks with weights ``(depth-1-i) ** concentration``.
 Concentration 1 was the best single rule at moderate targets, but at high ones putting more of
 the merging in the first blocks does better, and by a margin: on vit-d6-cifar10 at 2.4x by the
-FLOPs model (``benchmarks/cait_shape.py``: chosen on 256 train images, scored on the test split)
-the chosen concentration 4 cut ToMe's KL from the unmerged model from 0.150 to 0.107 and ATME's
-from 0.153 to 0.115, while at 1.3x to 1.6x concentration 1 stayed best for both. Where the turn comes depends on the model and the target, so with
-calibration images at hand each candidate is planned for the same target and the one whose
-logits stay closest to the unmerged model's (mean KL) is kept. Every candidate reaches the same
-predicted speed-up, so the choice trades no speed.
+FLOPs model, concentration 4 (chosen on train images) kept both methods' logits clearly closer to
+the unmerged model's on the test split, while at 1.3x to 1.6x concentration 1 stayed best for
+both (benchmarks/results/cait/shape.md). Where the turn comes depends on the model and the
+target, so with calibration images at hand each candidate is planned for the same target and
+the one whose logits stay closest to the unmerged model's (mean KL) is kept. Every candidate
+reaches the same predicted speed-up, so the choice trades no speed.
 """
 
 from __future__ import annotations

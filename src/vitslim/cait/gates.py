@@ -1,8 +1,9 @@
-"""CDCP, consistent dynamic channel pruning: our reading of arXiv 2309.15755 (docs/methods-cait.md).
+"""CDCP's channel gates: the masks a model trains with before ``cait.slicing`` cuts it to the
+widths they keep. Our reading of arXiv 2309.15755 (docs/methods-cait.md).
 
-Training. ``attach_gates`` gives each block learnable gate logits whose 0/1 masks multiply the
-query and key channels (one mask for both: their dot product runs over the same channels), the
-value channels (which are also the output projection's inputs) and the MLP hidden units. With
+``attach_gates`` gives each block learnable gate logits whose 0/1 masks multiply the query and
+key channels (one mask for both: their dot product runs over the same channels), the value
+channels (which are also the output projection's inputs) and the MLP hidden units. With
 ``consistent=True`` (CDCP) the query/key mask and the value mask run over the head dimension and
 are shared by every head, so all heads keep one width and attention stays one batched matmul;
 ``consistent=False`` gives every head its own masks, the ablation "without the consistency
@@ -10,32 +11,24 @@ constraints". The masks are hard in the forward pass and straight-through in the
 so a pruned channel still gets a gradient and can come back ("dynamic").
 ``ChannelGates.budget_penalty`` is the ``extra_loss`` that pushes the estimated FLOPs down to a
 target while ``distill`` trains the gates (at ``lr × vitslim_lr_scale``) with the weights.
-
-Inference. ``slice_channels`` freezes the masks, removes the gates and cuts the projections into
-physically smaller ``nn.Linear``s that compute exactly what the masked model computed, and
-records the new widths as a recipe step ``{"method": "channels", ...}`` so a saved model
-reloads with its smaller shapes.
 """
 
 from __future__ import annotations
 
 import logging
-import math
 from dataclasses import dataclass
-from types import ModuleType
 
 import torch
 from torch import nn
 
-from vitslim.adapters import describe, family_of, prepare_for_replacement, replace_submodule
-from vitslim.adapters.base import BlockSpec, ViTSpec
+from vitslim.adapters import describe, family_of, prepare_for_replacement
+from vitslim.adapters.base import BlockSpec, ModelFamily, ViTSpec
+from vitslim.cait.flops import block_flops, linear_flops
 from vitslim.errors import VitslimError
-from vitslim.recipe import record_step, register_step, span
 from vitslim.train import LR_SCALE_ATTR
 
 logger = logging.getLogger("vitslim")
 
-STEP = "channels"
 GATES_ATTR = "vitslim_gates"  # the gates are a submodule, so optimisers and checkpoints see them
 # The budget penalty (see ChannelGates.budget_penalty): its starting weight, how fast its
 # multiplier adapts (change of its logarithm per step, per unit of ratio off the target) and the
@@ -65,11 +58,13 @@ class GatedBlock:
     mlp: bool
 
     def flops(self, tokens: int, width, hidden):
-        """FLOPs (2 per multiply-add) of the matmuls whose size depends on the channels, at a
-        per-head width ``width`` and ``hidden`` MLP units: q/k/v projections, attention logits
-        and weighted sum, output projection, fc1 and fc2."""
-        n, c, h = tokens, self.embed_dim, self.num_heads
-        return 2 * n * c * 3 * h * width + 2 * n * n * h * width * 2 + 2 * n * h * width * c + 2 * n * c * hidden * 2
+        """The block's matmul FLOPs (``cait.flops``) at a per-head width ``width`` and ``hidden``
+        MLP units: q/k/v projections, attention logits and weighted sum, output projection, fc1
+        and fc2."""
+        channels = self.num_heads * width
+        linear = (3 * linear_flops(self.embed_dim, channels) + linear_flops(channels, self.embed_dim)
+                  + linear_flops(self.embed_dim, hidden) + linear_flops(hidden, self.embed_dim))
+        return block_flops(tokens, linear, channels)
 
 
 class ChannelGates(nn.Module):
@@ -236,9 +231,10 @@ class _MaskHook:
         return (args[0] * mask.to(args[0].dtype), *args[1:])
 
 
-def _obstacles(family: ModuleType, block: BlockSpec) -> dict[str, str]:
-    """Why masking and slicing a part ("attention", "mlp") of ``block`` would not be exact."""
-    found = dict(family.channel_pruning_obstacles(block)) if hasattr(family, "channel_pruning_obstacles") else {}
+def channel_pruning_obstacles(family: ModelFamily, block: BlockSpec) -> dict[str, str]:
+    """Why masking and slicing a part ("attention", "mlp") of ``block`` would not be exact: such a
+    part gets no gates, no importance mask, and refuses masks given to ``slice_channels``."""
+    found = dict(family.channel_pruning_obstacles(block))
     attn = block.attention
     if attn.layout == "packed":
         found.setdefault("attention", "a packed nn.MultiheadAttention reads in_proj_weight directly, so its channels cannot be masked or sliced")
@@ -273,7 +269,7 @@ def attach_gates(model: nn.Module, *, consistent: bool = True, init: float = 3.0
     wanted = {"attention": prune_attention, "mlp": prune_mlp}
     blocks, skipped = [], {}
     for block in spec.blocks:
-        problems = _obstacles(family, block)
+        problems = channel_pruning_obstacles(family, block)
         for part, reason in problems.items():
             if wanted[part]:
                 skipped.setdefault((part, reason), []).append(str(block.index))
@@ -316,242 +312,3 @@ def detach_gates(model: nn.Module) -> ChannelGates:
                 del hooks[key]
     delattr(model, GATES_ATTR)
     return gates
-
-
-def _qkv_rows(attention) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """The query, key and value projection weights, each (heads·head_dim, embed)."""
-    if attention.layout == "qkv":
-        return attention.qkv.weight.detach().chunk(3, dim=0)
-    return attention.q.weight.detach(), attention.k.weight.detach(), attention.v.weight.detach()
-
-
-def _top(scores: torch.Tensor, keep: int) -> torch.Tensor:
-    mask = torch.zeros_like(scores, dtype=torch.bool)
-    mask[scores.topk(max(1, keep)).indices] = True
-    return mask
-
-
-def importance_masks(model: nn.Module, ratio: float) -> dict:
-    """Consistent channel masks (the form ``slice_channels`` takes) keeping ``ratio`` of every
-    sliceable block's query/key, value and MLP channels, the most important by weight norms:
-    a query/key channel by Σ_heads ‖q row‖·‖k row‖, a value channel by Σ_heads ‖v row‖·‖proj
-    column‖, an MLP unit by ‖fc1 row‖·‖fc2 column‖. Every FLOP these parts cost is linear in
-    their widths, so the blocks keep about ``ratio`` of their channel FLOPs."""
-    spec, family = describe(model), family_of(model)
-    masks = {}
-    for block in spec.blocks:
-        problems, entry = _obstacles(family, block), {}
-        if "attention" not in problems:
-            attention = block.attention
-            heads, width = attention.num_heads, attention.head_dim
-            q, k, v = (rows.norm(dim=1).reshape(heads, width) for rows in _qkv_rows(attention))
-            proj = attention.out_proj.weight.detach().norm(dim=0).reshape(heads, width)
-            keep = round(ratio * width)
-            entry["qk"], entry["v"] = _top((q * k).sum(0), keep), _top((v * proj).sum(0), keep)
-        if "mlp" not in problems:
-            fc1, fc2 = block.mlp.fc1.weight.detach(), block.mlp.fc2.weight.detach()
-            entry["mlp"] = _top(fc1.norm(dim=1) * fc2.norm(dim=0), round(ratio * fc1.shape[0]))
-        if entry:
-            masks[str(block.index)] = entry
-    return masks
-
-
-# --- slicing --------------------------------------------------------------------------------------
-
-
-def _install(model: nn.Module, names: dict[int, str], old: nn.Linear, weight: torch.Tensor, bias: torch.Tensor | None) -> None:
-    """Put a Linear holding ``weight`` and ``bias`` where ``old`` is."""
-    new = nn.Linear(weight.shape[1], weight.shape[0], bias=bias is not None, device=weight.device, dtype=weight.dtype)
-    with torch.no_grad():
-        new.weight.copy_(weight)
-        if bias is not None:
-            new.bias.copy_(bias)
-    new.requires_grad_(old.weight.requires_grad)
-    new.train(old.training)
-    replace_submodule(model, names[id(old)], new)
-
-
-def _keep_rows(model: nn.Module, names: dict[int, str], layer: nn.Linear, rows: torch.Tensor, scale: torch.Tensor) -> None:
-    scale = scale.to(layer.weight.device, layer.weight.dtype)
-    rows = rows.to(layer.weight.device)
-    bias = None if layer.bias is None else layer.bias.detach()[rows] * scale
-    _install(model, names, layer, layer.weight.detach()[rows] * scale[:, None], bias)
-
-
-def _keep_columns(model: nn.Module, names: dict[int, str], layer: nn.Linear, columns: torch.Tensor, scale: torch.Tensor) -> None:
-    scale = scale.to(layer.weight.device, layer.weight.dtype)
-    weight = layer.weight.detach()[:, columns.to(layer.weight.device)] * scale[None, :]
-    _install(model, names, layer, weight, None if layer.bias is None else layer.bias.detach())
-
-
-def _slice_attention(model: nn.Module, names: dict[int, str], block: BlockSpec, qk: torch.Tensor, qk_keep: torch.Tensor,
-                     v: torch.Tensor, v_keep: torch.Tensor) -> None:
-    """Cut the attention to ``qk.shape[1]`` channels per head: head ``h`` keeps query/key
-    channels ``qk[h]`` and value channels ``v[h]``, zeroed where ``*_keep`` is False (padding).
-
-    The model scaled logits by 1/√head_dim and will scale them by 1/√width, so the kept query
-    rows are multiplied by √(width/head_dim) to compute the same logits.
-    """
-    attn = block.attention
-    heads, head_dim, width = attn.num_heads, attn.head_dim, qk.shape[1]
-    offsets = torch.arange(heads)[:, None] * head_dim
-
-    def rows(channels: torch.Tensor) -> torch.Tensor:
-        return (offsets + channels).flatten()
-
-    parts = [(rows(qk), qk_keep.flatten().double() * math.sqrt(width / head_dim)), (rows(qk), qk_keep.flatten().double()),
-             (rows(v), v_keep.flatten().double())]
-    if attn.layout == "qkv":
-        size = heads * head_dim
-        _keep_rows(model, names, attn.qkv, torch.cat([r + p * size for p, (r, _) in enumerate(parts)]), torch.cat([s for _, s in parts]))
-    else:
-        for layer, (r, s) in zip((attn.q, attn.k, attn.v), parts):
-            _keep_rows(model, names, layer, r, s)
-    _keep_columns(model, names, attn.out_proj, rows(v), v_keep.flatten().double())
-    family_of(model).resize_attention(attn, width, head_dim)
-
-
-def _slice_mlp(model: nn.Module, names: dict[int, str], block: BlockSpec, units: torch.Tensor, keep: torch.Tensor) -> None:
-    """Keep hidden ``units`` of the MLP, zeroed where ``keep`` is False (padding)."""
-    scale = keep.double()
-    _keep_rows(model, names, block.mlp.fc1, units, scale)
-    _keep_columns(model, names, block.mlp.fc2, units, scale)
-
-
-def _choose(mask: torch.Tensor, width: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """Per row of a boolean (rows, channels) mask: the kept channels, then pruned ones up to
-    ``width``; and which of those are kept."""
-    chosen = []
-    for row in mask:
-        kept = row.nonzero().flatten()
-        chosen.append(torch.cat([kept, (~row).nonzero().flatten()[: width - len(kept)]]))
-    index = torch.stack(chosen)
-    return index, torch.gather(mask, 1, index)
-
-
-def _block_at(spec: ViTSpec, key) -> BlockSpec:
-    try:
-        index = int(key)
-    except (TypeError, ValueError):
-        index = -1
-    if not 0 <= index < len(spec.blocks):
-        raise VitslimError(f"no block {key!r}: the model has blocks 0 to {len(spec.blocks) - 1}")
-    return spec.blocks[index]
-
-
-def _head_masks(entry: dict, block: BlockSpec) -> tuple[torch.Tensor, torch.Tensor]:
-    attn = block.attention
-    if not {"qk", "v"} <= entry.keys():
-        raise VitslimError(f"block {block.index}: give both the qk and the v mask to slice the attention")
-    found = []
-    for kind in ("qk", "v"):
-        mask = torch.as_tensor(entry[kind]).detach().cpu().bool()
-        if mask.shape == (attn.head_dim,):
-            mask = mask.expand(attn.num_heads, attn.head_dim)
-        if mask.shape != (attn.num_heads, attn.head_dim):
-            raise VitslimError(f"block {block.index}: the {kind} mask has shape {tuple(mask.shape)}, expected "
-                               f"({attn.num_heads}, {attn.head_dim}) or ({attn.head_dim},)")
-        found.append(mask)
-    return found[0], found[1]
-
-
-def _mlp_mask(entry: dict, block: BlockSpec) -> torch.Tensor:
-    mask = torch.as_tensor(entry["mlp"]).detach().cpu().bool()
-    if mask.shape != (block.mlp.fc1.out_features,):
-        raise VitslimError(f"block {block.index}: the mlp mask has shape {tuple(mask.shape)}, expected ({block.mlp.fc1.out_features},)")
-    return mask
-
-
-def slice_channels(model: nn.Module, gates: ChannelGates | None = None, *, masks: dict | None = None) -> dict:
-    """Freeze the masks and make ``model`` (in place) a smaller dense model computing exactly
-    what the masked model computed; remove the gates; record the widths in its recipe.
-
-    The masks come from ``gates`` (by default the model's own), or from ``masks`` in the form
-    ``ChannelGates.masks()`` returns (a (head_dim,) mask stands for every head). In each sliced
-    attention every head keeps the same width k', the largest query/key or value count of any
-    head (at least 1); heads that keep fewer are padded with zeroed channels. An MLP keeps its
-    kept hidden units (at least one, zeroed if none was kept).
-
-    Returns ``{"method": "channels", "consistent": bool, "blocks": {index: {...}}}`` with, per
-    sliced block, ``head_dim`` (k') and the kept ``qk`` and ``v`` channels per head, and
-    ``mlp_hidden`` and the kept ``mlp`` units. The recipe step holds the same without the
-    channel lists (the shapes are what a reload rebuilds; the weights come after).
-    """
-    attached = getattr(model, GATES_ATTR, None)
-    if gates is not None and masks is not None:
-        raise VitslimError("give the gates or the masks to slice with, not both")
-    if gates is not None and gates is not attached:
-        raise VitslimError("these gates are not attached to this model")
-    if masks is None:
-        if not isinstance(attached, ChannelGates):
-            raise VitslimError("the model carries no channel gates and no masks were given: attach_gates and train first, or pass masks=")
-        gates, masks = attached, attached.masks()
-    spec = describe(model)
-    family = family_of(model)
-    plan = [_plan(family, _block_at(spec, key), entry) for key, entry in masks.items()]  # all checked before any change
-    if isinstance(attached, ChannelGates):
-        detach_gates(model)
-    if hasattr(family, "pin_architecture"):
-        family.pin_architecture(model)  # while the modules still show the original widths
-    prepare_for_replacement(model)
-    names = {id(module): name for name, module in model.named_modules()}
-    result, step = {}, {}
-    for block, qk, v, mlp in plan:
-        done, recorded = {}, {}
-        if qk is not None:
-            width = max(1, int(qk.sum(-1).max()), int(v.sum(-1).max()))
-            _slice_attention(model, names, block, *_choose(qk, width), *_choose(v, width))
-            recorded["head_dim"] = width
-            done.update(head_dim=width, qk=[row.nonzero().flatten().tolist() for row in qk],
-                        v=[row.nonzero().flatten().tolist() for row in v])
-        if mlp is not None:
-            index, keep = _choose(mlp[None], max(1, int(mlp.sum())))
-            _slice_mlp(model, names, block, index[0], keep[0])
-            recorded["mlp_hidden"] = index.shape[1]
-            done.update(mlp_hidden=index.shape[1], mlp=mlp.nonzero().flatten().tolist())
-        step[str(block.index)] = recorded
-        result[str(block.index)] = done
-    if gates is not None:
-        consistent = gates.consistent
-    else:  # explicit masks: consistent when every head of every block has the same masks
-        consistent = all(bool((mask == mask[0]).all()) for _, qk, v, _ in plan if qk is not None for mask in (qk, v))
-    record_step(model, {"method": STEP, "consistent": consistent, "blocks": step})
-    return {"method": STEP, "consistent": consistent, "blocks": result}
-
-
-def _plan(family: ModuleType, block: BlockSpec, entry: dict) -> tuple:
-    """One block's masks, checked: (block, qk, v, mlp), None for a part left as it is."""
-    unknown = set(entry) - {"qk", "v", "mlp"}
-    if unknown:
-        raise VitslimError(f"block {block.index}: unknown mask kinds {sorted(unknown)}; expected qk, v and mlp")
-    problems = _obstacles(family, block)
-    for part, kinds in (("attention", {"qk", "v"}), ("mlp", {"mlp"})):
-        if kinds & entry.keys() and part in problems:
-            raise VitslimError(f"block {block.index}: the {part} cannot be sliced: {problems[part]}")
-    qk, v = _head_masks(entry, block) if {"qk", "v"} & entry.keys() else (None, None)
-    return block, qk, v, _mlp_mask(entry, block) if "mlp" in entry else None
-
-
-def _summary(step: dict) -> str:
-    widths = step.get("blocks", {}).values()
-    heads = [w["head_dim"] for w in widths if "head_dim" in w]
-    hidden = [w["mlp_hidden"] for w in widths if "mlp_hidden" in w]
-    return (f"{'consistent' if step.get('consistent', True) else 'per-head'} channel pruning: head dim {span(heads) if heads else 'kept'}, "
-            f"MLP hidden {span(hidden) if hidden else 'kept'}")
-
-
-@register_step(STEP, summary=_summary)
-def _rebuild(model: nn.Module, step: dict) -> None:
-    """Recipe replay: give the recorded blocks their sliced shapes and head widths, with zero
-    weights (the saved weights are loaded after)."""
-    spec = describe(model)
-    prepare_for_replacement(model)
-    names = {id(module): name for name, module in model.named_modules()}
-    for key, entry in step["blocks"].items():
-        block = _block_at(spec, key)
-        if "head_dim" in entry:
-            zeros = torch.zeros(block.attention.num_heads, int(entry["head_dim"]), dtype=torch.long)
-            _slice_attention(model, names, block, zeros, zeros.bool(), zeros, zeros.bool())
-        if "mlp_hidden" in entry:
-            zeros = torch.zeros(int(entry["mlp_hidden"]), dtype=torch.long)
-            _slice_mlp(model, names, block, zeros, zeros.bool())

@@ -1,0 +1,77 @@
+"""The ``speedup`` promise: a model's speed-up measured against the original's, and merging
+tightened until it shows.
+
+``compress_cait`` and ``compress_composed`` plan their merge schedules with a FLOPs model, but
+what they promise is a measured speed-up. Timings on a shared CPU move by up to about 5% between
+runs (docs/cait.md, the ``--speedup`` delivery), so no later timing can be promised the full
+target: the promise (``PROMISE``) is 0.95 of it, and the schedule is tightened until one
+measurement reaches the target itself (``AIM`` = 1), which leaves those 5% as the margin. Aiming
+lower did not keep the promise: aiming at 0.98 left a 1.3x request at 0.946x of it when re-timed,
+and aiming at the promise itself left a 1.8x one at 0.94x (``benchmarks/cait.py --parts
+delivery``). Each measurement being noisy, one round raises the predicted speed-up by at most
+``MAX_STEP``, and after ``MEASURE_ROUNDS`` rounds the result stands, with a warning if it falls
+short of the promise.
+"""
+
+from __future__ import annotations
+
+import logging
+
+from torch import nn
+
+from vitslim.adapters import describe
+from vitslim.cait.patch import STEP as MERGING_STEP
+from vitslim.cait.patch import apply_token_merging, remove_token_merging
+from vitslim.cait.schedule import predicted_speedup, schedule_for_speedup, strongest_schedule
+from vitslim.distributed import on_main
+from vitslim.errors import VitslimError
+from vitslim.recipe import find_step, update_step
+
+logger = logging.getLogger("vitslim")
+
+PROMISE = 0.95  # measured/target that ``speedup`` promises
+AIM = 1.0  # measured/target the schedule is tightened to reach
+MEASURE_ROUNDS = 4
+MAX_STEP = 1.15  # largest factor by which one round raises the predicted speed-up
+
+
+def measured_speedup(original: nn.Module, compressed: nn.Module, *, batch_size: int = 32, runs: int = 20, device: str = "cpu") -> float:
+    """Throughput of ``compressed`` over ``original``'s, timed in one run; under ``torchrun`` on
+    rank 0 alone (ranks timing at once would slow each other) and shared with the others, so all
+    ranks take the same decisions from it."""
+    from vitslim.bench import benchmark
+
+    return on_main(lambda: benchmark([("original", original), ("compressed", compressed)], batch_size=batch_size, runs=runs,
+                                     device=device, progress=False)[1].ratio)
+
+
+def meet_speedup(model, student, reference, merge, speedup, schedule, device, *, concentration: float = 1.0) -> float:
+    """Merge more (keeping the schedule's ``concentration``) until the measured speed-up reaches
+    ``AIM`` of the target; return the last measurement."""
+    measured = measured_speedup(model, student, device=device)
+    for _ in range(MEASURE_ROUNDS):
+        if measured >= AIM * speedup:
+            break
+        if schedule is not None:
+            remove_token_merging(student)
+        spec = describe(student)
+        predicted = predicted_speedup(spec, schedule, reference)
+        try:
+            tighter = schedule_for_speedup(spec, merge, predicted * min(speedup / measured, MAX_STEP), reference=reference,
+                                           concentration=concentration)
+        except VitslimError:  # beyond what the plans reach: merge all they can, if that is more
+            strongest = strongest_schedule(spec, merge, concentration)
+            tighter = strongest if predicted_speedup(spec, strongest, reference) > predicted else schedule
+        if tighter == schedule:
+            if schedule is not None:
+                apply_token_merging(student, schedule)
+            logger.warning("measured %.2fx against a %.2fx target, and merging cannot go further", measured, speedup)
+            break
+        schedule = tighter
+        apply_token_merging(student, schedule)
+        measured = measured_speedup(model, student, device=device)
+    if measured < PROMISE * speedup:
+        logger.warning("measured speed-up %.2fx is below the %.2fx target", measured, speedup)
+    if find_step(student, MERGING_STEP) is not None:
+        update_step(student, MERGING_STEP, {"measured_speedup": round(measured, 3)})
+    return measured
