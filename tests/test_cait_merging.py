@@ -20,7 +20,15 @@ from vitslim.cait.merging import (
     tome_merge,
     unmerge,
 )
-from vitslim.cait.patch import MergeSchedule, apply_token_merging, merge_schedule, remove_token_merging, token_map
+from vitslim.cait.patch import (
+    MergeSchedule,
+    apply_token_merging,
+    merge_schedule,
+    merging_suspended,
+    remove_token_merging,
+    token_map,
+    token_merging,
+)
 from vitslim.cait.schedule import check_schedule, plan, predicted_speedup, schedule_for_speedup, tokens_per_block
 from vitslim.errors import VitslimError
 from vitslim.recipe import steps as recipe_steps
@@ -300,3 +308,27 @@ def test_schedule_for_speedup_meets_the_flops_model_and_refuses_the_impossible()
         assert predicted_speedup(spec, gentler) < 1.6 or gentler.merged >= schedule.merged
     with pytest.raises(VitslimError, match="beyond token merging"):
         schedule_for_speedup(spec, "tome", 50.0)
+
+
+def test_token_merging_is_temporary_and_suspension_keeps_the_recipe():
+    """The context managers: merging inside the with-block only and never in the recipe; hooks
+    off and back on around a structural edit, the recorded step left as it was."""
+    model = _timm()
+    images = torch.randn(2, 3, 32, 32, generator=torch.Generator().manual_seed(3))
+    before = _logits(model, images)
+    schedule = plan("atme", (8, 8), 4, 10.0)
+    with token_merging(model, schedule):
+        merged = _logits(model, images)
+        assert merge_schedule(model) == schedule and not recipe_steps(model)
+    assert merge_schedule(model) is None and not torch.allclose(merged, before)
+    torch.testing.assert_close(_logits(model, images), before, rtol=0, atol=0)
+    with token_merging(model, None):  # no schedule: the model as it is
+        torch.testing.assert_close(_logits(model, images), before, rtol=0, atol=0)
+    apply_token_merging(model, schedule, notes={"why": "a test"})
+    with merging_suspended(model) as suspended:
+        assert suspended == schedule and merge_schedule(model) is None
+        torch.testing.assert_close(_logits(model, images), before, rtol=0, atol=0)
+    torch.testing.assert_close(_logits(model, images), merged, rtol=0, atol=0)
+    assert recipe_steps(model) == [{"method": "merging", "schedule": schedule.as_dict(), "why": "a test"}]
+    with pytest.raises(VitslimError, match="already merges tokens"), token_merging(model, schedule):
+        pass

@@ -44,8 +44,7 @@ from torch import nn
 from vitslim.adapters import describe
 from vitslim.cait.compress import prune_channels
 from vitslim.cait.importance import importance_masks
-from vitslim.cait.patch import MERGING_ATTR, apply_token_merging
-from vitslim.cait.patch import STEP as MERGING_STEP
+from vitslim.cait.patch import apply_token_merging, merge_schedule
 from vitslim.cait.schedule import schedule_for_speedup
 from vitslim.cait.shape import planned_schedule
 from vitslim.cait.slicing import slice_channels
@@ -55,7 +54,7 @@ from vitslim.errors import ParameterError, VitslimError
 from vitslim.lowrank.calibration import leading_images
 from vitslim.lowrank.compress import compress_lowrank, compressible_linears
 from vitslim.metrics import count_flops, count_params, mean_kl
-from vitslim.recipe import find_step, record_step, register_step, update_step
+from vitslim.recipe import record_step, register_step
 from vitslim.train import Training
 
 logger = logging.getLogger("vitslim")
@@ -265,7 +264,7 @@ def compress_composed(
         raise ParameterError("param_ratio", "and params both state the parameter budget; give one")
     if pruning and train_data is None:
         raise VitslimError("gate training needs the training images: pass train_data")
-    if getattr(model, MERGING_ATTR, None) is not None:
+    if merge_schedule(model) is not None:
         raise VitslimError("the model already merges tokens; compress the original model")
     total, fixed = count_params(model), fixed_params(model)
     if param_ratio is not None:
@@ -301,17 +300,16 @@ def compress_composed(
         budget = min(budget, params)
     if budget < count_params(student):
         student = compress_lowrank(student.to(device), calibration, params=budget, progress=progress).to("cpu")
-    if schedule is not None:
-        apply_token_merging(student, schedule)
     measured = None
     if speedup is not None and "tokens" in axes:
-        measured = meet_speedup(model, student, describe(model), merge, speedup, schedule, device, concentration=planning["concentration"])
+        schedule, measured = meet_speedup(model, student, merge, speedup, schedule, device, concentration=planning["concentration"])
+        planning = {"measured_speedup": round(measured, 3), **planning}
     elif speedup is not None:
         measured = measured_speedup(model, student, device=device)
         if measured < PROMISE * speedup:
             logger.warning("measured speed-up %.2fx is below the %.2fx target (token merging, which could close the gap, is not among the axes)", measured, speedup)
-    if find_step(student, MERGING_STEP) is not None:
-        update_step(student, MERGING_STEP, planning)
+    if schedule is not None:
+        apply_token_merging(student, schedule, notes=planning)
     record_step(student, {"method": STEP, "target": {k: v for k, v in target.__dict__.items() if v is not None}, **split.as_dict(),
                           "measured_speedup": None if measured is None else round(measured, 3),
                           "probes": [{**probe.__dict__, "cost": round(probe.cost, 6), "speedup": _rounded(probe.speedup, 3),

@@ -20,14 +20,12 @@ from torch import nn
 
 from vitslim.adapters import describe
 from vitslim.cait.gates import attach_gates
-from vitslim.cait.patch import MERGING_ATTR, apply_token_merging, token_merging
-from vitslim.cait.patch import STEP as MERGING_STEP
+from vitslim.cait.patch import apply_token_merging, merge_schedule, token_merging
 from vitslim.cait.schedule import tokens_per_block
 from vitslim.cait.shape import CHOICE_IMAGES, choice_batches, planned_schedule
 from vitslim.cait.slicing import slice_channels
 from vitslim.cait.speed import meet_speedup
 from vitslim.errors import ParameterError, VitslimError
-from vitslim.recipe import find_step, update_step
 from vitslim.train import Training, distill
 
 TOKEN_SHARE = 0.5  # of log(speed-up) given to token merging when channels are pruned too
@@ -84,7 +82,7 @@ def compress_cait(
     """
     if not speedup > 1:
         raise ParameterError("speedup", f"must be greater than 1 (a speed-up of the original), got {speedup:g}")
-    if getattr(model, MERGING_ATTR, None) is not None:
+    if merge_schedule(model) is not None:
         raise VitslimError("the model already merges tokens; compress the original model")
     pruning = gate_training is not None and gate_training.epochs > 0
     if pruning and batches is None:
@@ -101,13 +99,11 @@ def compress_cait(
     if channel_target is not None:
         prune_channels(student, model, batches, gate_training, channel_ratio=channel_target, schedule=schedule, consistent=consistent,
                        gate_lr_scale=gate_lr_scale)
-    reference = describe(model)
-    if schedule is not None:
-        apply_token_merging(student, schedule)
     if measure:
-        meet_speedup(model, student, reference, merge, speedup, schedule, device, concentration=planning["concentration"])
-    if find_step(student, MERGING_STEP) is not None:  # after meet_speedup, which may record the step anew
-        update_step(student, MERGING_STEP, planning)
+        schedule, measured = meet_speedup(model, student, merge, speedup, schedule, device, concentration=planning["concentration"])
+        planning = {"measured_speedup": round(measured, 3), **planning}
+    if schedule is not None:  # the one recipe step of the merging, with how it was planned and measured
+        apply_token_merging(student, schedule, notes=planning)
     return student
 
 

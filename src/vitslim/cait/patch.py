@@ -104,17 +104,18 @@ class _Merger:
         return hook
 
 
-def apply_token_merging(model: nn.Module, schedule: MergeSchedule, *, record: bool = True) -> nn.Module:
+def apply_token_merging(model: nn.Module, schedule: MergeSchedule, *, record: bool = True, notes: dict | None = None) -> nn.Module:
     """Patch ``model`` in place to merge tokens on ``schedule``; returns it. With ``record`` the
-    schedule becomes a recipe step, so a saved folder reloads it; for temporary merging (choosing a
-    schedule, training gates, measuring) use the ``token_merging`` context manager instead.
+    schedule becomes a recipe step, so a saved folder reloads it, together with ``notes`` (how it
+    was chosen and what it measured); for temporary merging (choosing a schedule, training gates,
+    measuring) use the ``token_merging`` context manager instead.
 
     Prefix tokens (class, distillation, registers) are never merged. After a forward pass,
     ``token_map(model)`` says where every original patch went (see ``merging.unmerge``).
     """
     _attach(model, schedule)
     if record:
-        record_step(model, {"method": STEP, "schedule": schedule.as_dict()})
+        record_step(model, {"method": STEP, "schedule": schedule.as_dict(), **(notes or {})})
     return model
 
 

@@ -23,7 +23,7 @@ from tqdm import tqdm
 
 from vitslim import data as imagedata
 from vitslim.adapters import describe
-from vitslim.cait.patch import apply_token_merging, remove_token_merging
+from vitslim.cait.patch import token_merging
 from vitslim.cait.schedule import MergeSchedule, schedule_for_speedup
 from vitslim.distributed import on_main
 from vitslim.errors import VitslimError
@@ -65,11 +65,8 @@ def choose_concentration(model: nn.Module, method: str, speedup: float, calibrat
     for concentration in tqdm(candidates, desc="merge schedule shapes", unit="shape", disable=not progress):
         schedule = schedule_for_speedup(spec, method, speedup, concentration=concentration)
         if schedule not in scored:
-            apply_token_merging(model, schedule, record=False)
-            try:
+            with token_merging(model, schedule):
                 scored[schedule] = mean_kl(teacher_logits, model, batches)
-            finally:
-                remove_token_merging(model)
         scores[concentration] = scored[schedule]
     best = min(candidates, key=lambda concentration: (scores[concentration], candidates.index(concentration)))
     logger.info("merge schedule concentration %g chosen (KL on %d images: %s)", best, sum(len(b) for b in batches),

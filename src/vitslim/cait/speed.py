@@ -20,12 +20,10 @@ import logging
 from torch import nn
 
 from vitslim.adapters import describe
-from vitslim.cait.patch import STEP as MERGING_STEP
-from vitslim.cait.patch import apply_token_merging, remove_token_merging
-from vitslim.cait.schedule import predicted_speedup, schedule_for_speedup, strongest_schedule
+from vitslim.cait.patch import token_merging
+from vitslim.cait.schedule import MergeSchedule, predicted_speedup, schedule_for_speedup, strongest_schedule
 from vitslim.distributed import on_main
 from vitslim.errors import VitslimError
-from vitslim.recipe import find_step, update_step
 
 logger = logging.getLogger("vitslim")
 
@@ -45,16 +43,21 @@ def measured_speedup(original: nn.Module, compressed: nn.Module, *, batch_size: 
                                      device=device, progress=False)[1].ratio)
 
 
-def meet_speedup(model, student, reference, merge, speedup, schedule, device, *, concentration: float = 1.0) -> float:
-    """Merge more (keeping the schedule's ``concentration``) until the measured speed-up reaches
-    ``AIM`` of the target; return the last measurement."""
-    measured = measured_speedup(model, student, device=device)
+def meet_speedup(original: nn.Module, student: nn.Module, merge: str, speedup: float, schedule: MergeSchedule | None, device: str, *,
+                 concentration: float = 1.0) -> tuple[MergeSchedule | None, float]:
+    """``schedule``, merged more (keeping its ``concentration``) until ``student`` merging on it
+    measures ``AIM`` of the target against ``original``; and its last measurement. ``student``
+    must not be merging tokens; it merges only while it is timed."""
+
+    def timed(candidate: MergeSchedule | None) -> float:
+        with token_merging(student, candidate):
+            return measured_speedup(original, student, device=device)
+
+    reference, spec = describe(original), describe(student)
+    measured = timed(schedule)
     for _ in range(MEASURE_ROUNDS):
         if measured >= AIM * speedup:
             break
-        if schedule is not None:
-            remove_token_merging(student)
-        spec = describe(student)
         predicted = predicted_speedup(spec, schedule, reference)
         try:
             tighter = schedule_for_speedup(spec, merge, predicted * min(speedup / measured, MAX_STEP), reference=reference,
@@ -63,15 +66,10 @@ def meet_speedup(model, student, reference, merge, speedup, schedule, device, *,
             strongest = strongest_schedule(spec, merge, concentration)
             tighter = strongest if predicted_speedup(spec, strongest, reference) > predicted else schedule
         if tighter == schedule:
-            if schedule is not None:
-                apply_token_merging(student, schedule)
             logger.warning("measured %.2fx against a %.2fx target, and merging cannot go further", measured, speedup)
             break
         schedule = tighter
-        apply_token_merging(student, schedule)
-        measured = measured_speedup(model, student, device=device)
+        measured = timed(schedule)
     if measured < PROMISE * speedup:
         logger.warning("measured speed-up %.2fx is below the %.2fx target", measured, speedup)
-    if find_step(student, MERGING_STEP) is not None:
-        update_step(student, MERGING_STEP, {"measured_speedup": round(measured, 3)})
-    return measured
+    return schedule, measured
