@@ -15,7 +15,7 @@ import torch
 from PIL import Image
 
 import vitslim
-from vitslim import train
+from vitslim import progress
 from vitslim.data import make_loader, open_images
 from vitslim.errors import VitslimError
 from vitslim.persist import RECIPE_FILE, WEIGHTS_FILE
@@ -130,11 +130,11 @@ def test_image_over_the_decompression_bomb_limit_is_skipped_counted_and_warned_o
 
 
 def test_distill_logs_progress_every_few_steps_within_an_epoch(monkeypatch, caplog):
-    monkeypatch.setattr(train, "PROGRESS_LOG_STEPS", 1)
+    monkeypatch.setattr(progress, "LOG_EVERY_ITEMS", 1)
     generator = torch.Generator().manual_seed(0)
     batches = [(torch.randn(2, 3, 32, 32, generator=generator), torch.tensor([0, 1])) for _ in range(3)]
     with caplog.at_level(logging.INFO, logger="vitslim"):
         distill(_tiny_vit(1), _tiny_vit(0), batches, Training(epochs=1))
-    steps = [r.getMessage() for r in caplog.records if r.getMessage().startswith("distill step")]
-    assert [message.split(" (")[0] for message in steps] == ["distill step 1/3", "distill step 2/3", "distill step 3/3"]
-    assert all("epoch 1/1" in m and "loss " in m and "images/s" in m and "ETA " in m for m in steps)
+    steps = [r.getMessage() for r in caplog.records if r.getMessage().startswith("distilling epoch 1/1: step")]
+    assert [message.split(",")[0] for message in steps] == [f"distilling epoch 1/1: step {n}/3" for n in (1, 2, 3)]
+    assert all("loss " in m and "images/s" in m and "ETA " in m for m in steps)

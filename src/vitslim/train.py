@@ -31,7 +31,6 @@ import contextlib
 import logging
 import math
 import os
-import time
 from collections.abc import Callable, Iterable, Sized
 from dataclasses import dataclass, replace
 from pathlib import Path
@@ -42,22 +41,17 @@ from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 from torch.utils.data import Dataset, IterableDataset, Subset
 from torch.utils.data.distributed import DistributedSampler
-from tqdm import tqdm
-from tqdm.contrib.logging import logging_redirect_tqdm
 
 from vitslim import checkpoints, distributed
 from vitslim import data as imagedata
 from vitslim.adapters import describe
 from vitslim.adapters.base import logits_of
 from vitslim.errors import ParameterError, VitslimError
+from vitslim.progress import Progress
 
 logger = logging.getLogger("vitslim")
 
 _SEED_STRIDE = 1_000_003  # a prime, so (seed, epoch) pairs map to distinct generator seeds
-# Where no progress bar is on screen, a progress line is logged after the first step and then
-# every PROGRESS_LOG_STEPS steps or PROGRESS_LOG_SECONDS seconds, whichever comes first.
-PROGRESS_LOG_STEPS = 100
-PROGRESS_LOG_SECONDS = 30.0
 
 ExtraLoss = Callable[[nn.Module], torch.Tensor]
 
@@ -189,12 +183,14 @@ def distill(
     index = torch.device(device).index
     rng_devices = [torch.cuda.current_device() if index is None else index] if device_type == "cuda" else []
     trainable = [p for group in optimizer.param_groups for p in group["params"]]
-    with torch.random.fork_rng(devices=rng_devices), _Progress(total_steps, start_epoch * steps_per_epoch, show) as progress:
+    images_this_run = 0
+    with torch.random.fork_rng(devices=rng_devices), Progress("distilling", total=total_steps, unit="step", show=show,
+                                                                  initial=start_epoch * steps_per_epoch) as progress:
         for epoch in range(start_epoch, epochs):
             torch.manual_seed(_epoch_seed(seed, epoch))
             student.train()
             total, images_seen, skipped = 0.0, 0, 0
-            progress.set_epoch(epoch, epochs)
+            progress.describe(f"distilling epoch {epoch + 1}/{epochs}")
             for position, (images, labels, dropped) in enumerate(batches.epoch(seed, epoch)):
                 skipped += dropped
                 if images is None:  # every image of the batch was unreadable
@@ -224,7 +220,9 @@ def distill(
                 count = images.shape[0]
                 total += value * count
                 images_seen += count
-                progress.step(epoch * steps_per_epoch + position + 1, total / images_seen, count * distributed.world_size())
+                images_this_run += count * distributed.world_size()
+                progress.update(epoch * steps_per_epoch + position + 1 - progress.done, loss=f"{total / images_seen:.4f}",
+                                **{"images/s": f"{images_this_run / progress.elapsed:.1f}"})
             if distributed.active():
                 seen, dropped, total = distributed.sum_numbers(images_seen, skipped, total)
                 images_seen, skipped = int(seen), int(dropped)
@@ -237,52 +235,6 @@ def distill(
                     checkpoints.save_epoch(folder, epoch + 1, step, student, optimizer, names, config, total / images_seen)
                 distributed.barrier()
     return student.eval()
-
-
-class _Progress:
-    """Progress through all the steps of a fine-tune, with the epoch's mean loss so far, the
-    images per second (over all processes) and the time left: a tqdm bar when ``show`` and
-    stderr is a terminal; otherwise, on the main process, INFO lines on the ``vitslim`` logger
-    (see ``PROGRESS_LOG_STEPS``), so that ``-v`` shows a long run moving when stderr goes to a
-    file or a pipe. A bar and log lines together would garble the terminal."""
-
-    def __init__(self, total_steps: int, done_steps: int, show: bool) -> None:
-        self.bar = tqdm(total=total_steps, initial=done_steps, desc="distilling", unit="step", disable=None if show else True, leave=False)
-        self.log = bool(self.bar.disable) and distributed.is_main()
-        self.total_steps, self.first_step = total_steps, done_steps
-        self.images = 0
-        self.started = self.logged_at = time.perf_counter()
-        self.logged_step = done_steps
-        self.epoch_text = ""
-        self.cleanup = contextlib.ExitStack()
-
-    def __enter__(self) -> _Progress:
-        if not self.bar.disable:  # log lines (the epoch summaries) go through tqdm.write, off the bar's line
-            self.cleanup.enter_context(logging_redirect_tqdm())
-        self.cleanup.callback(self.bar.close)
-        return self
-
-    def __exit__(self, *exc_info) -> None:
-        self.cleanup.close()
-
-    def set_epoch(self, epoch: int, epochs: int) -> None:
-        self.epoch_text = f"epoch {epoch + 1}/{epochs}"
-        self.bar.set_description(f"distilling {self.epoch_text}", refresh=False)
-
-    def step(self, done_steps: int, loss: float, images: int) -> None:
-        """``done_steps`` counts batches, including any wholly unreadable ones before this step."""
-        self.images += images
-        now = time.perf_counter()
-        rate = self.images / max(now - self.started, 1e-9)
-        self.bar.set_postfix({"loss": f"{loss:.4f}", "images/s": f"{rate:.1f}"}, refresh=False)
-        self.bar.update(done_steps - self.bar.n)
-        due = (self.logged_step == self.first_step or done_steps - self.logged_step >= PROGRESS_LOG_STEPS
-               or now - self.logged_at >= PROGRESS_LOG_SECONDS)
-        if self.log and due:
-            left = (self.total_steps - done_steps) * (now - self.started) / (done_steps - self.first_step)
-            logger.info(f"distill step {done_steps}/{self.total_steps} ({self.epoch_text}): loss {loss:.4f}, "
-                        f"{rate:.1f} images/s, ETA {tqdm.format_interval(left)}")
-            self.logged_at, self.logged_step = now, done_steps
 
 
 # --- options ------------------------------------------------------------------------------------
