@@ -24,35 +24,25 @@ the rows already there):
 
 from __future__ import annotations
 
-import argparse
-import json
-import platform
 import time
 from pathlib import Path
 
+import common
 import torch
+from common import ROOT, Rows
 
 import vitslim
-from vitslim import data as imagedata
 from vitslim.adapters import describe
-from vitslim.atomic import atomic_file
 from vitslim.cait.compress import compress_cait
 from vitslim.cait.importance import importance_masks
-from vitslim.cait.merging import unmerge
-from vitslim.cait.patch import MergeSchedule, apply_token_merging, merge_schedule, token_map
+from vitslim.cait.patch import MergeSchedule, apply_token_merging, merge_schedule
 from vitslim.cait.schedule import schedule_for_speedup
 from vitslim.cait.slicing import slice_channels
 from vitslim.evaluate import evaluate
 from vitslim.recipe import steps as recipe_steps
 from vitslim.train import Training
 
-ROOT = Path(__file__).resolve().parents[1]
-SHARED = ROOT.parent / "shared"
 GEOMETRIES = {"deit_tiny": ("deit_tiny_patch16_224", 1.8), "deit_small": ("deit_small_patch16_224", 2.0)}
-
-
-def _save_rows(out: Path, rows: list[dict]) -> None:
-    atomic_file(out / "results.json", lambda partial: partial.write_text(json.dumps(rows, indent=1)))
 
 
 def _bench(models: list[tuple[str, torch.nn.Module]], runs: int) -> dict[str, float]:
@@ -69,11 +59,11 @@ def _copy(name: str, original: torch.nn.Module) -> torch.nn.Module:
     return model
 
 
-def throughput(rows: list[dict], out: Path, runs: int) -> None:
+def throughput(rows: Rows, runs: int) -> None:
     import timm
 
     for geometry, (name, target) in GEOMETRIES.items():
-        if any(r["part"] == "throughput" and r["geometry"] == geometry for r in rows):
+        if rows.has(part="throughput", geometry=geometry):
             continue
         original = timm.create_model(name, pretrained=False).eval()
         spec = describe(original)
@@ -95,10 +85,11 @@ def throughput(rows: list[dict], out: Path, runs: int) -> None:
         start = time.perf_counter()
         ratios = _bench(variants, runs)
         for variant, _ in variants[1:]:
-            rows.append({"part": "throughput", "geometry": geometry, "variant": variant, "speedup": ratios[variant],
-                         "images_per_s": ratios[f"{variant} img/s"], "original_images_per_s": ratios["original img/s"],
-                         "tokens_merged": atme.merged, "channel_keep": round(keep, 3), "target": target, "seconds": time.perf_counter() - start})
-        _save_rows(out, rows)
+            rows.add({"part": "throughput", "geometry": geometry, "variant": variant, "speedup": ratios[variant],
+                      "images_per_s": ratios[f"{variant} img/s"], "original_images_per_s": ratios["original img/s"],
+                      "tokens_merged": atme.merged, "channel_keep": round(keep, 3), "target": target, "seconds": time.perf_counter() - start},
+                     save=False)
+        rows.save()
 
 
 CIFAR_VARIANTS = {
@@ -110,22 +101,20 @@ CIFAR_VARIANTS = {
 }
 
 
-def cifar(rows: list[dict], out: Path, args) -> None:
+def cifar(rows: Rows, out: Path, args) -> None:
     original = vitslim.load_model(args.model)
     spec = describe(original)
-    transform = imagedata.build_transform(spec.preprocessing)
-    train = imagedata.open_images(args.train, transform, class_names=spec.label_names)
+    train = common.open_split(spec, args.train)
     models = out / "models"
-    if not any(r["part"] == "cifar" and r["variant"] == "original" for r in rows):
+    if not rows.has(part="cifar", variant="original"):
         score = evaluate(original, args.test, limit=args.eval_limit)
-        rows.append({"part": "cifar", "variant": "original", "speedup": 1.0, "top1": score["top1"], "images": score["images"]})
-        _save_rows(out, rows)
+        rows.add({"part": "cifar", "variant": "original", "speedup": 1.0, "top1": score["top1"], "images": score["images"]})
     for variant, (merge, epochs, consistent, speedups) in CIFAR_VARIANTS.items():
         if variant not in args.variants:
             continue
         epochs = args.epochs if epochs is None else epochs
         for speedup in speedups:
-            if any(r["part"] == "cifar" and r["variant"] == variant and r["target"] == speedup for r in rows):
+            if rows.has(part="cifar", variant=variant, target=speedup):
                 continue
             start = time.perf_counter()
             gates = Training(epochs=epochs, batch_size=64, seed=0, checkpoints=models / f"{variant}-{speedup}-checkpoints") if epochs else None
@@ -135,58 +124,53 @@ def cifar(rows: list[dict], out: Path, args) -> None:
             folder = vitslim.save(compressed, models / f"{variant}-{speedup}")
             score = evaluate(compressed, args.test, limit=args.eval_limit)
             steps = {step["method"]: step for step in recipe_steps(compressed)}
-            rows.append({"part": "cifar", "variant": variant, "target": speedup, "epochs": epochs, "top1": score["top1"], "images": score["images"],
+            rows.add({"part": "cifar", "variant": variant, "target": speedup, "epochs": epochs, "top1": score["top1"], "images": score["images"],
                          "compress_measured_speedup": steps.get("merging", {}).get("measured_speedup"), "folder": str(folder.relative_to(ROOT)),
-                         "schedule": merge_schedule(compressed).as_dict() if merge_schedule(compressed) else None,
-                         "concentration": steps.get("merging", {}).get("concentration"), "widths": steps.get("channels", {}).get("blocks"),
-                         "params": score["params"], "flops": score["flops"], "seconds": seconds})
-            _save_rows(out, rows)
+                      "schedule": merge_schedule(compressed).as_dict() if merge_schedule(compressed) else None,
+                      "concentration": steps.get("merging", {}).get("concentration"), "widths": steps.get("channels", {}).get("blocks"),
+                      "params": score["params"], "flops": score["flops"], "seconds": seconds})
     timed = [r for r in rows if r["part"] == "cifar" and r["variant"] != "original"]
     if timed and any("speedup" not in r for r in timed):
         loaded = [("original", original)] + [(f"{r['variant']}@{r['target']}", vitslim.load_model(str(ROOT / r["folder"]))) for r in timed]
         ratios = _bench(loaded, args.runs)
         for r in timed:
-            r["speedup"] = ratios[f"{r['variant']}@{r['target']}"]
-        _save_rows(out, rows)
+            rows.update(r, speedup=ratios[f"{r['variant']}@{r['target']}"])
+        rows.save()
 
 
 DELIVERY_TARGETS = (1.3, 1.5, 1.8)
 DELIVERY_PASSES = 3  # separate timing runs: on a shared CPU the ratio itself moves between runs
 
 
-def delivery(rows: list[dict], out: Path, args) -> None:
+def delivery(rows: Rows, out: Path, args) -> None:
     original = vitslim.load_model(args.model)
-    spec = describe(original)
-    train = imagedata.open_images(args.train, imagedata.build_transform(spec.preprocessing), class_names=spec.label_names)
+    train = common.open_split(describe(original), args.train)
     models = out / "models"
     for speedup in DELIVERY_TARGETS:
-        if any(r["part"] == "delivery" and r["target"] == speedup for r in rows):
+        if rows.has(part="delivery", target=speedup):
             continue
         compressed = compress_cait(original, train, speedup=speedup, measure=True, progress=False)
         steps = {step["method"]: step for step in recipe_steps(compressed)}
         folder = vitslim.save(compressed, models / f"delivery-{speedup}")
-        rows.append({"part": "delivery", "target": speedup, "compress_measured_speedup": steps["merging"]["measured_speedup"],
-                     "schedule": merge_schedule(compressed).as_dict(), "folder": str(folder.relative_to(ROOT))})
-        _save_rows(out, rows)
+        rows.add({"part": "delivery", "target": speedup, "compress_measured_speedup": steps["merging"]["measured_speedup"],
+                  "schedule": merge_schedule(compressed).as_dict(), "folder": str(folder.relative_to(ROOT))})
     pending = [r for r in rows if r["part"] == "delivery" and "speedup" not in r]
     if pending:
         loaded = [("original", original)] + [(f"delivery@{r['target']}", vitslim.load_model(str(ROOT / r["folder"]))) for r in pending]
         passes = [_bench(loaded, args.runs) for _ in range(DELIVERY_PASSES)]
         for r in pending:
-            r["speedups"] = sorted(ratios[f"delivery@{r['target']}"] for ratios in passes)
-            r["speedup"] = r["speedups"][len(passes) // 2]
-        _save_rows(out, rows)
+            speedups = sorted(ratios[f"delivery@{r['target']}"] for ratios in passes)
+            rows.update(r, speedups=speedups, speedup=speedups[len(passes) // 2])
+        rows.save()
 
 
-def fidelity(rows: list[dict], out: Path, args) -> None:
+def fidelity(rows: Rows, args) -> None:
     original = vitslim.load_model(args.model)
     spec = describe(original)
-    transform = imagedata.build_transform(spec.preprocessing)
-    test = imagedata.select(imagedata.open_images(args.test, transform, class_names=spec.label_names), limit=args.fidelity_images, seed=0)
-    batches = [images for images, _, _ in imagedata.make_loader(test, 100)]
+    batches = common.image_batches(common.open_split(spec, args.test), args.fidelity_images, 100)
     reference = _last_block_features(original, batches)
     for speedup in (1.3, 1.5, 1.8, 2.0):
-        if any(r["part"] == "fidelity" and r["target"] == speedup for r in rows):
+        if rows.has(part="fidelity", target=speedup):
             continue
         atme = schedule_for_speedup(spec, "atme", speedup)
         for variant, schedule in (("ATME", atme), ("ToMe", MergeSchedule("tome", tuple((b, r, 1) for b, r, _ in atme.steps)))):
@@ -194,33 +178,21 @@ def fidelity(rows: list[dict], out: Path, args) -> None:
             apply_token_merging(model, schedule)
             features = _last_block_features(model, batches)
             cosine = torch.nn.functional.cosine_similarity(features, reference, dim=-1)[:, spec.num_prefix_tokens:].mean().item()
-            rows.append({"part": "fidelity", "variant": variant, "target": speedup, "tokens_merged": schedule.merged, "cosine": cosine})
-        _save_rows(out, rows)
+            rows.add({"part": "fidelity", "variant": variant, "target": speedup, "tokens_merged": schedule.merged, "cosine": cosine}, save=False)
+        rows.save()
 
 
 def _last_block_features(model: torch.nn.Module, batches: list[torch.Tensor]) -> torch.Tensor:
-    spec = describe(model)
-    seen = []
-    handle = spec.blocks[-1].module.register_forward_hook(lambda module, args, output: seen.append(output))
-    collected = []
-    with torch.no_grad():
-        for images in batches:
-            seen.clear()
-            model(images)
-            features = seen[0]
-            mapping = token_map(model)
-            collected.append(unmerge(features, mapping) if mapping is not None else features)
-    handle.remove()
-    return torch.cat(collected)
+    return torch.cat([common.logits_and_features(model, images)[1] for images in batches])
 
 
-def write(out: Path, rows: list[dict], args) -> None:
+def write(out: Path, rows: Rows, args) -> None:
     """results.md and results.png from whatever rows exist."""
-    lines = [f"# CAIT benchmark\n\nDevice: CPU ({platform.processor() or platform.machine()}), {torch.get_num_threads()} threads, float32, batch 32; "
-             f"speed-ups are ratios to the original measured in the same interleaved run (median of {args.runs}).\n"]
+    lines = common.heading("CAIT benchmark", "Float32, batch 32; speed-ups are ratios to the original measured in the same interleaved run "
+                           f"(median of {args.runs}).", resumed=True)[:-1]  # each section opens with its blank line
     through = [r for r in rows if r["part"] == "throughput"]
     if through:
-        lines += ["## Throughput, random-init geometry at 224\n", "| geometry | variant | speed-up | images/s (original) | target |", "| --- | --- | --- | --- | --- |"]
+        lines += ["\n## Throughput, random-init geometry at 224\n", "| geometry | variant | speed-up | images/s (original) | target |", "| --- | --- | --- | --- | --- |"]
         lines += [f"| {r['geometry']} | {r['variant']} | {r['speedup']:.2f}x | {r['images_per_s']:.1f} ({r['original_images_per_s']:.1f}) | {r['target']}x |" for r in through]
     order = ["original", *CIFAR_VARIANTS]
     cifar_rows = sorted((r for r in rows if r["part"] == "cifar"), key=lambda r: (order.index(r["variant"]), r.get("target", 0)))
@@ -240,20 +212,16 @@ def write(out: Path, rows: list[dict], args) -> None:
         lines += ["\n## `--speedup S` delivery (training-free ATME, timed during compression, then re-timed)\n",
                   "| S | measured while compressing | re-measured (median; every pass) | median / S | schedule (block, r, level) |", "| --- | --- | --- | --- | --- |"]
         lines += [f"| {r['target']} | {r['compress_measured_speedup']:.2f}x | {r['speedup']:.2f}x ({', '.join(f'{v:.2f}' for v in r.get('speedups', [r['speedup']]))}) | {r['speedup'] / r['target']:.3f} | "
-                  + " ".join(f"({b},{n},{level})" for b, n, level in r["schedule"]["steps"]) + " |" for r in delivered]
+                  + common.steps_text("atme", r["schedule"]["steps"]) + " |" for r in delivered]
     fid = [r for r in rows if r["part"] == "fidelity"]
     if fid:
         lines += ["\n## Spatial fidelity after unmerge (mean cosine of last-block features per position)\n", "| target | tokens merged | ATME | ToMe |", "| --- | --- | --- | --- |"]
         for target in sorted({r["target"] for r in fid}):
             pair = {r["variant"]: r for r in fid if r["target"] == target}
             lines.append(f"| {target}x | {pair['ATME']['tokens_merged']} | {pair['ATME']['cosine']:.4f} | {pair['ToMe']['cosine']:.4f} |")
-    (out / "results.md").write_text("\n".join(lines) + "\n")
+    common.write_lines(out / "results.md", lines)
     if cifar_rows:
-        import matplotlib
-
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-
+        plt = common.pyplot()
         figure, axis = plt.subplots(figsize=(7, 4.5))
         for variant in CIFAR_VARIANTS:
             points = sorted((r["speedup"], 100 * r["top1"]) for r in cifar_rows if r["variant"] == variant and "speedup" in r)
@@ -270,28 +238,26 @@ def write(out: Path, rows: list[dict], args) -> None:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = common.argument_parser(__doc__)
     parser.add_argument("--parts", nargs="+", choices=["throughput", "cifar", "delivery", "fidelity"], default=["throughput", "cifar", "delivery", "fidelity"])
-    parser.add_argument("--model", default=f"local-dir:{SHARED / 'models' / 'vit-d6-cifar10'}")
-    parser.add_argument("--train", default=str(SHARED / "data" / "cifar10-jpeg" / "train.zip"))
-    parser.add_argument("--test", default=str(SHARED / "data" / "cifar10-jpeg" / "test.zip"))
+    common.add_reference_arguments(parser)
     parser.add_argument("--variants", nargs="*", choices=list(CIFAR_VARIANTS), default=list(CIFAR_VARIANTS), help="cifar part: which variants (none: only time the models already made)")
     parser.add_argument("--epochs", type=int, default=1, help="KD epochs for the channel-pruned variants (the targets allow up to 3)")
     parser.add_argument("--eval-limit", type=int, default=None, help="test images (default: the whole split)")
     parser.add_argument("--fidelity-images", type=int, default=1000)
     parser.add_argument("--runs", type=int, default=20)
-    parser.add_argument("--out", default=str(ROOT / "benchmarks" / "results" / "cait"))
+    parser.add_argument("--out", default=str(common.RESULTS / "cait"))
     args = parser.parse_args()
     out = Path(args.out).resolve()
-    rows = json.loads((out / "results.json").read_text()) if (out / "results.json").is_file() else []
+    rows = Rows(out / "results.json", indent=1)
     if "throughput" in args.parts:
-        throughput(rows, out, args.runs)
+        throughput(rows, args.runs)
     if "cifar" in args.parts:
         cifar(rows, out, args)
     if "delivery" in args.parts:
         delivery(rows, out, args)
     if "fidelity" in args.parts:
-        fidelity(rows, out, args)
+        fidelity(rows, args)
     write(out, rows, args)
     print((out / "results.md").read_text())
 

@@ -15,18 +15,14 @@ and ``OUT/compose.png`` are written at the end (``--write-only --runs 40`` rewri
 
 from __future__ import annotations
 
-import argparse
-import json
-import platform
 import time
 from pathlib import Path
 
-import torch
+import common
+from common import ROOT, Rows
 
 import vitslim
-from vitslim import data as imagedata
 from vitslim.adapters import describe
-from vitslim.atomic import atomic_file
 from vitslim.cait.compress import compress_cait
 from vitslim.compose import compress_composed
 from vitslim.errors import VitslimError
@@ -35,9 +31,6 @@ from vitslim.lowrank.compress import compress_lowrank
 from vitslim.recipe import steps as recipe_steps
 from vitslim.train import Training
 
-ROOT = Path(__file__).resolve().parents[1]
-SHARED = ROOT.parent / "shared"
-
 # name: (axes, speed-up, FLOPs ratio, parameter ratio, CDCP epochs, recovery epochs)
 POINTS = {
     "composed 2x/50%": (("channels", "lowrank", "tokens"), 2.0, None, 0.5, 1, 1),
@@ -45,8 +38,8 @@ POINTS = {
     "low-rank alone 2x": (("lowrank",), 2.0, None, None, 0, 1),
     "low-rank alone 2.5x": (("lowrank",), 2.5, None, None, 0, 1),
     "ATME alone 2.5x": (("tokens",), 2.5, None, None, 0, 0),
-    # the probes' timing found low-rank alone short of 2.5x, but their speed-ups are measured
-    # among ~25 probes: this is its next ladder level, timed in the final run with the rest
+    # the probes' timing found low-rank alone short of 2.5x (its "unreachable" row in compose.md), but
+    # their speed-ups are measured among ~25 probes: this is its next ladder level, timed in the final run
     "low-rank alone 16%": (("lowrank",), None, None, 0.165, 0, 1),
     # beyond what low-rank alone does well on this very low-rank model: 3x, and its low-rank-only match
     "composed 3x/40%": (("channels", "lowrank", "tokens"), 3.0, None, 0.4, 1, 1),
@@ -55,7 +48,7 @@ POINTS = {
     "low-rank alone 8%": (("lowrank",), None, None, 0.085, 0, 1),
     # past low-rank alone's knee (11%) in speed, at the same single KD epoch as the low-rank rows;
     # stated as FLOPs, not speed: a speed target is split by probes timed on this shared machine,
-    # and under load they found 3.2x unreachable
+    # and under load they found the speed target unreachable (docs/composition.md)
     "composed 1/8 FLOPs & 12% (low-rank + tokens)": (("lowrank", "tokens"), None, 0.125, 0.12, 0, 1),
     # light merging does not pay on this model; heavier merging on a less squeezed low-rank model,
     # with the issue's whole allowance of 3 KD epochs, and low-rank alone given the same 3 epochs
@@ -66,27 +59,22 @@ POINTS = {
 # 3-epoch composed point: compress_lowrank and distill as compress_composed calls them
 LOWRANK_POINTS = {"low-rank alone 9%, 3 KD": (0.09, 3)}
 # compress_cait with 1 KD epoch, at FLOPs-model targets whose measured speed-ups bracket 2x and 2.5x
-# (benchmarks/cait.py: 2.6 -> 2.00x, 3.4 -> 2.44x)
+# (their speed-ups: the ATME+CDCP rows of benchmarks/results/cait/results.md)
 CAIT_POINTS = {"ATME+CDCP 2.6x": 2.6, "ATME+CDCP 3.8x": 3.8}
 
 
-def _save(out: Path, rows: list[dict]) -> None:
-    atomic_file(out / "compose.json", lambda partial: partial.write_text(json.dumps(rows, indent=2)))
-
-
-def build(rows: list[dict], out: Path, args) -> None:
+def build(rows: Rows, out: Path, args) -> None:
     original = vitslim.load_model(args.model)
     spec = describe(original)
-    train = imagedata.open_images(args.train, imagedata.build_transform(spec.preprocessing), class_names=spec.label_names)
-    calibration = list(imagedata.make_loader(imagedata.select(train, limit=256, seed=0), 32))
-    if not any(r["name"] == "original" for r in rows):
+    train = common.open_split(spec, args.train)
+    calibration = common.image_batches(train, 256, 32, labels=True)
+    if not rows.has(name="original"):
         score = evaluate(original, args.test, limit=args.eval_limit)
-        rows.append({"name": "original", "top1": score["top1"], "params": score["params"], "flops": score["flops"], "kd_epochs": 0})
-        _save(out, rows)
+        rows.add({"name": "original", "top1": score["top1"], "params": score["params"], "flops": score["flops"], "kd_epochs": 0})
     wanted = [(name, *settings) for name, settings in POINTS.items()] + [(name, None, target, None, None, 1, 0) for name, target in CAIT_POINTS.items()]
     wanted += [(name, ("lowrank",), None, None, ratio, 0, recovery) for name, (ratio, recovery) in LOWRANK_POINTS.items()]
     for name, axes, speedup, flops_ratio, param_ratio, epochs, recovery in wanted:
-        if any(r["name"] == name for r in rows):
+        if rows.has(name=name):
             continue
         start = time.perf_counter()
         if axes is None:
@@ -102,8 +90,7 @@ def build(rows: list[dict], out: Path, args) -> None:
                 if recovery:
                     vitslim.distill(compressed, original, train, Training(epochs=recovery, batch_size=64, seed=1))
             except VitslimError as error:  # a single axis may not reach the target at all: that is a result
-                rows.append({"name": name, "axes": list(axes), "target_speedup": speedup, "unreachable": str(error)})
-                _save(out, rows)
+                rows.add({"name": name, "axes": list(axes), "target_speedup": speedup, "unreachable": str(error)})
                 continue
         seconds = time.perf_counter() - start
         folder = vitslim.save(compressed, out / "models" / name.replace(" ", "_").replace("/", "-"))
@@ -111,39 +98,32 @@ def build(rows: list[dict], out: Path, args) -> None:
         steps = {step["method"]: step for step in recipe_steps(compressed)}
         composed = steps.get("composed", {})
         used = (epochs if "channels" in steps else 0) + recovery
-        rows.append({"name": name, "axes": list(axes or ("channels", "tokens")), "target_speedup": speedup, "target_flops_ratio": flops_ratio,
-                     "target_param_ratio": param_ratio,
-                     "kd_epochs": used, "top1": score["top1"], "params": score["params"], "flops": score["flops"],
-                     "levels": composed.get("levels"), "predicted": composed.get("predicted"),
-                     "compress_measured_speedup": composed.get("measured_speedup"), "folder": str(folder.relative_to(ROOT)), "seconds": round(seconds)})
-        _save(out, rows)
+        rows.add({"name": name, "axes": list(axes or ("channels", "tokens")), "target_speedup": speedup, "target_flops_ratio": flops_ratio,
+                  "target_param_ratio": param_ratio,
+                  "kd_epochs": used, "top1": score["top1"], "params": score["params"], "flops": score["flops"],
+                  "levels": composed.get("levels"), "predicted": composed.get("predicted"),
+                  "compress_measured_speedup": composed.get("measured_speedup"), "folder": str(folder.relative_to(ROOT)), "seconds": round(seconds)})
 
 
-def time_all(rows: list[dict], out: Path, args) -> None:
+def time_all(rows: Rows, args) -> None:
     original = vitslim.load_model(args.model)
     models = [("original", original)] + [(r["name"], vitslim.load_model(str(ROOT / r["folder"]))) for r in rows if "folder" in r]
     results = vitslim.benchmark(models, batch_size=32, runs=args.runs, progress=False)
     for result in results:
-        for row in rows:
-            if row["name"] == result.model:
-                row["speedup"], row["images_per_s"] = result.ratio, result.images_per_s
-    _save(out, rows)
+        row = rows.find(name=result.model)
+        if row is not None:
+            rows.update(row, speedup=result.ratio, images_per_s=result.images_per_s)
+    rows.save()
 
 
-def write(out: Path, rows: list[dict], args) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    base = next(r for r in rows if r["name"] == "original")
+def write(out: Path, rows: Rows, args, parser) -> None:
+    plt = common.pyplot()
+    base = rows.find(name="original")
     lines = [
-        "# Composition: low-rank + CAIT under one target (vit-d6-cifar10)",
-        "",
-        f"Command: `.venv/bin/python benchmarks/compose.py --runs {args.runs}`. CPU ({platform.processor() or platform.machine()}), "
-        f"{torch.get_num_threads()} threads, float32, batch 32, median of {args.runs} interleaved runs, all models in one timing run. "
-        "Calibration: 256 seeded train images; distillation: the train split; top-1: the whole CIFAR-10 test split.",
-        "",
+        *common.heading("Composition: low-rank + CAIT under one target (vit-d6-cifar10)",
+                        f"Command: {common.rerun(parser, args, always=('runs',), leave_out=('write_only',))}. Float32, batch 32, median of "
+                        f"{args.runs} interleaved runs, all models in one timing run. Calibration: 256 seeded train images; distillation: "
+                        "the train split; top-1: the whole CIFAR-10 test split.", resumed=True),
         "| model | axes | KD epochs | levels (channels / low-rank / tokens) | measured speed-up | params | top-1 | Δ top-1 |",
         "|---|---|---|---|---|---|---|---|",
     ]
@@ -157,7 +137,7 @@ def write(out: Path, rows: list[dict], args) -> None:
                      f"{100 * r['params'] / base['params']:.1f}% | {100 * r['top1']:.2f}% | {100 * (r['top1'] - base['top1']):+.2f} |")
     lines += ["", "Target (issue #5): a point no single method reaches, with at least 2x measured *and* at most 50% of the parameters, "
               "within 1.5 points, after at most 3 KD epochs."]
-    (out / "compose.md").write_text("\n".join(lines) + "\n")
+    common.write_lines(out / "compose.md", lines, echo=True)
     shown = [r for r in rows if "unreachable" not in r]
     colours = plt.get_cmap("tab20")
     figure, axis = plt.subplots(figsize=(10, 5))
@@ -178,23 +158,19 @@ def write(out: Path, rows: list[dict], args) -> None:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--model", default=f"local-dir:{SHARED / 'models' / 'vit-d6-cifar10'}")
-    parser.add_argument("--train", default=str(SHARED / "data" / "cifar10-jpeg" / "train.zip"))
-    parser.add_argument("--test", default=str(SHARED / "data" / "cifar10-jpeg" / "test.zip"))
+    parser = common.argument_parser(__doc__)
+    common.add_reference_arguments(parser)
     parser.add_argument("--eval-limit", type=int, default=None, help="test images (default: the whole split)")
     parser.add_argument("--runs", type=int, default=20)
-    parser.add_argument("--out", default=str(ROOT / "benchmarks" / "results" / "compose"))
+    parser.add_argument("--out", default=str(common.RESULTS / "compose"))
     parser.add_argument("--write-only", action="store_true", help="rewrite compose.md and compose.png from compose.json (no building, no timing)")
     args = parser.parse_args()
     out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
-    rows = json.loads((out / "compose.json").read_text()) if (out / "compose.json").exists() else []
+    rows = Rows(out / "compose.json")
     if not args.write_only:
         build(rows, out, args)
-        time_all(rows, out, args)
-    write(out, rows, args)
-    print((out / "compose.md").read_text())
+        time_all(rows, args)
+    write(out, rows, args, parser)
 
 
 if __name__ == "__main__":

@@ -24,32 +24,30 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
 import subprocess
 import sys
 import tempfile
 import time
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[1]
-SHARED = ROOT.parent / "shared"
+import common
+import torch
+
+import vitslim
+from vitslim import data as imagedata
+from vitslim import distributed
+from vitslim.adapters import describe
+
 BATCH = 64
 
 
 def worker(args) -> None:
-    import torch
-
-    import vitslim
-    from vitslim import data as imagedata
-    from vitslim import distributed
-    from vitslim.adapters import describe
-
     distributed.init_from_environment()
     torch.set_num_threads(args.threads)
     model = vitslim.load_model(args.model)
     spec = describe(model)
-    train = imagedata.open_images(args.train, imagedata.build_transform(spec.preprocessing), class_names=spec.label_names)
-    calibration = list(imagedata.make_loader(imagedata.select(train, limit=256, seed=0), 32))
+    train = common.open_split(spec, args.train)
+    calibration = common.image_batches(train, 256, 32, labels=True)
     distributed.barrier()
     start = time.perf_counter()
     compressed = vitslim.compress_lowrank(model, calibration, param_ratio=0.5, progress=False)
@@ -68,8 +66,6 @@ def worker(args) -> None:
 
 def effective_weights(model) -> dict:
     """The weight every Linear applies: its own, or ``up @ down`` for a factorised one."""
-    import torch
-
     weights = {}
     for name, module in model.named_modules():
         if hasattr(module, "up") and hasattr(module, "down"):
@@ -92,13 +88,11 @@ def launch(config: str, args, folder: Path) -> dict:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = common.argument_parser(__doc__)
     parser.add_argument("--configs", nargs="+", default=["1x1", "2x1", "1x2"], help="PxT: P processes of T threads each")
     parser.add_argument("--steps", type=int, default=16, help="distillation steps of a global batch of 64")
-    parser.add_argument("--model", default=f"local-dir:{SHARED / 'models' / 'vit-d6-cifar10'}")
-    parser.add_argument("--train", default=str(SHARED / "data" / "cifar10-jpeg" / "train.zip"))
-    parser.add_argument("--test", default=str(SHARED / "data" / "cifar10-jpeg" / "test.zip"))
-    parser.add_argument("--out", default=str(ROOT / "benchmarks" / "results" / "distributed"))
+    common.add_reference_arguments(parser)
+    parser.add_argument("--out", default=str(common.RESULTS / "distributed"))
     parser.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
     parser.add_argument("--threads", type=int, default=1, help=argparse.SUPPRESS)
     parser.add_argument("--weights", help=argparse.SUPPRESS)
@@ -107,18 +101,13 @@ def main() -> None:
     if args.worker:
         worker(args)
         return
-    import torch
-
-    import vitslim
-    from vitslim import data as imagedata
-
     out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
+    info = common.machine()
     with tempfile.TemporaryDirectory() as folder:
         rows = [launch(config, args, Path(folder)) for config in args.configs]
         students = [vitslim.load_model(row.pop("weights")) for row in rows]
     spec = vitslim.describe(students[0])
-    test = imagedata.open_images(args.test, imagedata.build_transform(spec.preprocessing), class_names=spec.label_names)
+    test = common.open_split(spec, args.test)
     images = torch.cat([batch[0] for batch in imagedata.make_loader(imagedata.select(test, limit=256, seed=0), 64)])
     with torch.no_grad():
         reference_logits, reference_weights = students[0](images), effective_weights(students[0])
@@ -126,16 +115,15 @@ def main() -> None:
             weights = effective_weights(student)
             row["max_abs_weight_diff_vs_first"] = max(float((weights[name] - reference_weights[name]).abs().max()) for name in weights)
             row["max_abs_logit_diff_vs_first"] = float((student(images) - reference_logits).abs().max())
-    device = "CUDA (NCCL)" if torch.cuda.is_available() else f"CPU ({platform.processor() or platform.machine()}, {os.cpu_count()} cores, gloo)"
-    (out / "distributed.json").write_text(json.dumps(rows, indent=2))
+            row["machine"] = info
+    device = "CUDA (NCCL)" if torch.cuda.is_available() else f"CPU ({common.cpu_name()}, {os.cpu_count()} cores, gloo)"
+    common.write_json(out / "distributed.json", rows)
     base = rows[0]
     lines = [
-        "# Scaling with processes (torchrun)",
-        "",
-        f"Command: `.venv/bin/python benchmarks/distributed.py --configs {' '.join(args.configs)} --steps {args.steps}`. "
-        f"Device: {device}. Model: vit-d6-cifar10, low-rank to 50% of the parameters from 256 train images, then "
-        f"{args.steps} distillation steps of a global batch of {BATCH} train images. Differences are against the first row.",
-        "",
+        *common.heading("Scaling with processes (torchrun)",
+                        f"Command: {common.rerun(parser, args, always=('configs', 'steps'))}. Device: {device}. Model: vit-d6-cifar10, "
+                        f"low-rank to 50% of the parameters from 256 train images, then {args.steps} distillation steps of a global batch "
+                        f"of {BATCH} train images. Differences are against the first row.", info=info),
         "| processes | threads each | calibration + compensation (s) | distillation s/step | step time vs first | max abs effective-weight difference | max abs logit difference |",
         "|---|---|---|---|---|---|---|",
     ]
@@ -143,8 +131,7 @@ def main() -> None:
         per_step = row["distill_s"] / row["steps"]
         lines.append(f"| {row['processes']} | {row['threads_per_process']} | {row['calibration_s']:.1f} | {per_step:.3f} | "
                      f"{per_step / (base['distill_s'] / base['steps']):.2f}x | {row['max_abs_weight_diff_vs_first']:.2e} | {row['max_abs_logit_diff_vs_first']:.2e} |")
-    (out / "distributed.md").write_text("\n".join(lines) + "\n")
-    print((out / "distributed.md").read_text())
+    common.write_lines(out / "distributed.md", lines, echo=True)
 
 
 if __name__ == "__main__":

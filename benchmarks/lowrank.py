@@ -15,19 +15,15 @@ Rows are saved to ``--out/results.json`` as they finish; a rerun with the same `
 
 from __future__ import annotations
 
-import argparse
-import json
 import time
 from pathlib import Path
 
+import common
+
 import vitslim
-from vitslim import data as imagedata
-from vitslim.atomic import atomic_file
 from vitslim.lowrank.compress import compress_lowrank
 from vitslim.metrics import count_params
 
-ROOT = Path(__file__).resolve().parents[1]
-SHARED = ROOT.parent / "shared"
 VARIANTS = {
     "mixed": dict(method="whitened", allocation="mixed", sensitivity="fisher", compensation=False),
     "mixed+comp": dict(method="whitened", allocation="mixed", sensitivity="fisher", compensation=True),
@@ -40,35 +36,32 @@ VARIANTS = {
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--model", default=f"local-dir:{SHARED / 'models' / 'vit-d6-cifar10'}")
-    parser.add_argument("--train", default=str(SHARED / "data" / "cifar10-jpeg" / "train.zip"))
-    parser.add_argument("--test", default=str(SHARED / "data" / "cifar10-jpeg" / "test.zip"))
+    parser = common.argument_parser(__doc__)
+    common.add_reference_arguments(parser)
     parser.add_argument("--ratios", type=float, nargs="+", default=[0.8, 0.6, 0.4, 0.3, 0.15, 0.10])
     parser.add_argument("--variants", nargs="+", choices=sorted(VARIANTS), default=list(VARIANTS))
     parser.add_argument("--calib-images", type=int, default=256)
     parser.add_argument("--eval-limit", type=int, default=None, help="test images (default: the whole split)")
     parser.add_argument("--finetune-lr", type=float, default=1e-4)
-    parser.add_argument("--out", default=str(ROOT / "benchmarks" / "results" / "lowrank"))
+    parser.add_argument("--out", default=str(common.RESULTS / "lowrank"))
     args = parser.parse_args()
 
     model = vitslim.load_model(args.model)
     spec = vitslim.describe(model)
-    transform = imagedata.build_transform(spec.preprocessing)
-    train = imagedata.open_images(args.train, transform, class_names=spec.label_names)
-    calibration = [images for images, _, _ in imagedata.make_loader(imagedata.select(train, limit=args.calib_images, seed=0), 64)]
-    test = imagedata.open_images(args.test, transform, class_names=spec.label_names)
+    train = common.open_split(spec, args.train)
+    calibration = common.image_batches(train, args.calib_images, 64)
+    test = common.open_split(spec, args.test)
     out = Path(args.out)
-    done = json.loads((out / "results.json").read_text()) if (out / "results.json").is_file() else []
-    rows = [r for r in done if r["variant"] == "original"]
-    if not rows:
+    rows = common.Rows(out / "results.json")
+    if not rows.has(variant="original"):
         original = vitslim.evaluate(model, test, limit=args.eval_limit)
-        rows = [{"variant": "original", "ratio": 1.0, "params": count_params(model), "top1": original["top1"], "seconds": 0.0, "images": original["images"]}]
-    print(f"original: top-1 {100 * rows[0]['top1']:.2f}% on {rows[0]['images']} test images", flush=True)
-    rows += [r for r in done if r["variant"] != "original"]
+        rows.add({"variant": "original", "ratio": 1.0, "params": count_params(model), "top1": original["top1"], "seconds": 0.0,
+                  "images": original["images"]})
+    original = rows.find(variant="original")
+    print(f"original: top-1 {100 * original['top1']:.2f}% on {original['images']} test images", flush=True)
     for ratio in args.ratios:
         for variant in args.variants:
-            if any(r["variant"] == variant and r["ratio"] == ratio for r in rows):
+            if rows.has(variant=variant, ratio=ratio):
                 continue
             started = time.perf_counter()
             compressed = compress_lowrank(model, calibration, param_ratio=ratio, progress=False, **VARIANTS[variant])
@@ -76,28 +69,24 @@ def main() -> None:
                 vitslim.distill(compressed, model, train, vitslim.Training(epochs=1, lr=args.finetune_lr, progress=False))
             seconds = time.perf_counter() - started
             result = vitslim.evaluate(compressed, test, limit=args.eval_limit, teacher=model)
-            rows.append({"variant": variant, "ratio": ratio, "params": count_params(compressed), "top1": result["top1"],
-                         "agreement": result["agreement"], "seconds": seconds})
+            rows.add({"variant": variant, "ratio": ratio, "params": count_params(compressed), "top1": result["top1"],
+                      "agreement": result["agreement"], "seconds": seconds})
             print(f"{variant:14s} ratio {ratio:.2f}: top-1 {100 * result['top1']:.2f}%  ({seconds:.0f} s to compress)", flush=True)
             write(out, rows, args)
 
 
-def write(out: Path, rows: list[dict], args) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    atomic_file(out / "results.json", lambda partial: partial.write_text(json.dumps(rows, indent=2)))
-    model_label = args.model.replace(str(SHARED), "../shared")
-    lines = [f"Model `{model_label}`; calibration: {args.calib_images} train images (seed 0); top-1 on {rows[0]['images']} test images; "
-             f"KD: 1 epoch over the train split, lr {args.finetune_lr}.", "",
+def write(out: Path, rows: common.Rows, args) -> None:
+    """results.md and results.png from every row (results.json is written as each row lands)."""
+    plt = common.pyplot()
+    original = rows.find(variant="original")
+    lines = [f"Model `{common.shown(args.model)}`; calibration: {args.calib_images} train images (seed 0); top-1 on {original['images']} test images; "
+             f"KD: 1 epoch over the train split, lr {args.finetune_lr}.", "", common.machine_line(resumed=True), "",
              "| variant | param ratio | params | top-1 | agreement | compress s |", "|---|---|---|---|---|---|"]
-    rows = [rows[0], *sorted(rows[1:], key=lambda r: (-r["ratio"], list(VARIANTS).index(r["variant"])))]
+    rows = [original, *sorted((r for r in rows if r is not original), key=lambda r: (-r["ratio"], list(VARIANTS).index(r["variant"])))]
     lines += [f"| {r['variant']} | {r['ratio']:.2f} | {r['params']:,} | {100 * r['top1']:.2f}% | "
               f"{100 * r['agreement']:.2f}% | {r['seconds']:.0f} |" if "agreement" in r else
               f"| {r['variant']} | 1.00 | {r['params']:,} | {100 * r['top1']:.2f}% | - | - |" for r in rows]
-    (out / "results.md").write_text("\n".join(lines) + "\n")
+    common.write_lines(out / "results.md", lines)
     fig, axis = plt.subplots(figsize=(6, 4))
     for variant in dict.fromkeys(r["variant"] for r in rows[1:]):
         points = sorted((r["ratio"], 100 * r["top1"]) for r in rows if r["variant"] == variant)

@@ -14,45 +14,39 @@ ranks, layer-wise compensation):
 
 from __future__ import annotations
 
-import argparse
-import json
-import platform
 import time
 from pathlib import Path
 
+import common
 import torch
 
 import vitslim
-from vitslim import data as imagedata
 from vitslim.bench import _peak_rss_mb
 from vitslim.lowrank.compress import compress_lowrank
 from vitslim.metrics import count_params
 
-ROOT = Path(__file__).resolve().parents[1]
-SHARED = ROOT.parent / "shared"
-
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = common.argument_parser(__doc__)
     parser.add_argument("--model", default="deit_base_patch16_224")
     parser.add_argument("--like", default="deit_small_patch16_224")
     parser.add_argument("--ratio", type=float, default=0.4)
-    parser.add_argument("--data", default=str(SHARED / "data" / "imagenet-sample-256"))
+    parser.add_argument("--data", default=str(common.SHARED / "data" / "imagenet-sample-256"))
     parser.add_argument("--calib-images", type=int, default=256)
     parser.add_argument("--rank-multiple", type=int, default=8)
     parser.add_argument("--batch-size", type=int, default=32)
     parser.add_argument("--runs", type=int, default=20)
-    parser.add_argument("--out", default=str(ROOT / "benchmarks" / "results" / "lowrank-deit-base"))
+    parser.add_argument("--out", default=str(common.RESULTS / "lowrank-deit-base"))
     args = parser.parse_args()
 
     torch.manual_seed(0)
     model = vitslim.load_model(args.model)
     spec = vitslim.describe(model)
-    images = imagedata.open_images(args.data, imagedata.build_transform(spec.preprocessing))
-    calibration = [batch for batch, _, _ in imagedata.make_loader(imagedata.select(images, limit=args.calib_images, seed=0), 32)]
+    images = common.open_split(spec, args.data, labelled=False)
+    calibration = common.image_batches(images, args.calib_images, 32)
     like_params = count_params(vitslim.load_model(args.like))
     result = {"model": args.model, "params": count_params(model), "calib_images": sum(b.shape[0] for b in calibration),
-              "rank_multiple": args.rank_multiple, "threads": torch.get_num_threads(), "cpu": platform.processor() or platform.machine()}
+              "rank_multiple": args.rank_multiple, "threads": torch.get_num_threads(), "cpu": common.cpu_name(), "machine": common.machine()}
 
     started = time.perf_counter()
     like = compress_lowrank(model, calibration, params=like_params, rank_multiple=args.rank_multiple)
@@ -71,13 +65,14 @@ def main() -> None:
 
 
 def write(out: Path, result: dict, args) -> None:
-    out.mkdir(parents=True, exist_ok=True)
-    (out / "results.json").write_text(json.dumps(result, indent=2))
+    common.write_json(out / "results.json", result)
     original, smaller = result["bench"]
     lines = [
         f"`{result['model']}` geometry (random init), {result['calib_images']} calibration images from "
-        f"`{args.data.replace(str(SHARED), '../shared')}`, vitslim defaults (whitened, Fisher-weighted mixed ranks, "
+        f"`{common.shown(args.data)}`, vitslim defaults (whitened, Fisher-weighted mixed ranks, "
         f"compensation), rank multiple {result['rank_multiple']}; CPU `{result['cpu']}`, {result['threads']} threads, float32.",
+        "",
+        common.machine_line(result["machine"]),
         "",
         "| run | parameters | result |",
         "|---|---|---|",
@@ -87,7 +82,7 @@ def write(out: Path, result: dict, args) -> None:
         f"| throughput, batch {result['batch_size']}, median of {result['runs']} interleaved rounds | original {original['images_per_s']:.2f} img/s, "
         f"compressed {smaller['images_per_s']:.2f} img/s | **{result['throughput_ratio']:.2f}x** |",
     ]
-    (out / "results.md").write_text("\n".join(lines) + "\n")
+    common.write_lines(out / "results.md", lines)
     print(f"wrote {out / 'results.md'}")
 
 

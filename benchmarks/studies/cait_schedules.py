@@ -1,6 +1,6 @@
 """Where to merge: the schedule ``--speedup`` plans against other ways of spreading the merges.
 
-Same model, images and measures as ``cait_design.py`` (train images only). Per FLOPs target and
+Same model, images and measures as ``cait_design.py`` beside it (train images only). Per FLOPs target and
 method, rows are:
 - the planned schedule (``schedule_for_speedup``: shares weighing depth-1-i for block i);
 - other one-number rules, each scaled to just reach the target: an even spread over all blocks
@@ -11,17 +11,23 @@ method, rows are:
   ``BAND`` above the target, chosen by KL on the first ``--search-images``.
 Every row is measured on the remaining images. ATME uses the lowest level each block allows.
 
-    .venv/bin/python benchmarks/cait_schedules.py --images 4000 --search-images 1000
+    .venv/bin/python benchmarks/studies/cait_schedules.py --images 4000 --search-images 1000
+
+Writes ``--out`` (schedules.md) with its data beside it: ``schedules.json`` (the rows and the
+machine) and ``schedules.csv`` (the rows).
 """
 
 from __future__ import annotations
 
-import argparse
 import itertools
-import platform
+import sys
 from pathlib import Path
 
-from cait_design import ROOT, SHARED, level_schedule, scored, study_data
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # benchmarks/, for common
+
+import common
+from cait_design import SCHEDULE, SCORES, level_schedule, schedule_row, scored, study_data
+from common import Column
 
 from vitslim.cait.schedule import predicted_speedup, schedule_for_speedup
 
@@ -31,6 +37,9 @@ RULES = {  # per-block shares of a depth-6 model's five merging blocks
     "even over blocks 0-2": [1, 1, 1, 0, 0],
     "halving shares": [16, 8, 4, 2, 1],
 }
+COLUMNS = (Column("target", "target", "{:g}x"), Column("method", "method"), Column("rule", "rule"),
+           Column(SCHEDULE.key, SCHEDULE.header, missing="cannot reach the target"), Column("tokens_merged", "tokens merged"),
+           *(column for column in SCORES if column.key != "top1"))
 
 
 def rule_schedule(method: str, spec, shares: list[int], target: float):
@@ -56,23 +65,19 @@ def rule_schedule(method: str, spec, shares: list[int], target: float):
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--model", default=f"local-dir:{SHARED / 'models' / 'vit-d6-cifar10'}")
-    parser.add_argument("--train", default=str(SHARED / "data" / "cifar10-jpeg" / "train.zip"))
+    parser = common.argument_parser(__doc__)
+    common.add_reference_arguments(parser, test=False)
     parser.add_argument("--images", type=int, default=4000)
     parser.add_argument("--search-images", type=int, default=1000)
     parser.add_argument("--targets", type=float, nargs="+", default=[1.3, 1.6, 2.0])
-    parser.add_argument("--out", default=str(ROOT / "benchmarks" / "results" / "cait" / "schedules.md"))
+    parser.add_argument("--out", default=str(common.RESULTS / "cait" / "schedules.md"))
     args = parser.parse_args()
 
     model, spec, train, batches, reference = study_data(args.model, args.train, args.images)
     split = -(-args.search_images // len(batches[0][0]))
     search, held = (batches[:split], reference[:split]), (batches[split:], reference[split:])
     grid_counts = itertools.product(range(4, 33, 4), range(0, 25, 4), range(0, 17, 4), (0, 4, 8))
-    lines = [f"# Merge schedules (train images only)\n\nvit-d6-cifar10, CPU ({platform.machine()}), float32. Grid-search rows chosen "
-             f"by KL on {split * len(batches[0][0])} train images; every row measured on {len(train) - split * len(batches[0][0])} others.\n",
-             "| target | method | rule | schedule (block, r, level) | tokens merged | FLOPs speed-up | agreement | KL | fidelity (cosine) |",
-             "| --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
+    table = []
     candidates = {method: [] for method in ("tome", "atme")}
     for counts in grid_counts:
         for method in candidates:
@@ -82,19 +87,22 @@ def main() -> None:
     for target in args.targets:
         for method, pool in candidates.items():
             band = [schedule for speedup, schedule in pool if target <= speedup < target + BAND]
-            rows = [("planned (shares depth-1-i)", schedule_for_speedup(spec, method, target))]
-            rows += [(name, rule_schedule(method, spec, shares, target)) for name, shares in RULES.items()]
-            rows.append((f"best of {len(band)} on blocks 0-3", min(band, key=lambda schedule: scored(model, schedule, *search)["kl"])))
-            for name, schedule in rows:
+            rules = [("planned (shares depth-1-i)", schedule_for_speedup(spec, method, target))]
+            rules += [(name, rule_schedule(method, spec, shares, target)) for name, shares in RULES.items()]
+            rules.append((f"best of {len(band)} on blocks 0-3", min(band, key=lambda schedule: scored(model, schedule, *search)["kl"])))
+            for name, schedule in rules:
+                labels = {"target": target, "method": method, "rule": name}
                 if schedule is None:
-                    lines.append(f"| {target:g}x | {method} | {name} | cannot reach the target | | | | | |")
-                    continue
-                result = scored(model, schedule, *held)
-                steps = " ".join(f"({b},{r},{level})" if method == "atme" else f"({b},{r})" for b, r, level in schedule.steps)
-                lines.append(f"| {target:g}x | {method} | {name} | {steps} | {schedule.merged} | {predicted_speedup(spec, schedule):.2f}x "
-                             f"| {100 * result['agreement']:.2f}% | {result['kl']:.4f} | {result['cosine']:.4f} |")
-                print(lines[-1], flush=True)
-    Path(args.out).write_text("\n".join(lines) + "\n")
+                    table.append(labels)
+                else:
+                    table.append(schedule_row(spec, schedule, scored(model, schedule, *held), **labels, tokens_merged=schedule.merged))
+                print(common.markdown_table(COLUMNS, table[-1:])[-1], flush=True)
+    command = common.rerun(parser, args, always=("images", "search_images"))
+    lines = [*common.heading("Merge schedules (train images only)",
+                             f"vit-d6-cifar10, float32. Grid-search rows chosen by KL on {split * len(batches[0][0])} train images; every "
+                             f"row measured on {len(train) - split * len(batches[0][0])} others. Command: {command}."),
+             *common.markdown_table(COLUMNS, table)]
+    common.write_table(args.out, lines, {"rows": (COLUMNS, table)}, command=command.strip("`"))
 
 
 if __name__ == "__main__":

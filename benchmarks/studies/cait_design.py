@@ -15,28 +15,38 @@ are then measured on the rest (so the search is not graded on the images it chos
 merge more than half of a block's tokens there (its sub-grid allows three quarters at level 2),
 which ToMe's bipartite matching cannot: the case where neighbour-restricted merging should win.
 
-    .venv/bin/python benchmarks/cait_design.py --images 4000 --search-images 1000
+    .venv/bin/python benchmarks/studies/cait_design.py --images 4000 --search-images 1000
+
+Writes ``--out`` (design.md) and ``--search-out`` (design-search.md), each with its data beside
+it: ``.json`` (the rows and the machine) and ``.csv`` (the rows).
 """
 
 from __future__ import annotations
 
-import argparse
-import platform
+import sys
 from pathlib import Path
 
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # benchmarks/, for common
+
+import common
 import torch
+from common import Column
 
 import vitslim
 from vitslim import data as imagedata
 from vitslim.adapters import describe
 from vitslim.cait import merging
-from vitslim.cait.merging import unmerge
-from vitslim.cait.patch import MergeSchedule, apply_token_merging, remove_token_merging, token_map
+from vitslim.cait.patch import MergeSchedule, apply_token_merging, remove_token_merging
 from vitslim.cait.schedule import mergeable, predicted_speedup, schedule_for_speedup, top_level
 
-ROOT = Path(__file__).resolve().parents[1]
-SHARED = ROOT.parent / "shared"
 GLOBAL = 10_000  # a radius no grid reaches: fixed sub-grid destinations, no spatial restriction
+# the columns every study of merge schedules reports, each row's scores from ``measure``
+SCHEDULE = Column("schedule", "schedule (block, r, level)")
+SCORES = (Column("flops_speedup", "FLOPs speed-up", "{:.2f}x"), Column("agreement", "agreement", "{:.2%}"),
+          Column("kl", "KL", "{:.4f}"), Column("top1", "top-1", "{:.2%}"), Column("cosine", "fidelity (cosine)", "{:.4f}"))
+DESIGN_COLUMNS = (Column("target", "target", "{}x"), Column("variant", "variant"), SCHEDULE, *SCORES)
+SEARCH_COLUMNS = (Column("method", "method"), SCHEDULE, *SCORES)
+METHOD_NAMES = {"atme": "ATME", "tome": "ToMe"}
 
 
 def first_emptied_levels(grid: tuple[int, int], counts: list[tuple[int, int]]) -> MergeSchedule:
@@ -108,24 +118,24 @@ def scored(model, schedule: MergeSchedule, batches, reference) -> dict:
 
 
 def measure(model, batches, reference) -> dict:
+    """Agreement and mean KL with the unmerged model's logits, top-1 against the labels, and the
+    mean cosine of the last block's unmerged per-position features with the unmerged model's."""
     agree = top1 = kl = count = 0
     cosines = []
-    spec = describe(model)
-    seen = []
-    handle = spec.blocks[-1].module.register_forward_hook(lambda module, args, output: seen.append(output))
-    with torch.no_grad():
-        for (images, labels), (logits_ref, features_ref) in zip(batches, reference):
-            seen.clear()
-            logits = model(images)
-            mapping = token_map(model)
-            features = unmerge(seen[0], mapping) if mapping is not None else seen[0]
-            cosines.append(torch.nn.functional.cosine_similarity(features, features_ref, dim=-1)[:, spec.num_prefix_tokens:].mean(1))
-            agree += (logits.argmax(-1) == logits_ref.argmax(-1)).sum().item()
-            top1 += (logits.argmax(-1) == labels).sum().item()
-            kl += torch.nn.functional.kl_div(logits.log_softmax(-1), logits_ref.log_softmax(-1), log_target=True, reduction="sum").item()
-            count += len(labels)
-    handle.remove()
+    prefix = describe(model).num_prefix_tokens
+    for (images, labels), (logits_ref, features_ref) in zip(batches, reference):
+        logits, features = common.logits_and_features(model, images)
+        cosines.append(torch.nn.functional.cosine_similarity(features, features_ref, dim=-1)[:, prefix:].mean(1))
+        agree += (logits.argmax(-1) == logits_ref.argmax(-1)).sum().item()
+        top1 += (logits.argmax(-1) == labels).sum().item()
+        kl += torch.nn.functional.kl_div(logits.log_softmax(-1), logits_ref.log_softmax(-1), log_target=True, reduction="sum").item()
+        count += len(labels)
     return {"agreement": agree / count, "kl": kl / count, "top1": top1 / count, "cosine": torch.cat(cosines).mean().item()}
+
+
+def schedule_row(spec, schedule: MergeSchedule, result: dict, **labels) -> dict:
+    """A table row: ``labels``, the schedule's steps and FLOPs speed-up, and ``measure``'s scores."""
+    return {**labels, "schedule": common.steps_text(schedule.method, schedule.steps), "flops_speedup": predicted_speedup(spec, schedule), **result}
 
 
 def study_data(model_name: str, train_path: str, images: int):
@@ -133,39 +143,27 @@ def study_data(model_name: str, train_path: str, images: int):
     model's logits and last-block features on each batch."""
     model = vitslim.load_model(model_name)
     spec = describe(model)
-    transform = imagedata.build_transform(spec.preprocessing)
-    train = imagedata.select(imagedata.open_images(train_path, transform, class_names=spec.label_names), limit=images, seed=123)
+    train = imagedata.select(common.open_split(spec, train_path), limit=images, seed=123)
     batches = [(images, labels) for images, labels, _ in imagedata.make_loader(train, 250)]
-    reference = []
-    seen = []
-    handle = spec.blocks[-1].module.register_forward_hook(lambda module, a, output: seen.append(output))
-    with torch.no_grad():
-        for images, _ in batches:
-            seen.clear()
-            reference.append((model(images), seen[0]))
-    handle.remove()
+    reference = [common.logits_and_features(model, images) for images, _ in batches]
     return model, spec, train, batches, reference
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--model", default=f"local-dir:{SHARED / 'models' / 'vit-d6-cifar10'}")
-    parser.add_argument("--train", default=str(SHARED / "data" / "cifar10-jpeg" / "train.zip"))
+    parser = common.argument_parser(__doc__)
+    common.add_reference_arguments(parser, test=False)
     parser.add_argument("--images", type=int, default=4000)
     parser.add_argument("--targets", type=float, nargs="+", default=[1.6, 2.0, 2.4])
     parser.add_argument("--search-images", type=int, default=1000, help="images the schedule search scores on (0: skip the search)")
-    parser.add_argument("--out", default=str(ROOT / "benchmarks" / "results" / "cait" / "design.md"))
-    parser.add_argument("--search-out", default=str(ROOT / "benchmarks" / "results" / "cait" / "design-search.md"),
+    parser.add_argument("--out", default=str(common.RESULTS / "cait" / "design.md"))
+    parser.add_argument("--search-out", default=str(common.RESULTS / "cait" / "design-search.md"),
                         help="the search's table (it does not depend on the planner, so the first part can be rerun alone)")
     args = parser.parse_args()
 
     default_radius = merging.NEIGHBOURHOOD
     model, spec, train, batches, reference = study_data(args.model, args.train, args.images)
 
-    lines = [f"# ATME design study (train images only)\n\n{len(train)} CIFAR-10 *train* images (seed 123), vit-d6-cifar10, "
-             f"CPU ({platform.machine()}), float32. Each target's schedules come from the FLOPs model; the old level policy is fed ToMe's counts and clips them.\n",
-             "| target | variant | schedule (block, r, level) | FLOPs speed-up | agreement | KL | top-1 | fidelity (cosine) |",
-             "| --- | --- | --- | --- | --- | --- | --- | --- |"]
+    rows = []
     for target in args.targets:
         tome = schedule_for_speedup(spec, "tome", target)
         counts = [(block, r) for block, r, _ in tome.steps]
@@ -175,27 +173,28 @@ def main() -> None:
         for name, schedule, radius in variants:
             if radius is not None:
                 merging.NEIGHBOURHOOD = radius
-            result = scored(model, schedule, batches, reference)
-            steps = " ".join(f"({b},{r},{level})" if schedule.method == "atme" else f"({b},{r})" for b, r, level in schedule.steps)
-            lines.append(f"| {target}x | {name} | {steps} | {predicted_speedup(spec, schedule):.2f}x | {100 * result['agreement']:.2f}% | {result['kl']:.4f} | {100 * result['top1']:.2f}% | {result['cosine']:.4f} |")
-            print(lines[-1], flush=True)
+            rows.append(schedule_row(spec, schedule, scored(model, schedule, batches, reference), target=target, variant=name))
+            print(common.markdown_table(DESIGN_COLUMNS, rows[-1:])[-1], flush=True)
     merging.NEIGHBOURHOOD = default_radius
-    Path(args.out).write_text("\n".join(lines) + "\n")
+    command = common.rerun(parser, args, always=("images", "search_images"))
+    lines = [*common.heading("ATME design study (train images only)",
+                             f"{len(train)} CIFAR-10 *train* images (seed 123), vit-d6-cifar10, float32. Each target's schedules come from "
+                             f"the FLOPs model; the old level policy is fed ToMe's counts and clips them. Command: {command}."),
+             *common.markdown_table(DESIGN_COLUMNS, rows)]
+    common.write_table(args.out, lines, {"rows": (DESIGN_COLUMNS, rows)}, command=command.strip("`"))
 
     if args.search_images:
         batch_images = len(batches[0][0])
         split = -(-args.search_images // batch_images)
-        lines = [f"# Each method's own schedule (train images only)\n\n{len(train)} CIFAR-10 *train* images (seed 123), vit-d6-cifar10. Greedy search (KL per FLOP saved, steps of 4 or 8 merges) scored on the first "
-                  f"{split * batch_images} images; every schedule it passes through measured on the other {len(train) - split * batch_images}.\n",
-                  "| method | schedule (block, r, level) | FLOPs speed-up | agreement | KL | top-1 | fidelity (cosine) |",
-                  "| --- | --- | --- | --- | --- | --- | --- |"]
-        for method in ("tome", "atme"):
-            for schedule in search_schedules(model, spec, method, batches[:split], reference[:split], max(args.targets)):
-                result = scored(model, schedule, batches[split:], reference[split:])
-                steps = " ".join(f"({b},{r},{level})" if method == "atme" else f"({b},{r})" for b, r, level in schedule.steps)
-                lines.append(f"| {'ATME' if method == 'atme' else 'ToMe'} | {steps} | {predicted_speedup(spec, schedule):.2f}x | {100 * result['agreement']:.2f}% "
-                             f"| {result['kl']:.4f} | {100 * result['top1']:.2f}% | {result['cosine']:.4f} |")
-        Path(args.search_out).write_text("\n".join(lines) + "\n")
+        rows = [schedule_row(spec, schedule, scored(model, schedule, batches[split:], reference[split:]), method=METHOD_NAMES[method])
+                for method in ("tome", "atme")
+                for schedule in search_schedules(model, spec, method, batches[:split], reference[:split], max(args.targets))]
+        lines = [*common.heading("Each method's own schedule (train images only)",
+                                 f"{len(train)} CIFAR-10 *train* images (seed 123), vit-d6-cifar10. Greedy search (KL per FLOP saved, "
+                                 f"steps of 4 or 8 merges) scored on the first {split * batch_images} images; every schedule it passes "
+                                 f"through measured on the other {len(train) - split * batch_images}. Command: {command}."),
+                 *common.markdown_table(SEARCH_COLUMNS, rows)]
+        common.write_table(args.search_out, lines, {"rows": (SEARCH_COLUMNS, rows)}, command=command.strip("`"))
 
 
 if __name__ == "__main__":

@@ -1,36 +1,32 @@
 """How much a measured speed-up moves within one process and between fresh processes.
 
-Every comparison in the README is timed inside one run, because this shared CPU's speed drifts.
+Every comparison in docs/ is timed inside one run, because this shared CPU's speed drifts.
 This study shows how much: each of ``--processes`` fresh Python processes loads the same two
 models and times them ``--repeats`` times (``vitslim.benchmark``, batch 32, median of
 ``--runs``), and the table lists every ratio. The default pair is the original reference ViT and
 the composition benchmark's low-rank model at 11% of the weights (run benchmarks/compose.py
 first), the model whose ratio moved most between that benchmark's runs.
 
-    .venv/bin/python benchmarks/timing_noise.py
+    .venv/bin/python benchmarks/studies/timing_noise.py
+
+Writes ``OUT/timing_noise.md`` (the table), ``OUT/timing_noise.json`` (every ratio, per process,
+with the machine) and ``OUT/timing_noise.csv`` (one row per process and repeat).
 """
 
 from __future__ import annotations
 
 import argparse
 import json
-import platform
-import shlex
 import statistics
 import subprocess
 import sys
 from pathlib import Path
 
-from vitslim.atomic import atomic_file
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # benchmarks/, for common
 
-ROOT = Path(__file__).resolve().parents[1]
-SHARED = ROOT.parent / "shared"
+import common
 
-
-def _shown(path: str) -> str:
-    """``path`` relative to the repository when it lies inside it, quoted for a shell."""
-    resolved = Path(path).resolve()
-    return shlex.quote(str(resolved.relative_to(ROOT)) if resolved.is_relative_to(ROOT) else path)
+CSV_KEYS = ("process", "repeat", "reference_images_per_s", "ratio")
 
 
 def child(args) -> None:
@@ -45,13 +41,13 @@ def child(args) -> None:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--reference", default=f"local-dir:{SHARED / 'models' / 'vit-d6-cifar10'}")
-    parser.add_argument("--model", default=str(ROOT / "benchmarks" / "results" / "compose" / "models" / "low-rank_alone_11%"))
+    parser = common.argument_parser(__doc__)
+    parser.add_argument("--reference", default=common.REFERENCE_MODEL)
+    parser.add_argument("--model", default=str(common.RESULTS / "compose" / "models" / "low-rank_alone_11%"))
     parser.add_argument("--processes", type=int, default=8)
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--runs", type=int, default=20)
-    parser.add_argument("--out", default=str(ROOT / "benchmarks" / "results" / "noise"))
+    parser.add_argument("--out", default=str(common.RESULTS / "noise"))
     parser.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.child:
@@ -75,15 +71,12 @@ def main() -> None:
         print(f"process {index + 1}/{args.processes}: " + ", ".join(f"{row['ratio']:.2f}x" for row in processes[-1]), flush=True)
     ratios = [row["ratio"] for rows in processes for row in rows]
     spreads = [max(r["ratio"] for r in rows) / min(r["ratio"] for r in rows) for rows in processes]
-    reference = "" if args.reference == parser.get_default("reference") else f" --reference {_shown(args.reference)}"
+    run = common.rerun(parser, args, always=("model", "processes", "repeats", "runs", "out"))
+    info = common.machine()
     lines = [
-        "# Timing noise: the same two models, timed within and between processes",
-        "",
-        f"Command: `.venv/bin/python benchmarks/timing_noise.py{reference} --model {_shown(args.model)} --processes {args.processes} "
-        f"--repeats {args.repeats} --runs {args.runs} --out {_shown(args.out)}`. "
-        f"CPU ({platform.processor() or platform.machine()}), default threads, float32, batch 32, each ratio a median of {args.runs} "
-        f"interleaved rounds. Reference `{Path(args.reference.removeprefix('local-dir:')).name}`, model `{Path(args.model).name}`.",
-        "",
+        *common.heading("Timing noise: the same two models, timed within and between processes",
+                        f"Command: {run}. Default threads, float32, batch 32, each ratio a median of {args.runs} interleaved rounds. "
+                        f"Reference `{Path(args.reference.removeprefix('local-dir:')).name}`, model `{Path(args.model).name}`.", info=info),
         "| process | reference images/s | ratios | max/min in the process |",
         "|---|---|---|---|",
     ]
@@ -93,8 +86,14 @@ def main() -> None:
         lines.append(f"| {index} | {speeds} | {shown} | {spread:.2f} |")
     lines += ["", f"All ratios: {min(ratios):.2f}x to {max(ratios):.2f}x (median {statistics.median(ratios):.2f}x); "
               f"median spread within a process {statistics.median(spreads):.2f}, largest {max(spreads):.2f}."]
-    atomic_file(Path(args.out) / "timing_noise.md", lambda partial: partial.write_text("\n".join(lines) + "\n"))
-    print("\n".join(lines))
+    out = Path(args.out)
+    common.write_lines(out / "timing_noise.md", lines, echo=True)
+    common.write_json(out / "timing_noise.json", {"machine": info, "command": run.strip("`"), "reference": common.shown(args.reference),
+                                                  "model": common.shown(args.model), "repeats": args.repeats, "runs": args.runs,
+                                                  "processes": processes})
+    common.write_csv(out / "timing_noise.csv", CSV_KEYS, [{"process": index, "repeat": repeat, **row}
+                                                          for index, rows in enumerate(processes, start=1)
+                                                          for repeat, row in enumerate(rows, start=1)])
 
 
 if __name__ == "__main__":
