@@ -15,7 +15,7 @@ coarser level whenever the current one has fewer tokens off its grid than the bl
 merge. No block merges more than half of its patch tokens: ToMe's bipartite matching cannot,
 and without that cap ATME's plans starve the last blocks (a 2x plan on vit-d6-cifar10 left the
 final block 2 patch tokens, and agreement with the unmerged model fell from 88% to 80% in an
-earlier version of ``benchmarks/cait_design.py``). So both methods get the same counts per
+earlier version of ``benchmarks/studies/cait_design.py``). So both methods get the same counts per
 block. The FLOPs model (``cait.flops``) counts each block's matmuls from the layer shapes, so a
 target speed-up can be turned into a schedule before anything is measured.
 """
