@@ -68,8 +68,3 @@ def import_timm():
     import timm
 
     return timm
-
-
-def placeholder_ops() -> tuple[str, ...]:
-    """The torchvision operators this process had to declare (empty when builds match)."""
-    return tuple(_placeholders)

@@ -32,7 +32,7 @@ from torch import nn
 
 from vitslim.adapters import describe, prepare_for_replacement
 from vitslim.distributed import all_reduce_sum, owns, sum_numbers
-from vitslim.errors import VitslimError
+from vitslim.errors import ParameterError, VitslimError
 from vitslim.lowrank.calibration import images_of, token_rows
 from vitslim.lowrank.whitening import DEFAULT_RIDGE, WhitenedSpectrum, whitening_factor
 from vitslim.progress import Progress
@@ -157,7 +157,7 @@ def _inputs_until(block: nn.Module, layer: nn.Module, call: tuple[tuple, dict], 
     finally:
         handle.remove()
     if not seen:
-        raise VitslimError("a factorised layer was not called by its block; this model cannot be compensated (use --no-compensation)")
+        raise ParameterError("compensation", "cannot run on this model: a factorised layer was not called by its block; turn it off")
     return seen[0]
 
 

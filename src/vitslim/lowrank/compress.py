@@ -141,7 +141,7 @@ def compress_lowrank(
     if isinstance(sensitivity, str) and sensitivity not in SENSITIVITIES:
         raise VitslimError(f"unknown sensitivity {sensitivity!r}; choose one of {', '.join(SENSITIVITIES)}")
     if sensitivity == "fisher" and method != "whitened":
-        raise VitslimError("fisher sensitivity weighs output errors, which only the whitened method's spectrum measures; use --sensitivity none with svd/asvd")
+        raise ParameterError("sensitivity", "fisher weighs output errors, which only the whitened method's spectrum measures; use none with svd/asvd")
     target = target_params(model, param_ratio=param_ratio, params=params)
     compressed = copy.deepcopy(model).eval()
     linears = compressible_linears(compressed)
