@@ -11,12 +11,34 @@ from PIL import Image
 
 # the tiny timm ViT the tests share: 4x4 patches of 8 pixels, 2 blocks, 3 classes
 TINY = dict(img_size=32, patch_size=8, embed_dim=32, depth=2, num_heads=2, num_classes=3)
+# what the compression pipelines run on (test_cait_compress, test_compose, test_distributed,
+# test_sweep): 8x8 patches of 4 pixels (65 tokens, enough to merge), head_dim 16, 3 blocks
+COMPRESSIBLE = dict(img_size=32, patch_size=4, depth=3, embed_dim=48, num_heads=3, num_classes=3)
 
 
-def tiny_vit(seed: int = 0, **overrides) -> torch.nn.Module:
-    """A fresh tiny timm DeiT (random init from ``seed``), in eval mode."""
-    torch.manual_seed(seed)
-    return timm.create_model("deit_tiny_patch16_224", **{**TINY, **overrides}).eval()
+def tiny_vit(seed: int | None = 0, *, name: str = "deit_tiny_patch16_224", **overrides) -> torch.nn.Module:
+    """A fresh tiny timm ViT (random init), in eval mode: ``timm.create_model(name, **TINY)`` with
+    ``overrides`` replacing any of TINY's geometry or adding other model arguments (``init_values``,
+    ``reg_tokens``, ``qk_norm``, ...).
+
+    The geometry is overridable because one size does not fit every test: token merging needs more
+    tokens (4-pixel patches: 64 instead of 16), the channel-pruning tests count masks over several
+    heads of 16 channels (3 heads, embed_dim 48), low-rank and int8 want Linears that hold most of
+    the parameters (embed_dim 64), distillation runs fastest on 16-pixel images, and shape checks
+    need a teacher that differs from its student (num_classes, img_size).
+
+    ``name`` picks the timm architecture, and with it the ``pretrained_cfg`` that vitslim reads
+    preprocessing from: "deit_tiny_patch16_224" normalises with the ImageNet mean/std,
+    "vit_tiny_patch16_224" with 0.5, and some tests depend on which; "deit_tiny_distilled_patch16_224"
+    adds a distillation token. The geometry overrides every size the name implies.
+
+    ``seed`` is passed to ``torch.manual_seed`` before building; ``None`` leaves torch's global
+    generator as it stands, for the tests that never seeded their models (and, for example, build
+    two in a row that must differ).
+    """
+    if seed is not None:
+        torch.manual_seed(seed)
+    return timm.create_model(name, **{**TINY, **overrides}).eval()
 
 
 @pytest.fixture(scope="session")

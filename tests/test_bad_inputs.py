@@ -12,6 +12,7 @@ import pytest
 import safetensors.torch
 import timm
 import torch
+from conftest import tiny_vit
 from PIL import Image
 
 import vitslim
@@ -20,11 +21,6 @@ from vitslim.data import make_loader, open_images
 from vitslim.errors import VitslimError
 from vitslim.persist import RECIPE_FILE, WEIGHTS_FILE
 from vitslim.train import Training, distill
-
-
-def _tiny_vit(seed: int = 0) -> torch.nn.Module:
-    torch.manual_seed(seed)
-    return timm.create_model("vit_tiny_patch16_224", img_size=32, patch_size=8, embed_dim=32, depth=2, num_heads=2, num_classes=3).eval()
 
 
 def _write_images(folder: Path, sizes: dict[str, int]) -> None:
@@ -38,7 +34,7 @@ def _write_images(folder: Path, sizes: dict[str, int]) -> None:
 
 
 def test_recipe_naming_an_unknown_timm_architecture_is_refused_without_building_it(tmp_path, monkeypatch):
-    folder = vitslim.save(_tiny_vit(), tmp_path / "saved")
+    folder = vitslim.save(tiny_vit(name="vit_tiny_patch16_224"), tmp_path / "saved")
     recipe = json.loads((folder / RECIPE_FILE).read_text())
     recipe["architecture"]["architecture"] = "os.system"
     (folder / RECIPE_FILE).write_text(json.dumps(recipe))
@@ -134,7 +130,7 @@ def test_distill_logs_progress_every_few_steps_within_an_epoch(monkeypatch, capl
     generator = torch.Generator().manual_seed(0)
     batches = [(torch.randn(2, 3, 32, 32, generator=generator), torch.tensor([0, 1])) for _ in range(3)]
     with caplog.at_level(logging.INFO, logger="vitslim"):
-        distill(_tiny_vit(1), _tiny_vit(0), batches, Training(epochs=1))
+        distill(tiny_vit(1, name="vit_tiny_patch16_224"), tiny_vit(0, name="vit_tiny_patch16_224"), batches, Training(epochs=1))
     steps = [r.getMessage() for r in caplog.records if r.getMessage().startswith("distilling epoch 1/1: step")]
     assert [message.split(",")[0] for message in steps] == [f"distilling epoch 1/1: step {n}/3" for n in (1, 2, 3)]
     assert all("loss " in m and "images/s" in m and "ETA " in m for m in steps)

@@ -9,8 +9,8 @@ import logging
 import math
 
 import pytest
-import timm
 import torch
+from conftest import tiny_vit
 from plain_vit import PlainViT, tiny_hf_vit
 from torch import nn
 from torch.utils.flop_counter import FlopCounterMode
@@ -24,17 +24,12 @@ from vitslim.persist import RECIPE_FILE
 from vitslim.recipe import steps as recipe_steps
 from vitslim.train import LR_SCALE_ATTR
 
-TINY = dict(img_size=32, patch_size=8, depth=2, embed_dim=48, num_heads=3, num_classes=10)  # 17 tokens, head_dim 16
-
-
-def _timm(**extra):
-    torch.manual_seed(0)
-    return timm.create_model("vit_tiny_patch16_224", **TINY, **extra).eval()
+CHANNEL_GEOMETRY = dict(img_size=32, patch_size=8, depth=2, embed_dim=48, num_heads=3, num_classes=10)  # 17 tokens, head_dim 16
 
 
 def _model(family):
     if family == "timm":
-        return _timm()
+        return tiny_vit(name="vit_tiny_patch16_224", **CHANNEL_GEOMETRY)
     if family == "hf":
         return tiny_hf_vit()
     torch.manual_seed(0)
@@ -81,7 +76,7 @@ def test_fresh_gates_change_nothing_and_detach_restores_the_model(family):
 
 
 def test_gate_shapes_and_a_deep_copy_keeps_working_gates():
-    model = _timm()
+    model = tiny_vit(name="vit_tiny_patch16_224", **CHANNEL_GEOMETRY)
     consistent = attach_gates(model)
     assert [tuple(p.shape) for p in consistent.qk.values()] == [(16,), (16,)]  # shared by the 3 heads
     assert [tuple(p.shape) for p in consistent.mlp.values()] == [(192,), (192,)]
@@ -100,7 +95,7 @@ def test_gate_shapes_and_a_deep_copy_keeps_working_gates():
 
 
 def test_a_pruned_channel_still_gets_a_gradient():
-    model = _timm()
+    model = tiny_vit(name="vit_tiny_patch16_224", **CHANNEL_GEOMETRY)
     gates = attach_gates(model)
     with torch.no_grad():
         gates.v["0"][3] = -2.0
@@ -152,7 +147,7 @@ def test_sliced_model_computes_what_the_masked_model_did_and_reloads(tmp_path, f
 
 
 def test_explicit_masks_slice_only_what_they_name(tmp_path):
-    model = _timm()  # made by timm.create_model, so save() reads its arguments back from the modules
+    model = tiny_vit(name="vit_tiny_patch16_224", **CHANNEL_GEOMETRY)  # made by timm.create_model, so save() reads its arguments back from the modules
     images = _images()
     gates = attach_gates(model)
     with torch.no_grad():
@@ -173,7 +168,7 @@ def test_explicit_masks_slice_only_what_they_name(tmp_path):
 
 
 def test_nothing_kept_leaves_one_zeroed_channel():
-    model = _timm()
+    model = tiny_vit(name="vit_tiny_patch16_224", **CHANNEL_GEOMETRY)
     images = _images()
     gates = attach_gates(model)
     with torch.no_grad():
@@ -198,7 +193,7 @@ def _block_flops(model, tokens):
 
 @pytest.mark.parametrize("consistent", [True, False])
 def test_flops_ratio_is_the_sliced_models_counted_flops(consistent):
-    model = _timm()
+    model = tiny_vit(name="vit_tiny_patch16_224", **CHANNEL_GEOMETRY)
     tokens = [17, 9]  # e.g. after token merging in the second block
     dense = _block_flops(copy.deepcopy(model), tokens)
     gates = attach_gates(model, consistent=consistent)
@@ -208,11 +203,11 @@ def test_flops_ratio_is_the_sliced_models_counted_flops(consistent):
     slice_channels(model)
     counted = _block_flops(model, tokens)
     assert float(estimate.detach()) == pytest.approx(sum(counted) / sum(dense), rel=1e-6)
-    assert float(default.detach()) == pytest.approx(sum(_block_flops(model, [17, 17])) / sum(_block_flops(_timm(), [17, 17])), rel=1e-6)
+    assert float(default.detach()) == pytest.approx(sum(_block_flops(model, [17, 17])) / sum(_block_flops(tiny_vit(name="vit_tiny_patch16_224", **CHANNEL_GEOMETRY), [17, 17])), rel=1e-6)
 
 
 def test_budget_penalty_is_a_hinge_whose_multiplier_adapts():
-    gates = attach_gates(_timm())
+    gates = attach_gates(tiny_vit(name="vit_tiny_patch16_224", **CHANNEL_GEOMETRY))
     penalty = gates.budget_penalty(0.5)
     assert float(penalty.detach()) == pytest.approx(PENALTY_WEIGHT * 0.5) and float(gates.multiplier) == 1.0  # nothing pruned yet: no adaptation
     penalty.backward()
@@ -233,7 +228,7 @@ def _sharp_teacher():
     """A random ViT whose outputs depend on its channels: with timm's initialisation (std 0.02)
     the blocks barely touch the residual stream, so pruning would cost no distillation loss and
     every gate would simply fall through the threshold."""
-    model = _timm()
+    model = tiny_vit(name="vit_tiny_patch16_224", **CHANNEL_GEOMETRY)
     with torch.no_grad():
         for module in model.modules():
             if isinstance(module, nn.Linear):
@@ -254,7 +249,7 @@ def test_budget_penalty_drives_distillation_to_the_target():
 
 def test_parts_that_cannot_be_sliced_exactly_are_left_dense(caplog):
     with caplog.at_level(logging.WARNING, logger="vitslim"):
-        gates = attach_gates(_timm(qk_norm=True))
+        gates = attach_gates(tiny_vit(name="vit_tiny_patch16_224", **CHANNEL_GEOMETRY, qk_norm=True))
     assert not any(block.attention for block in gates.blocks) and all(block.mlp for block in gates.blocks)
     assert "q/k norm" in caplog.text
     with pytest.raises(VitslimError, match="no channel of this model can be gated.*packed nn.MultiheadAttention"):
@@ -262,7 +257,7 @@ def test_parts_that_cannot_be_sliced_exactly_are_left_dense(caplog):
 
 
 def test_bad_requests_are_refused():
-    model = _timm()
+    model = tiny_vit(name="vit_tiny_patch16_224", **CHANNEL_GEOMETRY)
     with pytest.raises(VitslimError, match="no channel gates"):
         slice_channels(model)
     with pytest.raises(VitslimError, match="no channel gates"):
@@ -271,7 +266,7 @@ def test_bad_requests_are_refused():
     with pytest.raises(VitslimError, match="already carries"):
         attach_gates(model)
     with pytest.raises(VitslimError, match="not attached"):
-        slice_channels(_timm(), gates)
+        slice_channels(tiny_vit(name="vit_tiny_patch16_224", **CHANNEL_GEOMETRY), gates)
     with pytest.raises(VitslimError, match="FLOPs target"):
         gates.budget_penalty(1.5)
     with pytest.raises(VitslimError, match="one token count per block"):

@@ -6,9 +6,9 @@ import copy
 import json
 
 import pytest
-import timm
 import torch
 import torch.nn.functional as F
+from conftest import COMPRESSIBLE, tiny_vit
 from plain_vit import PlainViT, tiny_hf_vit, write_random_images
 
 import vitslim
@@ -23,11 +23,6 @@ from vitslim.recipe import steps as recipe_steps
 from vitslim.train import Training
 
 
-def _timm():
-    torch.manual_seed(0)
-    return timm.create_model("vit_tiny_patch16_224", img_size=32, patch_size=4, depth=3, embed_dim=48, num_heads=3, num_classes=3).eval()
-
-
 @pytest.fixture(scope="module")
 def images(tmp_path_factory):
     return write_random_images(tmp_path_factory.mktemp("images"), per_class=8, size=36)
@@ -39,7 +34,7 @@ def _logits(model, seed=1):
 
 
 def test_training_free_cait_merges_tokens_and_leaves_the_original_alone(tmp_path):
-    model = _timm()
+    model = tiny_vit(name="vit_tiny_patch16_224", **COMPRESSIBLE)
     before = _logits(model)
     compressed = compress_cait(model, speedup=1.4, measure=False)
     assert torch.equal(_logits(model), before) and merge_schedule(model) is None
@@ -52,7 +47,7 @@ def test_training_free_cait_merges_tokens_and_leaves_the_original_alone(tmp_path
 
 
 def test_cait_with_training_prunes_channels_and_reloads_bit_identically(tmp_path, images):
-    model = _timm()
+    model = tiny_vit(name="vit_tiny_patch16_224", **COMPRESSIBLE)
     dataset = imagedata.open_images(images, imagedata.build_transform(vitslim.describe(model).preprocessing))
     compressed = compress_cait(model, dataset, speedup=2.0, gate_training=Training(epochs=2, batch_size=4, lr=1e-3, progress=False), gate_lr_scale=2000.0,
                                measure=False, progress=False)
@@ -68,7 +63,7 @@ def test_cait_with_training_prunes_channels_and_reloads_bit_identically(tmp_path
 
 
 def test_the_chosen_concentration_is_the_candidate_closest_to_the_unmerged_logits():
-    model = _timm()
+    model = tiny_vit(name="vit_tiny_patch16_224", **COMPRESSIBLE)
     before = _logits(model)
     batches = [torch.randn(8, 3, 32, 32, generator=torch.Generator().manual_seed(seed)) for seed in (2, 3)]
     candidates = (0.0, 1.0, 4.0)
@@ -90,7 +85,7 @@ def test_the_chosen_concentration_is_the_candidate_closest_to_the_unmerged_logit
 
 
 def test_training_images_choose_the_schedule_and_the_recipe_records_it(tmp_path, images):
-    model = _timm()
+    model = tiny_vit(name="vit_tiny_patch16_224", **COMPRESSIBLE)
     spec = vitslim.describe(model)
     dataset = imagedata.open_images(images, imagedata.build_transform(spec.preprocessing))
     compressed = compress_cait(model, dataset, speedup=1.5, measure=False, progress=False)
@@ -112,7 +107,7 @@ def test_training_images_choose_the_schedule_and_the_recipe_records_it(tmp_path,
 
 
 def test_a_one_shot_iterator_of_batches_serves_both_the_choice_and_the_distillation():
-    model = _timm()
+    model = tiny_vit(name="vit_tiny_patch16_224", **COMPRESSIBLE)
     batches = [torch.randn(4, 3, 32, 32, generator=torch.Generator().manual_seed(seed)) for seed in range(3)]
     listed = compress_cait(model, batches, speedup=1.5, gate_training=Training(epochs=1, progress=False), measure=False, progress=False)
     streamed = compress_cait(model, iter(batches), speedup=1.5, gate_training=Training(epochs=1, progress=False), measure=False, progress=False)
@@ -124,7 +119,7 @@ def test_a_target_beyond_the_plans_reach_ends_at_the_strongest_schedule(monkeypa
     plans can beats stopping one step short."""
     import vitslim.cait.speed as cait_speed
 
-    model = _timm()
+    model = tiny_vit(name="vit_tiny_patch16_224", **COMPRESSIBLE)
     spec = vitslim.describe(model)
     strongest = strongest_schedule(spec, "tome", 2.0)
     target = 0.97 * predicted_speedup(spec, strongest)
@@ -136,7 +131,7 @@ def test_a_target_beyond_the_plans_reach_ends_at_the_strongest_schedule(monkeypa
 
 
 def test_measured_speedup_is_recorded():
-    compressed = compress_cait(_timm(), speedup=1.2)
+    compressed = compress_cait(tiny_vit(name="vit_tiny_patch16_224", **COMPRESSIBLE), speedup=1.2)
     step = next(step for step in recipe_steps(compressed) if step["method"] == "merging")
     assert step["measured_speedup"] > 0
 
@@ -151,11 +146,11 @@ def test_measured_speedup_is_recorded():
 ])
 def test_bad_input_is_refused(kwargs, message):
     with pytest.raises(VitslimError, match=message):
-        compress_cait(_timm(), measure=False, **kwargs)
+        compress_cait(tiny_vit(name="vit_tiny_patch16_224", **COMPRESSIBLE), measure=False, **kwargs)
 
 
 def test_timm_folder_compress_eval_bench_through_the_cli(tmp_path, images, capsys):
-    folder = vitslim.save(_timm(), tmp_path / "timm")
+    folder = vitslim.save(tiny_vit(name="vit_tiny_patch16_224", **COMPRESSIBLE), tmp_path / "timm")
     out = tmp_path / "cait"
     assert main(["compress", str(folder), "--data", str(images), "--method", "cait", "--speedup", "1.3", "--out", str(out)]) == 0
     printed = capsys.readouterr().out
@@ -208,7 +203,7 @@ def test_plain_torch_vit_compress_eval_bench_in_python(tmp_path, images):
     (["--param-ratio", "0.5", "--concentration", "2"], "--concentration does not apply to --method lowrank"),
 ])
 def test_cli_bad_input(tmp_path, images, capsys, args, message):
-    folder = vitslim.save(_timm(), tmp_path / "timm")
+    folder = vitslim.save(tiny_vit(name="vit_tiny_patch16_224", **COMPRESSIBLE), tmp_path / "timm")
     code = main(["compress", str(folder), "--data", str(images), "--out", str(tmp_path / "o"), *args])
     err = capsys.readouterr().err
     assert code == 2 and message in err and len(err.strip().splitlines()) == 1

@@ -6,6 +6,7 @@ from __future__ import annotations
 import pytest
 import torch
 import torch.nn.functional as F
+from conftest import tiny_vit
 from plain_vit import PlainViT, tiny_hf_config
 
 import vitslim
@@ -35,6 +36,8 @@ from vitslim.recipe import steps as recipe_steps
 
 GRID = (6, 8)
 PREFIX = 2
+# the timm models below: 8x8 patches of 4 pixels (64 tokens to merge), 4 blocks
+MERGING_GEOMETRY = dict(img_size=32, patch_size=4, depth=4, embed_dim=48, num_heads=3, num_classes=10)
 
 
 def _tokens(batch=3, dim=5, seed=0):
@@ -191,7 +194,7 @@ def test_concentration_reweights_the_plan_by_a_power_of_the_blocks_that_follow()
 
 
 def test_every_concentration_plans_for_the_same_flops_target():
-    spec = describe(_timm(depth=6))
+    spec = describe(tiny_vit(name="vit_tiny_patch16_224", **(MERGING_GEOMETRY | {"depth": 6})))
     for concentration in (0.0, 1.0, 2.0, 4.0):
         schedule = schedule_for_speedup(spec, "atme", 1.6, concentration=concentration)
         assert predicted_speedup(spec, schedule) >= 1.6
@@ -209,7 +212,7 @@ def test_plans_merge_at_most_half_of_a_blocks_tokens_and_atme_matches_tome(total
 
 
 def test_front_loaded_plan_reaches_a_flops_target_with_fewer_merges_than_an_even_spread():
-    spec = describe(_timm(depth=6))
+    spec = describe(tiny_vit(name="vit_tiny_patch16_224", **(MERGING_GEOMETRY | {"depth": 6})))
     planned = schedule_for_speedup(spec, "tome", 1.5)
     even = next(schedule for per_block in range(1, 17)
                 if predicted_speedup(spec, schedule := MergeSchedule("tome", tuple((b, per_block, 1) for b in range(5)))) >= 1.5)
@@ -220,14 +223,6 @@ def test_front_loaded_plan_reaches_a_flops_target_with_fewer_merges_than_an_even
 # --- on real small models ----------------------------------------------------------------------
 
 
-def _timm(**kwargs):
-    import timm
-
-    torch.manual_seed(0)
-    args = dict(img_size=32, patch_size=4, depth=4, embed_dim=48, num_heads=3, num_classes=10)
-    return timm.create_model("vit_tiny_patch16_224", **{**args, **kwargs}).eval()
-
-
 def _hf():
     from transformers import ViTForImageClassification
 
@@ -236,10 +231,10 @@ def _hf():
 
 
 MODELS = {
-    "timm": lambda: _timm(),
-    "timm-registers-qknorm-layerscale": lambda: _timm(reg_tokens=4, qk_norm=True, init_values=0.1, no_embed_class=True, class_token=True),
-    "timm-distilled": lambda: __import__("timm").create_model("deit_tiny_distilled_patch16_224", img_size=32, patch_size=4, depth=3,
-                                                                embed_dim=48, num_heads=3, num_classes=10).eval(),
+    "timm": lambda: tiny_vit(name="vit_tiny_patch16_224", **MERGING_GEOMETRY),
+    "timm-registers-qknorm-layerscale": lambda: tiny_vit(name="vit_tiny_patch16_224", **MERGING_GEOMETRY, reg_tokens=4, qk_norm=True, init_values=0.1,
+                                                         no_embed_class=True, class_token=True),
+    "timm-distilled": lambda: tiny_vit(seed=None, name="deit_tiny_distilled_patch16_224", **(MERGING_GEOMETRY | {"depth": 3})),
     "hf": _hf,
     "torch": lambda: (torch.manual_seed(0), PlainViT(img_size=32, patch_size=4, dim=48, depth=3, heads=3, mlp_dim=96))[1].eval(),
     "torch-seq-first": lambda: (torch.manual_seed(0), PlainViT(img_size=32, patch_size=4, dim=48, depth=3, heads=3, mlp_dim=96, batch_first=False))[1].eval(),
@@ -279,7 +274,7 @@ def test_merging_on_every_family_and_removal_restores_it(family, method):
 
 
 def test_merged_model_saves_and_reloads_bit_identically(tmp_path):
-    model = _timm(reg_tokens=2)
+    model = tiny_vit(name="vit_tiny_patch16_224", **MERGING_GEOMETRY, reg_tokens=2)
     apply_token_merging(model, plan("atme", (8, 8), 4, 10.0))
     vitslim.save(model, tmp_path / "merged")
     loaded = vitslim.load_model(str(tmp_path / "merged"))
@@ -289,18 +284,18 @@ def test_merged_model_saves_and_reloads_bit_identically(tmp_path):
 
 
 def test_wrong_token_count_and_double_patching_are_refused():
-    model = _timm(dynamic_img_size=True)
+    model = tiny_vit(name="vit_tiny_patch16_224", **MERGING_GEOMETRY, dynamic_img_size=True)
     apply_token_merging(model, plan("atme", (8, 8), 4, 4.0))
     with pytest.raises(VitslimError, match="feed images of the model's input size"):
         model(torch.randn(1, 3, 48, 48))
     with pytest.raises(VitslimError, match="already merges"):
         apply_token_merging(model, plan("atme", (8, 8), 4, 4.0))
     with pytest.raises(VitslimError, match="blocks 0-3"):
-        apply_token_merging(_timm(), MergeSchedule("atme", ((7, 1, 1),)))
+        apply_token_merging(tiny_vit(name="vit_tiny_patch16_224", **MERGING_GEOMETRY), MergeSchedule("atme", ((7, 1, 1),)))
 
 
 def test_schedule_for_speedup_meets_the_flops_model_and_refuses_the_impossible():
-    spec = describe(_timm())
+    spec = describe(tiny_vit(name="vit_tiny_patch16_224", **MERGING_GEOMETRY))
     for method in ("atme", "tome"):
         schedule = schedule_for_speedup(spec, method, 1.6)
         assert predicted_speedup(spec, schedule) >= 1.6
@@ -313,7 +308,7 @@ def test_schedule_for_speedup_meets_the_flops_model_and_refuses_the_impossible()
 def test_token_merging_is_temporary_and_suspension_keeps_the_recipe():
     """The context managers: merging inside the with-block only and never in the recipe; hooks
     off and back on around a structural edit, the recorded step left as it was."""
-    model = _timm()
+    model = tiny_vit(name="vit_tiny_patch16_224", **MERGING_GEOMETRY)
     images = torch.randn(2, 3, 32, 32, generator=torch.Generator().manual_seed(3))
     before = _logits(model, images)
     schedule = plan("atme", (8, 8), 4, 10.0)

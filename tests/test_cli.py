@@ -3,9 +3,8 @@
 import json
 
 import pytest
-import timm
 import torch
-from conftest import TINY
+from conftest import tiny_vit
 from PIL import Image
 from shared_paths import CIFAR_TEST_ZIP, VIT_D6, needs_shared
 
@@ -144,7 +143,7 @@ def test_bad_input_is_one_line_and_a_non_zero_exit(capsys, tmp_path, model_folde
 
 
 def test_labels_beyond_the_model_are_a_clear_error(capsys, tmp_path, image_folder):
-    model = timm.create_model("deit_tiny_patch16_224", **{**TINY, "num_classes": 2}).eval()
+    model = tiny_vit(seed=None, num_classes=2)
     folder = vitslim.save(model, tmp_path / "two-classes")
     code, _, err = run(capsys, "eval", str(folder), "--data", str(image_folder))
     assert code == 2 and "3 classes" not in err and "has 2 classes" in err

@@ -7,8 +7,8 @@ import itertools
 import json
 
 import pytest
-import timm
 import torch
+from conftest import COMPRESSIBLE, tiny_vit
 from plain_vit import tiny_hf_vit, write_random_images
 
 import vitslim
@@ -94,13 +94,8 @@ def test_unreachable_target_names_what_is_reachable():
         Target()
 
 
-def _timm():
-    torch.manual_seed(0)
-    return timm.create_model("vit_tiny_patch16_224", img_size=32, patch_size=4, depth=3, embed_dim=48, num_heads=3, num_classes=3).eval()
-
-
 def test_importance_masks_keep_the_strongest_channels_at_the_ratio():
-    model = _timm()
+    model = tiny_vit(name="vit_tiny_patch16_224", **COMPRESSIBLE)
     block = model.blocks[0]
     with torch.no_grad():
         block.mlp.fc1.weight[7] *= 100  # hidden unit 7 dominates
@@ -125,7 +120,7 @@ def _logits(model):
 
 
 def test_three_axes_compose_meet_the_budget_and_reload_bit_identically(tmp_path, images):
-    model = _timm()
+    model = tiny_vit(name="vit_tiny_patch16_224", **COMPRESSIBLE)
     before = _logits(model)
     dataset = imagedata.open_images(images, imagedata.build_transform(vitslim.describe(model).preprocessing))
     budget = int(0.6 * count_params(model))
@@ -149,7 +144,7 @@ def test_three_axes_compose_meet_the_budget_and_reload_bit_identically(tmp_path,
 
 
 def test_timed_probes_measure_speed_and_agree_with_untimed_ones_on_the_rest():
-    model = _timm()
+    model = tiny_vit(name="vit_tiny_patch16_224", **COMPRESSIBLE)
     calibration = [torch.randn(8, 3, 32, 32, generator=torch.Generator().manual_seed(2))]
     ladders = {"lowrank": (0.5,), "tokens": (1.3,)}
     timed = probe_axes(model, calibration, levels=ladders, runs=20, progress=False)
@@ -180,11 +175,11 @@ def test_training_free_composition_uses_only_low_rank_and_tokens_on_hf(images):
 ])
 def test_bad_input_is_refused_before_any_work(kwargs, message):
     with pytest.raises(VitslimError, match=message):
-        compress_composed(_timm(), [torch.zeros(2, 3, 32, 32)], progress=False, **kwargs)
+        compress_composed(tiny_vit(name="vit_tiny_patch16_224", **COMPRESSIBLE), [torch.zeros(2, 3, 32, 32)], progress=False, **kwargs)
 
 
 def test_cli_composed_compress_then_eval(tmp_path, images, capsys):
-    folder = vitslim.save(_timm(), tmp_path / "timm")
+    folder = vitslim.save(tiny_vit(name="vit_tiny_patch16_224", **COMPRESSIBLE), tmp_path / "timm")
     out = tmp_path / "composed"
     assert main(["compress", str(folder), "--data", str(images), "--method", "lowrank+cait", "--flops-ratio", "0.6",
                  "--param-ratio", "0.7", "--calib-images", "16", "--out", str(out)]) == 0
@@ -201,7 +196,7 @@ def test_a_fixed_concentration_plans_the_composed_schedule_without_a_choice(imag
     from vitslim.cait.patch import merge_schedule
     from vitslim.cait.schedule import schedule_for_speedup
 
-    model = _timm()
+    model = tiny_vit(name="vit_tiny_patch16_224", **COMPRESSIBLE)
     dataset = imagedata.open_images(images, imagedata.build_transform(vitslim.describe(model).preprocessing))
     composed = compress_composed(model, list(imagedata.make_loader(dataset, 8)), flops_ratio=0.7, axes=("tokens",), concentration=0.0, progress=False)
     merging = next(step for step in recipe_steps(composed) if step["method"] == "merging")
@@ -212,13 +207,13 @@ def test_a_fixed_concentration_plans_the_composed_schedule_without_a_choice(imag
 
 
 def test_fixed_params_counts_what_no_axis_removes():
-    model = _timm()
+    model = tiny_vit(name="vit_tiny_patch16_224", **COMPRESSIBLE)
     linears = sum(layer.weight.numel() for block in model.blocks for layer in (block.attn.qkv, block.attn.proj, block.mlp.fc1, block.mlp.fc2))
     assert fixed_params(model) == count_params(model) - linears
 
 
 def test_cli_refuses_low_rank_knobs_the_composition_would_ignore(tmp_path, images, capsys):
-    folder = vitslim.save(_timm(), tmp_path / "timm")
+    folder = vitslim.save(tiny_vit(name="vit_tiny_patch16_224", **COMPRESSIBLE), tmp_path / "timm")
     assert main(["compress", str(folder), "--data", str(images), "--method", "lowrank+cait", "--flops-ratio", "0.6",
                  "--rank-multiple", "8", "--out", str(tmp_path / "o")]) == 2
     assert "--rank-multiple does not apply to --method lowrank+cait" in capsys.readouterr().err and not (tmp_path / "o").exists()

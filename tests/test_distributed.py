@@ -10,8 +10,8 @@ import sys
 
 import pytest
 import safetensors.torch
-import timm
 import torch
+from conftest import COMPRESSIBLE, tiny_vit
 from plain_vit import write_random_images
 
 import vitslim
@@ -26,8 +26,7 @@ def _torchrun(*args: str, processes: int = 2) -> subprocess.CompletedProcess:
 @pytest.fixture(scope="module")
 def setup(tmp_path_factory):
     root = tmp_path_factory.mktemp("distributed")
-    torch.manual_seed(0)
-    model = timm.create_model("vit_tiny_patch16_224", img_size=32, patch_size=4, depth=3, embed_dim=48, num_heads=3, num_classes=3).eval()
+    model = tiny_vit(name="vit_tiny_patch16_224", **COMPRESSIBLE)
     (root / "images").mkdir()
     return root, vitslim.save(model, root / "timm"), write_random_images(root / "images", per_class=8, size=36)
 

@@ -1,8 +1,8 @@
 """Compressed models run under torch.compile and export to ONNX that ONNX Runtime runs alike."""
 
 import pytest
-import timm
 import torch
+from conftest import tiny_vit
 from plain_vit import PlainViT, tiny_hf_vit
 
 import vitslim
@@ -16,13 +16,14 @@ from vitslim.lowrank.compress import compress_lowrank
 from vitslim.quantize import quantize_int8
 from vitslim.recipe import steps as recipe_steps
 
-TINY = dict(img_size=32, patch_size=8, embed_dim=64, depth=2, num_heads=2, num_classes=10)
+# width 64 and 10 classes, like the hf and plain models beside it
+EXPORT_GEOMETRY = dict(img_size=32, patch_size=8, embed_dim=64, depth=2, num_heads=2, num_classes=10)
 
 
 def _model(family, patch=8):
     torch.manual_seed(0)
     return {
-        "timm": lambda: timm.create_model("deit_tiny_patch16_224", **(TINY | {"patch_size": patch})).eval(),
+        "timm": lambda: tiny_vit(**(EXPORT_GEOMETRY | {"patch_size": patch})),
         "hf": lambda: tiny_hf_vit(num_labels=10, hidden_size=64, intermediate_size=256, patch_size=patch),
         "torch": lambda: PlainViT(dim=64, mlp_dim=256, num_classes=10, patch_size=patch).eval(),
     }[family]()

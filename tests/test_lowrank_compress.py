@@ -1,8 +1,8 @@
 """compress_lowrank on small real models of every family: budgets, structure, round trips, errors."""
 
 import pytest
-import timm
 import torch
+from conftest import tiny_vit
 from plain_vit import PlainViT, tiny_hf_vit
 
 import vitslim
@@ -12,7 +12,8 @@ from vitslim.lowrank.layers import LowRankLinear
 from vitslim.metrics import count_params
 from vitslim.recipe import steps as recipe_steps
 
-TINY = dict(img_size=32, patch_size=8, embed_dim=64, depth=2, num_heads=2, num_classes=10)
+# width 64 and 10 classes, like the hf and plain models beside it
+LOWRANK_GEOMETRY = dict(img_size=32, patch_size=8, embed_dim=64, depth=2, num_heads=2, num_classes=10)
 
 
 def _batches(count=4, size=32, seed=0):
@@ -23,7 +24,7 @@ def _batches(count=4, size=32, seed=0):
 def _models():
     torch.manual_seed(0)
     return {
-        "timm": timm.create_model("deit_tiny_patch16_224", **TINY).eval(),
+        "timm": tiny_vit(**LOWRANK_GEOMETRY),
         "hf": tiny_hf_vit(num_labels=10, hidden_size=64, intermediate_size=256),
         "torch": PlainViT(dim=64, mlp_dim=256, num_classes=10).eval(),
     }
@@ -134,8 +135,7 @@ def test_fisher_sensitivity_is_zero_where_the_output_cannot_matter():
     zero sensitivity, so mixed allocation gives it the minimum rank and spends elsewhere."""
     from vitslim.lowrank.sensitivity import fisher_sensitivity
 
-    torch.manual_seed(0)
-    model = timm.create_model("deit_tiny_patch16_224", **TINY, init_values=1.0).eval()
+    model = tiny_vit(**LOWRANK_GEOMETRY, init_values=1.0)
     with torch.no_grad():
         model.blocks[1].ls2.gamma.zero_()
     linears = compressible_linears(model)

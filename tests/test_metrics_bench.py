@@ -1,16 +1,14 @@
 import math
 
 import pytest
-import timm
 import torch
+from conftest import tiny_vit
 from torch import nn
 from torch.nn import functional as F
 
 from vitslim.bench import benchmark
 from vitslim.errors import VitslimError
 from vitslim.metrics import ClassificationScore, count_flops, count_params
-
-TINY = dict(img_size=32, patch_size=8, embed_dim=32, depth=2, num_heads=2, num_classes=10)
 
 
 def test_flops_of_a_linear_are_two_per_multiply_add():
@@ -19,7 +17,7 @@ def test_flops_of_a_linear_are_two_per_multiply_add():
 
 def test_fused_attention_flops_match_the_explicit_matmuls():
     """CPU SDPA has no rule in FlopCounterMode; ours must count what the math path counts."""
-    model = timm.create_model("deit_tiny_patch16_224", **TINY).eval()
+    model = tiny_vit(seed=None, num_classes=10)
     fused = count_flops(model, (3, 32, 32))
     for block in model.blocks:
         block.attn.fused_attn = False
@@ -77,8 +75,8 @@ def test_top5_falls_back_to_all_classes_when_there_are_fewer():
 
 
 def test_benchmark_reports_every_model_with_ratios_to_the_first():
-    small = timm.create_model("deit_tiny_patch16_224", **TINY).eval()
-    wide = timm.create_model("deit_tiny_patch16_224", **{**TINY, "embed_dim": 128}).eval()
+    small = tiny_vit(seed=None, num_classes=10)
+    wide = tiny_vit(seed=None, num_classes=10, embed_dim=128)
     results = benchmark([("small", small), ("wide", wide)], batch_size=2, runs=20, warmup=1, progress=False)
     assert [r.model for r in results] == ["small", "wide"]
     assert results[0].ratio == 1.0
@@ -94,7 +92,7 @@ def test_benchmark_reports_every_model_with_ratios_to_the_first():
     ({"threads": 0}, "threads"),
 ])
 def test_benchmark_rejects_bad_settings(kwargs, message):
-    model = timm.create_model("deit_tiny_patch16_224", **TINY)
+    model = tiny_vit(seed=None, num_classes=10)
     with pytest.raises(VitslimError, match=message):
         benchmark([("m", model)], progress=False, **kwargs)
 
@@ -102,4 +100,4 @@ def test_benchmark_rejects_bad_settings(kwargs, message):
 @pytest.mark.skipif(torch.cuda.is_available(), reason="checks the error on a machine without CUDA")
 def test_benchmark_on_missing_cuda_is_a_clear_error():
     with pytest.raises(VitslimError, match="no CUDA"):
-        benchmark([("m", timm.create_model("deit_tiny_patch16_224", **TINY))], device="cuda", progress=False)
+        benchmark([("m", tiny_vit(seed=None, num_classes=10))], device="cuda", progress=False)

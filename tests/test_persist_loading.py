@@ -4,13 +4,14 @@ import pytest
 import safetensors.torch
 import timm
 import torch
+from conftest import TINY, tiny_vit
 from shared_paths import VIT_D6, needs_shared
 
 import vitslim
 from vitslim.errors import VitslimError
 from vitslim.persist import RECIPE_FILE, WEIGHTS_FILE
 
-TINY = dict(img_size=32, patch_size=8, embed_dim=32, depth=2, num_heads=2, num_classes=10)
+TEN_CLASSES = dict(TINY, num_classes=10)
 
 
 def _outputs(model, size=(3, 32, 32)):
@@ -25,8 +26,7 @@ def _outputs(model, size=(3, 32, 32)):
     ("vit_small_patch16_224", {"init_values": 1e-5, "qk_norm": True}),
 ])
 def test_timm_round_trip_is_bit_identical(tmp_path, name, extra):
-    torch.manual_seed(0)
-    model = timm.create_model(name, **TINY, **extra).eval()
+    model = tiny_vit(name=name, **TEN_CLASSES, **extra)
     folder = vitslim.save(model, tmp_path / "out")
     assert sorted(p.name for p in folder.iterdir()) == ["config.json", "model.safetensors", "recipe.json"]
     reloaded = vitslim.load_model(folder)
@@ -37,15 +37,15 @@ def test_timm_round_trip_is_bit_identical(tmp_path, name, extra):
 
 
 def test_saved_timm_folder_is_also_a_timm_local_dir(tmp_path):
-    model = timm.create_model("deit_tiny_patch16_224", **TINY).eval()
+    model = tiny_vit(seed=None, **TEN_CLASSES)
     folder = vitslim.save(model, tmp_path / "out")
     by_timm = timm.create_model(f"local-dir:{folder}", pretrained=True).eval()
     assert torch.equal(_outputs(model), _outputs(by_timm))
 
 
 def test_save_replaces_previous_output_and_leaves_no_staging(tmp_path):
-    first = timm.create_model("deit_tiny_patch16_224", **TINY).eval()
-    second = timm.create_model("deit_tiny_patch16_224", **TINY).eval()
+    first = tiny_vit(seed=None, **TEN_CLASSES)
+    second = tiny_vit(seed=None, **TEN_CLASSES)
     vitslim.save(first, tmp_path / "out")
     vitslim.save(second, tmp_path / "out")
     assert torch.equal(_outputs(second), _outputs(vitslim.load_model(tmp_path / "out")))
@@ -55,7 +55,7 @@ def test_save_replaces_previous_output_and_leaves_no_staging(tmp_path):
 def test_save_refuses_to_overwrite_a_foreign_folder(tmp_path):
     (tmp_path / "notes.txt").write_text("keep me")
     with pytest.raises(VitslimError, match="not an empty folder"):
-        vitslim.save(timm.create_model("deit_tiny_patch16_224", **TINY), tmp_path)
+        vitslim.save(tiny_vit(seed=None, **TEN_CLASSES), tmp_path)
     assert (tmp_path / "notes.txt").read_text() == "keep me"
 
 
@@ -63,7 +63,7 @@ def test_unwritable_output_is_a_clear_error(tmp_path):
     blocker = tmp_path / "file"
     blocker.write_text("x")
     with pytest.raises(VitslimError, match="cannot write"):
-        vitslim.save(timm.create_model("deit_tiny_patch16_224", **TINY), blocker / "sub" / "out")
+        vitslim.save(tiny_vit(seed=None, **TEN_CLASSES), blocker / "sub" / "out")
 
 
 def test_interrupted_save_leaves_nothing(tmp_path, monkeypatch):
@@ -72,15 +72,15 @@ def test_interrupted_save_leaves_nothing(tmp_path, monkeypatch):
 
     monkeypatch.setattr(safetensors.torch, "save_file", explode)
     with pytest.raises(KeyboardInterrupt):
-        vitslim.save(timm.create_model("deit_tiny_patch16_224", **TINY), tmp_path / "out")
+        vitslim.save(tiny_vit(seed=None, **TEN_CLASSES), tmp_path / "out")
     assert list(tmp_path.iterdir()) == []
 
 
 def _timm_folder(tmp_path, **model_args):
-    model = timm.create_model("deit_tiny_patch16_224", **{**TINY, **model_args}).eval()
+    model = tiny_vit(seed=None, **{**TEN_CLASSES, **model_args})
     folder = tmp_path / "timm"
     folder.mkdir()
-    args = {k: v for k, v in {**TINY, **model_args}.items() if k != "num_classes"}
+    args = {k: v for k, v in {**TEN_CLASSES, **model_args}.items() if k != "num_classes"}
     (folder / "config.json").write_text(json.dumps({"architecture": "deit_tiny_patch16_224", "num_classes": 10, "model_args": args,
                                                      "pretrained_cfg": {"input_size": [3, 32, 32], "mean": [0.5] * 3, "std": [0.5] * 3}}))
     safetensors.torch.save_file(model.state_dict(), str(folder / WEIGHTS_FILE))
@@ -122,7 +122,7 @@ def test_corrupt_config_and_recipe(tmp_path):
     (folder / "config.json").write_text("{broken")
     with pytest.raises(VitslimError, match="not valid JSON"):
         vitslim.load_model(folder)
-    saved = vitslim.save(timm.create_model("deit_tiny_patch16_224", **TINY), tmp_path / "saved")
+    saved = vitslim.save(tiny_vit(seed=None, **TEN_CLASSES), tmp_path / "saved")
     recipe = json.loads((saved / RECIPE_FILE).read_text())
     recipe["steps"] = [{"method": "from-the-future"}]
     (saved / RECIPE_FILE).write_text(json.dumps(recipe))

@@ -2,8 +2,8 @@
 bit-identical save/reload, bytes on disk, parameter counts and refusals."""
 
 import pytest
-import timm
 import torch
+from conftest import tiny_vit
 from plain_vit import PlainViT, tiny_hf_vit
 from torch import nn
 from torch.nn import functional as F
@@ -17,7 +17,7 @@ from vitslim.quantize import Int8Linear, quantize_int8
 from vitslim.recipe import steps as recipe_steps
 
 # 16 patches of 4x4, width 64, depth 4: the Linears hold 96% of the parameters
-TINY = dict(img_size=16, patch_size=4, embed_dim=64, depth=4, num_heads=2, num_classes=10)
+QUANTIZE_GEOMETRY = dict(img_size=16, patch_size=4, embed_dim=64, depth=4, num_heads=2, num_classes=10)
 # relative logit error ||int8 - float|| / ||float|| (Frobenius, 16 random images), measured over
 # three image seeds: 0.0097-0.0113 for low-rank 50% (svd) + int8 against the low-rank float model,
 # 0.0108-0.0133 for int8 alone, 0.012 (hf) and 0.0055 (torch); the bound leaves over 2x margin
@@ -37,15 +37,10 @@ def _relative_error(output, reference):
     return float((output - reference).norm() / reference.norm())
 
 
-def _tiny_vit():
-    torch.manual_seed(0)
-    return timm.create_model("deit_tiny_patch16_224", **TINY).eval()
-
-
 @pytest.fixture(scope="module")
 def lowrank():
     # plain SVD needs no calibration images, which keeps this file fast; the int8 step does not care
-    return compress_lowrank(_tiny_vit(), [], param_ratio=0.5, method="svd", rank_multiple=4, progress=False)
+    return compress_lowrank(tiny_vit(**QUANTIZE_GEOMETRY), [], param_ratio=0.5, method="svd", rank_multiple=4, progress=False)
 
 
 @pytest.fixture(scope="module")
@@ -134,7 +129,7 @@ def test_int8_folder_reloads_bit_identical(lowrank_int8, tmp_path):
 
 
 def test_int8_folder_is_about_a_quarter_of_the_float_one(tmp_path):
-    model = _tiny_vit()
+    model = tiny_vit(**QUANTIZE_GEOMETRY)
     quantised = quantize_int8(model)
     images = _images()
     assert _relative_error(_logits(quantised, images), _logits(model, images)) < REL_TOL

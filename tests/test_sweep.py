@@ -5,8 +5,7 @@ from __future__ import annotations
 import json
 
 import pytest
-import timm
-import torch
+from conftest import COMPRESSIBLE, tiny_vit
 from plain_vit import write_random_images
 
 import vitslim
@@ -20,8 +19,7 @@ from vitslim.sweep import Point, parse_budgets
 @pytest.fixture(scope="module")
 def setup(tmp_path_factory):
     root = tmp_path_factory.mktemp("sweep")
-    torch.manual_seed(0)
-    model = timm.create_model("vit_tiny_patch16_224", img_size=32, patch_size=4, depth=3, embed_dim=48, num_heads=3, num_classes=3).eval()
+    model = tiny_vit(name="vit_tiny_patch16_224", **COMPRESSIBLE)
     folder = vitslim.save(model, root / "model")
     (root / "train").mkdir()
     (root / "heldout").mkdir()

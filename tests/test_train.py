@@ -3,8 +3,8 @@
 import copy
 
 import pytest
-import timm
 import torch
+from conftest import tiny_vit
 from torch.utils.data import Dataset
 
 import vitslim
@@ -12,7 +12,7 @@ from vitslim.data import UNLABELLED
 from vitslim.errors import VitslimError
 from vitslim.train import Training, distill
 
-TINY = dict(img_size=16, patch_size=4, embed_dim=32, depth=2, num_heads=2, num_classes=5)
+DISTILL_GEOMETRY = dict(img_size=16, patch_size=4, embed_dim=32, depth=2, num_heads=2, num_classes=5)
 FAST = dict(lr=3e-3, batch_size=8, progress=False)
 
 
@@ -46,11 +46,6 @@ class Stream(torch.utils.data.IterableDataset):
         return iter(RandomImages(8))
 
 
-def _vit(seed, **overrides):
-    torch.manual_seed(seed)
-    return timm.create_model("vit_tiny_patch16_224", **{**TINY, **overrides}).eval()
-
-
 def _kl(student, teacher, data):
     images = torch.stack([image for image, _ in data if image is not None])
     with torch.no_grad():
@@ -64,7 +59,8 @@ def _same_weights(a, b):
 
 
 def test_kd_loss_falls_toward_the_teacher_and_unreadable_images_are_skipped():
-    teacher, student = _vit(0), _vit(1)
+    teacher = tiny_vit(0, name="vit_tiny_patch16_224", **DISTILL_GEOMETRY)
+    student = tiny_vit(1, name="vit_tiny_patch16_224", **DISTILL_GEOMETRY)
     data = RandomImages(unreadable={3})
     before = _kl(student, teacher, data)
     teacher_before = copy.deepcopy(teacher.state_dict())
@@ -75,14 +71,16 @@ def test_kd_loss_falls_toward_the_teacher_and_unreadable_images_are_skipped():
 
 
 def test_two_runs_with_one_seed_give_identical_weights_and_another_seed_does_not():
-    teacher, start = _vit(0), _vit(1)
+    teacher = tiny_vit(0, name="vit_tiny_patch16_224", **DISTILL_GEOMETRY)
+    start = tiny_vit(1, name="vit_tiny_patch16_224", **DISTILL_GEOMETRY)
     runs = [distill(copy.deepcopy(start), teacher, RandomImages(), Training(epochs=2, seed=seed, **FAST)) for seed in (7, 7, 8)]
     assert _same_weights(runs[0], runs[1])
     assert not _same_weights(runs[0], runs[2])
 
 
 def test_resume_after_an_interruption_ends_with_the_uninterrupted_weights(tmp_path):
-    teacher, start = _vit(0), _vit(1)
+    teacher = tiny_vit(0, name="vit_tiny_patch16_224", **DISTILL_GEOMETRY)
+    start = tiny_vit(1, name="vit_tiny_patch16_224", **DISTILL_GEOMETRY)
     data = RandomImages(count=24)
     steps = {"n": 0}
 
@@ -105,7 +103,8 @@ def test_resume_after_an_interruption_ends_with_the_uninterrupted_weights(tmp_pa
 
 
 def test_label_term_pulls_the_student_toward_the_labels():
-    teacher, start = _vit(0), _vit(1)
+    teacher = tiny_vit(0, name="vit_tiny_patch16_224", **DISTILL_GEOMETRY)
+    start = tiny_vit(1, name="vit_tiny_patch16_224", **DISTILL_GEOMETRY)
     data = RandomImages()
     batches = [(data.images[i:i + 8], torch.tensor(data.labels[i:i + 8])) for i in range(0, 32, 8)]  # an iterable of batches
     runs = {weight: distill(copy.deepcopy(start), teacher, batches, Training(epochs=3, **FAST), label_weight=weight) for weight in (0.0, 2.0)}
@@ -121,7 +120,8 @@ def test_label_term_pulls_the_student_toward_the_labels():
 
 
 def test_extra_loss_is_added_to_the_objective():
-    teacher, start = _vit(0), _vit(1)
+    teacher = tiny_vit(0, name="vit_tiny_patch16_224", **DISTILL_GEOMETRY)
+    start = tiny_vit(1, name="vit_tiny_patch16_224", **DISTILL_GEOMETRY)
     penalty = lambda model: model.head.weight.square().sum()  # noqa: E731
     runs = [distill(copy.deepcopy(start), teacher, RandomImages(), Training(epochs=2, **FAST), extra_loss=extra) for extra in (None, penalty)]
     assert runs[1].head.weight.norm() < 0.8 * runs[0].head.weight.norm()
@@ -143,18 +143,25 @@ def test_bad_inputs_are_clear_errors(data, training, kwargs, message):
     data = {"dataset": RandomImages(8), "empty": RandomImages(0), "no-batches": [], "bad-batches": ["images"], "list-of-samples": [RandomImages(8)[0]],
             "unreadable": RandomImages(8, unreadable=range(8)), "iterable-dataset": Stream()}[data]
     with pytest.raises(VitslimError, match=message):
-        distill(_vit(1), _vit(0), data, Training(progress=False, **training), **kwargs)
+        distill(tiny_vit(1, name="vit_tiny_patch16_224", **DISTILL_GEOMETRY),
+                tiny_vit(0, name="vit_tiny_patch16_224", **DISTILL_GEOMETRY),
+                data, Training(progress=False, **training), **kwargs)
 
 
 def test_a_teacher_with_other_classes_or_inputs_is_refused():
     with pytest.raises(VitslimError, match="same classes"):
-        distill(_vit(1), _vit(0, num_classes=7), RandomImages(8), Training(epochs=1, progress=False))
+        distill(tiny_vit(1, name="vit_tiny_patch16_224", **DISTILL_GEOMETRY),
+                tiny_vit(0, name="vit_tiny_patch16_224", **(DISTILL_GEOMETRY | {"num_classes": 7})),
+                RandomImages(8), Training(epochs=1, progress=False))
     with pytest.raises(VitslimError, match="different inputs"):
-        distill(_vit(1), _vit(0, img_size=32), RandomImages(8), Training(epochs=1, progress=False))
+        distill(tiny_vit(1, name="vit_tiny_patch16_224", **DISTILL_GEOMETRY),
+                tiny_vit(0, name="vit_tiny_patch16_224", **(DISTILL_GEOMETRY | {"img_size": 32})),
+                RandomImages(8), Training(epochs=1, progress=False))
 
 
 def test_zero_epochs_returns_the_student_untouched_in_eval_mode():
-    teacher, student = _vit(0), _vit(1).train()
+    teacher = tiny_vit(0, name="vit_tiny_patch16_224", **DISTILL_GEOMETRY)
+    student = tiny_vit(1, name="vit_tiny_patch16_224", **DISTILL_GEOMETRY).train()
     before = copy.deepcopy(student)
     assert not distill(student, teacher, RandomImages(8), Training(epochs=0, progress=False)).training
     assert _same_weights(student, before)
