@@ -118,9 +118,6 @@ def bench_command(models, batch_size, threads, device, dtype, runs, warmup, as_j
 
 SHARED_TRAINING_FLAGS = {"Training.lr": "--lr", "Training.batch_size": "--batch-size", "Training.checkpoints": "--checkpoints",
                          "Training.resume": "--resume"}
-# old flag -> (new flag for the lowrank methods, new flag for the methods that train channel gates); removed in 0.3
-DEPRECATED = {"--finetune-epochs": ("--recovery-epochs", "--gate-epochs"), "--epochs": ("--recovery-epochs", "--gate-epochs"),
-              "--finetune-lr": ("--lr", "--lr")}
 
 
 def _method_in(args: list[str]) -> str | None:
@@ -221,8 +218,8 @@ def _in_flags(error, flags: dict[str, str]) -> VitslimError:
 @click.option("--resume", is_flag=True, help="Continue the training runs from the last checkpoints in --checkpoints.")
 @click.option("--int8", is_flag=True, help="Finally quantise every Linear's weights to int8 (per output channel): about 4x fewer bytes on disk.")
 @click.option("--device", default="cpu", show_default=True, help="Where calibration and training run (cuda: under torchrun, each rank's own GPU).")
-@click.option("--finetune-epochs", "--epochs", "old_epochs", type=int, hidden=True)
-@click.option("--finetune-lr", "old_lr", type=float, hidden=True)
+@click.option("--finetune-epochs", "--epochs", "old_epochs", type=int, hidden=True)  # deprecated: --recovery-epochs or --gate-epochs
+@click.option("--finetune-lr", "old_lr", type=float, hidden=True)  # deprecated: --lr
 @click.pass_context
 def compress_command(ctx, model, data, out, method, like, calib_images, seed, batch_size, recovery_epochs, lr, checkpoints, resume, int8, device,
                      old_epochs, old_lr, **method_values):
@@ -241,7 +238,7 @@ def compress_command(ctx, model, data, out, method, like, calib_images, seed, ba
     flags = {option.name: option.cli_flag for option in chosen.options}
     trains_gates = "gate_training" in flags
     if old_epochs is not None:
-        new = DEPRECATED["--finetune-epochs"][trains_gates]
+        new = "--gate-epochs" if trains_gates else "--recovery-epochs"  # the old flag meant gate training for those methods
         click.echo(f"vitslim: warning: --finetune-epochs/--epochs is deprecated; for --method {method} use {new}", err=True)
         if trains_gates:
             method_values["gate_training"] = old_epochs
