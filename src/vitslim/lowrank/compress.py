@@ -48,7 +48,7 @@ def compressible_linears(model: nn.Module) -> dict[str, nn.Linear]:
 def target_params(model: nn.Module, *, param_ratio: float | None, params: int | None) -> int:
     total = count_params(model)
     if (param_ratio is None) == (params is None):
-        raise VitslimError("state exactly one budget: a parameter ratio or a parameter count")
+        raise ParameterError("param_ratio", "or params: state exactly one budget (a fraction of the parameters, or a count)")
     if param_ratio is not None:
         if not 0 < param_ratio < 1:
             raise ParameterError("param_ratio", f"must be between 0 and 1 (exclusive), got {param_ratio}")
