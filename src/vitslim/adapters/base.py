@@ -225,3 +225,10 @@ class ModelFamily(Protocol):
 
     def pin_architecture(self, model: nn.Module) -> None:
         """Fix ``architecture(model)`` before channel slicing changes the module widths it may read."""
+
+    def output_reads_patch_tokens(self, model: nn.Module) -> bool:
+        """Whether the model's output depends on its patch tokens (pooling over them, or returning
+        them), so token merging must restore the full token map (dense mode) before the tokens
+        leave the ViT. Only a head that reads the prefix tokens alone (a class-token classifier)
+        can take the merged sequence as it is; when a family cannot tell, it answers True, which
+        is always correct, merely slower."""
