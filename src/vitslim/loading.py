@@ -22,8 +22,9 @@ def load_model(spec: str | os.PathLike | nn.Module, *, pretrained: bool = False,
 
     ``spec`` may be an ``nn.Module`` (returned as is), a vitslim output folder, a timm folder
     (``local-dir:PATH`` or a bare path holding ``config.json`` + ``model.safetensors``), a Hugging
-    Face ViT folder, or a timm model name (random init unless ``pretrained``). ``skeleton`` is the
-    freshly constructed module a plain-PyTorch vitslim folder is loaded into.
+    Face ViT or DINOv2 folder (as ``save_pretrained`` writes it), or a timm model name (random init
+    unless ``pretrained``). ``skeleton`` is the freshly constructed module a plain-PyTorch vitslim
+    folder is loaded into.
     """
     if isinstance(spec, nn.Module):
         return spec
@@ -76,7 +77,11 @@ def _load_timm_folder(folder: Path) -> nn.Module:
             f"(a typo in config.json, or a folder from a newer timm){_name_hint(config['architecture'])}"
         )
     _refuse_pickles(folder)
-    model = _create_timm(config["architecture"], pretrained=False, num_classes=config.get("num_classes"), **config.get("model_args", {}))
+    # timm's save_for_hf records every create_model argument in model_args, num_classes too; the
+    # top-level num_classes is the model's current one (timm checks they agree when it writes them)
+    model_args = {name: value for name, value in config.get("model_args", {}).items() if name != "num_classes"}
+    num_classes = config.get("num_classes", config.get("model_args", {}).get("num_classes"))
+    model = _create_timm(config["architecture"], pretrained=False, num_classes=num_classes, **model_args)
     load_state_strict(model, load_weights(folder / WEIGHTS_FILE), folder / WEIGHTS_FILE)
     # timm's own local-dir parser turns config.json into pretrained_cfg (preprocessing, label names)
     from timm.models._hub import load_model_config_from_path
@@ -86,7 +91,7 @@ def _load_timm_folder(folder: Path) -> nn.Module:
     setattr(model, timm_vit.TIMM_CONFIG_ATTR, {
         "architecture": config["architecture"],
         "num_classes": int(model.num_classes),
-        "model_args": config.get("model_args", {}),
+        "model_args": model_args,
     })
     if not timm_vit.matches(model):
         raise VitslimError(f"{folder} holds a timm {type(model).__name__}, not a Vision Transformer")
@@ -94,12 +99,17 @@ def _load_timm_folder(folder: Path) -> nn.Module:
 
 
 def _refuse_other_hf_models(folder: Path, model_type: object) -> None:
-    """Only Hugging Face configs carry a ``model_type``: name the one found, not a missing timm field."""
-    if model_type is None or model_type == hf.MODEL_TYPE:
+    """Only Hugging Face configs carry a ``model_type``: name the one found, not a missing timm field.
+    A supported one reaches here only through ``local-dir:``, timm's prefix, which a Hugging Face folder does not take."""
+    if model_type is None:
         return
+    if model_type in hf.MODEL_TYPES:
+        raise VitslimError(
+            f"{folder} is a Hugging Face folder (model type {model_type!r}), not a timm one; pass its path without '{LOCAL_DIR}'"
+        )
     raise VitslimError(
         f"{folder} holds a Hugging Face model of type {model_type!r}, which vitslim does not load (supported Hugging Face "
-        f"model types: '{hf.MODEL_TYPE}', {hf.CLASS_NAME}); pass a ViT image classifier, from Hugging Face or timm"
+        f"model types: {hf.SUPPORTED}); pass a ViT or DINOv2, from Hugging Face or timm"
     )
 
 

@@ -99,6 +99,17 @@ def describe(model: nn.Module, preprocessing: Preprocessing | None = None, **hin
     )
 
 
+def output_reads_patch_tokens(model: nn.Module) -> bool:
+    """Whether the model's output depends on its patch tokens, so token merging must restore the
+    full token map (dense mode) before the tokens leave the ViT.
+
+    timm pools by ``global_pool``: "token" reads the class token alone; "avg", "avgmax", "max",
+    the attention poolings "map" and "prr", and "" (no pooling: every token is returned) read the
+    patch tokens. A feature extractor (``num_classes=0``) returns the pooled features, so the
+    answer is the same for it."""
+    return model.global_pool != "token"
+
+
 def _has_bias(layer: nn.Module) -> bool:
     return getattr(layer, "bias", None) is not None or getattr(getattr(layer, "up", None), "bias", None) is not None
 

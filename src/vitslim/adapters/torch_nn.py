@@ -216,6 +216,61 @@ def _head(model: nn.Module, layers: list[nn.TransformerEncoderLayer]) -> nn.Line
     return outside[-1]
 
 
+def output_reads_patch_tokens(model: nn.Module) -> bool:
+    """Whether the model's output depends on its patch tokens, so token merging must restore the
+    full token map (dense mode) before the tokens leave the ViT.
+
+    A plain model's forward is the user's code (a class-token head, mean pooling, a dense
+    decoder), so this is measured, not read: the patch tokens the last encoder layer returns are
+    replaced by noise, and only an output left exactly as it was shows that the head reads the
+    prefix tokens alone. Whenever that cannot be measured (describe() cannot tell the input size,
+    the forward pass fails), the answer is True: always correct, merely slower.
+    """
+    try:
+        spec = describe(model)
+    except VitslimError:
+        return True
+    weight = next(p for p in model.parameters() if p.is_floating_point())
+    image = torch.zeros(1, *spec.preprocessing.input_size, dtype=weight.dtype, device=weight.device)
+    token_dim = 1 if spec.batch_first else 0
+    prefix = spec.num_prefix_tokens
+    generator = torch.Generator(device=weight.device).manual_seed(0)  # leaves the user's random state alone
+
+    def scramble_patches(module, args, output):
+        patches = output.narrow(token_dim, prefix, output.shape[token_dim] - prefix)
+        noise = torch.randn(patches.shape, generator=generator, dtype=patches.dtype, device=patches.device)
+        return torch.cat([output.narrow(token_dim, 0, prefix), patches + noise], dim=token_dim)
+
+    modes = [(m, m.training) for m in model.modules()]  # per module: some may be frozen in eval on purpose
+    model.eval()  # a probe must not update batch-norm statistics or draw dropout masks
+    try:
+        with torch.no_grad():
+            original = _tensors_in(model(image))
+            handle = spec.blocks[-1].module.register_forward_hook(scramble_patches)
+            try:
+                scrambled = _tensors_in(model(image))
+            finally:
+                handle.remove()
+    except Exception:  # the user's forward pass failed: nothing measured, so the safe answer
+        return True
+    finally:
+        for module, training in modes:
+            module.training = training
+    unchanged = bool(original) and len(original) == len(scrambled) and all(map(torch.equal, original, scrambled))
+    return not unchanged
+
+
+def _tensors_in(output) -> list[torch.Tensor]:
+    """Every tensor in what a forward pass returned (a tensor, or tuples, lists and dicts of them)."""
+    if isinstance(output, torch.Tensor):
+        return [output]
+    if isinstance(output, dict):
+        output = list(output.values())
+    if isinstance(output, (tuple, list)):
+        return [tensor for item in output for tensor in _tensors_in(item)]
+    return []
+
+
 def architecture(model: nn.Module) -> dict:
     """Informational only: the class is recorded, never imported back."""
     return {"class": f"{type(model).__module__}.{type(model).__qualname__}"}
