@@ -1,5 +1,6 @@
-"""Token merging as plain functions over tensors: ATME (neighbour-restricted, arXiv 2309.15755)
-and ToMe (global bipartite soft matching, the baseline), sharing one merge step.
+"""Token merging as plain functions over tensors: ATME (neighbour-restricted, arXiv 2309.15755),
+ToMe (global bipartite soft matching, the baseline) and window merging (whole local windows,
+ALGM's local stage, a grid-keeping baseline), sharing one merge step.
 
 Tokens are ``(B, N, C)`` with ``prefix`` class/distillation/register tokens first; those are
 never merged. A ``TokenMap`` travels with the tokens between blocks and records, per image, how
@@ -18,6 +19,18 @@ around it), never the reverse. The ``r`` sources most similar
 averaging. Destinations never move, so the merged map keeps its spatial layout. Levels may only
 grow along the network: each level's destinations are destinations at every lower level too, so
 they always still exist.
+
+Window merging (the method ``"window"``, after ALGM's local stage, Norouzi et al., CVPR 2024: in
+an early layer the tokens of a 2×2 window become one when they are alike, keeping the layout):
+the windows are the cells of the sub-grid of ``level``, each window's destination is its top-left
+cell (ATME's destinations at that level) and its other tokens are its sources, which may only
+merge into that destination. Only whole windows merge: a window is scored by the least cosine
+similarity of the keys of its sources to its destination's, and the ``r // sources per window``
+best-scored windows merge all their sources into their destination (size-weighted, by the same
+merge step). Windows cut by the grid's edge (a grid side not a multiple of the window's) never
+merge. After an earlier ATME or window merge at a lower level a window's tokens are those still
+standing on the earlier level's destinations inside it (so a level-4 window after level 2 holds
+four level-2 destinations); tokens left over from that level stay as they are.
 """
 
 from __future__ import annotations
@@ -25,6 +38,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import torch
+import torch.nn.functional as F
 
 from vitslim.errors import VitslimError
 
@@ -50,7 +64,7 @@ class TokenMap:
     source: torch.Tensor  # (B, H*W) long: current patch-token index holding each original patch
     prefix: int
     grid: tuple[int, int] = (0, 0)  # (H, W) of the original patch grid
-    level: int = 0  # the last ATME level merged at (0: none yet; -1: ToMe has merged)
+    level: int = 0  # the last ATME or window level merged at (0: none yet; -1: ToMe has merged)
 
     @classmethod
     def identity(cls, batch: int, grid: tuple[int, int], prefix: int, device: torch.device, dtype: torch.dtype) -> TokenMap:
@@ -100,14 +114,21 @@ def neighbourhood(grid: tuple[int, int], level: int, device: torch.device | None
     return distance <= NEIGHBOURHOOD * max(sub_grid(level))
 
 
+def _held_cells(grid: tuple[int, int], previous_level: int) -> list[tuple[int, int]]:
+    """The cells the leading current patch tokens stand on, in order, after a merge at
+    ``previous_level`` (0: none yet, so every cell): that level's destinations in grid order."""
+    if previous_level == 0:
+        return [(row, col) for row in range(grid[0]) for col in range(grid[1])]
+    return destination_cells(grid, previous_level)
+
+
 def _partition(grid: tuple[int, int], previous_level: int, level: int, patches: int) -> tuple[list[int], list[int]]:
     """Current patch-token indices of the destinations at ``level`` and of the sources, each in
     order. They follow from the grid alone (so no merge sorts or masks to find them, and
     tracing for export sees constants): after a merge at ``previous_level`` the first tokens
     are that level's destinations in grid order (``merge_step`` puts them there), and this
     level's destinations are some of them, since levels never decrease."""
-    cells = [(row, col) for row in range(grid[0]) for col in range(grid[1])]
-    held = cells if previous_level == 0 else destination_cells(grid, previous_level)
+    held = _held_cells(grid, previous_level)
     rows, cols = sub_grid(level)
     lead = [row % rows == 0 and col % cols == 0 for row, col in held]
     destinations = [index for index, on_grid in enumerate(lead) if on_grid]
@@ -234,8 +255,108 @@ def tome_merge(tokens: torch.Tensor, metric: torch.Tensor, token_map: TokenMap, 
     return merge_step(tokens, token_map, destinations, sources, assignment, score, r, level=-1)
 
 
+def whole_windows(grid: tuple[int, int], level: int) -> int:
+    """How many windows of ``level`` lie wholly inside the grid (the only ones window merging merges)."""
+    rows, cols = sub_grid(level)
+    return (grid[0] // rows) * (grid[1] // cols)
+
+
+def window_sources(previous_level: int, level: int) -> int:
+    """The sources of a whole window of ``level`` after a merge at ``previous_level`` (0: none
+    yet, ≤ ``level``): the tokens standing on the earlier level's destinations inside it, less
+    its own destination. 0 when the levels are equal: every window holds one token."""
+    rows, cols = sub_grid(level)
+    held_rows, held_cols = sub_grid(previous_level) if previous_level else (1, 1)
+    return (rows // held_rows) * (cols // held_cols) - 1
+
+
+def window_count(r: int, previous_level: int, level: int) -> int:
+    """How many whole windows a window merge of ``r`` (> 0) tokens at ``level`` merges after a
+    merge at ``previous_level``; an ``r`` that would split a window is refused, naming the
+    counts that would not."""
+    per_window = window_sources(previous_level, level)
+    if per_window == 0:
+        raise VitslimError(f"window merging at level {level} after a merge at level {previous_level}: every window holds a single "
+                           "token, so window levels must grow along the network")
+    if r % per_window:
+        raise VitslimError(f"window merging at level {level} merges whole windows of {per_window} sources each: r must be a multiple "
+                           f"of {per_window} (0, {per_window}, {2 * per_window}, ...), got {r}")
+    return r // per_window
+
+
+def _window_layout(grid: tuple[int, int], previous_level: int, level: int, patches: int) -> tuple[list, ...]:
+    """What a window merge needs to know of the current layout, from the grid alone (so tracing
+    for export sees constants): ``_partition``'s destinations and sources at ``level``; per
+    source, the position among the destinations of its window's destination (``assignment``; 0
+    when it belongs to no whole window) and its window's number (``window``; the number of whole
+    windows when none); and per whole window, in grid order, the positions of its sources among
+    the sources (``members``, one row of ``window_sources`` each)."""
+    destinations, sources = _partition(grid, previous_level, level, patches)
+    held = _held_cells(grid, previous_level)
+    rows, cols = sub_grid(level)
+    owner = {}  # top-left cell of a whole window -> (window number, position of its destination)
+    for position, index in enumerate(destinations):
+        row, col = held[index]
+        if row + rows <= grid[0] and col + cols <= grid[1]:
+            owner[(row, col)] = (len(owner), position)
+    assignment, window, members = [], [], [[] for _ in owner]
+    for position, index in enumerate(sources):
+        corner = (held[index][0] // rows * rows, held[index][1] // cols * cols) if index < len(held) else None
+        number, destination = owner.get(corner, (len(owner), 0))
+        assignment.append(destination)
+        window.append(number)
+        if number < len(owner):
+            members[number].append(position)
+    return destinations, sources, assignment, window, members
+
+
+def window_merge(tokens: torch.Tensor, metric: torch.Tensor, token_map: TokenMap, r: int, level: int) -> tuple[torch.Tensor, TokenMap]:
+    """Window merging (ALGM's local stage): merge the ``r // window_sources`` whole windows of
+    ``level`` whose tokens are most alike, each wholly into its top-left token.
+
+    A window scores the *least* cosine similarity of its sources' keys to its destination's.
+    ALGM thresholds the mean similarity of a window's tokens; here a count ranks the windows
+    instead, and the least is the safer rank: after ``unmerge`` every cell of a merged window
+    carries the merged features, so the token least like the rest is the one a merge harms
+    most, and a mean would let three alike tokens carry a fourth across an object's edge.
+    """
+    previous = token_map.level
+    if previous < 0:
+        raise VitslimError("window merging cannot follow ToMe merges: ToMe does not keep the windows' destinations")
+    if level < previous:
+        raise VitslimError(f"window level {level} after level {previous}: merge levels must not decrease along the network")
+    if r == 0:
+        return tokens, token_map
+    grid, device = tuple(token_map.grid), tokens.device
+    whole = whole_windows(grid, level)
+    if window_count(r, previous, level) > whole:
+        per_window = window_sources(previous, level)
+        raise VitslimError(f"cannot merge {r} tokens by whole windows at level {level}: a {grid[0]}x{grid[1]} grid holds {whole} whole "
+                           f"windows of {per_window} sources ({whole * per_window} tokens)")
+    patches = tokens.shape[1] - token_map.prefix
+    destinations, sources, assignment, window, members = _grid_tensors(
+        ("windows", grid, previous, level, patches, device),
+        lambda: tuple(torch.tensor(part, device=device) for part in _window_layout(grid, previous, level, patches)))
+    batch, count = tokens.shape[0], members.shape[0]
+    keys = metric.detach()
+    similarity = F.cosine_similarity(_take(keys, sources.expand(batch, -1), token_map.prefix),
+                                     _take(keys, destinations[assignment].expand(batch, -1), token_map.prefix), dim=-1)
+    score = similarity.index_select(1, members.reshape(-1)).reshape(batch, *members.shape).amin(-1)
+    # every source of a window ranks by its window (best: count), sources in no whole window
+    # last (0), so merge_step's top r are exactly the best windows' sources, ties or not; the
+    # source's place breaks the ties within a rank, so that the kept tokens' order does not
+    # depend on how a runtime's sort breaks them (ONNX Runtime's differs from torch's)
+    rank = score.argsort(dim=1, descending=True).argsort(dim=1)
+    window_priority = torch.cat([count - rank, rank.new_zeros(batch, 1)], dim=1).index_select(1, window)
+    places = sources.shape[0]
+    priority = window_priority * places + torch.arange(places - 1, -1, -1, device=device)
+    return merge_step(tokens, token_map, destinations.expand(batch, -1), sources.expand(batch, -1),
+                      assignment.expand(batch, -1), priority, r, level)
+
+
 def unmerge(tokens: torch.Tensor, token_map: TokenMap) -> torch.Tensor:
     """The full ``(B, prefix + H*W, C)`` token map: every original patch position gets the
     features of the token that now holds it."""
     prefix = token_map.prefix
     return torch.cat([tokens[:, :prefix], _take(tokens, token_map.source, prefix)], dim=1)
+

@@ -18,6 +18,10 @@ final block 2 patch tokens, and agreement with the unmerged model fell from 88% 
 earlier version of ``benchmarks/studies/cait_design.py``). So both methods get the same counts per
 block. The FLOPs model (``cait.flops``) counts each block's matmuls from the layer shapes, so a
 target speed-up can be turned into a schedule before anything is measured.
+
+Window merging (ALGM's local stage) is planned differently: one step, after ``WINDOW_BLOCK``, of
+whole 2×2 windows, as many as the total asks for. It merges three of every window's four tokens,
+so the half cap does not hold for it, and ``concentration`` has nothing to shape.
 """
 
 from __future__ import annotations
@@ -27,18 +31,30 @@ from dataclasses import dataclass
 
 from vitslim.adapters.base import ViTSpec
 from vitslim.cait.flops import blocks_flops
-from vitslim.cait.merging import sub_grid
+from vitslim.cait.merging import sub_grid, whole_windows, window_count, window_sources
 from vitslim.errors import VitslimError
 
-METHODS = ("atme", "tome")
+METHODS = ("atme", "tome", "window")
+
+WINDOW_BLOCK = 1
+"""The block after which window merging merges. ALGM merges its windows in the first layer,
+between attention and MLP, on the features that one attention has seen. Here a merge takes the
+keys of the block it follows, computed from that block's input, so after block 0 they would come
+from the embedded patches, before any attention; block 1's keys come from block 0's output, the
+nearest to what ALGM's merge compares, at the cost of one more block run on every token."""
+
+WINDOW_LEVEL = 2
+"""The sub-grid level of window merging: 2×2 windows, ALGM's."""
 
 
 @dataclass(frozen=True)
 class MergeSchedule:
-    """Which blocks merge, how many tokens, and (ATME) the destination sub-grid's level.
+    """Which blocks merge, how many tokens, and (ATME, window) the destination sub-grid's level.
 
     ``steps`` holds ``(block, r, level)``: after block ``block``, ``r`` tokens are merged away
-    (``merging.sub_grid`` gives a level's grid; ToMe ignores it).
+    (``merging.sub_grid`` gives a level's grid; ToMe ignores it). Window merging merges whole
+    windows only, so its ``r`` is a multiple of a window's sources at its level after the
+    previous merging step's (``merging.window_count``).
     """
 
     method: str
@@ -54,8 +70,18 @@ class MergeSchedule:
             if r < 0 or level < 1:
                 raise VitslimError(f"block {block}: merge counts are ≥ 0 and levels ≥ 1 (got r={r}, level={level})")
         levels = [level for _, _, level in self.steps]
-        if self.method == "atme" and levels != sorted(levels):
-            raise VitslimError("ATME levels must not decrease along the network (destinations must persist)")
+        if self.method != "tome" and levels != sorted(levels):
+            raise VitslimError(f"{'ATME' if self.method == 'atme' else 'window'} levels must not decrease along the network "
+                               "(destinations must persist)")
+        if self.method == "window":
+            previous = 0
+            for block, r, level in self.steps:
+                if r:
+                    try:
+                        window_count(r, previous, level)
+                    except VitslimError as error:
+                        raise VitslimError(f"block {block}: {error}") from None
+                    previous = level
 
     @property
     def merged(self) -> int:
@@ -74,10 +100,13 @@ def destinations(grid: tuple[int, int], level: int) -> int:
     return math.ceil(grid[0] / rows) * math.ceil(grid[1] / cols)
 
 
-def mergeable(method: str, patches: int, grid: tuple[int, int], level: int) -> int:
-    """Tokens one block can merge away with ``patches`` patch tokens left."""
+def mergeable(method: str, patches: int, grid: tuple[int, int], level: int, previous_level: int = 0) -> int:
+    """Tokens one block can merge away with ``patches`` patch tokens left; window merging, after
+    a merge at ``previous_level`` (0: none yet), can merge its whole windows' sources only."""
     if method == "tome":
         return patches // 2
+    if method == "window":
+        return whole_windows(grid, level) * window_sources(previous_level, level)
     return max(patches - destinations(grid, level), 0)
 
 
@@ -91,25 +120,30 @@ def top_level(grid: tuple[int, int]) -> int:
 
 def check_schedule(schedule: MergeSchedule, grid: tuple[int, int], prefix: int) -> None:
     """Refuse a schedule that merges more tokens than a block can offer."""
-    patches = grid[0] * grid[1]
+    patches, previous = grid[0] * grid[1], 0
     for block, r, level in schedule.steps:
-        available = mergeable(schedule.method, patches, grid, level)
+        available = mergeable(schedule.method, patches, grid, level, previous)
         if r > available:
             raise VitslimError(
                 f"block {block} would merge {r} tokens, but only {available} of its {patches} patch tokens can merge"
-                + (f" at level {level}" if schedule.method == "atme" else "")
+                + (f" at level {level}" if schedule.method != "tome" else "")
             )
         patches -= r
+        if r:
+            previous = level
 
 
 def plan(method: str, grid: tuple[int, int], depth: int, total: float, concentration: float = 1.0) -> MergeSchedule:
     """Merge ``total`` tokens, block i's share weighing (depth-1-i) ** concentration, no block
     more than half of its patch tokens (a total beyond what the caps allow halves every block's
-    tokens)."""
+    tokens). Window merging plans by ``window_plan`` and ignores ``concentration``: its one step
+    has nothing to share out."""
     if total < 0:
         raise VitslimError("the number of tokens to merge must be ≥ 0")
     if concentration < 0:
         raise VitslimError(f"a merge schedule's concentration must be ≥ 0 (0 spreads merges evenly), got {concentration:g}")
+    if method == "window":
+        return window_plan(grid, depth, total)
     weights = [(depth - 1 - block) ** concentration for block in range(depth - 1)]
     whole = sum(weights)
     patches, merged, level, share = grid[0] * grid[1], 0, 1, 0.0
@@ -126,6 +160,20 @@ def plan(method: str, grid: tuple[int, int], depth: int, total: float, concentra
             patches -= r
             merged += r
     return MergeSchedule(method, tuple(steps))
+
+
+def window_plan(grid: tuple[int, int], depth: int, total: float) -> MergeSchedule:
+    """Window merging's plan: one step after ``WINDOW_BLOCK`` that merges the fewest whole
+    2×2 windows reaching ``total`` tokens (3 per window), or every whole window when that is
+    not enough; none when no block follows ``WINDOW_BLOCK``. There is no second, coarser stage:
+    ALGM merges locally once (its later stage is global matching, another method), so a
+    speed-up beyond merging every window is beyond this method, and ``schedule_for_speedup``
+    says so."""
+    per_window = window_sources(0, WINDOW_LEVEL)
+    windows = min(math.ceil(round(total) / per_window), whole_windows(grid, WINDOW_LEVEL))
+    if windows == 0 or depth <= WINDOW_BLOCK + 1:
+        return MergeSchedule("window", ())
+    return MergeSchedule("window", ((WINDOW_BLOCK, windows * per_window, WINDOW_LEVEL),))
 
 
 def tokens_per_block(schedule: MergeSchedule | None, spec: ViTSpec) -> list[int]:
