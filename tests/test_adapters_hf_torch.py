@@ -53,7 +53,7 @@ def test_hf_describe(hf_model):
     _assert_linears(spec, expected, [hf_model.classifier])
     assert spec.preprocessing == Preprocessing((3, 32, 32), (0.5,) * 3, (0.5,) * 3, "bilinear", 1.0, "squash")
     assert spec.label_names is None
-    assert spec.logits(IMAGES).shape == (2, 10)
+    assert spec.output(IMAGES).shape == (2, 10)
 
 
 def test_hf_describe_reads_transformers_4_layout(hf_model):
@@ -217,7 +217,7 @@ def test_torch_describe_layouts(batch_first, norm_first):
     expected = {f"encoder.layers.{i}.{name}" for i in range(2) for name in ("self_attn.out_proj", "linear1", "linear2")}
     _assert_linears(spec, expected, [model.head, model.patch_embed])
     assert spec.preprocessing.input_size == (3, 32, 32) and spec.preprocessing.mean == (0.485, 0.456, 0.406)
-    assert spec.logits(IMAGES).shape == (2, 10)
+    assert spec.output(IMAGES).shape == (2, 10)
 
 
 @pytest.mark.parametrize("prefix", [0, 3])

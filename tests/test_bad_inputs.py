@@ -47,7 +47,7 @@ def test_recipe_naming_an_unknown_timm_architecture_is_refused_without_building_
         vitslim.load_model(folder)
 
 
-@pytest.mark.parametrize("model_type", ["dinov2", "bert"])
+@pytest.mark.parametrize("model_type", ["clip", "bert"])
 def test_hugging_face_folder_of_an_unsupported_model_type_names_that_type(tmp_path, model_type):
     (tmp_path / "config.json").write_text(json.dumps({"model_type": model_type, "architectures": ["SomeModel"], "hidden_size": 32}))
     safetensors.torch.save_file({"weight": torch.zeros(2)}, str(tmp_path / WEIGHTS_FILE))
@@ -55,7 +55,7 @@ def test_hugging_face_folder_of_an_unsupported_model_type_names_that_type(tmp_pa
         vitslim.load_model(tmp_path)
     message = str(caught.value)
     assert f"Hugging Face model of type '{model_type}', which vitslim does not load" in message
-    assert "supported Hugging Face model types: 'vit', ViTForImageClassification" in message
+    assert "'vit' (ViTForImageClassification, ViTModel)" in message and "'dinov2' (" in message
     assert "not a timm model folder" not in message
 
 

@@ -42,7 +42,7 @@ def _images(count=4, seed=1):
 
 def _logits(model, images):
     with torch.no_grad():
-        return vitslim.describe(model).logits(images)
+        return vitslim.describe(model).output(images)
 
 
 def _structure(model):

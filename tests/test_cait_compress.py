@@ -30,7 +30,7 @@ def images(tmp_path_factory):
 
 def _logits(model, seed=1):
     with torch.no_grad():
-        return vitslim.describe(model).logits(torch.randn(4, 3, 32, 32, generator=torch.Generator().manual_seed(seed)))
+        return vitslim.describe(model).output(torch.randn(4, 3, 32, 32, generator=torch.Generator().manual_seed(seed)))
 
 
 def test_training_free_cait_merges_tokens_and_leaves_the_original_alone(tmp_path):
@@ -71,13 +71,13 @@ def test_the_chosen_concentration_is_the_candidate_closest_to_the_unmerged_logit
     images = torch.cat(batches)[:12]
     spec = vitslim.describe(model)
     with torch.no_grad():
-        teacher = spec.logits(images).log_softmax(-1)
+        teacher = spec.output(images).log_softmax(-1)
     schedules = {c: schedule_for_speedup(spec, "tome", 1.5, concentration=c) for c in candidates}
     assert len(set(schedules.values())) == len(candidates)  # the choice is between different schedules
     for concentration, schedule in schedules.items():
         merged = apply_token_merging(copy.deepcopy(model), schedule, record=False)
         with torch.no_grad():
-            log_p = vitslim.describe(merged).logits(images).log_softmax(-1)
+            log_p = vitslim.describe(merged).output(images).log_softmax(-1)
         kl = F.kl_div(log_p, teacher, log_target=True, reduction="sum").item() / len(images)
         assert scores[concentration] == pytest.approx(kl, rel=1e-3, abs=1e-7)  # batches of 8 vs one of 12: float32 summation order
     assert best == min(candidates, key=scores.get)

@@ -243,7 +243,7 @@ MODELS = {
 
 def _logits(model, images):
     with torch.no_grad():
-        return describe(model).logits(images)
+        return describe(model).output(images)
 
 
 @pytest.mark.parametrize("family", sorted(MODELS))
@@ -324,6 +324,6 @@ def test_token_merging_is_temporary_and_suspension_keeps_the_recipe():
         assert suspended == schedule and merge_schedule(model) is None
         torch.testing.assert_close(_logits(model, images), before, rtol=0, atol=0)
     torch.testing.assert_close(_logits(model, images), merged, rtol=0, atol=0)
-    assert recipe_steps(model) == [{"method": "merging", "schedule": schedule.as_dict(), "why": "a test"}]
+    assert recipe_steps(model) == [{"method": "merging", "schedule": schedule.as_dict(), "dense": False, "why": "a test"}]
     with pytest.raises(VitslimError, match="already merges tokens"), token_merging(model, schedule):
         pass

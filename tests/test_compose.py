@@ -116,7 +116,7 @@ def images(tmp_path_factory):
 
 def _logits(model):
     with torch.no_grad():
-        return vitslim.describe(model).logits(torch.randn(4, 3, 32, 32, generator=torch.Generator().manual_seed(1)))
+        return vitslim.describe(model).output(torch.randn(4, 3, 32, 32, generator=torch.Generator().manual_seed(1)))
 
 
 def test_three_axes_compose_meet_the_budget_and_reload_bit_identically(tmp_path, images):

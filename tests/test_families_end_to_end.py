@@ -18,7 +18,7 @@ def images(tmp_path_factory):
 
 def _logits(model):
     with torch.no_grad():
-        return vitslim.describe(model).logits(torch.randn(3, 3, 32, 32, generator=torch.Generator().manual_seed(2)))
+        return vitslim.describe(model).output(torch.randn(3, 3, 32, 32, generator=torch.Generator().manual_seed(2)))
 
 
 def test_hf_vit_saves_reloads_and_evaluates(tmp_path, images):

@@ -41,7 +41,7 @@ def test_budget_is_met_and_the_original_is_untouched(family):
     assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
     assert any(isinstance(m, LowRankLinear) for m in compressed.modules())
     with torch.no_grad():
-        out = vitslim.describe(compressed).logits(_batches(1)[0])
+        out = vitslim.describe(compressed).output(_batches(1)[0])
     assert out.shape == (8, 10) and torch.isfinite(out).all()
     vitslim.describe(compressed)  # a compressed model still describes itself
 
@@ -54,7 +54,7 @@ def test_save_and_reload_of_a_factorised_model_is_bit_identical(family, tmp_path
     reloaded = vitslim.load_model(vitslim.save(compressed, tmp_path / "out"))
     x = _batches(1, seed=3)[0]
     with torch.no_grad():
-        assert torch.equal(vitslim.describe(compressed).logits(x), vitslim.describe(reloaded).logits(x))
+        assert torch.equal(vitslim.describe(compressed).output(x), vitslim.describe(reloaded).output(x))
     assert count_params(reloaded) == count_params(compressed)
 
 
@@ -207,13 +207,13 @@ def test_block_cached_compensation_equals_whole_network_replay(family):
     fast = compress_lowrank(model, batches, param_ratio=ratio, compensation=True, sensitivity="none", progress=False)
     assert list(recipe_steps(fast)[-1]["ranks"]) == names
     with torch.no_grad():
-        uncompensated = vitslim.describe(principal).logits(batches[0])
+        uncompensated = vitslim.describe(principal).output(batches[0])
     vitslim.adapters.prepare_for_replacement(model)  # the reference hooks need the layers called
     _compensate_by_whole_forwards(model, principal, names, batches)
     # the factors differ by float32 rounding amplified by ill-conditioned Gram matrices (and by
     # singular-vector signs), so the test compares what the models compute
     with torch.no_grad():
-        fast_logits, slow_logits = vitslim.describe(fast).logits(batches[0]), vitslim.describe(principal).logits(batches[0])
+        fast_logits, slow_logits = vitslim.describe(fast).output(batches[0]), vitslim.describe(principal).output(batches[0])
     assert (slow_logits - uncompensated).abs().max() > 100 * 1e-4  # compensation moved the outputs
     torch.testing.assert_close(fast_logits, slow_logits, rtol=0, atol=1e-4)
 

@@ -16,7 +16,7 @@ TEN_CLASSES = dict(TINY, num_classes=10)
 
 def _outputs(model, size=(3, 32, 32)):
     with torch.no_grad():
-        return vitslim.describe(model).logits(torch.randn(4, *size, generator=torch.Generator().manual_seed(1)))
+        return vitslim.describe(model).output(torch.randn(4, *size, generator=torch.Generator().manual_seed(1)))
 
 
 @pytest.mark.parametrize("name, extra", [

@@ -30,7 +30,7 @@ def _images(count=16, size=16, seed=1):
 
 def _logits(model, images):
     with torch.no_grad():
-        return vitslim.describe(model).logits(images)
+        return vitslim.describe(model).output(images)
 
 
 def _relative_error(output, reference):

@@ -41,7 +41,7 @@ def test_describe_timm_variants(name, kwargs, prefix, kinds):
 
     model.blocks[0].register_forward_pre_hook(record)
     with torch.no_grad():
-        spec.logits(torch.zeros(1, *spec.preprocessing.input_size))
+        spec.output(torch.zeros(1, *spec.preprocessing.input_size))
     assert seen["tokens"] == spec.num_prefix_tokens + spec.num_patches
 
 

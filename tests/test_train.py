@@ -49,8 +49,8 @@ class Stream(torch.utils.data.IterableDataset):
 def _kl(student, teacher, data):
     images = torch.stack([image for image, _ in data if image is not None])
     with torch.no_grad():
-        log_s = torch.log_softmax(vitslim.describe(student).logits(images), -1)
-        log_t = torch.log_softmax(vitslim.describe(teacher).logits(images), -1)
+        log_s = torch.log_softmax(vitslim.describe(student).output(images), -1)
+        log_t = torch.log_softmax(vitslim.describe(teacher).output(images), -1)
     return float(torch.nn.functional.kl_div(log_s, log_t, reduction="batchmean", log_target=True))
 
 

@@ -52,7 +52,7 @@ def _score(model, batches, reference) -> dict:
     score = ClassificationScore(len(reference[0][0][0]))
     with torch.no_grad():
         for (images, labels), (teacher_logits, _) in zip(batches, reference):
-            score.update(spec.logits(images), labels, teacher_logits)
+            score.update(spec.output(images), labels, teacher_logits)
     return score.result()
 
 
@@ -72,7 +72,7 @@ def main() -> None:
         test = imagedata.select(test, limit=args.test_images, seed=0)
     batches = [(images, labels) for images, labels, _ in imagedata.make_loader(test, 250)]
     with torch.no_grad():
-        reference = [(spec.logits(images), labels) for images, labels in batches]
+        reference = [(spec.output(images), labels) for images, labels in batches]
     original = _score(model, batches, reference)
 
     def choose(method: str, target: float) -> tuple[float, dict[float, float]]:

@@ -62,21 +62,26 @@ def cli(verbose: bool) -> None:
 @click.option("--limit", type=int, callback=_positive("--limit"), help="Evaluate a seeded random subset of N images.")
 @click.option("--skip", type=int, default=0, show_default=True, help="Leave out the first N images of the seeded order (e.g. those used for calibration).")
 @click.option("--seed", type=int, default=0, show_default=True, help="Seed of the subset order.")
-@click.option("--teacher", help="Reference model: adds top-1 agreement and mean KL (no labels needed).")
+@click.option("--teacher", help="Reference model: adds top-1 agreement and mean KL (no labels needed); for a model whose output "
+                                "is a map or features, the fidelity of its outputs (MAE, Pearson r, IoU).")
+@click.option("--threshold", type=float, default=0.8, show_default=True,
+              help="Maps and features: the level at which both outputs are thresholded for the IoU.")
 @click.option("--batch-size", type=int, default=64, show_default=True, callback=_positive("--batch-size"))
 @click.option("--workers", type=int, default=0, show_default=True, help="Data-loading worker processes.")
 @click.option("--device", default="cpu", show_default=True)
 @click.option("--pretrained", is_flag=True, help="Download pretrained weights for a timm name (needs a reachable hub).")
 @click.option("--json", "as_json", is_flag=True, help="Print exactly one JSON object.")
-def eval_command(model, data, limit, skip, seed, teacher, batch_size, workers, device, pretrained, as_json):
-    """Accuracy, parameters and FLOPs of MODEL on labelled images (with --teacher: agreement and KL, on any images)."""
+def eval_command(model, data, limit, skip, seed, teacher, threshold, batch_size, workers, device, pretrained, as_json):
+    """Accuracy, parameters and FLOPs of MODEL on labelled images (with --teacher: agreement and KL, on any images;
+    for a feature extractor, fidelity to the teacher's features)."""
     from vitslim.evaluate import evaluate
     from vitslim.folder_io import WEIGHTS_FILE
     from vitslim.metrics import folder_bytes
 
     student = _load(model, pretrained)
     reference = _load(teacher, pretrained) if teacher else None
-    result = evaluate(student, data, teacher=reference, limit=limit, skip=skip, seed=seed, batch_size=batch_size, workers=workers, device=device)
+    result = evaluate(student, data, teacher=reference, limit=limit, skip=skip, seed=seed, batch_size=batch_size, workers=workers,
+                      device=device, threshold=threshold)
     if (Path(model.removeprefix("local-dir:")) / WEIGHTS_FILE).is_file():
         result["bytes"] = folder_bytes(Path(model.removeprefix("local-dir:")))
     if as_json:
@@ -87,6 +92,9 @@ def eval_command(model, data, limit, skip, seed, teacher, batch_size, workers, d
              ["params", human(result["params"])], ["FLOPs / image", human(result["flops"])]]
     if "agreement" in result:
         rows += [["top-1 agreement", percent(result["agreement"])], ["mean KL", f"{result['kl']:.4f}"]]
+    if "pearson" in result:
+        rows += [["MAE", f"{result['mae']:.4g}"], ["Pearson r (mean per image)", f"{result['pearson']:.4f}"],
+                 ["cosine (mean per image)", f"{result['cosine']:.4f}"], [f"IoU@{result['threshold']:g}", f"{result['iou']:.4f}"]]
     if "bytes" in result:
         rows.append(["bytes on disk", human(result["bytes"]) + "B"])
     click.echo(render(["metric", model], rows))
@@ -218,11 +226,13 @@ def _in_flags(error, flags: dict[str, str]) -> VitslimError:
 @click.option("--resume", is_flag=True, help="Continue the training runs from the last checkpoints in --checkpoints.")
 @click.option("--int8", is_flag=True, help="Finally quantise every Linear's weights to int8 (per output channel): about 4x fewer bytes on disk.")
 @click.option("--device", default="cpu", show_default=True, help="Where calibration and training run (cuda: under torchrun, each rank's own GPU).")
+@click.option("--objective", type=click.Choice(["auto", "logits", "map", "features"]), default="auto", show_default=True,
+              help="What the result must preserve: logits (KL), map (per-pixel MSE), features (relative MSE); auto follows the model's output.")
 @click.option("--finetune-epochs", "--epochs", "old_epochs", type=int, hidden=True)  # deprecated: --recovery-epochs or --gate-epochs
 @click.option("--finetune-lr", "old_lr", type=float, hidden=True)  # deprecated: --lr
 @click.pass_context
 def compress_command(ctx, model, data, out, method, like, calib_images, seed, batch_size, recovery_epochs, lr, checkpoints, resume, int8, device,
-                     old_epochs, old_lr, **method_values):
+                     objective, old_epochs, old_lr, **method_values):
     """Compress MODEL with one method to its budget (parameters, speed-up or FLOPs), optionally
     recover with distillation and quantise to int8, and save it to --out."""
     from vitslim.errors import ParameterError
@@ -269,7 +279,7 @@ def compress_command(ctx, model, data, out, method, like, calib_images, seed, ba
     recovery = _training(recovery_epochs, "--recovery-epochs", folder="recovery", **settings) if recovery_epochs else None
     try:
         _, compressed, folder = compress_to_folder(model, data, out, method, report=click.echo, calib_images=calib_images, calib_batch_size=batch_size,
-                                                   seed=seed, device=device, recovery=recovery, int8=int8, **options)
+                                                   seed=seed, device=device, recovery=recovery, int8=int8, objective=objective, **options)
     except ParameterError as error:
         raise _in_flags(error, {**flags, "calib_images": "--calib-images", "Training.epochs": "--recovery-epochs"}) from None
     if int8:

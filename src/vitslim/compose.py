@@ -53,7 +53,8 @@ from vitslim.distributed import on_main
 from vitslim.errors import ParameterError, VitslimError
 from vitslim.lowrank.calibration import leading_images
 from vitslim.lowrank.compress import compress_lowrank, compressible_linears
-from vitslim.metrics import count_flops, count_params, mean_kl
+from vitslim.metrics import count_flops, count_params
+from vitslim.objective import mean_divergence
 from vitslim.recipe import record_step, register_step
 from vitslim.train import Training
 
@@ -200,7 +201,7 @@ def probe_axes(model: nn.Module, calibration: list, *, levels: dict[str, tuple[f
     images = leading_images(calibration, probe_images, next(model.parameters()).device)
     spec = describe(model)
     with torch.no_grad():
-        teacher_logits = [spec.logits(batch) for batch in images]
+        teacher_outputs = [spec.output(batch) for batch in images]
     built = []
     for axis, ladder in levels.items():
         for level in ladder:
@@ -209,7 +210,7 @@ def probe_axes(model: nn.Module, calibration: list, *, levels: dict[str, tuple[f
             except VitslimError as error:
                 logger.info("probe %s at %g skipped: %s", axis, level, error)
                 continue
-            built.append((axis, level, probe, mean_kl(teacher_logits, probe, images)))
+            built.append((axis, level, probe, mean_divergence(describe(probe), teacher_outputs, images)))
     if not timed:
         size = spec.preprocessing.input_size
         original_flops = count_flops(model, size)

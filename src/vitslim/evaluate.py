@@ -1,5 +1,7 @@
 """``evaluate``: accuracy and cost of a model on labelled images, optionally against a teacher
-(with a teacher the images need no labels: agreement and KL are measured on any images)."""
+(with a teacher the images need no labels: agreement and KL are measured on any images). A model
+whose output is a map or features (a dense head, a backbone) has no accuracy: it is scored by its
+fidelity to the teacher's outputs (``fidelity.MapFidelity``)."""
 
 from __future__ import annotations
 
@@ -12,7 +14,9 @@ from vitslim import data as imagedata
 from vitslim import distributed
 from vitslim.adapters import describe
 from vitslim.errors import VitslimError
+from vitslim.fidelity import MapFidelity
 from vitslim.metrics import ClassificationScore, count_flops, count_params
+from vitslim.objective import infer_kind
 from vitslim.progress import track
 
 
@@ -39,6 +43,7 @@ def evaluate(
     workers: int = 0,
     device: str = "cpu",
     labels_required: bool | None = None,
+    threshold: float = 0.8,
     progress: bool = True,
 ) -> dict:
     """Top-1/top-5 (fractions), parameters, FLOPs per image and image count; with a teacher also
@@ -50,14 +55,24 @@ def evaluate(
     A path is opened with the model's own preprocessing; the teacher gets its own preprocessing
     of the same images when it differs. Under ``torchrun`` each rank scores its shard of the
     images and the counts are summed, so every rank returns the whole result.
+
+    When the output is not class logits (``objective.infer_kind``: a map or features), a teacher
+    is required and the result holds ``MapFidelity``'s figures instead: per-element ``mae`` and
+    ``rmse``, mean per-image ``pearson`` and ``cosine``, ``relative_mse``, and the mean ``iou`` of
+    the outputs thresholded at ``threshold`` (0.8: where a saliency map marks regions of interest).
     """
     spec = describe(model)
     model = model.to(device).eval()
-    labels_required = teacher is None or bool(labels_required)
+    with torch.no_grad():
+        kind = infer_kind(spec, spec.output(torch.zeros(1, *spec.preprocessing.input_size, device=device)))
+    if kind != "logits" and teacher is None:
+        raise VitslimError(f"this model outputs {kind}, not class logits, so it has no accuracy: give the original model as the "
+                           "teacher (--teacher) to measure the fidelity of its outputs")
+    labels_required = (teacher is None or bool(labels_required)) and kind == "logits"
     options = dict(class_names=spec.label_names, labels_required=labels_required, limit=limit, skip=skip, seed=seed, batch_size=batch_size,
                    workers=workers)
     dataset, loader = _loader(data, spec.preprocessing, **options)
-    labelled = imagedata.is_labelled(dataset)
+    labelled = imagedata.is_labelled(dataset) and kind == "logits"
     if not labelled and teacher is None:
         raise VitslimError(f"{getattr(dataset, 'source', data)} has no labels: accuracy needs labelled images; "
                            "to compare with a reference model instead, give it as the teacher (--teacher)")
@@ -68,7 +83,7 @@ def evaluate(
         if teacher_spec.preprocessing != spec.preprocessing and not isinstance(data, torch.utils.data.Dataset):
             _, teacher_loader = _loader(data, teacher_spec.preprocessing, **options)
             teacher_batches = iter(teacher_loader)
-    score = ClassificationScore(spec.num_classes)
+    score = ClassificationScore(spec.num_classes) if kind == "logits" else MapFidelity(threshold)
     skipped = 0
     for images, labels, dropped in track(loader, "evaluating", unit="batch", show=progress):
         teacher_images = next(teacher_batches)[0] if teacher_batches is not None else images
@@ -83,8 +98,11 @@ def evaluate(
                 "is this the right data set for this model?"
             )
         images, labels = images.to(device), None if labels is None else labels.to(device)
-        teacher_logits = teacher_spec.logits(teacher_images.to(device)) if teacher_spec is not None else None
-        score.update(spec.logits(images), labels, teacher_logits)
+        teacher_outputs = teacher_spec.output(teacher_images.to(device)) if teacher_spec is not None else None
+        if kind == "logits":
+            score.update(spec.output(images), labels, teacher_outputs)
+        else:
+            score.update(spec.output(images), teacher_outputs)
     score.reduce_across_ranks()
     (skipped,) = map(int, distributed.sum_numbers(skipped))
     if score.images == 0:

@@ -3,8 +3,9 @@
 Two formats: ONNX, checked with ONNX Runtime (``onnx``, ``onnxscript`` and ``onnxruntime`` come
 with the ``export`` extra), and ``torch.export``'s ExportedProgram (``.pt2``: a whole-graph
 capture that AOTInductor and ExecuTorch compile ahead of time), checked by loading it back. The
-exported graph takes a batch of preprocessed images (any batch size) and returns the class
-logits, whatever the model's family returns from its own forward.
+exported graph takes a batch of preprocessed images (any batch size) and returns the model's one
+output tensor (class logits, or a dense map or features for a user's model around a ViT), whatever
+the model's family returns from its own forward.
 """
 
 from __future__ import annotations
@@ -20,20 +21,20 @@ import torch
 from torch import nn
 
 from vitslim.adapters import describe
-from vitslim.adapters.base import logits_of
+from vitslim.adapters.base import primary_output
 from vitslim.atomic import atomic_file
 from vitslim.errors import VitslimError
 
 
-class LogitsOnly(nn.Module):
-    """``model`` with its output reduced to the logits tensor, so every family exports alike."""
+class OutputOnly(nn.Module):
+    """``model`` with its output reduced to one tensor (``primary_output``), so every family exports alike."""
 
     def __init__(self, model: nn.Module) -> None:
         super().__init__()
         self.model = model
 
     def forward(self, images: torch.Tensor) -> torch.Tensor:
-        return logits_of(self.model(images))
+        return primary_output(self.model(images))
 
 
 def _require(module: str) -> None:
@@ -77,21 +78,29 @@ def export_onnx(model: nn.Module, path: str | os.PathLike, *, batch_size: int = 
     def write(partial: Path) -> None:
         quiet = contextlib.nullcontext() if verbose else _quiet_exporter()
         with quiet, torch.no_grad():
-            torch.onnx.export(LogitsOnly(model).eval(), (example,), str(partial), input_names=["images"], output_names=["logits"],
+            torch.onnx.export(OutputOnly(model).eval(), (example,), str(partial), input_names=["images"], output_names=[_output_name(spec, example)],
                               dynamic_shapes=({0: torch.export.Dim("batch")},), dynamo=True, external_data=False)
 
     return atomic_file(path, write)
 
 
+def _output_name(spec, example: torch.Tensor) -> str:
+    """"logits" for a classifier, as deployments of one expect; "output" for maps and features."""
+    from vitslim.objective import infer_kind
+
+    with torch.no_grad():
+        return "logits" if infer_kind(spec, spec.output(example)) == "logits" else "output"
+
+
 def onnx_max_abs_diff(model: nn.Module, path: str | os.PathLike, images: torch.Tensor) -> float:
-    """Largest absolute difference between ONNX Runtime's logits for ``path`` and the model's own."""
+    """Largest absolute difference between ONNX Runtime's output for ``path`` and the model's own."""
     _require("onnxruntime")
     import onnxruntime
 
     session = onnxruntime.InferenceSession(str(path), providers=["CPUExecutionProvider"])
-    (exported,) = session.run(["logits"], {"images": images.detach().cpu().float().numpy()})
+    (exported,) = session.run(None, {"images": images.detach().cpu().float().numpy()})
     with torch.no_grad():
-        reference = describe(model).logits(images).float().cpu()
+        reference = describe(model).output(images).float().cpu()
     return float((torch.from_numpy(exported) - reference).abs().max())
 
 
@@ -107,15 +116,15 @@ def export_program(model: nn.Module, path: str | os.PathLike, *, batch_size: int
         raise VitslimError(f"{path} is a folder; give the program file's path (e.g. {path / 'model.pt2'})")
     model.eval()
     with torch.no_grad():
-        program = torch.export.export(LogitsOnly(model).eval(), (_example(model, batch_size),), dynamic_shapes=({0: torch.export.Dim("batch")},))
+        program = torch.export.export(OutputOnly(model).eval(), (_example(model, batch_size),), dynamic_shapes=({0: torch.export.Dim("batch")},))
     return atomic_file(path, lambda partial: torch.export.save(program, str(partial)))
 
 
 def program_max_abs_diff(model: nn.Module, path: str | os.PathLike, images: torch.Tensor) -> float:
-    """Largest absolute difference between the saved program's logits (loaded back from the file
+    """Largest absolute difference between the saved program's output (loaded back from the file
     vitslim wrote) and the model's own."""
     program = torch.export.load(str(path)).module()
     with torch.no_grad():
         exported = program(images)
-        reference = describe(model).logits(images)
+        reference = describe(model).output(images)
     return float((exported.float() - reference.float()).abs().max())

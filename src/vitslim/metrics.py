@@ -10,7 +10,6 @@ from torch import nn
 from torch.nn import functional as F
 from torch.utils.flop_counter import FlopCounterMode, sdpa_flop_count
 
-from vitslim.adapters import describe
 from vitslim.distributed import active, sum_numbers
 
 
@@ -39,18 +38,6 @@ def count_flops(model: nn.Module, input_size: tuple[int, ...], device: str | tor
 def folder_bytes(path: str | os.PathLike) -> int:
     """Bytes on disk of every file in a model folder."""
     return sum(f.stat().st_size for f in Path(path).rglob("*") if f.is_file())
-
-
-@torch.no_grad()
-def mean_kl(teacher_logits: list[torch.Tensor], model: nn.Module, images: list[torch.Tensor]) -> float:
-    """Mean over images of KL(teacher || model), the teacher's logits given per batch of ``images``."""
-    spec, total, count = describe(model), 0.0, 0
-    for reference, batch in zip(teacher_logits, images):
-        log_p = F.log_softmax(spec.logits(batch), dim=-1)
-        log_q = F.log_softmax(reference, dim=-1)
-        total += float(F.kl_div(log_p, log_q, log_target=True, reduction="sum"))
-        count += batch.shape[0]
-    return total / count
 
 
 class ClassificationScore:

@@ -18,7 +18,7 @@ from torch import nn
 
 from vitslim import __version__
 from vitslim import recipe as recipes
-from vitslim.adapters import PREPROCESSING_ATTR, describe, family_named, family_of
+from vitslim.adapters import PREPROCESSING_ATTR, describe, family_named, family_of, locate
 from vitslim.adapters.base import Preprocessing
 from vitslim.atomic import atomic_folder, check_writable
 from vitslim.errors import VitslimError
@@ -35,8 +35,11 @@ def _versions() -> dict:
     return {"vitslim": __version__, "torch": torch.__version__, "timm": timm.__version__}
 
 
-def _config_json(family: str, architecture: dict, preprocessing: Preprocessing, label_names) -> dict:
+def _config_json(family: str, architecture: dict, preprocessing: Preprocessing, label_names, wrapped: dict | None) -> dict:
     """A config.json its own library can read: timm's folder format, or HF's config."""
+    if wrapped:
+        return {"family": family, "wrapped": wrapped,
+                "note": f"a {wrapped['class']} holding a {family} ViT at '{wrapped['path']}'; reload with vitslim.load_model(folder, skeleton=...)"}
     if family == "hf":
         return architecture["config"]
     if family == "timm":
@@ -64,12 +67,15 @@ def check_output_folder(folder: str | os.PathLike) -> Path:
 def save(model: nn.Module, folder: str | os.PathLike, *, extra: dict | None = None) -> Path:
     """Write ``model`` to ``folder`` (created, or replaced when it is a previous vitslim folder).
 
+    A user's model holding a ViT is saved whole (every weight, the ViT's recipe steps named from
+    the whole model); reloading it needs the user's class, as for plain PyTorch models.
     The folder is written whole or not at all (see ``vitslim.atomic``).
     """
     folder = check_output_folder(folder)
     spec = describe(model)
     family = family_of(model)
-    architecture = family.architecture(model)
+    architecture = family.architecture(spec.model)
+    wrapped = {"path": spec.path, "class": type(model).__name__} if spec.root is not None else None
     recipe = {
         "format": RECIPE_FORMAT,
         "version": RECIPE_VERSION,
@@ -78,6 +84,7 @@ def save(model: nn.Module, folder: str | os.PathLike, *, extra: dict | None = No
         "preprocessing": spec.preprocessing.as_dict(),
         "label_names": spec.label_names,
         "steps": recipes.steps(model),
+        **({"wrapped": wrapped} if wrapped else {}),
         "versions": _versions(),
         **(extra or {}),
     }
@@ -85,7 +92,7 @@ def save(model: nn.Module, folder: str | os.PathLike, *, extra: dict | None = No
     def fill(staging: Path) -> None:
         safetensors.torch.save_file(unique_state_dict(model), str(staging / WEIGHTS_FILE), metadata={"format": "pt"})
         (staging / RECIPE_FILE).write_text(json.dumps(recipe, indent=2))
-        (staging / CONFIG_FILE).write_text(json.dumps(_config_json(family.FAMILY, architecture, spec.preprocessing, spec.label_names), indent=2))
+        (staging / CONFIG_FILE).write_text(json.dumps(_config_json(family.FAMILY, architecture, spec.preprocessing, spec.label_names, wrapped), indent=2))
 
     return atomic_folder(folder, fill)
 
@@ -102,6 +109,13 @@ def load_folder(folder: Path, *, skeleton: nn.Module | None = None) -> nn.Module
     if recipe["version"] > RECIPE_VERSION:
         raise VitslimError(f"{folder} was written by a newer vitslim (recipe version {recipe['version']}); upgrade vitslim")
     family = family_named(recipe.get("family", ""))
+    wrapped = recipe.get("wrapped")
+    if wrapped and skeleton is None:
+        raise VitslimError(f"{folder} holds a {wrapped['class']} with a ViT at '{wrapped['path']}', a model vitslim cannot build: "
+                           f"load it with vitslim.load_model(folder, skeleton={wrapped['class']}(...)), a freshly built model of that class")
+    if wrapped and locate(skeleton)[0] != wrapped["path"]:
+        raise VitslimError(f"{folder} was saved from a model whose ViT is at '{wrapped['path']}', but the skeleton's is at "
+                           f"'{locate(skeleton)[0] or '(the skeleton itself)'}'; pass a model of the class it was saved from ({wrapped['class']})")
     model = skeleton if skeleton is not None else family.build(recipe["architecture"])
     for step in recipe.get("steps", []):
         recipes.rebuild(model, step, folder)
@@ -109,5 +123,6 @@ def load_folder(folder: Path, *, skeleton: nn.Module | None = None) -> nn.Module
     load_state_strict(model, load_weights(folder / WEIGHTS_FILE), folder / WEIGHTS_FILE)
     setattr(model, PREPROCESSING_ATTR, Preprocessing.from_dict(recipe["preprocessing"]))
     if recipe.get("label_names") and family.FAMILY == "timm":
-        model.pretrained_cfg = {**dict(getattr(model, "pretrained_cfg", {}) or {}), "label_names": recipe["label_names"]}
+        vit = locate(model)[1]
+        vit.pretrained_cfg = {**dict(getattr(vit, "pretrained_cfg", {}) or {}), "label_names": recipe["label_names"]}
     return model.eval()

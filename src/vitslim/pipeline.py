@@ -19,6 +19,7 @@ from torch.utils.data import Dataset
 from vitslim import data as imagedata
 from vitslim.errors import ParameterError, VitslimError
 from vitslim.methods import Inputs, get_method
+from vitslim.objective import judged_by
 from vitslim.quantize import quantize_int8
 from vitslim.train import Training, distill
 
@@ -47,6 +48,7 @@ def compress(
     device: str = "cpu",
     recovery: Training | None = None,
     int8: bool = False,
+    objective: str = "auto",
     progress: bool = True,
     **options: Any,
 ) -> nn.Module:
@@ -59,6 +61,10 @@ def compress(
     calibrate. ``recovery`` distils the original into the result over all of ``images``;
     ``int8`` then quantises its Linear weights (per output channel). The original is left as it
     was (on ``device`` when the method calibrates there).
+
+    ``model`` may be a user's model holding the ViT (a dense head on a backbone): the ViT is
+    compressed and the whole model's output preserved, judged by ``objective`` ("logits": KL,
+    "map": per-pixel MSE, "features": relative MSE; "auto" follows the output, ``vitslim.objective``).
     """
     chosen = get_method(method)
     unknown = sorted(set(options) - {option.name for option in chosen.options})
@@ -74,9 +80,10 @@ def compress(
     calibration = calibration_batches(images, calib_images, seed, calib_batch_size) if chosen.calibrates else None
     inputs = Inputs(train=images, calibration=calibration,
                     calib_images=calib_images, seed=seed, device=device, progress=progress)
-    compressed = chosen.compress(model, inputs, **options)
-    if recovery is not None and recovery.epochs:
-        distill(compressed, model, images, recovery)
+    with judged_by(model, objective):
+        compressed = chosen.compress(model, inputs, **options)
+        if recovery is not None and recovery.epochs:
+            distill(compressed, model, images, recovery)
     compressed.to("cpu")
     model.to("cpu")
     if int8:

@@ -45,8 +45,9 @@ from torch.utils.data.distributed import DistributedSampler
 from vitslim import checkpoints, distributed
 from vitslim import data as imagedata
 from vitslim.adapters import describe
-from vitslim.adapters.base import logits_of
+from vitslim.adapters.base import primary_output
 from vitslim.errors import ParameterError, VitslimError
+from vitslim.objective import Objective, objective_for
 from vitslim.progress import Progress
 
 logger = logging.getLogger("vitslim")
@@ -105,15 +106,19 @@ def distill(
     grad_clip: float | None = 1.0,
     extra_loss: ExtraLoss | None = None,
     workers: int = 0,
+    objective: str | None = None,
 ) -> nn.Module:
-    """Fine-tune ``student`` (in place) to match ``teacher``'s logits for ``training.epochs``
+    """Fine-tune ``student`` (in place) to match ``teacher``'s outputs for ``training.epochs``
     epochs; return it in eval mode.
 
-    Per batch the loss is ``T² · KL(softmax(t/T) ‖ softmax(s/T))`` (mean over images), plus
+    Per batch the loss is the objective's distance from the teacher's output to the student's,
+    averaged over images (``vitslim.objective``; ``objective`` names the kind, else it follows the
+    output): for class logits ``T² · KL(softmax(t/T) ‖ softmax(s/T))``, for maps and features an
+    MSE. The models may be ViTs or users' models holding one. Plus
     ``label_weight · CE(s, labels)`` when ``label_weight > 0``, plus ``extra_loss(student)``
     when given (a scalar tensor, e.g. a pruning budget penalty; it is called once per step, after
-    the forward passes, outside autocast). Logits come from each model's adapter
-    (``describe(model).logits``), so any supported family works; the teacher runs in eval mode
+    the forward passes, outside autocast). Outputs come from each model's adapter
+    (``describe(model).output``), so any supported family works; the teacher runs in eval mode
     without gradients, and is left in eval mode on ``training.device``.
 
     ``train_data`` is either
@@ -183,6 +188,7 @@ def distill(
     index = torch.device(device).index
     rng_devices = [torch.cuda.current_device() if index is None else index] if device_type == "cuda" else []
     trainable = [p for group in optimizer.param_groups for p in group["params"]]
+    judge = Objective(objective) if objective else None  # else the first batch's output decides
     images_this_run = 0
     with torch.random.fork_rng(devices=rng_devices), Progress("distilling", total=total_steps, unit="step", show=show,
                                                                   initial=start_epoch * steps_per_epoch) as progress:
@@ -201,11 +207,15 @@ def distill(
                 autocast = torch.autocast("cuda", dtype=torch.bfloat16) if use_bf16 else contextlib.nullcontext()
                 with autocast:
                     with torch.no_grad():
-                        teacher_logits = teacher_spec.logits(images)
-                    student_logits = logits_of(forward(images))
-                loss = _kd_loss(student_logits.float(), teacher_logits.float(), temperature)
+                        teacher_outputs = teacher_spec.output(images)
+                    student_outputs = primary_output(forward(images))
+                if judge is None:
+                    judge = objective_for(student_spec, teacher_outputs)
+                loss = judge.per_image(student_outputs, teacher_outputs, temperature).mean()
                 if label_weight > 0:
-                    loss = loss + label_weight * F.cross_entropy(student_logits.float(), _labels(labels, student_spec.num_classes, device))
+                    if judge.kind != "logits":
+                        raise VitslimError(f"label_weight > 0 needs class logits, but the model's output is a {judge.kind} tensor")
+                    loss = loss + label_weight * F.cross_entropy(student_outputs.float(), _labels(labels, student_spec.num_classes, device))
                 if extra_loss is not None:
                     loss = loss + _extra(extra_loss, student)
                 value = distributed.sum_numbers(float(loss.detach()))[0] / distributed.world_size()  # the one host sync of the step
@@ -331,13 +341,6 @@ def _labels(labels, num_classes: int, device: str) -> torch.Tensor:
 
 
 # --- loss and schedule --------------------------------------------------------------------------
-
-
-def _kd_loss(student_logits: torch.Tensor, teacher_logits: torch.Tensor, temperature: float) -> torch.Tensor:
-    """T² · KL(softmax(t/T) ‖ softmax(s/T)), summed over classes, averaged over images."""
-    log_student = F.log_softmax(student_logits / temperature, dim=-1)
-    log_teacher = F.log_softmax(teacher_logits / temperature, dim=-1)
-    return F.kl_div(log_student, log_teacher, reduction="batchmean", log_target=True) * temperature**2
 
 
 def _extra(extra_loss: ExtraLoss, student: nn.Module) -> torch.Tensor:

@@ -2,6 +2,11 @@
 
 Families are tried in order: timm, Hugging Face, then plain ``torch.nn`` (the most permissive).
 Each is a module that implements ``ModelFamily``.
+
+A model need not be a ViT itself: a user's segmentation or saliency model whose ``backbone`` is
+one is compressed through that backbone (``locate``), while everything that judges the result
+(calibration choices, distillation, evaluation) runs the whole model. The spec of such a model
+names its layers from the whole model, so a recipe replays on the user's skeleton.
 """
 
 from __future__ import annotations
@@ -16,7 +21,7 @@ FAMILIES: tuple[ModelFamily, ...] = (timm_vit, hf, torch_nn)
 
 __all__ = [
     "FAMILIES", "PREPROCESSING_ATTR", "ModelFamily", "Preprocessing", "ViTSpec", "describe", "family_named", "family_of",
-    "matching_family", "prepare_for_replacement", "replaceable_linears",
+    "locate", "matching_family", "prepare_for_replacement", "replaceable_linears",
 ]
 
 
@@ -25,14 +30,33 @@ def matching_family(model: nn.Module) -> ModelFamily | None:
     return next((family for family in FAMILIES if family.matches(model)), None)
 
 
+def locate(model: nn.Module) -> tuple[str, nn.Module]:
+    """The qualified name and module of the ViT inside ``model`` ("" and ``model`` when it is
+    one): the outermost module a family recognises. Two ViTs side by side (a two-tower model) are
+    refused, since a method compresses one network and would not know which."""
+    if matching_family(model) is not None:
+        return "", model
+    found: list[tuple[str, nn.Module]] = []
+    for name, module in model.named_modules():
+        if name and not any(name.startswith(outer + ".") for outer, _ in found) and matching_family(module) is not None:
+            found.append((name, module))
+    if len(found) > 1:
+        raise VitslimError(
+            f"{type(model).__name__} holds several ViTs ({', '.join(name for name, _ in found)}); vitslim compresses one "
+            "network at a time: pass the one to compress (e.g. model.visual) and keep the rest as it is"
+        )
+    if not found:
+        raise VitslimError(
+            f"{type(model).__name__} is not a ViT vitslim understands, nor does it hold one: expected a timm VisionTransformer, "
+            "a Hugging Face ViT or DINOv2, or a model built from nn.TransformerEncoderLayer (alone or inside your own model)"
+        )
+    return found[0]
+
+
 def family_of(model: nn.Module) -> ModelFamily:
+    """The family of ``model``, or of the ViT it holds."""
     family = matching_family(model)
-    if family is not None:
-        return family
-    raise VitslimError(
-        f"{type(model).__name__} is not a ViT vitslim understands: expected a timm VisionTransformer, "
-        "a Hugging Face ViTForImageClassification, or a model built from nn.TransformerEncoderLayer"
-    )
+    return family if family is not None else matching_family(locate(model)[1])
 
 
 def family_named(name: str) -> ModelFamily:
@@ -63,5 +87,11 @@ def replace_submodule(model: nn.Module, name: str, module: nn.Module) -> None:
 
 
 def describe(model: nn.Module, preprocessing: Preprocessing | None = None, **hints) -> ViTSpec:
-    """The structure and preprocessing of ``model`` that compression methods rely on."""
-    return family_of(model).describe(model, preprocessing, **hints)
+    """The structure and preprocessing of ``model`` (or of the ViT inside it) that compression
+    methods rely on; ``spec.root`` is ``model`` itself, whose output is what they preserve."""
+    path, vit = locate(model)
+    if vit is model:
+        return family_of(model).describe(model, preprocessing, **hints)
+    spec = family_of(vit).describe(vit, preprocessing or getattr(model, PREPROCESSING_ATTR, None), **hints)
+    spec.root, spec.path = model, path
+    return spec

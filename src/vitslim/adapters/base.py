@@ -118,6 +118,13 @@ class ViTSpec:
     label_names: list[str] | None = None
     prefix_kinds: dict[str, int] = field(default_factory=dict)  # e.g. {"class": 1, "register": 4}
     batch_first: bool = True  # blocks take (batch, tokens, dim); torch.nn encoders may take (tokens, batch, dim)
+    root: nn.Module | None = None  # the user's model holding this ViT (None: the ViT is the whole model)
+    path: str = ""  # qualified name of the ViT inside ``root``
+
+    @property
+    def whole(self) -> nn.Module:
+        """The model whose output the methods preserve: the user's model around the ViT, or the ViT."""
+        return self.model if self.root is None else self.root
 
     @property
     def num_patches(self) -> int:
@@ -126,7 +133,7 @@ class ViTSpec:
     def linears(self) -> dict[str, nn.Linear]:
         """Still-dense linears by qualified name (attention projections and MLP), in block order:
         the ones a compression method may still replace."""
-        by_id = {id(m): name for name, m in self.model.named_modules()}
+        by_id = {id(m): name for name, m in self.whole.named_modules()}
         found: dict[str, nn.Linear] = {}
         for block in self.blocks:
             attn = block.attention
@@ -135,22 +142,30 @@ class ViTSpec:
                     found[by_id[id(layer)]] = layer
         return found
 
-    def logits(self, images: torch.Tensor) -> torch.Tensor:
-        """Class logits for a batch of preprocessed images, whatever the family returns."""
-        return logits_of(self.model(images))
+    def output(self, images: torch.Tensor) -> torch.Tensor:
+        """The whole model's output for a batch of preprocessed images (class logits, a dense map,
+        features), whatever form the family or the user's model returns it in."""
+        return primary_output(self.whole(images))
 
 
-def logits_of(output) -> torch.Tensor:
-    """The class logits inside whatever a family's forward returns (a tensor, an HF output
-    object, or a tuple led by the logits)."""
+def primary_output(output) -> torch.Tensor:
+    """The one tensor a model's forward is about: itself, an HF output's ``logits`` (classifiers)
+    or ``last_hidden_state`` (feature models), the first of a tuple, or a dict's "logits"/"out"
+    (torchvision's segmentation models return ``{"out": ...}``)."""
     if isinstance(output, torch.Tensor):
         return output
-    logits = getattr(output, "logits", None)
-    if logits is None and isinstance(output, (tuple, list)):
-        logits = output[0]
-    if not isinstance(logits, torch.Tensor):
-        raise TypeError(f"cannot find logits in a {type(output).__name__} returned by the model")
-    return logits
+    if isinstance(output, dict) and not hasattr(output, "logits"):
+        found = next((output[key] for key in ("logits", "out") if key in output), None)
+    else:
+        found = getattr(output, "logits", None)
+        if found is None:
+            found = getattr(output, "last_hidden_state", None)
+        if found is None and isinstance(output, (tuple, list)) and output:
+            found = output[0]
+    if not isinstance(found, torch.Tensor):
+        raise TypeError(f"cannot find the output tensor in a {type(output).__name__} returned by the model; "
+                        "return a tensor, a tuple led by one, or a dict with 'logits' or 'out'")
+    return found
 
 
 # A loaded model carries its preprocessing in this plain attribute (not a buffer, not in the

@@ -20,7 +20,7 @@ from torch import nn
 
 from vitslim.adapters import describe
 from vitslim.cait.gates import attach_gates
-from vitslim.cait.patch import apply_token_merging, merge_schedule, token_merging
+from vitslim.cait.patch import apply_token_merging, force_token_map, merge_schedule, token_merging
 from vitslim.cait.schedule import tokens_per_block
 from vitslim.cait.shape import CHOICE_IMAGES, choice_batches, planned_schedule
 from vitslim.cait.slicing import slice_channels
@@ -61,6 +61,7 @@ def compress_cait(
     seed: int = 0,
     device: str = "cpu",
     measure: bool = True,
+    token_map: str = "auto",
     progress: bool = True,
 ) -> nn.Module:
     """A CAIT-compressed copy of ``model`` (the original is left untouched) aiming at ``speedup``
@@ -78,7 +79,9 @@ def compress_cait(
     (they must travel far in a few epochs). With ``measure`` the result is timed against the
     original (on ``device``, batch 32) and the merge schedule tightened, at most a few times,
     until the measured speed-up reaches the target (so that it still shows at least 95% of it
-    when timed again).
+    when timed again). ``token_map`` "full" makes the merging hand the whole token grid on to the
+    model's head (dense mode, for dense heads and patch pooling), "merged" lets the merged tokens
+    through (the faster classification mode), "auto" decides from the model (``cait.patch``).
     """
     if not speedup > 1:
         raise ParameterError("speedup", f"must be greater than 1 (a speed-up of the original), got {speedup:g}")
@@ -91,6 +94,7 @@ def compress_cait(
     if isinstance(batches, Iterator):
         batches = list(batches)  # read twice: once to choose the schedule, once to distil
     student = copy.deepcopy(model).eval()
+    force_token_map(student, token_map)
     schedule, planning = None, {"concentration": 1.0 if concentration is None else concentration}
     if token_target > 1:
         schedule, planning = planned_schedule(student, merge, token_target, None if batches is None else choice_batches(batches, calib_images, seed),

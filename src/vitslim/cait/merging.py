@@ -360,3 +360,20 @@ def unmerge(tokens: torch.Tensor, token_map: TokenMap) -> torch.Tensor:
     prefix = token_map.prefix
     return torch.cat([tokens[:, :prefix], _take(tokens, token_map.source, prefix)], dim=1)
 
+
+def representatives(token_map: TokenMap) -> torch.Tensor:
+    """``(B, M)`` long: for every current patch token, one original patch position it holds (the
+    first), so that ``compact`` can take each token back out of an unmerged map. Any position
+    would do, since ``unmerge`` gives all of a token's positions the same features; the first
+    makes the choice deterministic (a plain scatter would let duplicates race)."""
+    batch, positions = token_map.source.shape
+    current = token_map.size.shape[1] - token_map.prefix
+    every = torch.arange(positions, device=token_map.source.device).expand(batch, -1)
+    first = torch.full((batch, current), positions, dtype=torch.long, device=token_map.source.device)
+    return first.scatter_reduce(1, token_map.source, every, reduce="amin")
+
+
+def compact(tokens: torch.Tensor, kept: torch.Tensor, prefix: int) -> torch.Tensor:
+    """The inverse of ``unmerge``: from a full ``(B, prefix + H*W, C)`` map, the prefix tokens and
+    the patch token at each position of ``kept`` (see ``representatives``)."""
+    return torch.cat([tokens[:, :prefix], _take(tokens, kept, prefix)], dim=1)

@@ -1,11 +1,25 @@
 """Token merging inside any supported ViT, through hooks rather than copies of its forward methods.
 
-Four narrow hooks do all of it: the model's forward pre-hook starts a fresh ``TokenMap``; at a
-merging block, a hook on the key projection keeps the keys (the similarity metric) and a forward
-hook on the block merges its output tokens, so every later block runs on fewer tokens; and every
-attention module gets a pre-hook that adds proportional attention (``log size``) to the mask its
-caller passes, in the form the family's adapter knows (``add_attention_bias``). Nothing of the
-model is replaced, so ``remove_token_merging`` gives back the original behaviour exactly.
+Narrow hooks do all of it: the first block's forward pre-hook starts a fresh ``TokenMap`` (so
+``forward_features``, ``forward_intermediates`` and a user's model calling the ViT all work); at
+a merging block, a hook on the key projection keeps the keys (the similarity metric) and a
+forward hook on the block merges its output tokens, so every later block runs on fewer tokens;
+and every attention module gets a pre-hook that adds proportional attention (``log size``) to
+the mask its caller passes, in the form the family's adapter knows (``add_attention_bias``).
+
+Two modes. In *classification* mode the merged tokens flow on to the model's head: the fast path
+when the output reads only the class token. In *dense* mode every block hands on the full
+``prefix + H×W`` token map and the next block's pre-hook takes the merged tokens back out of it
+(``merging.compact``), so each block still computes on exactly the merged tokens classification
+mode has, while everything outside the blocks (the final norm, ``forward_intermediates``, HF's
+``hidden_states``, a dense head) sees the shapes it expects. The full map keeps each patch's own
+residual: at a merge, what set a patch apart from the token it joined (its ``detail``) is kept
+aside, and every later full map is ``unmerge(merged tokens) + detail``. So merging shares the
+later blocks' *updates* among a token's patches, as ToMe for Stable Diffusion does inside each
+block, instead of replacing every patch by one average (plain ``merging.unmerge``, ``detail=False``),
+which blurs a dense map down to the merged grid. Dense mode is chosen when the output depends on the patch
+tokens (``reads_patch_tokens``). Nothing of the model is replaced, so ``remove_token_merging``
+gives back the original behaviour exactly.
 """
 
 from __future__ import annotations
@@ -20,13 +34,25 @@ from torch import nn
 
 from vitslim.adapters import describe, family_of
 from vitslim.adapters.base import AttentionSpec, ViTSpec
-from vitslim.cait.merging import TokenMap, atme_merge, attention_bias, tome_merge
+from vitslim.cait.merging import (
+    TokenMap,
+    atme_merge,
+    attention_bias,
+    compact,
+    representatives,
+    tome_merge,
+    unmerge,
+    window_merge,
+)
 from vitslim.cait.schedule import MergeSchedule, check_schedule
-from vitslim.errors import VitslimError
+from vitslim.errors import ParameterError, VitslimError
 from vitslim.recipe import drop_steps, record_step, register_step
 
 MERGING_ATTR = "vitslim_merging"
 STEP = "merging"
+TOKEN_MAP_ATTR = "vitslim_token_map"
+TOKEN_MAPS = ("auto", "full", "merged")
+HIDDEN_STATES_NAMES = ("x", "hidden_states", "src")  # a block's token argument when passed by keyword (timm, HF, torch.nn)
 
 
 @dataclass
@@ -35,12 +61,45 @@ class _Merger:
 
     spec: ViTSpec
     schedule: MergeSchedule
+    dense: bool
     handles: list = field(default_factory=list)
     token_map: TokenMap | None = None
     keys: torch.Tensor | None = None
+    keep_detail: bool = True
+    kept: torch.Tensor | None = None  # dense mode, once merged: one original patch position per current token
+    detail: torch.Tensor | None = None  # dense mode: full map minus unmerge(merged tokens), tokens first
 
     def start(self, module, args) -> None:
-        self.token_map, self.keys = None, None
+        self.token_map, self.keys, self.kept, self.detail = None, None, None, None
+
+    def _full(self, tokens: torch.Tensor) -> torch.Tensor:
+        full = unmerge(tokens, self.token_map)
+        return full if self.detail is None else full + self.detail
+
+    def compact(self, module, args, kwargs):
+        """Dense mode, before a block: the full token map back to one row per current token."""
+        if self.kept is None:
+            return None
+        prefix = self.spec.num_prefix_tokens
+
+        def compacted(tokens: torch.Tensor) -> torch.Tensor:
+            tokens = self._tokens_first(tokens)
+            return self._tokens_first(compact(tokens if self.detail is None else tokens - self.detail, self.kept, prefix))
+
+        if args:
+            return (compacted(args[0]), *args[1:]), kwargs
+        name = next(key for key in HIDDEN_STATES_NAMES if key in kwargs)
+        return args, {**kwargs, name: compacted(kwargs[name])}
+
+    def expand(self, module, args, output):
+        """Dense mode, after a block that does not merge: the full token map again."""
+        if self.kept is None:
+            return None
+        return self._replace(output, self._full(self._tokens_first(output[0] if isinstance(output, tuple) else output)))
+
+    def _replace(self, output, tokens: torch.Tensor):
+        tokens = self._tokens_first(tokens)
+        return (tokens, *output[1:]) if isinstance(output, tuple) else tokens
 
     def add_bias(self, attention: AttentionSpec):
         family = family_of(self.spec.model)
@@ -93,29 +152,64 @@ class _Merger:
                         f"sees {tokens.shape[1]} tokens; feed images of the model's input size"
                     )
                 self.token_map = TokenMap.identity(tokens.shape[0], grid, prefix, tokens.device, tokens.dtype)
+            before = self._full(tokens) if self.dense and self.keep_detail and self.token_map.merged else tokens
             if self.schedule.method == "atme":
                 merged, self.token_map = atme_merge(tokens, self.keys, self.token_map, r, level)
+            elif self.schedule.method == "window":
+                merged, self.token_map = window_merge(tokens, self.keys, self.token_map, r, level)
             else:
                 merged, self.token_map = tome_merge(tokens, self.keys, self.token_map, r)
             self.keys = None
-            merged = self._tokens_first(merged)
-            return (merged, *output[1:]) if isinstance(output, tuple) else merged
+            if self.dense and self.token_map.merged:
+                self.kept = representatives(self.token_map)
+                if not self.keep_detail:
+                    return self._replace(output, unmerge(merged, self.token_map))
+                self.detail = before - unmerge(merged, self.token_map)
+                return self._replace(output, before)
+            return self._replace(output, merged)
 
         return hook
 
 
-def apply_token_merging(model: nn.Module, schedule: MergeSchedule, *, record: bool = True, notes: dict | None = None) -> nn.Module:
+def reads_patch_tokens(model: nn.Module) -> bool:
+    """Whether ``model``'s output depends on the ViT's patch tokens, so merging must hand the full
+    token map on (dense mode): always for a user's model around the ViT (a dense head, or a head
+    vitslim cannot see into), else as the family's adapter says (pooling over patches or not),
+    unless ``force_token_map`` decided."""
+    spec = describe(model)
+    forced = getattr(spec.whole, TOKEN_MAP_ATTR, None)
+    if forced is not None:
+        return forced == "full"
+    return spec.root is not None or family_of(spec.model).output_reads_patch_tokens(spec.model)
+
+
+def force_token_map(model: nn.Module, token_map: str) -> None:
+    """Decide the mode of ``model``'s later merging: "full" (dense), "merged" (classification) or
+    "auto" (``reads_patch_tokens`` decides). A plain attribute, so copies made later keep it."""
+    if token_map not in TOKEN_MAPS:
+        raise ParameterError("token_map", f"is {token_map!r}; choose one of {', '.join(TOKEN_MAPS)}")
+    if token_map == "auto":
+        if hasattr(model, TOKEN_MAP_ATTR):
+            delattr(model, TOKEN_MAP_ATTR)
+        return
+    object.__setattr__(model, TOKEN_MAP_ATTR, token_map)
+
+
+def apply_token_merging(model: nn.Module, schedule: MergeSchedule, *, dense: bool | None = None, record: bool = True,
+                        notes: dict | None = None) -> nn.Module:
     """Patch ``model`` in place to merge tokens on ``schedule``; returns it. With ``record`` the
     schedule becomes a recipe step, so a saved folder reloads it, together with ``notes`` (how it
     was chosen and what it measured); for temporary merging (choosing a schedule, training gates,
-    measuring) use the ``token_merging`` context manager instead.
+    measuring) use the ``token_merging`` context manager instead. ``dense`` chooses the mode
+    (module docstring); None: dense exactly when ``reads_patch_tokens(model)``.
 
     Prefix tokens (class, distillation, registers) are never merged. After a forward pass,
     ``token_map(model)`` says where every original patch went (see ``merging.unmerge``).
     """
-    _attach(model, schedule)
+    dense = reads_patch_tokens(model) if dense is None else dense
+    _attach(model, schedule, dense)
     if record:
-        record_step(model, {"method": STEP, "schedule": schedule.as_dict(), **(notes or {})})
+        record_step(model, {"method": STEP, "schedule": schedule.as_dict(), "dense": dense, **(notes or {})})
     return model
 
 
@@ -127,13 +221,16 @@ def remove_token_merging(model: nn.Module) -> nn.Module:
 
 
 @contextmanager
-def token_merging(model: nn.Module, schedule: MergeSchedule | None) -> Iterator[nn.Module]:
+def token_merging(model: nn.Module, schedule: MergeSchedule | None, *, dense: bool | None = None,
+                  detail: bool = True) -> Iterator[nn.Module]:
     """``model`` merging tokens on ``schedule`` inside the with-block only, with no recipe step
-    (``None``: no merging). The model must not be merging already."""
+    (``None``: no merging), in the mode ``apply_token_merging`` would choose unless ``dense`` says.
+    ``detail=False`` restores a dense map by plain unmerging, for comparison (module docstring).
+    The model must not be merging already."""
     if schedule is None:
         yield model
         return
-    _attach(model, schedule)
+    _attach(model, schedule, reads_patch_tokens(model) if dense is None else dense, detail)
     try:
         yield model
     finally:
@@ -149,14 +246,15 @@ def merging_suspended(model: nn.Module) -> Iterator[MergeSchedule | None]:
     if schedule is None:
         yield None
         return
+    dense = getattr(model, MERGING_ATTR).dense
     _detach(model)
     try:
         yield schedule
     finally:
-        _attach(model, schedule)
+        _attach(model, schedule, dense)
 
 
-def _attach(model: nn.Module, schedule: MergeSchedule) -> None:
+def _attach(model: nn.Module, schedule: MergeSchedule, dense: bool, detail: bool = True) -> None:
     if getattr(model, MERGING_ATTR, None) is not None:
         raise VitslimError("this model already merges tokens; remove_token_merging(model) first")
     spec = describe(model)
@@ -165,18 +263,22 @@ def _attach(model: nn.Module, schedule: MergeSchedule) -> None:
         if not 0 <= block < depth:
             raise VitslimError(f"the merge schedule names block {block}, but the model has blocks 0-{depth - 1}")
     check_schedule(schedule, spec.grid_size, spec.num_prefix_tokens)
-    merger = _Merger(spec, schedule)
-    merger.handles.append(model.register_forward_pre_hook(merger.start))
+    merger = _Merger(spec, schedule, dense, keep_detail=detail)
+    merger.handles.append(spec.blocks[0].module.register_forward_pre_hook(merger.start))
+    merges = {index: (r, level) for index, r, level in schedule.steps}
     for block in spec.blocks:
         merger.handles.append(block.attention.module.register_forward_pre_hook(merger.add_bias(block.attention), with_kwargs=True))
-    for index, r, level in schedule.steps:
-        block = spec.blocks[index]
-        module, hook, before = merger.keep_keys(block.attention)
-        if before:
-            merger.handles.append(module.register_forward_pre_hook(hook, with_kwargs=True))
-        else:
-            merger.handles.append(module.register_forward_hook(hook))
-        merger.handles.append(block.module.register_forward_hook(merger.merge_after(r, level)))
+        if dense:
+            merger.handles.append(block.module.register_forward_pre_hook(merger.compact, with_kwargs=True))
+        if block.index in merges:
+            module, hook, before = merger.keep_keys(block.attention)
+            if before:
+                merger.handles.append(module.register_forward_pre_hook(hook, with_kwargs=True))
+            else:
+                merger.handles.append(module.register_forward_hook(hook))
+            merger.handles.append(block.module.register_forward_hook(merger.merge_after(*merges[block.index])))
+        elif dense:
+            merger.handles.append(block.module.register_forward_hook(merger.expand))
     object.__setattr__(model, MERGING_ATTR, merger)  # a plain attribute: not a module, not in the state dict
 
 
@@ -187,6 +289,12 @@ def _detach(model: nn.Module) -> None:
     for handle in merger.handles:
         handle.remove()
     delattr(model, MERGING_ATTR)
+
+
+def merges_densely(model: nn.Module) -> bool:
+    """Whether ``model`` merges tokens in dense mode (False when it does not merge)."""
+    merger = getattr(model, MERGING_ATTR, None)
+    return merger is not None and merger.dense
 
 
 def merge_schedule(model: nn.Module) -> MergeSchedule | None:
@@ -200,7 +308,7 @@ def token_map(model: nn.Module) -> TokenMap | None:
     return None if merger is None else merger.token_map
 
 
-MERGE_NAMES = {"atme": "ATME", "tome": "ToMe"}
+MERGE_NAMES = {"atme": "ATME", "tome": "ToMe", "window": "2x2-window (ALGM-style)"}
 
 
 def _summary(step: dict) -> str:
@@ -209,9 +317,9 @@ def _summary(step: dict) -> str:
     measured = step.get("measured_speedup")
     return (f"{MERGE_NAMES.get(schedule.get('method'), schedule.get('method'))} token merging: {sum(r for _, r, _ in merges)} tokens after blocks "
             f"{', '.join(str(b) for b, _, _ in merges)}" + (f", concentration {step['concentration']:g}" if "concentration" in step else "")
-            + (f", measured {measured:.2f}x" if measured else ""))
+            + (f", measured {measured:.2f}x" if measured else "") + (", full token map restored (dense)" if step.get("dense") else ""))
 
 
 @register_step(STEP, summary=_summary)
 def _rebuild(model: nn.Module, step: dict) -> None:
-    apply_token_merging(model, MergeSchedule.from_dict(step["schedule"]), record=False)
+    apply_token_merging(model, MergeSchedule.from_dict(step["schedule"]), dense=bool(step.get("dense", False)), record=False)

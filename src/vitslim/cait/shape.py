@@ -28,7 +28,7 @@ from vitslim.cait.schedule import MergeSchedule, schedule_for_speedup
 from vitslim.distributed import on_main
 from vitslim.errors import VitslimError
 from vitslim.lowrank.calibration import leading_images
-from vitslim.metrics import mean_kl
+from vitslim.objective import mean_divergence
 
 logger = logging.getLogger("vitslim")
 
@@ -59,14 +59,14 @@ def choose_concentration(model: nn.Module, method: str, speedup: float, calibrat
         raise VitslimError("the calibration data holds no images to choose the merge schedule on")
     spec = describe(model)
     with torch.no_grad():
-        teacher_logits = [spec.logits(batch) for batch in batches]
+        teacher_outputs = [spec.output(batch) for batch in batches]
     scores: dict[float, float] = {}
     scored: dict[MergeSchedule, float] = {}
     for concentration in tqdm(candidates, desc="merge schedule shapes", unit="shape", disable=not progress):
         schedule = schedule_for_speedup(spec, method, speedup, concentration=concentration)
         if schedule not in scored:
             with token_merging(model, schedule):
-                scored[schedule] = mean_kl(teacher_logits, model, batches)
+                scored[schedule] = mean_divergence(spec, teacher_outputs, batches)
         scores[concentration] = scored[schedule]
     best = min(candidates, key=lambda concentration: (scores[concentration], candidates.index(concentration)))
     logger.info("merge schedule concentration %g chosen (KL on %d images: %s)", best, sum(len(b) for b in batches),

@@ -155,7 +155,7 @@ def slice_channels(model: nn.Module, gates: ChannelGates | None = None, *, masks
     plan = [_plan(family, _block_at(spec, key), entry) for key, entry in masks.items()]  # all checked before any change
     if isinstance(attached, ChannelGates):
         detach_gates(model)
-    family.pin_architecture(model)  # while the modules still show the original widths
+    family.pin_architecture(spec.model)  # while the modules still show the original widths
     prepare_for_replacement(model)
     names = {id(module): name for name, module in model.named_modules()}
     result, step = {}, {}

@@ -46,7 +46,9 @@ def compressible_linears(model: nn.Module) -> dict[str, nn.Linear]:
 
 
 def target_params(model: nn.Module, *, param_ratio: float | None, params: int | None) -> int:
-    total = count_params(model)
+    """The parameter budget of the ViT (for a user's model holding one, of that ViT alone: the rest of
+    the model is not compressed, so a ratio of the whole would say nothing about the backbone)."""
+    total = count_params(describe(model).model)
     if (param_ratio is None) == (params is None):
         raise ParameterError("param_ratio", "or params: state exactly one budget (a fraction of the parameters, or a count)")
     if param_ratio is not None:
@@ -120,7 +122,7 @@ def compress_lowrank(
     progress: bool = True,
 ) -> nn.Module:
     """A factorised copy of ``model`` (the original is left untouched) with at most the budgeted
-    parameter count, as ``count_params``/``vitslim eval`` count it. ``sensitivity`` weighs each
+    parameter count, as ``count_params``/``vitslim eval`` count it (of the ViT inside a user's model). ``sensitivity`` weighs each
     layer's error ("fisher", the default for the whitened method, measured on the first
     ``sensitivity_images`` calibration images, all with None; "none"; or a dict by layer name).
     ``compensation`` (default: on for the whitened method) refits every factorised layer, in
@@ -147,7 +149,7 @@ def compress_lowrank(
     linears = compressible_linears(compressed)
     if not linears:
         raise VitslimError("the model has no compressible Linear layers (attention projections or MLP)")
-    fixed = count_params(compressed) - sum(layer.weight.numel() for layer in linears.values())
+    fixed = count_params(describe(compressed).model) - sum(layer.weight.numel() for layer in linears.values())
     budget = target - fixed
     if budget < 0:
         raise VitslimError(f"the budget of {target:,} parameters is below the {fixed:,} that stay dense (embeddings, norms, biases, head); raise it")

@@ -4,9 +4,10 @@
 order (diagonal Fisher) estimate of the loss increase caused by an output perturbation δY of
 layer l is ½ · F_l · ‖δY‖², with F_l the mean squared gradient of the loss per output element.
 The whitened error curve gives ‖δY‖² exactly, so F_l · σ²_i is the loss a component removes.
-The loss is the cross-entropy against the model's own top-1 prediction: it needs no labels, so
-any calibration images serve, and its gradient is not zero at the original weights (unlike the
-KL to the original model).
+For a classifier the loss is the cross-entropy against the model's own top-1 prediction: it needs
+no labels, so any calibration images serve, and its gradient is not zero at the original weights
+(unlike the KL to the original model). For a model whose output is a map or features, a random
+projection of the output plays that part (``Objective.sensitivity_loss``).
 
 One scalar per layer needs far fewer images than the Gram matrices do, and a backward pass costs
 about three forward passes, so by default only the first ``FISHER_IMAGES`` calibration images are
@@ -20,11 +21,11 @@ from collections.abc import Iterable
 
 import torch
 from torch import nn
-from torch.nn import functional as F
 
 from vitslim.adapters import describe
 from vitslim.distributed import all_reduce_sum, owns, sum_numbers
 from vitslim.lowrank.calibration import images_of
+from vitslim.objective import objective_for
 from vitslim.progress import track
 
 FISHER_IMAGES = 16
@@ -69,6 +70,7 @@ def fisher_channels(model: nn.Module, linears: dict[str, nn.Linear], batches: It
     was_training = model.training
     model.eval()
     device = next(model.parameters()).device
+    directions = torch.Generator(device).manual_seed(0)
     try:
         for index, chunk in enumerate(track(_chunks(batches, images), "measuring layer sensitivity", unit="chunk", show=progress)):
             if not owns(index):  # under torchrun: this rank's share, summed over ranks below
@@ -76,8 +78,8 @@ def fisher_channels(model: nn.Module, linears: dict[str, nn.Linear], batches: It
             # gradients must reach the activations even when the user froze the parameters
             chunk = chunk.to(device).requires_grad_(True)
             with torch.enable_grad():
-                logits = spec.logits(chunk)
-                F.cross_entropy(logits, logits.argmax(1).detach(), reduction="sum").backward()
+                outputs = spec.output(chunk)
+                objective_for(spec, outputs).sensitivity_loss(outputs, directions).backward()
     finally:
         for handle in handles:
             handle.remove()

@@ -6,7 +6,8 @@ from __future__ import annotations
 from torch import nn
 
 from vitslim.cait.compress import compress_cait
-from vitslim.cait.patch import merge_schedule
+from vitslim.cait.patch import TOKEN_MAPS, merge_schedule
+from vitslim.cait.schedule import METHODS
 from vitslim.errors import ParameterError
 from vitslim.methods import Inputs, Method, Option, SweepBudget, register_method
 from vitslim.metrics import count_params
@@ -15,7 +16,11 @@ from vitslim.table import render
 from vitslim.train import Training
 
 SPEEDUP = Option("speedup", "Target throughput, times the original's (measured after compression).")
-MERGE = Option("merge", "Token merging method (tome: the ToMe baseline).", kind=str, default="atme", choices=("atme", "tome"))
+MERGE = Option("merge", "Token merging method (tome: the ToMe baseline; window: merging whole 2x2 windows, an ALGM-style "
+                        "grid-keeping baseline).", kind=str, default="atme", choices=METHODS)
+TOKEN_MAP = Option("token_map", "full: the merged tokens are spread back over the whole grid before they leave the ViT (dense heads, "
+                                "patch pooling); merged: they reach the head merged (faster); auto: full when the output reads the "
+                                "patch tokens.", kind=str, default="auto", choices=TOKEN_MAPS)
 CONCENTRATION = Option(
     "concentration", "How front-loaded the merge schedule is (block i's share of the merged tokens weighs (depth-1-i)^C; 0 spreads "
     "evenly). Default: the C of 1, 2 or 4 whose schedule keeps the original's logits best on the calibration images.")
@@ -32,16 +37,18 @@ OPTIONS = (
            off="--unconstrained"),
     Option("measure", "Time the result against the original and merge more until the measured speed-up reaches the target "
                       "(--plan-only: trust the FLOPs model).", kind=bool, default=True, off="--plan-only"),
+    TOKEN_MAP,
 )
 
 
 def compress(original: nn.Module, inputs: Inputs, *, speedup=None, gate_training=None, merge="atme", token_speedup=None,
-             channel_ratio=None, concentration=None, consistent=True, measure=True) -> nn.Module:
+             channel_ratio=None, concentration=None, consistent=True, measure=True, token_map="auto") -> nn.Module:
     if speedup is None:
         raise ParameterError("speedup", "is needed by the cait method (S > 1, a multiple of the original's throughput)")
     return compress_cait(original, inputs.train, speedup=speedup, gate_training=gate_training, merge=merge, token_speedup=token_speedup,
                          channel_ratio=channel_ratio, concentration=concentration, calib_images=inputs.calib_images, consistent=consistent,
-                         seed=inputs.seed, device=inputs.device, measure=measure, progress=inputs.progress)
+                         seed=inputs.seed, device=inputs.device, measure=measure, token_map=token_map,
+                         progress=inputs.progress)
 
 
 def merging_report(compressed: nn.Module) -> list[str]:

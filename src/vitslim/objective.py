@@ -1,0 +1,110 @@
+"""What "close to the original" means for a model: the loss every method preserves.
+
+A classifier is judged by its class distribution (KL), a saliency or segmentation model by its
+per-pixel map, a backbone by its features. The methods (the merge schedule's choice, channel
+gates, layer sensitivity, distillation) all compare a compressed model's output with the
+original's through one ``Objective``, chosen from the output itself (``objective_for``) unless
+the user set one on the model (``set_objective``), so a ViT inside a user's dense model is
+compressed for what that model does, not for its backbone's logits.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from vitslim.adapters.base import ViTSpec
+from vitslim.errors import ParameterError
+from vitslim.fidelity import dense_loss
+
+KINDS = ("logits", "map", "features")
+CHOICES = ("auto", *KINDS)
+OBJECTIVE_ATTR = "vitslim_objective"  # a plain attribute on the model being compressed, never saved
+
+
+@dataclass(frozen=True)
+class Objective:
+    """``kind`` "logits": KL(teacher ‖ model) over classes; "map": per-pixel MSE; "features": MSE
+    relative to the teacher's per-image variance (scale-free, so one learning rate fits any
+    backbone's feature scale)."""
+
+    kind: str
+
+    def __post_init__(self) -> None:
+        if self.kind not in KINDS:
+            raise ParameterError("objective", f"is {self.kind!r}; choose one of {', '.join(CHOICES)}")
+
+    def per_image(self, outputs: torch.Tensor, teacher_outputs: torch.Tensor, temperature: float = 1.0) -> torch.Tensor:
+        """``(B,)``: how far each image's output is from the teacher's (0 when equal)."""
+        outputs, teacher_outputs = outputs.float(), teacher_outputs.float()
+        if outputs.shape != teacher_outputs.shape:
+            raise ValueError(f"the model's output has shape {tuple(outputs.shape)} but the original's {tuple(teacher_outputs.shape)}")
+        if self.kind == "logits":
+            log_p = F.log_softmax(outputs / temperature, dim=-1)
+            log_q = F.log_softmax(teacher_outputs / temperature, dim=-1)
+            return F.kl_div(log_p, log_q, log_target=True, reduction="none").sum(-1) * temperature**2
+        return dense_loss(self.kind, outputs, teacher_outputs)
+
+    def sensitivity_loss(self, outputs: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
+        """A scalar whose squared gradients estimate how much each activation moves the output
+        (empirical Fisher): for logits the loss of the model's own top class; for maps and features,
+        whose own-output loss has no gradient, a random projection of the output, whose squared
+        gradient is in expectation the Gauss-Newton diagonal of the MSE."""
+        if self.kind == "logits":
+            return F.cross_entropy(outputs, outputs.argmax(1).detach(), reduction="sum")
+        directions = torch.randn(outputs.shape, generator=generator, device=generator.device, dtype=outputs.dtype)
+        return (outputs * directions.to(outputs.device)).sum()
+
+
+def infer_kind(spec: ViTSpec, output: torch.Tensor) -> str:
+    """Logits when the output is ``(B, K)`` from a classifier (a ViT with a head of K classes, or a
+    user's model around a ViT: its own head); a map when it is ``(B, C, H, W)``; features
+    otherwise (token features ``(B, N, C)``, pooled features of a ViT without a head)."""
+    if output.dim() == 4:
+        return "map"
+    if output.dim() == 2 and output.shape[1] > 1 and (spec.root is not None or output.shape[1] == spec.num_classes):
+        return "logits"
+    return "features"
+
+
+def set_objective(model: nn.Module, kind: str) -> None:
+    """Make every method judge ``model`` by ``kind`` ("auto": infer it from the output again)."""
+    if kind not in CHOICES:
+        raise ParameterError("objective", f"is {kind!r}; choose one of {', '.join(CHOICES)}")
+    if kind == "auto":
+        if hasattr(model, OBJECTIVE_ATTR):
+            delattr(model, OBJECTIVE_ATTR)
+        return
+    object.__setattr__(model, OBJECTIVE_ATTR, kind)
+
+
+@contextmanager
+def judged_by(model: nn.Module, kind: str) -> Iterator[nn.Module]:
+    """``model`` judged by ``kind`` inside the with-block (copies made there keep it), as before after."""
+    had = getattr(model, OBJECTIVE_ATTR, None)
+    set_objective(model, kind)
+    try:
+        yield model
+    finally:
+        set_objective(model, had or "auto")
+
+
+def objective_for(spec: ViTSpec, output: torch.Tensor) -> Objective:
+    """The objective set on the model, else the one its ``output`` calls for."""
+    return Objective(getattr(spec.whole, OBJECTIVE_ATTR, None) or infer_kind(spec, output))
+
+
+def mean_divergence(model_spec: ViTSpec, teacher_outputs: list[torch.Tensor], images: list[torch.Tensor]) -> float:
+    """Mean over images of the objective's distance from the teacher's outputs (given per batch of
+    ``images``) to the model's."""
+    total, count = 0.0, 0
+    with torch.no_grad():
+        for reference, batch in zip(teacher_outputs, images):
+            total += float(objective_for(model_spec, reference).per_image(model_spec.output(batch), reference).sum())
+            count += batch.shape[0]
+    return total / count
