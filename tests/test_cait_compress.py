@@ -90,9 +90,12 @@ def test_training_images_choose_the_schedule_and_the_recipe_records_it(tmp_path,
     dataset = imagedata.open_images(images, imagedata.build_transform(spec.preprocessing))
     compressed = compress_cait(model, dataset, speedup=1.5, measure=False, progress=False)
     step = next(step for step in recipe_steps(compressed) if step["method"] == "merging")
-    assert set(step["concentration_kl"]) == {"1", "2", "4"}
+    assert set(step["concentration_kl"]) == {"0", "1", "2", "4"}
     assert step["concentration_kl"][f"{step['concentration']:g}"] == min(step["concentration_kl"].values())
-    assert merge_schedule(compressed) == schedule_for_speedup(spec, "atme", 1.5, concentration=step["concentration"])
+    assert step["first_level_score"][str(step["first_level"])] == min(step["first_level_score"].values())
+    assert set(step["first_level_score"]) == {"1", "2"}
+    assert merge_schedule(compressed) == schedule_for_speedup(spec, "atme", 1.5, concentration=step["concentration"],
+                                                              first_level=step["first_level"])
     folder = vitslim.save(compressed, tmp_path / "chosen")
     saved = json.loads((folder / "recipe.json").read_text())["steps"]
     assert saved[-1]["concentration"] == step["concentration"]

@@ -327,3 +327,12 @@ def test_token_merging_is_temporary_and_suspension_keeps_the_recipe():
     assert recipe_steps(model) == [{"method": "merging", "schedule": schedule.as_dict(), "dense": False, "why": "a test"}]
     with pytest.raises(VitslimError, match="already merges tokens"), token_merging(model, schedule):
         pass
+
+
+def test_atme_plans_start_at_their_first_level():
+    """First level 2: every step merges into 2x2-window destinations or coarser; the default keeps level 1 first."""
+    coarse = plan("atme", (8, 8), 4, 30.0, first_level=2)
+    assert coarse.merged == plan("atme", (8, 8), 4, 30.0).merged == 30
+    assert all(level >= 2 for _, _, level in coarse.steps) and plan("atme", (8, 8), 4, 30.0).steps[0][2] == 1
+    with pytest.raises(VitslimError, match="first level"):
+        plan("atme", (8, 8), 4, 30.0, first_level=0)

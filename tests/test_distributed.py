@@ -79,7 +79,7 @@ def test_channel_pruning_with_merging_trains_under_ddp_and_writes_once(setup):
     assert run.stdout.count("saved to") == 1
     steps = json.loads((out / "recipe.json").read_text())["steps"]
     assert [step["method"] for step in steps] == ["channels", "merging"]
-    assert len(steps[1]["concentration_kl"]) == 3  # chosen on rank 0, shared with rank 1
+    assert len(steps[1]["concentration_kl"]) == 4  # chosen on rank 0, shared with rank 1
     reloaded = vitslim.load_model(str(out))
     with torch.no_grad():
         assert torch.isfinite(reloaded(torch.randn(2, 3, 32, 32))).all()

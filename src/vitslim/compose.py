@@ -303,7 +303,8 @@ def compress_composed(
         student = compress_lowrank(student.to(device), calibration, params=budget, progress=progress).to("cpu")
     measured = None
     if speedup is not None and "tokens" in axes:
-        schedule, measured = meet_speedup(model, student, merge, speedup, schedule, device, concentration=planning["concentration"])
+        schedule, measured = meet_speedup(model, student, merge, speedup, schedule, device, concentration=planning["concentration"],
+                                          first_level=planning.get("first_level", 1))
         planning = {"measured_speedup": round(measured, 3), **planning}
     elif speedup is not None:
         measured = measured_speedup(model, student, device=device)

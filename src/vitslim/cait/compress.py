@@ -104,7 +104,8 @@ def compress_cait(
         prune_channels(student, model, batches, gate_training, channel_ratio=channel_target, schedule=schedule, consistent=consistent,
                        gate_lr_scale=gate_lr_scale)
     if measure:
-        schedule, measured = meet_speedup(model, student, merge, speedup, schedule, device, concentration=planning["concentration"])
+        schedule, measured = meet_speedup(model, student, merge, speedup, schedule, device, concentration=planning["concentration"],
+                                          first_level=planning.get("first_level", 1))
         planning = {"measured_speedup": round(measured, 3), **planning}
     if schedule is not None:  # the one recipe step of the merging, with how it was planned and measured
         apply_token_merging(student, schedule, notes=planning)

@@ -133,11 +133,15 @@ def check_schedule(schedule: MergeSchedule, grid: tuple[int, int], prefix: int) 
             previous = level
 
 
-def plan(method: str, grid: tuple[int, int], depth: int, total: float, concentration: float = 1.0) -> MergeSchedule:
+def plan(method: str, grid: tuple[int, int], depth: int, total: float, concentration: float = 1.0,
+         first_level: int = 1) -> MergeSchedule:
     """Merge ``total`` tokens, block i's share weighing (depth-1-i) ** concentration, no block
     more than half of its patch tokens (a total beyond what the caps allow halves every block's
-    tokens). Window merging plans by ``window_plan`` and ignores ``concentration``: its one step
-    has nothing to share out."""
+    tokens). ATME starts at sub-grid level ``first_level``: at level 1 only every other column's
+    tokens can merge, so on a fine grid a 1.5x plan merges nearly all of them whatever they hold,
+    while level 2 leaves three in four tokens to choose from (``cait.shape`` chooses). Window
+    merging plans by ``window_plan`` and ignores ``concentration``: its one step has nothing to
+    share out."""
     if total < 0:
         raise VitslimError("the number of tokens to merge must be ≥ 0")
     if concentration < 0:
@@ -146,7 +150,9 @@ def plan(method: str, grid: tuple[int, int], depth: int, total: float, concentra
         return window_plan(grid, depth, total)
     weights = [(depth - 1 - block) ** concentration for block in range(depth - 1)]
     whole = sum(weights)
-    patches, merged, level, share = grid[0] * grid[1], 0, 1, 0.0
+    if first_level < 1:
+        raise VitslimError(f"ATME's first level must be at least 1, got {first_level}")
+    patches, merged, level, share = grid[0] * grid[1], 0, min(first_level, top_level(grid)), 0.0
     steps = []
     for block, weight in enumerate(weights):
         share += total * weight / whole
@@ -195,17 +201,17 @@ def predicted_speedup(spec: ViTSpec, schedule: MergeSchedule | None, reference: 
     return blocks_flops(reference, full) / blocks_flops(spec, tokens_per_block(schedule, spec))
 
 
-def strongest_schedule(spec: ViTSpec, method: str, concentration: float = 1.0) -> MergeSchedule:
+def strongest_schedule(spec: ViTSpec, method: str, concentration: float = 1.0, first_level: int = 1) -> MergeSchedule:
     """The plan that merges all it can: every block's cap binds."""
-    return plan(method, spec.grid_size, len(spec.blocks), float(len(spec.blocks) * spec.num_patches), concentration)
+    return plan(method, spec.grid_size, len(spec.blocks), float(len(spec.blocks) * spec.num_patches), concentration, first_level)
 
 
 def schedule_for_speedup(spec: ViTSpec, method: str, speedup: float, *, reference: ViTSpec | None = None,
-                         concentration: float = 1.0) -> MergeSchedule:
+                         concentration: float = 1.0, first_level: int = 1) -> MergeSchedule:
     """The gentlest planned schedule whose predicted speed-up (against ``reference``) reaches ``speedup``."""
     grid, depth = spec.grid_size, len(spec.blocks)
     ceiling = float(depth * spec.num_patches)
-    most = strongest_schedule(spec, method, concentration)
+    most = strongest_schedule(spec, method, concentration, first_level)
     if predicted_speedup(spec, most, reference) < speedup:
         raise VitslimError(
             f"a {speedup:g}x speed-up is beyond token merging here: merging everything it can gives "
@@ -214,8 +220,8 @@ def schedule_for_speedup(spec: ViTSpec, method: str, speedup: float, *, referenc
     low, high = 0.0, ceiling
     for _ in range(40):
         middle = (low + high) / 2
-        if predicted_speedup(spec, plan(method, grid, depth, middle, concentration), reference) >= speedup:
+        if predicted_speedup(spec, plan(method, grid, depth, middle, concentration, first_level), reference) >= speedup:
             high = middle
         else:
             low = middle
-    return plan(method, grid, depth, high, concentration)
+    return plan(method, grid, depth, high, concentration, first_level)

@@ -5,10 +5,13 @@ Concentration 1 was the best single rule at moderate targets, but at high ones p
 the merging in the first blocks does better, and by a margin: on vit-d6-cifar10 at 2.4x by the
 FLOPs model, concentration 4 (chosen on train images) kept both methods' logits clearly closer to
 the unmerged model's on the test split, while at 1.3x to 1.6x concentration 1 stayed best for
-both (benchmarks/results/cait/shape.md). Where the turn comes depends on the model and the
-target, so with calibration images at hand each candidate is planned for the same target and
-the one whose logits stay closest to the unmerged model's (mean KL) is kept. Every candidate
-reaches the same predicted speed-up, so the choice trades no speed.
+both (benchmarks/results/cait/shape.md). A dense output can want the opposite: on dinov2-s14's
+saliency map at 1.5x an even spread (0) kept the maps closest for both methods
+(benchmarks/results/dinov2/atme-dense.md). Where the turn comes depends on the model, its task and
+the target, so with calibration images at hand each candidate is planned for the same target and
+the one whose output stays closest to the unmerged model's (the model's objective: KL for logits,
+MSE for maps and features, ``vitslim.objective``) is kept. Every candidate reaches the same
+predicted speed-up, so the choice trades no speed.
 """
 
 from __future__ import annotations
@@ -32,8 +35,12 @@ from vitslim.objective import mean_divergence
 
 logger = logging.getLogger("vitslim")
 
-CONCENTRATIONS = (1.0, 2.0, 4.0)
+CONCENTRATIONS = (1.0, 2.0, 4.0, 0.0)  # 0 last: ties keep the earlier, front-loaded choices
 CHOICE_IMAGES = 256
+# ATME's first sub-grid level: 1 (every other column merges) was best on vit-d6-cifar10's 8x8 grid;
+# on dinov2-s14's 16x16 saliency maps, 2 (three tokens in four may merge) kept them far closer
+# (benchmarks/results/dinov2/atme-dense.md), so the calibration images choose
+FIRST_LEVELS = (1, 2)
 
 
 def choice_batches(batches, count: int, seed: int) -> Iterable:
@@ -44,44 +51,70 @@ def choice_batches(batches, count: int, seed: int) -> Iterable:
     return batches
 
 
+class _Scorer:
+    """Mean objective distance between ``model`` merging on a schedule and its unmerged self, on the
+    first ``images`` calibration images; each schedule scored once."""
+
+    def __init__(self, model: nn.Module, calibration: Iterable, images: int) -> None:
+        self.model, self.spec = model, describe(model)
+        self.batches = leading_images(calibration, images, next(model.parameters()).device)
+        if not self.batches:
+            raise VitslimError("the calibration data holds no images to choose the merge schedule on")
+        with torch.no_grad():
+            self.teacher_outputs = [self.spec.output(batch) for batch in self.batches]
+        self.scored: dict[MergeSchedule, float] = {}
+
+    def __call__(self, schedule: MergeSchedule) -> float:
+        if schedule not in self.scored:
+            with token_merging(self.model, schedule):
+                self.scored[schedule] = mean_divergence(self.spec, self.teacher_outputs, self.batches)
+        return self.scored[schedule]
+
+
 def choose_concentration(model: nn.Module, method: str, speedup: float, calibration: Iterable, *,
                          candidates: tuple[float, ...] = CONCENTRATIONS, images: int = CHOICE_IMAGES,
-                         progress: bool = True) -> tuple[float, dict[float, float]]:
-    """The candidate concentration whose schedule for ``speedup`` keeps ``model``'s logits closest
-    (mean KL) to its unmerged ones on the first ``images`` calibration images, and every
-    candidate's KL. Ties go to the earlier candidate; candidates that plan the same schedule
-    share one score. ``model`` must not be merging tokens; it is left as it was."""
+                         progress: bool = True, first_level: int = 1, scorer: _Scorer | None = None) -> tuple[float, dict[float, float]]:
+    """The candidate concentration whose schedule for ``speedup`` keeps ``model``'s output closest
+    (mean objective: KL for logits) to its unmerged one on the first ``images`` calibration images,
+    and every candidate's score. Ties go to the earlier candidate; candidates that plan the same
+    schedule share one score. ``model`` must not be merging tokens; it is left as it was."""
     if not candidates:
         raise VitslimError("choosing a merge schedule's concentration needs at least one candidate")
-    device = next(model.parameters()).device
-    batches = leading_images(calibration, images, device)
-    if not batches:
-        raise VitslimError("the calibration data holds no images to choose the merge schedule on")
-    spec = describe(model)
-    with torch.no_grad():
-        teacher_outputs = [spec.output(batch) for batch in batches]
-    scores: dict[float, float] = {}
-    scored: dict[MergeSchedule, float] = {}
-    for concentration in tqdm(candidates, desc="merge schedule shapes", unit="shape", disable=not progress):
-        schedule = schedule_for_speedup(spec, method, speedup, concentration=concentration)
-        if schedule not in scored:
-            with token_merging(model, schedule):
-                scored[schedule] = mean_divergence(spec, teacher_outputs, batches)
-        scores[concentration] = scored[schedule]
+    scorer = scorer or _Scorer(model, calibration, images)
+    scores = {concentration: scorer(schedule_for_speedup(scorer.spec, method, speedup, concentration=concentration, first_level=first_level))
+              for concentration in tqdm(candidates, desc="merge schedule shapes", unit="shape", disable=not progress)}
     best = min(candidates, key=lambda concentration: (scores[concentration], candidates.index(concentration)))
-    logger.info("merge schedule concentration %g chosen (KL on %d images: %s)", best, sum(len(b) for b in batches),
+    logger.info("merge schedule concentration %g chosen (score on %d images: %s)", best, sum(len(b) for b in scorer.batches),
                 ", ".join(f"{c:g}: {kl:.4f}" for c, kl in scores.items()))
     return best, scores
 
 
+def choose_shape(model: nn.Module, method: str, speedup: float, calibration: Iterable, *, images: int = CHOICE_IMAGES,
+                 progress: bool = True) -> tuple[float, int, dict]:
+    """The concentration (``choose_concentration``) and, for ATME, then the first sub-grid level
+    (``FIRST_LEVELS``, at that concentration) whose schedule keeps the output closest; and the
+    recipe fields recording every score."""
+    scorer = _Scorer(model, calibration, images)
+    concentration, scores = choose_concentration(model, method, speedup, calibration, images=images, progress=progress, scorer=scorer)
+    fields = {"concentration_kl": {f"{c:g}": round(score, 6) for c, score in scores.items()}}
+    if method != "atme":
+        return concentration, 1, fields
+    levels = {level: scorer(schedule_for_speedup(scorer.spec, method, speedup, concentration=concentration, first_level=level))
+              for level in FIRST_LEVELS}
+    first_level = min(FIRST_LEVELS, key=lambda level: (levels[level], FIRST_LEVELS.index(level)))
+    fields["first_level_score"] = {str(level): round(score, 6) for level, score in levels.items()}
+    return concentration, first_level, fields
+
+
 def planned_schedule(model: nn.Module, method: str, speedup: float, calibration: Iterable | None, *, concentration: float | None = None,
                      images: int = CHOICE_IMAGES, progress: bool = True) -> tuple[MergeSchedule, dict]:
-    """The schedule for ``speedup``: at ``concentration`` when given, else at the one chosen on
-    ``calibration`` (1 without images); and the recipe fields that record how it was planned.
-    Under ``torchrun`` rank 0 chooses and the others take its choice, so every rank merges alike."""
-    fields = {}
+    """The schedule for ``speedup``: at ``concentration`` (and ATME's first level 1) when given,
+    else at the shape chosen on ``calibration`` (concentration 1 without images); and the recipe
+    fields that record how it was planned. Under ``torchrun`` rank 0 chooses and the others take
+    its choice, so every rank merges alike."""
+    fields, first_level = {}, 1
     if concentration is None and calibration is not None:
-        concentration, scores = on_main(lambda: choose_concentration(model, method, speedup, calibration, images=images, progress=progress))
-        fields["concentration_kl"] = {f"{c:g}": round(kl, 6) for c, kl in scores.items()}
+        concentration, first_level, fields = on_main(lambda: choose_shape(model, method, speedup, calibration, images=images, progress=progress))
     concentration = 1.0 if concentration is None else concentration
-    return schedule_for_speedup(describe(model), method, speedup, concentration=concentration), {"concentration": concentration, **fields}
+    schedule = schedule_for_speedup(describe(model), method, speedup, concentration=concentration, first_level=first_level)
+    return schedule, {"concentration": concentration, "first_level": first_level, **fields}

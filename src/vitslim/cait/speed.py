@@ -44,8 +44,8 @@ def measured_speedup(original: nn.Module, compressed: nn.Module, *, batch_size: 
 
 
 def meet_speedup(original: nn.Module, student: nn.Module, merge: str, speedup: float, schedule: MergeSchedule | None, device: str, *,
-                 concentration: float = 1.0) -> tuple[MergeSchedule | None, float]:
-    """``schedule``, merged more (keeping its ``concentration``) until ``student`` merging on it
+                 concentration: float = 1.0, first_level: int = 1) -> tuple[MergeSchedule | None, float]:
+    """``schedule``, merged more (keeping its ``concentration`` and ``first_level``) until ``student`` merging on it
     measures ``AIM`` of the target against ``original``; and its last measurement. ``student``
     must not be merging tokens; it merges only while it is timed."""
 
@@ -61,9 +61,9 @@ def meet_speedup(original: nn.Module, student: nn.Module, merge: str, speedup: f
         predicted = predicted_speedup(spec, schedule, reference)
         try:
             tighter = schedule_for_speedup(spec, merge, predicted * min(speedup / measured, MAX_STEP), reference=reference,
-                                           concentration=concentration)
+                                           concentration=concentration, first_level=first_level)
         except VitslimError:  # beyond what the plans reach: merge all they can, if that is more
-            strongest = strongest_schedule(spec, merge, concentration)
+            strongest = strongest_schedule(spec, merge, concentration, first_level)
             tighter = strongest if predicted_speedup(spec, strongest, reference) > predicted else schedule
         if tighter == schedule:
             logger.warning("measured %.2fx against a %.2fx target, and merging cannot go further", measured, speedup)

@@ -23,7 +23,7 @@ TOKEN_MAP = Option("token_map", "full: the merged tokens are spread back over th
                                 "patch tokens.", kind=str, default="auto", choices=TOKEN_MAPS)
 CONCENTRATION = Option(
     "concentration", "How front-loaded the merge schedule is (block i's share of the merged tokens weighs (depth-1-i)^C; 0 spreads "
-    "evenly). Default: the C of 1, 2 or 4 whose schedule keeps the original's logits best on the calibration images.")
+    "evenly). Default: the C of 0, 1, 2 or 4 whose schedule keeps the original's output best on the calibration images.")
 GATE_TRAINING = Option("gate_training", "Train CDCP's channel gates with distillation for E epochs over all the training images, "
                        "then slice the pruned channels away (0: training-free token merging only).", kind=Training,
                        flag="--gate-epochs")
@@ -60,7 +60,10 @@ def merging_report(compressed: nn.Module) -> list[str]:
     lines = [render(["block", "tokens merged after it", "level"], [[str(b), str(r), str(level) if levels else "-"] for b, r, level in schedule.steps])]
     scores = step.get("concentration_kl")
     lines.append(f"schedule concentration {step['concentration']:g}"
-                 + (f" (KL to the original on the calibration images: {', '.join(f'{c}: {kl:.4f}' for c, kl in scores.items())})" if scores else ""))
+                 + (f" (score to the original on the calibration images: {', '.join(f'{c}: {kl:.4f}' for c, kl in scores.items())})" if scores else ""))
+    levels = step.get("first_level_score")
+    if levels:
+        lines.append(f"ATME first level {step['first_level']} (score to the original: {', '.join(f'{level}: {score:.4f}' for level, score in levels.items())})")
     return lines
 
 
