@@ -216,9 +216,11 @@ def check_settings(rows: Rows, settings: dict, part: str, path: Path) -> None:
                              "rerun with those settings, or choose another --results folder")
 
 
-def time_group(rows: Rows, group: list[dict], models: list[tuple[str, nn.Module]], args, label: str) -> None:
+def time_group(rows: Rows, group: list[dict], models: list[tuple[str, nn.Module]], args, label: str, *,
+               field: str = "speedup") -> None:
     """One interleaved ``vitslim.benchmark`` run over ``models`` (the original first, named by row
-    key); every row of ``group`` gets its model's (or its ``timed_as`` model's) figures."""
+    key); every row of ``group`` gets its model's (or its ``timed_as`` model's) figures; with another
+    ``field`` only the speed-up, under that name (the backbones of the dense part)."""
     timing = {"batch_size": args.bench_batch, "runs": args.runs}
     say(f"[{label}] timing {len(models)} models together (batch {args.bench_batch}, {args.runs} interleaved rounds)")
     started = time.perf_counter()
@@ -226,11 +228,14 @@ def time_group(rows: Rows, group: list[dict], models: list[tuple[str, nn.Module]
     by_name = {result.model: result for result in results}
     for row in group:
         result = by_name[row.get("timed_as", row["key"])]
+        if field != "speedup":
+            rows.update(row, **{field: result.ratio})
+            continue
         rows.update(row, speedup=result.ratio, images_per_s=result.images_per_s, latency_ms=result.latency_ms,
                     timing=timing, threads=result.threads)
     rows.save()
     say(f"[{label}] timed in {time.perf_counter() - started:.0f} s: "
-        + ", ".join(f"{row['key']} {row['speedup']:.2f}x" for row in group))
+        + ", ".join(f"{row['key']} {row[field]:.2f}x" for row in group))
 
 
 def needs_timing(group: list[dict], args) -> bool:
@@ -372,12 +377,14 @@ def dense_part(parser, args) -> None:
         models = [("original", teacher)]
         models += [(row["key"], load_saved_saliency(row, args)) for row in group if "folder" in row]
         time_group(rows, group, models, args, "dense")
+        # the backbones alone (merging hooks and all), the speed-up token merging is planned for
+        time_group(rows, group, [(name, model.backbone) for name, model in models], args, "dense backbones", field="backbone_speedup")
     original = rows.find(key="original")
     columns = [Column("variant", "variant"), Column("target", "target", lambda v: f"{v:g}", "-"),
                Column("pearson", "pearson", "{:.4f}"), Column("iou", f"IoU@{THRESHOLD}", "{:.4f}"),
                Column("mae", "MAE", "{:.4f}"), Column("cosine", "cosine", "{:.4f}"),
-               Column("params", "backbone params", fmt_params), Column("speedup", "measured speed-up", fmt_speedup),
-               Column("seconds", "compress s", "{:.0f}"), *SCHEDULE_COLUMNS]
+               Column("params", "backbone params", fmt_params), Column("backbone_speedup", "backbone speed-up", fmt_speedup),
+               Column("speedup", "whole-model speed-up", fmt_speedup), Column("seconds", "compress s", "{:.0f}"), *SCHEDULE_COLUMNS]
     table = in_order(group, ["original"] + [key for key, *_ in dense_variants(False)])
     text = page_text(parser, args, "dense", (
         f"Model: `{common.shown(args.model)}` with its saliency decoder (`decoder.safetensors`, loaded strictly), as "

@@ -62,6 +62,16 @@ def test_cait_with_training_prunes_channels_and_reloads_bit_identically(tmp_path
     assert torch.equal(_logits(reloaded), _logits(compressed))
 
 
+def test_a_short_gate_training_at_a_low_learning_rate_still_prunes(images):
+    """12 steps at lr 1e-5: at the default gate learning-rate scale no gate could move from 3 to 0;
+    the scale follows the number of steps, so the gates reach their budget."""
+    model = tiny_vit(name="vit_tiny_patch16_224", **COMPRESSIBLE)
+    dataset = imagedata.open_images(images, imagedata.build_transform(vitslim.describe(model).preprocessing))
+    compressed = compress_cait(model, dataset, speedup=2.0, gate_training=Training(epochs=2, batch_size=4, lr=1e-5, progress=False),
+                               measure=False, progress=False)
+    assert sum(p.numel() for p in compressed.parameters()) < 0.9 * sum(p.numel() for p in model.parameters())
+
+
 def test_the_chosen_concentration_is_the_candidate_closest_to_the_unmerged_logits():
     model = tiny_vit(name="vit_tiny_patch16_224", **COMPRESSIBLE)
     before = _logits(model)

@@ -219,3 +219,14 @@ def test_a_timm_feature_extractor_compresses_from_the_cli_and_is_scored_on_its_f
     result = json.loads(capsys.readouterr().out)
     assert "top1" not in result and "agreement" not in result
     assert 0.5 < result["cosine"] < 1 and 0 < result["relative_mse"] and result["images"] == 12
+
+
+def test_distillation_of_a_users_model_leaves_its_head_alone():
+    """Recovery refits the compressed ViT; the user's head keeps its weights and batch-norm statistics."""
+    original = SaliencyModel()
+    original.decoder = nn.Sequential(nn.ConvTranspose2d(48, 16, 4, 2, 1), nn.BatchNorm2d(16), nn.ReLU(), nn.Conv2d(16, 1, 1)).eval()
+    compressed = vitslim.compress(original, "svd", [IMAGES], param_ratio=0.5, progress=False)
+    head = {name: value.clone() for name, value in compressed.decoder.state_dict().items()}
+    vitslim.distill(compressed, original, [IMAGES] * 2, vitslim.Training(epochs=1, lr=1e-3, batch_size=4, progress=False))
+    assert all(torch.equal(head[name], value) for name, value in compressed.decoder.state_dict().items())
+    assert not torch.equal(compressed.backbone.norm.weight, original.backbone.norm.weight)

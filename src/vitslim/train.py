@@ -194,7 +194,7 @@ def distill(
                                                                   initial=start_epoch * steps_per_epoch) as progress:
         for epoch in range(start_epoch, epochs):
             torch.manual_seed(_epoch_seed(seed, epoch))
-            student.train()
+            _train_mode(student, student_spec)
             total, images_seen, skipped = 0.0, 0, 0
             progress.describe(f"distilling epoch {epoch + 1}/{epochs}")
             for position, (images, labels, dropped) in enumerate(batches.epoch(seed, epoch)):
@@ -365,16 +365,40 @@ def _epoch_seed(seed: int, epoch: int) -> int:
 LR_SCALE_ATTR = "vitslim_lr_scale"
 
 
+def _trained(spec) -> Callable[[str], bool]:
+    """Which of the student's parameters (by name) distillation trains: all of a ViT's; of a user's
+    model around a ViT only the ViT's and vitslim's own (channel gates). Compression changed the
+    ViT, so that is what recovery refits; the user's head keeps its weights and, in eval mode, its
+    batch-norm statistics, which a few steps of small batches would otherwise overwrite."""
+    if spec.root is None:
+        return lambda name: True
+    own = (f"{spec.path}.", "vitslim_")
+    return lambda name: name.startswith(own)
+
+
+def _train_mode(student: nn.Module, spec) -> None:
+    """``student.train()``, except the modules ``_trained`` leaves alone, which stay in eval mode
+    (the ViT's enclosing modules keep training mode, which only their own forward reads)."""
+    student.train()
+    trained = _trained(spec)
+    for name, module in student.named_modules():
+        if name and not trained(name + ".") and not f"{spec.path}.".startswith(name + "."):
+            module.training = False
+
+
 def _optimizer(student: nn.Module, lr: float, weight_decay: float) -> tuple[torch.optim.AdamW, list[str]]:
     """AdamW with one group per (weight decay, learning-rate scale); also the parameter names in
     optimizer order. A parameter carrying a ``vitslim_lr_scale`` attribute (pruning gates, which
     must travel much further than the weights in a short fine-tune) runs at ``lr`` times that
-    scale and without weight decay."""
-    skip = getattr(student, "no_weight_decay", None)
-    skip = set(skip()) if callable(skip) else set()
+    scale and without weight decay. Only the parameters ``_trained`` picks are optimised."""
+    spec = describe(student)
+    skip = getattr(spec.model, "no_weight_decay", None)
+    prefix = f"{spec.path}." if spec.root is not None else ""
+    skip = {prefix + name for name in skip()} if callable(skip) else set()
+    trained = _trained(spec)
     grouped: dict[tuple[float, float], list[tuple[str, nn.Parameter]]] = {}
     for name, parameter in student.named_parameters():
-        if not parameter.requires_grad:
+        if not parameter.requires_grad or not trained(name):
             continue
         scale = float(getattr(parameter, LR_SCALE_ATTR, 1.0))
         decayed = parameter.ndim > 1 and name not in skip and scale == 1.0
