@@ -340,3 +340,27 @@ def test_timm_feature_folder_written_by_timm_loads(tmp_path):
     torch.testing.assert_close(output(loaded), output(model), rtol=0, atol=0)
     reloaded = vitslim.load_model(vitslim.save(loaded, tmp_path / "vitslim"))
     torch.testing.assert_close(output(reloaded), output(model), rtol=0, atol=0)
+
+
+# ---------------------------------------------------------------- token merging keeps the token map
+
+
+@pytest.mark.parametrize("class_name", ["Dinov2Model", "Dinov2WithRegistersModel", "Dinov2ForImageClassification"])
+def test_hf_dinov2_merges_tokens_in_dense_mode_and_keeps_every_shape(tmp_path, class_name):
+    """Their outputs read the patch tokens (features, or the patch mean beside the class token), so
+    merging restores the full map: last_hidden_state and every hidden state keep their shapes."""
+    from vitslim.cait.patch import merges_densely
+
+    model = hf_model(class_name, image_size=56)
+    images = torch.randn(2, 3, 56, 56, generator=torch.Generator().manual_seed(4))
+    with torch.no_grad():
+        before = model(images, output_hidden_states=True)
+    merged = vitslim.compress(model, "cait", [images], speedup=1.3, measure=False, progress=False)
+    assert merges_densely(merged)
+    with torch.no_grad():
+        after = merged(images, output_hidden_states=True)
+    assert [h.shape for h in after.hidden_states] == [h.shape for h in before.hidden_states]
+    assert output(merged, images).shape == output(model, images).shape
+    assert not torch.allclose(output(merged, images), output(model, images))
+    reloaded = vitslim.load_model(vitslim.save(merged, tmp_path / "merged"))
+    torch.testing.assert_close(output(reloaded, images), output(merged, images), atol=1e-5, rtol=1e-5)

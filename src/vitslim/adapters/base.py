@@ -154,14 +154,11 @@ def primary_output(output) -> torch.Tensor:
     (torchvision's segmentation models return ``{"out": ...}``)."""
     if isinstance(output, torch.Tensor):
         return output
-    if isinstance(output, dict) and not hasattr(output, "logits"):
-        found = next((output[key] for key in ("logits", "out") if key in output), None)
-    else:
-        found = getattr(output, "logits", None)
-        if found is None:
-            found = getattr(output, "last_hidden_state", None)
-        if found is None and isinstance(output, (tuple, list)) and output:
-            found = output[0]
+    found = None
+    if isinstance(output, dict):  # transformers' ModelOutput is a dict too, holding only the fields that are set
+        found = next((output[key] for key in ("logits", "last_hidden_state", "out") if output.get(key) is not None), None)
+    elif isinstance(output, (tuple, list)) and output:
+        found = output[0]
     if not isinstance(found, torch.Tensor):
         raise TypeError(f"cannot find the output tensor in a {type(output).__name__} returned by the model; "
                         "return a tensor, a tuple led by one, or a dict with 'logits' or 'out'")

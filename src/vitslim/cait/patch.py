@@ -276,9 +276,10 @@ def _attach(model: nn.Module, schedule: MergeSchedule, dense: bool, detail: bool
                 merger.handles.append(module.register_forward_pre_hook(hook, with_kwargs=True))
             else:
                 merger.handles.append(module.register_forward_hook(hook))
-            merger.handles.append(block.module.register_forward_hook(merger.merge_after(*merges[block.index])))
+            # first among the block's forward hooks, so that others (transformers' hidden-state capture) see the full map
+            merger.handles.append(block.module.register_forward_hook(merger.merge_after(*merges[block.index]), prepend=True))
         elif dense:
-            merger.handles.append(block.module.register_forward_hook(merger.expand))
+            merger.handles.append(block.module.register_forward_hook(merger.expand, prepend=True))
     object.__setattr__(model, MERGING_ATTR, merger)  # a plain attribute: not a module, not in the state dict
 
 
