@@ -403,7 +403,29 @@ def dense_part(parser, args) -> None:
         f"parameters (its unused 3,850-parameter CIFAR-10 head included), ranks multiples of 8.\n\n"
         + timing_text(group, args)))
     write_page(args, "dense", "DINOv2 ViT-S/14 saliency model: training-free compression", text, columns, table,
-               settings=settings)
+               notes=["![fidelity against measured backbone speed-up](dense.png)"], settings=settings)
+    plot_dense(table, Path(args.out) / "dense.png")
+
+
+def plot_dense(rows: list[dict], path: Path) -> None:
+    """Pearson r and IoU@0.8 against the measured backbone speed-up, one line per method: the
+    methods compared at equal measured speed rather than at equal FLOPs targets."""
+    plt = common.pyplot()
+    figure, axes = plt.subplots(1, 2, figsize=(10, 4))
+    for variant in dict.fromkeys(row["variant"] for row in rows if row["key"] != "original"):
+        points = sorted((row["backbone_speedup"], row["pearson"], row["iou"]) for row in rows
+                        if row["variant"] == variant and row.get("backbone_speedup"))
+        for axis, index in zip(axes, (1, 2)):
+            axis.plot([1.0] + [p[0] for p in points], [1.0] + [p[index] for p in points], marker="o", label=variant)
+    for axis, name in zip(axes, ("Pearson r", f"IoU@{THRESHOLD}")):
+        axis.set_xlabel("measured backbone speed-up (x)")
+        axis.set_ylabel(name)
+        axis.grid(alpha=0.3)
+    axes[0].legend()
+    figure.suptitle("dinov2-s14 saliency maps, training-free, ImageNet sample images 500-999")
+    figure.tight_layout()
+    common.atomic_file(path, lambda partial: figure.savefig(partial, dpi=110, format="png"))
+    plt.close(figure)
 
 
 # --- classification -------------------------------------------------------------------------------
