@@ -21,6 +21,7 @@ from torch import nn
 from vitslim.adapters.base import ViTSpec
 from vitslim.errors import ParameterError
 from vitslim.fidelity import dense_loss
+from vitslim.model_choices import set_choice
 
 KINDS = ("logits", "map", "features")
 CHOICES = ("auto", *KINDS)
@@ -74,13 +75,7 @@ def infer_kind(spec: ViTSpec, output: torch.Tensor) -> str:
 
 def set_objective(model: nn.Module, kind: str) -> None:
     """Make every method judge ``model`` by ``kind`` ("auto": infer it from the output again)."""
-    if kind not in CHOICES:
-        raise ParameterError("objective", f"is {kind!r}; choose one of {', '.join(CHOICES)}")
-    if kind == "auto":
-        if hasattr(model, OBJECTIVE_ATTR):
-            delattr(model, OBJECTIVE_ATTR)
-        return
-    object.__setattr__(model, OBJECTIVE_ATTR, kind)
+    set_choice(model, OBJECTIVE_ATTR, "objective", kind, CHOICES)
 
 
 @contextmanager

@@ -45,7 +45,8 @@ from vitslim.cait.merging import (
     window_merge,
 )
 from vitslim.cait.schedule import MergeSchedule, check_schedule
-from vitslim.errors import ParameterError, VitslimError
+from vitslim.errors import VitslimError
+from vitslim.model_choices import set_choice
 from vitslim.recipe import drop_steps, record_step, register_step
 
 MERGING_ATTR = "vitslim_merging"
@@ -186,13 +187,7 @@ def reads_patch_tokens(model: nn.Module) -> bool:
 def force_token_map(model: nn.Module, token_map: str) -> None:
     """Decide the mode of ``model``'s later merging: "full" (dense), "merged" (classification) or
     "auto" (``reads_patch_tokens`` decides). A plain attribute, so copies made later keep it."""
-    if token_map not in TOKEN_MAPS:
-        raise ParameterError("token_map", f"is {token_map!r}; choose one of {', '.join(TOKEN_MAPS)}")
-    if token_map == "auto":
-        if hasattr(model, TOKEN_MAP_ATTR):
-            delattr(model, TOKEN_MAP_ATTR)
-        return
-    object.__setattr__(model, TOKEN_MAP_ATTR, token_map)
+    set_choice(model, TOKEN_MAP_ATTR, "token_map", token_map, TOKEN_MAPS)
 
 
 def apply_token_merging(model: nn.Module, schedule: MergeSchedule, *, dense: bool | None = None, record: bool = True,
