@@ -336,7 +336,7 @@ def dense_part(parser, args) -> None:
     models_dir = Path(args.out) / "models" / "dense"
     path = Path(args.out) / "models" / "rows-dense.json"
     rows = Rows(path)
-    settings = {"model": args.model, "dense_train": args.dense_train, "dense_report": args.dense_report,
+    settings = {"model": common.shown(args.model), "dense_train": args.dense_train, "dense_report": args.dense_report,
                 "calib_images": args.calib_images, "measure": args.measure, "seed": args.seed, "quick": args.quick}
     check_settings(rows, settings, "dense", path)
     teacher = load_saliency(args.model)
@@ -469,7 +469,7 @@ def classification_part(parser, args) -> None:
     models_dir = Path(args.out) / "models" / "classification"
     path = Path(args.out) / "models" / "rows-classification.json"
     rows = Rows(path)
-    settings = {"model": args.model, "calib_images": args.calib_images, "test_images": args.test_images,
+    settings = {"model": common.shown(args.model), "calib_images": args.calib_images, "test_images": args.test_images,
                 "measure": args.measure, "seed": args.seed, "quick": args.quick}
     check_settings(rows, settings, "classification", path)
     original = vitslim.load_model(args.model)
@@ -693,7 +693,7 @@ def kd_part(parser, args) -> None:
     models_dir = Path(args.out) / "models" / "kd"
     path = Path(args.out) / "models" / "rows-kd.json"
     rows = Rows(path)
-    settings = {"model": args.model, "dense_train": args.dense_train, "dense_report": args.dense_report,
+    settings = {"model": common.shown(args.model), "dense_train": args.dense_train, "dense_report": args.dense_report,
                 "kd_images": args.kd_images, "kd_epochs": args.kd_epochs, "kd_lr": args.kd_lr,
                 "kd_batch": args.kd_batch, "calib_images": args.calib_images, "test_images": args.test_images,
                 "measure": args.measure, "tp_importance": args.tp_importance, "tp_target": args.tp_target,
@@ -792,7 +792,7 @@ def cost_one(args) -> None:
 def cost_part(parser, args) -> None:
     path = Path(args.out) / "models" / "rows-cost.json"
     rows = Rows(path)
-    settings = {"model": args.model, "calib_images": args.calib_images, "seed": args.seed, "quick": args.quick}
+    settings = {"model": common.shown(args.model), "calib_images": args.calib_images, "seed": args.seed, "quick": args.quick}
     check_settings(rows, settings, "cost", path)
     for key, label, method, options in cost_variants(args.quick):
         if rows.has(key=key):
