@@ -20,7 +20,7 @@ from torch import nn
 
 from vitslim.adapters.base import ViTSpec
 from vitslim.errors import ParameterError
-from vitslim.fidelity import dense_loss
+from vitslim.fidelity import dense_loss, output_kind
 from vitslim.model_choices import set_choice
 
 KINDS = ("logits", "map", "features")
@@ -63,14 +63,11 @@ class Objective:
 
 
 def infer_kind(spec: ViTSpec, output: torch.Tensor) -> str:
-    """Logits when the output is ``(B, K)`` from a classifier (a ViT with a head of K classes, or a
-    user's model around a ViT: its own head); a map when it is ``(B, C, H, W)``; features
-    otherwise (token features ``(B, N, C)``, pooled features of a ViT without a head)."""
-    if output.dim() == 4:
-        return "map"
-    if output.dim() == 2 and output.shape[1] > 1 and (spec.root is not None or output.shape[1] == spec.num_classes):
+    """``fidelity.output_kind`` of the output, except that a ``(B, K)`` output of a user's model
+    around a ViT counts as logits (its own head), whatever the ViT's class count."""
+    if spec.root is not None and output.dim() == 2 and output.shape[1] > 1:
         return "logits"
-    return "features"
+    return output_kind(output, spec.num_classes)
 
 
 def set_objective(model: nn.Module, kind: str) -> None:
