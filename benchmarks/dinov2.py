@@ -239,7 +239,7 @@ def time_group(rows: Rows, group: list[dict], models: list[tuple[str, nn.Module]
 
 
 def needs_timing(group: list[dict], args) -> bool:
-    return any(row.get("timing") != {"batch_size": args.bench_batch, "runs": args.runs} for row in group)
+    return args.retime or any(row.get("timing") != {"batch_size": args.bench_batch, "runs": args.runs} for row in group)
 
 
 def page_text(parser, args, part: str, text: str) -> str:
@@ -277,6 +277,8 @@ def in_order(rows, keys: list[str]) -> list[dict]:
 
 
 def target_of(options: dict) -> float:
+    if "flops_ratio" in options:
+        return 1 / options["flops_ratio"]
     return options.get("speedup", options.get("param_ratio"))
 
 
@@ -462,7 +464,12 @@ def classification_variants(quick: bool) -> list[tuple[str, str, str, dict]]:
                 for ratio in (0.6, 0.5, 0.4, 0.3)]
     variants += [(f"{merge}-{speedup}", label, "cait", {"speedup": speedup, "merge": merge})
                  for merge, label in (("atme", "ATME"), ("tome", "ToMe")) for speedup in (1.3, 1.5, 2.0)]
+    variants += [("composed-2.0", "low-rank + ATME (1/2 of the FLOPs, <= 60% of the params)", "lowrank+cait",
+                  COMPOSED)]
     return [v for v in variants if v[0] in ("lowrank-0.5", "atme-1.5")] if quick else variants
+
+
+COMPOSED = {"flops_ratio": 0.5, "param_ratio": 0.6}  # the composed variant's bounds; its split is chosen by probes
 
 
 def classification_part(parser, args) -> None:
@@ -543,12 +550,20 @@ def load_peers():
         return None, f"benchmarks/peers.py lacks a function ({error})"
 
 
-def tp_rebuild(prune, original_vit: nn.Module, template: SaliencyModel, row: dict,
-               images: torch.Tensor) -> SaliencyModel:
-    """A saved Torch-Pruning model back: the same pruning (which gives the widths) then its weights."""
-    model = wrap(template, prune(original_vit, row["keep_ratio"], images, importance=row["importance"]))
+def tp_rebuild(prune, original_vit: nn.Module, template: SaliencyModel | None, row: dict,
+               images: torch.Tensor) -> nn.Module:
+    """A saved Torch-Pruning model back: the same pruning (which gives the widths) then its weights;
+    put into a copy of the saliency model ``template`` unless it is None (the plain classifier)."""
+    pruned = prune(original_vit, row["keep_ratio"], images, importance=row["importance"])
+    model = pruned if template is None else wrap(template, pruned)
     model.load_state_dict(load_file(str(ROOT / row["weights"])), strict=True)
     return model.eval()
+
+
+def save_weights(model: nn.Module, path: Path) -> Path:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    save_file({name: tensor.contiguous() for name, tensor in model.state_dict().items()}, str(path))
+    return path
 
 
 def kd_dense(rows: Rows, args, settings: dict, recovery: vitslim.Training, models_dir: Path) -> tuple[str, str | None]:
@@ -626,9 +641,7 @@ def kd_dense(rows: Rows, args, settings: dict, recovery: vitslim.Training, model
         finish("dense-tp", "Torch-Pruning", model, prune_seconds, "-", timed_as="dense-tp-kd", **fields)
         started = time.perf_counter()
         vitslim.distill(model, teacher, train, recovery)
-        weights = models_dir / "dense-tp-kd.safetensors"
-        weights.parent.mkdir(parents=True, exist_ok=True)
-        save_file({name: tensor.contiguous() for name, tensor in model.state_dict().items()}, str(weights))
+        weights = save_weights(model, models_dir / "dense-tp-kd.safetensors")
         finish("dense-tp-kd", "Torch-Pruning + KD", model, prune_seconds + time.perf_counter() - started, budget,
                weights=stored(weights), **fields)
 
@@ -646,7 +659,8 @@ def kd_dense(rows: Rows, args, settings: dict, recovery: vitslim.Training, model
     return budget, skipped
 
 
-def kd_classification(rows: Rows, args, settings: dict, recovery: vitslim.Training, models_dir: Path) -> None:
+def kd_classification(rows: Rows, args, settings: dict, recovery: vitslim.Training, models_dir: Path) -> str | None:
+    """The CIFAR-10 classifier's KD rows; returns why Torch-Pruning was skipped (None: it ran)."""
     original = vitslim.load_model(args.model)
     spec = vitslim.describe(original)
     train, test = common.open_split(spec, args.train), common.open_split(spec, args.test)
@@ -658,11 +672,18 @@ def kd_classification(rows: Rows, args, settings: dict, recovery: vitslim.Traini
         rows.add({"key": "cls-original", "task": "classification", "variant": "original", "kd": "-",
                   "top1": score["top1"], "agreement": 1.0, "kl": 0.0, "images": score["images"],
                   "params": score["params"], "seconds": 0.0, "settings": settings})
-    variants = (("cls-lowrank-kd", "low-rank 0.5 + KD", "lowrank",
-                 {"param_ratio": 0.5, "rank_multiple": 8, "recovery": recovery}),
-                ("cls-cdcp", "ATME+CDCP 1.9x", "cait",
-                 {"speedup": 1.9, "merge": "atme", "gate_training": recovery, "measure": args.measure}))
-    for key, label, method, options in variants:
+
+    def finish(key: str, label: str, model: nn.Module, seconds: float, kd: str, **fields) -> dict:
+        score = vitslim.evaluate(model, test, teacher=original, limit=args.test_images, seed=args.seed,
+                                 progress=args.progress)
+        row = rows.add({"key": key, "task": "classification", "variant": label, "kd": kd, "top1": score["top1"],
+                        "agreement": score["agreement"], "kl": score["kl"], "images": score["images"],
+                        "params": score["params"], "seconds": seconds, **fields, "settings": settings})
+        say(f"[kd] {key}: top-1 {100 * row['top1']:.2f}%, agreement {100 * row['agreement']:.2f}%, KL {row['kl']:.4f}; "
+            f"{seconds:.0f} s")
+        return row
+
+    for key, label, method, options in kd_classification_variants(recovery, args):
         if rows.has(key=key):
             continue
         say(f"[kd] {key}: {label}, KD over {budget}")
@@ -670,23 +691,71 @@ def kd_classification(rows: Rows, args, settings: dict, recovery: vitslim.Traini
         model = vitslim.compress(original, method, kd_train, calib_images=args.calib_images, seed=args.seed,
                                  progress=args.progress, **options)
         seconds = time.perf_counter() - started
-        score = vitslim.evaluate(model, test, teacher=original, limit=args.test_images, seed=args.seed,
-                                 progress=args.progress)
+        fields = {}
+        if "gate_training" in options:
+            fields["build_speedup"] = measured_speedup(original, model, batch_size=args.bench_batch)
+            say(f"[kd] {key}: measured {fields['build_speedup']:.2f}x against the original (batch {args.bench_batch})")
         folder = vitslim.save(model, models_dir / key)
         notes = recipe_notes(model)
-        warning = cdcp_check(f"classification {label}", notes, original, steps, args.kd_lr) if "gate_training" in options \
-            else None
-        row = rows.add({"key": key, "task": "classification", "variant": label, "kd": budget, "top1": score["top1"],
-                        "agreement": score["agreement"], "kl": score["kl"], "images": score["images"],
-                        "params": score["params"], "seconds": seconds, "folder": stored(folder), **notes,
-                        "warning": warning, "settings": settings})
-        say(f"[kd] {key}: top-1 {100 * row['top1']:.2f}%, agreement {100 * row['agreement']:.2f}%, KL {row['kl']:.4f}; "
-            f"{seconds:.0f} s")
+        warning = cdcp_check(f"classification {label}", notes, original, steps, args.kd_lr) \
+            if "gate_training" in options else None
+        finish(key, label, model, seconds, budget, target=target_of(options), folder=stored(folder), **notes,
+               warning=warning, **fields)
+
+    functions, skipped = load_peers()
+    tp_images = torch.stack([kd_train[index][0] for index in range(min(32, len(kd_train)))])
+    if functions is None:
+        say(f"[kd] classification Torch-Pruning skipped: {skipped}")
+    elif not rows.has(key="cls-tp-kd"):
+        _, to_speedup = functions
+        target = args.tp_target or rows.find(key="cls-cdcp")["build_speedup"]
+        source = "--tp-target" if args.tp_target else "the ATME+CDCP classifier's measured speed-up"
+        if target <= 1:
+            raise SystemExit(f"[kd] Torch-Pruning cannot aim at {target:.2f}x ({source}): time with a larger "
+                             "--bench-batch, or give --tp-target")
+        importance = "taylor"  # the classifier has logits, Torch-Pruning's recommended importance for ViTs applies
+        say(f"[kd] cls-tp: Torch-Pruning ({importance} importance) bisected to {target:.2f}x, {source}")
+        started = time.perf_counter()
+        rounds = {"rounds": QUICK_TP_ROUNDS} if args.quick else {}
+        model, measured, keep = to_speedup(
+            original, target, tp_images, importance=importance,
+            measure=lambda first, candidate: measured_speedup(first, candidate, batch_size=args.bench_batch), **rounds)
+        prune_seconds = time.perf_counter() - started
+        say(f"[kd] cls-tp: keep ratio {keep:.3f}, measured {measured:.2f}x")
+        fields = {"target": round(target, 3), "target_from": source, "keep_ratio": keep, "importance": importance,
+                  "build_speedup": measured}
+        finish("cls-tp", "Torch-Pruning", model, prune_seconds, "-", timed_as="cls-tp-kd", **fields)
+        started = time.perf_counter()
+        vitslim.distill(model, original, kd_train, recovery)
+        weights = save_weights(model, models_dir / "cls-tp-kd.safetensors")
+        finish("cls-tp-kd", "Torch-Pruning + KD", model, prune_seconds + time.perf_counter() - started, budget,
+               weights=stored(weights), **fields)
+
     group = [row for row in rows if row["task"] == "classification"]
     if needs_timing(group, args):
-        models = [("cls-original", original)] + [(row["key"], vitslim.load_model(str(ROOT / row["folder"])))
-                                                 for row in group if "folder" in row]
+        models = [("cls-original", original)]
+        for row in group:
+            if "folder" in row:
+                models.append((row["key"], vitslim.load_model(str(ROOT / row["folder"]))))
+            elif "weights" in row:
+                if functions is None:
+                    raise SystemExit(f"[kd] {row['key']} needs Torch-Pruning to be rebuilt for timing: {skipped}")
+                models.append((row["key"], tp_rebuild(functions[0], original, None, row, tp_images)))
         time_group(rows, group, models, args, "kd, classification")
+    return skipped
+
+
+def kd_classification_variants(recovery: vitslim.Training, args) -> list[tuple[str, str, str, dict]]:
+    """(key, label, method, options) of the classifier's KD rows: low-rank at each ratio then
+    recovery, ATME+CDCP with gates trained by KD, and the composed model then recovery."""
+    lowrank = [(f"cls-lowrank-{ratio}-kd" if ratio != 0.5 else "cls-lowrank-kd", f"low-rank {ratio} + KD", "lowrank",
+                {"param_ratio": ratio, "rank_multiple": 8, "recovery": recovery}) for ratio in (0.6, 0.5, 0.4, 0.3)]
+    variants = lowrank + [
+        ("cls-cdcp", "ATME+CDCP 1.9x", "cait",
+         {"speedup": 1.9, "merge": "atme", "gate_training": recovery, "measure": args.measure}),
+        ("cls-composed-kd", "low-rank + ATME (1/2 of the FLOPs, <= 60% of the params) + KD", "lowrank+cait",
+         {**COMPOSED, "recovery": recovery})]
+    return [v for v in variants if v[0] in ("cls-lowrank-kd", "cls-cdcp")] if args.quick else variants
 
 
 def kd_part(parser, args) -> None:
@@ -702,7 +771,7 @@ def kd_part(parser, args) -> None:
     recovery = vitslim.Training(epochs=args.kd_epochs, lr=args.kd_lr, batch_size=args.kd_batch, seed=args.seed,
                                 progress=args.progress)
     _, skipped = kd_dense(rows, args, settings, recovery, models_dir)
-    kd_classification(rows, args, settings, recovery, models_dir)
+    cls_skipped = kd_classification(rows, args, settings, recovery, models_dir)
 
     dense_rows = [row for row in rows if row["task"] == "dense"]
     cls_rows = [row for row in rows if row["task"] == "classification"]
@@ -724,6 +793,11 @@ def kd_part(parser, args) -> None:
                "(`--tp-importance`) because Torch-Pruning's Taylor scores come from the backbone's CIFAR-10 logits, "
                "which the saliency model does not use. The row without KD is the same architecture (timed as the KD "
                "row)." if tp else f"Torch-Pruning: skipped ({skipped}).")
+    cls_tp = rows.find(key="cls-tp-kd")
+    cls_tp_text = (f"Torch-Pruning on the classifier: {cls_tp['importance']} importance (its recommendation for ViTs; "
+                   f"the gradients of the classifier's own predictions), bisected to {cls_tp['target']:.2f}x "
+                   f"({cls_tp['target_from']}), keep ratio {cls_tp['keep_ratio']:.3f}, then the same KD as recovery."
+                   if cls_tp else f"Torch-Pruning on the classifier: skipped ({cls_skipped}).")
     text = page_text(parser, args, "kd", (
         f"Model: `{common.shown(args.model)}`. KD: `vitslim.Training(epochs={args.kd_epochs}, lr={args.kd_lr:g}, "
         f"batch_size={args.kd_batch}, seed={args.seed})` (AdamW, warm-up then cosine), both for CDCP's gate training "
@@ -736,8 +810,10 @@ def kd_part(parser, args) -> None:
         f"the original's maps as on the dense page. cait targets 2.0x, {cait_text(args)}. {tp_text}\n\n"
         f"**Classification** (the plain ViT, objective KL): KD over {args.kd_images} seeded CIFAR-10 train images "
         f"(seed {args.seed}; {args.calib_images} of them calibrate), reported on {args.test_images} seeded test images "
-        f"as on the classification page. Low-rank keeps 0.5 of the parameters (ranks multiples of 8), then recovery; "
-        f"ATME+CDCP 1.9x, {cait_text(args)}.\n\n"
+        f"as on the classification page. Low-rank keeps 0.6 / 0.5 / 0.4 / 0.3 of the parameters (ranks multiples of "
+        f"8), then recovery; ATME+CDCP 1.9x, {cait_text(args)}, gates trained by the KD; the composed model (lowrank+cait, "
+        f"at most {COMPOSED['flops_ratio']:g} of the FLOPs and {COMPOSED['param_ratio']:g} of the parameters, split by "
+        f"its probes, no channel gates), then recovery. {cls_tp_text}\n\n"
         f"Speed-up: each table's models timed together in one interleaved `vitslim.benchmark` run (float32, batch "
         f"{args.bench_batch}, median of {args.runs} rounds, {torch.get_num_threads()} torch threads), against the "
         f"original of that table. Params: the backbone's for the dense table, the ViT's for the classification one."))
@@ -858,6 +934,8 @@ def main() -> None:
     parser.add_argument("--bench-batch", type=int, default=16, help="batch size of the timing runs")
     parser.add_argument("--runs", type=int, default=20, help="interleaved timing rounds (20 or more)")
     parser.add_argument("--variants", help="comma-separated variant keys of the classification part to run (default: all)")
+    parser.add_argument("--retime", action="store_true",
+                        help="time the parts' models again even when their rows have timings (a quieter machine)")
     parser.add_argument("--measure", action="store_true", help="cait times and tightens its schedule while compressing")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--quick", action="store_true", help="tiny counts, fewer variants: an end-to-end check")
