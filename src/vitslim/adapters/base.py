@@ -72,7 +72,7 @@ class AttentionSpec:
     q: nn.Module | None = None
     k: nn.Module | None = None
     v: nn.Module | None = None
-    packed: nn.MultiheadAttention | None = None  # in_proj_weight/in_proj_bias, not an nn.Linear
+    packed: nn.MultiheadAttention | None = None  # in_proj_weight/in_proj_bias, not an nn.Linear (until unpack_attention)
 
     def __post_init__(self) -> None:
         layouts = [self.qkv is not None, self.q is not None, self.packed is not None]
@@ -223,6 +223,13 @@ class ModelFamily(Protocol):
     def prepare_for_replacement(self, model: nn.Module) -> None:
         """Make ``model`` (or one part of it) call the modules that replace its Linears: switch
         off any fused path that reads their weights directly."""
+
+    def unpack_attention(self, model: nn.Module, record: bool = True) -> list[str]:
+        """Give every attention layer of ``model`` (or of one part of it) its projections as Linear
+        modules that it calls, so methods can factorise, gate, slice and quantise them; return the
+        qualified names of the attention modules it changed (empty: nothing to do, as for families
+        whose attention already calls its Linears). A change of the model's structure is recorded
+        as a recipe step with ``record``."""
 
     def add_attention_bias(self, attention: AttentionSpec, args: tuple, kwargs: dict,
                            bias: torch.Tensor) -> tuple[tuple, dict]:

@@ -456,6 +456,11 @@ def prepare_for_replacement(model: nn.Module) -> None:
     """Nothing to switch off: transformers' ViT and DINOv2 layers always call their Linear modules."""
 
 
+def unpack_attention(model: nn.Module, record: bool = True) -> list[str]:
+    """Nothing to unpack: transformers' ViT and DINOv2 attention call their q/k/v and output Linears."""
+    return []
+
+
 def add_attention_bias(attention: AttentionSpec, args: tuple, kwargs: dict, bias: torch.Tensor) -> tuple[tuple, dict]:
     """transformers 5's ``ViTAttention.forward(hidden_states, attention_mask=None)`` (and
     ``Dinov2Attention``'s alike) adds ``attention_mask`` to the attention logits (eager) or hands it

@@ -180,6 +180,11 @@ def prepare_for_replacement(model: nn.Module) -> None:
     """Nothing to switch off: timm's blocks always call their Linear modules."""
 
 
+def unpack_attention(model: nn.Module, record: bool = True) -> list[str]:
+    """Nothing to unpack: timm's attention calls its qkv and proj Linears."""
+    return []
+
+
 def add_attention_bias(attention: AttentionSpec, args: tuple, kwargs: dict, bias: torch.Tensor) -> tuple[tuple, dict]:
     """timm's ``Attention.forward(x, attn_mask=None, ...)`` hands ``attn_mask`` to
     ``scaled_dot_product_attention`` as an additive mask; ``Block`` passes it by keyword."""

@@ -4,6 +4,12 @@ Such models carry no config, so what a ViT spec needs is read from the modules (
 convolution, the positional embedding, the head) or given as hints, and the number of prefix
 tokens is measured by running the model once. The model cannot be rebuilt from a file: vitslim
 never imports or executes code named in a file, so the user supplies the skeleton.
+
+``nn.MultiheadAttention`` keeps its query/key/value projection as one packed parameter and reads
+it, and ``out_proj.weight``, directly, so no module of it can be replaced, gated or sliced. A method
+that compresses attention first calls ``unpack_attention``, which puts an
+``UnpackedMultiheadAttention`` in its place: the same function, with ``qkv`` and ``out_proj`` as
+Linear modules that it calls.
 """
 
 from __future__ import annotations
@@ -11,6 +17,7 @@ from __future__ import annotations
 import math
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from vitslim.adapters.base import (
@@ -28,8 +35,10 @@ from vitslim.adapters.base import (
 # the rule shared by all families (keeps nn.MultiheadAttention.out_proj dense), as this family's protocol member
 from vitslim.adapters.base import replaceable_linears as replaceable_linears
 from vitslim.errors import VitslimError
+from vitslim.recipe import record_step, register_step
 
 FAMILY = "torch"
+UNPACK_STEP = "unpacked_attention"
 
 
 def matches(model: nn.Module) -> bool:
@@ -40,8 +49,121 @@ def _encoder_layers(model: nn.Module) -> list[nn.TransformerEncoderLayer]:
     return [m for m in model.modules() if isinstance(m, nn.TransformerEncoderLayer)]
 
 
+class UnpackedMultiheadAttention(nn.Module):
+    """``nn.MultiheadAttention`` self-attention with its packed projection as a module: ``qkv`` (an
+    ``nn.Linear`` whose output is laid out [q | k | v], head after head, as ``in_proj_weight`` is)
+    and ``out_proj`` (the original module), both *called*, so a factorised, gated, sliced or int8
+    layer put in their place takes effect, as in timm's attention. Attention itself is
+    ``F.scaled_dot_product_attention``, whose scale follows the query width, so a sliced head
+    width (``head_dim``) needs nothing else.
+
+    Why a replacement module rather than hooks or parametrizations on the original: the
+    original computes through ``F.multi_head_attention_forward`` from ``in_proj_weight``, so a hook
+    cannot change which weights it multiplies, and a parametrization can only hand it a full
+    (materialised) matrix of the original shape, which neither saves the low-rank FLOPs nor lets
+    CDCP narrow the heads. Only the attention computation is written here (projections, SDPA,
+    merge of heads); ``nn.TransformerEncoderLayer`` keeps its own forward, norms and MLP. Cost:
+    the layer's fused C++ path (``torch._transformer_encoder_layer_fwd``) no longer applies to
+    the block, which it did not anyway once any Linear of the block was replaced
+    (``prepare_for_replacement``); SDPA keeps the fused attention kernel.
+
+    It serves ``nn.TransformerEncoderLayer``'s call: self-attention (query, key and value the same
+    tensor), ``need_weights=False``, an optional float or boolean ``attn_mask`` of shape (L, S) or
+    (batch·heads, L, S) and ``key_padding_mask`` of shape (batch, S), boolean meaning "ignore", as
+    ``nn.MultiheadAttention`` takes them. Anything else is refused rather than computed
+    differently.
+    """
+
+    # nn.TransformerEncoderLayer's (and nn.TransformerEncoder's) fused-path check reads its
+    # attention's in_proj_bias; None (no packed bias) sends it down the path that calls this module.
+    in_proj_bias = None
+
+    def __init__(self, embed_dim: int, num_heads: int, *, bias: bool = True, dropout: float = 0.0, batch_first: bool = False,
+                 device=None, dtype=None) -> None:
+        super().__init__()
+        if embed_dim % num_heads:
+            raise VitslimError(f"embed_dim {embed_dim} is not divisible by num_heads {num_heads}")
+        self.embed_dim, self.num_heads, self.head_dim = embed_dim, num_heads, embed_dim // num_heads
+        self.dropout, self.batch_first = dropout, batch_first
+        self.qkv = nn.Linear(embed_dim, 3 * embed_dim, bias=bias, device=device, dtype=dtype)
+        self.out_proj = nn.Linear(embed_dim, embed_dim, bias=bias, device=device, dtype=dtype)
+
+    @classmethod
+    def from_packed(cls, packed: nn.MultiheadAttention) -> UnpackedMultiheadAttention:
+        """The same attention as ``packed``, sharing its ``out_proj`` module and holding a copy of
+        its packed weight and bias in ``qkv``."""
+        weight = packed.in_proj_weight
+        unpacked = cls(packed.embed_dim, packed.num_heads, bias=packed.in_proj_bias is not None, dropout=packed.dropout,
+                       batch_first=packed.batch_first, device=weight.device, dtype=weight.dtype)
+        with torch.no_grad():
+            unpacked.qkv.weight.copy_(weight)
+            if packed.in_proj_bias is not None:
+                unpacked.qkv.bias.copy_(packed.in_proj_bias)
+        unpacked.qkv.requires_grad_(weight.requires_grad)
+        unpacked.out_proj = packed.out_proj
+        return unpacked.train(packed.training)
+
+    def forward(self, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, key_padding_mask: torch.Tensor | None = None,
+                need_weights: bool = True, attn_mask: torch.Tensor | None = None, average_attn_weights: bool = True,
+                is_causal: bool = False) -> tuple[torch.Tensor, None]:
+        """``nn.MultiheadAttention.forward``'s signature; ``average_attn_weights`` has no effect,
+        since no weights are returned."""
+        if key is not query or value is not query:
+            raise VitslimError("an unpacked attention computes self-attention only: query, key and value must be one tensor")
+        if need_weights:
+            raise VitslimError("an unpacked attention returns no attention weights (scaled_dot_product_attention computes "
+                               "none); call it with need_weights=False, as nn.TransformerEncoderLayer does")
+        # the projections see the caller's layout, as in nn.MultiheadAttention (token merging reads the keys there)
+        qkv = self.qkv(query)
+        if not self.batch_first:
+            qkv = qkv.transpose(0, 1)
+        batch, tokens = qkv.shape[:2]
+        q, k, v = qkv.reshape(batch, tokens, 3, self.num_heads, self.head_dim).permute(2, 0, 3, 1, 4).unbind(0)
+        mask = self._additive_mask(attn_mask, key_padding_mask, batch, tokens, q.dtype)
+        heads = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=self.dropout if self.training else 0.0,
+                                               is_causal=is_causal and mask is None)
+        merged = heads.transpose(1, 2).reshape(batch, tokens, self.num_heads * self.head_dim)
+        return self.out_proj(merged if self.batch_first else merged.transpose(0, 1)), None
+
+    def _additive_mask(self, attn_mask, key_padding_mask, batch: int, tokens: int, dtype: torch.dtype) -> torch.Tensor | None:
+        """The masks as one additive (batch, heads or 1, L, S) bias, from ``nn.MultiheadAttention``'s forms."""
+        mask = None
+        if attn_mask is not None:
+            if attn_mask.dim() not in (2, 3):
+                raise VitslimError(f"attn_mask must be (L, S) or (batch*heads, L, S), got shape {tuple(attn_mask.shape)}")
+            mask = _additive(attn_mask, dtype)
+            if mask.dim() == 3:
+                mask = mask.reshape(batch, self.num_heads, tokens, tokens)
+        if key_padding_mask is not None:
+            padding = _additive(key_padding_mask, dtype).reshape(batch, 1, 1, tokens)
+            mask = padding if mask is None else mask + padding
+        return mask
+
+    def extra_repr(self) -> str:
+        return f"embed_dim={self.embed_dim}, num_heads={self.num_heads}, head_dim={self.head_dim}, batch_first={self.batch_first}"
+
+
+def _additive(mask: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """``nn.MultiheadAttention``'s mask as an additive bias: a boolean True means "may not attend"."""
+    if mask.dtype == torch.bool:
+        return torch.zeros(mask.shape, dtype=dtype, device=mask.device).masked_fill(mask, float("-inf"))
+    return mask.to(dtype)
+
+
+def _why_packed(attn: nn.MultiheadAttention) -> str | None:
+    """Why ``attn`` cannot be unpacked exactly; None when it can."""
+    if not attn._qkv_same_embed_dim:
+        return "kdim/vdim differ from embed_dim"
+    if attn.bias_k is not None or attn.add_zero_attn:
+        return "add_bias_kv or add_zero_attn extends the keys and values"
+    return None
+
+
 def _block(index: int, layer: nn.TransformerEncoderLayer) -> BlockSpec:
     attn = layer.self_attn
+    if isinstance(attn, UnpackedMultiheadAttention):
+        attention = AttentionSpec(module=attn, out_proj=attn.out_proj, num_heads=attn.num_heads, head_dim=attn.head_dim, qkv=attn.qkv)
+        return BlockSpec(index, layer, attention, MlpSpec(fc1=layer.linear1, fc2=layer.linear2))
     if not attn._qkv_same_embed_dim:
         raise VitslimError(
             f"encoder layer {index}: nn.MultiheadAttention with kdim/vdim different from embed_dim (separate "
@@ -306,11 +428,58 @@ def add_attention_bias(attention: AttentionSpec, args: tuple, kwargs: dict, bias
     return args, {**kwargs, "attn_mask": add_bias(kwargs.get("attn_mask"), expanded)}
 
 
+def unpack_attention(model: nn.Module, record: bool = True) -> list[str]:
+    """Put an ``UnpackedMultiheadAttention`` in place of every encoder layer's packed
+    ``nn.MultiheadAttention`` in ``model`` (a whole model, or one part of it), so methods can
+    replace, gate and slice its projections; return the qualified names of the attentions it
+    unpacked (none when all are unpacked already).
+
+    The state dict changes (``in_proj_weight`` becomes ``qkv.weight``), so with ``record`` the
+    change is a recipe step, replayed on reload before the steps that follow it. An attention
+    with hooks on it (token merging) is refused: the hooks would stay on the module it replaces.
+    One that cannot be unpacked exactly (add_bias_kv, add_zero_attn) stays packed, and dense.
+    """
+    layers = [(name, module) for name, module in model.named_modules() if isinstance(module, nn.TransformerEncoderLayer)]
+    unpacked = []
+    for name, layer in layers:
+        attn = layer.self_attn
+        if not isinstance(attn, nn.MultiheadAttention) or _why_packed(attn) is not None:
+            continue
+        qualified = f"{name}.self_attn" if name else "self_attn"
+        if attn._forward_hooks or attn._forward_pre_hooks:
+            raise VitslimError(f"{qualified} carries forward hooks (token merging?), which would be lost when it is unpacked; "
+                               "compress its attention before merging tokens, or remove_token_merging first")
+        layer.self_attn = UnpackedMultiheadAttention.from_packed(attn)
+        unpacked.append(qualified)
+    if unpacked:
+        prepare_for_replacement(model)
+        if record:
+            record_step(model, {"method": UNPACK_STEP, "modules": unpacked})
+    return unpacked
+
+
+@register_step(UNPACK_STEP, summary=lambda step: f"attention projections unpacked ({len(step.get('modules', []))} layers)")
+def _replay_unpacking(model: nn.Module, step: dict) -> None:
+    """Recipe replay: unpack the same attentions (their weights are loaded after)."""
+    unpacked = unpack_attention(model, record=False)
+    if unpacked != list(step.get("modules", [])):
+        raise VitslimError(f"the recipe unpacks the attention of {step.get('modules')}, but the model has packed attention at "
+                           f"{unpacked}; load it into a skeleton of the class it was saved from")
+
+
 def resize_attention(attention: AttentionSpec, head_dim: int, original_head_dim: int) -> None:
-    raise VitslimError(
-        f"a packed nn.MultiheadAttention cannot change its head width ({original_head_dim} to {head_dim}): it reads "
-        "in_proj_weight directly and derives the width from embed_dim / num_heads"
-    )
+    """Set an unpacked attention's per-head width after its projections were cut to ``head_dim``
+    (SDPA scales by the query width by itself). A packed one reads ``in_proj_weight`` directly
+    and derives the width from embed_dim / num_heads, so it must be unpacked first."""
+    attn = attention.module
+    if not isinstance(attn, UnpackedMultiheadAttention):
+        raise VitslimError(
+            f"a packed nn.MultiheadAttention cannot change its head width ({original_head_dim} to {head_dim}): it reads "
+            "in_proj_weight directly and derives the width from embed_dim / num_heads; unpack_attention first"
+        )
+    if attn.head_dim != original_head_dim:
+        raise VitslimError(f"the attention has head width {attn.head_dim}, not the {original_head_dim} expected; the model and its recipe disagree")
+    attn.head_dim = head_dim
 
 
 def channel_pruning_obstacles(block: BlockSpec) -> dict[str, str]:

@@ -236,8 +236,9 @@ def channel_pruning_obstacles(family: ModelFamily, block: BlockSpec) -> dict[str
     part gets no gates, no importance mask, and refuses masks given to ``slice_channels``."""
     found = dict(family.channel_pruning_obstacles(block))
     attn = block.attention
-    if attn.layout == "packed":
-        found.setdefault("attention", "a packed nn.MultiheadAttention reads in_proj_weight directly, so its channels cannot be masked or sliced")
+    if attn.layout == "packed":  # unpack_attention leaves one packed only where it cannot compute the same unpacked
+        found.setdefault("attention", "a packed nn.MultiheadAttention reads in_proj_weight directly, so its channels cannot be masked or "
+                                      "sliced (attach_gates and slice_channels unpack it, unless it uses add_bias_kv or add_zero_attn)")
     elif not all(isinstance(layer, nn.Linear) for layer in (attn.qkv, attn.q, attn.k, attn.v, attn.out_proj) if layer is not None):
         found.setdefault("attention", "its projections are no longer plain nn.Linear; prune channels before low-rank or int8 compression")
     if not (isinstance(block.mlp.fc1, nn.Linear) and isinstance(block.mlp.fc2, nn.Linear)):
@@ -257,15 +258,20 @@ def attach_gates(model: nn.Module, *, consistent: bool = True, init: float = 3.0
     """Add channel gates to ``model`` (in place) as the submodule ``vitslim_gates`` and hook them
     into its forward pass; return them.
 
-    A part that cannot be pruned exactly (a packed ``nn.MultiheadAttention``, q/k norm, a norm
-    inside the MLP, layers already factorised or quantised) is left dense, with a warning on the
-    ``vitslim`` logger; ``VitslimError`` when nothing at all can be gated. With ``init > 0``
-    every mask starts at 1 and the model computes exactly what it did before.
+    With ``prune_attention``, a packed ``nn.MultiheadAttention`` is first unpacked (a recipe step,
+    see ``adapters.torch_nn.unpack_attention``) so its query/key and value channels can be gated. A
+    part that cannot be pruned exactly (q/k norm, a norm inside the MLP, layers already factorised
+    or quantised) is left dense, with a warning on the ``vitslim`` logger; ``VitslimError`` when
+    nothing at all can be gated. With ``init > 0`` every mask starts at 1 and the model computes
+    exactly what it did before (an attention unpacked here, to float rounding: its attention runs
+    through SDPA instead of torch's fused kernel).
     """
     if isinstance(getattr(model, GATES_ATTR, None), ChannelGates):
         raise VitslimError("this model already carries channel gates; slice_channels or detach_gates them first")
-    spec = describe(model)
     family = family_of(model)
+    if prune_attention:
+        family.unpack_attention(model)
+    spec = describe(model)
     wanted = {"attention": prune_attention, "mlp": prune_mlp}
     blocks, skipped = [], {}
     for block in spec.blocks:
@@ -298,7 +304,8 @@ def attach_gates(model: nn.Module, *, consistent: bool = True, init: float = 3.0
 
 def detach_gates(model: nn.Module) -> ChannelGates:
     """Remove the gates and their hooks from ``model``, which then computes what it did before
-    ``attach_gates``; return the gates.
+    ``attach_gates``; return the gates. An attention ``attach_gates`` unpacked stays unpacked (the
+    same function, and its recipe step says so, so the model still saves and reloads).
 
     The hooks are found by their type rather than through stored handles: in a deep copy of a
     gated model, handles copied along would still point at the original model's hooks.

@@ -150,8 +150,10 @@ def slice_channels(model: nn.Module, gates: ChannelGates | None = None, *, masks
         if not isinstance(attached, ChannelGates):
             raise VitslimError("the model carries no channel gates and no masks were given: attach_gates and train first, or pass masks=")
         gates, masks = attached, attached.masks()
-    spec = describe(model)
     family = family_of(model)
+    if any({"qk", "v"} & entry.keys() for entry in masks.values()):
+        family.unpack_attention(model)  # a packed nn.MultiheadAttention's heads cannot narrow (gates have done it already)
+    spec = describe(model)
     plan = [_plan(family, _block_at(spec, key), entry) for key, entry in masks.items()]  # all checked before any change
     if isinstance(attached, ChannelGates):
         detach_gates(model)

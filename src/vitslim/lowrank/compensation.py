@@ -30,7 +30,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from vitslim.adapters import describe, prepare_for_replacement
+from vitslim.adapters import describe, family_of, prepare_for_replacement
 from vitslim.distributed import all_reduce_sum, owns, sum_numbers
 from vitslim.errors import ParameterError, VitslimError
 from vitslim.lowrank.calibration import images_of, token_rows
@@ -200,6 +200,7 @@ def compensate(original: nn.Module, compressed: nn.Module, names: list[str], bat
     for original_block, block in zip(original_blocks, compressed_blocks):
         # a private copy, prepared like the compressed model, so its layers are always called
         reference = copy.deepcopy(original_block.module)
+        family_of(original).unpack_attention(reference, record=False)  # named as the compressed model's layers are
         prepare_for_replacement(original, part=reference)
         prefix = qualified[id(block.module)] + "."
         own = {name[len(prefix):]: compressed.get_submodule(name) for name in names if name.startswith(prefix)}

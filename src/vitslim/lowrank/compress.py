@@ -14,7 +14,7 @@ from collections.abc import Iterable
 import torch
 from torch import nn
 
-from vitslim.adapters import describe, prepare_for_replacement, replace_submodule, replaceable_linears
+from vitslim.adapters import describe, family_of, prepare_for_replacement, replace_submodule, replaceable_linears
 from vitslim.errors import ParameterError, VitslimError
 from vitslim.lowrank.allocation import LayerCost, LayerPlan, allocate, uniform
 from vitslim.lowrank.calibration import collect_grams, images_of, leading_batches, token_fraction
@@ -39,8 +39,9 @@ STEP = "lowrank"
 
 def compressible_linears(model: nn.Module) -> dict[str, nn.Linear]:
     """The blocks' attention and MLP Linears that a factorised layer can replace: those of
-    ``ViTSpec.linears`` that ``replaceable_linears`` allows (a packed ``nn.MultiheadAttention``
-    reads its ``out_proj.weight`` directly, so that projection stays dense)."""
+    ``ViTSpec.linears`` that ``replaceable_linears`` allows (a still packed ``nn.MultiheadAttention``
+    reads its ``out_proj.weight`` directly, so that projection stays dense; ``compress_lowrank``
+    unpacks them first)."""
     replaceable = {id(layer) for layer in replaceable_linears(model).values()}
     return {name: layer for name, layer in describe(model).linears().items() if id(layer) in replaceable}
 
@@ -146,6 +147,9 @@ def compress_lowrank(
         raise ParameterError("sensitivity", "fisher weighs output errors, which only the whitened method's spectrum measures; use none with svd/asvd")
     target = target_params(model, param_ratio=param_ratio, params=params)
     compressed = copy.deepcopy(model).eval()
+    # a packed nn.MultiheadAttention becomes a qkv Linear (its in_proj, whole: one factorisation shares the input
+    # basis of q, k and v, as for timm's qkv) and out_proj, which the allocation then weighs like any other layer
+    family_of(compressed).unpack_attention(compressed)
     linears = compressible_linears(compressed)
     if not linears:
         raise VitslimError("the model has no compressible Linear layers (attention projections or MLP)")
