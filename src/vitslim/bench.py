@@ -2,18 +2,24 @@
 
 All models run in one process, in interleaved rounds (the order rotates each round), so slow
 drift of a shared machine (thermal, other tenants) hits every model alike and the ratios stay
-honest even when the absolute numbers move.
+honest even when the absolute numbers move. With several runtimes (eager, ``torch.compile``,
+ONNX Runtime: ``vitslim.runtimes``) every model runs in each of them in every round, and ratios
+compare models within one runtime.
 """
 
 from __future__ import annotations
 
+import os
 import statistics
 import time
+from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass
+from pathlib import Path
 
 import torch
 from torch import nn
 
+from vitslim import runtimes
 from vitslim.adapters import describe
 from vitslim.errors import VitslimError
 from vitslim.metrics import count_flops, count_params
@@ -26,20 +32,31 @@ DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.
 class BenchResult:
     model: str
     images_per_s: float
-    ratio: float  # throughput relative to the first model of the same run
+    ratio: float  # throughput relative to the first model of the same run in the same runtime
     latency_ms: float  # median time of one batch
     latency_p90_ms: float
-    peak_memory_mb: float  # peak RSS of the process (CPU) or max allocated (CUDA) while running it
+    peak_memory_mb: float | None  # peak RSS of the process (CPU) or max allocated (CUDA) while running it; None: not measurable
     params: int
-    flops: int  # per image
+    flops: int | None  # per image; None for an ONNX file, which has no PyTorch graph to count
     batch_size: int
     device: str
     dtype: str
     threads: int
     runs: int
+    runtime: str = "eager"
 
     def as_dict(self) -> dict:
         return asdict(self)
+
+
+@dataclass
+class Runner:
+    """One model ready in one runtime: ``run()`` runs a batch of fixed random images and returns
+    once the device is done, so the timing loop treats every runtime alike; ``peak_memory_mb()``
+    runs one more batch and reports its peak memory (None where it cannot be measured)."""
+
+    run: Callable[[], None]
+    peak_memory_mb: Callable[[], float | None]
 
 
 def _sync(device: torch.device) -> None:
@@ -70,16 +87,56 @@ def _peak_rss_mb() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
-def _peak_memory_mb(model: nn.Module, images: torch.Tensor, device: torch.device) -> float:
-    with torch.no_grad():
-        if device.type == "cuda":
-            torch.cuda.reset_peak_memory_stats(device)
-            model(images)
-            _sync(device)
-            return torch.cuda.max_memory_allocated(device) / 2**20
-        _reset_peak_rss()
+def _peak_rss_of(run: Callable[[], None]) -> float:
+    _reset_peak_rss()
+    run()
+    return _peak_rss_mb()
+
+
+def torch_runner(model: Callable[[torch.Tensor], object], images: torch.Tensor, device: torch.device) -> Runner:
+    """Eager PyTorch, or a compiled module (called alike). Peak memory: peak RSS on CPU,
+    ``torch.cuda.max_memory_allocated`` on CUDA."""
+
+    def run() -> None:
         model(images)
-        return _peak_rss_mb()
+        _sync(device)
+
+    def peak_memory_mb() -> float:
+        if device.type != "cuda":
+            return _peak_rss_of(run)
+        torch.cuda.reset_peak_memory_stats(device)
+        run()
+        return torch.cuda.max_memory_allocated(device) / 2**20
+
+    return Runner(run, peak_memory_mb)
+
+
+def onnx_runner(session, images: torch.Tensor, device: torch.device) -> Runner:
+    """ONNX Runtime on fixed images: fed as a NumPy array on the CPU; on CUDA bound in place on
+    the device (IOBinding), so no host copy is timed, as none is for PyTorch. Peak memory: peak
+    RSS on the CPU, as for PyTorch; on CUDA not measured (ONNX Runtime allocates through its own
+    allocator, which torch's counters do not see)."""
+    input_name = session.get_inputs()[0].name
+    if device.type != "cuda":
+        feed = {input_name: images.cpu().numpy()}
+
+        def run() -> None:
+            session.run(None, feed)
+
+        return Runner(run, lambda: _peak_rss_of(run))
+    import numpy
+
+    on_device = images.to(device).contiguous()
+    binding = session.io_binding()
+    binding.bind_input(input_name, "cuda", device.index or 0, numpy.float32, tuple(on_device.shape), on_device.data_ptr())
+    for output in session.get_outputs():
+        binding.bind_output(output.name, "cuda", device.index or 0)
+
+    def run_on_device(bound_images: torch.Tensor = on_device) -> None:  # the default keeps the bound buffer alive
+        session.run_with_iobinding(binding)
+        _sync(device)
+
+    return Runner(run_on_device, lambda: None)
 
 
 MIN_RUNS = 20
@@ -90,8 +147,66 @@ def check_runs(runs: int) -> None:
         raise VitslimError(f"--runs must be at least {MIN_RUNS}: fewer timed runs give medians too noisy to compare")
 
 
+def _runtime_list(runtime: str | Sequence[str]) -> list[str]:
+    names = [runtime] if isinstance(runtime, str) else list(runtime)
+    if not names:
+        raise VitslimError("give at least one runtime")
+    unknown = [name for name in names if name not in runtimes.RUNTIMES]
+    if unknown:
+        raise VitslimError(f"unknown runtime {unknown[0]!r}; choose from {', '.join(runtimes.RUNTIMES)}")
+    return list(dict.fromkeys(names))  # each once, in the order given
+
+
+def _is_onnx_file(model: object) -> bool:
+    return isinstance(model, (str, os.PathLike)) and str(model).endswith(".onnx")
+
+
+@dataclass
+class _Model:
+    """One entry of the model list, counted once for every runtime it is timed in."""
+
+    name: str
+    model: nn.Module | Path
+    images: torch.Tensor  # float32 on the CPU; each runtime moves them where it runs
+    params: int
+    flops: int | None
+
+
+def _counted(name: str, model: nn.Module | str | os.PathLike, batch_size: int, chosen: list[str]) -> _Model:
+    generator = torch.Generator().manual_seed(0)
+    if _is_onnx_file(model):
+        path = Path(model)
+        if chosen != ["onnxruntime"]:
+            raise VitslimError(f"{name} is an ONNX file: it can be timed only with --runtime onnxruntime, alone")
+        if not path.is_file():
+            raise VitslimError(f"{path} does not exist")
+        input_size, params = runtimes.onnx_file_facts(path)
+        return _Model(name, path, torch.randn(batch_size, *input_size, generator=generator), params, None)
+    if not isinstance(model, nn.Module):
+        raise VitslimError(f"{name}: a model must be an nn.Module (or, for onnxruntime, an .onnx file's path), not {type(model).__name__}")
+    input_size = describe(model).preprocessing.input_size
+    return _Model(name, model, torch.randn(batch_size, *input_size, generator=generator), count_params(model), count_flops(model, input_size))
+
+
+@dataclass
+class _Timed:
+    """One (runtime, model) pair of a run, ready to time."""
+
+    runtime: str
+    entry: _Model
+    runner: Runner
+
+
+def _runner(runtime: str, entry: _Model, *, target: torch.device, dtype: str, onnx_cache: Path, onnx_tolerance: float) -> Runner:
+    if runtime == "onnxruntime":
+        path = entry.model if isinstance(entry.model, Path) else runtimes.checked_onnx(entry.name, entry.model, onnx_cache, onnx_tolerance)
+        return onnx_runner(runtimes.onnx_session(path, threads=torch.get_num_threads(), device=target), entry.images, target)
+    model = entry.model.to(target, DTYPES[dtype]).eval()
+    return torch_runner(runtimes.compiled(model) if runtime == "compile" else model, entry.images.to(target, DTYPES[dtype]), target)
+
+
 def benchmark(
-    models: list[tuple[str, nn.Module]],
+    models: list[tuple[str, nn.Module | str | os.PathLike]],
     *,
     batch_size: int = 32,
     threads: int | None = None,
@@ -100,9 +215,20 @@ def benchmark(
     warmup: int = 3,
     runs: int = 20,
     progress: bool = True,
+    runtime: str | Sequence[str] = "eager",
+    onnx_cache: str | os.PathLike | None = None,
+    onnx_tolerance: float = runtimes.ONNX_TOLERANCE,
 ) -> list[BenchResult]:
-    """Median images/s of each model on random inputs of its own input size, plus the ratio to
-    the first model. At least 20 timed runs per model are taken, as the protocol requires."""
+    """Median images/s of each model on random inputs of its own input size, in each runtime, plus
+    the ratio to the first model in the same runtime. At least 20 timed runs per model are taken,
+    as the protocol requires; every (runtime, model) pair runs in each round, so drift of the host
+    hits them alike. Results come runtime by runtime, models in the order given.
+
+    ``runtime``: one of "eager", "compile" (``torch.compile``, default mode; the warm-up compiles)
+    and "onnxruntime", or a list of them. For ONNX Runtime each model is exported to ``onnx_cache``
+    (default ``~/.cache/vitslim/onnx``; reused when the same model comes again) and must match
+    PyTorch within ``onnx_tolerance`` before it is timed; a model may also be an ``.onnx`` file's
+    path, timed as it is (when onnxruntime is the only runtime)."""
     if not models:
         raise VitslimError("bench needs at least one model")
     if batch_size < 1:
@@ -110,6 +236,9 @@ def benchmark(
     check_runs(runs)
     if dtype not in DTYPES:
         raise VitslimError(f"unknown dtype {dtype}; choose one of {', '.join(DTYPES)}")
+    chosen = _runtime_list(runtime)
+    if "compile" in chosen and warmup < 1:
+        raise VitslimError("--runtime compile needs --warmup of at least 1: the first call compiles, and must not be timed")
     target = torch.device(device)
     if target.type == "cuda" and not torch.cuda.is_available():
         raise VitslimError("--device cuda asked for, but this torch sees no CUDA device")
@@ -117,36 +246,38 @@ def benchmark(
         if threads < 1:
             raise VitslimError("--threads must be at least 1")
         torch.set_num_threads(threads)
-    prepared = []
-    for name, model in models:
-        spec = describe(model)
-        flops = count_flops(model, spec.preprocessing.input_size)
-        model = model.to(target, DTYPES[dtype]).eval()
-        images = torch.randn(batch_size, *spec.preprocessing.input_size, generator=torch.Generator().manual_seed(0)).to(target, DTYPES[dtype])
-        prepared.append((name, model, images, flops))
-    timings: dict[str, list[float]] = {name: [] for name, *_ in prepared}
+    if "onnxruntime" in chosen:
+        runtimes.require_onnxruntime(target, DTYPES[dtype])
+    cache = Path(onnx_cache) if onnx_cache is not None else runtimes.default_onnx_cache()
+    entries = [_counted(name, model, batch_size, chosen) for name, model in models]
+    # ONNX Runtime's runners first: exporting needs each model on the CPU in float32, before a
+    # PyTorch runtime moves it to the device and dtype it is timed in
+    runners = {(runtime, index): _runner(runtime, entry, target=target, dtype=dtype, onnx_cache=cache, onnx_tolerance=onnx_tolerance)
+               for runtime in sorted(chosen, key=lambda name: name != "onnxruntime") for index, entry in enumerate(entries)}
+    prepared = [_Timed(runtime, entry, runners[runtime, index])
+                for runtime in chosen for index, entry in enumerate(entries)]
+    timings: list[list[float]] = [[] for _ in prepared]
+    order = list(range(len(prepared)))
     with torch.inference_mode():
-        for _, model, images, _ in prepared:
+        for timed in prepared:
             for _ in range(warmup):
-                model(images)
-        _sync(target)
+                timed.runner.run()
         for round_index in track(range(runs), "benchmarking", unit="round", show=progress):
-            shift = round_index % len(prepared)
-            for name, model, images, _ in prepared[shift:] + prepared[:shift]:
-                _sync(target)
+            shift = round_index % len(order)
+            for index in order[shift:] + order[:shift]:
                 start = time.perf_counter()
-                model(images)
-                _sync(target)
-                timings[name].append(time.perf_counter() - start)
+                prepared[index].runner.run()
+                timings[index].append(time.perf_counter() - start)
+        memory = [timed.runner.peak_memory_mb() for timed in prepared]
     results = []
-    for name, model, images, flops in prepared:
-        median = statistics.median(timings[name])
-        p90 = statistics.quantiles(timings[name], n=10)[-1]
+    for timed, seconds, peak in zip(prepared, timings, memory):
+        median = statistics.median(seconds)
         results.append(BenchResult(
-            model=name, images_per_s=batch_size / median, ratio=1.0, latency_ms=median * 1e3, latency_p90_ms=p90 * 1e3,
-            peak_memory_mb=_peak_memory_mb(model, images, target), params=count_params(model), flops=flops,
-            batch_size=batch_size, device=str(target), dtype=dtype, threads=torch.get_num_threads(), runs=runs,
+            model=timed.entry.name, images_per_s=batch_size / median, ratio=1.0, latency_ms=median * 1e3,
+            latency_p90_ms=statistics.quantiles(seconds, n=10)[-1] * 1e3, peak_memory_mb=peak, params=timed.entry.params, flops=timed.entry.flops,
+            batch_size=batch_size, device=str(target), dtype=dtype, threads=torch.get_num_threads(), runs=runs, runtime=timed.runtime,
         ))
     for result in results:
-        result.ratio = result.images_per_s / results[0].images_per_s
+        first = next(r for r in results if r.runtime == result.runtime)
+        result.ratio = result.images_per_s / first.images_per_s
     return results

@@ -103,25 +103,36 @@ def eval_command(model, data, limit, skip, seed, teacher, threshold, batch_size,
 @cli.command("bench")
 @click.argument("models", nargs=-1, required=True)
 @click.option("--batch-size", type=int, default=32, show_default=True, callback=_positive("--batch-size"))
-@click.option("--threads", type=int, callback=_positive("--threads"), help="torch intra-op threads (default: torch's choice).")
+@click.option("--threads", type=int, callback=_positive("--threads"), help="torch intra-op threads, and ONNX Runtime's (default: torch's choice).")
 @click.option("--device", type=click.Choice(["cpu", "cuda"]), default="cpu", show_default=True)
 @click.option("--dtype", type=click.Choice(["float32", "float16", "bfloat16"]), default="float32", show_default=True)
+@click.option("--runtime", "runtimes", type=click.Choice(["eager", "compile", "onnxruntime"]), multiple=True, default=["eager"],
+              show_default=True, help="Where to time the models: eager PyTorch, torch.compile, or ONNX Runtime (each model exported, "
+                                      "cached and checked against PyTorch first). Repeat it to time several in one interleaved run; "
+                                      "ratios compare models within one runtime. With onnxruntime alone, a MODEL may be an .onnx file.")
+@click.option("--onnx-cache", type=click.Path(file_okay=False), help="Folder for the exported ONNX files, reused by later runs "
+                                                                     "[default: ~/.cache/vitslim/onnx, or $VITSLIM_CACHE/onnx].")
+@click.option("--onnx-tolerance", type=float, default=1e-3, show_default=True,
+              help="Largest absolute output difference from PyTorch an exported model may show before it is timed.")
 @click.option("--runs", type=int, default=20, show_default=True, help="Timed rounds per model (at least 20).")
-@click.option("--warmup", type=int, default=3, show_default=True)
-@click.option("--json", "as_json", is_flag=True, help="Print one JSON list, one object per model.")
-def bench_command(models, batch_size, threads, device, dtype, runs, warmup, as_json):
-    """Throughput, latency and memory of MODELS, interleaved in one process; ratios are to the first."""
+@click.option("--warmup", type=int, default=3, show_default=True, help="Untimed rounds first (with --runtime compile, they compile).")
+@click.option("--json", "as_json", is_flag=True, help="Print one JSON list, one object per model and runtime.")
+def bench_command(models, batch_size, threads, device, dtype, runtimes, onnx_cache, onnx_tolerance, runs, warmup, as_json):
+    """Throughput, latency and memory of MODELS, interleaved in one process; ratios are to the first, in each runtime."""
     from vitslim.bench import benchmark
 
-    loaded = [(spec, _load(spec)) for spec in models]
-    results = benchmark(loaded, batch_size=batch_size, threads=threads, device=device, dtype=dtype, runs=runs, warmup=warmup)
+    loaded = [(spec, Path(spec) if spec.endswith(".onnx") else _load(spec)) for spec in models]
+    results = benchmark(loaded, batch_size=batch_size, threads=threads, device=device, dtype=dtype, runs=runs, warmup=warmup,
+                        runtime=runtimes, onnx_cache=onnx_cache, onnx_tolerance=onnx_tolerance)
     if as_json:
         click.echo(json.dumps([r.as_dict() for r in results]))
         return
     first = results[0]
     click.echo(f"device {first.device}, {first.threads} threads, batch {first.batch_size}, {first.dtype}, median of {first.runs} interleaved runs")
-    rows = [[r.model, f"{r.images_per_s:.1f}", f"{r.ratio:.2f}x", f"{r.latency_ms:.1f}", f"{r.peak_memory_mb:.0f}", human(r.params), human(r.flops)] for r in results]
-    click.echo(render(["model", "images/s", "ratio", "latency ms", "peak MB", "params", "FLOPs/img"], rows))
+    rows = [[r.model, r.runtime, f"{r.images_per_s:.1f}", f"{r.ratio:.2f}x", f"{r.latency_ms:.1f}",
+             "-" if r.peak_memory_mb is None else f"{r.peak_memory_mb:.0f}", human(r.params), "-" if r.flops is None else human(r.flops)]
+            for r in results]
+    click.echo(render(["model", "runtime", "images/s", "ratio", "latency ms", "peak MB", "params", "FLOPs/img"], rows))
 
 
 SHARED_TRAINING_FLAGS = {"Training.lr": "--lr", "Training.batch_size": "--batch-size", "Training.checkpoints": "--checkpoints",

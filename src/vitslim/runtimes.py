@@ -1,0 +1,156 @@
+"""Getting a model into the runtimes ``vitslim bench`` times: eager PyTorch, ``torch.compile`` and ONNX Runtime.
+
+``vitslim.bench`` times whatever this module hands it (a module, a compiled module, an ONNX
+Runtime session) alike, interleaved in one process.
+
+ONNX Runtime gets the model as ``vitslim.export.export_onnx`` writes it. Exporting a big model
+takes longer than timing it, so files are cached under a key hashed from what decides the graph
+(the module tree, the recipe steps, every weight, the input size and the torch version), and each
+file, cached or new, is checked against PyTorch before it is timed: a speed-up of a graph that
+computes something else would be meaningless.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import math
+import os
+import tempfile
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from vitslim import export
+from vitslim import recipe as recipes
+from vitslim.adapters import describe
+from vitslim.errors import VitslimError
+
+logger = logging.getLogger(__name__)
+
+RUNTIMES = ("eager", "compile", "onnxruntime")
+COMPILE_MODE = "default"  # torch.compile's own default: no CUDA graphs, no long autotuning
+ONNX_TOLERANCE = 1e-3  # largest absolute output difference from PyTorch an exported file may show
+ONNX_CHECK_IMAGES = 4
+
+
+def compiled(model: nn.Module) -> nn.Module:
+    """``torch.compile`` in its default mode; the first (warm-up) call compiles."""
+    return torch.compile(model, mode=COMPILE_MODE)
+
+
+# --- ONNX Runtime -----------------------------------------------------------------------------
+
+def require_onnxruntime(device: torch.device, dtype: torch.dtype):
+    """The ``onnxruntime`` module, once the device and dtype are known to be ones it can time."""
+    if dtype != torch.float32:
+        raise VitslimError("--runtime onnxruntime times float32 only: vitslim's ONNX files are float32 "
+                           "(use --runtime eager or compile for float16/bfloat16)")
+    try:
+        import onnxruntime
+    except ImportError:
+        raise VitslimError("--runtime onnxruntime needs the 'onnxruntime' package; install it with: pip install 'vitslim[export]'") from None
+    if device.type == "cuda" and "CUDAExecutionProvider" not in onnxruntime.get_available_providers():
+        raise VitslimError("--runtime onnxruntime --device cuda needs ONNX Runtime's CUDAExecutionProvider, which this onnxruntime "
+                           f"lacks (it has {', '.join(onnxruntime.get_available_providers())}); install onnxruntime-gpu instead")
+    return onnxruntime
+
+
+def default_onnx_cache() -> Path:
+    """``$VITSLIM_CACHE/onnx``, or ``~/.cache/vitslim/onnx``: beside the demo's cache."""
+    return Path(os.environ.get("VITSLIM_CACHE", Path.home() / ".cache" / "vitslim")) / "onnx"
+
+
+def onnx_cache_key(model: nn.Module) -> str:
+    """A hash of everything that decides the exported graph and its numbers: the module tree
+    (factorised layers, pruned widths), the recipe steps of every module holding some (merge
+    schedules live there, not in the weights), every tensor of the state, the input size and the
+    torch version (the exporter)."""
+    digest = hashlib.sha256()
+    digest.update(f"{type(model).__module__}.{type(model).__qualname__}\n{model!r}\n".encode())
+    for module_name, module in model.named_modules():
+        if recipes.steps(module):
+            digest.update(f"{module_name}:{json.dumps(recipes.steps(module), sort_keys=True, default=str)}\n".encode())
+    for name, tensor in model.state_dict().items():
+        digest.update(f"{name}:{tensor.dtype}:{tuple(tensor.shape)}\n".encode())
+        digest.update(tensor.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy())
+    digest.update(f"{tuple(describe(model).preprocessing.input_size)}:{torch.__version__}".encode())
+    return digest.hexdigest()
+
+
+def cached_onnx(model: nn.Module, cache: Path) -> Path:
+    """The model's ONNX file in ``cache``, exported now if it is not there yet. The export goes to a
+    temporary name of this process's own and is renamed into place, so a concurrent run never reads
+    a half-written file."""
+    path = cache / f"{onnx_cache_key(model)[:32]}.onnx"
+    if path.is_file():
+        logger.info("reusing %s", path)
+        return path
+    try:
+        cache.mkdir(parents=True, exist_ok=True)
+        handle, partial = tempfile.mkstemp(prefix=f".{path.stem}.", suffix=".onnx", dir=cache)
+    except OSError as error:
+        raise VitslimError(f"cannot write the ONNX cache {cache}: {error.strerror}; choose another with --onnx-cache") from None
+    os.close(handle)
+    try:
+        export.export_onnx(model, partial)
+        os.replace(partial, path)
+    finally:
+        Path(partial).unlink(missing_ok=True)
+    logger.info("exported %s", path)
+    return path
+
+
+def checked_onnx(name: str, model: nn.Module, cache: Path, tolerance: float) -> Path:
+    """The model's cached ONNX file, once ONNX Runtime's output on a few random images matches
+    PyTorch's within ``tolerance`` (largest absolute difference); a clear error otherwise."""
+    model.to("cpu", torch.float32).eval()
+    path = cached_onnx(model, cache)
+    images = torch.randn(ONNX_CHECK_IMAGES, *describe(model).preprocessing.input_size, generator=torch.Generator().manual_seed(1))
+    difference = export.onnx_max_abs_diff(model, path, images)
+    if not difference <= tolerance:  # also catches NaN
+        raise VitslimError(f"{name}: its ONNX export ({path}) differs from PyTorch by up to {difference:.3g} on {ONNX_CHECK_IMAGES} "
+                           f"random images (tolerance {tolerance:g}); timing it would time a different computation")
+    return path
+
+
+def onnx_session(path: Path, *, threads: int, device: torch.device):
+    """An InferenceSession on ``path`` with torch's number of intra-op threads (and one inter-op
+    thread, as torch runs a ViT's ops one after another), on the CPU or the CUDA device."""
+    onnxruntime = require_onnxruntime(device, torch.float32)
+    options = onnxruntime.SessionOptions()
+    options.intra_op_num_threads = threads
+    options.inter_op_num_threads = 1
+    options.execution_mode = onnxruntime.ExecutionMode.ORT_SEQUENTIAL
+    options.log_severity_level = 3  # warnings about the graph's own initialisers etc. are not the user's to act on
+    providers = [("CUDAExecutionProvider", {"device_id": device.index or 0})] if device.type == "cuda" else ["CPUExecutionProvider"]
+    try:
+        return onnxruntime.InferenceSession(str(path), options, providers=providers)
+    except Exception as error:  # onnxruntime raises its own exception types for unreadable graphs
+        raise VitslimError(f"ONNX Runtime cannot load {path}: {error}") from None
+
+
+def onnx_file_facts(path: Path) -> tuple[tuple[int, ...], int]:
+    """The image size (channels, height, width) an ONNX file takes, and the values stored in its
+    initialisers (its parameters; for an int8 file, the int8 weights plus their scales). Its one
+    input must be a float batch of images with a fixed size after the batch dimension."""
+    try:
+        import onnx
+    except ImportError:
+        raise VitslimError("timing an .onnx file needs the 'onnx' package; install it with: pip install 'vitslim[export]'") from None
+    try:
+        graph = onnx.load(str(path), load_external_data=False).graph
+    except Exception as error:  # onnx raises DecodeError and others for a file that is not ONNX
+        raise VitslimError(f"{path} is not a readable ONNX file: {error}") from None
+    initialisers = {initialiser.name for initialiser in graph.initializer}
+    inputs = [tensor for tensor in graph.input if tensor.name not in initialisers]
+    dims = inputs[0].type.tensor_type.shape.dim if len(inputs) == 1 else []
+    if len(dims) != 4 or inputs[0].type.tensor_type.elem_type != onnx.TensorProto.FLOAT:
+        raise VitslimError(f"{path} must take one float32 batch of images (batch, channels, height, width); "
+                           f"its inputs are {', '.join(tensor.name for tensor in inputs) or 'none'}")
+    if not all(dim.HasField("dim_value") for dim in dims[1:]):
+        raise VitslimError(f"{path} has no fixed image size after the batch dimension; export it with fixed channels, height and width")
+    params = sum(math.prod(initialiser.dims) for initialiser in graph.initializer)
+    return tuple(dim.dim_value for dim in dims[1:]), params
