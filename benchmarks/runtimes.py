@@ -27,6 +27,7 @@ fewer calibration images, batch 8, and no dinov2 group. ONNX files are cached un
 
 from __future__ import annotations
 
+import os
 import time
 from pathlib import Path
 
@@ -88,7 +89,9 @@ def checked(group: str, models: list[tuple[str, torch.nn.Module]], args) -> tupl
             kept.append((name, model))
         except VitslimError as error:
             print(f"[{group}] {error}", flush=True)
-            refused.append({"group": group, "model": name, "params": count_params(model), "note": str(error).partition(": ")[2]})
+            message = str(error)  # "NAME: its ONNX export (PATH) differs ...": the path is this machine's cache
+            note = "ONNX export " + message[message.index("differs"):] if "differs" in message else message
+            refused.append({"group": group, "model": name, "params": count_params(model), "note": note})
     return kept, refused
 
 
@@ -135,7 +138,7 @@ def main() -> None:
     args.batch_size = args.batch_size or (8 if args.quick else 32)
     args.calib_images = args.calib_images or (32 if args.quick else 128)
 
-    started = time.perf_counter()
+    started, load_before = time.perf_counter(), os.getloadavg()[0]
     groups = [lowrank_group(args), reference_group(args)] + ([] if args.quick else [dinov2_group(args)])
     skipped_dinov2 = not args.quick and groups[-1] is None
     rows = [row for group in groups if group is not None for row in time_group(*group, args)]
@@ -148,7 +151,8 @@ def main() -> None:
             f"(files exported by `vitslim.export_onnx`, each checked against PyTorch first) interleaved in every round, ONNX "
             f"Runtime on torch's {torch.get_num_threads()} intra-op threads. Speed-ups are to the group's original in the same "
             f"runtime. Models built on {args.calib_images} random calibration images (speed does not depend on the weights). "
-            f"Whole run: {seconds:.0f} s.\n\n"
+            f"Whole run: {seconds:.0f} s; the host's 1-minute load average was {load_before:.1f} at the start and "
+            f"{os.getloadavg()[0]:.1f} at the end ({os.cpu_count()} cores: above that, other processes shared them).\n\n"
             f"Target (issue #19): ORT speed-up at least {TARGET:g}x the eager one; met by {met} of {len(compressed)} compressed models "
             f"(a model whose ONNX export does not match PyTorch within {runtimes.ONNX_TOLERANCE:g} is not timed; the note says by how much)."
             + ("\n\ndinov2-s14 group left out: its saved models or the shared model folder are missing." if skipped_dinov2 else "")
