@@ -273,6 +273,26 @@ def test_merging_on_every_family_and_removal_restores_it(family, method):
     assert not [step for step in recipe_steps(model) if step["method"] == "merging"]
 
 
+@pytest.mark.parametrize("family", ["timm", "hf", "torch"])
+@pytest.mark.parametrize("dense", [False, True])
+def test_a_deep_copy_of_a_merged_model_merges_on_its_own(family, dense):
+    """copy.deepcopy (what users and training loops do to keep a teacher) gives a model whose
+    hooks work on its own state: the same output, and running it leaves the original's token map
+    untouched."""
+    import copy
+
+    model = MODELS[family]()
+    spec = describe(model)
+    apply_token_merging(model, plan("atme", spec.grid_size, len(spec.blocks), 12.0), dense=dense)
+    images = torch.randn(2, 3, 32, 32, generator=torch.Generator().manual_seed(4))
+    expected = _logits(model, images)
+    clone = copy.deepcopy(model)
+    before = token_map(model)
+    torch.testing.assert_close(_logits(clone, images), expected, rtol=0, atol=0)
+    assert token_map(model) is before and token_map(clone) is not before
+    torch.testing.assert_close(_logits(model, images[:1]), expected[:1], rtol=1e-5, atol=1e-5)
+
+
 def test_merged_model_saves_and_reloads_bit_identically(tmp_path):
     model = tiny_vit(name="vit_tiny_patch16_224", **MERGING_GEOMETRY, reg_tokens=2)
     apply_token_merging(model, plan("atme", (8, 8), 4, 10.0))

@@ -27,6 +27,7 @@ from __future__ import annotations
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
+from functools import partial
 
 import torch
 import torch.nn.functional as F
@@ -102,74 +103,75 @@ class _Merger:
         tokens = self._tokens_first(tokens)
         return (tokens, *output[1:]) if isinstance(output, tuple) else tokens
 
+    # The hooks below are partials of bound methods, not closures: copy.deepcopy of a patched model
+    # then copies them bound to the copy's own _Merger (a closure would keep the original's state).
+
     def add_bias(self, attention: AttentionSpec):
-        family = family_of(self.spec.model)
+        return partial(self._add_bias, attention)
 
-        def hook(module, args, kwargs):
-            if self.token_map is None or not self.token_map.merged:
-                return None
-            return family.add_attention_bias(attention, args, kwargs, attention_bias(self.token_map))
-
-        return hook
+    def _add_bias(self, attention: AttentionSpec, module, args, kwargs):
+        if self.token_map is None or not self.token_map.merged:
+            return None
+        return family_of(self.spec.model).add_attention_bias(attention, args, kwargs, attention_bias(self.token_map))
 
     def _tokens_first(self, tensor: torch.Tensor) -> torch.Tensor:
         return tensor if self.spec.batch_first else tensor.transpose(0, 1)
 
     def keep_keys(self, attention: AttentionSpec):
-        """A hook that stores the block's keys, averaged over heads, as ``(B, N, head_dim)``."""
+        """(module, hook, whether it is a pre-hook): a hook that stores the block's keys, averaged
+        over heads, as ``(B, N, head_dim)``."""
         heads = attention.num_heads
-
-        def mean_over_heads(keys: torch.Tensor) -> torch.Tensor:
-            keys = self._tokens_first(keys)
-            return keys.reshape(*keys.shape[:2], heads, -1).mean(2)
-
         if attention.layout == "qkv":
-            def from_qkv(module, args, output):
-                width = output.shape[-1] // 3
-                self.keys = mean_over_heads(output[..., width: 2 * width])
-            return attention.qkv, from_qkv, False
+            return attention.qkv, partial(self._keys_from_qkv, heads), False
         if attention.layout == "separate":
-            def from_k(module, args, output):
-                self.keys = mean_over_heads(output)
-            return attention.k, from_k, False
-        packed = attention.packed
+            return attention.k, partial(self._keys_from_k, heads), False
+        return attention.packed, partial(self._keys_from_packed, heads), True  # nn.MultiheadAttention never calls a k module
 
-        def from_packed(module, args, kwargs):  # nn.MultiheadAttention never calls a k module
-            query = args[0] if args else kwargs["query"]
-            width = packed.embed_dim
-            bias = packed.in_proj_bias[width: 2 * width] if packed.in_proj_bias is not None else None
-            self.keys = mean_over_heads(F.linear(query, packed.in_proj_weight[width: 2 * width], bias))
-        return packed, from_packed, True
+    def _mean_over_heads(self, keys: torch.Tensor, heads: int) -> torch.Tensor:
+        keys = self._tokens_first(keys)
+        return keys.reshape(*keys.shape[:2], heads, -1).mean(2)
+
+    def _keys_from_qkv(self, heads: int, module, args, output) -> None:
+        width = output.shape[-1] // 3
+        self.keys = self._mean_over_heads(output[..., width: 2 * width], heads)
+
+    def _keys_from_k(self, heads: int, module, args, output) -> None:
+        self.keys = self._mean_over_heads(output, heads)
+
+    def _keys_from_packed(self, heads: int, packed: nn.MultiheadAttention, args, kwargs) -> None:
+        query = args[0] if args else kwargs["query"]
+        width = packed.embed_dim
+        bias = packed.in_proj_bias[width: 2 * width] if packed.in_proj_bias is not None else None
+        self.keys = self._mean_over_heads(F.linear(query, packed.in_proj_weight[width: 2 * width], bias), heads)
 
     def merge_after(self, r: int, level: int):
+        return partial(self._merge_after, r, level)
+
+    def _merge_after(self, r: int, level: int, module, args, output):
         prefix, grid = self.spec.num_prefix_tokens, self.spec.grid_size
-
-        def hook(module, args, output):
-            tokens = self._tokens_first(output[0] if isinstance(output, tuple) else output)
-            if self.token_map is None:
-                if tokens.shape[1] != prefix + grid[0] * grid[1]:
-                    raise VitslimError(
-                        f"token merging was planned for {prefix} prefix tokens and a {grid[0]}x{grid[1]} grid, but a block "
-                        f"sees {tokens.shape[1]} tokens; feed images of the model's input size"
-                    )
-                self.token_map = TokenMap.identity(tokens.shape[0], grid, prefix, tokens.device, tokens.dtype)
-            before = self._full(tokens) if self.dense and self.keep_detail and self.token_map.merged else tokens
-            if self.schedule.method == "atme":
-                merged, self.token_map = atme_merge(tokens, self.keys, self.token_map, r, level)
-            elif self.schedule.method == "window":
-                merged, self.token_map = window_merge(tokens, self.keys, self.token_map, r, level)
-            else:
-                merged, self.token_map = tome_merge(tokens, self.keys, self.token_map, r)
-            self.keys = None
-            if self.dense and self.token_map.merged:
-                self.kept = representatives(self.token_map)
-                if not self.keep_detail:
-                    return self._replace(output, unmerge(merged, self.token_map))
-                self.detail = before - unmerge(merged, self.token_map)
-                return self._replace(output, before)
-            return self._replace(output, merged)
-
-        return hook
+        tokens = self._tokens_first(output[0] if isinstance(output, tuple) else output)
+        if self.token_map is None:
+            if tokens.shape[1] != prefix + grid[0] * grid[1]:
+                raise VitslimError(
+                    f"token merging was planned for {prefix} prefix tokens and a {grid[0]}x{grid[1]} grid, but a block "
+                    f"sees {tokens.shape[1]} tokens; feed images of the model's input size"
+                )
+            self.token_map = TokenMap.identity(tokens.shape[0], grid, prefix, tokens.device, tokens.dtype)
+        before = self._full(tokens) if self.dense and self.keep_detail and self.token_map.merged else tokens
+        if self.schedule.method == "atme":
+            merged, self.token_map = atme_merge(tokens, self.keys, self.token_map, r, level)
+        elif self.schedule.method == "window":
+            merged, self.token_map = window_merge(tokens, self.keys, self.token_map, r, level)
+        else:
+            merged, self.token_map = tome_merge(tokens, self.keys, self.token_map, r)
+        self.keys = None
+        if self.dense and self.token_map.merged:
+            self.kept = representatives(self.token_map)
+            if not self.keep_detail:
+                return self._replace(output, unmerge(merged, self.token_map))
+            self.detail = before - unmerge(merged, self.token_map)
+            return self._replace(output, before)
+        return self._replace(output, merged)
 
 
 def reads_patch_tokens(model: nn.Module) -> bool:
