@@ -98,8 +98,8 @@ def rerun(parser: argparse.ArgumentParser, args: argparse.Namespace, *, always: 
         if value == action.default and action.dest not in always:
             continue
         flag = action.option_strings[-1]
-        if isinstance(action, argparse._StoreTrueAction):
-            arguments += [flag] if value else []
+        if isinstance(action, (argparse._StoreTrueAction, argparse._StoreFalseAction)):
+            arguments += [flag] if value != action.default else []
             continue
         values = value if isinstance(value, list) else [value]
         arguments += [flag, *(shown(v) if isinstance(v, str) and os.sep in v else f"{v:g}" if isinstance(v, float) else v for v in values)]
