@@ -235,7 +235,10 @@ def _in_flags(error, flags: dict[str, str]) -> VitslimError:
 @click.option("--lr", type=float, default=1e-4, show_default=True, help="Peak AdamW learning rate of gate training and recovery (warm-up, then cosine).")
 @click.option("--checkpoints", help="Folder for per-epoch training checkpoints (pickle-free): gates/ and recovery/ inside.")
 @click.option("--resume", is_flag=True, help="Continue the training runs from the last checkpoints in --checkpoints.")
-@click.option("--int8", is_flag=True, help="Finally quantise every Linear's weights to int8 (per output channel): about 4x fewer bytes on disk.")
+@click.option("--int8", type=click.Choice(["weight", "dynamic"]), is_flag=False, flag_value="weight", default=None,
+              help="Finally quantise every Linear to int8 (per output channel), about 4x fewer bytes on disk: 'weight' (plain --int8) "
+                   "stores int8 weights only, the smallest file, no faster; 'dynamic' also quantises activations at run time for "
+                   "int8 matmuls, faster on CPU.")
 @click.option("--device", default="cpu", show_default=True, help="Where calibration and training run (cuda: under torchrun, each rank's own GPU).")
 @click.option("--objective", type=click.Choice(["auto", "logits", "map", "features"]), default="auto", show_default=True,
               help="What the result must preserve: logits (KL), map (per-pixel MSE), features (relative MSE); auto follows the model's output.")
@@ -293,8 +296,10 @@ def compress_command(ctx, model, data, out, method, like, calib_images, seed, ba
                                                    seed=seed, device=device, recovery=recovery, int8=int8, objective=objective, **options)
     except ParameterError as error:
         raise _in_flags(error, {**flags, "calib_images": "--calib-images", "Training.epochs": "--recovery-epochs"}) from None
-    if int8:
+    if int8 == "weight":
         click.echo("weights quantised to int8 (per output channel)")
+    elif int8 == "dynamic":
+        click.echo("weights quantised to int8 (per output channel), activations at run time (dynamic int8 matmuls)")
     click.echo(f"saved to {folder}")
 
 
@@ -332,13 +337,20 @@ def sweep_command(model, data, eval_data, budgets, out, references, calib_images
 @click.option("--torch-export", "program_path", type=click.Path(dir_okay=False),
               help="A torch.export ExportedProgram (.pt2) to write (checked by loading it back).")
 @click.option("--check-images", default=8, show_default=True, callback=_positive("--check-images"), help="Random images the file and PyTorch both run.")
-@click.option("--tolerance", default=1e-4, show_default=True, type=float, help="Largest absolute logit difference accepted.")
+@click.option("--tolerance", default=1e-4, show_default=True, type=float, help="Largest absolute logit difference accepted (float files).")
+@click.option("--int8", type=click.Choice(["dynamic"]),
+              help="Quantise the ONNX file with ONNX Runtime's dynamic int8 (int8 weights per output channel, activations at run "
+                   "time): int8 matmuls, faster on CPU. It is checked against --int8-tolerance instead of --tolerance.")
+@click.option("--int8-tolerance", default=0.1, show_default=True, type=float,
+              help="Largest relative output error ||int8 - float|| / ||float|| accepted for an --int8 file.")
 @click.option("--pretrained", is_flag=True, help="Load pretrained weights for a timm model name (needs the network).")
-def export_command(model, onnx_path, program_path, check_images, tolerance, pretrained):
+def export_command(model, onnx_path, program_path, check_images, tolerance, int8, int8_tolerance, pretrained):
     """Export MODEL (any kind vitslim compresses) to ONNX and/or torch.export, and check each file.
 
     Each file takes preprocessed images of any batch size and returns the logits. It is kept
-    only when its logits on seeded random images match PyTorch's within --tolerance.
+    only when its logits on seeded random images match PyTorch's within --tolerance. With
+    --int8 dynamic the float ONNX graph is checked so first, then quantised, and the int8 file
+    is kept only within --int8-tolerance (relative error; its top-1 agreement is reported).
     """
     import torch
 
@@ -348,9 +360,14 @@ def export_command(model, onnx_path, program_path, check_images, tolerance, pret
 
     if onnx_path is None and program_path is None:
         raise VitslimError("say what to write: --onnx FILE and/or --torch-export FILE")
+    if int8 is not None and onnx_path is None:
+        raise VitslimError(f"--int8 {int8} quantises the ONNX file; give --onnx FILE too")
     loaded = _load(model, pretrained=pretrained)
     images = torch.randn(check_images, *describe(loaded).preprocessing.input_size, generator=torch.Generator().manual_seed(0))
-    formats = [("ONNX Runtime", onnx_path, export_onnx, onnx_max_abs_diff), ("torch.export", program_path, export_program, program_max_abs_diff)]
+    if int8 is not None:
+        _export_dynamic_int8_onnx(loaded, Path(onnx_path), images, tolerance, int8_tolerance)
+    formats = [("ONNX Runtime", None if int8 else onnx_path, export_onnx, onnx_max_abs_diff),
+               ("torch.export", program_path, export_program, program_max_abs_diff)]
     for name, path, write, compare in formats:
         if path is None:
             continue
@@ -365,6 +382,38 @@ def export_command(model, onnx_path, program_path, check_images, tolerance, pret
 
         atomic_file(Path(path), export_and_check)
         click.echo(f"wrote {path}; {name} vs PyTorch on {check_images} images: max abs difference {difference:.3g} (tolerance {tolerance:g})")
+
+
+def _export_dynamic_int8_onnx(model, path: Path, images, tolerance: float, int8_tolerance: float) -> None:
+    """``vitslim export --int8 dynamic``: the float graph, checked within ``tolerance``, then ONNX
+    Runtime's dynamic int8 of it, checked within ``int8_tolerance`` (relative error); ``path`` is
+    written only when both pass."""
+    import tempfile
+
+    from vitslim.atomic import atomic_file
+    from vitslim.export import compare_onnx, export_onnx, onnx_max_abs_diff, quantize_onnx_dynamic
+
+    float_difference = comparison = None
+
+    def export_and_check(unchecked: Path) -> None:
+        nonlocal float_difference, comparison
+        with tempfile.TemporaryDirectory(prefix=f".{path.stem}.", dir=unchecked.parent) as scratch:
+            float_graph = export_onnx(model, Path(scratch) / "float.onnx")
+            float_difference = onnx_max_abs_diff(model, float_graph, images)
+            if not float_difference <= tolerance:
+                raise VitslimError(f"the float ONNX graph's logits differ from PyTorch's by up to {float_difference:.3g}, above --tolerance "
+                                   f"{tolerance:g}, before quantisation; {path} was not written")
+            quantize_onnx_dynamic(float_graph, unchecked)
+        comparison = compare_onnx(model, unchecked, images)
+        if not comparison.relative_error <= int8_tolerance:
+            raise VitslimError(f"the int8 file's output differs from PyTorch's float output by a relative error of {comparison.relative_error:.3g}, "
+                               f"above --int8-tolerance {int8_tolerance:g}; {path} was not written")
+
+    atomic_file(path, export_and_check)
+    agreement = "" if comparison.top1_agreement is None else f", top-1 agreement {comparison.top1_agreement:.1%}"
+    click.echo(f"wrote {path} (dynamic int8); ONNX Runtime vs PyTorch float on {len(images)} images: relative error "
+               f"{comparison.relative_error:.3g} (tolerance {int8_tolerance:g}), max abs difference {comparison.max_abs_diff:.3g}{agreement}; "
+               f"the float graph before quantisation: max abs difference {float_difference:.3g} (tolerance {tolerance:g})")
 
 
 @cli.command("info")

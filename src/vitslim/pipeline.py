@@ -20,7 +20,7 @@ from vitslim import data as imagedata
 from vitslim.errors import ParameterError, VitslimError
 from vitslim.methods import Inputs, get_method
 from vitslim.objective import judged_by
-from vitslim.quantize import quantize_int8
+from vitslim.quantize import check_kind, quantize_int8
 from vitslim.train import Training, distill
 
 CALIB_IMAGES = 256
@@ -47,7 +47,7 @@ def compress(
     seed: int = 0,
     device: str = "cpu",
     recovery: Training | None = None,
-    int8: bool = False,
+    int8: bool | str = False,
     objective: str = "auto",
     progress: bool = True,
     **options: Any,
@@ -59,14 +59,17 @@ def compress(
     (``vitslim.data.open_images``; labels are not needed), of which ``calib_images`` (a subset
     drawn from ``seed``) calibrate, or an iterable of preprocessed image batches, all of which
     calibrate. ``recovery`` distils the original into the result over all of ``images``;
-    ``int8`` then quantises its Linear weights (per output channel). The original is left as it
-    was (on ``device`` when the method calibrates there).
+    ``int8`` then quantises its Linear weights (per output channel): ``"weight"`` (or ``True``)
+    weight-only, the smallest file; ``"dynamic"`` activations too, at run time, for int8 matmuls
+    that run faster on CPU (``vitslim.quantize``). The original is left as it was (on ``device``
+    when the method calibrates there).
 
     ``model`` may be a user's model holding the ViT (a dense head on a backbone): the ViT is
     compressed and the whole model's output preserved, judged by ``objective`` ("logits": KL,
     "map": per-pixel MSE, "features": relative MSE; "auto" follows the output, ``vitslim.objective``).
     """
     chosen = get_method(method)
+    int8_kind = _int8_kind(int8)
     unknown = sorted(set(options) - {option.name for option in chosen.options})
     if unknown:
         raise ParameterError(unknown[0], f"is not an option of the {method} method; its options are "
@@ -86,9 +89,19 @@ def compress(
             distill(compressed, model, images, recovery)
     compressed.to("cpu")
     model.to("cpu")
-    if int8:
-        compressed = quantize_int8(compressed)
+    if int8_kind is not None:
+        compressed = quantize_int8(compressed, int8_kind)
     return compressed
+
+
+def _int8_kind(int8: bool | str | None) -> str | None:
+    """The int8 kind ``compress`` was asked for, checked before any work: ``True`` keeps its old
+    meaning, weight-only; ``False``/``None`` means none."""
+    if int8 is None or int8 is False:
+        return None
+    if int8 is True:
+        return "weight"
+    return check_kind(int8, "int8")
 
 
 def compress_to_folder(model: str | os.PathLike | nn.Module, data: str | os.PathLike, out: str | os.PathLike, method: str = "lowrank", *,
