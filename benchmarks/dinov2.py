@@ -747,14 +747,12 @@ def kd_classification(rows: Rows, args, settings: dict, recovery: vitslim.Traini
 
 def kd_classification_variants(recovery: vitslim.Training, args) -> list[tuple[str, str, str, dict]]:
     """(key, label, method, options) of the classifier's KD rows: low-rank at each ratio then
-    recovery, ATME+CDCP with gates trained by KD, and the composed model then recovery."""
+    recovery, and ATME+CDCP with gates trained by KD (the composed model is on the classification
+    page, training-free)."""
     lowrank = [(f"cls-lowrank-{ratio}-kd" if ratio != 0.5 else "cls-lowrank-kd", f"low-rank {ratio} + KD", "lowrank",
                 {"param_ratio": ratio, "rank_multiple": 8, "recovery": recovery}) for ratio in (0.6, 0.5, 0.4, 0.3)]
-    variants = lowrank + [
-        ("cls-cdcp", "ATME+CDCP 1.9x", "cait",
-         {"speedup": 1.9, "merge": "atme", "gate_training": recovery, "measure": args.measure}),
-        ("cls-composed-kd", "low-rank + ATME (1/2 of the FLOPs, <= 60% of the params) + KD", "lowrank+cait",
-         {**COMPOSED, "recovery": recovery})]
+    variants = lowrank + [("cls-cdcp", "ATME+CDCP 1.9x", "cait",
+                           {"speedup": 1.9, "merge": "atme", "gate_training": recovery, "measure": args.measure})]
     return [v for v in variants if v[0] in ("cls-lowrank-kd", "cls-cdcp")] if args.quick else variants
 
 
@@ -811,9 +809,7 @@ def kd_part(parser, args) -> None:
         f"**Classification** (the plain ViT, objective KL): KD over {args.kd_images} seeded CIFAR-10 train images "
         f"(seed {args.seed}; {args.calib_images} of them calibrate), reported on {args.test_images} seeded test images "
         f"as on the classification page. Low-rank keeps 0.6 / 0.5 / 0.4 / 0.3 of the parameters (ranks multiples of "
-        f"8), then recovery; ATME+CDCP 1.9x, {cait_text(args)}, gates trained by the KD; the composed model (lowrank+cait, "
-        f"at most {COMPOSED['flops_ratio']:g} of the FLOPs and {COMPOSED['param_ratio']:g} of the parameters, split by "
-        f"its probes, no channel gates), then recovery. {cls_tp_text}\n\n"
+        f"8), then recovery; ATME+CDCP 1.9x, {cait_text(args)}, gates trained by the KD. {cls_tp_text}\n\n"
         f"Speed-up: each table's models timed together in one interleaved `vitslim.benchmark` run (float32, batch "
         f"{args.bench_batch}, median of {args.runs} rounds, {torch.get_num_threads()} torch threads), against the "
         f"original of that table. Params: the backbone's for the dense table, the ViT's for the classification one."))
