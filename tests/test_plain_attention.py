@@ -181,14 +181,31 @@ def test_int8_quantises_the_attention_projections(half_size, tmp_path):
     assert torch.equal(_logits(reloaded, batches[1]), _logits(quantised, batches[1]))
 
 
-def test_int8_quantises_an_unpacked_dense_attention():
+def test_int8_quantises_the_packed_attention_of_a_dense_model():
+    """quantize_int8 unpacks a dense model's attention itself (the original stays packed)."""
     model = _model(batch_first=False, norm_first=False)
-    family_of(model).unpack_attention(model)
     quantised = quantize_int8(model)
+    assert all(isinstance(attn, nn.MultiheadAttention) for attn in _attention_modules(model))
     assert all(isinstance(attn.qkv, Int8Linear) and isinstance(attn.out_proj, Int8Linear) for attn in _attention_modules(quantised))
+    assert [step["method"] for step in steps(quantised)] == [UNPACK_STEP, "int8"]
     images = _images()
     float_logits = _logits(model, images)
     assert (_logits(quantised, images) - float_logits).norm() / float_logits.norm() < 0.03
+
+
+@pytest.mark.parametrize("kind", ["weight", "dynamic"])
+def test_int8_of_a_token_merging_model_reloads_with_its_merging(kind, tmp_path):
+    """The unpacking step comes after the merging step here: replaying it must move the merging
+    hooks onto the unpacked attention, not refuse them."""
+    model = _model(batch_first=True, norm_first=False)
+    apply_token_merging(model, MergeSchedule("atme", ((0, 6, 1),)))
+    quantised = quantize_int8(model, kind)
+    assert [step["method"] for step in steps(quantised)] == ["merging", UNPACK_STEP, "int8"]
+    images = _images(4)
+    folder = vitslim.save(quantised, tmp_path / "merged-int8")
+    reloaded = vitslim.load_model(folder, skeleton=_model(batch_first=True, norm_first=False, seed=3))
+    torch.testing.assert_close(_logits(reloaded, images), _logits(quantised, images), rtol=0, atol=0)
+    assert not torch.allclose(_logits(quantised, images), _logits(quantize_int8(_model(True, False), kind), images))
 
 
 @pytest.mark.parametrize("batch_first", [True, False])

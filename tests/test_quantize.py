@@ -151,8 +151,9 @@ def test_other_families_round_trip(family, tmp_path):
     assert torch.equal(_logits(reloaded, images), _logits(quantised, images))
     if family == "torch":
         layer = reloaded.encoder.layers[0]
-        # the packed attention reads out_proj.weight directly, so that projection stays float
-        assert type(layer.self_attn.out_proj) is not Int8Linear and isinstance(reloaded.head, Int8Linear)
+        # the packed attention is unpacked first, so its projections are quantised too
+        assert isinstance(layer.self_attn.qkv, Int8Linear) and isinstance(layer.self_attn.out_proj, Int8Linear)
+        assert isinstance(reloaded.head, Int8Linear)
         assert isinstance(layer.linear1, Int8Linear) and isinstance(layer.linear2, Int8Linear)
     else:
         assert not any(isinstance(m, nn.Linear) for m in reloaded.modules())

@@ -233,9 +233,11 @@ def quantize_int8(model: nn.Module, kind: str = "weight") -> nn.Module:
     layer = LAYERS[check_kind(kind)]
     if isinstance(model, nn.Linear):
         raise VitslimError(f"quantize_int8 replaces the Linear layers inside a model; for a single layer use {layer.__name__}.from_linear")
-    with merging_suspended(model) as schedule:  # a deep copy would share the original's hooks
+    with merging_suspended(model) as schedule:  # the copy's merging is attached after its Linears are replaced
         quantised = copy.deepcopy(model).eval()
-    # a packed nn.MultiheadAttention's out_proj stays float, as does its in_proj_weight, which is no Linear
+    family = matching_family(quantised)
+    if family is not None:  # a packed nn.MultiheadAttention's projections become Linears, quantised as timm's are
+        family.unpack_attention(quantised)
     linears = replaceable_linears(quantised)
     if not linears:
         already = any(isinstance(m, Int8Linear) for m in quantised.modules())
