@@ -14,8 +14,9 @@ Groups (weights do not decide speed, so each model is built on random calibratio
    whose gates would need training) and ATME + CDCP (cait at 2.6x by the FLOPs model, gates trained
    one epoch). Neither benchmark saved its models, so these are equivalents of the same kinds,
    not the same files;
-3. ``dinov2-s14``'s saved classification models (benchmarks/results/dinov2/models/classification:
-   low-rank 50%, ATME 1.5) against the original, where they exist.
+3. ``dinov2-s14``'s saved classifiers from ``benchmarks/dinov2.py`` (low-rank 50%, ATME 1.5, the
+   composed low-rank + ATME model, and ATME+CDCP 1.9 with gates trained by KD on CIFAR-10 train
+   images) against the original, where they exist.
 
 ``--quick`` checks the pipeline in a few minutes: deit_tiny geometry instead of deit_base,
 fewer calibration images, batch 8, and no dinov2 group. ONNX files are cached under
@@ -41,8 +42,9 @@ from vitslim.errors import VitslimError
 from vitslim.metrics import count_params
 
 OUT = common.RESULTS / "runtimes"
-DINOV2_SAVED = common.RESULTS / "dinov2" / "models" / "classification"
-DINOV2_VARIANTS = ("lowrank-0.5", "atme-1.5")
+DINOV2_SAVED = common.RESULTS / "dinov2" / "models"
+# the dinov2 benchmark's saved classifiers: low-rank, ATME, the composed model, ATME+CDCP (gates trained by KD on CIFAR-10)
+DINOV2_VARIANTS = ("classification/lowrank-0.5", "classification/atme-1.5", "classification/composed-2.0", "kd/cls-cdcp")
 TARGET = 0.9  # ORT speed-up / eager speed-up
 
 
@@ -76,7 +78,8 @@ def dinov2_group(args) -> tuple[str, list[tuple[str, torch.nn.Module]]] | None:
     if not (common.SHARED / "models" / "dinov2-s14").is_dir() or not all(folder.is_dir() for folder in folders):
         return None
     models = [("original", vitslim.load_model(f"local-dir:{common.SHARED / 'models' / 'dinov2-s14'}"))]
-    return "dinov2-s14 (saved models)", models + [(folder.name, vitslim.load_model(str(folder))) for folder in folders]
+    return "dinov2-s14 (saved models)", models + [(f"{folder.parent.name}/{folder.name}", vitslim.load_model(str(folder)))
+                                                  for folder in folders]
 
 
 def checked(group: str, models: list[tuple[str, torch.nn.Module]], args) -> tuple[list[tuple[str, torch.nn.Module]], list[dict]]:
