@@ -40,7 +40,6 @@ from __future__ import annotations
 
 import copy
 import dataclasses
-import inspect
 import json
 import math
 import os
@@ -62,7 +61,7 @@ from torch.utils.data import Subset
 
 import vitslim
 from vitslim import data as imagedata
-from vitslim.cait.gates import attach_gates
+from vitslim.cait.compress import GATE_INIT, GATE_TRAVEL
 from vitslim.cait.speed import measured_speedup
 from vitslim.metrics import count_params
 from vitslim.recipe import find_step
@@ -180,22 +179,14 @@ def widths_text(notes: dict) -> str | None:
     return ", ".join(parts) or None
 
 
-def gate_steps_needed(lr: float) -> int:
-    """How many AdamW steps CDCP's gates need at least to cross 0 and prune a channel: they start at
-    ``attach_gates``' ``init`` and move by about lr x ``gate_lr_scale`` per step whatever the gradient."""
-    init = inspect.signature(attach_gates).parameters["init"].default
-    scale = inspect.signature(vitslim.compress_cait).parameters["gate_lr_scale"].default
-    return math.ceil(init / (lr * scale))
-
-
 def cdcp_check(label: str, notes: dict, vit: nn.Module, steps: int, lr: float) -> str | None:
     """A warning (printed, and returned for the page) when CDCP sliced no channel at all."""
     widths = (notes.get("widths") or {}).values()
     full = (vit.blocks[0].attn.head_dim, vit.blocks[0].mlp.fc1.out_features)
     if widths and all((w.get("head_dim"), w.get("mlp_hidden")) == full for w in widths):
-        warning = (f"{label}: CDCP pruned no channel: its gates need at least {gate_steps_needed(lr)} steps at lr "
-                   f"{lr:g} to cross 0, this budget gave {steps}; the row is ATME at the token share of the target, "
-                   "fine-tuned")
+        warning = (f"{label}: CDCP pruned no channel in {steps} steps at lr {lr:g} (its gates start at "
+                   f"{GATE_INIT:g} and move about GATE_TRAVEL = {GATE_TRAVEL:g} over a run when pushed down at every "
+                   "step); the row is ATME at the token share of the target, fine-tuned")
         say(f"[kd] WARNING {warning}")
         return warning
     return None
@@ -703,7 +694,7 @@ def kd_classification(rows: Rows, args, settings: dict, recovery: vitslim.Traini
         finish(key, label, model, seconds, budget, target=target_of(options), folder=stored(folder), **notes,
                warning=warning, **fields)
 
-    if not args.quick and not rows.has(key="cls-lowrank-kd-full"):
+    if args.kd_full_budget and not rows.has(key="cls-lowrank-kd-full"):
         full_train = imagedata.select(train, limit=TARGET_KD_IMAGES, seed=args.seed)
         full_recovery = dataclasses.replace(recovery, epochs=TARGET_KD_EPOCHS)
         full_steps = math.ceil(len(full_train) / args.kd_batch) * TARGET_KD_EPOCHS
@@ -823,9 +814,9 @@ def kd_part(parser, args) -> None:
         f"**Classification** (the plain ViT, objective KL): KD over {args.kd_images} seeded CIFAR-10 train images "
         f"(seed {args.seed}; {args.calib_images} of them calibrate), reported on {args.test_images} seeded test images "
         f"as on the classification page. Low-rank keeps 0.6 / 0.5 / 0.4 / 0.3 of the parameters (ranks multiples of "
-        f"8), then recovery; ATME+CDCP 1.9x, {cait_text(args)}, gates trained by the KD. Low-rank 0.5 also with the "
-        f"issue's whole KD budget ({TARGET_KD_EPOCHS} epochs on {TARGET_KD_IMAGES} seeded train images, the same "
-        f"settings otherwise). {cls_tp_text}\n\n"
+        f"8), then recovery; ATME+CDCP 1.9x, {cait_text(args)}, gates trained by the KD. With `--kd-full-budget`, low-rank 0.5 "
+        f"also over the issue's whole KD budget ({TARGET_KD_EPOCHS} epochs on {TARGET_KD_IMAGES} seeded train images, "
+        f"the same settings otherwise). {cls_tp_text}\n\n"
         f"Speed-up: each table's models timed together in one interleaved `vitslim.benchmark` run (float32, batch "
         f"{args.bench_batch}, median of {args.runs} rounds, {torch.get_num_threads()} torch threads), against the "
         f"original of that table. Params: the backbone's for the dense table, the ViT's for the classification one."))
@@ -948,6 +939,9 @@ def main() -> None:
     parser.add_argument("--bench-batch", type=int, default=16, help="batch size of the timing runs")
     parser.add_argument("--runs", type=int, default=20, help="interleaved timing rounds (20 or more)")
     parser.add_argument("--variants", help="comma-separated variant keys of the classification part to run (default: all)")
+    parser.add_argument("--kd-full-budget", action="store_true",
+                        help=f"kd: also low-rank 0.5 + KD over the issue's whole budget ({TARGET_KD_EPOCHS} epochs on "
+                             f"{TARGET_KD_IMAGES} train images; about 25 min on 2 cores)")
     parser.add_argument("--retime", action="store_true",
                         help="time the parts' models again even when their rows have timings (a quieter machine)")
     parser.add_argument("--measure", action="store_true", help="cait times and tightens its schedule while compressing")

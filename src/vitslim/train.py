@@ -358,6 +358,14 @@ def _learning_rate(step: int, base: float, warmup: int, total: int) -> float:
     return base * 0.5 * (1 + math.cos(math.pi * progress))
 
 
+def schedule_sum(total_steps: int, warmup_fraction: float = 0.05) -> float:
+    """The sum over a run's ``total_steps`` of its learning rate relative to the peak (``distill``'s
+    warm-up then cosine): how far, in steps at the peak rate, AdamW moves a parameter pushed the same
+    way at every step. About half the steps for any length."""
+    warmup = round(warmup_fraction * total_steps)
+    return sum(_learning_rate(step, 1.0, warmup, total_steps) for step in range(total_steps))
+
+
 def _epoch_seed(seed: int, epoch: int) -> int:
     return (seed * _SEED_STRIDE + epoch) % (2**63)
 
