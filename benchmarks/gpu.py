@@ -68,6 +68,7 @@ import torch
 from common import SHARED
 
 import vitslim
+from vitslim import runtimes
 from vitslim.bench import DTYPES, check_runs
 from vitslim.cait.importance import importance_masks
 from vitslim.cait.slicing import slice_channels
@@ -265,21 +266,6 @@ def eager_cell(models: dict[str, torch.nn.Module], batch: int, dtype: str, args)
              "latency_p90_ms": r.latency_p90_ms, "peak_memory_mb": r.peak_memory_mb} for r in results]
 
 
-def compiled_alone(model: torch.nn.Module, index: int, backend: str) -> Callable:
-    """``torch.compile`` of ``model``'s call through an entry function of its own.
-
-    Dynamo keeps compiled graphs, with their guards, on the code object it intercepts. Compiled
-    directly, every model of one class shares ``forward``'s cache: each call of the n-th model
-    first checks the guards of the n-1 compiled before it, and the ninth model passes dynamo's
-    recompile limit (8) and runs uncompiled, silently (seen on the smoke run's models). A code
-    object per model gives each model a cache of its own."""
-    def call(images: torch.Tensor) -> torch.Tensor:
-        return model(images)
-
-    call.__code__ = call.__code__.replace(co_name=f"call_model_{index}")
-    return torch.compile(call, backend=backend)
-
-
 def compiled_cells(models: dict[str, torch.nn.Module], batches: list[int], dtype: str, args, budget: Budget) -> dict[int, list[dict]]:
     """The compiled cells of one dtype, one per batch size. Each model is compiled once, by a
     first call at the first batch size with the batch dimension marked dynamic (the other batch
@@ -295,7 +281,7 @@ def compiled_cells(models: dict[str, torch.nn.Module], batches: list[int], dtype
     torch._dynamo.reset()
     device, torch_dtype = args.device, DTYPES[dtype]
     size = vitslim.describe(models[ORIGINAL]).preprocessing.input_size
-    compiled = {name: compiled_alone(model, index, args.compile_backend) for index, (name, model) in enumerate(models.items())}
+    compiled = {name: runtimes.compiled(model, backend=args.compile_backend) for name, model in models.items()}
     failed: dict[str, str] = {}
     compile_s: dict[str, float] = {}
     graph_breaks: dict[str, int] = {}

@@ -82,6 +82,18 @@ def test_compile_runs_through_torch_compile(quick_compile):
     assert quick_compile == [{"mode": runtimes.COMPILE_MODE}] * 2
 
 
+def test_each_compiled_model_has_a_dynamo_cache_of_its_own(quick_compile):
+    """Nine models of one class, compiled directly, would share forward's cache and the ninth would
+    pass dynamo's recompile limit (8) and run uncompiled; with an entry per model none does."""
+    import torch._dynamo
+
+    torch._dynamo.reset()
+    models = [runtimes.compiled(torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(48, width))) for width in range(8, 17)]
+    with torch._dynamo.config.patch(fail_on_recompile_limit_hit=True):
+        for model in models:
+            model(torch.randn(2, 3, 4, 4))
+
+
 def test_several_runtimes_in_one_run(tmp_path, quick_compile):
     results = benchmark(two_models(), runtime=["eager", "onnxruntime", "compile"], onnx_cache=tmp_path, **FAST)
     assert_ratios_to_the_first_per_runtime(results, ["eager", "onnxruntime", "compile"], ["small", "wide"])

@@ -13,11 +13,13 @@ computes something else would be meaningless.
 from __future__ import annotations
 
 import hashlib
+import itertools
 import json
 import logging
 import math
 import os
 import tempfile
+from collections.abc import Callable
 from pathlib import Path
 
 import torch
@@ -36,9 +38,22 @@ ONNX_TOLERANCE = 1e-3  # largest absolute output difference from PyTorch an expo
 ONNX_CHECK_IMAGES = 4
 
 
-def compiled(model: nn.Module) -> nn.Module:
-    """``torch.compile`` in its default mode; the first (warm-up) call compiles."""
-    return torch.compile(model, mode=COMPILE_MODE)
+def compiled(model: nn.Module, **options) -> Callable[[torch.Tensor], object]:
+    """``torch.compile`` (``options`` passed on; default mode) of ``model``'s call through an entry
+    function of its own; the first (warm-up) call compiles.
+
+    Dynamo keeps compiled graphs, with their guards, on the code object it intercepts. Compiled
+    directly, every model of one class shares ``forward``'s cache: each call of the n-th model first
+    checks the guards of those compiled before it, and the ninth passes dynamo's recompile limit (8)
+    and runs uncompiled, silently. A code object per model gives each model a cache of its own."""
+    def call(images: torch.Tensor) -> object:
+        return model(images)
+
+    call.__code__ = call.__code__.replace(co_name=f"call_model_{next(_COMPILED)}")
+    return torch.compile(call, **{"mode": COMPILE_MODE, **options})
+
+
+_COMPILED = itertools.count()
 
 
 # --- ONNX Runtime -----------------------------------------------------------------------------
