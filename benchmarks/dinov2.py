@@ -604,6 +604,21 @@ def kd_dense(rows: Rows, args, settings: dict, recovery: vitslim.Training, model
         folder = vitslim.save(model, models_dir / "dense-atme-kd")
         finish("dense-atme-kd", "ATME + KD", model, seconds, budget, target=2.0, folder=stored(folder),
                **recipe_notes(model))
+    # the training-free part's other methods at the same KD: ToMe and the 2x2 windows at the same
+    # FLOPs target, low-rank at half the backbone
+    for key, label, method, options in (() if args.quick else DENSE_KD_PEERS):
+        if rows.has(key=key):
+            continue
+        if method == "cait":
+            options = {**options, "measure": args.measure}
+        say(f"[kd] {key}: {label} + KD recovery over {budget}")
+        started = time.perf_counter()
+        model = vitslim.compress(teacher, method, train, calib_images=args.calib_images, seed=args.seed,
+                                 progress=args.progress, recovery=recovery, **options)
+        seconds = time.perf_counter() - started
+        folder = vitslim.save(model, models_dir / key)
+        finish(key, f"{label} + KD", model, seconds, budget, target=target_of(options), folder=stored(folder),
+               **recipe_notes(model))
 
     functions, skipped = load_peers()
     tp_images = torch.stack([train[index][0] for index in range(min(32, len(train)))])
@@ -912,6 +927,9 @@ def cost_part(parser, args) -> None:
 
 QUICK = {"dense_train": 16, "dense_report": 8, "calib_images": 16, "test_images": 16, "kd_images": 16, "bench_batch": 1,
          "tp_target": 1.2}  # at batch 1 the dense ATME+CDCP model measures about 1x, no speed-up to aim at
+DENSE_KD_PEERS = (("dense-tome-kd", "ToMe 2.0", "cait", {"speedup": 2.0, "merge": "tome"}),
+                  ("dense-window-kd", "2x2 windows 2.0", "cait", {"speedup": 2.0, "merge": "window"}),
+                  ("dense-lowrank-kd", "low-rank 0.5", "lowrank", {"param_ratio": 0.5, "rank_multiple": 8}))
 # issue #18's KD budget for the classifier: at most 2 epochs on at most 5,000 train images
 TARGET_KD_IMAGES, TARGET_KD_EPOCHS = 5000, 2
 QUICK_TP_ROUNDS = 2  # Torch-Pruning's bisection: measurements at most (its default is 6)
