@@ -195,12 +195,12 @@ def test_int8_quantises_the_packed_attention_of_a_dense_model():
 
 @pytest.mark.parametrize("kind", ["weight", "dynamic"])
 def test_int8_of_a_token_merging_model_reloads_with_its_merging(kind, tmp_path):
-    """The unpacking step comes after the merging step here: replaying it must move the merging
-    hooks onto the unpacked attention, not refuse them."""
+    """int8 unpacks the attention of a model that already merges tokens: the unpacking is recorded
+    before the merging, so a reload attaches the merging hooks to the unpacked attention."""
     model = _model(batch_first=True, norm_first=False)
     apply_token_merging(model, MergeSchedule("atme", ((0, 6, 1),)))
     quantised = quantize_int8(model, kind)
-    assert [step["method"] for step in steps(quantised)] == ["merging", UNPACK_STEP, "int8"]
+    assert [step["method"] for step in steps(quantised)] == [UNPACK_STEP, "merging", "int8"]
     images = _images(4)
     folder = vitslim.save(quantised, tmp_path / "merged-int8")
     reloaded = vitslim.load_model(folder, skeleton=_model(batch_first=True, norm_first=False, seed=3))

@@ -41,7 +41,8 @@ from vitslim.adapters import matching_family, prepare_for_replacement, replace_s
 from vitslim.adapters.base import is_linear
 from vitslim.cait.patch import apply_token_merging, merging_suspended
 from vitslim.errors import ParameterError, VitslimError
-from vitslim.recipe import record_step, register_step
+from vitslim.recipe import record_step, register_step, set_steps
+from vitslim.recipe import steps as recipe_steps
 
 STEP = "int8"
 QMAX = 127  # symmetric range [-127, 127]; -128 is never used, so negation is exact
@@ -236,8 +237,13 @@ def quantize_int8(model: nn.Module, kind: str = "weight") -> nn.Module:
     with merging_suspended(model) as schedule:  # the copy's merging is attached after its Linears are replaced
         quantised = copy.deepcopy(model).eval()
     family = matching_family(quantised)
-    if family is not None:  # a packed nn.MultiheadAttention's projections become Linears, quantised as timm's are
-        family.unpack_attention(quantised)
+    # a packed nn.MultiheadAttention's projections become Linears, quantised as timm's are; the step
+    # goes before a merging step, so that a reload attaches the merging hooks to the unpacked attention
+    if family is not None and family.unpack_attention(quantised):
+        ordered = recipe_steps(quantised)
+        unpacking = ordered.pop()
+        merging = next((i for i, step in enumerate(ordered) if step["method"] == "merging"), len(ordered))
+        set_steps(quantised, ordered[:merging] + [unpacking] + ordered[merging:])
     linears = replaceable_linears(quantised)
     if not linears:
         already = any(isinstance(m, Int8Linear) for m in quantised.modules())

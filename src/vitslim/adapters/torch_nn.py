@@ -460,13 +460,8 @@ def unpack_attention(model: nn.Module, record: bool = True) -> list[str]:
 
 @register_step(UNPACK_STEP, summary=lambda step: f"attention projections unpacked ({len(step.get('modules', []))} layers)")
 def _replay_unpacking(model: nn.Module, step: dict) -> None:
-    """Recipe replay: unpack the same attentions (their weights are loaded after). A step recorded
-    after the merging step (int8 of a merged model) finds merging hooks on the attention: they
-    come off while it is unpacked and go back on the unpacked modules."""
-    from vitslim.cait.patch import merging_suspended  # cait builds on the adapters, not the reverse
-
-    with merging_suspended(model):
-        unpacked = unpack_attention(model, record=False)
+    """Recipe replay: unpack the same attentions (their weights are loaded after)."""
+    unpacked = unpack_attention(model, record=False)
     if unpacked != list(step.get("modules", [])):
         raise VitslimError(f"the recipe unpacks the attention of {step.get('modules')}, but the model has packed attention at "
                            f"{unpacked}; load it into a skeleton of the class it was saved from")
