@@ -15,6 +15,7 @@ from vitslim.bench import benchmark
 from vitslim.cli import main
 from vitslim.errors import VitslimError
 from vitslim.metrics import count_params
+from vitslim.quantize import weight_only_matmuls
 
 FAST = dict(batch_size=2, runs=20, warmup=1, progress=False)
 
@@ -113,6 +114,50 @@ def test_an_export_that_differs_from_pytorch_is_refused_by_name(tmp_path):
     vitslim.export_onnx(impostor, tmp_path / f"{runtimes.onnx_cache_key(model)[:32]}.onnx")  # a stale or wrong cached file
     with pytest.raises(VitslimError, match=r"mine: its ONNX export .* differs from PyTorch by up to [0-9.e-]+ .*tolerance 0.001"):
         benchmark([("mine", model)], runtime="onnxruntime", onnx_cache=tmp_path, **FAST)
+
+
+def test_the_float64_output_is_the_exact_yardstick():
+    model, images = tiny_vit(seed=0), torch.randn(2, 3, 32, 32)
+    with torch.no_grad():
+        assert torch.allclose(export.float64_output(model, images), model(images), atol=1e-5)
+    assert next(model.parameters()).dtype == torch.float32  # computed on a copy
+    int8 = vitslim.quantize_int8(model, "dynamic")
+    with torch.no_grad(), weight_only_matmuls(int8):  # as the exported graph computes an int8 layer
+        assert torch.allclose(export.float64_output(int8, images), int8(images), atol=1e-5)
+
+
+def test_a_model_that_cannot_run_in_float64_has_no_yardstick():
+    def float32_only(module, inputs):
+        if inputs[0].dtype != torch.float32:
+            raise RuntimeError("a float32-only kernel")
+
+    model = tiny_vit(seed=0)
+    model.head.register_forward_pre_hook(float32_only)
+    assert export.float64_output(model, torch.randn(2, 3, 32, 32)) is None
+
+
+@pytest.mark.parametrize("onnx_error, accepted", [(0.008, True), (0.05, False)])
+def test_an_export_off_by_float32_rounding_alone_is_timed(tmp_path, monkeypatch, onnx_error, accepted):
+    """PyTorch's float32 output is 0.006 from float64 here (an ill-conditioned model): ONNX
+    Runtime 0.008 from it is the same function rounded differently, 0.05 is not."""
+    exact = torch.zeros(4, 10)
+    reference, exported = exact + 0.006, exact - onnx_error
+    monkeypatch.setattr(export, "onnx_and_reference", lambda model, path, images: (exported, reference))
+    monkeypatch.setattr(export, "float64_output", lambda model, images: exact)
+    model = tiny_vit(seed=0)
+    if accepted:
+        assert runtimes.checked_onnx("mine", model, tmp_path, 1e-3).is_file()
+    else:
+        with pytest.raises(VitslimError, match=r"mine: .* differs from PyTorch by up to 0.056 .*float32 output is 0.006 from float64, "
+                                               r"ONNX Runtime's 0.05\)"):
+            runtimes.checked_onnx("mine", model, tmp_path, 1e-3)
+
+
+def test_onnx_sessions_do_not_spin_into_the_next_models_run(tmp_path):
+    """Interleaved timing on a few cores: a session whose idle workers spin steals the cores the
+    next model (ONNX Runtime's or PyTorch's) is timed on, and skews the ratios."""
+    session = runtimes.onnx_session(vitslim.export_onnx(tiny_vit(seed=0), tmp_path / "a.onnx"), threads=2, device=torch.device("cpu"))
+    assert session.get_session_options().get_session_config_entry("session.intra_op.allow_spinning") == "0"
 
 
 def test_onnx_files_are_timed_as_they_are(tmp_path):

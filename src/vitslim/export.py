@@ -18,6 +18,7 @@ difference, top-1 agreement) and ``vitslim export --int8 dynamic`` checks the re
 from __future__ import annotations
 
 import contextlib
+import copy
 import io
 import logging
 import os
@@ -173,7 +174,7 @@ class OnnxComparison:
 
 def compare_onnx(model: nn.Module, path: str | os.PathLike, images: torch.Tensor) -> OnnxComparison:
     """Run ``path`` in ONNX Runtime and ``model`` in PyTorch on ``images`` and compare the outputs."""
-    exported, reference = _onnx_and_reference(model, path, images)
+    exported, reference = onnx_and_reference(model, path, images)
     difference = exported - reference
     top1 = None
     if _output_name(describe(model), images[:1].to(next(model.parameters()).device)) == "logits":
@@ -185,11 +186,23 @@ def compare_onnx(model: nn.Module, path: str | os.PathLike, images: torch.Tensor
 
 def onnx_max_abs_diff(model: nn.Module, path: str | os.PathLike, images: torch.Tensor) -> float:
     """Largest absolute difference between ONNX Runtime's output for ``path`` and the model's own."""
-    exported, reference = _onnx_and_reference(model, path, images)
+    exported, reference = onnx_and_reference(model, path, images)
     return float((exported - reference).abs().max())
 
 
-def _onnx_and_reference(model: nn.Module, path: str | os.PathLike, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+def float64_output(model: nn.Module, images: torch.Tensor) -> torch.Tensor | None:
+    """The model's output computed in float64 on a copy (then cast to float32), or None for a model
+    that cannot run in float64 (int8 kernels): the yardstick for how far a float32 result may
+    stray from the exact one through rounding alone."""
+    exact = copy.deepcopy(model).cpu().double()
+    try:
+        with torch.no_grad():
+            return describe(exact).output(images.detach().cpu().double()).float()
+    except RuntimeError:
+        return None
+
+
+def onnx_and_reference(model: nn.Module, path: str | os.PathLike, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """ONNX Runtime's output for ``path`` and PyTorch's for ``model``, both float32 on the CPU.
     PyTorch computes as the exported graph does: a dynamic-int8 layer exports (and here runs) as
     float matmuls over its dequantised weights, since its int8 kernel cannot be traced."""

@@ -120,25 +120,45 @@ def cached_onnx(model: nn.Module, cache: Path) -> Path:
 
 def checked_onnx(name: str, model: nn.Module, cache: Path, tolerance: float) -> Path:
     """The model's cached ONNX file, once ONNX Runtime's output on a few random images matches
-    PyTorch's within ``tolerance`` (largest absolute difference); a clear error otherwise."""
+    PyTorch's within ``tolerance`` (largest absolute difference); a clear error otherwise.
+
+    A model whose float32 arithmetic is itself ill-conditioned (factors with large entries, as
+    whitening gives directions its calibration images hardly used) can differ by more than the
+    tolerance between two correct float32 runs. Such a file still passes when ONNX Runtime is at
+    most twice as far from the model's float64 output as PyTorch's own float32 output is: it then
+    computes the same function, rounded differently."""
     model.to("cpu", torch.float32).eval()
     path = cached_onnx(model, cache)
     images = torch.randn(ONNX_CHECK_IMAGES, *describe(model).preprocessing.input_size, generator=torch.Generator().manual_seed(1))
-    difference = export.onnx_max_abs_diff(model, path, images)
-    if not difference <= tolerance:  # also catches NaN
-        raise VitslimError(f"{name}: its ONNX export ({path}) differs from PyTorch by up to {difference:.3g} on {ONNX_CHECK_IMAGES} "
-                           f"random images (tolerance {tolerance:g}); timing it would time a different computation")
-    return path
+    exported, reference = export.onnx_and_reference(model, path, images)
+    difference = float((exported - reference).abs().max())
+    if difference <= tolerance:
+        return path
+    exact = export.float64_output(model, images) if math.isfinite(difference) else None
+    rounding = ""
+    if exact is not None:
+        own, onnx = float((reference - exact).abs().max()), float((exported - exact).abs().max())
+        if onnx <= max(tolerance, 2 * own):
+            logger.warning("%s: its ONNX export differs from PyTorch by up to %.3g (tolerance %g), but PyTorch's own float32 output is "
+                           "%.3g from float64 and ONNX Runtime's %.3g: accepted as float32 rounding", name, difference, tolerance, own, onnx)
+            return path
+        rounding = f"; PyTorch's float32 output is {own:.3g} from float64, ONNX Runtime's {onnx:.3g}"
+    raise VitslimError(f"{name}: its ONNX export ({path}) differs from PyTorch by up to {difference:.3g} on {ONNX_CHECK_IMAGES} "
+                       f"random images (tolerance {tolerance:g}{rounding}); timing it would time a different computation")
 
 
 def onnx_session(path: Path, *, threads: int, device: torch.device):
     """An InferenceSession on ``path`` with torch's number of intra-op threads (and one inter-op
-    thread, as torch runs a ViT's ops one after another), on the CPU or the CUDA device."""
+    thread, as torch runs a ViT's ops one after another), on the CPU or the CUDA device, its
+    threads not spinning between runs."""
     onnxruntime = require_onnxruntime(device, torch.float32)
     options = onnxruntime.SessionOptions()
     options.intra_op_num_threads = threads
     options.inter_op_num_threads = 1
     options.execution_mode = onnxruntime.ExecutionMode.ORT_SEQUENTIAL
+    # each session owns a thread pool whose workers spin after a run; in an interleaved benchmark
+    # they would still be spinning, on the same cores, through the next model's run
+    options.add_session_config_entry("session.intra_op.allow_spinning", "0")
     options.log_severity_level = 3  # warnings about the graph's own initialisers etc. are not the user's to act on
     providers = [("CUDAExecutionProvider", {"device_id": device.index or 0})] if device.type == "cuda" else ["CPUExecutionProvider"]
     try:
