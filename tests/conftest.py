@@ -41,6 +41,17 @@ def tiny_vit(seed: int | None = 0, *, name: str = "deit_tiny_patch16_224", **ove
     return timm.create_model(name, **{**TINY, **overrides}).eval()
 
 
+def outputs(model: torch.nn.Module, images: torch.Tensor) -> torch.Tensor:
+    """What the model's adapter calls its output (logits, a map, features) for ``images``, without autograd."""
+    with torch.no_grad():
+        return vitslim.describe(model).output(images)
+
+
+def relative_error(output: torch.Tensor, reference: torch.Tensor) -> float:
+    """||output - reference|| / ||reference|| over the whole batch."""
+    return float((output - reference).norm() / reference.norm())
+
+
 @pytest.fixture(scope="session")
 def tiny_model_folder(tmp_path_factory):
     """The tiny ViT saved as a vitslim folder."""

@@ -10,7 +10,7 @@ import math
 
 import pytest
 import torch
-from conftest import tiny_vit
+from conftest import outputs, tiny_vit
 from plain_vit import PlainViT, tiny_hf_vit
 from torch import nn
 from torch.utils.flop_counter import FlopCounterMode
@@ -40,11 +40,6 @@ def _images(count=4, seed=1):
     return torch.randn(count, 3, 32, 32, generator=torch.Generator().manual_seed(seed))
 
 
-def _logits(model, images):
-    with torch.no_grad():
-        return vitslim.describe(model).output(images)
-
-
 def _packed_for_good() -> PlainViT:
     """A plain ViT whose attention (add_zero_attn) vitslim cannot unpack, so it stays packed."""
     model = PlainViT()
@@ -72,16 +67,16 @@ def test_fresh_gates_change_nothing_and_detach_restores_the_model(family):
     model = _model(family)
     vitslim.adapters.family_of(model).unpack_attention(model)  # torch: what attach_gates does first (same function, to rounding)
     images = _images()
-    before, structure = _logits(model, images), _structure(model)
+    before, structure = outputs(model, images), _structure(model)
     gates = attach_gates(model)
     assert getattr(model, GATES_ATTR) is gates
     assert all(getattr(p, LR_SCALE_ATTR) == 100.0 and p.ndim == 1 for p in gates.parameters())
     assert {id(p) for p in gates.parameters()} <= {id(p) for p in model.parameters()}  # distill trains them
-    assert torch.equal(_logits(model, images), before)
+    assert torch.equal(outputs(model, images), before)
     assert detach_gates(model) is gates
     assert not hasattr(model, GATES_ATTR) and _structure(model) == structure
     assert all(not m._forward_hooks and not m._forward_pre_hooks for m in model.modules())
-    assert torch.equal(_logits(model, images), before)
+    assert torch.equal(outputs(model, images), before)
 
 
 def test_gate_shapes_and_a_deep_copy_keeps_working_gates():
@@ -98,7 +93,7 @@ def test_gate_shapes_and_a_deep_copy_keeps_working_gates():
     with torch.no_grad():
         copied_gates.mlp["0"].fill_(-1.0)  # prunes the copy only
     images = _images()
-    assert not torch.equal(_logits(copied, images), _logits(model, images))
+    assert not torch.equal(outputs(copied, images), outputs(model, images))
     detach_gates(copied)
     assert hasattr(model, GATES_ATTR) and any(m._forward_hooks for m in model.modules())
 
@@ -126,10 +121,10 @@ def test_sliced_model_computes_what_the_masked_model_did_and_reloads(tmp_path, f
         assert any(entry["qk"] != entry["v"] for entry in kept.values())
     if not consistent:
         assert any(len(set(entry["qk"])) > 1 for entry in kept.values())  # heads differ
-    masked = _logits(model, images)
+    masked = outputs(model, images)
 
     result = slice_channels(model)
-    sliced = _logits(model, images)
+    sliced = outputs(model, images)
     assert torch.allclose(sliced, masked, atol=1e-5, rtol=0)
     assert not hasattr(model, GATES_ATTR) and all(not m._forward_hooks and not m._forward_pre_hooks for m in model.modules())
     assert all(isinstance(p, nn.Parameter) and not hasattr(p, LR_SCALE_ATTR) for p in model.parameters())
@@ -149,7 +144,7 @@ def test_sliced_model_computes_what_the_masked_model_did_and_reloads(tmp_path, f
     folder = vitslim.save(model, tmp_path / "sliced")
     assert json.loads((folder / RECIPE_FILE).read_text())["steps"] == recipe_steps(model)  # torch: the attention unpacked first
     reloaded = vitslim.load_model(folder, skeleton=PlainViT() if family == "torch" else None)
-    assert torch.equal(_logits(reloaded, images), sliced)
+    assert torch.equal(outputs(reloaded, images), sliced)
 
 
 def test_explicit_masks_slice_only_what_they_name(tmp_path):
@@ -160,17 +155,17 @@ def test_explicit_masks_slice_only_what_they_name(tmp_path):
         gates.mlp["0"][::3] = -1.0  # block 0 keeps 128 of 192 hidden units
         gates.qk["1"].fill_(-1.0)  # block 1: no query/key channel left, so uniform attention
         gates.v["1"][5:] = -1.0
-    masked = _logits(model, images)
+    masked = outputs(model, images)
     masks = gates.masks()
     detach_gates(model)
     result = slice_channels(model, masks={"0": {"mlp": masks["0"]["mlp"]}, "1": {"qk": masks["1"]["qk"][0], "v": masks["1"]["v"]}})
     assert recipe_steps(model)[-1]["blocks"] == {"0": {"mlp_hidden": 128}, "1": {"head_dim": 5}}
     assert result["blocks"]["1"]["qk"] == [[], [], []] and result["blocks"]["1"]["v"] == [[0, 1, 2, 3, 4]] * 3
-    assert torch.allclose(_logits(model, images), masked, atol=1e-5, rtol=0)
+    assert torch.allclose(outputs(model, images), masked, atol=1e-5, rtol=0)
     assert model.blocks[1].mlp.fc1.out_features == 192 and model.blocks[0].attn.head_dim == 16
     assert model.blocks[1].attn.qkv.out_features == 3 * 3 * 5 and model.blocks[1].attn.scale == 5**-0.5
     reloaded = vitslim.load_model(vitslim.save(model, tmp_path / "out"))
-    assert torch.equal(_logits(reloaded, images), _logits(model, images))
+    assert torch.equal(outputs(reloaded, images), outputs(model, images))
 
 
 def test_nothing_kept_leaves_one_zeroed_channel():
@@ -180,10 +175,10 @@ def test_nothing_kept_leaves_one_zeroed_channel():
     with torch.no_grad():
         for group in (gates.qk, gates.v, gates.mlp):
             group["0"].fill_(-1.0)
-    masked = _logits(model, images)
+    masked = outputs(model, images)
     slice_channels(model, gates)
     assert recipe_steps(model)[-1]["blocks"]["0"] == {"head_dim": 1, "mlp_hidden": 1}
-    assert torch.allclose(_logits(model, images), masked, atol=1e-5, rtol=0)
+    assert torch.allclose(outputs(model, images), masked, atol=1e-5, rtol=0)
 
 
 def _block_flops(model, tokens):

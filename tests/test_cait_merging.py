@@ -6,7 +6,7 @@ from __future__ import annotations
 import pytest
 import torch
 import torch.nn.functional as F
-from conftest import tiny_vit
+from conftest import outputs, tiny_vit
 from plain_vit import PlainViT, tiny_hf_config
 
 import vitslim
@@ -241,27 +241,22 @@ MODELS = {
 }
 
 
-def _logits(model, images):
-    with torch.no_grad():
-        return describe(model).output(images)
-
-
 @pytest.mark.parametrize("family", sorted(MODELS))
 @pytest.mark.parametrize("method", ["atme", "tome"])
 def test_merging_on_every_family_and_removal_restores_it(family, method):
     model = MODELS[family]()
     images = torch.randn(3, 3, 32, 32, generator=torch.Generator().manual_seed(2))
-    before = _logits(model, images)
+    before = outputs(model, images)
     spec = describe(model)
     apply_token_merging(model, MergeSchedule(method, tuple((b, 0, 1) for b in range(len(spec.blocks) - 1))))
-    torch.testing.assert_close(_logits(model, images), before, rtol=0, atol=0)  # r = 0 is the original exactly
+    torch.testing.assert_close(outputs(model, images), before, rtol=0, atol=0)  # r = 0 is the original exactly
     remove_token_merging(model)
     schedule = plan(method, spec.grid_size, len(spec.blocks), 12.0)
     apply_token_merging(model, schedule)
     seen = []
     last = spec.blocks[-1].module
     handle = last.register_forward_hook(lambda module, args, output: seen.append(output if spec.batch_first else output.transpose(0, 1)))
-    merged = _logits(model, images)
+    merged = outputs(model, images)
     handle.remove()
     assert merge_schedule(model) == schedule
     assert seen[0].shape[1] == tokens_per_block(schedule, spec)[-1] == spec.num_prefix_tokens + spec.num_patches - schedule.merged
@@ -269,7 +264,7 @@ def test_merging_on_every_family_and_removal_restores_it(family, method):
     full = unmerge(seen[0], token_map(model))
     assert full.shape[1] == spec.num_prefix_tokens + spec.num_patches
     remove_token_merging(model)
-    torch.testing.assert_close(_logits(model, images), before, rtol=0, atol=0)
+    torch.testing.assert_close(outputs(model, images), before, rtol=0, atol=0)
     assert not [step for step in recipe_steps(model) if step["method"] == "merging"]
 
 
@@ -285,12 +280,12 @@ def test_a_deep_copy_of_a_merged_model_merges_on_its_own(family, dense):
     spec = describe(model)
     apply_token_merging(model, plan("atme", spec.grid_size, len(spec.blocks), 12.0), dense=dense)
     images = torch.randn(2, 3, 32, 32, generator=torch.Generator().manual_seed(4))
-    expected = _logits(model, images)
+    expected = outputs(model, images)
     clone = copy.deepcopy(model)
     before = token_map(model)
-    torch.testing.assert_close(_logits(clone, images), expected, rtol=0, atol=0)
+    torch.testing.assert_close(outputs(clone, images), expected, rtol=0, atol=0)
     assert token_map(model) is before and token_map(clone) is not before
-    torch.testing.assert_close(_logits(model, images[:1]), expected[:1], rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(outputs(model, images[:1]), expected[:1], rtol=1e-5, atol=1e-5)
 
 
 def test_merged_model_saves_and_reloads_bit_identically(tmp_path):
@@ -300,7 +295,7 @@ def test_merged_model_saves_and_reloads_bit_identically(tmp_path):
     loaded = vitslim.load_model(str(tmp_path / "merged"))
     images = torch.randn(2, 3, 32, 32)
     assert merge_schedule(loaded) == merge_schedule(model)
-    assert torch.equal(_logits(loaded, images), _logits(model, images))
+    assert torch.equal(outputs(loaded, images), outputs(model, images))
 
 
 def test_wrong_token_count_and_double_patching_are_refused():
@@ -330,20 +325,20 @@ def test_token_merging_is_temporary_and_suspension_keeps_the_recipe():
     off and back on around a structural edit, the recorded step left as it was."""
     model = tiny_vit(name="vit_tiny_patch16_224", **MERGING_GEOMETRY)
     images = torch.randn(2, 3, 32, 32, generator=torch.Generator().manual_seed(3))
-    before = _logits(model, images)
+    before = outputs(model, images)
     schedule = plan("atme", (8, 8), 4, 10.0)
     with token_merging(model, schedule):
-        merged = _logits(model, images)
+        merged = outputs(model, images)
         assert merge_schedule(model) == schedule and not recipe_steps(model)
     assert merge_schedule(model) is None and not torch.allclose(merged, before)
-    torch.testing.assert_close(_logits(model, images), before, rtol=0, atol=0)
+    torch.testing.assert_close(outputs(model, images), before, rtol=0, atol=0)
     with token_merging(model, None):  # no schedule: the model as it is
-        torch.testing.assert_close(_logits(model, images), before, rtol=0, atol=0)
+        torch.testing.assert_close(outputs(model, images), before, rtol=0, atol=0)
     apply_token_merging(model, schedule, notes={"why": "a test"})
     with merging_suspended(model) as suspended:
         assert suspended == schedule and merge_schedule(model) is None
-        torch.testing.assert_close(_logits(model, images), before, rtol=0, atol=0)
-    torch.testing.assert_close(_logits(model, images), merged, rtol=0, atol=0)
+        torch.testing.assert_close(outputs(model, images), before, rtol=0, atol=0)
+    torch.testing.assert_close(outputs(model, images), merged, rtol=0, atol=0)
     assert recipe_steps(model) == [{"method": "merging", "schedule": schedule.as_dict(), "dense": False, "why": "a test"}]
     with pytest.raises(VitslimError, match="already merges tokens"), token_merging(model, schedule):
         pass

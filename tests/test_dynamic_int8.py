@@ -10,7 +10,7 @@ import copy
 import onnx
 import pytest
 import torch
-from conftest import tiny_vit
+from conftest import outputs, relative_error, tiny_vit
 from torch import nn
 
 import vitslim
@@ -37,15 +37,6 @@ MIN_AGREEMENT = 0.9
 
 def _images(count=64, size=16, seed=1):
     return torch.randn(count, 3, size, size, generator=torch.Generator().manual_seed(seed))
-
-
-def _logits(model, images):
-    with torch.no_grad():
-        return vitslim.describe(model).output(images)
-
-
-def _relative_error(output, reference):
-    return float((output - reference).norm() / reference.norm())
 
 
 def _agreement(output, reference):
@@ -78,7 +69,7 @@ def test_dynamic_layer_stores_what_the_weight_only_layer_stores_and_runs_the_int
         float_out, weight_out, dynamic_out = linear(x), weight_only(x), dynamic(x)
     # the activations' rounding shows: close to the float layer, but not the weight-only numbers
     assert not torch.equal(dynamic_out, weight_out)
-    assert _relative_error(dynamic_out, float_out) < REL_TOL
+    assert relative_error(dynamic_out, float_out) < REL_TOL
     with weight_only_matmuls(dynamic):
         assert torch.equal(dynamic(x), weight_out)
     assert not torch.equal(dynamic(x), weight_out)  # the kernel is back after the block
@@ -95,8 +86,8 @@ def test_pytorch_dynamic_int8_agrees_with_float_and_quantises_the_low_rank_facto
     step = recipe_steps(lowrank_dynamic)[-1]
     assert step["method"] == "int8" and step["kind"] == "dynamic" and "blocks.0.mlp.fc1.up" in step["modules"]
     images = _images()
-    output, reference = _logits(lowrank_dynamic, images), _logits(lowrank, images)
-    assert _relative_error(output, reference) < REL_TOL
+    output, reference = outputs(lowrank_dynamic, images), outputs(lowrank, images)
+    assert relative_error(output, reference) < REL_TOL
     assert _agreement(output, reference) >= MIN_AGREEMENT
     assert count_params(lowrank_dynamic) == count_params(lowrank)
     # the int8 kernel's multiply-adds are counted, as a float Linear's are
@@ -108,11 +99,11 @@ def test_dynamic_int8_round_trips_through_safetensors_and_the_recipe(lowrank_dyn
     assert sorted(p.name for p in folder.iterdir()) == ["config.json", "model.safetensors", "recipe.json"]
     reloaded = vitslim.load_model(folder)
     images = _images(seed=3)
-    assert torch.equal(_logits(reloaded, images), _logits(lowrank_dynamic, images))
+    assert torch.equal(outputs(reloaded, images), outputs(lowrank_dynamic, images))
     assert isinstance(reloaded.blocks[0].attn.qkv.up, DynamicInt8Linear) and reloaded.blocks[0].attn.qkv.up.weight.dtype == torch.int8
     assert [step["method"] for step in recipe_steps(reloaded)] == ["lowrank", "int8"]
     # a copy packs its own kernel weights and computes the same
-    assert torch.equal(_logits(copy.deepcopy(reloaded), images), _logits(reloaded, images))
+    assert torch.equal(outputs(copy.deepcopy(reloaded), images), outputs(reloaded, images))
 
 
 def test_recipes_without_a_kind_rebuild_weight_only_and_unknown_kinds_are_refused(tmp_path):

@@ -9,6 +9,7 @@ import copy
 
 import pytest
 import torch
+from conftest import outputs
 from plain_vit import PlainViT
 from torch import nn
 
@@ -42,11 +43,6 @@ def _images(count: int = 8, seed: int = 1) -> torch.Tensor:
     return torch.randn(count, 3, 32, 32, generator=torch.Generator().manual_seed(seed))
 
 
-def _logits(model: nn.Module, images: torch.Tensor) -> torch.Tensor:
-    with torch.no_grad():
-        return model(images)
-
-
 def _attention_modules(model: nn.Module) -> list[nn.Module]:
     return [layer.self_attn for layer in model.encoder.layers]
 
@@ -65,7 +61,7 @@ def test_unpacking_computes_what_the_packed_attention_did(batch_first, norm_firs
     assert all(block.attention.layout == "qkv" and (block.attention.num_heads, block.attention.head_dim) == (4, 8) for block in spec.blocks)
     assert {f"encoder.layers.{i}.self_attn.{name}" for i in range(2) for name in ("qkv", "out_proj")} <= set(compressible_linears(model))
     assert count_params(model) == count_params(packed)
-    torch.testing.assert_close(_logits(model, images), _logits(packed, images), rtol=0, atol=1e-5)
+    torch.testing.assert_close(outputs(model, images), outputs(packed, images), rtol=0, atol=1e-5)
 
 
 @pytest.mark.parametrize("batch_first", [True, False])
@@ -117,7 +113,7 @@ def test_full_rank_factors_of_the_attention_projections_are_exact(batch_first, n
         factors = spectrum.factors(min(layer.in_features, layer.out_features))
         vitslim.adapters.replace_submodule(model, name, LowRankLinear.from_factors(*factors, layer.bias.detach()))
     assert sum(isinstance(module, LowRankLinear) for module in model.modules()) == 4
-    torch.testing.assert_close(_logits(model, images), _logits(original, images), rtol=0, atol=1e-4)
+    torch.testing.assert_close(outputs(model, images), outputs(original, images), rtol=0, atol=1e-4)
 
 
 @pytest.fixture(scope="module")
@@ -135,13 +131,13 @@ def test_half_the_parameters_of_a_post_norm_encoder_is_reachable(half_size, tmp_
     assert kinds == [UNPACK_STEP, "lowrank"]
     factorised = steps(compressed)[-1]["ranks"]
     assert any(name.endswith("self_attn.qkv") for name in factorised) and any(name.endswith("self_attn.out_proj") for name in factorised)
-    logits = _logits(compressed, batches[0])
+    logits = outputs(compressed, batches[0])
     assert torch.isfinite(logits).all()
-    agreement = (logits.argmax(1) == _logits(original, batches[0]).argmax(1)).float().mean()
+    agreement = (logits.argmax(1) == outputs(original, batches[0]).argmax(1)).float().mean()
     assert agreement >= 0.5  # a random model; the structure, not the accuracy, is under test here
     folder = vitslim.save(compressed, tmp_path / "half")
     reloaded = vitslim.load_model(folder, skeleton=_model(batch_first=True, norm_first=False, depth=6, seed=5))
-    assert torch.equal(_logits(reloaded, batches[1]), _logits(compressed, batches[1]))
+    assert torch.equal(outputs(reloaded, batches[1]), outputs(compressed, batches[1]))
 
 
 @pytest.mark.parametrize("batch_first, norm_first", LAYOUTS)
@@ -151,21 +147,21 @@ def test_cdcp_slices_attention_channels_exactly_as_the_gates_mask_them(batch_fir
     model = copy.deepcopy(original)
     gates = attach_gates(model)
     assert all(block.attention and block.mlp for block in gates.blocks)
-    torch.testing.assert_close(_logits(model, images), _logits(original, images), rtol=0, atol=1e-5)  # every gate open: the original
+    torch.testing.assert_close(outputs(model, images), outputs(original, images), rtol=0, atol=1e-5)  # every gate open: the original
     with torch.no_grad():
         for key, kept in (("0", [0, 2, 3, 5]), ("1", [1, 6])):
             for kind in ("qk", "v"):
                 getattr(gates, kind)[key].fill_(-3.0)[kept if kind == "qk" else kept[:1]] = 3.0
-    gated = _logits(model, images)
+    gated = outputs(model, images)
     result = slice_channels(model)
     assert [result["blocks"][key]["head_dim"] for key in ("0", "1")] == [4, 2]
     attn = model.encoder.layers[0].self_attn
     assert (attn.head_dim, attn.qkv.out_features, attn.out_proj.in_features) == (4, 3 * 4 * 4, 4 * 4)
-    torch.testing.assert_close(_logits(model, images), gated, rtol=0, atol=1e-5)
+    torch.testing.assert_close(outputs(model, images), gated, rtol=0, atol=1e-5)
     assert count_params(model) < count_params(original)
     folder = vitslim.save(model, tmp_path / "sliced")
     reloaded = vitslim.load_model(folder, skeleton=_model(batch_first, norm_first, seed=3))
-    assert torch.equal(_logits(reloaded, images), _logits(model, images))
+    assert torch.equal(outputs(reloaded, images), outputs(model, images))
 
 
 def test_int8_quantises_the_attention_projections(half_size, tmp_path):
@@ -175,10 +171,10 @@ def test_int8_quantises_the_attention_projections(half_size, tmp_path):
         for projection in (attn.qkv, attn.out_proj):
             layers = [projection.down, projection.up] if hasattr(projection, "down") else [projection]
             assert all(isinstance(layer, Int8Linear) for layer in layers)
-    assert torch.isfinite(_logits(quantised, batches[0])).all()
+    assert torch.isfinite(outputs(quantised, batches[0])).all()
     folder = vitslim.save(quantised, tmp_path / "int8")
     reloaded = vitslim.load_model(folder, skeleton=_model(batch_first=True, norm_first=False, depth=6, seed=5))
-    assert torch.equal(_logits(reloaded, batches[1]), _logits(quantised, batches[1]))
+    assert torch.equal(outputs(reloaded, batches[1]), outputs(quantised, batches[1]))
 
 
 def test_int8_quantises_the_packed_attention_of_a_dense_model():
@@ -189,8 +185,8 @@ def test_int8_quantises_the_packed_attention_of_a_dense_model():
     assert all(isinstance(attn.qkv, Int8Linear) and isinstance(attn.out_proj, Int8Linear) for attn in _attention_modules(quantised))
     assert [step["method"] for step in steps(quantised)] == [UNPACK_STEP, "int8"]
     images = _images()
-    float_logits = _logits(model, images)
-    assert (_logits(quantised, images) - float_logits).norm() / float_logits.norm() < 0.03
+    float_logits = outputs(model, images)
+    assert (outputs(quantised, images) - float_logits).norm() / float_logits.norm() < 0.03
 
 
 @pytest.mark.parametrize("kind", ["weight", "dynamic"])
@@ -204,8 +200,8 @@ def test_int8_of_a_token_merging_model_reloads_with_its_merging(kind, tmp_path):
     images = _images(4)
     folder = vitslim.save(quantised, tmp_path / "merged-int8")
     reloaded = vitslim.load_model(folder, skeleton=_model(batch_first=True, norm_first=False, seed=3))
-    torch.testing.assert_close(_logits(reloaded, images), _logits(quantised, images), rtol=0, atol=0)
-    assert not torch.allclose(_logits(quantised, images), _logits(quantize_int8(_model(True, False), kind), images))
+    torch.testing.assert_close(outputs(reloaded, images), outputs(quantised, images), rtol=0, atol=0)
+    assert not torch.allclose(outputs(quantised, images), outputs(quantize_int8(_model(True, False), kind), images))
 
 
 @pytest.mark.parametrize("batch_first", [True, False])
@@ -232,7 +228,7 @@ def test_token_merging_runs_through_the_unpacked_attention():
     images = _images(4)
     for model in (packed, unpacked):
         apply_token_merging(model, schedule)
-    torch.testing.assert_close(_logits(unpacked, images), _logits(packed, images), rtol=0, atol=1e-5)
+    torch.testing.assert_close(outputs(unpacked, images), outputs(packed, images), rtol=0, atol=1e-5)
     with pytest.raises(VitslimError, match="forward hooks"):
         family_of(packed).unpack_attention(packed)
 

@@ -3,7 +3,7 @@ bit-identical save/reload, bytes on disk, parameter counts and refusals."""
 
 import pytest
 import torch
-from conftest import tiny_vit
+from conftest import outputs, relative_error, tiny_vit
 from plain_vit import PlainViT, tiny_hf_vit
 from torch import nn
 from torch.nn import functional as F
@@ -26,15 +26,6 @@ REL_TOL = 0.03
 
 def _images(count=16, size=16, seed=1):
     return torch.randn(count, 3, size, size, generator=torch.Generator().manual_seed(seed))
-
-
-def _logits(model, images):
-    with torch.no_grad():
-        return vitslim.describe(model).output(images)
-
-
-def _relative_error(output, reference):
-    return float((output - reference).norm() / reference.norm())
 
 
 @pytest.fixture(scope="module")
@@ -115,14 +106,14 @@ def test_lowrank_then_int8_stays_close_and_quantises_every_linear(lowrank, lowra
     assert "head" in steps[1]["modules"] and "blocks.0.mlp.fc1.up" in steps[1]["modules"]
     assert count_params(lowrank_int8) == count_params(lowrank)
     images = _images()
-    assert _relative_error(_logits(lowrank_int8, images), _logits(lowrank, images)) < REL_TOL
+    assert relative_error(outputs(lowrank_int8, images), outputs(lowrank, images)) < REL_TOL
     vitslim.describe(lowrank_int8)  # still describes itself
 
 
 def test_int8_folder_reloads_bit_identical(lowrank_int8, tmp_path):
     reloaded = vitslim.load_model(vitslim.save(lowrank_int8, tmp_path / "int8"))
     images = _images(seed=3)
-    assert torch.equal(_logits(reloaded, images), _logits(lowrank_int8, images))
+    assert torch.equal(outputs(reloaded, images), outputs(lowrank_int8, images))
     assert isinstance(reloaded.blocks[0].attn.qkv.up, Int8Linear) and reloaded.blocks[0].attn.qkv.up.weight.dtype == torch.int8
     assert count_params(reloaded) == count_params(lowrank_int8)
     assert [step["method"] for step in recipe_steps(reloaded)] == ["lowrank", "int8"]
@@ -132,7 +123,7 @@ def test_int8_folder_is_about_a_quarter_of_the_float_one(tmp_path):
     model = tiny_vit(**QUANTIZE_GEOMETRY)
     quantised = quantize_int8(model)
     images = _images()
-    assert _relative_error(_logits(quantised, images), _logits(model, images)) < REL_TOL
+    assert relative_error(outputs(quantised, images), outputs(model, images)) < REL_TOL
     ratio = folder_bytes(vitslim.save(quantised, tmp_path / "int8")) / folder_bytes(vitslim.save(model, tmp_path / "float"))
     assert ratio < 0.35  # measured 0.298: Linears at 1 byte, the rest (4% of params) at 4, plus scales
 
@@ -145,10 +136,10 @@ def test_other_families_round_trip(family, tmp_path):
     model = make()
     quantised = quantize_int8(model)
     images = _images(count=4, size=32)
-    assert _relative_error(_logits(quantised, images), _logits(model, images)) < REL_TOL
+    assert relative_error(outputs(quantised, images), outputs(model, images)) < REL_TOL
     folder = vitslim.save(quantised, tmp_path / "int8")
     reloaded = vitslim.load_model(folder, skeleton=make()) if family == "torch" else vitslim.load_model(folder)
-    assert torch.equal(_logits(reloaded, images), _logits(quantised, images))
+    assert torch.equal(outputs(reloaded, images), outputs(quantised, images))
     if family == "torch":
         layer = reloaded.encoder.layers[0]
         # the packed attention is unpacked first, so its projections are quantised too
