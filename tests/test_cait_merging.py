@@ -16,6 +16,7 @@ from vitslim.cait.merging import (
     TokenMap,
     atme_merge,
     attention_bias,
+    descending_rank,
     neighbourhood,
     sub_grid,
     tome_merge,
@@ -60,6 +61,17 @@ def _originals_held(token_map):
     """For every image, the original patch cells each current patch token holds."""
     return [[(token_map.source[b] == t).nonzero().flatten().tolist() for t in range(token_map.size.shape[1] - PREFIX)]
             for b in range(token_map.size.shape[0])]
+
+
+def test_descending_rank_is_a_sort_that_keeps_equal_scores_in_place():
+    generator = torch.Generator().manual_seed(0)
+    scores = torch.randint(0, 4, (5, 12), generator=generator).float()  # many ties
+    scores[0] = 1.0  # all tied
+    scores[1, 3] = float("-inf")  # a source with no allowed destination
+    rank = descending_rank(scores)
+    for row, row_rank in zip(scores.tolist(), rank.tolist()):
+        order = sorted(range(len(row)), key=lambda i: (-row[i], i))
+        assert row_rank == [order.index(i) for i in range(len(row))]
 
 
 @pytest.mark.parametrize("merges", [[(10, 1)], [(24, 1)], [(20, 1), (4, 1), (10, 2)], [(24, 1), (12, 2), (6, 3)]])

@@ -71,6 +71,20 @@ def test_channel_sliced_merging_model_exports_to_onnx(tmp_path):
     assert onnx_max_abs_diff(compressed, path, torch.randn(3, 3, 32, 32, generator=generator)) < 1e-4
 
 
+@pytest.mark.parametrize("merge", ["atme", "tome"])
+def test_merging_on_one_channel_keys_exports_with_the_same_ties_broken(merge, tmp_path):
+    """Heads pruned to one query/key channel: the cosine of one-dimensional keys is ±1, so most
+    merge scores tie, and ONNX Runtime must merge the tokens PyTorch merges (an exported ATME+CDCP
+    model once differed by 0.41 in its logits here)."""
+    model = _model("timm", patch=4)
+    slice_channels(model, masks={str(i): {"qk": torch.arange(32) == 3, "v": torch.arange(32) == 5,
+                                          "mlp": torch.ones(256, dtype=torch.bool)} for i in range(2)})
+    compressed = compress_cait(model, speedup=1.25, merge=merge, measure=False)
+    assert compressed.blocks[0].attn.head_dim == 1 and merge_schedule(compressed).merged > 0
+    path = export_onnx(compressed, tmp_path / "ties.onnx")
+    assert onnx_max_abs_diff(compressed, path, torch.randn(4, 3, 32, 32, generator=torch.Generator().manual_seed(2))) < 1e-4
+
+
 def test_low_rank_model_compiles_without_graph_breaks():
     compressed = compress_lowrank(_model("timm"), _calibration(), param_ratio=0.5, method="svd", progress=False)
     images = torch.randn(4, 3, 32, 32)

@@ -176,6 +176,20 @@ def _add_into(totals: torch.Tensor, index: torch.Tensor, values: torch.Tensor) -
     return totals.reshape(batch * count, *totals.shape[2:]).index_add(0, flat, values.reshape(-1, *values.shape[2:])).reshape(totals.shape)
 
 
+def descending_rank(score: torch.Tensor) -> torch.Tensor:
+    """Each score's place ``(B, S)`` when every row is sorted in descending order, equal scores
+    in the order they stand.
+
+    Neither torch's sort nor ONNX Runtime's TopK orders equal scores the way the other does, and
+    the ONNX exporter cannot write a stable sort. Equal scores are common when CDCP leaves a head
+    one or two channels wide (the cosine of one-dimensional keys is ±1), and there the exported
+    model merged other tokens than PyTorch's. Counting, for each score, the scores that go before
+    it is exact in both runtimes; it costs S² comparisons per image, few beside attention's N²·d."""
+    position = torch.arange(score.shape[1], device=score.device)
+    before = (score[:, None, :] > score[:, :, None]) | ((score[:, None, :] == score[:, :, None]) & (position[None, :] < position[:, None]))
+    return before.sum(dim=2)
+
+
 def merge_step(tokens: torch.Tensor, token_map: TokenMap, destinations: torch.Tensor, sources: torch.Tensor,
                assignment: torch.Tensor, score: torch.Tensor, r: int, level: int = 0) -> tuple[torch.Tensor, TokenMap]:
     """Merge the ``r`` best-scoring sources into their assigned destinations (size-weighted).
@@ -186,7 +200,8 @@ def merge_step(tokens: torch.Tensor, token_map: TokenMap, destinations: torch.Te
     """
     prefix = token_map.prefix
     size = token_map.size
-    order = score.argsort(dim=1, descending=True)
+    rank = descending_rank(score)
+    order = torch.empty_like(rank).scatter_(1, rank, torch.arange(rank.shape[1], device=rank.device).expand_as(rank))
     merged, kept = order[:, :r], order[:, r:]
     merged_sources, kept_sources = sources.gather(1, merged), sources.gather(1, kept)
     target = assignment.gather(1, merged)
@@ -346,7 +361,7 @@ def window_merge(tokens: torch.Tensor, metric: torch.Tensor, token_map: TokenMap
     # last (0), so merge_step's top r are exactly the best windows' sources, ties or not; the
     # source's place breaks the ties within a rank, so that the kept tokens' order does not
     # depend on how a runtime's sort breaks them (ONNX Runtime's differs from torch's)
-    rank = score.argsort(dim=1, descending=True).argsort(dim=1)
+    rank = descending_rank(score)
     window_priority = torch.cat([count - rank, rank.new_zeros(batch, 1)], dim=1).index_select(1, window)
     places = sources.shape[0]
     priority = window_priority * places + torch.arange(places - 1, -1, -1, device=device)
