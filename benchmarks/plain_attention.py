@@ -136,7 +136,7 @@ def trained_model(args) -> nn.Module:
     log = train(model, images, labels, args)
     model.eval()
     vitslim.save(model, folder)
-    common.write_json(folder.parent / "training.json", {"epochs": log, "seconds": time.perf_counter() - started,
+    common.write_json(Path(args.out) / "training.json", {"epochs": log, "seconds": time.perf_counter() - started,
                                                         "images": len(images), "lr": args.lr,
                                                         "batch_size": args.batch_size, "seed": args.seed})
     return vitslim.load_model(str(folder), skeleton=PostNormViT())
