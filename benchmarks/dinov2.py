@@ -179,6 +179,17 @@ def widths_text(notes: dict) -> str | None:
     return ", ".join(parts) or None
 
 
+def timed_compress(model: nn.Module, method: str, images, args, **options) -> tuple[nn.Module, float]:
+    """``vitslim.compress`` with this benchmark's shared settings (calibration images, seed,
+    progress; cait also ``--measure``), and the seconds it took."""
+    if method == "cait":
+        options = {**options, "measure": args.measure}
+    started = time.perf_counter()
+    compressed = vitslim.compress(model, method, images, calib_images=args.calib_images, seed=args.seed,
+                                  progress=args.progress, **options)
+    return compressed, time.perf_counter() - started
+
+
 def cdcp_check(label: str, notes: dict, vit: nn.Module, steps: int, lr: float) -> str | None:
     """A warning (printed, and returned for the page) when CDCP sliced no channel at all."""
     widths = (notes.get("widths") or {}).values()
@@ -350,13 +361,8 @@ def dense_part(parser, args) -> None:
     for key, label, method, options in dense_variants(args.quick):
         if rows.has(key=key):
             continue
-        if method == "cait":
-            options = {**options, "measure": args.measure}
         say(f"[dense] {key}: compressing ({method} {options})")
-        started = time.perf_counter()
-        compressed = vitslim.compress(teacher, method, train, calib_images=args.calib_images, seed=args.seed,
-                                      progress=args.progress, **options)
-        seconds = time.perf_counter() - started
+        compressed, seconds = timed_compress(teacher, method, train, args, **options)
         score = vitslim.evaluate(compressed, report, teacher=teacher, limit=args.dense_report, seed=args.seed,
                                  batch_size=16, threshold=THRESHOLD, progress=args.progress)
         folder = vitslim.save(compressed, models_dir / key)
@@ -486,13 +492,8 @@ def classification_part(parser, args) -> None:
     for key, label, method, options in chosen(classification_variants(args.quick), args):
         if rows.has(key=key):
             continue
-        if method == "cait":
-            options = {**options, "measure": args.measure}
         say(f"[classification] {key}: compressing ({method} {options})")
-        started = time.perf_counter()
-        compressed = vitslim.compress(original, method, train, calib_images=args.calib_images, seed=args.seed,
-                                      progress=args.progress, **options)
-        seconds = time.perf_counter() - started
+        compressed, seconds = timed_compress(original, method, train, args, **options)
         score = vitslim.evaluate(compressed, test, teacher=teacher, limit=args.test_images, seed=args.seed,
                                  progress=args.progress)
         folder = vitslim.save(compressed, models_dir / key)
@@ -609,13 +610,8 @@ def kd_dense(rows: Rows, args, settings: dict, recovery: vitslim.Training, model
     for key, label, method, options in (() if args.quick else DENSE_KD_PEERS):
         if rows.has(key=key):
             continue
-        if method == "cait":
-            options = {**options, "measure": args.measure}
         say(f"[kd] {key}: {label} + KD recovery over {budget}")
-        started = time.perf_counter()
-        model = vitslim.compress(teacher, method, train, calib_images=args.calib_images, seed=args.seed,
-                                 progress=args.progress, recovery=recovery, **options)
-        seconds = time.perf_counter() - started
+        model, seconds = timed_compress(teacher, method, train, args, recovery=recovery, **options)
         folder = vitslim.save(model, models_dir / key)
         finish(key, f"{label} + KD", model, seconds, budget, target=target_of(options), folder=stored(folder),
                **recipe_notes(model))
@@ -694,10 +690,7 @@ def kd_classification(rows: Rows, args, settings: dict, recovery: vitslim.Traini
         if rows.has(key=key):
             continue
         say(f"[kd] {key}: {label}, KD over {budget}")
-        started = time.perf_counter()
-        model = vitslim.compress(original, method, kd_train, calib_images=args.calib_images, seed=args.seed,
-                                 progress=args.progress, **options)
-        seconds = time.perf_counter() - started
+        model, seconds = timed_compress(original, method, kd_train, args, **options)
         fields = {}
         if "gate_training" in options:
             fields["build_speedup"] = measured_speedup(original, model, batch_size=args.bench_batch)
@@ -715,11 +708,10 @@ def kd_classification(rows: Rows, args, settings: dict, recovery: vitslim.Traini
         full_steps = math.ceil(len(full_train) / args.kd_batch) * TARGET_KD_EPOCHS
         full_budget = f"{len(full_train)} images x {TARGET_KD_EPOCHS} epochs ({full_steps} steps of {args.kd_batch})"
         say(f"[kd] cls-lowrank-kd-full: low-rank 0.5 + KD over the target's whole budget, {full_budget}")
-        started = time.perf_counter()
-        model = vitslim.compress(original, "lowrank", full_train, calib_images=args.calib_images, seed=args.seed,
-                                 progress=args.progress, param_ratio=0.5, rank_multiple=8, recovery=full_recovery)
+        model, seconds = timed_compress(original, "lowrank", full_train, args, param_ratio=0.5, rank_multiple=8,
+                                        recovery=full_recovery)
         folder = vitslim.save(model, models_dir / "cls-lowrank-kd-full")
-        finish("cls-lowrank-kd-full", "low-rank 0.5 + KD (the target's budget)", model, time.perf_counter() - started,
+        finish("cls-lowrank-kd-full", "low-rank 0.5 + KD (the target's budget)", model, seconds,
                full_budget, target=0.5, folder=stored(folder))
 
     functions, skipped = load_peers()

@@ -28,6 +28,7 @@ fewer calibration images, batch 8, and no dinov2 group. ONNX files are cached un
 
 from __future__ import annotations
 
+import math
 import os
 import time
 from pathlib import Path
@@ -103,8 +104,9 @@ def time_group(group: str, models: list[tuple[str, torch.nn.Module]], args) -> l
     kept, refused = checked(group, models, args)
     if not kept or kept[0][0] != "original":
         return refused
+    # every kept file passed checked() just now: no second check (and float64 run) inside benchmark
     results = vitslim.benchmark(kept, runtime=["eager", "onnxruntime"], batch_size=args.batch_size, runs=args.runs,
-                                onnx_cache=args.onnx_cache, progress=False)
+                                onnx_cache=args.onnx_cache, onnx_tolerance=math.inf, progress=False)
     eager = {r.model: r for r in results if r.runtime == "eager"}
     rows = []
     for ort in (r for r in results if r.runtime == "onnxruntime"):

@@ -192,8 +192,9 @@ def onnx_max_abs_diff(model: nn.Module, path: str | os.PathLike, images: torch.T
 
 def float64_output(model: nn.Module, images: torch.Tensor) -> torch.Tensor | None:
     """The model's output computed in float64 on a copy (then cast to float32), or None for a model
-    that cannot run in float64 (int8 kernels): the yardstick for how far a float32 result may
-    stray from the exact one through rounding alone."""
+    with a layer that runs in float32 only: the yardstick for how far a float32 result may stray
+    from the exact one through rounding alone. Dynamic-int8 layers compute over their dequantised
+    weights in float64, as their export does."""
     exact = copy.deepcopy(model).cpu().double()
     try:
         with torch.no_grad():

@@ -53,6 +53,7 @@ from vitslim.progress import Progress
 logger = logging.getLogger("vitslim")
 
 _SEED_STRIDE = 1_000_003  # a prime, so (seed, epoch) pairs map to distinct generator seeds
+WARMUP_FRACTION = 0.05  # of all steps: distill's linear warm-up before the cosine
 
 ExtraLoss = Callable[[nn.Module], torch.Tensor]
 
@@ -102,7 +103,7 @@ def distill(
     weight_decay: float = 0.05,
     temperature: float = 1.0,
     label_weight: float = 0.0,
-    warmup_fraction: float = 0.05,
+    warmup_fraction: float = WARMUP_FRACTION,
     grad_clip: float | None = 1.0,
     extra_loss: ExtraLoss | None = None,
     workers: int = 0,
@@ -358,7 +359,7 @@ def _learning_rate(step: int, base: float, warmup: int, total: int) -> float:
     return base * 0.5 * (1 + math.cos(math.pi * progress))
 
 
-def schedule_sum(total_steps: int, warmup_fraction: float = 0.05) -> float:
+def schedule_sum(total_steps: int, warmup_fraction: float = WARMUP_FRACTION) -> float:
     """The sum over a run's ``total_steps`` of its learning rate relative to the peak (``distill``'s
     warm-up then cosine): how far, in steps at the peak rate, AdamW moves a parameter pushed the same
     way at every step. About half the steps for any length."""
