@@ -13,7 +13,7 @@ the rows already there):
   (``target`` column; no timing during compression, so a busy machine cannot skew the plans);
   the compressed models are kept in ``--out/models`` (not committed) and timed together against
   the original at the end, in one interleaved run: that is the measured speed-up.
-* ``delivery``: ``compress_cait(speedup=S)`` as the CLI's ``--speedup`` runs it (training-free,
+* ``delivery``: ``compress_cait`` with ``Cait(speedup=S)`` as the CLI's ``--speedup`` runs it (training-free,
   timed and tightened during compression), then timed again, independently, against the
   original in three separate interleaved runs: does it deliver at least 0.95·S?
 * ``fidelity``: after ``unmerge``, the mean cosine similarity of the last block's per-position
@@ -33,12 +33,13 @@ from common import ROOT, Rows
 
 import vitslim
 from vitslim.adapters import describe
-from vitslim.cait.compress import compress_cait
+from vitslim.cait.compress import Cait, compress_cait
 from vitslim.cait.importance import importance_masks
 from vitslim.cait.patch import MergeSchedule, apply_token_merging, merge_schedule
 from vitslim.cait.schedule import schedule_for_speedup
 from vitslim.cait.slicing import slice_channels
 from vitslim.evaluate import evaluate
+from vitslim.methods import Inputs
 from vitslim.recipe import steps as recipe_steps
 from vitslim.train import Training
 
@@ -118,8 +119,8 @@ def cifar(rows: Rows, out: Path, args) -> None:
                 continue
             start = time.perf_counter()
             gates = Training(epochs=epochs, batch_size=64, seed=0, checkpoints=models / f"{variant}-{speedup}-checkpoints") if epochs else None
-            compressed = compress_cait(original, train, speedup=speedup, gate_training=gates, merge=merge, consistent=consistent,
-                                       seed=0, measure=False)
+            compressed = compress_cait(original, Cait(speedup=speedup, gate_training=gates, merge=merge, consistent=consistent, measure=False),
+                                       Inputs(train=train, seed=0))
             seconds = time.perf_counter() - start
             folder = vitslim.save(compressed, models / f"{variant}-{speedup}")
             score = evaluate(compressed, args.test, limit=args.eval_limit)
@@ -149,7 +150,7 @@ def delivery(rows: Rows, out: Path, args) -> None:
     for speedup in DELIVERY_TARGETS:
         if rows.has(part="delivery", target=speedup):
             continue
-        compressed = compress_cait(original, train, speedup=speedup, measure=True, progress=False)
+        compressed = compress_cait(original, Cait(speedup=speedup, measure=True), Inputs(train=train, progress=False))
         steps = {step["method"]: step for step in recipe_steps(compressed)}
         folder = vitslim.save(compressed, models / f"delivery-{speedup}")
         rows.add({"part": "delivery", "target": speedup, "compress_measured_speedup": steps["merging"]["measured_speedup"],

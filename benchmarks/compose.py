@@ -1,11 +1,12 @@
 """Composition benchmark (issue #5): low-rank + CAIT under one target on the reference CIFAR-10 ViT.
 
-Each point is compressed from the original with ``vitslim.compress_composed`` (calibration: 256
-seeded *train* images; distillation: the train split), scored on the whole CIFAR-10 test split,
-saved under ``OUT/models/`` and finally timed with the original in one interleaved run (CPU,
-batch 32). The single-method points are the same code path restricted to one axis, at the same
-target, so every comparison is speed-matched; a CAIT (ATME+CDCP) point comes from
-``compress_cait`` with the same number of KD epochs.
+Each point is compressed from the original with ``vitslim.compose.compress_composed`` and a
+``vitslim.LowRankCait`` config (calibration: 256 seeded *train* images; distillation: the train
+split), scored on the whole CIFAR-10 test split, saved under ``OUT/models/`` and finally timed
+with the original in one interleaved run (CPU, batch 32). The single-method points are the same
+code path restricted to one axis, at the same target, so every comparison is speed-matched; a
+CAIT (ATME+CDCP) point comes from ``compress_cait`` (a ``vitslim.Cait`` config) with the same
+number of KD epochs.
 
     .venv/bin/python benchmarks/compose.py --runs 40
 
@@ -23,11 +24,12 @@ from common import ROOT, Rows
 
 import vitslim
 from vitslim.adapters import describe
-from vitslim.cait.compress import compress_cait
-from vitslim.compose import compress_composed
+from vitslim.cait.compress import Cait, compress_cait
+from vitslim.compose import LowRankCait, compress_composed
 from vitslim.errors import VitslimError
 from vitslim.evaluate import evaluate
-from vitslim.lowrank.compress import compress_lowrank
+from vitslim.lowrank.compress import LowRank, compress_lowrank
+from vitslim.methods import Inputs
 from vitslim.recipe import steps as recipe_steps
 from vitslim.train import Training
 
@@ -56,7 +58,7 @@ POINTS = {
     "low-rank alone 8%, 3 KD": (("lowrank",), None, None, 0.085, 0, 3),
 }
 # low-rank alone between the ladder's levels (0.1 and 0.07 of the weights), speed-matched to the
-# 3-epoch composed point: compress_lowrank and distill as compress_composed calls them
+# 3-epoch composed point: compress_lowrank, then distill, as the composed points are built
 LOWRANK_POINTS = {"low-rank alone 9%, 3 KD": (0.09, 3)}
 # compress_cait with 1 KD epoch, at FLOPs-model targets whose measured speed-ups bracket 2x and 2.5x
 # (their speed-ups: the ATME+CDCP rows of benchmarks/results/cait/results.md)
@@ -78,15 +80,16 @@ def build(rows: Rows, out: Path, args) -> None:
             continue
         start = time.perf_counter()
         if axes is None:
-            compressed = compress_cait(original, train, speedup=speedup, gate_training=Training(epochs=epochs, batch_size=64) if epochs else None,
-                                       seed=0, measure=False)
+            gates = Training(epochs=epochs, batch_size=64) if epochs else None
+            compressed = compress_cait(original, Cait(speedup=speedup, gate_training=gates, measure=False), Inputs(train=train, seed=0))
         elif name in LOWRANK_POINTS:
-            compressed = compress_lowrank(original, calibration, param_ratio=param_ratio)
+            compressed = compress_lowrank(original, calibration, LowRank(param_ratio=param_ratio))
             vitslim.distill(compressed, original, train, Training(epochs=recovery, lr=1e-4, batch_size=64, seed=1))
         else:
             try:
-                compressed = compress_composed(original, calibration, train, speedup=speedup, flops_ratio=flops_ratio, param_ratio=param_ratio, axes=axes,
-                                               gate_training=Training(epochs=epochs, batch_size=64) if epochs else None)
+                config = LowRankCait(speedup=speedup, flops_ratio=flops_ratio, param_ratio=param_ratio, axes=axes,
+                                     gate_training=Training(epochs=epochs, batch_size=64) if epochs else None)
+                compressed = compress_composed(original, config, Inputs(train=train, calibration=calibration))
                 if recovery:
                     vitslim.distill(compressed, original, train, Training(epochs=recovery, batch_size=64, seed=1))
             except VitslimError as error:  # a single axis may not reach the target at all: that is a result

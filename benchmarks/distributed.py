@@ -37,6 +37,7 @@ import vitslim
 from vitslim import data as imagedata
 from vitslim import distributed
 from vitslim.adapters import describe
+from vitslim.lowrank.compress import compress_lowrank
 
 BATCH = 64
 
@@ -50,7 +51,7 @@ def worker(args) -> None:
     calibration = common.image_batches(train, 256, 32, labels=True)
     distributed.barrier()
     start = time.perf_counter()
-    compressed = vitslim.compress_lowrank(model, calibration, param_ratio=0.5, progress=False)
+    compressed = compress_lowrank(model, calibration, vitslim.LowRank(param_ratio=0.5), progress=False)
     distributed.barrier()
     calibrate = time.perf_counter() - start
     subset = imagedata.select(train, limit=args.steps * BATCH, skip=256, seed=0)

@@ -24,14 +24,15 @@ import vitslim
 from vitslim.lowrank.compress import compress_lowrank
 from vitslim.metrics import count_params
 
+# name: (config class, its settings besides the parameter budget)
 VARIANTS = {
-    "mixed": dict(method="whitened", allocation="mixed", sensitivity="fisher", compensation=False),
-    "mixed+comp": dict(method="whitened", allocation="mixed", sensitivity="fisher", compensation=True),
-    "mixed+comp+kd1": dict(method="whitened", allocation="mixed", sensitivity="fisher", compensation=True),
-    "mixed-plain": dict(method="whitened", allocation="mixed", sensitivity="none", compensation=False),
-    "uniform": dict(method="whitened", allocation="uniform", sensitivity="none", compensation=False),
-    "svd": dict(method="svd", allocation="mixed", sensitivity="none"),
-    "asvd": dict(method="asvd", allocation="mixed", sensitivity="none"),
+    "mixed": (vitslim.LowRank, dict(allocation="mixed", sensitivity="fisher", compensation=False)),
+    "mixed+comp": (vitslim.LowRank, dict(allocation="mixed", sensitivity="fisher", compensation=True)),
+    "mixed+comp+kd1": (vitslim.LowRank, dict(allocation="mixed", sensitivity="fisher", compensation=True)),
+    "mixed-plain": (vitslim.LowRank, dict(allocation="mixed", sensitivity="none", compensation=False)),
+    "uniform": (vitslim.LowRank, dict(allocation="uniform", sensitivity="none", compensation=False)),
+    "svd": (vitslim.SVD, dict(allocation="mixed", sensitivity="none")),
+    "asvd": (vitslim.ASVD, dict(allocation="mixed", sensitivity="none")),
 }
 
 
@@ -42,7 +43,7 @@ def main() -> None:
     parser.add_argument("--variants", nargs="+", choices=sorted(VARIANTS), default=list(VARIANTS))
     parser.add_argument("--calib-images", type=int, default=256)
     parser.add_argument("--eval-limit", type=int, default=None, help="test images (default: the whole split)")
-    parser.add_argument("--finetune-lr", type=float, default=1e-4)
+    parser.add_argument("--lr", type=float, default=1e-4, help="peak learning rate of the +kd1 variant's KD epoch")
     parser.add_argument("--out", default=str(common.RESULTS / "lowrank"))
     args = parser.parse_args()
 
@@ -64,9 +65,10 @@ def main() -> None:
             if rows.has(variant=variant, ratio=ratio):
                 continue
             started = time.perf_counter()
-            compressed = compress_lowrank(model, calibration, param_ratio=ratio, progress=False, **VARIANTS[variant])
+            method, settings = VARIANTS[variant]
+            compressed = compress_lowrank(model, calibration, method(param_ratio=ratio, **settings), progress=False)
             if variant.endswith("+kd1"):
-                vitslim.distill(compressed, model, train, vitslim.Training(epochs=1, lr=args.finetune_lr, progress=False))
+                vitslim.distill(compressed, model, train, vitslim.Training(epochs=1, lr=args.lr, progress=False))
             seconds = time.perf_counter() - started
             result = vitslim.evaluate(compressed, test, limit=args.eval_limit, teacher=model)
             rows.add({"variant": variant, "ratio": ratio, "params": count_params(compressed), "top1": result["top1"],
@@ -80,7 +82,7 @@ def write(out: Path, rows: common.Rows, args) -> None:
     plt = common.pyplot()
     original = rows.find(variant="original")
     lines = [f"Model `{common.shown(args.model)}`; calibration: {args.calib_images} train images (seed 0); top-1 on {original['images']} test images; "
-             f"KD: 1 epoch over the train split, lr {args.finetune_lr}.", "", common.machine_line(resumed=True), "",
+             f"KD: 1 epoch over the train split, lr {args.lr}.", "", common.machine_line(resumed=True), "",
              "| variant | param ratio | params | top-1 | agreement | compress s |", "|---|---|---|---|---|---|"]
     rows = [original, *sorted((r for r in rows if r is not original), key=lambda r: (-r["ratio"], list(VARIANTS).index(r["variant"])))]
     lines += [f"| {r['variant']} | {r['ratio']:.2f} | {r['params']:,} | {100 * r['top1']:.2f}% | "

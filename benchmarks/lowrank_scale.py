@@ -49,14 +49,14 @@ def main() -> None:
               "rank_multiple": args.rank_multiple, "threads": torch.get_num_threads(), "cpu": common.cpu_name(), "machine": common.machine()}
 
     started = time.perf_counter()
-    like = compress_lowrank(model, calibration, params=like_params, rank_multiple=args.rank_multiple)
+    like = compress_lowrank(model, calibration, vitslim.LowRank(params=like_params, rank_multiple=args.rank_multiple))
     result.update(like_target=like_params, like_params=count_params(like), like_seconds=time.perf_counter() - started,
                   like_peak_rss_mb=_peak_rss_mb())
     print(f"to {args.like}'s {like_params:,} parameters: {result['like_seconds']:.0f} s, peak RSS {result['like_peak_rss_mb']:.0f} MB", flush=True)
     del like
 
     started = time.perf_counter()
-    smaller = compress_lowrank(model, calibration, param_ratio=args.ratio, rank_multiple=args.rank_multiple)
+    smaller = compress_lowrank(model, calibration, vitslim.LowRank(param_ratio=args.ratio, rank_multiple=args.rank_multiple))
     result.update(ratio=args.ratio, ratio_params=count_params(smaller), ratio_seconds=time.perf_counter() - started)
     speeds = vitslim.benchmark([("original", model), (f"low-rank {args.ratio:.0%}", smaller)], batch_size=args.batch_size, runs=args.runs)
     result.update(batch_size=args.batch_size, runs=args.runs, bench=[s.as_dict() for s in speeds], throughput_ratio=speeds[1].ratio)

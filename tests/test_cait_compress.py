@@ -1,4 +1,4 @@
-"""compress_cait and ``vitslim compress --method cait`` on small real models of every family."""
+"""CAIT (``vitslim.Cait``) and ``vitslim compress --method cait`` on small real models of every family."""
 
 from __future__ import annotations
 
@@ -13,12 +13,13 @@ from plain_vit import PlainViT, tiny_hf_vit, write_random_images
 
 import vitslim
 from vitslim import data as imagedata
-from vitslim.cait.compress import compress_cait
+from vitslim.cait.compress import Cait, compress_cait
 from vitslim.cait.patch import apply_token_merging, merge_schedule
 from vitslim.cait.schedule import predicted_speedup, schedule_for_speedup, strongest_schedule
 from vitslim.cait.shape import choose_concentration
 from vitslim.cli import main
 from vitslim.errors import VitslimError
+from vitslim.methods import Inputs
 from vitslim.recipe import steps as recipe_steps
 from vitslim.train import Training
 
@@ -26,6 +27,10 @@ from vitslim.train import Training
 @pytest.fixture(scope="module")
 def images(tmp_path_factory):
     return write_random_images(tmp_path_factory.mktemp("images"), per_class=8, size=36)
+
+
+def _cait(model, images=None, *, progress=False, **settings):
+    return compress_cait(model, Cait(**settings), Inputs(train=images, progress=progress))
 
 
 def _logits(model, seed=1):
@@ -36,7 +41,7 @@ def _logits(model, seed=1):
 def test_training_free_cait_merges_tokens_and_leaves_the_original_alone(tmp_path):
     model = tiny_vit(name="vit_tiny_patch16_224", **COMPRESSIBLE)
     before = _logits(model)
-    compressed = compress_cait(model, speedup=1.4, measure=False)
+    compressed = _cait(model, speedup=1.4, measure=False)
     assert torch.equal(_logits(model), before) and merge_schedule(model) is None
     schedule = merge_schedule(compressed)
     assert schedule.method == "atme" and schedule.merged > 0
@@ -49,8 +54,8 @@ def test_training_free_cait_merges_tokens_and_leaves_the_original_alone(tmp_path
 def test_cait_with_training_prunes_channels_and_reloads_bit_identically(tmp_path, images):
     model = tiny_vit(name="vit_tiny_patch16_224", **COMPRESSIBLE)
     dataset = imagedata.open_images(images, imagedata.build_transform(vitslim.describe(model).preprocessing))
-    compressed = compress_cait(model, dataset, speedup=2.0, gate_training=Training(epochs=2, batch_size=4, lr=1e-3, progress=False), gate_lr_scale=2000.0,
-                               measure=False, progress=False)
+    compressed = _cait(model, dataset, speedup=2.0, gate_training=Training(epochs=2, batch_size=4, lr=1e-3, progress=False), gate_lr_scale=2000.0,
+                               measure=False)
     steps = {step["method"]: step for step in recipe_steps(compressed)}
     assert set(steps) == {"channels", "merging"}
     widths = steps["channels"]["blocks"]
@@ -67,8 +72,8 @@ def test_a_short_gate_training_at_a_low_learning_rate_still_prunes(images):
     the scale follows the number of steps, so the gates reach their budget."""
     model = tiny_vit(name="vit_tiny_patch16_224", **COMPRESSIBLE)
     dataset = imagedata.open_images(images, imagedata.build_transform(vitslim.describe(model).preprocessing))
-    compressed = compress_cait(model, dataset, speedup=2.0, gate_training=Training(epochs=2, batch_size=4, lr=1e-5, progress=False),
-                               measure=False, progress=False)
+    compressed = _cait(model, dataset, speedup=2.0, gate_training=Training(epochs=2, batch_size=4, lr=1e-5, progress=False),
+                               measure=False)
     assert sum(p.numel() for p in compressed.parameters()) < 0.9 * sum(p.numel() for p in model.parameters())
 
 
@@ -98,7 +103,7 @@ def test_training_images_choose_the_schedule_and_the_recipe_records_it(tmp_path,
     model = tiny_vit(name="vit_tiny_patch16_224", **COMPRESSIBLE)
     spec = vitslim.describe(model)
     dataset = imagedata.open_images(images, imagedata.build_transform(spec.preprocessing))
-    compressed = compress_cait(model, dataset, speedup=1.5, measure=False, progress=False)
+    compressed = _cait(model, dataset, speedup=1.5, measure=False)
     step = next(step for step in recipe_steps(compressed) if step["method"] == "merging")
     assert set(step["concentration_kl"]) == {"0", "1", "2", "4"}
     assert step["concentration_kl"][f"{step['concentration']:g}"] == min(step["concentration_kl"].values())
@@ -111,19 +116,19 @@ def test_training_images_choose_the_schedule_and_the_recipe_records_it(tmp_path,
     assert saved[-1]["concentration"] == step["concentration"]
     assert merge_schedule(vitslim.load_model(str(folder))) == merge_schedule(compressed)
 
-    fixed = compress_cait(model, dataset, speedup=1.5, concentration=0.0, measure=False, progress=False)
+    fixed = _cait(model, dataset, speedup=1.5, concentration=0.0, measure=False)
     step = next(step for step in recipe_steps(fixed) if step["method"] == "merging")
     assert step["concentration"] == 0.0 and "concentration_kl" not in step
     assert merge_schedule(fixed) == schedule_for_speedup(spec, "atme", 1.5, concentration=0.0)
-    without_images = compress_cait(model, speedup=1.5, measure=False)
+    without_images = _cait(model, speedup=1.5, measure=False)
     assert merge_schedule(without_images) == schedule_for_speedup(spec, "atme", 1.5)
 
 
 def test_a_one_shot_iterator_of_batches_serves_both_the_choice_and_the_distillation():
     model = tiny_vit(name="vit_tiny_patch16_224", **COMPRESSIBLE)
     batches = [torch.randn(4, 3, 32, 32, generator=torch.Generator().manual_seed(seed)) for seed in range(3)]
-    listed = compress_cait(model, batches, speedup=1.5, gate_training=Training(epochs=1, progress=False), measure=False, progress=False)
-    streamed = compress_cait(model, iter(batches), speedup=1.5, gate_training=Training(epochs=1, progress=False), measure=False, progress=False)
+    listed = _cait(model, batches, speedup=1.5, gate_training=Training(epochs=1, progress=False), measure=False)
+    streamed = _cait(model, iter(batches), speedup=1.5, gate_training=Training(epochs=1, progress=False), measure=False)
     assert torch.equal(_logits(listed), _logits(streamed))
 
 
@@ -138,13 +143,13 @@ def test_a_target_beyond_the_plans_reach_ends_at_the_strongest_schedule(monkeypa
     target = 0.97 * predicted_speedup(spec, strongest)
     assert schedule_for_speedup(spec, "tome", target, concentration=2.0) != strongest
     monkeypatch.setattr(cait_speed, "measured_speedup", lambda *args, **kwargs: 1.0)  # a machine too busy to show any gain
-    compressed = compress_cait(model, speedup=target, merge="tome", concentration=2.0)
+    compressed = _cait(model, speedup=target, merge="tome", concentration=2.0)
     assert merge_schedule(compressed) == strongest
     assert next(step for step in recipe_steps(compressed) if step["method"] == "merging")["concentration"] == 2.0
 
 
 def test_measured_speedup_is_recorded():
-    compressed = compress_cait(tiny_vit(name="vit_tiny_patch16_224", **COMPRESSIBLE), speedup=1.2)
+    compressed = _cait(tiny_vit(name="vit_tiny_patch16_224", **COMPRESSIBLE), speedup=1.2)
     step = next(step for step in recipe_steps(compressed) if step["method"] == "merging")
     assert step["measured_speedup"] > 0
 
@@ -155,11 +160,11 @@ def test_measured_speedup_is_recorded():
     (dict(speedup=2.0, gate_training=Training(epochs=1)), "pass the training images"),
     (dict(speedup=2.0, channel_ratio=0.5), "channel_ratio needs gate training"),
     (dict(speedup=500.0), "beyond token merging"),
-    (dict(speedup=1.5, concentration=-1.0), "concentration must be ≥ 0"),
+    (dict(speedup=1.5, concentration=-1.0), "concentration must be 0 or more"),
 ])
 def test_bad_input_is_refused(kwargs, message):
     with pytest.raises(VitslimError, match=message):
-        compress_cait(tiny_vit(name="vit_tiny_patch16_224", **COMPRESSIBLE), measure=False, **kwargs)
+        _cait(tiny_vit(name="vit_tiny_patch16_224", **COMPRESSIBLE), measure=False, **kwargs)
 
 
 def test_timm_folder_compress_eval_bench_through_the_cli(tmp_path, images, capsys):
@@ -195,8 +200,7 @@ def test_plain_torch_vit_compress_eval_bench_in_python(tmp_path, images):
     torch.manual_seed(0)
     model = PlainViT(img_size=32, patch_size=4, dim=48, depth=3, heads=3, mlp_dim=96, num_classes=3).eval()
     dataset = imagedata.open_images(images, imagedata.build_transform(vitslim.describe(model).preprocessing))
-    compressed = compress_cait(model, dataset, speedup=1.5, gate_training=Training(epochs=1, batch_size=8, progress=False), measure=False,
-                               progress=False)
+    compressed = _cait(model, dataset, speedup=1.5, gate_training=Training(epochs=1, batch_size=8, progress=False), measure=False)
     folder = vitslim.save(compressed, tmp_path / "plain-cait")
     reloaded = vitslim.load_model(folder, skeleton=PlainViT(img_size=32, patch_size=4, dim=48, depth=3, heads=3, mlp_dim=96, num_classes=3))
     assert torch.equal(_logits(compressed), _logits(reloaded))
@@ -212,7 +216,7 @@ def test_plain_torch_vit_compress_eval_bench_in_python(tmp_path, images):
     (["--speedup", "2", "--param-ratio", "0.5"], "--speedup does not apply to --method lowrank"),
     (["--method", "cait", "--speedup", "0.9"], "greater than 1"),
     (["--method", "cait", "--speedup", "2", "--checkpoints", "ck"], "give --recovery-epochs or --gate-epochs"),
-    (["--method", "cait", "--speedup", "1.5", "--concentration", "-1"], "concentration must be ≥ 0"),
+    (["--method", "cait", "--speedup", "1.5", "--concentration", "-1"], "concentration must be 0 or more"),
     (["--param-ratio", "0.5", "--concentration", "2"], "--concentration does not apply to --method lowrank"),
 ])
 def test_cli_bad_input(tmp_path, images, capsys, args, message):

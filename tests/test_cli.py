@@ -212,7 +212,7 @@ def test_compress_refuses_a_foreign_output_before_working(capsys, tmp_path, mode
 
 @pytest.mark.parametrize("args, message", [
     ([], "exactly one budget"),
-    (["--param-ratio", "0.5", "--params", "1000"], "exactly one budget"),
+    (["--param-ratio", "0.5", "--params", "1000"], "--param-ratio and --params both state the parameter budget"),
     (["--param-ratio", "1.5"], "between 0 and 1"),
     (["--param-ratio", "0.5", "--calib-images", "999"], "--calib-images asks for 999 images, more than the 12"),
     (["--like", "no_such_model"], "unknown model"),

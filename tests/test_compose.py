@@ -15,8 +15,18 @@ import vitslim
 from vitslim import data as imagedata
 from vitslim.cait.importance import importance_masks
 from vitslim.cli import main
-from vitslim.compose import Probe, Target, combine, compress_composed, fixed_params, probe_axes, split_target
+from vitslim.compose import (
+    LowRankCait,
+    Probe,
+    Target,
+    combine,
+    compress_composed,
+    fixed_params,
+    probe_axes,
+    split_target,
+)
 from vitslim.errors import VitslimError
+from vitslim.methods import Inputs
 from vitslim.metrics import count_params
 from vitslim.recipe import steps as recipe_steps
 
@@ -91,7 +101,7 @@ def test_unreachable_target_names_what_is_reachable():
     with pytest.raises(VitslimError, match="strongest reaches"):
         split_target(PROBES, Target(speedup=50.0), total=TOTAL, fixed=FIXED)
     with pytest.raises(VitslimError, match="state a target"):
-        Target()
+        LowRankCait()
 
 
 def test_importance_masks_keep_the_strongest_channels_at_the_ratio():
@@ -130,7 +140,7 @@ def test_three_axes_compose_meet_the_budget_and_reload_bit_identically(tmp_path,
     assert torch.equal(_logits(model), before)  # the original is untouched
     steps = recipe_steps(composed)
     assert [step["method"] for step in steps] == ["channels", "lowrank", "merging", "composed"]
-    merging = steps[2]  # its concentration chosen on the calibration images, as compress_cait chooses
+    merging = steps[2]  # its concentration chosen on the calibration images, as the cait method chooses
     assert merging["concentration_kl"][f"{merging['concentration']:g}"] == min(merging["concentration_kl"].values())
     split = steps[-1]
     assert split["levels"]["channels"] == 0.7 and split["predicted"]["flops_ratio"] <= 0.5
@@ -156,11 +166,15 @@ def test_timed_probes_measure_speed_and_agree_with_untimed_ones_on_the_rest():
         assert (a.cost, a.params) == (b.cost, b.params) and a.flops_ratio == pytest.approx(b.flops_ratio)
 
 
+def _composed(model, calibration, **settings):
+    return compress_composed(model, LowRankCait(**settings), Inputs(calibration=calibration, progress=False))
+
+
 def test_training_free_composition_uses_only_low_rank_and_tokens_on_hf(images):
     torch.manual_seed(0)
     model = tiny_hf_vit(num_labels=3).eval()
     dataset = imagedata.open_images(images, imagedata.build_transform(vitslim.describe(model).preprocessing))
-    composed = compress_composed(model, list(imagedata.make_loader(dataset, 8)), flops_ratio=0.6, progress=False)
+    composed = _composed(model, list(imagedata.make_loader(dataset, 8)), flops_ratio=0.6)
     split = recipe_steps(composed)[-1]
     assert split["levels"]["channels"] == 1.0 and {probe["axis"] for probe in split["probes"]} == {"lowrank", "tokens"}
     assert vitslim.evaluate(composed, images, teacher=model, progress=False)["flops"] < vitslim.evaluate(model, images, progress=False)["flops"]
@@ -176,7 +190,7 @@ def test_training_free_composition_uses_only_low_rank_and_tokens_on_hf(images):
 ])
 def test_bad_input_is_refused_before_any_work(kwargs, message):
     with pytest.raises(VitslimError, match=message):
-        compress_composed(tiny_vit(name="vit_tiny_patch16_224", **COMPRESSIBLE), [torch.zeros(2, 3, 32, 32)], progress=False, **kwargs)
+        _composed(tiny_vit(name="vit_tiny_patch16_224", **COMPRESSIBLE), [torch.zeros(2, 3, 32, 32)], **kwargs)
 
 
 def test_cli_composed_compress_then_eval(tmp_path, images, capsys):
@@ -199,7 +213,7 @@ def test_a_fixed_concentration_plans_the_composed_schedule_without_a_choice(imag
 
     model = tiny_vit(name="vit_tiny_patch16_224", **COMPRESSIBLE)
     dataset = imagedata.open_images(images, imagedata.build_transform(vitslim.describe(model).preprocessing))
-    composed = compress_composed(model, list(imagedata.make_loader(dataset, 8)), flops_ratio=0.7, axes=("tokens",), concentration=0.0, progress=False)
+    composed = _composed(model, list(imagedata.make_loader(dataset, 8)), flops_ratio=0.7, axes=("tokens",), concentration=0.0)
     merging = next(step for step in recipe_steps(composed) if step["method"] == "merging")
     level = recipe_steps(composed)[-1]["levels"]["tokens"]
     assert merging["concentration"] == 0.0 and "concentration_kl" not in merging

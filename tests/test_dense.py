@@ -132,7 +132,7 @@ def test_a_merged_dense_model_stays_close_and_merging_more_moves_it_further():
 def test_a_users_model_compresses_saves_and_reloads_whole(tmp_path, method):
     model = SaliencyModel()
     if method == "lowrank":
-        compressed = vitslim.compress_lowrank(model, [IMAGES] * 4, param_ratio=0.5, min_images=16, progress=False)
+        compressed = vitslim.compress(model, vitslim.LowRank(param_ratio=0.5), [IMAGES] * 4, calib_images=16, progress=False)
     else:
         compressed = vitslim.compress(model, "cait", [IMAGES], speedup=1.5, measure=False, progress=False)
     assert isinstance(compressed, SaliencyModel)

@@ -228,7 +228,8 @@ def test_hf_dinov2_channels_slice_exactly_and_reload(tmp_path):
 
 def _compress(model: nn.Module, classifier: bool) -> nn.Module:
     # the Fisher sensitivity needs class logits, which a feature model does not have
-    return vitslim.compress_lowrank(model, CALIBRATION, param_ratio=0.8, sensitivity=None if classifier else "none", progress=False)
+    return vitslim.compress(model, vitslim.LowRank(param_ratio=0.8, sensitivity=None if classifier else "none"), CALIBRATION, calib_images=1,
+                            progress=False)
 
 
 @pytest.mark.parametrize("class_name", sorted(HF_MODELS))

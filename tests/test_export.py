@@ -6,13 +6,14 @@ from conftest import tiny_vit
 from plain_vit import PlainViT, tiny_hf_vit
 
 import vitslim
-from vitslim.cait.compress import compress_cait
+from vitslim.cait.compress import Cait, compress_cait
 from vitslim.cait.patch import merge_schedule
 from vitslim.cait.slicing import slice_channels
 from vitslim.cli import main
 from vitslim.errors import VitslimError
 from vitslim.export import export_onnx, onnx_max_abs_diff
-from vitslim.lowrank.compress import compress_lowrank
+from vitslim.lowrank.compress import SVD, LowRank, compress_lowrank
+from vitslim.methods import Inputs
 from vitslim.quantize import quantize_int8
 from vitslim.recipe import steps as recipe_steps
 
@@ -35,7 +36,7 @@ def _calibration(size=32):
 
 @pytest.mark.parametrize("family", ["timm", "hf", "torch"])
 def test_low_rank_model_exports_to_onnx_and_matches_onnx_runtime(family, tmp_path):
-    compressed = compress_lowrank(_model(family), _calibration(), param_ratio=0.7, progress=False)
+    compressed = compress_lowrank(_model(family), _calibration(), LowRank(param_ratio=0.7), progress=False)
     path = export_onnx(compressed, tmp_path / "model.onnx")
     assert path.is_file() and not list(tmp_path.glob(".*partial"))
     for batch in (1, 5):  # the batch dimension is dynamic
@@ -44,7 +45,7 @@ def test_low_rank_model_exports_to_onnx_and_matches_onnx_runtime(family, tmp_pat
 
 
 def test_int8_low_rank_model_exports_to_onnx(tmp_path):
-    compressed = quantize_int8(compress_lowrank(_model("timm"), _calibration(), param_ratio=0.5, method="svd", progress=False))
+    compressed = quantize_int8(compress_lowrank(_model("timm"), _calibration(), SVD(param_ratio=0.5), progress=False))
     path = export_onnx(compressed, tmp_path / "int8.onnx")
     assert onnx_max_abs_diff(compressed, path, torch.randn(3, 3, 32, 32)) < 1e-4
 
@@ -52,7 +53,7 @@ def test_int8_low_rank_model_exports_to_onnx(tmp_path):
 @pytest.mark.parametrize("merge", ["atme", "tome"])
 @pytest.mark.parametrize("family", ["timm", "hf", "torch"])
 def test_token_merging_model_exports_to_onnx_and_matches_onnx_runtime(family, merge, tmp_path):
-    compressed = compress_cait(_model(family, patch=4), speedup=1.25, merge=merge, measure=False)
+    compressed = compress_cait(_model(family, patch=4), Cait(speedup=1.25, merge=merge, measure=False), Inputs())
     assert merge_schedule(compressed).merged > 0
     path = export_onnx(compressed, tmp_path / "merging.onnx")
     for batch in (1, 5):
@@ -65,7 +66,7 @@ def test_channel_sliced_merging_model_exports_to_onnx(tmp_path):
     generator = torch.Generator().manual_seed(0)
     slice_channels(model, masks={str(i): {"qk": torch.rand(32, generator=generator) < 0.6, "v": torch.rand(32, generator=generator) < 0.6,
                                           "mlp": torch.rand(256, generator=generator) < 0.5} for i in range(2)})
-    compressed = compress_cait(model, speedup=1.2, measure=False)
+    compressed = compress_cait(model, Cait(speedup=1.2, measure=False), Inputs())
     assert compressed.blocks[0].attn.head_dim < 32 and compressed.blocks[0].mlp.fc1.out_features < 256
     path = export_onnx(compressed, tmp_path / "cait.onnx")
     assert onnx_max_abs_diff(compressed, path, torch.randn(3, 3, 32, 32, generator=generator)) < 1e-4
@@ -79,14 +80,14 @@ def test_merging_on_one_channel_keys_exports_with_the_same_ties_broken(merge, tm
     model = _model("timm", patch=4)
     slice_channels(model, masks={str(i): {"qk": torch.arange(32) == 3, "v": torch.arange(32) == 5,
                                           "mlp": torch.ones(256, dtype=torch.bool)} for i in range(2)})
-    compressed = compress_cait(model, speedup=1.25, merge=merge, measure=False)
+    compressed = compress_cait(model, Cait(speedup=1.25, merge=merge, measure=False), Inputs())
     assert compressed.blocks[0].attn.head_dim == 1 and merge_schedule(compressed).merged > 0
     path = export_onnx(compressed, tmp_path / "ties.onnx")
     assert onnx_max_abs_diff(compressed, path, torch.randn(4, 3, 32, 32, generator=torch.Generator().manual_seed(2))) < 1e-4
 
 
 def test_low_rank_model_compiles_without_graph_breaks():
-    compressed = compress_lowrank(_model("timm"), _calibration(), param_ratio=0.5, method="svd", progress=False)
+    compressed = compress_lowrank(_model("timm"), _calibration(), SVD(param_ratio=0.5), progress=False)
     images = torch.randn(4, 3, 32, 32)
     compiled = torch.compile(compressed, fullgraph=True)
     with torch.no_grad():
@@ -99,7 +100,7 @@ def test_export_to_a_folder_path_is_refused(tmp_path):
 
 
 def test_export_command_checks_the_file_and_keeps_it_only_within_tolerance(tmp_path, capsys):
-    compressed = compress_cait(_model("timm", patch=4), speedup=1.25, measure=False)
+    compressed = compress_cait(_model("timm", patch=4), Cait(speedup=1.25, measure=False), Inputs())
     folder = vitslim.save(compressed, tmp_path / "atme")
     target = tmp_path / "atme.onnx"
     assert main(["export", str(folder), "--onnx", str(target), "--check-images", "3"]) == 0
@@ -118,8 +119,8 @@ def test_composed_model_exports_to_onnx_and_torch_export(tmp_path):
 
     model = _model("timm", patch=4)
     slice_channels(model, masks=importance_masks(model, 0.6))
-    factorised = compress_lowrank(model, _calibration(), param_ratio=0.7, sensitivity="none", compensation=False, progress=False)
-    composed = compress_cait(factorised, speedup=1.2, measure=False)
+    factorised = compress_lowrank(model, _calibration(), LowRank(param_ratio=0.7, sensitivity="none", compensation=False), progress=False)
+    composed = compress_cait(factorised, Cait(speedup=1.2, measure=False), Inputs())
     assert [step["method"] for step in recipe_steps(composed)] == ["channels", "lowrank", "merging"]
     images = torch.randn(3, 3, 32, 32, generator=torch.Generator().manual_seed(3))
     assert onnx_max_abs_diff(composed, export_onnx(composed, tmp_path / "composed.onnx"), images) < 1e-4
@@ -130,15 +131,15 @@ def test_composed_model_exports_to_onnx_and_torch_export(tmp_path):
 def test_merged_low_rank_model_round_trips_through_torch_export(family, tmp_path):
     from vitslim.export import export_program, program_max_abs_diff
 
-    factorised = compress_lowrank(_model(family, patch=4), _calibration(), param_ratio=0.6, method="svd", progress=False)
-    compressed = compress_cait(factorised, speedup=1.2, measure=False)
+    factorised = compress_lowrank(_model(family, patch=4), _calibration(), SVD(param_ratio=0.6), progress=False)
+    compressed = compress_cait(factorised, Cait(speedup=1.2, measure=False), Inputs())
     path = export_program(compressed, tmp_path / "model.pt2")
     for batch in (1, 4):  # the batch dimension is dynamic
         assert program_max_abs_diff(compressed, path, torch.randn(batch, 3, 32, 32, generator=torch.Generator().manual_seed(batch))) < 1e-5
 
 
 def test_export_command_writes_both_formats_or_refuses(tmp_path, capsys):
-    folder = vitslim.save(compress_cait(_model("timm", patch=4), speedup=1.25, measure=False), tmp_path / "atme")
+    folder = vitslim.save(compress_cait(_model("timm", patch=4), Cait(speedup=1.25, measure=False), Inputs()), tmp_path / "atme")
     assert main(["export", str(folder), "--onnx", str(tmp_path / "m.onnx"), "--torch-export", str(tmp_path / "m.pt2"), "--check-images", "2"]) == 0
     printed = capsys.readouterr().out
     assert "ONNX Runtime vs PyTorch" in printed and "torch.export vs PyTorch" in printed

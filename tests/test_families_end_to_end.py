@@ -84,7 +84,7 @@ def test_plain_torch_vit_compress_eval_bench_in_python(tmp_path, images):
 
     dataset = imagedata.open_images(images, imagedata.build_transform(spec.preprocessing))
     batches = [batch for batch, _, _ in imagedata.make_loader(dataset, 4)]
-    compressed = vitslim.compress_lowrank(model, batches, param_ratio=0.7, progress=False)
+    compressed = vitslim.compress(model, vitslim.LowRank(param_ratio=0.7), batches, calib_images=1, progress=False)
     folder = vitslim.save(compressed, tmp_path / "plain-small")
     reloaded = vitslim.load_model(folder, skeleton=PlainViT(num_classes=3))
     assert torch.equal(_logits(compressed), _logits(reloaded))

@@ -1,9 +1,12 @@
 """One pipeline for every method: the registry, per-method CLI options, KD recovery and int8 for
 every method, a method added from outside the package, and folders written before the redesign."""
 
+import copy
 import json
 import shutil
+from dataclasses import dataclass
 from pathlib import Path
+from typing import ClassVar
 
 import pytest
 import torch
@@ -14,7 +17,7 @@ import vitslim
 from vitslim import recipe
 from vitslim.cli import main
 from vitslim.errors import ParameterError, VitslimError
-from vitslim.methods import Inputs, Method, Option, get_method, method_names, register_method, unregister_method
+from vitslim.methods import Inputs, Method, get_method, method_names, register_method, setting, unregister_method
 from vitslim.recipe import find_step, steps
 
 FIXTURES = Path(__file__).parent / "fixtures" / "v0.1"
@@ -33,7 +36,7 @@ def _images(count: int = 8) -> list[torch.Tensor]:
 
 def test_every_shipped_method_is_registered():
     assert {"lowrank", "svd", "asvd", "cait", "lowrank+cait"} <= set(method_names())
-    assert get_method("cait").option("gate_training").cli_flag == "--gate-epochs"
+    assert get_method("cait").setting("gate_training").cli_flag == "--gate-epochs"
     with pytest.raises(ParameterError, match="method 'nope' is not a vitslim method; choose one of .*lowrank"):
         get_method("nope")
 
@@ -45,7 +48,6 @@ def test_help_for_one_method_lists_only_its_options(capsys):
     assert "--param-ratio" not in out and "--rank-multiple" not in out and "--flops-ratio" not in out
     for shared in ("--data", "--recovery-epochs", "--int8", "--calib-images", "--lr", "--device"):
         assert shared in out
-    assert "--finetune-epochs" not in out  # deprecated: accepted, not advertised
     code, out, _ = run(capsys, "compress", "m", "--method=lowrank", "--help")
     assert "--rank-multiple" in out and "--speedup" not in out
     code, out, _ = run(capsys, "compress", "--help")  # no method: one section per method
@@ -137,40 +139,66 @@ def test_int8_keeps_token_merging_and_its_reload(tmp_path):
     assert token_map(reloaded).merged
 
 
-def test_a_method_added_outside_the_package_runs_everywhere(capsys, tmp_path, tiny_model_folder, tiny_image_folder):
-    """Adding a method is its own module plus a test: registering here is the whole change; the
-    CLI (options, help, errors), the pipeline (recovery, int8) and save/reload pick it up."""
+def _scale_head(model: nn.Module, step: dict) -> None:
+    model.head.register_forward_hook(lambda module, args, output: output * step["factor"])
 
-    def scale_head(model: nn.Module, step: dict) -> None:
-        model.head.register_forward_hook(lambda module, args, output: output * step["factor"])
 
-    recipe.register_step("scaled-head", summary=lambda step: f"head scaled by {step['factor']:g}")(scale_head)
+@dataclass(frozen=True)
+class ScaleHead(Method):
+    """A test method: multiply the logits (its ``warm_up`` run is only recorded, to show that any
+    ``Training`` field becomes an epoch flag with its own checkpoint folder)."""
 
-    def compress(original: nn.Module, inputs: Inputs, *, factor: float = 2.0) -> nn.Module:
-        import copy
+    name: ClassVar[str] = "scale-head"
+    summary: ClassVar[str] = "a test method"
+    needs_images: ClassVar[bool] = False
+    calibrates: ClassVar[bool] = False
 
-        compressed = copy.deepcopy(original)
-        step = {"method": "scaled-head", "factor": factor}
-        scale_head(compressed, step)
+    factor: float = setting(2.0, "Multiply the logits by F.")
+    warm_up: vitslim.Training | None = setting(None, "A training run of E epochs.", flag="--warm-epochs", folder="warm")
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        if not self.factor > 0:
+            raise ParameterError("factor", f"must be above 0, got {self.factor:g}")
+
+    def compress(self, model: nn.Module, inputs: Inputs) -> nn.Module:
+        compressed = copy.deepcopy(model)
+        step = {"method": "scaled-head", "factor": self.factor}
+        if self.warm_up is not None:
+            step["warm_up"] = {"epochs": self.warm_up.epochs, "checkpoints": str(self.warm_up.checkpoints)}
+        _scale_head(compressed, step)
         recipe.record_step(compressed, step)
         return compressed
 
-    register_method(Method("scale-head", "a test method", compress, (Option("factor", "Multiply the logits by F."),),
-                           report=lambda original, compressed: ["scaled"], needs_images=False, calibrates=False))
+    def report(self, original: nn.Module, compressed: nn.Module) -> list[str]:
+        return ["scaled"]
+
+
+def test_a_method_added_outside_the_package_runs_everywhere(capsys, tmp_path, tiny_model_folder, tiny_image_folder):
+    """Adding a method is its own module plus a test: registering here is the whole change; the
+    CLI (options, help, errors), the pipeline (recovery, int8) and save/reload pick it up."""
+    recipe.register_step("scaled-head", summary=lambda step: f"head scaled by {step['factor']:g}")(_scale_head)
+    register_method(ScaleHead)
     try:
         code, out, _ = run(capsys, "compress", "m", "--method", "scale-head", "--help")
-        assert "--factor" in out and "--speedup" not in out
+        assert "--factor" in out and "--warm-epochs" in out and "--speedup" not in out
         code, out, err = run(capsys, "compress", tiny_model_folder, "--data", tiny_image_folder, "--method", "scale-head", "--factor", "3",
-                             "--out", tmp_path / "scaled")
+                             "--warm-epochs", "2", "--checkpoints", tmp_path / "ck", "--out", tmp_path / "scaled")
         assert code == 0 and "scaled" in out, err
+        step = find_step(vitslim.load_model(tmp_path / "scaled"), "scaled-head")
+        assert step["warm_up"] == {"epochs": 2, "checkpoints": str(tmp_path / "ck" / "warm")}
         code, out, _ = run(capsys, "info", tmp_path / "scaled")
         assert "head scaled by 3" in out
+        code, _, err = run(capsys, "compress", tiny_model_folder, "--data", tiny_image_folder, "--method", "scale-head", "--factor", "-1",
+                           "--out", tmp_path / "bad")
+        assert code == 2 and "--factor must be above 0" in err and not (tmp_path / "bad").exists()
         original, reloaded = vitslim.load_model(tiny_model_folder), vitslim.load_model(tmp_path / "scaled")
         images = torch.randn(2, 3, 32, 32)
         with torch.no_grad():
             assert torch.allclose(reloaded(images), 3 * original(images), atol=1e-5)
-        quantised = vitslim.compress(original, "scale-head", None, factor=2.0, int8=True)
+        quantised = vitslim.compress(original, ScaleHead(factor=2.0), None, int8=True)
         assert [step["method"] for step in steps(quantised)] == ["scaled-head", "int8"]
+        assert steps(vitslim.compress(original, "scale-head", None, factor=2.0)) == steps(vitslim.compress(original, ScaleHead()))
     finally:
         unregister_method("scale-head")
 
@@ -188,12 +216,10 @@ def test_folders_written_before_the_redesign_still_load(tmp_path, name):
     assert all(recipe.summarise(step) != step["method"] for step in steps(model))  # every old step has its summary
 
 
-def test_old_flags_still_work_with_a_deprecation_warning(capsys, tmp_path, tiny_model_folder, tiny_image_folder):
+def test_flags_removed_in_0_2_are_refused(capsys, tmp_path, tiny_model_folder, tiny_image_folder):
     code, _, err = run(capsys, "compress", tiny_model_folder, "--data", tiny_image_folder, "--method", "svd", "--param-ratio", "0.5",
-                       "--calib-images", "8", "--finetune-epochs", "1", "--finetune-lr", "1e-3", "--batch-size", "4", "--out", tmp_path / "o")
-    assert code == 0
-    assert "--finetune-epochs/--epochs is deprecated; for --method svd use --recovery-epochs" in err
-    assert "--finetune-lr is deprecated; use --lr" in err
+                       "--finetune-epochs", "1", "--out", tmp_path / "o")
+    assert code == 2 and "No such option '--finetune-epochs'" in err and "--recovery-epochs" in err and not (tmp_path / "o").exists()
 
 
 def test_training_is_one_value_with_its_checks():

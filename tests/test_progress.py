@@ -6,7 +6,7 @@ import torch
 from conftest import tiny_vit
 
 from vitslim import progress
-from vitslim.lowrank.compress import compress_lowrank
+from vitslim.lowrank.compress import LowRank, compress_lowrank
 
 
 def test_track_logs_the_first_item_then_every_few_items(caplog):
@@ -35,6 +35,6 @@ def test_a_slow_loop_logs_by_time_too(caplog, monkeypatch):
 def test_calibration_and_compensation_report_progress_under_verbose(caplog):
     caplog.set_level(logging.INFO, logger="vitslim")
     batches = [torch.randn(4, 3, 32, 32, generator=torch.Generator().manual_seed(seed)) for seed in range(2)]
-    compress_lowrank(tiny_vit(), batches, param_ratio=0.6)
+    compress_lowrank(tiny_vit(), batches, LowRank(param_ratio=0.6))
     described = {record.getMessage().split(":")[0] for record in caplog.records}
     assert {"calibrating", "measuring layer sensitivity", "compensating layers"} <= described

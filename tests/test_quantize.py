@@ -10,7 +10,7 @@ from torch.nn import functional as F
 
 import vitslim
 from vitslim.errors import VitslimError
-from vitslim.lowrank.compress import compress_lowrank
+from vitslim.lowrank.compress import SVD, compress_lowrank
 from vitslim.lowrank.layers import LowRankLinear
 from vitslim.metrics import count_params, folder_bytes
 from vitslim.quantize import Int8Linear, quantize_int8
@@ -31,7 +31,7 @@ def _images(count=16, size=16, seed=1):
 @pytest.fixture(scope="module")
 def lowrank():
     # plain SVD needs no calibration images, which keeps this file fast; the int8 step does not care
-    return compress_lowrank(tiny_vit(**QUANTIZE_GEOMETRY), [], param_ratio=0.5, method="svd", rank_multiple=4, progress=False)
+    return compress_lowrank(tiny_vit(**QUANTIZE_GEOMETRY), [], SVD(param_ratio=0.5, rank_multiple=4), progress=False)
 
 
 @pytest.fixture(scope="module")

@@ -15,7 +15,7 @@ def import_graph() -> dict[str, set[str]]:
     """vitslim module -> the vitslim modules it imports, at module level or inside functions (an
     import moved into a function hides a cycle from the interpreter, not from the design).
     ``from package import name`` counts as importing ``package.name`` when that is a module,
-    else ``package``."""
+    else ``package``; ``importlib.import_module("vitslim.x")`` with a literal name counts too."""
     modules = {_module_name(path): path for path in SOURCE.rglob("*.py")}
     graph: dict[str, set[str]] = {}
     for name, path in modules.items():
@@ -27,8 +27,18 @@ def import_graph() -> dict[str, set[str]]:
                 for alias in statement.names:
                     submodule = f"{statement.module}.{alias.name}"
                     edges.add(submodule if submodule in modules else statement.module)
+            elif _imports_by_name(statement):
+                edges.add(statement.args[0].value)
         graph[name] = {edge for edge in edges if edge in modules and edge != name}
     return graph
+
+
+def _imports_by_name(node: ast.AST) -> bool:
+    """``importlib.import_module("...")`` or ``import_module("...")`` with a string literal."""
+    if not (isinstance(node, ast.Call) and node.args and isinstance(node.args[0], ast.Constant) and isinstance(node.args[0].value, str)):
+        return False
+    function = node.func
+    return (isinstance(function, ast.Attribute) and function.attr == "import_module") or (isinstance(function, ast.Name) and function.id == "import_module")
 
 
 def find_cycle(graph: dict[str, set[str]]) -> list[str] | None:
@@ -57,6 +67,17 @@ def find_cycle(graph: dict[str, set[str]]) -> list[str] | None:
 def test_find_cycle_finds_one_and_only_one():
     assert find_cycle({"a": {"b"}, "b": {"c"}, "c": {"a"}}) == ["a", "b", "c", "a"]
     assert find_cycle({"a": {"b", "c"}, "b": {"c"}, "c": set()}) is None
+
+
+def test_an_import_by_name_is_an_edge(tmp_path, monkeypatch):
+    package = tmp_path / "vitslim"
+    package.mkdir()
+    (package / "__init__.py").write_text("")
+    (package / "a.py").write_text("import importlib\n\ndef f():\n    importlib.import_module('vitslim.b')\n")
+    (package / "b.py").write_text("from vitslim import a\n")
+    monkeypatch.setattr(__import__(__name__), "SOURCE", package)
+    graph = import_graph()
+    assert graph["vitslim.a"] == {"vitslim.b"} and find_cycle(graph) == ["vitslim.a", "vitslim.b", "vitslim.a"]
 
 
 def test_vitslim_modules_import_each_other_without_cycles():

@@ -56,7 +56,7 @@ def main() -> None:
             continue
         calibration = common.image_batches(train, size, 64)
         started = time.perf_counter()
-        compressed = compress_lowrank(model, calibration, param_ratio=args.ratio, progress=False)
+        compressed = compress_lowrank(model, calibration, vitslim.LowRank(param_ratio=args.ratio), progress=False)
         seconds = time.perf_counter() - started
         score = held_out_score(compressed, teacher=model)
         rows.add({"size": size, "ratio": args.ratio, "top1": score["top1"], "agreement": score["agreement"], "kl": score["kl"],

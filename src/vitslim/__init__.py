@@ -1,10 +1,10 @@
 """vitslim: compress pretrained Vision Transformers and prove the result.
 
-Public API: ``load_model``, ``save``, ``describe``, ``evaluate``, ``benchmark``; ``compress`` (the
-pipeline every method runs in: method, optional KD recovery, optional int8) with ``Training`` (one
-training run's settings) and the methods it runs: ``compress_lowrank``, ``compress_cait``,
-``compress_composed`` (all axes under one target); ``distill`` (KD recovery fine-tune),
-``quantize_int8``, ``export_onnx``, ``export_program`` (torch.export). Under ``torchrun``,
+Public API: ``load_model``, ``save``, ``describe``, ``evaluate``, ``benchmark``; ``compress``, the one
+way to compress (the pipeline every method runs in: method, optional KD recovery, optional int8),
+with a method's config (``LowRank``, its baselines ``SVD`` and ``ASVD``, ``Cait``, ``LowRankCait``:
+all axes under one target; ``vitslim.methods``) and ``Training`` (one training run's settings);
+``distill`` (KD recovery fine-tune), ``quantize_int8``, ``export_onnx``, ``export_program`` (torch.export). Under ``torchrun``,
 calibration, distillation and evaluation share the work across processes (``vitslim.distributed``).
 """
 
@@ -16,17 +16,17 @@ __version__ = "0.1.0"
 
 from vitslim.adapters import describe  # noqa: E402
 from vitslim.bench import benchmark  # noqa: E402
-from vitslim.cait.compress import compress_cait  # noqa: E402
-from vitslim.compose import compress_composed  # noqa: E402
+from vitslim.cait.compress import Cait  # noqa: E402
+from vitslim.compose import LowRankCait  # noqa: E402
 from vitslim.errors import VitslimError  # noqa: E402
 from vitslim.evaluate import evaluate  # noqa: E402
 from vitslim.export import export_onnx, export_program  # noqa: E402
 from vitslim.loading import load_model  # noqa: E402
-from vitslim.lowrank.compress import compress_lowrank  # noqa: E402
+from vitslim.lowrank.compress import ASVD, SVD, LowRank  # noqa: E402
 from vitslim.persist import save  # noqa: E402
 from vitslim.pipeline import compress  # noqa: E402
 from vitslim.quantize import quantize_int8  # noqa: E402
 from vitslim.train import Training, distill  # noqa: E402
 
-__all__ = ["Training", "VitslimError", "benchmark", "compress", "compress_cait", "compress_composed", "compress_lowrank", "describe", "distill", "evaluate",
-           "export_onnx", "export_program", "load_model", "quantize_int8", "save", "__version__"]
+__all__ = ["ASVD", "SVD", "Cait", "LowRank", "LowRankCait", "Training", "VitslimError", "benchmark", "compress", "describe", "distill",
+           "evaluate", "export_onnx", "export_program", "load_model", "quantize_int8", "save", "__version__"]

@@ -149,24 +149,39 @@ def _method_in(args: list[str]) -> str | None:
     return None
 
 
-def _method_options() -> dict[str, click.Option]:
-    """One click option per method option name, across every registered method."""
-    from vitslim.methods import methods
+def _setting_option(setting) -> click.Option:
+    """The click option of one method setting, generated from its kind: a bool is a flag pair, a
+    ``Training`` its epoch count, a ``Literal`` a choice. Its default stays None (not given), so
+    that only what the user typed reaches the config, whose own default applies otherwise."""
     from vitslim.train import Training
 
+    shown = "" if setting.default is None or setting.kind is Training else f" [default: {setting.default}]"
+    if setting.kind is bool:
+        off = setting.off or "--no-" + setting.cli_flag.removeprefix("--")
+        shown = "" if setting.default is None else f" [default: {setting.cli_flag if setting.default else off}]"
+        return click.Option([f"{setting.cli_flag}/{off}", setting.name], default=None, help=setting.help + shown)
+    if setting.kind is Training:
+        return click.Option([setting.cli_flag, setting.name], type=click.IntRange(min=0), help=setting.help)
+    kind = click.Choice(setting.choices) if setting.choices else setting.kind
+    return click.Option([setting.cli_flag, setting.name], type=kind, help=setting.help + shown)
+
+
+def _method_options() -> dict[str, click.Option]:
+    """One click option per setting name, across every registered method (a name means one
+    thing, of one kind, in every method that has it)."""
+    from vitslim.methods import methods
+
     made: dict[str, click.Option] = {}
+    kinds: dict[str, type] = {}
     for method in methods():
-        for option in method.options:
-            if option.name in made:
+        for setting in method.settings():
+            if not setting.cli:
                 continue
-            if option.kind is bool:
-                flags = [f"{option.cli_flag}/{option.off}", option.name]
-                made[option.name] = click.Option(flags, default=None, help=option.help)
-            elif option.kind is Training:
-                made[option.name] = click.Option([option.cli_flag, option.name], type=click.IntRange(min=0), help=option.help)
-            else:
-                kind = click.Choice(option.choices) if option.choices else option.kind
-                made[option.name] = click.Option([option.cli_flag, option.name], type=kind, help=option.help)
+            if setting.name in kinds and kinds[setting.name] is not setting.kind:
+                raise TypeError(f"setting {setting.name!r} of --method {method.name} is a {setting.kind.__name__}, "
+                                f"elsewhere a {kinds[setting.name].__name__}")
+            kinds[setting.name] = setting.kind
+            made.setdefault(setting.name, _setting_option(setting))
     return made
 
 
@@ -185,18 +200,18 @@ class CompressCommand(click.Command):
         return super().parse_args(ctx, args)
 
     def format_options(self, ctx, formatter):
-        from vitslim.methods import get_method, methods
+        from vitslim.methods import method_names, methods
 
-        method_names = set(_method_options())
-        shared = [p.get_help_record(ctx) for p in self.get_params(ctx) if isinstance(p, click.Option) and p.name not in method_names and not p.hidden]
+        method_settings = set(_method_options())
+        shared = [p.get_help_record(ctx) for p in self.get_params(ctx) if isinstance(p, click.Option) and p.name not in method_settings and not p.hidden]
         with formatter.section("Options for every method"):
             formatter.write_dl([record for record in shared if record])
         chosen = ctx.meta.get("vitslim_method")
-        shown = [get_method(chosen)] if chosen in {m.name for m in methods()} else methods()
-        by_name = {p.name: p for p in self.get_params(ctx)}
-        for method in shown:
+        for method in methods():
+            if chosen in method_names() and method.name != chosen:
+                continue
             with formatter.section(f"--method {method.name} ({method.summary})"):
-                formatter.write_dl([by_name[option.name].get_help_record(ctx) for option in method.options])
+                formatter.write_dl([_setting_option(setting).get_help_record(ctx) for setting in method.settings() if setting.cli])
 
 
 def _training(epochs: int, flag: str, *, lr, batch_size, seed, device, checkpoints, resume, folder: str):
@@ -224,7 +239,7 @@ def _in_flags(error, flags: dict[str, str]) -> VitslimError:
                                              "folder of unlabelled images (no method needs labels). Calibration, gate training and recovery read them.")
 @click.option("--out", required=True, help="Output folder (model.safetensors + recipe.json + config.json).")
 @click.option("--method", default="lowrank", show_default=True,
-              help="The compression method (lowrank, svd, asvd, cait, lowrank+cait, or any registered); "
+              help="The compression method (any registered: 'vitslim compress --help' lists them); "
                    "'vitslim compress MODEL --method M --help' lists M's options.")
 @click.option("--like", help="Keep as many parameters as this timm model has (e.g. deit_small_patch16_224); methods with a parameter budget.")
 @click.option("--calib-images", type=int, default=256, show_default=True, callback=_positive("--calib-images"), help="Calibration images, a seeded subset of --data.")
@@ -232,8 +247,9 @@ def _in_flags(error, flags: dict[str, str]) -> VitslimError:
 @click.option("--batch-size", type=int, default=32, show_default=True, callback=_positive("--batch-size"), help="Batch of calibration and training.")
 @click.option("--recovery-epochs", type=click.IntRange(min=0), default=0, show_default=True,
               help="Distil the original into the compressed model for E epochs over all of --data (knowledge-distillation recovery).")
-@click.option("--lr", type=float, default=1e-4, show_default=True, help="Peak AdamW learning rate of gate training and recovery (warm-up, then cosine).")
-@click.option("--checkpoints", help="Folder for per-epoch training checkpoints (pickle-free): gates/ and recovery/ inside.")
+@click.option("--lr", type=float, default=1e-4, show_default=True, help="Peak AdamW learning rate of every training run (warm-up, then cosine).")
+@click.option("--checkpoints", help="Folder for per-epoch training checkpoints (pickle-free): one sub-folder per training run "
+                                    "(recovery/, and a method's own, e.g. gates/).")
 @click.option("--resume", is_flag=True, help="Continue the training runs from the last checkpoints in --checkpoints.")
 @click.option("--int8", type=click.Choice(["weight", "dynamic"]), is_flag=False, flag_value="weight", default=None,
               help="Finally quantise every Linear to int8 (per output channel), about 4x fewer bytes on disk: 'weight' (plain --int8) "
@@ -242,39 +258,29 @@ def _in_flags(error, flags: dict[str, str]) -> VitslimError:
 @click.option("--device", default="cpu", show_default=True, help="Where calibration and training run (cuda: under torchrun, each rank's own GPU).")
 @click.option("--objective", type=click.Choice(["auto", "logits", "map", "features"]), default="auto", show_default=True,
               help="What the result must preserve: logits (KL), map (per-pixel MSE), features (relative MSE); auto follows the model's output.")
-@click.option("--finetune-epochs", "--epochs", "old_epochs", type=int, hidden=True)  # deprecated: --recovery-epochs or --gate-epochs
-@click.option("--finetune-lr", "old_lr", type=float, hidden=True)  # deprecated: --lr
 @click.pass_context
 def compress_command(ctx, model, data, out, method, like, calib_images, seed, batch_size, recovery_epochs, lr, checkpoints, resume, int8, device,
-                     objective, old_epochs, old_lr, **method_values):
+                     objective, **method_values):
     """Compress MODEL with one method to its budget (parameters, speed-up or FLOPs), optionally
     recover with distillation and quantise to int8, and save it to --out."""
     from vitslim.errors import ParameterError
-    from vitslim.methods import get_method
+    from vitslim.lowrank.compress import ParameterBudget
+    from vitslim.methods import configure, get_method
     from vitslim.metrics import count_params
     from vitslim.pipeline import compress_to_folder
+    from vitslim.train import Training
 
     try:
         chosen = get_method(method)
     except ParameterError as error:
         raise VitslimError(f"--method {error.problem}") from None
+    settings = {setting.name: setting for setting in chosen.settings() if setting.cli}
+    flags = {name: setting.cli_flag for name, setting in settings.items()}
     given = {name for name in method_values if ctx.get_parameter_source(name) == click.core.ParameterSource.COMMANDLINE}
-    flags = {option.name: option.cli_flag for option in chosen.options}
-    trains_gates = "gate_training" in flags
-    if old_epochs is not None:
-        new = "--gate-epochs" if trains_gates else "--recovery-epochs"  # the old flag meant gate training for those methods
-        click.echo(f"vitslim: warning: --finetune-epochs/--epochs is deprecated; for --method {method} use {new}", err=True)
-        if trains_gates:
-            method_values["gate_training"] = old_epochs
-            given.add("gate_training")
-        else:
-            recovery_epochs = old_epochs
-    if old_lr is not None:
-        click.echo("vitslim: warning: --finetune-lr is deprecated; use --lr", err=True)
-        lr = old_lr
-    stray = sorted(given - set(flags))
-    if stray or (like is not None and "params" not in flags):
-        names = [_method_options()[name].opts[0] for name in stray] + (["--like"] if like is not None and "params" not in flags else [])
+    budgeted = issubclass(chosen, ParameterBudget)
+    stray = sorted(given - set(settings))
+    if stray or (like is not None and not budgeted):
+        names = [_method_options()[name].opts[0] for name in stray] + (["--like"] if like is not None and not budgeted else [])
         raise VitslimError(f"{', '.join(names)} {'does' if len(names) == 1 else 'do'} not apply to --method {method}; "
                            f"see 'vitslim compress MODEL --method {method} --help'")
     options = {name: method_values[name] for name in given}
@@ -282,20 +288,25 @@ def compress_command(ctx, model, data, out, method, like, calib_images, seed, ba
         if "params" in options or "param_ratio" in options:
             raise VitslimError("state the parameter budget once: --param-ratio, --params or --like")
         options["params"] = count_params(_load(like))
-    settings = dict(lr=lr, batch_size=batch_size, seed=seed, device=device, checkpoints=checkpoints, resume=resume)
-    gate_epochs = options.pop("gate_training", 0) or 0
+    shared = dict(lr=lr, batch_size=batch_size, seed=seed, device=device, checkpoints=checkpoints, resume=resume)
     if resume and not checkpoints:
         raise VitslimError("--resume needs --checkpoints, the folder the interrupted training wrote")
-    if (checkpoints or resume) and not (gate_epochs or recovery_epochs):
-        raise VitslimError("--checkpoints and --resume belong to training; give --recovery-epochs or --gate-epochs too")
-    if gate_epochs:
-        options["gate_training"] = _training(gate_epochs, "--gate-epochs", folder="gates", **settings)
-    recovery = _training(recovery_epochs, "--recovery-epochs", folder="recovery", **settings) if recovery_epochs else None
+    trainings = [name for name in options if settings[name].kind is Training]
+    if (checkpoints or resume) and not (recovery_epochs or any(options[name] for name in trainings)):
+        runs = ["--recovery-epochs"] + [each.cli_flag for each in settings.values() if each.kind is Training]
+        raise VitslimError(f"--checkpoints and --resume belong to training; give {' or '.join(runs)} too")
+    for name in trainings:
+        epochs = options.pop(name)
+        if epochs:
+            options[name] = _training(epochs, flags[name], folder=settings[name].folder or name, **shared)
+    recovery = _training(recovery_epochs, "--recovery-epochs", folder="recovery", **shared) if recovery_epochs else None
+    reworded = {**flags, "calib_images": "--calib-images", "Training.epochs": "--recovery-epochs"}
     try:
-        _, compressed, folder = compress_to_folder(model, data, out, method, report=click.echo, calib_images=calib_images, calib_batch_size=batch_size,
-                                                   seed=seed, device=device, recovery=recovery, int8=int8, objective=objective, **options)
+        config = configure(chosen, **options)
+        _, compressed, folder = compress_to_folder(model, data, out, config, report=click.echo, calib_images=calib_images, calib_batch_size=batch_size,
+                                                   seed=seed, device=device, recovery=recovery, int8=int8, objective=objective)
     except ParameterError as error:
-        raise _in_flags(error, {**flags, "calib_images": "--calib-images", "Training.epochs": "--recovery-epochs"}) from None
+        raise _in_flags(error, reworded) from None
     if int8 == "weight":
         click.echo("weights quantised to int8 (per output channel)")
     elif int8 == "dynamic":

@@ -1,4 +1,4 @@
-"""``compress_composed`` (``--method lowrank+cait``): channels, low-rank factors and tokens under one target.
+"""The ``lowrank+cait`` method (``LowRankCait``): channels, low-rank factors and tokens under one target.
 
 The three axes compound: CDCP narrows every block, the low-rank factors then thin the narrowed
 projections, and ATME shortens the token sequence all of it runs on. How much to ask of each axis
@@ -35,16 +35,16 @@ from __future__ import annotations
 import copy
 import itertools
 import logging
-from collections.abc import Iterable
 from dataclasses import dataclass
+from typing import ClassVar, Literal
 
 import torch
 from torch import nn
 
 from vitslim.adapters import describe
-from vitslim.cait.compress import prune_channels
+from vitslim.cait.compress import check_speedup, prune_channels
 from vitslim.cait.importance import importance_masks
-from vitslim.cait.patch import apply_token_merging, merge_schedule
+from vitslim.cait.patch import apply_token_merging, check_not_merging
 from vitslim.cait.schedule import schedule_for_speedup
 from vitslim.cait.shape import planned_schedule
 from vitslim.cait.slicing import slice_channels
@@ -52,10 +52,12 @@ from vitslim.cait.speed import PROMISE, measured_speedup, meet_speedup
 from vitslim.distributed import on_main
 from vitslim.errors import ParameterError, VitslimError
 from vitslim.lowrank.calibration import leading_images
-from vitslim.lowrank.compress import compress_lowrank, compressible_linears
+from vitslim.lowrank.compress import LowRank, ParameterBudget, compress_lowrank, compressible_linears
+from vitslim.methods import Example, Inputs, SweepBudget, register_method, setting
 from vitslim.metrics import count_flops, count_params
 from vitslim.objective import mean_divergence
-from vitslim.recipe import record_step, register_step
+from vitslim.recipe import find_step, record_step, register_step
+from vitslim.table import render
 from vitslim.train import Training
 
 logger = logging.getLogger("vitslim")
@@ -87,19 +89,12 @@ class Probe:
 
 @dataclass(frozen=True)
 class Target:
-    """The bounds the composed model must meet; any of them may be None (not stated)."""
+    """The bounds the composed model must meet; any of them may be None (not stated). Checked by
+    the ``LowRankCait`` config that states them."""
 
     speedup: float | None = None
     flops_ratio: float | None = None
     params: int | None = None
-
-    def __post_init__(self) -> None:
-        if self.speedup is None and self.flops_ratio is None and self.params is None:
-            raise ParameterError("speedup", "(or flops_ratio, param_ratio, params): state a target")
-        if self.speedup is not None and not self.speedup > 1:
-            raise ParameterError("speedup", f"must be greater than 1, got {self.speedup:g}")
-        if self.flops_ratio is not None and not 0 < self.flops_ratio < 1:
-            raise ParameterError("flops_ratio", f"must be between 0 and 1 (exclusive), got {self.flops_ratio:g}")
 
 
 @dataclass(frozen=True)
@@ -186,13 +181,13 @@ def _probe_model(model: nn.Module, axis: str, level: float, calibration: list, m
         slice_channels(probe, masks=importance_masks(probe, level))
         return probe.eval()
     fixed = fixed_params(model)
-    return compress_lowrank(model, calibration, params=fixed + int(level * (count_params(model) - fixed)),
-                            sensitivity="none", compensation=False, progress=False)
+    config = LowRank(params=_vit_params(model, fixed + int(level * (count_params(model) - fixed))), sensitivity="none", compensation=False)
+    return compress_lowrank(model, calibration, config, progress=False)
 
 
 def probe_axes(model: nn.Module, calibration: list, *, levels: dict[str, tuple[float, ...]] = LEVELS, merge: str = "atme",
                probe_images: int = PROBE_IMAGES, timed: bool = True, runs: int = 20, batch_size: int = 32, device: str = "cpu",
-               progress: bool = True) -> list[Probe]:
+               progress: bool = True, objective: str = "auto") -> list[Probe]:
     """Every axis of ``levels`` alone at every level of its ladder, measured (see the module
     docstring); ``timed=False`` skips the timing run (speed-ups None). Levels an axis cannot
     reach on this model (merging beyond what the grid allows) are left out."""
@@ -210,7 +205,7 @@ def probe_axes(model: nn.Module, calibration: list, *, levels: dict[str, tuple[f
             except VitslimError as error:
                 logger.info("probe %s at %g skipped: %s", axis, level, error)
                 continue
-            built.append((axis, level, probe, mean_divergence(describe(probe), teacher_outputs, images)))
+            built.append((axis, level, probe, mean_divergence(describe(probe), teacher_outputs, images, objective)))
     if not timed:
         size = spec.preprocessing.input_size
         original_flops = count_flops(model, size)
@@ -223,93 +218,133 @@ def probe_axes(model: nn.Module, calibration: list, *, levels: dict[str, tuple[f
             for (axis, level, _, cost), result in zip(built, results[1:])]
 
 
-def compress_composed(
-    model: nn.Module,
-    calibration: Iterable,
-    train_data=None,
-    *,
-    speedup: float | None = None,
-    flops_ratio: float | None = None,
-    param_ratio: float | None = None,
-    params: int | None = None,
-    gate_training: Training | None = None,
-    axes: tuple[str, ...] = AXES,
-    channel_ratio: float | None = None,
-    merge: str = "atme",
-    concentration: float | None = None,
-    probe_images: int = PROBE_IMAGES,
-    probe_runs: int = 20,
-    device: str = "cpu",
-    progress: bool = True,
-) -> nn.Module:
-    """A copy of ``model`` compressed on all three axes to meet every stated bound (a measured
-    ``speedup``, a ``flops_ratio``, a parameter budget as ``param_ratio`` or ``params``).
+@register_method
+@dataclass(frozen=True)
+class LowRankCait(ParameterBudget):
+    """All three axes under one target (``vitslim.compose``): CDCP channels (with gate training),
+    low-rank factors and ATME tokens, the target split between them by measured cost."""
 
-    ``calibration`` are the calibration image batches (probes and low-rank statistics);
-    ``train_data`` the training images the channel gates are trained on (as ``vitslim.distill``
-    takes them), needed with ``gate_training`` (CDCP; without it channels are not pruned).
-    ``axes`` limits the split to some of the axes (one axis alone is that method's own
-    speed-matched baseline); ``channel_ratio`` fixes the channels' FLOPs ratio instead of letting
-    the split choose it; ``concentration`` fixes the merge schedule's instead of choosing it on
-    ``calibration``. The split and the probes it came from are recorded in the recipe (step
-    ``composed``). A distillation of the composed model is the pipeline's recovery step
-    (``vitslim.compress(..., recovery=Training(...))``), as for every method.
+    name: ClassVar[str] = "lowrank+cait"
+    summary: ClassVar[str] = "all three axes (channels, low-rank, tokens), the target split between them by measured cost"
+    sweep: ClassVar[tuple[SweepBudget, ...]] = (
+        SweepBudget("lowrank+cait", "FLOPs reduction factors (greater than 1; 2 keeps half the FLOPs), with an optional parameter cap (2@0.5)",
+                    lambda value: value > 1, lambda value, cap: {"flops_ratio": 1 / value, "param_ratio": cap}, cap=True, recovery=True),)
+    examples: ClassVar[tuple[Example, ...]] = (
+        Example("low-rank + ATME", "lowrank+cait", {"flops_ratio": 0.4, "param_ratio": 0.5},
+                "one target (40% of the FLOPs, 50% of the parameters) split by measured cost"),)
+
+    speedup: float | None = setting(None, "Target throughput, times the original's (measured after compression).")
+    flops_ratio: float | None = setting(None, "Keep at most this fraction of the original's FLOPs per image.")
+    gate_training: Training | None = setting(None, "Train CDCP's channel gates with distillation for E epochs over all the training "
+                                                   "images, then slice the pruned channels away (0: channels are not pruned).",
+                                             flag="--gate-epochs", folder="gates")
+    channel_ratio: float | None = setting(None, "Fix the channels' FLOPs ratio (0 < R < 1) instead of letting the split choose it.")
+    merge: Literal["atme", "tome", "window"] = setting("atme", "Token merging kind (tome: the ToMe baseline; window: merging whole 2x2 "
+                                                               "windows, an ALGM-style grid-keeping baseline).")
+    concentration: float | None = setting(None, "How front-loaded the merge schedule is (0 spreads evenly). Default: chosen on the "
+                                                "calibration images.")
+    axes: tuple[str, ...] = setting(AXES, "The axes the split may use (one axis alone is that method's own speed-matched baseline).",
+                                    cli=False)
+    probe_images: int = setting(PROBE_IMAGES, "Calibration images each probe is scored on.", cli=False)
+    probe_runs: int = setting(20, "Timed rounds of the probes' speed run.", cli=False)
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        if self.speedup is None and self.flops_ratio is None and self.param_ratio is None and self.params is None:
+            raise ParameterError("speedup", "(or flops_ratio, param_ratio, params): the lowrank+cait method needs one to state a target")
+        check_speedup(self.speedup)
+        if self.flops_ratio is not None and not 0 < self.flops_ratio < 1:
+            raise ParameterError("flops_ratio", f"must be between 0 and 1 (exclusive), got {self.flops_ratio:g}")
+        unknown = set(self.axes) - set(AXES)
+        if unknown or not self.axes:
+            raise ParameterError("axes", f"names unknown axes {sorted(unknown)}; choose from {', '.join(AXES)}")
+        if self.channel_ratio is not None and not (0 < self.channel_ratio < 1 and self.pruning and "channels" in self.axes):
+            raise ParameterError("channel_ratio", "must lie in (0, 1), and channel pruning needs gate_training and the channels axis")
+
+    @property
+    def pruning(self) -> bool:
+        return self.gate_training is not None and self.gate_training.epochs > 0
+
+    def compress(self, model: nn.Module, inputs: Inputs) -> nn.Module:
+        model.to(inputs.device)
+        return compress_composed(model, self, inputs)
+
+    def report(self, original: nn.Module, compressed: nn.Module) -> list[str]:
+        split = find_step(compressed, STEP)
+        table = render(["axis", "level", "probe cost (KL)", "probe FLOPs ratio", "probe speed-up"],
+                       [[probe["axis"], f"{probe['level']:g}", f"{probe['cost']:.4f}", f"{probe['flops_ratio']:.2f}",
+                         "not timed" if probe["speedup"] is None else f"{probe['speedup']:.2f}x"]
+                        for probe in split["probes"] if probe["level"] == split["levels"][probe["axis"]]])
+        measured = split.get("measured_speedup")
+        return [table, f"split: {', '.join(f'{axis} {level:g}' for axis, level in split['levels'].items())}; "
+                       f"params {count_params(original):,} -> {count_params(compressed):,}" + (f"; measured speed-up {measured:.2f}x" if measured else "")]
+
+
+def compress_composed(model: nn.Module, config: LowRankCait, inputs: Inputs) -> nn.Module:
+    """A copy of ``model`` compressed on all three axes to meet every bound ``config`` states (a
+    measured ``speedup``, a ``flops_ratio``, a parameter budget as ``param_ratio`` or ``params``,
+    of the ViT as for low-rank).
+
+    ``inputs.calibration`` are the calibration image batches (probes and low-rank statistics);
+    ``inputs.train`` the training images the channel gates are trained on (as ``vitslim.distill``
+    takes them), needed with ``config.gate_training`` (CDCP; without it channels are not pruned).
+    ``config.axes`` limits the split to some of the axes; ``config.channel_ratio`` fixes the
+    channels' FLOPs ratio instead of letting the split choose it; ``config.concentration`` fixes
+    the merge schedule's instead of choosing it on the calibration images. Every candidate is
+    judged by ``inputs.objective``. The split and the probes it came from are recorded in the
+    recipe (step ``composed``). A distillation of the composed model is the pipeline's recovery
+    step (``vitslim.compress(..., recovery=Training(...))``), as for every method.
     """
-    pruning = gate_training is not None and gate_training.epochs > 0
-    unknown = set(axes) - set(AXES)
-    if unknown or not axes:
-        raise ParameterError("axes", f"names unknown axes {sorted(unknown)}; choose from {', '.join(AXES)}")
-    if channel_ratio is not None and not (0 < channel_ratio < 1 and pruning and "channels" in axes):
-        raise ParameterError("channel_ratio", "must lie in (0, 1), and channel pruning needs gate_training and the channels axis")
-    if param_ratio is not None and params is not None:
-        raise ParameterError("param_ratio", "and params both state the parameter budget; give one")
-    if pruning and train_data is None:
-        raise VitslimError("gate training needs the training images: pass train_data")
-    if merge_schedule(model) is not None:
-        raise VitslimError("the model already merges tokens; compress the original model")
+    pruning, axes, merge, device, progress = config.pruning, config.axes, config.merge, inputs.device, inputs.progress
+    if pruning and inputs.train is None:
+        raise VitslimError("gate training needs the training images: pass them")
+    check_not_merging(model)
     total, fixed = count_params(model), fixed_params(model)
-    if param_ratio is not None:
-        if not 0 < param_ratio < 1:
-            raise ParameterError("param_ratio", f"must be between 0 and 1 (exclusive), got {param_ratio}")
-        params = int(param_ratio * total)
-    if params is not None and not fixed < params < total:
-        raise ParameterError("params", f"(the parameter budget) must lie between the {fixed:,} parameters no axis removes and the model's {total:,}")
-    target = Target(speedup=speedup, flops_ratio=flops_ratio, params=params)
-    calibration = list(calibration)
+    params = config.target_params(model)
+    if params is not None:  # the budget counts the ViT's parameters; the probes count the whole model's
+        params += total - count_params(describe(model).model)
+        if not fixed < params:
+            raise ParameterError("params", f"(the parameter budget) must be above the {fixed:,} parameters no axis removes")
+    target = Target(speedup=config.speedup, flops_ratio=config.flops_ratio, params=params)
+    calibration = list(inputs.calibration)
     hint = ""
     if not pruning and "channels" in axes:
         axes = tuple(axis for axis in axes if axis != "channels")
         hint = ", or give gate training so that channels can be pruned too"
         logger.info("channels are not pruned: CDCP trains its gates, and no gate training was given")
     ladders = {axis: LEVELS[axis] for axis in axes}
-    if channel_ratio is not None:
-        ladders["channels"] = (channel_ratio,)
-    probes = probe_axes(model, calibration, levels=ladders, merge=merge, probe_images=probe_images, timed=speedup is not None,
-                        runs=probe_runs, device=device, progress=progress)
-    split = split_target(probes, target, total=total, fixed=fixed, required=("channels",) if channel_ratio is not None else (), hint=hint)
+    if config.channel_ratio is not None:
+        ladders["channels"] = (config.channel_ratio,)
+    probes = probe_axes(model, calibration, levels=ladders, merge=merge, probe_images=config.probe_images, timed=config.speedup is not None,
+                        runs=config.probe_runs, device=device, progress=progress, objective=inputs.objective)
+    split = split_target(probes, target, total=total, fixed=fixed, required=("channels",) if config.channel_ratio is not None else (), hint=hint)
     logger.info("split: %s", split.as_dict())
 
     student = copy.deepcopy(model).eval()
     schedule, planning = None, {"concentration": 1.0}
     if split.levels["tokens"] > 1:
-        schedule, planning = planned_schedule(student, merge, split.levels["tokens"], calibration, concentration=concentration, progress=progress)
+        schedule, planning = planned_schedule(student, merge, split.levels["tokens"], calibration, concentration=config.concentration,
+                                              progress=progress, objective=inputs.objective)
     if split.levels["channels"] < 1:
-        prune_channels(student, model, train_data, gate_training, channel_ratio=split.levels["channels"], schedule=schedule)
+        prune_channels(student, model, inputs.train, config.gate_training, channel_ratio=split.levels["channels"], schedule=schedule,
+                       objective=inputs.objective)
     kept = fixed_params(student)
     budget = kept + int(split.levels["lowrank"] * (count_params(student) - kept))
     if params is not None:  # the stated budget holds whatever widths the channel gates settled on
         budget = min(budget, params)
     if budget < count_params(student):
-        student = compress_lowrank(student.to(device), calibration, params=budget, progress=progress).to("cpu")
+        student = compress_lowrank(student.to(device), calibration, LowRank(params=_vit_params(student, budget)), progress=progress,
+                                   objective=inputs.objective).to("cpu")
     measured = None
-    if speedup is not None and "tokens" in axes:
-        schedule, measured = meet_speedup(model, student, merge, speedup, schedule, device, concentration=planning["concentration"],
+    if config.speedup is not None and "tokens" in axes:
+        schedule, measured = meet_speedup(model, student, merge, config.speedup, schedule, device, concentration=planning["concentration"],
                                           first_level=planning.get("first_level", 1))
         planning = {"measured_speedup": round(measured, 3), **planning}
-    elif speedup is not None:
+    elif config.speedup is not None:
         measured = measured_speedup(model, student, device=device)
-        if measured < PROMISE * speedup:
-            logger.warning("measured speed-up %.2fx is below the %.2fx target (token merging, which could close the gap, is not among the axes)", measured, speedup)
+        if measured < PROMISE * config.speedup:
+            logger.warning("measured speed-up %.2fx is below the %.2fx target (token merging, which could close the gap, is not among the axes)",
+                           measured, config.speedup)
     if schedule is not None:
         apply_token_merging(student, schedule, notes=planning)
     record_step(student, {"method": STEP, "target": {k: v for k, v in target.__dict__.items() if v is not None}, **split.as_dict(),
@@ -317,6 +352,11 @@ def compress_composed(
                           "probes": [{**probe.__dict__, "cost": round(probe.cost, 6), "speedup": _rounded(probe.speedup, 3),
                                       "flops_ratio": round(probe.flops_ratio, 4)} for probe in probes]})
     return student
+
+
+def _vit_params(model: nn.Module, whole: int) -> int:
+    """A whole-model parameter count as the ViT's (what a ``LowRank`` budget counts)."""
+    return whole - (count_params(model) - count_params(describe(model).model))
 
 
 @register_step(STEP, summary=lambda step: "composed split: " + ", ".join(f"{axis} {level:g}" for axis, level in step.get("levels", {}).items()))

@@ -26,6 +26,7 @@ from vitslim.bench import benchmark
 from vitslim.errors import VitslimError
 from vitslim.evaluate import evaluate
 from vitslim.loading import load_model
+from vitslim.methods import methods
 from vitslim.persist import save
 from vitslim.pipeline import compress
 from vitslim.recipe import find_step
@@ -106,30 +107,23 @@ class Variant:
     note: str
 
 
-# (name, folder, method, options, note): every method vitslim registers, through the same pipeline a user's run takes
-DEMO_VARIANTS = (
-    ("low-rank 50%", "lowrank-50", "lowrank", {"param_ratio": 0.5, "rank_multiple": 4}, "whitened SVD, mixed ranks, 50% of the parameters"),
-    ("low-rank 30%", "lowrank-30", "lowrank", {"param_ratio": 0.3, "rank_multiple": 4}, "whitened SVD, mixed ranks, 30% of the parameters"),
-    ("CAIT ATME", "cait-atme", "cait", {"speedup": 1.5, "measure": False}, "training-free neighbour token merging, 1.5x by the FLOPs model"),
-    ("low-rank + ATME", "lowrank+cait", "lowrank+cait", {"flops_ratio": 0.4, "param_ratio": 0.5},
-     "one target (40% of the FLOPs, 50% of the parameters) split by measured cost"),
-)
-
-
 def build_variants(original: nn.Module, work: Path) -> list[Variant]:
-    """The original, its save + reload round trip, then one entry per demo variant."""
+    """The original, its save + reload round trip, then every registered method's examples
+    (``Method.examples``), through the same pipeline a user's run takes."""
     variants = [Variant("original", original, "trained on the digits' train split")]
     save(original, work / "original")
     reloaded = load_model(work / "original")
     variants.append(Variant("saved + reloaded", reloaded, "safetensors + recipe round trip"))
     calibration = _calibration_batches(original)
-    for name, folder, method, options, note in DEMO_VARIANTS:
-        compressed = compress(original, method, calibration, progress=False, **options)
-        save(compressed, work / folder)
-        split = find_step(compressed, "composed")
-        if split is not None:
-            note += f": low-rank {split['levels']['lowrank']:g}, tokens {split['levels']['tokens']:g}x"
-        variants.append(Variant(name, compressed, note))
+    for method in methods():
+        for example in method.examples:
+            compressed = compress(original, method(**example.options), calibration, progress=False)
+            save(compressed, work / example.folder)
+            note = example.note
+            split = find_step(compressed, "composed")
+            if split is not None:
+                note += f": low-rank {split['levels']['lowrank']:g}, tokens {split['levels']['tokens']:g}x"
+            variants.append(Variant(example.label, compressed, note))
     return variants
 
 

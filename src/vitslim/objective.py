@@ -3,29 +3,25 @@
 A classifier is judged by its class distribution (KL), a saliency or segmentation model by its
 per-pixel map, a backbone by its features. The methods (the merge schedule's choice, channel
 gates, layer sensitivity, distillation) all compare a compressed model's output with the
-original's through one ``Objective``, chosen from the output itself (``objective_for``) unless
-the user set one on the model (``set_objective``), so a ViT inside a user's dense model is
-compressed for what that model does, not for its backbone's logits.
+original's through one ``Objective``: the kind the caller names, or with "auto" the one the output
+itself calls for (``objective_for``), so a ViT inside a user's dense model is compressed for what
+that model does, not for its backbone's logits. The kind travels as an argument (the pipeline's
+``Inputs.objective``) to every step that judges a candidate, never on the model.
 """
 
 from __future__ import annotations
 
-from collections.abc import Iterator
-from contextlib import contextmanager
 from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
-from torch import nn
 
 from vitslim.adapters.base import ViTSpec
 from vitslim.errors import ParameterError
 from vitslim.fidelity import dense_loss, output_kind
-from vitslim.model_choices import set_choice
 
 KINDS = ("logits", "map", "features")
 CHOICES = ("auto", *KINDS)
-OBJECTIVE_ATTR = "vitslim_objective"  # a plain attribute on the model being compressed, never saved
 
 
 @dataclass(frozen=True)
@@ -70,33 +66,24 @@ def infer_kind(spec: ViTSpec, output: torch.Tensor) -> str:
     return output_kind(output, spec.num_classes)
 
 
-def set_objective(model: nn.Module, kind: str) -> None:
-    """Make every method judge ``model`` by ``kind`` ("auto": infer it from the output again)."""
-    set_choice(model, OBJECTIVE_ATTR, "objective", kind, CHOICES)
+def check_objective(kind: str) -> str:
+    """``kind`` if it names an objective or "auto", else an error that lists them."""
+    if kind not in CHOICES:
+        raise ParameterError("objective", f"is {kind!r}; choose one of {', '.join(CHOICES)}")
+    return kind
 
 
-@contextmanager
-def judged_by(model: nn.Module, kind: str) -> Iterator[nn.Module]:
-    """``model`` judged by ``kind`` inside the with-block (copies made there keep it), as before after."""
-    had = getattr(model, OBJECTIVE_ATTR, None)
-    set_objective(model, kind)
-    try:
-        yield model
-    finally:
-        set_objective(model, had or "auto")
+def objective_for(spec: ViTSpec, output: torch.Tensor, kind: str = "auto") -> Objective:
+    """The objective ``kind`` names, or for "auto" the one the model's ``output`` calls for."""
+    return Objective(infer_kind(spec, output) if check_objective(kind) == "auto" else kind)
 
 
-def objective_for(spec: ViTSpec, output: torch.Tensor) -> Objective:
-    """The objective set on the model, else the one its ``output`` calls for."""
-    return Objective(getattr(spec.whole, OBJECTIVE_ATTR, None) or infer_kind(spec, output))
-
-
-def mean_divergence(model_spec: ViTSpec, teacher_outputs: list[torch.Tensor], images: list[torch.Tensor]) -> float:
-    """Mean over images of the objective's distance from the teacher's outputs (given per batch of
-    ``images``) to the model's."""
+def mean_divergence(model_spec: ViTSpec, teacher_outputs: list[torch.Tensor], images: list[torch.Tensor], objective: str = "auto") -> float:
+    """Mean over images of the ``objective``'s distance from the teacher's outputs (given per batch
+    of ``images``) to the model's."""
     total, count = 0.0, 0
     with torch.no_grad():
         for reference, batch in zip(teacher_outputs, images):
-            total += float(objective_for(model_spec, reference).per_image(model_spec.output(batch), reference).sum())
+            total += float(objective_for(model_spec, reference, objective).per_image(model_spec.output(batch), reference).sum())
             count += batch.shape[0]
     return total / count

@@ -18,8 +18,8 @@ from torch.utils.data import Dataset
 
 from vitslim import data as imagedata
 from vitslim.errors import ParameterError, VitslimError
-from vitslim.methods import Inputs, get_method
-from vitslim.objective import judged_by
+from vitslim.methods import Inputs, Method, configure
+from vitslim.objective import check_objective
 from vitslim.quantize import check_kind, quantize_int8
 from vitslim.train import Training, distill
 
@@ -39,7 +39,7 @@ def calibration_batches(images: Dataset | Iterable | None, calib_images: int, se
 
 def compress(
     model: nn.Module,
-    method: str = "lowrank",
+    method: Method | str = "lowrank",
     images: Dataset | Iterable | None = None,
     *,
     calib_images: int = CALIB_IMAGES,
@@ -52,8 +52,10 @@ def compress(
     progress: bool = True,
     **options: Any,
 ) -> nn.Module:
-    """A compressed copy of ``model`` by ``method`` (see ``vitslim.methods``; ``options`` are the
-    method's own, e.g. ``param_ratio=0.5`` for lowrank, ``speedup=1.5`` for cait).
+    """A compressed copy of ``model`` by ``method``: a method's config (``vitslim.LowRank(param_ratio=0.5)``,
+    ``vitslim.Cait(speedup=1.5)``, ``vitslim.LowRankCait(...)``; ``vitslim.methods``), or its
+    registered name with the config's fields as ``options`` (``"lowrank", param_ratio=0.5``), which
+    builds the same config.
 
     ``images`` are training images, never the ones you report on: a Dataset of (image, label)
     (``vitslim.data.open_images``; labels are not needed), of which ``calib_images`` (a subset
@@ -61,34 +63,34 @@ def compress(
     calibrate. ``recovery`` distils the original into the result over all of ``images``;
     ``int8`` then quantises its Linear weights (per output channel): ``"weight"`` (or ``True``)
     weight-only, the smallest file; ``"dynamic"`` activations too, at run time, for int8 matmuls
-    that run faster on CPU (``vitslim.quantize``). The original is left as it was (on ``device``
-    when the method calibrates there).
+    that run faster on CPU (``vitslim.quantize``). The result is on the CPU; the original is left
+    as it was, on its own device.
 
     ``model`` may be a user's model holding the ViT (a dense head on a backbone): the ViT is
     compressed and the whole model's output preserved, judged by ``objective`` ("logits": KL,
-    "map": per-pixel MSE, "features": relative MSE; "auto" follows the output, ``vitslim.objective``).
+    "map": per-pixel MSE, "features": relative MSE; "auto" follows the output, ``vitslim.objective``),
+    which every step that judges a candidate receives.
     """
-    chosen = get_method(method)
+    config = configure(method, **options)
     int8_kind = _int8_kind(int8)
-    unknown = sorted(set(options) - {option.name for option in chosen.options})
-    if unknown:
-        raise ParameterError(unknown[0], f"is not an option of the {method} method; its options are "
-                                         f"{', '.join(option.name for option in chosen.options) or 'none'}")
+    check_objective(objective)
     if isinstance(calib_images, bool) or not (isinstance(calib_images, int) and calib_images >= 1):
         raise ParameterError("calib_images", f"must be at least 1 (got {calib_images})")
-    if chosen.needs_images and images is None:
-        raise VitslimError(f"the {method} method calibrates on images: pass training images")
+    if config.needs_images and images is None:
+        raise VitslimError(f"the {config.name} method calibrates on images: pass training images")
     if recovery is not None and recovery.epochs and images is None:
         raise VitslimError("recovery distils on the training images: pass them as images")
-    calibration = calibration_batches(images, calib_images, seed, calib_batch_size) if chosen.calibrates else None
-    inputs = Inputs(train=images, calibration=calibration,
-                    calib_images=calib_images, seed=seed, device=device, progress=progress)
-    with judged_by(model, objective):
-        compressed = chosen.compress(model, inputs, **options)
+    calibration = calibration_batches(images, calib_images, seed, calib_batch_size) if config.calibrates else None
+    inputs = Inputs(train=images, calibration=calibration, calib_images=calib_images, seed=seed, device=device, progress=progress,
+                    objective=objective)
+    home = next(model.parameters()).device
+    try:
+        compressed = config.compress(model, inputs)
         if recovery is not None and recovery.epochs:
-            distill(compressed, model, images, recovery)
+            distill(compressed, model, images, recovery, objective=objective)
+    finally:
+        model.to(home)
     compressed.to("cpu")
-    model.to("cpu")
     if int8_kind is not None:
         compressed = quantize_int8(compressed, int8_kind)
     return compressed
@@ -104,10 +106,10 @@ def _int8_kind(int8: bool | str | None) -> str | None:
     return check_kind(int8, "int8")
 
 
-def compress_to_folder(model: str | os.PathLike | nn.Module, data: str | os.PathLike, out: str | os.PathLike, method: str = "lowrank", *,
+def compress_to_folder(model: str | os.PathLike | nn.Module, data: str | os.PathLike, out: str | os.PathLike, method: Method, *,
                        report=None, **settings: Any) -> tuple[nn.Module, nn.Module, Path]:
     """The whole pipeline on a model name or folder and an image folder: load, open the images
-    (labels not needed), ``compress`` with ``settings``, save to ``out`` (rank 0 alone under
+    (labels not needed), ``compress`` by the ``method`` config with the pipeline's ``settings``, save to ``out`` (rank 0 alone under
     ``torchrun``). ``out`` is checked before any work. ``report``, when given, receives the
     method's lines about the result before it is saved. Returns the original, the result and
     the folder."""
@@ -116,14 +118,13 @@ def compress_to_folder(model: str | os.PathLike | nn.Module, data: str | os.Path
     from vitslim.loading import load_model
     from vitslim.persist import check_output_folder, save
 
-    chosen = get_method(method)
     check_output_folder(out)
     original = load_model(model)
     spec = describe(original)
     images = imagedata.open_images(data, imagedata.build_transform(spec.preprocessing), class_names=spec.label_names, labels_required=False)
     compressed = compress(original, method, images, **settings)
     if report is not None:
-        for line in chosen.report(original, compressed):
+        for line in method.report(original, compressed):
             report(line)
     folder = on_main(lambda: save(compressed, Path(out)))
     return original, compressed, folder

@@ -39,7 +39,7 @@ from torch.utils import flop_counter
 
 from vitslim.adapters import matching_family, prepare_for_replacement, replace_submodule, replaceable_linears
 from vitslim.adapters.base import is_linear
-from vitslim.cait.patch import apply_token_merging, merging_suspended
+from vitslim.cait.patch import apply_token_merging, merging_mode, merging_suspended
 from vitslim.errors import ParameterError, VitslimError
 from vitslim.recipe import record_step, register_step, set_steps
 from vitslim.recipe import steps as recipe_steps
@@ -234,6 +234,7 @@ def quantize_int8(model: nn.Module, kind: str = "weight") -> nn.Module:
     layer = LAYERS[check_kind(kind)]
     if isinstance(model, nn.Linear):
         raise VitslimError(f"quantize_int8 replaces the Linear layers inside a model; for a single layer use {layer.__name__}.from_linear")
+    dense = merging_mode(model)
     with merging_suspended(model) as schedule:  # the copy's merging is attached after its Linears are replaced
         quantised = copy.deepcopy(model).eval()
     family = matching_family(quantised)
@@ -255,7 +256,7 @@ def quantize_int8(model: nn.Module, kind: str = "weight") -> nn.Module:
     names = list(linears)
     _replace_all(quantised, names, lambda name, linear: layer.from_linear(linear))
     if schedule is not None:  # its recipe step came with the copy
-        apply_token_merging(quantised, schedule, record=False)
+        apply_token_merging(quantised, schedule, dense=dense, record=False)
     record_step(quantised, {"method": STEP, "kind": kind, "modules": names})
     return quantised
 

@@ -8,14 +8,12 @@ that summarises it in a line for people (``vitslim info``). The steps travel wit
 plain attribute; read and change them only through the functions here.
 
 A step name read from a recipe file only ever selects one of the registered functions; nothing
-named in a file is imported. The functions are registered when vitslim's method package is
-imported (``vitslim.methods``, through ``vitslim.pipeline``, which adds int8), which
-``step_kind`` does on first need.
+named in a file is imported. The functions are registered when the modules defining them are
+imported, which ``import vitslim`` does (and so does any import of a vitslim module, first).
 """
 
 from __future__ import annotations
 
-import importlib
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -50,8 +48,6 @@ def register_step(name: str, *, summary: Callable[[dict], str] | None = None):
 
 def step_kind(name: str | None) -> StepKind | None:
     """How steps named ``name`` rebuild and read; None for a name no vitslim step has."""
-    if name not in _KINDS:
-        importlib.import_module("vitslim.pipeline")  # registers every method's steps, and int8's
     return _KINDS.get(name)
 
 

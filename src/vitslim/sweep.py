@@ -11,7 +11,7 @@ different runs do not compare on a shared machine. ``report.md`` and ``pareto.pn
 Budgets: lowrank/svd/asvd keep a fraction of the parameters; cait/tome take a speed-up planned
 by the FLOPs model; lowrank+cait takes a FLOPs reduction factor S (at most 1/S of the FLOPs)
 with an optional parameter cap (``S@R``), split across channels, low-rank and tokens by
-``compose.compress_composed``.
+``compose.compress_composed``. Each method says how it reads its budgets (``Method.sweep``).
 """
 
 from __future__ import annotations
@@ -86,8 +86,8 @@ def _write_json(path: Path, rows: list[dict]) -> None:
 
 
 def _compress(original: nn.Module, point: Point, train, calib_images: int, batch_size: int, epochs: int, seed: int) -> nn.Module:
-    """One point through the pipeline; ``epochs`` trains the method's gates and/or distils the
-    result, as its sweep budget says."""
+    """One point through the pipeline; ``epochs`` is every training run of the method's own (its
+    ``Training`` settings: CDCP's gates) and, where its sweep budget says, the recovery's."""
     from vitslim.methods import sweep_budgets
     from vitslim.pipeline import compress
     from vitslim.train import Training
@@ -95,21 +95,28 @@ def _compress(original: nn.Module, point: Point, train, calib_images: int, batch
     method, budget_kind = sweep_budgets()[point.method]
     options = budget_kind.options(point.budget, point.param_ratio)
     training = Training(epochs=epochs, batch_size=batch_size, seed=seed, progress=False) if epochs else None
-    if training is not None and budget_kind.gate_training:
-        options["gate_training"] = training
-    return compress(original, method.name, train, calib_images=calib_images, calib_batch_size=batch_size, seed=seed,
-                    recovery=training if budget_kind.recovery else None, progress=False, **options)
+    if training is not None:
+        options.update({setting.name: training for setting in _trainings(method)})
+    return compress(original, method(**options), train, calib_images=calib_images, calib_batch_size=batch_size, seed=seed,
+                    recovery=training if budget_kind.recovery else None, progress=False)
 
 
 def _kd_epochs(compressed: nn.Module, point: Point, epochs: int) -> int:
-    """Epochs of distillation a point received: gate training (when its method pruned channels)
-    and recovery count ``epochs`` each."""
+    """Epochs of distillation a point received: its method's own training (CDCP's gates, which
+    run only when channels are pruned) and recovery count ``epochs`` each."""
     from vitslim.methods import sweep_budgets
     from vitslim.recipe import find_step
 
-    budget_kind = sweep_budgets()[point.method][1]
-    gates = budget_kind.gate_training and find_step(compressed, "channels") is not None
+    method, budget_kind = sweep_budgets()[point.method]
+    gates = bool(_trainings(method)) and find_step(compressed, "channels") is not None
     return epochs * (int(gates) + int(budget_kind.recovery))
+
+
+def _trainings(method) -> list:
+    """The method's ``Training`` settings."""
+    from vitslim.train import Training
+
+    return [setting for setting in method.settings() if setting.kind is Training]
 
 
 def run_sweep(model: str, data: str, eval_data: str, budgets: list[str], out: str | os.PathLike, *, references: tuple[str, ...] = (),

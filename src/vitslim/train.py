@@ -47,7 +47,7 @@ from vitslim import data as imagedata
 from vitslim.adapters import describe
 from vitslim.adapters.base import primary_output
 from vitslim.errors import ParameterError, VitslimError
-from vitslim.objective import Objective, objective_for
+from vitslim.objective import check_objective, objective_for
 from vitslim.progress import Progress
 
 logger = logging.getLogger("vitslim")
@@ -107,13 +107,13 @@ def distill(
     grad_clip: float | None = 1.0,
     extra_loss: ExtraLoss | None = None,
     workers: int = 0,
-    objective: str | None = None,
+    objective: str = "auto",
 ) -> nn.Module:
     """Fine-tune ``student`` (in place) to match ``teacher``'s outputs for ``training.epochs``
     epochs; return it in eval mode.
 
     Per batch the loss is the objective's distance from the teacher's output to the student's,
-    averaged over images (``vitslim.objective``; ``objective`` names the kind, else it follows the
+    averaged over images (``vitslim.objective``; ``objective`` names the kind, "auto" follows the
     output): for class logits ``T² · KL(softmax(t/T) ‖ softmax(s/T))``, for maps and features an
     MSE. The models may be ViTs or users' models holding one. Plus
     ``label_weight · CE(s, labels)`` when ``label_weight > 0``, plus ``extra_loss(student)``
@@ -189,7 +189,8 @@ def distill(
     index = torch.device(device).index
     rng_devices = [torch.cuda.current_device() if index is None else index] if device_type == "cuda" else []
     trainable = [p for group in optimizer.param_groups for p in group["params"]]
-    judge = Objective(objective) if objective else None  # else the first batch's output decides
+    check_objective(objective)
+    judge = None  # the first batch's output decides "auto"
     images_this_run = 0
     with torch.random.fork_rng(devices=rng_devices), Progress("distilling", total=total_steps, unit="step", show=show,
                                                                   initial=start_epoch * steps_per_epoch) as progress:
@@ -211,7 +212,7 @@ def distill(
                         teacher_outputs = teacher_spec.output(images)
                     student_outputs = primary_output(forward(images))
                 if judge is None:
-                    judge = objective_for(student_spec, teacher_outputs)
+                    judge = objective_for(student_spec, teacher_outputs, objective)
                 loss = judge.per_image(student_outputs, teacher_outputs, temperature).mean()
                 if label_weight > 0:
                     if judge.kind != "logits":

@@ -47,13 +47,10 @@ from vitslim.cait.merging import (
 )
 from vitslim.cait.schedule import MergeSchedule, check_schedule
 from vitslim.errors import VitslimError
-from vitslim.model_choices import set_choice
 from vitslim.recipe import drop_steps, record_step, register_step
 
 MERGING_ATTR = "vitslim_merging"
 STEP = "merging"
-TOKEN_MAP_ATTR = "vitslim_token_map"
-TOKEN_MAPS = ("auto", "full", "merged")
 HIDDEN_STATES_NAMES = ("x", "hidden_states", "src")  # a block's token argument when passed by keyword (timm, HF, torch.nn)
 
 
@@ -177,19 +174,24 @@ class _Merger:
 def reads_patch_tokens(model: nn.Module) -> bool:
     """Whether ``model``'s output depends on the ViT's patch tokens, so merging must hand the full
     token map on (dense mode): always for a user's model around the ViT (a dense head, or a head
-    vitslim cannot see into), else as the family's adapter says (pooling over patches or not),
-    unless ``force_token_map`` decided."""
+    vitslim cannot see into), else as the family's adapter says (pooling over patches or not)."""
     spec = describe(model)
-    forced = getattr(spec.whole, TOKEN_MAP_ATTR, None)
-    if forced is not None:
-        return forced == "full"
     return spec.root is not None or family_of(spec.model).output_reads_patch_tokens(spec.model)
 
 
-def force_token_map(model: nn.Module, token_map: str) -> None:
-    """Decide the mode of ``model``'s later merging: "full" (dense), "merged" (classification) or
-    "auto" (``reads_patch_tokens`` decides). A plain attribute, so copies made later keep it."""
-    set_choice(model, TOKEN_MAP_ATTR, "token_map", token_map, TOKEN_MAPS)
+def check_not_merging(model: nn.Module) -> None:
+    """Refuse a model that merges tokens already: a second schedule would plan from token counts
+    the first one changed."""
+    if merge_schedule(model) is not None:
+        raise VitslimError("the model already merges tokens; compress the original model")
+
+
+def dense_mode(model: nn.Module, token_map: str) -> bool:
+    """The mode a user's ``token_map`` setting means for ``model``: "full" dense, "merged"
+    classification, "auto" dense exactly when ``reads_patch_tokens``."""
+    if token_map not in ("auto", "full", "merged"):
+        raise VitslimError(f"token_map is {token_map!r}; choose one of auto, full, merged")
+    return reads_patch_tokens(model) if token_map == "auto" else token_map == "full"
 
 
 def apply_token_merging(model: nn.Module, schedule: MergeSchedule, *, dense: bool | None = None, record: bool = True,
@@ -237,8 +239,9 @@ def token_merging(model: nn.Module, schedule: MergeSchedule | None, *, dense: bo
 @contextmanager
 def merging_suspended(model: nn.Module) -> Iterator[MergeSchedule | None]:
     """The merging hooks off while the with-block replaces the model's modules (int8 layers, sliced
-    channels), then attached again, on the same schedule, to the modules the model has then. The
-    recipe is left as it is. Yields the schedule (None: the model does not merge tokens)."""
+    channels), then attached again, on the same schedule and in the same mode, to the modules the
+    model has then. The recipe is left as it is. Yields the schedule (None: the model does not
+    merge tokens)."""
     schedule = merge_schedule(model)
     if schedule is None:
         yield None
@@ -249,6 +252,12 @@ def merging_suspended(model: nn.Module) -> Iterator[MergeSchedule | None]:
         yield schedule
     finally:
         _attach(model, schedule, dense)
+
+
+def merging_mode(model: nn.Module) -> bool | None:
+    """Whether ``model``'s merging runs in dense mode (None: it does not merge tokens)."""
+    merger = getattr(model, MERGING_ATTR, None)
+    return None if merger is None else merger.dense
 
 
 def _attach(model: nn.Module, schedule: MergeSchedule, dense: bool, detail: bool = True) -> None:

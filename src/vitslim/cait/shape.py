@@ -22,7 +22,6 @@ from collections.abc import Iterable, Sized
 import torch
 from torch import nn
 from torch.utils.data import Dataset
-from tqdm import tqdm
 
 from vitslim import data as imagedata
 from vitslim.adapters import describe
@@ -32,6 +31,7 @@ from vitslim.distributed import on_main
 from vitslim.errors import VitslimError
 from vitslim.lowrank.calibration import leading_images
 from vitslim.objective import mean_divergence
+from vitslim.progress import track
 
 logger = logging.getLogger("vitslim")
 
@@ -52,11 +52,12 @@ def choice_batches(batches, count: int, seed: int) -> Iterable:
 
 
 class _Scorer:
-    """Mean objective distance between ``model`` merging on a schedule and its unmerged self, on the
-    first ``images`` calibration images; each schedule scored once."""
+    """Mean ``objective`` distance between ``model`` merging on a schedule (in the ``dense`` mode,
+    ``cait.patch``) and its unmerged self, on the first ``images`` calibration images; each
+    schedule scored once."""
 
-    def __init__(self, model: nn.Module, calibration: Iterable, images: int) -> None:
-        self.model, self.spec = model, describe(model)
+    def __init__(self, model: nn.Module, calibration: Iterable, images: int, *, dense: bool | None = None, objective: str = "auto") -> None:
+        self.model, self.spec, self.dense, self.objective = model, describe(model), dense, objective
         self.batches = leading_images(calibration, images, next(model.parameters()).device)
         if not self.batches:
             raise VitslimError("the calibration data holds no images to choose the merge schedule on")
@@ -66,12 +67,12 @@ class _Scorer:
 
     def __call__(self, schedule: MergeSchedule) -> float:
         if schedule not in self.scored:
-            with token_merging(self.model, schedule):
-                self.scored[schedule] = mean_divergence(self.spec, self.teacher_outputs, self.batches)
+            with token_merging(self.model, schedule, dense=self.dense):
+                self.scored[schedule] = mean_divergence(self.spec, self.teacher_outputs, self.batches, self.objective)
         return self.scored[schedule]
 
 
-def choose_concentration(model: nn.Module, method: str, speedup: float, calibration: Iterable, *,
+def choose_concentration(model: nn.Module, merge: str, speedup: float, calibration: Iterable, *,
                          candidates: tuple[float, ...] = CONCENTRATIONS, images: int = CHOICE_IMAGES,
                          progress: bool = True, first_level: int = 1, scorer: _Scorer | None = None) -> tuple[float, dict[float, float]]:
     """The candidate concentration whose schedule for ``speedup`` keeps ``model``'s output closest
@@ -81,40 +82,43 @@ def choose_concentration(model: nn.Module, method: str, speedup: float, calibrat
     if not candidates:
         raise VitslimError("choosing a merge schedule's concentration needs at least one candidate")
     scorer = scorer or _Scorer(model, calibration, images)
-    scores = {concentration: scorer(schedule_for_speedup(scorer.spec, method, speedup, concentration=concentration, first_level=first_level))
-              for concentration in tqdm(candidates, desc="merge schedule shapes", unit="shape", disable=not progress)}
+    scores = {concentration: scorer(schedule_for_speedup(scorer.spec, merge, speedup, concentration=concentration, first_level=first_level))
+              for concentration in track(candidates, "merge schedule shapes", unit="shape", show=progress)}
     best = min(candidates, key=lambda concentration: (scores[concentration], candidates.index(concentration)))
     logger.info("merge schedule concentration %g chosen (score on %d images: %s)", best, sum(len(b) for b in scorer.batches),
                 ", ".join(f"{c:g}: {kl:.4f}" for c, kl in scores.items()))
     return best, scores
 
 
-def choose_shape(model: nn.Module, method: str, speedup: float, calibration: Iterable, *, images: int = CHOICE_IMAGES,
-                 progress: bool = True) -> tuple[float, int, dict]:
+def choose_shape(model: nn.Module, merge: str, speedup: float, calibration: Iterable, *, images: int = CHOICE_IMAGES,
+                 progress: bool = True, dense: bool | None = None, objective: str = "auto") -> tuple[float, int, dict]:
     """The concentration (``choose_concentration``) and, for ATME, then the first sub-grid level
     (``FIRST_LEVELS``, at that concentration) whose schedule keeps the output closest; and the
-    recipe fields recording every score."""
-    scorer = _Scorer(model, calibration, images)
-    concentration, scores = choose_concentration(model, method, speedup, calibration, images=images, progress=progress, scorer=scorer)
+    recipe fields recording every score. ``dense`` and ``objective`` are how candidates run and are
+    judged (``_Scorer``)."""
+    scorer = _Scorer(model, calibration, images, dense=dense, objective=objective)
+    concentration, scores = choose_concentration(model, merge, speedup, calibration, images=images, progress=progress, scorer=scorer)
     fields = {"concentration_kl": {f"{c:g}": round(score, 6) for c, score in scores.items()}}
-    if method != "atme":
+    if merge != "atme":
         return concentration, 1, fields
-    levels = {level: scorer(schedule_for_speedup(scorer.spec, method, speedup, concentration=concentration, first_level=level))
+    levels = {level: scorer(schedule_for_speedup(scorer.spec, merge, speedup, concentration=concentration, first_level=level))
               for level in FIRST_LEVELS}
     first_level = min(FIRST_LEVELS, key=lambda level: (levels[level], FIRST_LEVELS.index(level)))
     fields["first_level_score"] = {str(level): round(score, 6) for level, score in levels.items()}
     return concentration, first_level, fields
 
 
-def planned_schedule(model: nn.Module, method: str, speedup: float, calibration: Iterable | None, *, concentration: float | None = None,
-                     images: int = CHOICE_IMAGES, progress: bool = True) -> tuple[MergeSchedule, dict]:
+def planned_schedule(model: nn.Module, merge: str, speedup: float, calibration: Iterable | None, *, concentration: float | None = None,
+                     images: int = CHOICE_IMAGES, progress: bool = True, dense: bool | None = None,
+                     objective: str = "auto") -> tuple[MergeSchedule, dict]:
     """The schedule for ``speedup``: at ``concentration`` (and ATME's first level 1) when given,
     else at the shape chosen on ``calibration`` (concentration 1 without images); and the recipe
     fields that record how it was planned. Under ``torchrun`` rank 0 chooses and the others take
     its choice, so every rank merges alike."""
     fields, first_level = {}, 1
     if concentration is None and calibration is not None:
-        concentration, first_level, fields = on_main(lambda: choose_shape(model, method, speedup, calibration, images=images, progress=progress))
+        concentration, first_level, fields = on_main(lambda: choose_shape(model, merge, speedup, calibration, images=images, progress=progress,
+                                                                          dense=dense, objective=objective))
     concentration = 1.0 if concentration is None else concentration
-    schedule = schedule_for_speedup(describe(model), method, speedup, concentration=concentration, first_level=first_level)
+    schedule = schedule_for_speedup(describe(model), merge, speedup, concentration=concentration, first_level=first_level)
     return schedule, {"concentration": concentration, "first_level": first_level, **fields}

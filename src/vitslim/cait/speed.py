@@ -44,13 +44,13 @@ def measured_speedup(original: nn.Module, compressed: nn.Module, *, batch_size: 
 
 
 def meet_speedup(original: nn.Module, student: nn.Module, merge: str, speedup: float, schedule: MergeSchedule | None, device: str, *,
-                 concentration: float = 1.0, first_level: int = 1) -> tuple[MergeSchedule | None, float]:
+                 concentration: float = 1.0, first_level: int = 1, dense: bool | None = None) -> tuple[MergeSchedule | None, float]:
     """``schedule``, merged more (keeping its ``concentration`` and ``first_level``) until ``student`` merging on it
     measures ``AIM`` of the target against ``original``; and its last measurement. ``student``
-    must not be merging tokens; it merges only while it is timed."""
+    must not be merging tokens; it merges only while it is timed, in the ``dense`` mode (``cait.patch``)."""
 
     def timed(candidate: MergeSchedule | None) -> float:
-        with token_merging(student, candidate):
+        with token_merging(student, candidate, dense=dense):
             return measured_speedup(original, student, device=device)
 
     reference, spec = describe(original), describe(student)

@@ -1,15 +1,19 @@
-"""``compress_lowrank``: calibrate, plan ranks under one budget, factorise.
+"""The ``lowrank`` method (``LowRank``) and its baselines ``svd`` and ``asvd``: calibrate, plan
+ranks under one budget, factorise.
 
 Our reading of arXiv 2402.06004 (docs/methods-lowrank.md): the principal term of each layer is its
 whitened truncated SVD; ranks come from one global greedy allocation over all layers' closed-form
-error curves; layers past break-even stay dense. Baselines share this code path: ``method="svd"``
-(no activations), ``method="asvd"`` (diagonal activation scaling), ``allocation="uniform"``.
+error curves; layers past break-even stay dense. The baselines share this code path and differ
+only in their factorisation: ``SVD`` (no activations), ``ASVD`` (diagonal activation scaling);
+``allocation="uniform"`` is the allocation baseline.
 """
 
 from __future__ import annotations
 
 import copy
 from collections.abc import Iterable
+from dataclasses import dataclass
+from typing import ClassVar, Literal
 
 import torch
 from torch import nn
@@ -28,12 +32,11 @@ from vitslim.lowrank.whitening import (
     whitened_energy,
     whitened_spectrum,
 )
+from vitslim.methods import Example, Inputs, Method, SweepBudget, register_method, setting
 from vitslim.metrics import count_params
-from vitslim.recipe import record_step, register_step, span
+from vitslim.recipe import find_step, record_step, register_step, span
+from vitslim.table import render
 
-METHODS = ("whitened", "svd", "asvd")
-SENSITIVITIES = ("fisher", "none")
-ALLOCATIONS = ("mixed", "uniform")
 STEP = "lowrank"
 
 
@@ -46,19 +49,33 @@ def compressible_linears(model: nn.Module) -> dict[str, nn.Linear]:
     return {name: layer for name, layer in describe(model).linears().items() if id(layer) in replaceable}
 
 
-def target_params(model: nn.Module, *, param_ratio: float | None, params: int | None) -> int:
-    """The parameter budget of the ViT (for a user's model holding one, of that ViT alone: the rest of
-    the model is not compressed, so a ratio of the whole would say nothing about the backbone)."""
-    total = count_params(describe(model).model)
-    if (param_ratio is None) == (params is None):
-        raise ParameterError("param_ratio", "or params: state exactly one budget (a fraction of the parameters, or a count)")
-    if param_ratio is not None:
-        if not 0 < param_ratio < 1:
-            raise ParameterError("param_ratio", f"must be between 0 and 1 (exclusive), got {param_ratio}")
-        return int(param_ratio * total)
-    if not 0 < params < total:
-        raise ParameterError("params", f"must be between 0 and the model's {total:,} parameters, got {params:,}")
-    return int(params)
+@dataclass(frozen=True)
+class ParameterBudget(Method):
+    """The parameter budget a method may state (low-rank, and the composed method's cap): a
+    fraction of the ViT's parameters or a count, at most one of them."""
+
+    param_ratio: float | None = setting(None, "Keep this fraction of the whole model's parameters (0 < R < 1).")
+    params: int | None = setting(None, "Keep this many parameters (the CLI's --like sets it to another timm model's count).")
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        if self.param_ratio is not None and self.params is not None:
+            raise ParameterError("param_ratio", "and params both state the parameter budget; give one")
+        if self.param_ratio is not None and not 0 < self.param_ratio < 1:
+            raise ParameterError("param_ratio", f"must be between 0 and 1 (exclusive), got {self.param_ratio}")
+        if self.params is not None and not self.params > 0:
+            raise ParameterError("params", f"must be a positive parameter count, got {self.params:,}")
+
+    def target_params(self, model: nn.Module) -> int | None:
+        """The budget in parameters of the ViT (for a user's model holding one, of that ViT alone:
+        the rest of the model is not compressed, so a ratio of the whole would say nothing about the
+        backbone); None when no budget is stated."""
+        total = count_params(describe(model).model)
+        if self.param_ratio is not None:
+            return int(self.param_ratio * total)
+        if self.params is not None and not self.params < total:
+            raise ParameterError("params", f"must be below the model's {total:,} parameters, got {self.params:,}")
+        return self.params
 
 
 def _summary(step: dict) -> str:
@@ -76,76 +93,133 @@ def _rebuild(model: nn.Module, step: dict) -> None:
         replace_submodule(model, name, LowRankLinear(dense.in_features, dense.out_features, rank, bias=dense.bias is not None))
 
 
-def _spectrum(method: str, weight: torch.Tensor, gram: torch.Tensor | None):
-    if method == "whitened":
+def _spectrum(factorisation: str, weight: torch.Tensor, gram: torch.Tensor | None):
+    if factorisation == "whitened":
         return whitened_spectrum(weight, gram)
-    if method == "asvd":
+    if factorisation == "asvd":
         return diagonal_spectrum(weight, gram)
     return plain_spectrum(weight)
 
 
-def _energy(method: str, weight: torch.Tensor, gram: torch.Tensor | None) -> torch.Tensor:
+def _energy(factorisation: str, weight: torch.Tensor, gram: torch.Tensor | None) -> torch.Tensor:
     """σ² of ``_spectrum`` without its singular vectors: all the allocator needs when compensation
     refits every factorised layer anyway (faster, and nothing per layer is kept)."""
-    if method == "whitened":
+    if factorisation == "whitened":
         return whitened_energy(weight, gram)
-    if method == "asvd":
+    if factorisation == "asvd":
         matrix = weight.double() * diagonal_scale(gram)
     else:
         matrix = weight.double()
     return torch.linalg.svdvals(matrix).square()
 
 
-def _sensitivities(model, linears, batches, sensitivity, images, progress) -> dict[str, torch.Tensor]:
-    """Per-output-channel weights of each layer's error: measured (fisher), given per layer (a
-    dict of scalars), or none."""
-    if isinstance(sensitivity, dict):
-        return {name: torch.full((layer.out_features,), float(sensitivity.get(name, 1.0)), dtype=torch.float64) for name, layer in linears.items()}
+def _sensitivities(model, linears, batches, sensitivity, images, progress, objective) -> dict[str, torch.Tensor]:
+    """Per-output-channel weights of each layer's error: measured (fisher, by ``objective``), or none."""
     if sensitivity == "fisher":
-        return fisher_channels(model, linears, batches, images=images, progress=progress)
+        return fisher_channels(model, linears, batches, images=images, progress=progress, objective=objective)
     return {}
 
 
-def compress_lowrank(
-    model: nn.Module,
-    batches: Iterable,
-    *,
-    param_ratio: float | None = None,
-    params: int | None = None,
-    method: str = "whitened",
-    allocation: str = "mixed",
-    rank_multiple: int = 1,
-    sensitivity: str | dict[str, float] | None = None,
-    sensitivity_images: int | None = FISHER_IMAGES,
-    compensation: bool | None = None,
-    weigh_channels: bool = True,
-    min_images: int = 1,
-    progress: bool = True,
-) -> nn.Module:
-    """A factorised copy of ``model`` (the original is left untouched) with at most the budgeted
-    parameter count, as ``count_params``/``vitslim eval`` count it (of the ViT inside a user's model). ``sensitivity`` weighs each
-    layer's error ("fisher", the default for the whitened method, measured on the first
-    ``sensitivity_images`` calibration images, all with None; "none"; or a dict by layer name).
-    ``compensation`` (default: on for the whitened method) refits every factorised layer, in
-    execution order, to the inputs the compressed prefix gives it (see ``compensation``). The
-    plan (per-layer rank and kept energy) is the result's last recipe step, which
-    ``vitslim.save`` writes."""
-    if method not in METHODS:
-        raise VitslimError(f"unknown method {method!r}; choose one of {', '.join(METHODS)}")
-    if allocation not in ALLOCATIONS:
-        raise VitslimError(f"unknown allocation {allocation!r}; choose one of {', '.join(ALLOCATIONS)}")
-    if rank_multiple < 1:
-        raise ParameterError("rank_multiple", "must be at least 1")
-    if compensation is None:
-        compensation = method == "whitened"
-    if sensitivity is None:
-        # σ² is the output error only for the whitened factorisation; the baselines stay plain
-        sensitivity = "fisher" if method == "whitened" else "none"
-    if isinstance(sensitivity, str) and sensitivity not in SENSITIVITIES:
-        raise VitslimError(f"unknown sensitivity {sensitivity!r}; choose one of {', '.join(SENSITIVITIES)}")
-    if sensitivity == "fisher" and method != "whitened":
-        raise ParameterError("sensitivity", "fisher weighs output errors, which only the whitened method's spectrum measures; use none with svd/asvd")
-    target = target_params(model, param_ratio=param_ratio, params=params)
+@register_method
+@dataclass(frozen=True)
+class LowRank(ParameterBudget):
+    """Activation-aware low-rank factors (arXiv 2402.06004): whitened truncated SVD of every
+    compressible Linear, ranks allocated under one parameter budget, each factorised layer then
+    refitted to the inputs the compressed prefix gives it (compensation)."""
+
+    name: ClassVar[str] = "lowrank"
+    summary: ClassVar[str] = "activation-aware whitened SVD, mixed ranks, layer-wise error compensation"
+    factorisation: ClassVar[str] = "whitened"
+    sweep: ClassVar[tuple[SweepBudget, ...]] = (
+        SweepBudget("lowrank", "fractions of the parameters kept (0 < R < 1)", lambda value: 0 < value < 1,
+                    lambda value, cap: {"param_ratio": value}, recovery=True),)
+    examples: ClassVar[tuple[Example, ...]] = tuple(
+        Example(f"low-rank {percent}%", f"lowrank-{percent}", {"param_ratio": percent / 100, "rank_multiple": 4},
+                f"whitened SVD, mixed ranks, {percent}% of the parameters") for percent in (50, 30))
+
+    allocation: Literal["mixed", "uniform"] = setting("mixed", "How ranks are shared out: one global greedy pass (mixed) or the "
+                                                                "same rank everywhere.")
+    sensitivity: Literal["fisher", "none"] | None = setting(
+        None, "Per-layer error weights for mixed allocation (default: fisher for lowrank, none for the baselines).")
+    compensation: bool | None = setting(None, "Refit each factorised layer to the compressed prefix's inputs (default: on for lowrank, "
+                                              "off for the baselines).", off="--no-compensation")
+    rank_multiple: int = setting(1, "Round ranks to multiples of k (8 or 16 keep matmuls fast).")
+    sensitivity_images: int | None = setting(FISHER_IMAGES, "Calibration images the fisher sensitivity is measured on (None: all).",
+                                             cli=False)
+    weigh_channels: bool = setting(True, "Compensation weighs each output channel by its sensitivity.", cli=False)
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        if self.param_ratio is None and self.params is None:
+            raise ParameterError("param_ratio", "or params: state exactly one budget (a fraction of the parameters, or a count)")
+        if isinstance(self.rank_multiple, bool) or not (isinstance(self.rank_multiple, int) and self.rank_multiple >= 1):
+            raise ParameterError("rank_multiple", f"must be a whole number of at least 1, got {self.rank_multiple}")
+        if self.sensitivity == "fisher" and self.factorisation != "whitened":
+            raise ParameterError("sensitivity", "fisher weighs output errors, which only the whitened method's spectrum measures; use none "
+                                                "with svd/asvd")
+
+    @property
+    def compensates(self) -> bool:
+        return self.factorisation == "whitened" if self.compensation is None else self.compensation
+
+    @property
+    def weighs_by(self) -> str:
+        """The sensitivity in effect: σ² is the output error only for the whitened factorisation,
+        so the baselines stay plain."""
+        return self.sensitivity or ("fisher" if self.factorisation == "whitened" else "none")
+
+    def compress(self, model: nn.Module, inputs: Inputs) -> nn.Module:
+        model.to(inputs.device)
+        return compress_lowrank(model, inputs.calibration, self, min_images=inputs.calib_images, progress=inputs.progress,
+                                objective=inputs.objective)
+
+    def report(self, original: nn.Module, compressed: nn.Module) -> list[str]:
+        step = find_step(compressed, STEP)
+        rows = [[name, str(step["ranks"].get(name, "dense")), f"{100 * kept:.1f}%"] for name, kept in step["kept_energy"].items()]
+        before, after = count_params(original), count_params(compressed)
+        return [render(["layer", "rank", "kept energy"], rows),
+                f"params {before:,} -> {after:,} ({100 * after / before:.1f}%, target {step['target_params']:,})"]
+
+
+@register_method
+@dataclass(frozen=True)
+class SVD(LowRank):
+    """Baseline: plain truncated SVD of the weights (no activations)."""
+
+    name: ClassVar[str] = "svd"
+    summary: ClassVar[str] = "baseline: plain truncated SVD of the weights (no activations)"
+    factorisation: ClassVar[str] = "svd"
+    examples: ClassVar[tuple[Example, ...]] = ()
+    sweep: ClassVar[tuple[SweepBudget, ...]] = (
+        SweepBudget("svd", "fractions of the parameters kept (0 < R < 1)", lambda value: 0 < value < 1,
+                    lambda value, cap: {"param_ratio": value}, recovery=True),)
+
+
+@register_method
+@dataclass(frozen=True)
+class ASVD(LowRank):
+    """Baseline: ASVD-style diagonal activation scaling."""
+
+    name: ClassVar[str] = "asvd"
+    summary: ClassVar[str] = "baseline: ASVD-style diagonal activation scaling"
+    factorisation: ClassVar[str] = "asvd"
+    examples: ClassVar[tuple[Example, ...]] = ()
+    sweep: ClassVar[tuple[SweepBudget, ...]] = (
+        SweepBudget("asvd", "fractions of the parameters kept (0 < R < 1)", lambda value: 0 < value < 1,
+                    lambda value, cap: {"param_ratio": value}, recovery=True),)
+
+
+def compress_lowrank(model: nn.Module, batches: Iterable, config: LowRank, *, min_images: int = 1, progress: bool = True,
+                     objective: str = "auto") -> nn.Module:
+    """A factorised copy of ``model`` (the original is left untouched) by ``config``, with at most
+    its budgeted parameter count, as ``count_params``/``vitslim eval`` count it (of the ViT inside a
+    user's model), calibrated on ``batches`` (at least ``min_images`` images). A "fisher"
+    sensitivity is measured on the first ``config.sensitivity_images`` calibration images,
+    judged by ``objective``; compensation refits every factorised layer, in execution order, to
+    the inputs the compressed prefix gives it (see ``compensation``). The plan (per-layer rank
+    and kept energy) is the result's last recipe step, which ``vitslim.save`` writes."""
+    factorisation, compensation, sensitivity, rank_multiple = config.factorisation, config.compensates, config.weighs_by, config.rank_multiple
+    target = config.target_params(model)
     compressed = copy.deepcopy(model).eval()
     # a packed nn.MultiheadAttention becomes a qkv Linear (its in_proj, whole: one factorisation shares the input
     # basis of q, k and v, as for timm's qkv) and out_proj, which the allocation then weighs like any other layer
@@ -163,23 +237,23 @@ def compress_lowrank(
     fraction, statistics_batches = 1.0, batches
     if isinstance(batches, list):  # else a single pass over a stream: every token of every image
         images = sum(images_of(batch).shape[0] for batch in batches)
-        if images < min_images and (method != "svd" or compensation or sensitivity == "fisher"):  # plain SVD reads no activations
+        if images < min_images and (factorisation != "svd" or compensation or sensitivity == "fisher"):  # plain SVD reads no activations
             raise VitslimError(f"only {images} calibration images were given; at least {min_images} are needed")
         tokens_per_image = spec.num_patches + spec.num_prefix_tokens
         fraction, statistics_batches = token_fraction(batches, tokens_per_image), leading_batches(batches, tokens_per_image)
     # a list was counted above; its leading images may be fewer than min_images by design
     grams = collect_grams(compressed, linears, statistics_batches, min_images=1 if isinstance(batches, list) else min_images,
-                          progress=progress) if method != "svd" else {}
+                          progress=progress) if factorisation != "svd" else {}
     spectra, energies = {}, {}
     for name, layer in linears.items():
         gram = grams.pop(name).gram if grams else None  # freed as soon as it is used
         if compensation:  # every factorised layer is refitted from scratch: only σ² is needed
-            energies[name] = _energy(method, layer.weight.detach(), gram)
+            energies[name] = _energy(factorisation, layer.weight.detach(), gram)
         else:
-            spectra[name] = _spectrum(method, layer.weight.detach(), gram)
+            spectra[name] = _spectrum(factorisation, layer.weight.detach(), gram)
             energies[name] = spectra[name].energy
     # after the Gram matrices are gone: the backward pass keeps activations alive
-    channel_weights = _sensitivities(compressed, linears, batches, sensitivity, sensitivity_images, progress)
+    channel_weights = _sensitivities(compressed, linears, batches, sensitivity, config.sensitivity_images, progress, objective)
     costs = []
     for name, layer in linears.items():
         # the allocator scores σ² normalised by the layer's total; fisher weights undo that
@@ -190,7 +264,7 @@ def compress_lowrank(
     floor = sum(rank_multiple * cost.per_rank for cost in costs)
     if budget < floor:
         raise VitslimError(f"the budget of {target:,} parameters cannot give every layer even rank {rank_multiple}; raise it")
-    plans: list[LayerPlan] = (allocate if allocation == "mixed" else uniform)(costs, budget, rank_multiple=rank_multiple, min_rank=rank_multiple)
+    plans: list[LayerPlan] = (allocate if config.allocation == "mixed" else uniform)(costs, budget, rank_multiple=rank_multiple, min_rank=rank_multiple)
     ranks = {}
     prepare_for_replacement(compressed)
     for plan in plans:
@@ -208,11 +282,11 @@ def compress_lowrank(
         replace_submodule(compressed, plan.name, layer)
         ranks[plan.name] = plan.rank
     if compensation:
-        compensate(model, compressed, list(ranks), batches, output_weights=channel_weights if weigh_channels else None,
+        compensate(model, compressed, list(ranks), batches, output_weights=channel_weights if config.weigh_channels else None,
                    fraction=fraction, progress=progress)
     record_step(compressed, {
-        "method": STEP, "ranks": ranks, "factorisation": method, "allocation": allocation, "rank_multiple": rank_multiple,
-        "sensitivity": sensitivity if isinstance(sensitivity, str) else "custom", "compensation": compensation,
+        "method": STEP, "ranks": ranks, "factorisation": factorisation, "allocation": config.allocation, "rank_multiple": rank_multiple,
+        "sensitivity": sensitivity, "compensation": compensation,
         "target_params": target, "kept_energy": {p.name: round(p.kept_energy, 6) for p in plans},
     })
     return compressed

@@ -44,10 +44,11 @@ def _chunks(batches: Iterable, limit: int | None):
             yield chunk
 
 
-def fisher_channels(model: nn.Module, linears: dict[str, nn.Linear], batches: Iterable, *, images: int | None = FISHER_IMAGES, progress: bool = True) -> dict[str, torch.Tensor]:
+def fisher_channels(model: nn.Module, linears: dict[str, nn.Linear], batches: Iterable, *, images: int | None = FISHER_IMAGES, progress: bool = True,
+                    objective: str = "auto") -> dict[str, torch.Tensor]:
     """Mean squared gradient of the pseudo-label loss for each output channel of each named
     Linear (float64, one value per output feature), over the first ``images`` images of
-    ``batches`` (all of them with ``None``)."""
+    ``batches`` (all of them with ``None``), the loss being ``objective``'s (``vitslim.objective``)."""
     spec = describe(model)
     sums = {name: torch.zeros(layer.out_features, dtype=torch.float64) for name, layer in linears.items()}
     rows = {name: 0 for name in linears}
@@ -79,7 +80,7 @@ def fisher_channels(model: nn.Module, linears: dict[str, nn.Linear], batches: It
             chunk = chunk.to(device).requires_grad_(True)
             with torch.enable_grad():
                 outputs = spec.output(chunk)
-                objective_for(spec, outputs).sensitivity_loss(outputs, directions).backward()
+                objective_for(spec, outputs, objective).sensitivity_loss(outputs, directions).backward()
     finally:
         for handle in handles:
             handle.remove()
@@ -88,8 +89,3 @@ def fisher_channels(model: nn.Module, linears: dict[str, nn.Linear], batches: It
     counts = sum_numbers(*rows.values())
     return {name: all_reduce_sum(sums[name]) / max(count, 1) for name, count in zip(linears, counts)}
 
-
-def fisher_sensitivity(model: nn.Module, linears: dict[str, nn.Linear], batches: Iterable, *, images: int | None = FISHER_IMAGES, progress: bool = True) -> dict[str, float]:
-    """Mean squared gradient of the pseudo-label loss per output element of each named Linear
-    (the mean of ``fisher_channels`` over the layer's outputs)."""
-    return {name: float(values.mean()) for name, values in fisher_channels(model, linears, batches, images=images, progress=progress).items()}
