@@ -129,7 +129,7 @@ def _check_size(folder: Path, family, architecture: object, steps: list) -> None
         raise VitslimError(f"{folder / RECIPE_FILE}'s architecture holds the number {too_large[0]:,}, more than the {stored:,} "
                            f"values in {weights}; {recipes.CORRUPT}")
     limit = 2 * (len(steps) + 1) * stored
-    with torch.device("meta"), _registered_values_below(limit, folder):
+    with torch.device("meta"), _registered_values_below(limit, folder, stored):
         try:
             planned = family.build(architecture)
         except VitslimError:
@@ -155,7 +155,7 @@ def _whole_numbers(value: object):
 
 
 @contextlib.contextmanager
-def _registered_values_below(limit: int, folder: Path):
+def _registered_values_below(limit: int, folder: Path, stored: int):
     """Within the block, stop (with an error) once the parameters and buffers registered in any
     module hold ``limit`` values; an empty one counts as one, so empty layers cannot run away."""
     registered = 0
@@ -164,7 +164,8 @@ def _registered_values_below(limit: int, folder: Path):
         nonlocal registered
         registered += max(tensor.numel(), 1) if tensor is not None else 1
         if registered > limit:
-            raise VitslimError(f"{folder / RECIPE_FILE} builds a model far larger than the {WEIGHTS_FILE} beside it; {recipes.CORRUPT}")
+            raise VitslimError(f"{folder / RECIPE_FILE} builds a model of more than {limit:,} values, but {folder / WEIGHTS_FILE} "
+                               f"holds {stored:,}; {recipes.CORRUPT}")
 
     handles = [module_hooks.register_module_parameter_registration_hook(add), module_hooks.register_module_buffer_registration_hook(add)]
     try:
