@@ -37,6 +37,9 @@ from vitslim.folder_io import (
 RECIPE_FILE = "recipe.json"
 RECIPE_FORMAT = "vitslim"
 RECIPE_VERSION = 1
+RUNAWAY_FACTOR = 1000
+"""How many times the weights file's values a recipe's architecture and steps may register while
+they are rebuilt on the meta device before the loader gives up on them (``_check_size``)."""
 
 
 def _versions() -> dict:
@@ -120,15 +123,16 @@ def _check_size(folder: Path, family, architecture: object, steps: list) -> None
 
     Every whole number of the architecture is first held to the same bound (no count or size in
     a model exceeds its number of weights), so that a corrupt depth does not build millions of
-    empty layers; while rebuilding, each step may register at most a model's worth of layers
-    twice over (factors at full rank), so a runaway recipe stops early."""
+    empty layers. While rebuilding, a guard stops a runaway recipe early; it is loose, because
+    a channel-pruned model's architecture is built whole before its step cuts it, and so may hold
+    many times what the file holds (``RUNAWAY_FACTOR``)."""
     weights = folder / WEIGHTS_FILE
     stored = stored_values(weights)
     too_large = [value for value in _whole_numbers(architecture) if abs(value) > stored]
     if too_large:
         raise VitslimError(f"{folder / RECIPE_FILE}'s architecture holds the number {too_large[0]:,}, more than the {stored:,} "
                            f"values in {weights}; {recipes.CORRUPT}")
-    limit = 2 * (len(steps) + 1) * stored
+    limit = RUNAWAY_FACTOR * (len(steps) + 1) * stored
     with torch.device("meta"), _registered_values_below(limit, folder, stored):
         try:
             planned = family.build(architecture)
