@@ -32,6 +32,18 @@ def _positive(name: str):
     return check
 
 
+def _device(ctx, param, value):
+    """``--device`` checked against this torch build as the command line is read, before any model loads."""
+    from vitslim.devices import check_device
+    from vitslim.errors import ParameterError
+
+    try:
+        check_device(value)
+    except ParameterError as error:
+        raise error.named("--device") from None
+    return value
+
+
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})
 @click.version_option(package_name="vitslim")
 @click.option("-v", "--verbose", is_flag=True, help="Log what vitslim does (to stderr).")
@@ -68,7 +80,7 @@ def cli(verbose: bool) -> None:
               help="Maps and features: the level at which both outputs are thresholded for the IoU.")
 @click.option("--batch-size", type=int, default=64, show_default=True, callback=_positive("--batch-size"))
 @click.option("--workers", type=int, default=0, show_default=True, help="Data-loading worker processes.")
-@click.option("--device", default="cpu", show_default=True)
+@click.option("--device", default="cpu", show_default=True, callback=_device)
 @click.option("--pretrained", is_flag=True, help="Download pretrained weights for a timm name (needs a reachable hub).")
 @click.option("--json", "as_json", is_flag=True, help="Print exactly one JSON object.")
 def eval_command(model, data, limit, skip, seed, teacher, threshold, batch_size, workers, device, pretrained, as_json):
@@ -104,7 +116,7 @@ def eval_command(model, data, limit, skip, seed, teacher, threshold, batch_size,
 @click.argument("models", nargs=-1, required=True)
 @click.option("--batch-size", type=int, default=32, show_default=True, callback=_positive("--batch-size"))
 @click.option("--threads", type=int, callback=_positive("--threads"), help="torch intra-op threads, and ONNX Runtime's (default: torch's choice).")
-@click.option("--device", type=click.Choice(["cpu", "cuda"]), default="cpu", show_default=True)
+@click.option("--device", type=click.Choice(["cpu", "cuda"]), default="cpu", show_default=True, callback=_device)
 @click.option("--dtype", type=click.Choice(["float32", "float16", "bfloat16"]), default="float32", show_default=True)
 @click.option("--runtime", "runtimes", type=click.Choice(["eager", "compile", "onnxruntime"]), multiple=True, default=["eager"],
               show_default=True, help="Where to time the models: eager PyTorch, torch.compile, or ONNX Runtime (each model exported, "
@@ -255,7 +267,7 @@ def _in_flags(error, flags: dict[str, str]) -> VitslimError:
               help="Finally quantise every Linear to int8 (per output channel), about 4x fewer bytes on disk: 'weight' (plain --int8) "
                    "stores int8 weights only, the smallest file, no faster; 'dynamic' also quantises activations at run time for "
                    "int8 matmuls, faster on CPU.")
-@click.option("--device", default="cpu", show_default=True, help="Where calibration and training run (cuda: under torchrun, each rank's own GPU).")
+@click.option("--device", default="cpu", show_default=True, callback=_device, help="Where calibration and training run (cuda: under torchrun, each rank's own GPU).")
 @click.option("--objective", type=click.Choice(["auto", "logits", "map", "features"]), default="auto", show_default=True,
               help="What the result must preserve: logits (KL), map (per-pixel MSE), features (relative MSE); auto follows the model's output.")
 @click.pass_context

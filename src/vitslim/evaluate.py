@@ -13,6 +13,8 @@ from torch import nn
 from vitslim import data as imagedata
 from vitslim import distributed
 from vitslim.adapters import describe
+from vitslim.adapters.base import ViTSpec
+from vitslim.devices import check_device
 from vitslim.errors import VitslimError
 from vitslim.fidelity import MapFidelity
 from vitslim.metrics import ClassificationScore, count_flops, count_params
@@ -28,6 +30,30 @@ def _loader(source, preprocessing, *, class_names, labels_required, limit, skip,
     if distributed.active():  # this rank's shard: every world_size-th image, none twice
         subset = torch.utils.data.Subset(subset, range(distributed.rank(), len(subset), distributed.world_size()))
     return dataset, imagedata.make_loader(subset, batch_size, workers=workers)
+
+
+def _shape(output: torch.Tensor, kind: str) -> str:
+    return f"{output.shape[1]} class logits" if kind == "logits" else f"{kind} of shape {tuple(output.shape[1:])}"
+
+
+def _check_comparable(spec: ViTSpec, output: torch.Tensor, teacher_spec: ViTSpec, device: str, *, same_images: bool) -> None:
+    """Refuse, before any image is read, a teacher whose input or output cannot be set beside the
+    model's: a different number of channels; a different input size when both get the same image
+    tensors (a Dataset; from a path each gets its own preprocessing); outputs of another kind or
+    shape (one zero image through each, at its own input size, tells)."""
+    size, teacher_size = spec.preprocessing.input_size, teacher_spec.preprocessing.input_size
+    if size[0] != teacher_size[0]:
+        raise VitslimError(f"the model takes {size[0]}-channel images and the teacher {teacher_size[0]}-channel ones; give a teacher "
+                           "that takes the same input")
+    if same_images and size != teacher_size:
+        raise VitslimError(f"the model takes {'x'.join(map(str, size))} images and the teacher {'x'.join(map(str, teacher_size))}, and a "
+                           "Dataset gives both the same tensors; give a teacher of the model's input size, or pass the data as a path "
+                           "so that each gets its own preprocessing")
+    teacher_output = teacher_spec.output(torch.zeros(1, *teacher_size, device=device))
+    kind, teacher_kind = infer_kind(spec, output), infer_kind(teacher_spec, teacher_output)
+    if kind != teacher_kind or output.shape[1:] != teacher_output.shape[1:]:
+        raise VitslimError(f"the model outputs {_shape(output, kind)} and the teacher {_shape(teacher_output, teacher_kind)}, which "
+                           "cannot be compared; give a teacher whose output has the model's shape (for logits: the same classes)")
 
 
 @torch.no_grad()
@@ -61,10 +87,16 @@ def evaluate(
     ``rmse``, mean per-image ``pearson`` and ``cosine``, ``relative_mse``, and the mean ``iou`` of
     the outputs thresholded at ``threshold`` (0.8: where a saliency map marks regions of interest).
     """
+    check_device(device)
     spec = describe(model)
     model = model.to(device).eval()
-    with torch.no_grad():
-        kind = infer_kind(spec, spec.output(torch.zeros(1, *spec.preprocessing.input_size, device=device)))
+    output = spec.output(torch.zeros(1, *spec.preprocessing.input_size, device=device))
+    kind = infer_kind(spec, output)
+    teacher_spec = None
+    if teacher is not None:
+        teacher_spec = describe(teacher)
+        teacher = teacher.to(device).eval()
+        _check_comparable(spec, output, teacher_spec, device, same_images=isinstance(data, torch.utils.data.Dataset))
     if kind != "logits" and teacher is None:
         raise VitslimError(f"this model outputs {kind}, not class logits, so it has no accuracy: give the original model as the "
                            "teacher (--teacher) to measure the fidelity of its outputs")
@@ -76,10 +108,8 @@ def evaluate(
     if not labelled and teacher is None:
         raise VitslimError(f"{getattr(dataset, 'source', data)} has no labels: accuracy needs labelled images; "
                            "to compare with a reference model instead, give it as the teacher (--teacher)")
-    teacher_batches, teacher_spec = None, None
+    teacher_batches = None
     if teacher is not None:
-        teacher_spec = describe(teacher)
-        teacher = teacher.to(device).eval()
         if teacher_spec.preprocessing != spec.preprocessing and not isinstance(data, torch.utils.data.Dataset):
             _, teacher_loader = _loader(data, teacher_spec.preprocessing, **options)
             teacher_batches = iter(teacher_loader)

@@ -7,8 +7,10 @@ Nothing here knows a model family, so the adapters (which read Hugging Face and 
 from __future__ import annotations
 
 import json
+import math
 from pathlib import Path
 
+import safetensors
 import safetensors.torch
 import torch
 from safetensors import SafetensorError
@@ -18,6 +20,7 @@ from vitslim.errors import VitslimError
 
 WEIGHTS_FILE = "model.safetensors"
 CONFIG_FILE = "config.json"
+MAX_JSON_DEPTH = 64  # a recipe or config nests a few levels; Python's decoder recurses once per level
 
 
 def unique_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
@@ -33,8 +36,14 @@ def unique_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
 
 
 def read_json(path: Path, what: str) -> dict:
+    """The JSON object in ``path``. Nesting is bounded before decoding: the decoder recurses once
+    per level, so a file from someone else nested thousands deep would end in a RecursionError."""
     try:
-        data = json.loads(path.read_text())
+        text = path.read_text()
+        if _nesting(text) > MAX_JSON_DEPTH:
+            raise VitslimError(f"{path} nests deeper than {MAX_JSON_DEPTH} levels, which no {what} does; the file is corrupt or "
+                               "not vitslim's: re-save the model")
+        data = json.loads(text)
     except FileNotFoundError:
         raise VitslimError(f"{path} is missing; {what} needs it") from None
     except (json.JSONDecodeError, UnicodeDecodeError) as error:
@@ -42,6 +51,40 @@ def read_json(path: Path, what: str) -> dict:
     if not isinstance(data, dict):
         raise VitslimError(f"{path} does not hold a JSON object; the {what} is corrupt")
     return data
+
+
+def _nesting(text: str) -> int:
+    """The deepest nesting of arrays and objects in JSON ``text`` (brackets inside strings skipped)."""
+    depth = deepest = 0
+    in_string = escaped = False
+    for char in text:
+        if in_string:
+            if escaped:
+                escaped = False
+            elif char == "\\":
+                escaped = True
+            elif char == '"':
+                in_string = False
+        elif char == '"':
+            in_string = True
+        elif char in "[{":
+            depth += 1
+            deepest = max(deepest, depth)
+        elif char in "]}":
+            depth -= 1
+    return deepest
+
+
+def stored_values(path: Path) -> int:
+    """How many numbers the safetensors file at ``path`` holds, read from its header alone (no
+    tensor data is read): the bound on what a recipe may build before its weights are loaded."""
+    if not path.is_file():
+        raise VitslimError(f"{path} is missing: the folder has no weights")
+    try:
+        with safetensors.safe_open(str(path), framework="pt") as weights:
+            return sum(math.prod(weights.get_slice(name).get_shape()) for name in weights.keys())
+    except (SafetensorError, OSError, ValueError) as error:
+        raise VitslimError(f"{path} is not a readable safetensors file ({error}); the checkpoint is corrupt") from None
 
 
 def load_weights(path: Path) -> dict[str, torch.Tensor]:

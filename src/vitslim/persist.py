@@ -8,6 +8,7 @@ each replayed by a registered function before the weights are loaded strictly.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 from pathlib import Path
@@ -15,6 +16,7 @@ from pathlib import Path
 import safetensors.torch
 import torch
 from torch import nn
+from torch.nn.modules import module as module_hooks
 
 from vitslim import __version__
 from vitslim import recipe as recipes
@@ -22,11 +24,22 @@ from vitslim.adapters import PREPROCESSING_ATTR, describe, family_named, family_
 from vitslim.adapters.base import Preprocessing
 from vitslim.atomic import atomic_folder, check_writable
 from vitslim.errors import VitslimError
-from vitslim.folder_io import CONFIG_FILE, WEIGHTS_FILE, load_state_strict, load_weights, read_json, unique_state_dict
+from vitslim.folder_io import (
+    CONFIG_FILE,
+    WEIGHTS_FILE,
+    load_state_strict,
+    load_weights,
+    read_json,
+    stored_values,
+    unique_state_dict,
+)
 
 RECIPE_FILE = "recipe.json"
 RECIPE_FORMAT = "vitslim"
 RECIPE_VERSION = 1
+RUNAWAY_FACTOR = 1000
+"""How many times the weights file's values a recipe's architecture and steps may register while
+they are rebuilt on the meta device before the loader gives up on them (``_check_size``)."""
 
 
 def _versions() -> dict:
@@ -101,6 +114,85 @@ def is_vitslim_folder(path: Path) -> bool:
     return (path / RECIPE_FILE).is_file()
 
 
+def _check_size(folder: Path, family, architecture: object, steps: list) -> None:
+    """Refuse a recipe that would build a model holding more numbers than the folder's weights
+    file, before anything is allocated: the architecture and its steps are rebuilt on the meta
+    device (shapes only), counting what each layer registers, and the result is compared with
+    the file's header. A recipe from someone else can thus not make the loader allocate more
+    than the weights it comes with.
+
+    Every whole number of the architecture is first held to the same bound (no count or size in
+    a model exceeds its number of weights), so that a corrupt depth does not build millions of
+    empty layers. While rebuilding, a guard stops a runaway recipe early; it is loose, because
+    a channel-pruned model's architecture is built whole before its step cuts it, and so may hold
+    many times what the file holds (``RUNAWAY_FACTOR``)."""
+    weights = folder / WEIGHTS_FILE
+    stored = stored_values(weights)
+    too_large = [value for value in _whole_numbers(architecture) if abs(value) > stored]
+    if too_large:
+        raise VitslimError(f"{folder / RECIPE_FILE}'s architecture holds the number {too_large[0]:,}, more than the {stored:,} "
+                           f"values in {weights}; {recipes.CORRUPT}")
+    limit = RUNAWAY_FACTOR * (len(steps) + 1) * stored
+    with torch.device("meta"), _registered_values_below(limit, folder, stored):
+        try:
+            planned = family.build(architecture)
+        except VitslimError:
+            raise
+        except Exception as error:  # the family's library refusing the recipe's arguments, in any of its ways
+            raise VitslimError(f"{folder / RECIPE_FILE}'s architecture cannot be built ({type(error).__name__}: {error}); "
+                               f"{recipes.CORRUPT}") from None
+        for step in steps:
+            recipes.rebuild(planned, step, folder / RECIPE_FILE)
+    built = _values(planned)
+    if built > stored:
+        raise VitslimError(f"{folder / RECIPE_FILE} builds a model of {built:,} values, but {weights} holds {stored:,}; {recipes.CORRUPT}")
+
+
+def _whole_numbers(value: object):
+    if isinstance(value, dict):
+        value = list(value.values())
+    if isinstance(value, list):
+        for item in value:
+            yield from _whole_numbers(item)
+    elif isinstance(value, int) and not isinstance(value, bool):
+        yield value
+
+
+@contextlib.contextmanager
+def _registered_values_below(limit: int, folder: Path, stored: int):
+    """Within the block, stop (with an error) once the parameters and buffers registered in any
+    module hold ``limit`` values; an empty one counts as one, so empty layers cannot run away."""
+    registered = 0
+
+    def add(module, name, tensor):
+        nonlocal registered
+        registered += max(tensor.numel(), 1) if tensor is not None else 1
+        if registered > limit:
+            raise VitslimError(f"{folder / RECIPE_FILE} builds a model of more than {limit:,} values, but {folder / WEIGHTS_FILE} "
+                               f"holds {stored:,}; {recipes.CORRUPT}")
+
+    handles = [module_hooks.register_module_parameter_registration_hook(add), module_hooks.register_module_buffer_registration_hook(add)]
+    try:
+        yield
+    finally:
+        for handle in handles:
+            handle.remove()
+
+
+def _values(model: nn.Module) -> int:
+    """The numbers ``save`` would write for ``model``: its parameters and persistent buffers, a
+    tensor shared by several modules once."""
+    seen, total = set(), 0
+    for module in model.modules():
+        tensors = [*module._parameters.values(),
+                   *(buffer for name, buffer in module._buffers.items() if name not in module._non_persistent_buffers_set)]
+        for tensor in tensors:
+            if tensor is not None and id(tensor) not in seen:
+                seen.add(id(tensor))
+                total += tensor.numel()
+    return total
+
+
 def load_folder(folder: Path, *, skeleton: nn.Module | None = None) -> nn.Module:
     """Rebuild a model saved by ``save``: architecture from the recipe, steps replayed, weights loaded."""
     recipe = read_json(folder / RECIPE_FILE, "vitslim recipe")
@@ -116,10 +208,17 @@ def load_folder(folder: Path, *, skeleton: nn.Module | None = None) -> nn.Module
     if wrapped and locate(skeleton)[0] != wrapped["path"]:
         raise VitslimError(f"{folder} was saved from a model whose ViT is at '{wrapped['path']}', but the skeleton's is at "
                            f"'{locate(skeleton)[0] or '(the skeleton itself)'}'; pass a model of the class it was saved from ({wrapped['class']})")
-    model = skeleton if skeleton is not None else family.build(recipe["architecture"])
-    for step in recipe.get("steps", []):
-        recipes.rebuild(model, step, folder)
-    recipes.set_steps(model, recipe.get("steps", []))
+    steps = recipe.get("steps", [])
+    if not isinstance(steps, list):
+        raise VitslimError(f"{folder / RECIPE_FILE} has steps that are not a list; {recipes.CORRUPT}")
+    if skeleton is None:
+        _check_size(folder, family, recipe["architecture"], steps)
+        model = family.build(recipe["architecture"])
+    else:  # the caller built it: only the steps can grow it, and each checks its numbers against it
+        model = skeleton
+    for step in steps:
+        recipes.rebuild(model, step, folder / RECIPE_FILE)
+    recipes.set_steps(model, steps)
     load_state_strict(model, load_weights(folder / WEIGHTS_FILE), folder / WEIGHTS_FILE)
     setattr(model, PREPROCESSING_ATTR, Preprocessing.from_dict(recipe["preprocessing"]))
     if recipe.get("label_names") and family.FAMILY == "timm":

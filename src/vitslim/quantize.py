@@ -41,7 +41,7 @@ from vitslim.adapters import matching_family, prepare_for_replacement, replace_s
 from vitslim.adapters.base import is_linear
 from vitslim.cait.patch import apply_token_merging, merging_mode, merging_suspended
 from vitslim.errors import ParameterError, VitslimError
-from vitslim.recipe import record_step, register_step, set_steps
+from vitslim.recipe import record_step, register_step, set_steps, step_field, step_layer
 from vitslim.recipe import steps as recipe_steps
 
 STEP = "int8"
@@ -285,8 +285,8 @@ def _rebuild(model: nn.Module, step: dict) -> None:
         return LAYERS[kind](dense.in_features, dense.out_features, bias is not None, device=weight.device,
                             bias_dtype=bias.dtype if bias is not None else torch.float32)
 
-    try:
-        with merging_suspended(model):  # the merging hooks move to the int8 layers
-            _replace_all(model, list(step["modules"]), empty)
-    except AttributeError as error:
-        raise VitslimError(f"the recipe's int8 step names a module the rebuilt model lacks ({error}); the recipe is corrupt") from None
+    names = step_field(step, "modules", list)
+    for name in names:  # every name checked before any layer is replaced
+        step_layer(model, name, "the int8 step")
+    with merging_suspended(model):  # the merging hooks move to the int8 layers
+        _replace_all(model, names, empty)

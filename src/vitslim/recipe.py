@@ -8,8 +8,11 @@ that summarises it in a line for people (``vitslim info``). The steps travel wit
 plain attribute; read and change them only through the functions here.
 
 A step name read from a recipe file only ever selects one of the registered functions; nothing
-named in a file is imported. The functions are registered when the modules defining them are
-imported, which ``import vitslim`` does (and so does any import of a vitslim module, first).
+named in a file is imported. A recipe may come from someone else, so each rebuild function checks
+the numbers and layer names it reads against the model before it builds anything (``step_field``,
+``step_number``, ``step_layer``), and the folder's loader bounds the whole (``vitslim.persist``).
+The functions are registered when the modules defining them are imported, which ``import vitslim``
+does (and so does any import of a vitslim module, first).
 """
 
 from __future__ import annotations
@@ -22,6 +25,7 @@ from torch import nn
 from vitslim.errors import VitslimError
 
 STEPS_ATTR = "vitslim_steps"
+CORRUPT = "the folder is corrupt or was written by another vitslim version; re-save it"
 
 
 @dataclass(frozen=True)
@@ -87,10 +91,41 @@ def set_steps(model: nn.Module, new_steps: list[dict]) -> None:
 
 def rebuild(model: nn.Module, step: dict, source: object) -> None:
     """Re-apply one recorded step to a freshly built ``model``; ``source`` names the folder in errors."""
+    if not isinstance(step, dict):
+        raise VitslimError(f"{source} has a recipe step that is not a JSON object ({step!r:.40}); {CORRUPT}")
     kind = step_kind(step.get("method"))
     if kind is None:
         raise VitslimError(f"{source} uses method {step.get('method')!r}, which this vitslim version cannot rebuild; upgrade vitslim")
-    kind.rebuild(model, step)
+    try:
+        kind.rebuild(model, step)
+    except VitslimError as error:
+        raise VitslimError(f"{source}, {step['method']} step: {error}") from None
+
+
+def step_field(step: dict, key: str, kind: type) -> object:
+    """``step[key]`` when it is there and a ``kind``, else an error naming the field."""
+    value = step.get(key)
+    if not isinstance(value, kind) or isinstance(value, bool) and kind is not bool:
+        raise VitslimError(f"the step's {key!r} is {value!r:.60}, not a {kind.__name__}; {CORRUPT}")
+    return value
+
+
+def step_number(value: object, what: str, low: int, high: int) -> int:
+    """``value`` when it is a whole number in [low, high], else an error naming ``what`` and the
+    range the model allows. Checked before anything is built to that size."""
+    if isinstance(value, bool) or not isinstance(value, int) or not low <= value <= high:
+        raise VitslimError(f"{what} is {value!r:.60}, but the model allows {low} to {high}; {CORRUPT}")
+    return value
+
+
+def step_layer(model: nn.Module, name: object, what: str) -> nn.Module:
+    """The module at the qualified ``name``, or an error naming ``what`` and the missing path."""
+    try:
+        if not isinstance(name, str) or not name:
+            raise AttributeError
+        return model.get_submodule(name)
+    except AttributeError:
+        raise VitslimError(f"{what} names layer {name!r:.80}, which the model does not have; {CORRUPT}") from None
 
 
 def summarise(step: dict) -> str:

@@ -47,7 +47,7 @@ from vitslim.cait.merging import (
 )
 from vitslim.cait.schedule import MergeSchedule, check_schedule
 from vitslim.errors import VitslimError
-from vitslim.recipe import drop_steps, record_step, register_step
+from vitslim.recipe import CORRUPT, drop_steps, record_step, register_step, step_field, step_number
 
 MERGING_ATTR = "vitslim_merging"
 STEP = "merging"
@@ -327,6 +327,24 @@ def _summary(step: dict) -> str:
             + (f", measured {measured:.2f}x" if measured else "") + (", full token map restored (dense)" if step.get("dense") else ""))
 
 
+MAX_LEVEL = 62
+"""The highest sub-grid level a recipe may name: steps of 2^31 tokens, past any image's grid (the
+step sizes are powers of two, so a corrupt level would otherwise build a number of its size)."""
+
+
 @register_step(STEP, summary=_summary)
 def _rebuild(model: nn.Module, step: dict) -> None:
-    apply_token_merging(model, MergeSchedule.from_dict(step["schedule"]), dense=bool(step.get("dense", False)), record=False)
+    """Recipe replay: attach the recorded schedule, its numbers checked as whole numbers first
+    (``MergeSchedule`` and ``_attach`` check them against the model)."""
+    schedule = step_field(step, "schedule", dict)
+    merges = step_field(schedule, "steps", list)
+    tokens = describe(model).num_patches
+    for merge in merges:
+        if not isinstance(merge, list) or len(merge) != 3:
+            raise VitslimError(f"the merge schedule step {merge!r:.60} is not [block, r, level]; {CORRUPT}")
+        block, r, level = merge
+        step_number(block, "a merge schedule's block", 0, len(describe(model).blocks) - 1)
+        step_number(r, f"block {block}'s merge count r", 0, tokens)
+        step_number(level, f"block {block}'s merge level", 1, MAX_LEVEL)
+    apply_token_merging(model, MergeSchedule(step_field(schedule, "method", str), tuple(map(tuple, merges))),
+                        dense=step_field(step, "dense", bool) if "dense" in step else False, record=False)

@@ -18,7 +18,7 @@ from vitslim.adapters import describe, family_of, prepare_for_replacement, repla
 from vitslim.adapters.base import BlockSpec, ModelFamily, ViTSpec
 from vitslim.cait.gates import GATES_ATTR, ChannelGates, channel_pruning_obstacles, detach_gates
 from vitslim.errors import VitslimError
-from vitslim.recipe import record_step, register_step, span
+from vitslim.recipe import CORRUPT, record_step, register_step, span, step_field, step_number
 
 STEP = "channels"
 
@@ -210,13 +210,24 @@ def _rebuild(model: nn.Module, step: dict) -> None:
     """Recipe replay: give the recorded blocks their sliced shapes and head widths, with zero
     weights (the saved weights are loaded after)."""
     spec = describe(model)
+    widths = []
+    for key, entry in step_field(step, "blocks", dict).items():  # all checked before any change: a kept width is at most the original
+        block = _block_at(spec, key)
+        if not isinstance(entry, dict):
+            raise VitslimError(f"block {key}'s widths are {entry!r:.60}, not a JSON object; {CORRUPT}")
+        head_dim = entry.get("head_dim")
+        if head_dim is not None:
+            head_dim = step_number(head_dim, f"block {key}'s head_dim", 1, block.attention.head_dim)
+        mlp_hidden = entry.get("mlp_hidden")
+        if mlp_hidden is not None:
+            mlp_hidden = step_number(mlp_hidden, f"block {key}'s mlp_hidden", 1, block.mlp.fc1.out_features)
+        widths.append((block, head_dim, mlp_hidden))
     prepare_for_replacement(model)
     names = {id(module): name for name, module in model.named_modules()}
-    for key, entry in step["blocks"].items():
-        block = _block_at(spec, key)
-        if "head_dim" in entry:
-            zeros = torch.zeros(block.attention.num_heads, int(entry["head_dim"]), dtype=torch.long)
+    for block, head_dim, mlp_hidden in widths:
+        if head_dim is not None:
+            zeros = torch.zeros(block.attention.num_heads, head_dim, dtype=torch.long)
             _slice_attention(model, names, block, zeros, zeros.bool(), zeros, zeros.bool())
-        if "mlp_hidden" in entry:
-            zeros = torch.zeros(int(entry["mlp_hidden"]), dtype=torch.long)
+        if mlp_hidden is not None:
+            zeros = torch.zeros(mlp_hidden, dtype=torch.long)
             _slice_mlp(model, names, block, zeros, zeros.bool())

@@ -34,7 +34,7 @@ from vitslim.lowrank.whitening import (
 )
 from vitslim.methods import Example, Inputs, Method, SweepBudget, register_method, setting
 from vitslim.metrics import count_params
-from vitslim.recipe import find_step, record_step, register_step, span
+from vitslim.recipe import CORRUPT, find_step, record_step, register_step, span, step_field, step_layer, step_number
 from vitslim.table import render
 
 STEP = "lowrank"
@@ -86,10 +86,17 @@ def _summary(step: dict) -> str:
 
 @register_step(STEP, summary=_summary)
 def _rebuild(model: nn.Module, step: dict) -> None:
-    """Recipe replay: give each named Linear its factorised shape (weights are loaded after)."""
+    """Recipe replay: give each named Linear its factorised shape (weights are loaded after). Every
+    name and rank is checked before any layer is built: a rank beyond the layer's smaller side
+    (where factorising stops saving anything) can only come from a corrupt file."""
+    checked = []
+    for name, rank in step_field(step, "ranks", dict).items():
+        dense = step_layer(model, name, "a rank")
+        if not isinstance(dense, nn.Linear):
+            raise VitslimError(f"a rank names {name!r}, which is a {type(dense).__name__}, not a Linear layer; {CORRUPT}")
+        checked.append((name, dense, step_number(rank, f"the rank of {name!r}", 1, min(dense.in_features, dense.out_features))))
     prepare_for_replacement(model)
-    for name, rank in step["ranks"].items():
-        dense = model.get_submodule(name)
+    for name, dense, rank in checked:
         replace_submodule(model, name, LowRankLinear(dense.in_features, dense.out_features, rank, bias=dense.bias is not None))
 
 
