@@ -3,8 +3,8 @@ import sys
 
 import pytest
 import torch
-import vitslim_torchvision_guard as guard
 
+import vitslim_torchvision_guard as guard
 from vitslim import _compat
 
 
