@@ -1,6 +1,7 @@
 """vitslim: compress pretrained Vision Transformers and prove the result.
 
-Public API: ``load_model``, ``save``, ``describe``, ``evaluate``, ``benchmark``; ``compress`` (the
+Public API: ``load_model``, ``save``, ``describe``, ``evaluate``, ``benchmark``, ``open_images`` (images
+from a folder, zip or CSV, transformed for a model); ``compress`` (the
 pipeline every method runs in: method, optional KD recovery, optional int8) with ``Training`` (one
 training run's settings) and the methods it runs: ``compress_lowrank``, ``compress_cait``,
 ``compress_composed`` (all axes under one target); ``distill`` (KD recovery fine-tune),
@@ -18,6 +19,7 @@ from vitslim.adapters import describe  # noqa: E402
 from vitslim.bench import benchmark  # noqa: E402
 from vitslim.cait.compress import compress_cait  # noqa: E402
 from vitslim.compose import compress_composed  # noqa: E402
+from vitslim.data import open_images  # noqa: E402
 from vitslim.errors import VitslimError  # noqa: E402
 from vitslim.evaluate import evaluate  # noqa: E402
 from vitslim.export import export_onnx, export_program  # noqa: E402
@@ -29,4 +31,4 @@ from vitslim.quantize import quantize_int8  # noqa: E402
 from vitslim.train import Training, distill  # noqa: E402
 
 __all__ = ["Training", "VitslimError", "benchmark", "compress", "compress_cait", "compress_composed", "compress_lowrank", "describe", "distill", "evaluate",
-           "export_onnx", "export_program", "load_model", "quantize_int8", "save", "__version__"]
+           "export_onnx", "export_program", "load_model", "open_images", "quantize_int8", "save", "__version__"]

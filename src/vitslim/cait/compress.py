@@ -43,6 +43,10 @@ GATE_TRAVEL = 1.3 * GATE_INIT
 
 
 def _split(speedup: float, pruning: bool, token_speedup: float | None, channel_ratio: float | None) -> tuple[float, float | None]:
+    # a share of 1 or less would plan no merging (or un-merging) and the result would miss its target silently
+    if token_speedup is not None and not (token_speedup > 1 and math.isfinite(token_speedup)):
+        raise ParameterError("token_speedup", f"must be greater than 1 (the speed-up token merging is to give), got {token_speedup:g}; "
+                                              "to prune channels alone, give channel_ratio instead")
     if not pruning:
         if channel_ratio is not None:
             raise ParameterError("channel_ratio", "needs gate training: give gate_training (or drop channel_ratio for training-free ATME)")
