@@ -15,6 +15,7 @@ import torch
 from torch import nn
 
 from vitslim.adapters import describe, family_of, prepare_for_replacement, replace_submodule, replaceable_linears
+from vitslim.cait.patch import merge_schedule
 from vitslim.errors import ParameterError, VitslimError
 from vitslim.lowrank.allocation import LayerCost, LayerPlan, allocate, uniform
 from vitslim.lowrank.calibration import collect_grams, images_of, leading_batches, token_fraction
@@ -145,6 +146,10 @@ def compress_lowrank(
         raise VitslimError(f"unknown sensitivity {sensitivity!r}; choose one of {', '.join(SENSITIVITIES)}")
     if sensitivity == "fisher" and method != "whitened":
         raise ParameterError("sensitivity", "fisher weighs output errors, which only the whitened method's spectrum measures; use none with svd/asvd")
+    if merge_schedule(model) is not None:
+        # calibration runs the blocks without the attention keys that the merging hooks need
+        raise VitslimError("the model already merges tokens (CAIT); low-rank compress the original model, "
+                           "or compress it with --method lowrank+cait (vitslim.compress_composed) for both")
     target = target_params(model, param_ratio=param_ratio, params=params)
     compressed = copy.deepcopy(model).eval()
     # a packed nn.MultiheadAttention becomes a qkv Linear (its in_proj, whole: one factorisation shares the input
