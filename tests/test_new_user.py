@@ -1,7 +1,7 @@
 """What a new user hit outside the CLI's happy path (issue P13), one test or more per item.
 
 Item 1 (plain ``import timm`` in setup.sh's venv) is in test_compat.py; item 3's README quick start
-in test_readme.py; item 6's int8 tolerance in test_dynamic_int8.py."""
+in test_readme.py."""
 
 import logging
 import math
@@ -122,6 +122,17 @@ def test_lowrank_on_a_token_merging_model_is_a_clear_error(tmp_path):
     batches = [torch.randn(64, 3, 32, 32) for _ in range(4)]
     with pytest.raises(VitslimError, match="already merges tokens"):
         vitslim.compress(reloaded, "lowrank", batches, param_ratio=0.6)
+
+
+# --- item 6: the int8 tolerance's default, and what it means -----------------------------------
+
+def test_the_int8_tolerance_default_is_the_one_the_readme_explains():
+    from pathlib import Path
+
+    option = next(param for param in cli.cli.commands["export"].params if param.name == "int8_tolerance")
+    readme = (Path(__file__).resolve().parents[1] / "README.md").read_text()
+    assert option.default == cli.INT8_TOLERANCE == 0.2
+    assert f"--int8-tolerance ({cli.INT8_TOLERANCE:g})" in readme and "not an accuracy promise" in readme
 
 
 # --- item 7: values that cannot meet their promise, refused up front ----------------------------

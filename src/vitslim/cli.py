@@ -17,6 +17,9 @@ import click
 from vitslim.errors import VitslimError
 from vitslim.table import human, percent, render
 
+# export --int8 dynamic's default: dense dinov2-s14's int8 file shows 0.069 on the check images (0.076 on real
+# images, 98% top-1 agreement) and a low-rank 60% one 0.119; a file 0.41 off on real images (75% agreement) is refused
+INT8_TOLERANCE = 0.2
 DISTRIBUTED_COMMANDS = {"compress", "eval"}  # the others time models or write many files: one process
 
 
@@ -351,12 +354,14 @@ def sweep_command(model, data, eval_data, budgets, out, references, calib_images
 @click.option("--torch-export", "program_path", type=click.Path(dir_okay=False),
               help="A torch.export ExportedProgram (.pt2) to write (checked by loading it back).")
 @click.option("--check-images", default=8, show_default=True, callback=_positive("--check-images"), help="Random images the file and PyTorch both run.")
-@click.option("--tolerance", default=1e-4, show_default=True, type=float, callback=_tolerance("--tolerance"), help="Largest absolute logit difference accepted (float files).")
+@click.option("--tolerance", default=1e-4, show_default=True, type=float, callback=_tolerance("--tolerance"),
+              help="Largest absolute logit difference accepted (float files).")
 @click.option("--int8", type=click.Choice(["dynamic"]),
               help="Quantise the ONNX file with ONNX Runtime's dynamic int8 (int8 weights per output channel, activations at run "
                    "time): int8 matmuls, faster on CPU. It is checked against --int8-tolerance instead of --tolerance.")
-@click.option("--int8-tolerance", default=0.1, show_default=True, type=float, callback=_tolerance("--int8-tolerance"),
-              help="Largest relative output error ||int8 - float|| / ||float|| accepted for an --int8 file.")
+@click.option("--int8-tolerance", default=INT8_TOLERANCE, show_default=True, type=float, callback=_tolerance("--int8-tolerance"),
+              help="Largest relative output error ||int8 - float|| / ||float|| on the check images accepted for an --int8 "
+                   "file: a guard against a broken file, not an accuracy promise (see docs/export.md).")
 @click.option("--pretrained", is_flag=True, help="Load pretrained weights for a timm model name (needs the network).")
 def export_command(model, onnx_path, program_path, check_images, tolerance, int8, int8_tolerance, pretrained):
     """Export MODEL (any kind vitslim compresses) to ONNX and/or torch.export, and check each file.
