@@ -13,3 +13,12 @@ if [ -z "${VITSLIM_SKIP_TORCH:-}" ]; then
 fi
 .venv/bin/pip install -q -e ".[test]" \
   "torch==$(.venv/bin/python -c 'import torch; print(torch.__version__.split("+")[0])')"
+# The registry's torchvision 0.28.0 is a CUDA build; beside CPU torch its C++ ops do not load and a
+# plain `import torchvision` (so `import timm`) fails. This .pth runs vitslim_torchvision_guard at
+# every start of the venv's Python, whatever a script imports first; it does nothing where the ops
+# loaded, and nothing once vitslim is uninstalled (find_spec, rather than an import that would fail).
+.venv/bin/python - <<'PY'
+import pathlib, sysconfig
+line = 'import importlib.util; importlib.util.find_spec("vitslim_torchvision_guard") and __import__("vitslim_torchvision_guard").install()\n'
+pathlib.Path(sysconfig.get_paths()["purelib"], "vitslim-torchvision-guard.pth").write_text(line)
+PY

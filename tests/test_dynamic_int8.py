@@ -173,7 +173,7 @@ def test_export_command_writes_the_dynamic_int8_file_and_reports_its_agreement(l
 def test_export_command_refuses_an_int8_file_beyond_its_tolerance_and_bad_flags(lowrank, tmp_path, capsys):
     folder = vitslim.save(lowrank, tmp_path / "lowrank")
     refused = tmp_path / "refused.onnx"
-    assert main(["export", str(folder), "--onnx", str(refused), "--int8", "dynamic", "--int8-tolerance", "0"]) == 2
+    assert main(["export", str(folder), "--onnx", str(refused), "--int8", "dynamic", "--int8-tolerance", "1e-9"]) == 2
     assert "above --int8-tolerance" in capsys.readouterr().err
     assert sorted(p.name for p in tmp_path.iterdir()) == ["lowrank"]  # nothing half-written left
     assert main(["export", str(folder), "--onnx", str(refused), "--int8", "bogus"]) == 2

@@ -9,6 +9,7 @@ compare models within one runtime.
 
 from __future__ import annotations
 
+import math
 import os
 import statistics
 import time
@@ -19,10 +20,11 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from vitslim import runtimes
+from vitslim import distributed, runtimes
 from vitslim.adapters import describe
 from vitslim.errors import VitslimError
 from vitslim.metrics import count_flops, count_params
+from vitslim.progress import logger as progress_log
 from vitslim.progress import track
 
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
@@ -236,6 +238,8 @@ def benchmark(
     check_runs(runs)
     if dtype not in DTYPES:
         raise VitslimError(f"unknown dtype {dtype}; choose one of {', '.join(DTYPES)}")
+    if not (math.isfinite(onnx_tolerance) and onnx_tolerance > 0):
+        raise VitslimError(f"--onnx-tolerance must be a finite number above 0 (got {onnx_tolerance:g})")
     chosen = _runtime_list(runtime)
     if "compile" in chosen and warmup < 1:
         raise VitslimError("--runtime compile needs --warmup of at least 1: the first call compiles, and must not be timed")
@@ -249,6 +253,10 @@ def benchmark(
     if "onnxruntime" in chosen:
         runtimes.require_onnxruntime(target, DTYPES[dtype])
     cache = Path(onnx_cache) if onnx_cache is not None else runtimes.default_onnx_cache()
+    show = progress and distributed.is_main()
+    if show:
+        progress_log.info("benchmarking %d model(s) in %s: counting FLOPs%s", len(models), ", ".join(chosen),
+                          ", exporting and checking ONNX files" if "onnxruntime" in chosen else "")
     entries = [_counted(name, model, batch_size, chosen) for name, model in models]
     # ONNX Runtime's runners first: exporting needs each model on the CPU in float32, before a
     # PyTorch runtime moves it to the device and dtype it is timed in
@@ -258,6 +266,8 @@ def benchmark(
                 for runtime in chosen for index, entry in enumerate(entries)]
     timings: list[list[float]] = [[] for _ in prepared]
     order = list(range(len(prepared)))
+    if show:
+        progress_log.info("benchmarking: %d warm-up run(s) of each of %d runner(s), then %d timed rounds", warmup, len(prepared), runs)
     with torch.inference_mode():
         for timed in prepared:
             for _ in range(warmup):

@@ -4,9 +4,12 @@ from __future__ import annotations
 
 import json
 import logging
+import math
 import os
 import re
+import signal
 import sys
+import threading
 from pathlib import Path
 
 import click
@@ -14,6 +17,9 @@ import click
 from vitslim.errors import VitslimError
 from vitslim.table import human, percent, render
 
+# export --int8 dynamic's default: dense dinov2-s14's int8 file shows 0.069 on the check images (0.076 on real
+# images, 98% top-1 agreement) and a low-rank 60% one 0.119; a file 0.41 off on real images (75% agreement) is refused
+INT8_TOLERANCE = 0.2
 DISTRIBUTED_COMMANDS = {"compress", "eval"}  # the others time models or write many files: one process
 
 
@@ -44,6 +50,16 @@ def _device(ctx, param, value):
     return value
 
 
+def _tolerance(name: str):
+    """A tolerance must be a finite number above 0, checked while parsing: before any export ran."""
+    def check(ctx, param, value):
+        if value is not None and not (math.isfinite(value) and value > 0):
+            raise click.BadParameter(f"must be a finite number above 0, got {value}", param_hint=name)
+        return value
+
+    return check
+
+
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})
 @click.version_option(package_name="vitslim")
 @click.option("-v", "--verbose", is_flag=True, help="Log what vitslim does (to stderr).")
@@ -55,6 +71,7 @@ def cli(verbose: bool) -> None:
     or a folder written by vitslim.
     """
     logging.basicConfig(level=logging.INFO if verbose else logging.WARNING, format="%(name)s: %(message)s")
+    logging.getLogger("vitslim.progress").setLevel(logging.INFO)  # long work says where it is, -v or not (vitslim.progress)
     from vitslim import distributed
 
     distributed.init_from_environment()
@@ -124,7 +141,7 @@ def eval_command(model, data, limit, skip, seed, teacher, threshold, batch_size,
                                       "ratios compare models within one runtime. With onnxruntime alone, a MODEL may be an .onnx file.")
 @click.option("--onnx-cache", type=click.Path(file_okay=False), help="Folder for the exported ONNX files, reused by later runs "
                                                                      "[default: ~/.cache/vitslim/onnx, or $VITSLIM_CACHE/onnx].")
-@click.option("--onnx-tolerance", type=float, default=1e-3, show_default=True,
+@click.option("--onnx-tolerance", type=float, default=1e-3, show_default=True, callback=_tolerance("--onnx-tolerance"),
               help="Largest absolute output difference from PyTorch an exported model may show before it is timed.")
 @click.option("--runs", type=int, default=20, show_default=True, help="Timed rounds per model (at least 20).")
 @click.option("--warmup", type=int, default=3, show_default=True, help="Untimed rounds first (with --runtime compile, they compile).")
@@ -360,12 +377,14 @@ def sweep_command(model, data, eval_data, budgets, out, references, calib_images
 @click.option("--torch-export", "program_path", type=click.Path(dir_okay=False),
               help="A torch.export ExportedProgram (.pt2) to write (checked by loading it back).")
 @click.option("--check-images", default=8, show_default=True, callback=_positive("--check-images"), help="Random images the file and PyTorch both run.")
-@click.option("--tolerance", default=1e-4, show_default=True, type=float, help="Largest absolute logit difference accepted (float files).")
+@click.option("--tolerance", default=1e-4, show_default=True, type=float, callback=_tolerance("--tolerance"),
+              help="Largest absolute logit difference accepted (float files).")
 @click.option("--int8", type=click.Choice(["dynamic"]),
               help="Quantise the ONNX file with ONNX Runtime's dynamic int8 (int8 weights per output channel, activations at run "
                    "time): int8 matmuls, faster on CPU. It is checked against --int8-tolerance instead of --tolerance.")
-@click.option("--int8-tolerance", default=0.1, show_default=True, type=float,
-              help="Largest relative output error ||int8 - float|| / ||float|| accepted for an --int8 file.")
+@click.option("--int8-tolerance", default=INT8_TOLERANCE, show_default=True, type=float, callback=_tolerance("--int8-tolerance"),
+              help="Largest relative output error ||int8 - float|| / ||float|| on the check images accepted for an --int8 "
+                   "file: a guard against a broken file, not an accuracy promise (see docs/export.md).")
 @click.option("--pretrained", is_flag=True, help="Load pretrained weights for a timm model name (needs the network).")
 def export_command(model, onnx_path, program_path, check_images, tolerance, int8, int8_tolerance, pretrained):
     """Export MODEL (any kind vitslim compresses) to ONNX and/or torch.export, and check each file.
@@ -474,10 +493,18 @@ def demo_command(out, retrain):
     run_demo(Path(out), retrain=retrain)
 
 
+def _terminated(signum, frame) -> None:
+    raise SystemExit(128 + signum)
+
+
 def main(argv: list[str] | None = None) -> int:
     from vitslim import distributed
 
     clean = False
+    # SIGTERM (kill's default) exits through Python, as Ctrl-C does, so that an interrupted save
+    # removes its staging folder and output claim (vitslim.atomic) instead of leaving them behind
+    in_main_thread = threading.current_thread() is threading.main_thread()
+    previous = signal.signal(signal.SIGTERM, _terminated) if in_main_thread else None
     try:
         cli.main(args=argv, prog_name="vitslim", standalone_mode=False)
         clean = True
@@ -499,6 +526,8 @@ def main(argv: list[str] | None = None) -> int:
         return 130
     finally:
         distributed.shutdown(clean=clean)
+        if in_main_thread:
+            signal.signal(signal.SIGTERM, signal.SIG_DFL if previous is None else previous)
     return 0
 
 

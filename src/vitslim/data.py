@@ -155,9 +155,20 @@ def _pixel_count(error: Warning | Exception) -> str:
     return f"{int(found.group(1)):,} pixels" if found else str(error)
 
 
+# Modes PIL opens 16-bit grey images (PNG, TIFF) in; "I" is 32-bit, as older PIL opened 16-bit PNGs.
+_WIDE_GREY = frozenset({"I;16", "I;16L", "I;16B", "I;16N", "I"})
+_WIDE_TO_8_BIT = 65535 / 255
+
+
 def _to_rgb(image: Image.Image) -> Image.Image:
-    """Every model here takes 3 channels; palette transparency goes through RGBA to avoid a PIL warning."""
+    """Every model here takes 3 channels; palette transparency goes through RGBA to avoid a PIL warning.
+
+    16-bit grey is scaled to 8 bits first: PIL's own conversion clips every value above 255, so a
+    16-bit PNG came out almost all white (99.6% of its values at 1.0 in one user's image)."""
     with image:
+        if image.mode in _WIDE_GREY:
+            wide = np.asarray(image, dtype=np.float64)
+            return Image.fromarray(np.clip(np.rint(wide / _WIDE_TO_8_BIT), 0, 255).astype(np.uint8)).convert("RGB")  # uint8 2-D: mode L
         if image.mode == "P" and "transparency" in image.info:
             image = image.convert("RGBA")
         return image.convert("RGB")
@@ -194,9 +205,15 @@ def open_images(
     label_column: str | None = None,
     class_names: list[str] | None = None,
     labels_required: bool = True,
+    model: torch.nn.Module | None = None,
 ) -> ImageDataset:
     """Open an ImageFolder directory, a zip of one, or a CSV of files and labels (see module doc);
     with ``labels_required=False`` also a plain folder or zip of images, unlabelled.
+
+    ``model``: the model the images are for. Unless given, ``transform`` is then its evaluation
+    transform (``build_transform`` of its preprocessing: resized, cropped and normalised as it
+    expects) and ``class_names`` its label names. Without a transform or a model, images are
+    ``[3, H, W]`` in ``[0, 1]`` at their own size, which no model should calibrate on.
 
     ``class_names`` are the model's label names: when every class folder is among them, folders
     are labelled by their position in it, so a folder subset of ImageNet keeps ImageNet indices.
@@ -204,6 +221,12 @@ def open_images(
     indices is labelled the same way, except that a name missing from ``class_names`` is an
     error (a CSV cannot fall back on folder order). ``label_column`` only applies to CSV sources.
     """
+    if model is not None:
+        from vitslim.adapters import describe
+
+        spec = describe(model)
+        transform = transform or build_transform(spec.preprocessing)
+        class_names = class_names if class_names is not None else spec.label_names
     path = Path(path).expanduser().absolute()  # samples must survive a later chdir
     if not path.exists():
         raise VitslimError(f"{path} does not exist: give an image folder, a .zip of one, or a labels .csv")
@@ -552,8 +575,21 @@ def make_loader(dataset: Dataset, batch_size: int, *, workers: int = 0) -> DataL
     return DataLoader(dataset, batch_size=batch_size, shuffle=False, num_workers=workers, collate_fn=_collate_readable)
 
 
+def untransformed(dataset: Dataset) -> bool:
+    """True for an ``ImageDataset`` (also behind ``Subset``s) opened without a transform: raw
+    pixels in [0, 1] at each image's own size, not what a model takes."""
+    while isinstance(dataset, Subset):
+        dataset = dataset.dataset
+    return isinstance(dataset, ImageDataset) and dataset.transform is None
+
+
 def _collate_readable(batch: list[tuple[torch.Tensor | None, int]]) -> Batch:
     kept = [(image, label) for image, label in batch if image is not None]
+    sizes = sorted({tuple(image.shape) for image, _ in kept})
+    if len(sizes) > 1:
+        raise VitslimError(f"images of {len(sizes)} sizes in one batch ({' and '.join('x'.join(map(str, size)) for size in sizes[:2])}): "
+                           "open them with the model's transform, vitslim.open_images(path, model=model), so that each is resized "
+                           "and normalised as the model expects")
     images = torch.stack([image for image, _ in kept]) if kept else None
     labels = torch.tensor([label for _, label in kept], dtype=torch.long)
     return Batch(images, labels, len(batch) - len(kept))

@@ -8,6 +8,7 @@ same seeded subset of the images, distils the compressed model against the origi
 
 from __future__ import annotations
 
+import contextlib
 import os
 from collections.abc import Iterable
 from pathlib import Path
@@ -78,6 +79,9 @@ def compress(
         raise ParameterError("calib_images", f"must be at least 1 (got {calib_images})")
     if config.needs_images and images is None:
         raise VitslimError(f"the {config.name} method calibrates on images: pass training images")
+    if isinstance(images, Dataset) and imagedata.untransformed(images):
+        raise VitslimError("the images were opened without a transform (raw pixels, not resized or normalised for the model): "
+                           "open them with vitslim.open_images(path, model=model)")
     if recovery is not None and recovery.epochs and images is None:
         raise VitslimError("recovery distils on the training images: pass them as images")
     calibration = calibration_batches(images, calib_images, seed, calib_batch_size) if config.calibrates else None
@@ -114,17 +118,20 @@ def compress_to_folder(model: str | os.PathLike | nn.Module, data: str | os.Path
     method's lines about the result before it is saved. Returns the original, the result and
     the folder."""
     from vitslim.adapters import describe
-    from vitslim.distributed import on_main
+    from vitslim.atomic import claimed
+    from vitslim.distributed import is_main, on_main
     from vitslim.loading import load_model
     from vitslim.persist import check_output_folder, save
 
     check_output_folder(out)
-    original = load_model(model)
-    spec = describe(original)
-    images = imagedata.open_images(data, imagedata.build_transform(spec.preprocessing), class_names=spec.label_names, labels_required=False)
-    compressed = compress(original, method, images, **settings)
-    if report is not None:
-        for line in method.report(original, compressed):
-            report(line)
-    folder = on_main(lambda: save(compressed, Path(out)))
+    # rank 0 alone writes, so it alone claims out: a second run aiming at it fails now, not after its work
+    with claimed(Path(out)) if is_main() else contextlib.nullcontext():
+        original = load_model(model)
+        spec = describe(original)
+        images = imagedata.open_images(data, imagedata.build_transform(spec.preprocessing), class_names=spec.label_names, labels_required=False)
+        compressed = compress(original, method, images, **settings)
+        if report is not None:
+            for line in method.report(original, compressed):
+                report(line)
+        folder = on_main(lambda: save(compressed, Path(out)))
     return original, compressed, folder

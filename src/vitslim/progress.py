@@ -1,9 +1,11 @@
 """Progress of long loops (calibration, compensation, evaluation, timing) for people.
 
 On a terminal a tqdm bar shows it. When stderr is a file or a pipe (a batch job, ``2> log``) a bar
-would print nothing useful, so the main process logs INFO lines on the ``vitslim`` logger instead
-(``vitslim -v`` shows them): after the first item, then every ``LOG_EVERY_ITEMS`` items or
-``LOG_EVERY_SECONDS`` seconds, with the count, the rate and the time left.
+would print nothing useful, so the main process logs INFO lines on the ``vitslim.progress`` logger
+instead: after the first item, then every ``LOG_EVERY_ITEMS`` items or ``LOG_EVERY_SECONDS``
+seconds, with the count, the rate and the time left. Long steps that are no loop of items (a
+speed measurement, an ONNX export) log one line each on the same logger. The CLI shows that
+logger at INFO without ``-v``: work of minutes must always say where it is, even piped.
 """
 
 from __future__ import annotations
@@ -19,7 +21,7 @@ from tqdm.contrib.logging import logging_redirect_tqdm
 
 from vitslim import distributed
 
-logger = logging.getLogger("vitslim")
+logger = logging.getLogger("vitslim.progress")
 
 LOG_EVERY_ITEMS = 100
 LOG_EVERY_SECONDS = 30.0

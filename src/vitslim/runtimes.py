@@ -18,7 +18,6 @@ import json
 import logging
 import math
 import os
-import tempfile
 from collections.abc import Callable
 from pathlib import Path
 
@@ -29,6 +28,7 @@ from vitslim import export
 from vitslim import recipe as recipes
 from vitslim.adapters import describe
 from vitslim.errors import VitslimError
+from vitslim.progress import logger as progress_log
 
 logger = logging.getLogger(__name__)
 
@@ -95,27 +95,22 @@ def onnx_cache_key(model: nn.Module) -> str:
     return digest.hexdigest()
 
 
-def cached_onnx(model: nn.Module, cache: Path) -> Path:
-    """The model's ONNX file in ``cache``, exported now if it is not there yet. The export goes to a
-    temporary name of this process's own and is renamed into place, so a concurrent run never reads
-    a half-written file."""
+def cached_onnx(model: nn.Module, cache: Path) -> tuple[Path, bool]:
+    """The model's ONNX file in ``cache``, exported now if it is not there yet, and whether it was
+    there. The export goes to a temporary name of this process's own and is renamed into place
+    (``vitslim.atomic.atomic_file``), so a concurrent run never reads a half-written file."""
     path = cache / f"{onnx_cache_key(model)[:32]}.onnx"
     if path.is_file():
         logger.info("reusing %s", path)
-        return path
+        return path, True
     try:
         cache.mkdir(parents=True, exist_ok=True)
-        handle, partial = tempfile.mkstemp(prefix=f".{path.stem}.", suffix=".onnx", dir=cache)
     except OSError as error:
         raise VitslimError(f"cannot write the ONNX cache {cache}: {error.strerror}; choose another with --onnx-cache") from None
-    os.close(handle)
-    try:
-        export.export_onnx(model, partial)
-        os.replace(partial, path)
-    finally:
-        Path(partial).unlink(missing_ok=True)
+    progress_log.info("exporting %s to ONNX for ONNX Runtime", type(model).__name__)
+    export.export_onnx(model, path)
     logger.info("exported %s", path)
-    return path
+    return path, False
 
 
 def checked_onnx(name: str, model: nn.Module, cache: Path, tolerance: float) -> Path:
@@ -128,9 +123,19 @@ def checked_onnx(name: str, model: nn.Module, cache: Path, tolerance: float) -> 
     most twice as far from the model's float64 output as PyTorch's own float32 output is: it then
     computes the same function, rounded differently."""
     model.to("cpu", torch.float32).eval()
-    path = cached_onnx(model, cache)
+    path, reused = cached_onnx(model, cache)
     images = torch.randn(ONNX_CHECK_IMAGES, *describe(model).preprocessing.input_size, generator=torch.Generator().manual_seed(1))
-    exported, reference = export.onnx_and_reference(model, path, images)
+    try:
+        exported, reference = export.onnx_and_reference(model, path, images)
+    except Exception as error:  # ONNX Runtime's own types (InvalidProtobuf, Fail, ...) for a damaged file
+        if not reused:
+            raise
+        # a cache entry truncated or damaged on disk (a full disk, a copy cut short): export it afresh
+        logger.warning("%s: the cached ONNX file %s cannot be run (%s); exporting it again", name, path,
+                       str(error).splitlines()[0] if str(error) else type(error).__name__)
+        path.unlink(missing_ok=True)
+        path, _ = cached_onnx(model, cache)
+        exported, reference = export.onnx_and_reference(model, path, images)
     difference = float((exported - reference).abs().max())
     if difference <= tolerance:
         return path

@@ -100,8 +100,10 @@ class Cait(Method):
         if self.speedup is None:
             raise ParameterError("speedup", "is needed by the cait method (S > 1, a multiple of the original's throughput)")
         check_speedup(self.speedup)
-        if self.token_speedup is not None and not self.token_speedup > 1:
-            raise ParameterError("token_speedup", f"must be greater than 1 (the tokens' share of the speed-up), got {self.token_speedup:g}")
+        # a share of 1 or less would plan no merging (or un-merging) and the result would miss its target silently
+        if self.token_speedup is not None and not (self.token_speedup > 1 and math.isfinite(self.token_speedup)):
+            raise ParameterError("token_speedup", f"must be greater than 1 (the speed-up token merging is to give), got {self.token_speedup:g}; "
+                                                  "to prune channels alone, give channel_ratio instead")
         if self.channel_ratio is not None:
             if not self.pruning:
                 raise ParameterError("channel_ratio", "needs gate training: give gate_training (or drop channel_ratio for training-free ATME)")

@@ -22,8 +22,9 @@ from torch import nn
 from vitslim.adapters import describe
 from vitslim.cait.patch import token_merging
 from vitslim.cait.schedule import MergeSchedule, predicted_speedup, schedule_for_speedup, strongest_schedule
-from vitslim.distributed import on_main
+from vitslim.distributed import is_main, on_main
 from vitslim.errors import VitslimError
+from vitslim.progress import logger as progress_log
 
 logger = logging.getLogger("vitslim")
 
@@ -49,9 +50,19 @@ def meet_speedup(original: nn.Module, student: nn.Module, merge: str, speedup: f
     measures ``AIM`` of the target against ``original``; and its last measurement. ``student``
     must not be merging tokens; it merges only while it is timed, in the ``dense`` mode (``cait.patch``)."""
 
+    measurements = iter(range(1, MEASURE_ROUNDS + 2))
+
     def timed(candidate: MergeSchedule | None) -> float:
+        # each measurement times both models (minutes on a big ViT): say so, as progress does
+        number = next(measurements)
+        if is_main():
+            progress_log.info("measuring the speed-up against the original (%d of at most %d), target %.2fx", number, MEASURE_ROUNDS + 1,
+                              speedup)
         with token_merging(student, candidate, dense=dense):
-            return measured_speedup(original, student, device=device)
+            result = measured_speedup(original, student, device=device)
+        if is_main():
+            progress_log.info("measured %.2fx (target %.2fx)", result, speedup)
+        return result
 
     reference, spec = describe(original), describe(student)
     measured = timed(schedule)

@@ -19,6 +19,7 @@ import torch
 from torch import nn
 
 from vitslim.adapters import describe, family_of, prepare_for_replacement, replace_submodule, replaceable_linears
+from vitslim.cait.patch import merge_schedule
 from vitslim.errors import ParameterError, VitslimError
 from vitslim.lowrank.allocation import LayerCost, LayerPlan, allocate, uniform
 from vitslim.lowrank.calibration import collect_grams, images_of, leading_batches, token_fraction
@@ -227,6 +228,10 @@ def compress_lowrank(model: nn.Module, batches: Iterable, config: LowRank, *, mi
     and kept energy) is the result's last recipe step, which ``vitslim.save`` writes."""
     factorisation, compensation, sensitivity, rank_multiple = config.factorisation, config.compensates, config.weighs_by, config.rank_multiple
     target = config.target_params(model)
+    if merge_schedule(model) is not None:
+        # calibration runs the blocks without the attention keys that the merging hooks need
+        raise VitslimError("the model already merges tokens (CAIT); low-rank compress the original model, "
+                           "or compress it with --method lowrank+cait (vitslim.LowRankCait) for both")
     compressed = copy.deepcopy(model).eval()
     # a packed nn.MultiheadAttention becomes a qkv Linear (its in_proj, whole: one factorisation shares the input
     # basis of q, k and v, as for timm's qkv) and out_proj, which the allocation then weighs like any other layer
