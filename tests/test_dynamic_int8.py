@@ -16,7 +16,15 @@ from torch import nn
 import vitslim
 from vitslim.cli import main
 from vitslim.errors import ParameterError, VitslimError
-from vitslim.export import compare_onnx, export_onnx, export_program, onnx_max_abs_diff, program_max_abs_diff
+from vitslim.export import (
+    compare_onnx,
+    cpu_flags,
+    export_onnx,
+    export_program,
+    onnx_max_abs_diff,
+    onnx_weight_type,
+    program_max_abs_diff,
+)
 from vitslim.lowrank.compress import SVD, compress_lowrank
 from vitslim.lowrank.layers import LowRankLinear
 from vitslim.metrics import count_flops, count_params
@@ -27,7 +35,7 @@ from vitslim.recipe import steps as recipe_steps
 GEOMETRY = dict(img_size=16, patch_size=4, embed_dim=64, depth=4, num_heads=2, num_classes=10)
 # relative logit error ||int8 - float|| / ||float|| on 64 seeded random images (seeds 1-3), measured
 # for the low-rank 50% model (svd) below: PyTorch dynamic 0.019-0.034, ONNX Runtime dynamic
-# 0.019-0.020 on a VNNI CPU, 0.027 on an AVX2-only one (7-bit weights, export.reduce_weight_range),
+# 0.019-0.020 on a VNNI CPU, 0.018 on an AVX2-only one (unsigned weights, export.onnx_weight_type),
 # weight-only 0.010. The activations' rounding (one scale per call) carries the extra error.
 REL_TOL = 0.05
 # share of those images whose arg-max class the int8 model keeps: measured 1.0 for both dynamic
@@ -153,7 +161,8 @@ def test_onnx_dynamic_int8_quantises_every_linear_and_agrees_with_float(lowrank,
     assert ops["DynamicQuantizeLinear"] >= 1 and "ConvInteger" not in ops
     weights = {init.name: init for init in graph.initializer}
     quantised = [weights[node.input[1]] for node in graph.node if node.op_type == "MatMulInteger"]
-    assert all(weight.data_type == onnx.TensorProto.INT8 for weight in quantised)
+    stored = {"QInt8": onnx.TensorProto.INT8, "QUInt8": onnx.TensorProto.UINT8}[onnx_weight_type(cpu_flags())]  # the type for this CPU
+    assert all(weight.data_type == stored for weight in quantised)
     # one scale per output channel: the weight's zero point has a value per column
     zero_points = [weights[node.input[3]] for node in graph.node if node.op_type == "MatMulInteger"]
     assert all(list(zero.dims) == [weight.dims[1]] for zero, weight in zip(zero_points, quantised))
@@ -194,11 +203,11 @@ def test_compress_command_int8_kinds(tiny_model_folder, tiny_image_folder, tmp_p
     assert "'bogus' is not one of 'weight', 'dynamic'" in capsys.readouterr().err and not (tmp_path / "bogus").exists()
 
 
-def test_int8_weights_keep_to_7_bits_only_where_full_range_would_saturate():
-    from vitslim.export import reduce_weight_range
+def test_int8_weights_are_unsigned_only_where_signed_ones_would_saturate():
+    from vitslim.export import ONNX_WEIGHT_TYPE
 
-    assert reduce_weight_range(frozenset({"sse4_2", "avx2", "fma"}))  # AVX2 alone: vpmaddubsw saturates
-    assert not reduce_weight_range(frozenset({"avx2", "avx512f", "avx512_vnni"}))
-    assert not reduce_weight_range(frozenset({"avx2", "avx_vnni"}))
-    assert not reduce_weight_range(None)  # not x86 Linux: ARM's dot products do not saturate
-    assert not reduce_weight_range(frozenset({"sse4_2"}))  # no AVX2: MLAS's SSE kernel widens to int32 first
+    assert onnx_weight_type(frozenset({"sse4_2", "avx2", "fma"})) == "QUInt8"  # AVX2 alone: vpmaddubsw saturates
+    assert onnx_weight_type(frozenset({"avx2", "avx512f", "avx512_vnni"})) == ONNX_WEIGHT_TYPE == "QInt8"
+    assert onnx_weight_type(frozenset({"avx2", "avx_vnni"})) == "QInt8"
+    assert onnx_weight_type(None) == "QInt8"  # not x86 Linux: ARM's dot products do not saturate
+    assert onnx_weight_type(frozenset({"sse4_2"})) == "QInt8"  # no AVX2: MLAS's SSE kernel widens to int32 first
