@@ -128,6 +128,12 @@ def _sensitivities(model, linears, batches, sensitivity, images, progress, objec
     return {}
 
 
+def _fraction_budget(name: str) -> SweepBudget:
+    """How the sweep reads a low-rank budget: the fraction of the parameters kept."""
+    return SweepBudget(name, "fractions of the parameters kept (0 < R < 1)", lambda value: 0 < value < 1,
+                       lambda value, cap: {"param_ratio": value}, recovery=True)
+
+
 @register_method
 @dataclass(frozen=True)
 class LowRank(ParameterBudget):
@@ -138,9 +144,7 @@ class LowRank(ParameterBudget):
     name: ClassVar[str] = "lowrank"
     summary: ClassVar[str] = "activation-aware whitened SVD, mixed ranks, layer-wise error compensation"
     factorisation: ClassVar[str] = "whitened"
-    sweep: ClassVar[tuple[SweepBudget, ...]] = (
-        SweepBudget("lowrank", "fractions of the parameters kept (0 < R < 1)", lambda value: 0 < value < 1,
-                    lambda value, cap: {"param_ratio": value}, recovery=True),)
+    sweep: ClassVar[tuple[SweepBudget, ...]] = (_fraction_budget("lowrank"),)
     examples: ClassVar[tuple[Example, ...]] = tuple(
         Example(f"low-rank {percent}%", f"lowrank-{percent}", {"param_ratio": percent / 100, "rank_multiple": 4},
                 f"whitened SVD, mixed ranks, {percent}% of the parameters") for percent in (50, 30))
@@ -198,9 +202,7 @@ class SVD(LowRank):
     summary: ClassVar[str] = "baseline: plain truncated SVD of the weights (no activations)"
     factorisation: ClassVar[str] = "svd"
     examples: ClassVar[tuple[Example, ...]] = ()
-    sweep: ClassVar[tuple[SweepBudget, ...]] = (
-        SweepBudget("svd", "fractions of the parameters kept (0 < R < 1)", lambda value: 0 < value < 1,
-                    lambda value, cap: {"param_ratio": value}, recovery=True),)
+    sweep: ClassVar[tuple[SweepBudget, ...]] = (_fraction_budget("svd"),)
 
 
 @register_method
@@ -212,9 +214,7 @@ class ASVD(LowRank):
     summary: ClassVar[str] = "baseline: ASVD-style diagonal activation scaling"
     factorisation: ClassVar[str] = "asvd"
     examples: ClassVar[tuple[Example, ...]] = ()
-    sweep: ClassVar[tuple[SweepBudget, ...]] = (
-        SweepBudget("asvd", "fractions of the parameters kept (0 < R < 1)", lambda value: 0 < value < 1,
-                    lambda value, cap: {"param_ratio": value}, recovery=True),)
+    sweep: ClassVar[tuple[SweepBudget, ...]] = (_fraction_budget("asvd"),)
 
 
 def compress_lowrank(model: nn.Module, batches: Iterable, config: LowRank, *, min_images: int = 1, progress: bool = True,
