@@ -99,7 +99,7 @@ def build(rows: Rows, out: Path, args) -> None:
         folder = vitslim.save(compressed, out / "models" / name.replace(" ", "_").replace("/", "-"))
         score = evaluate(compressed, args.test, limit=args.eval_limit)
         steps = {step["method"]: step for step in recipe_steps(compressed)}
-        composed = steps.get("composed", {})
+        composed = steps.get("lowrank+cait", {})
         used = (epochs if "channels" in steps else 0) + recovery
         rows.add({"name": name, "axes": list(axes or ("channels", "tokens")), "target_speedup": speedup, "target_flops_ratio": flops_ratio,
                   "target_param_ratio": param_ratio,

@@ -33,7 +33,7 @@ CASES = {  # name: (method, options); calibration on 64 seeded train images ever
     "asvd-0.5": ("asvd", {"param_ratio": 0.5}),
     "cait-atme-1.5": ("cait", {"speedup": 1.5, "measure": False}),
     "cait-tome-1.5": ("cait", {"speedup": 1.5, "merge": "tome", "measure": False}),
-    "cait-window-1.3-full": ("cait", {"speedup": 1.3, "merge": "window", "measure": False, "token_map": "full"}),
+    "cait-window-1.3-full": ("cait", {"speedup": 1.3, "merge": "window", "measure": False, "dense": True}),
     "composed-flops-0.5-params-0.6": ("lowrank+cait", {"flops_ratio": 0.5, "param_ratio": 0.6}),
 }
 

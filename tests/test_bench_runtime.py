@@ -182,10 +182,10 @@ def test_bench_cli_times_each_runtime_and_reports_it(capsys, tmp_path, tiny_mode
 
 
 @pytest.mark.parametrize("kwargs, message", [
-    ({"runtime": "tensorrt"}, "unknown runtime 'tensorrt'"),
+    ({"runtime": "tensorrt"}, "^runtime is 'tensorrt'; choose from"),
     ({"runtime": []}, "at least one runtime"),
-    ({"runtime": "onnxruntime", "dtype": "float16"}, "float32 only"),
-    ({"runtime": "compile", "warmup": 0}, "warmup"),
+    ({"runtime": "onnxruntime", "dtype": "float16"}, "^dtype must be float32 for the onnxruntime runtime"),
+    ({"runtime": "compile", "warmup": 0}, "^warmup must be at least 1 with the compile runtime"),
 ])
 def test_bad_runtime_settings_are_clear_errors(kwargs, message):
     with pytest.raises(VitslimError, match=message):
@@ -194,7 +194,7 @@ def test_bad_runtime_settings_are_clear_errors(kwargs, message):
 
 def test_an_onnx_file_cannot_be_timed_in_pytorch(tmp_path):
     path = vitslim.export_onnx(tiny_vit(), tmp_path / "m.onnx")
-    with pytest.raises(VitslimError, match="only with --runtime onnxruntime"):
+    with pytest.raises(VitslimError, match="^runtime must be 'onnxruntime' alone"):
         benchmark([("m.onnx", path)], runtime=["eager", "onnxruntime"], **FAST)
     with pytest.raises(VitslimError, match="does not exist"):
         benchmark([("gone", tmp_path / "gone.onnx")], runtime="onnxruntime", **FAST)
@@ -215,7 +215,8 @@ def test_onnxruntime_on_cuda_without_its_cuda_provider_is_a_clear_error(monkeypa
 
 @pytest.mark.parametrize("args, message", [
     (["--runtime", "tensorrt"], "'tensorrt' is not one of"),
-    (["--runtime", "onnxruntime", "--dtype", "bfloat16"], "float32 only"),
+    (["--runtime", "onnxruntime", "--dtype", "bfloat16"], "--dtype must be float32 for the onnxruntime runtime"),
+    (["--runs", "5"], "--runs must be at least 20"),
 ])
 def test_bad_runtime_flags_exit_with_one_error_line(capsys, tiny_model_folder, args, message):
     code = main(["bench", str(tiny_model_folder), "--batch-size", "2", *args])

@@ -44,7 +44,7 @@ def test_training_free_cait_merges_tokens_and_leaves_the_original_alone(tmp_path
     compressed = _cait(model, speedup=1.4, measure=False)
     assert torch.equal(_logits(model), before) and merge_schedule(model) is None
     schedule = merge_schedule(compressed)
-    assert schedule.method == "atme" and schedule.merged > 0
+    assert schedule.merge == "atme" and schedule.merged > 0
     folder = vitslim.save(compressed, tmp_path / "atme")
     reloaded = vitslim.load_model(str(folder))
     assert merge_schedule(reloaded) == schedule

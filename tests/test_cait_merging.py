@@ -11,6 +11,7 @@ from plain_vit import PlainViT, tiny_hf_config
 
 import vitslim
 from vitslim.adapters import describe
+from vitslim.adapters.replacement import copy_model, replacing_modules
 from vitslim.cait.merging import (
     NEIGHBOURHOOD,
     TokenMap,
@@ -26,7 +27,6 @@ from vitslim.cait.patch import (
     MergeSchedule,
     apply_token_merging,
     merge_schedule,
-    merging_suspended,
     remove_token_merging,
     token_map,
     token_merging,
@@ -332,9 +332,10 @@ def test_schedule_for_speedup_meets_the_flops_model_and_refuses_the_impossible()
         schedule_for_speedup(spec, "tome", 50.0)
 
 
-def test_token_merging_is_temporary_and_suspension_keeps_the_recipe():
+def test_token_merging_is_temporary_and_follows_replacements_and_copies():
     """The context managers: merging inside the with-block only and never in the recipe; hooks
-    off and back on around a structural edit, the recorded step left as it was."""
+    off and back on around a structural edit, the recorded step left as it was; a copy merges
+    through hooks of its own."""
     model = tiny_vit(name="vit_tiny_patch16_224", **MERGING_GEOMETRY)
     images = torch.randn(2, 3, 32, 32, generator=torch.Generator().manual_seed(3))
     before = outputs(model, images)
@@ -347,9 +348,14 @@ def test_token_merging_is_temporary_and_suspension_keeps_the_recipe():
     with token_merging(model, None):  # no schedule: the model as it is
         torch.testing.assert_close(outputs(model, images), before, rtol=0, atol=0)
     apply_token_merging(model, schedule, notes={"why": "a test"})
-    with merging_suspended(model) as suspended:
-        assert suspended == schedule and merge_schedule(model) is None
+    with replacing_modules(model):
+        assert merge_schedule(model) is None
         torch.testing.assert_close(outputs(model, images), before, rtol=0, atol=0)
+    torch.testing.assert_close(outputs(model, images), merged, rtol=0, atol=0)
+    duplicate = copy_model(model)  # its own hooks: removing them leaves the original merging
+    torch.testing.assert_close(outputs(duplicate, images), merged, rtol=0, atol=0)
+    remove_token_merging(duplicate)
+    torch.testing.assert_close(outputs(duplicate, images), before, rtol=0, atol=0)
     torch.testing.assert_close(outputs(model, images), merged, rtol=0, atol=0)
     assert recipe_steps(model) == [{"method": "merging", "schedule": schedule.as_dict(), "dense": False, "why": "a test"}]
     with pytest.raises(VitslimError, match="already merges tokens"), token_merging(model, schedule):

@@ -139,7 +139,7 @@ def test_three_axes_compose_meet_the_budget_and_reload_bit_identically(tmp_path,
                                 gate_training=training, channel_ratio=0.7, recovery=training, progress=False)
     assert torch.equal(_logits(model), before)  # the original is untouched
     steps = recipe_steps(composed)
-    assert [step["method"] for step in steps] == ["channels", "lowrank", "merging", "composed"]
+    assert [step["method"] for step in steps] == ["channels", "lowrank", "merging", "lowrank+cait"]
     merging = steps[2]  # its concentration chosen on the calibration images, as the cait method chooses
     assert merging["concentration_kl"][f"{merging['concentration']:g}"] == min(merging["concentration_kl"].values())
     split = steps[-1]

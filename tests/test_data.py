@@ -271,13 +271,13 @@ def test_select_is_seeded_sorted_and_splits_disjointly() -> None:
 
 def test_select_and_loader_reject_bad_numbers() -> None:
     data = list(range(5))
-    with pytest.raises(VitslimError, match="--limit must be at least 1"):
+    with pytest.raises(VitslimError, match="^limit must be at least 1"):
         select(data, limit=0)
-    with pytest.raises(VitslimError, match="--skip"):
+    with pytest.raises(VitslimError, match="^skip must be at least 0"):
         select(data, skip=-1)
     with pytest.raises(VitslimError, match="leaves none"):
         select(data, skip=5)
-    with pytest.raises(VitslimError, match="--batch-size must be at least 1"):
+    with pytest.raises(VitslimError, match="^batch_size must be at least 1"):
         make_loader(data, batch_size=0)
 
 

@@ -191,12 +191,12 @@ def test_int8_quantises_the_packed_attention_of_a_dense_model():
 
 @pytest.mark.parametrize("kind", ["weight", "dynamic"])
 def test_int8_of_a_token_merging_model_reloads_with_its_merging(kind, tmp_path):
-    """int8 unpacks the attention of a model that already merges tokens: the unpacking is recorded
-    before the merging, so a reload attaches the merging hooks to the unpacked attention."""
+    """int8 unpacks the attention of a model that already merges tokens: the steps stay in the order
+    they were applied, and each one, replayed, hands the merging hooks on to the modules it puts in place."""
     model = _model(batch_first=True, norm_first=False)
     apply_token_merging(model, MergeSchedule("atme", ((0, 6, 1),)))
     quantised = quantize_int8(model, kind)
-    assert [step["method"] for step in steps(quantised)] == [UNPACK_STEP, "merging", "int8"]
+    assert [step["method"] for step in steps(quantised)] == ["merging", UNPACK_STEP, "int8"]
     images = _images(4)
     folder = vitslim.save(quantised, tmp_path / "merged-int8")
     reloaded = vitslim.load_model(folder, skeleton=_model(batch_first=True, norm_first=False, seed=3))
@@ -228,9 +228,15 @@ def test_token_merging_runs_through_the_unpacked_attention():
     images = _images(4)
     for model in (packed, unpacked):
         apply_token_merging(model, schedule)
-    torch.testing.assert_close(outputs(unpacked, images), outputs(packed, images), rtol=0, atol=1e-5)
-    with pytest.raises(VitslimError, match="forward hooks"):
-        family_of(packed).unpack_attention(packed)
+    merged = outputs(packed, images)
+    torch.testing.assert_close(outputs(unpacked, images), merged, rtol=0, atol=1e-5)
+    family_of(packed).unpack_attention(packed)  # the merging hooks move to the unpacked attention
+    torch.testing.assert_close(outputs(packed, images), merged, rtol=0, atol=1e-5)
+    assert [step["method"] for step in steps(packed)] == ["merging", UNPACK_STEP]
+    foreign = _model(batch_first=False, norm_first=True)
+    foreign.encoder.layers[0].self_attn.register_forward_hook(lambda module, args, output: output)
+    with pytest.raises(VitslimError, match="forward hooks that vitslim does not own"):
+        family_of(foreign).unpack_attention(foreign)
 
 
 

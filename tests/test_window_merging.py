@@ -197,7 +197,7 @@ def test_window_schedule_for_a_speedup_meets_its_prediction_and_passes_the_check
 def test_window_schedules_round_trip_through_their_dict():
     schedule = MergeSchedule("window", ((1, 12, 2), (3, 3, 4)))
     assert MergeSchedule.from_dict(schedule.as_dict()) == schedule
-    assert schedule.as_dict() == {"method": "window", "steps": [[1, 12, 2], [3, 3, 4]]}
+    assert schedule.as_dict() == {"merge": "window", "steps": [[1, 12, 2], [3, 3, 4]]}
 
 
 class _TwoWindowMerges(torch.nn.Module):

@@ -48,8 +48,8 @@ def main() -> None:
     schedules += [("concentrated", MergeSchedule(method, steps)) for method, options in CONCENTRATED.items() for steps in options]
     rows = []
     for origin, schedule in schedules:
-        rows.append(schedule_row(spec, schedule, scored(model, schedule, batches, reference), method=METHOD_NAMES[schedule.method], origin=origin))
-        print(f"{schedule.method} {origin} {schedule.steps}: {rows[-1]['flops_speedup']:.2f}x, agreement {100 * rows[-1]['agreement']:.2f}%",
+        rows.append(schedule_row(spec, schedule, scored(model, schedule, batches, reference), method=METHOD_NAMES[schedule.merge], origin=origin))
+        print(f"{schedule.merge} {origin} {schedule.steps}: {rows[-1]['flops_speedup']:.2f}x, agreement {100 * rows[-1]['agreement']:.2f}%",
               flush=True)
     rows.sort(key=lambda row: row["flops_speedup"])
     command = common.rerun(parser, args, always=("images",))

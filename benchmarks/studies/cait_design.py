@@ -135,7 +135,7 @@ def measure(model, batches, reference) -> dict:
 
 def schedule_row(spec, schedule: MergeSchedule, result: dict, **labels) -> dict:
     """A table row: ``labels``, the schedule's steps and FLOPs speed-up, and ``measure``'s scores."""
-    return {**labels, "schedule": common.steps_text(schedule.method, schedule.steps), "flops_speedup": predicted_speedup(spec, schedule), **result}
+    return {**labels, "schedule": common.steps_text(schedule.merge, schedule.steps), "flops_speedup": predicted_speedup(spec, schedule), **result}
 
 
 def study_data(model_name: str, train_path: str, images: int):

@@ -22,7 +22,7 @@ from torch import nn
 
 from vitslim import distributed, runtimes
 from vitslim.adapters import describe
-from vitslim.errors import VitslimError
+from vitslim.errors import ParameterError, VitslimError
 from vitslim.metrics import count_flops, count_params
 from vitslim.progress import logger as progress_log
 from vitslim.progress import track
@@ -146,7 +146,7 @@ MIN_RUNS = 20
 
 def check_runs(runs: int) -> None:
     if runs < MIN_RUNS:
-        raise VitslimError(f"--runs must be at least {MIN_RUNS}: fewer timed runs give medians too noisy to compare")
+        raise ParameterError("runs", f"must be at least {MIN_RUNS}: fewer timed runs give medians too noisy to compare")
 
 
 def _runtime_list(runtime: str | Sequence[str]) -> list[str]:
@@ -155,7 +155,7 @@ def _runtime_list(runtime: str | Sequence[str]) -> list[str]:
         raise VitslimError("give at least one runtime")
     unknown = [name for name in names if name not in runtimes.RUNTIMES]
     if unknown:
-        raise VitslimError(f"unknown runtime {unknown[0]!r}; choose from {', '.join(runtimes.RUNTIMES)}")
+        raise ParameterError("runtime", f"is {unknown[0]!r}; choose from {', '.join(runtimes.RUNTIMES)}")
     return list(dict.fromkeys(names))  # each once, in the order given
 
 
@@ -179,7 +179,7 @@ def _counted(name: str, model: nn.Module | str | os.PathLike, batch_size: int, c
     if _is_onnx_file(model):
         path = Path(model)
         if chosen != ["onnxruntime"]:
-            raise VitslimError(f"{name} is an ONNX file: it can be timed only with --runtime onnxruntime, alone")
+            raise ParameterError("runtime", f"must be 'onnxruntime' alone to time {name}, an ONNX file")
         if not path.is_file():
             raise VitslimError(f"{path} does not exist")
         input_size, params = runtimes.onnx_file_facts(path)
@@ -234,21 +234,21 @@ def benchmark(
     if not models:
         raise VitslimError("bench needs at least one model")
     if batch_size < 1:
-        raise VitslimError("--batch-size must be at least 1")
+        raise ParameterError("batch_size", f"must be at least 1 (got {batch_size})")
     check_runs(runs)
     if dtype not in DTYPES:
         raise VitslimError(f"unknown dtype {dtype}; choose one of {', '.join(DTYPES)}")
     if not (math.isfinite(onnx_tolerance) and onnx_tolerance > 0):
-        raise VitslimError(f"--onnx-tolerance must be a finite number above 0 (got {onnx_tolerance:g})")
+        raise ParameterError("onnx_tolerance", f"must be a finite number above 0 (got {onnx_tolerance:g})")
     chosen = _runtime_list(runtime)
     if "compile" in chosen and warmup < 1:
-        raise VitslimError("--runtime compile needs --warmup of at least 1: the first call compiles, and must not be timed")
+        raise ParameterError("warmup", "must be at least 1 with the compile runtime: the first call compiles, and must not be timed")
     target = torch.device(device)
     if target.type == "cuda" and not torch.cuda.is_available():
-        raise VitslimError("--device cuda asked for, but this torch sees no CUDA device")
+        raise ParameterError("device", f"is {device!r}, but this torch sees no CUDA device")
     if threads is not None:
         if threads < 1:
-            raise VitslimError("--threads must be at least 1")
+            raise ParameterError("threads", f"must be at least 1 (got {threads})")
         torch.set_num_threads(threads)
     if "onnxruntime" in chosen:
         runtimes.require_onnxruntime(target, DTYPES[dtype])

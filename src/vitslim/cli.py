@@ -14,7 +14,7 @@ from pathlib import Path
 
 import click
 
-from vitslim.errors import VitslimError
+from vitslim.errors import ParameterError, VitslimError
 from vitslim.table import human, percent, render
 
 # export --int8 dynamic's default: dense dinov2-s14's int8 file shows 0.069 on the check images (0.076 on real
@@ -41,7 +41,6 @@ def _positive(name: str):
 def _device(ctx, param, value):
     """``--device`` checked against this torch build as the command line is read, before any model loads."""
     from vitslim.devices import check_device
-    from vitslim.errors import ParameterError
 
     try:
         check_device(value)
@@ -60,7 +59,29 @@ def _tolerance(name: str):
     return check
 
 
-@click.group(context_settings={"help_option_names": ["-h", "--help"]})
+class Command(click.Command):
+    """Every vitslim command. The library names a bad value by its Python parameter
+    (``ParameterError``); a command re-words it with its own flag for that parameter."""
+
+    def invoke(self, ctx):
+        try:
+            return super().invoke(ctx)
+        except ParameterError as error:
+            flags = {}
+            for param in self.get_params(ctx):
+                if isinstance(param, click.Option):  # by the Python name click gives it, and by its flag's own words
+                    flag = max(param.opts, key=len)
+                    flags |= {param.name: flag, flag.lstrip("-").replace("-", "_"): flag}
+            if error.parameter not in flags:
+                raise
+            raise VitslimError(f"{flags[error.parameter]} {error.problem}") from None
+
+
+class Group(click.Group):
+    command_class = Command
+
+
+@click.group(cls=Group, context_settings={"help_option_names": ["-h", "--help"]})
 @click.version_option(package_name="vitslim")
 @click.option("-v", "--verbose", is_flag=True, help="Log what vitslim does (to stderr).")
 def cli(verbose: bool) -> None:
@@ -214,7 +235,7 @@ def _method_options() -> dict[str, click.Option]:
     return made
 
 
-class CompressCommand(click.Command):
+class CompressCommand(Command):
     """``compress`` with each method's own options: ``--help`` lists the shared options and, for
     ``--method M``, only M's (without it, each method's in a section of its own)."""
 
@@ -245,7 +266,6 @@ class CompressCommand(click.Command):
 
 def _training(epochs: int, flag: str, *, lr, batch_size, seed, device, checkpoints, resume, folder: str):
     """A ``Training`` from the shared flags, its errors said in flags."""
-    from vitslim.errors import ParameterError
     from vitslim.train import Training
 
     try:
@@ -292,7 +312,6 @@ def compress_command(ctx, model, data, out, method, like, calib_images, seed, ba
                      objective, **method_values):
     """Compress MODEL with one method to its budget (parameters, speed-up or FLOPs), optionally
     recover with distillation and quantise to int8, and save it to --out."""
-    from vitslim.errors import ParameterError
     from vitslim.lowrank.compress import ParameterBudget
     from vitslim.methods import configure, get_method
     from vitslim.metrics import count_params

@@ -72,7 +72,7 @@ LEVELS = {
 }
 IDENTITY = {"channels": 1.0, "lowrank": 1.0, "tokens": 1.0}
 PROBE_IMAGES = 64
-STEP = "composed"
+STEP = "lowrank+cait"  # the method's name; recipes written before 0.2 call the step "composed"
 
 
 @dataclass(frozen=True)
@@ -269,6 +269,10 @@ class LowRankCait(ParameterBudget):
         model.to(inputs.device)
         return compress_composed(model, self, inputs)
 
+    def chosen(self, compressed: nn.Module) -> str:
+        split = find_step(compressed, STEP)
+        return "" if split is None else ", ".join(f"{axis} {level:g}" for axis, level in split["levels"].items())
+
     def report(self, original: nn.Module, compressed: nn.Module) -> list[str]:
         split = find_step(compressed, STEP)
         table = render(["axis", "level", "probe cost (KL)", "probe FLOPs ratio", "probe speed-up"],
@@ -292,7 +296,7 @@ def compress_composed(model: nn.Module, config: LowRankCait, inputs: Inputs) -> 
     channels' FLOPs ratio instead of letting the split choose it; ``config.concentration`` fixes
     the merge schedule's instead of choosing it on the calibration images. Every candidate is
     judged by ``inputs.objective``. The split and the probes it came from are recorded in the
-    recipe (step ``composed``). A distillation of the composed model is the pipeline's recovery
+    recipe (step ``lowrank+cait``). A distillation of the composed model is the pipeline's recovery
     step (``vitslim.compress(..., recovery=Training(...))``), as for every method.
     """
     pruning, axes, merge, device, progress = config.pruning, config.axes, config.merge, inputs.device, inputs.progress
@@ -359,7 +363,12 @@ def _vit_params(model: nn.Module, whole: int) -> int:
     return whole - (count_params(model) - count_params(describe(model).model))
 
 
-@register_step(STEP, summary=lambda step: "composed split: " + ", ".join(f"{axis} {level:g}" for axis, level in step.get("levels", {}).items()))
+def _summary(step: dict) -> str:
+    return "lowrank+cait split: " + ", ".join(f"{axis} {level:g}" for axis, level in step.get("levels", {}).items())
+
+
+@register_step(STEP, summary=_summary)
+@register_step("composed", summary=_summary)
 def _rebuild(model: nn.Module, step: dict) -> None:
     """Nothing to rebuild: the step documents the split; the channel, low-rank and merging steps
     before it carry the structure."""

@@ -43,7 +43,7 @@ from PIL import Image
 from torch.utils.data import DataLoader, Dataset, Subset
 
 from vitslim._compat import import_timm
-from vitslim.errors import VitslimError
+from vitslim.errors import ParameterError, VitslimError
 
 if TYPE_CHECKING:  # data needs no model adapter at run time
     from vitslim.adapters.base import Preprocessing
@@ -505,11 +505,11 @@ def select(dataset: Sequence | Dataset, *, limit: int | None = None, skip: int =
     """
     size = len(dataset)
     if limit is not None and limit <= 0:
-        raise VitslimError(f"--limit must be at least 1 (got {limit})")
+        raise ParameterError("limit", f"must be at least 1 (got {limit})")
     if skip < 0:
-        raise VitslimError(f"--skip must be at least 0 (got {skip})")
+        raise ParameterError("skip", f"must be at least 0 (got {skip})")
     if skip >= size:
-        raise VitslimError(f"skipping {skip} images leaves none of the {size} available: lower --skip or use more images")
+        raise ParameterError("skip", f"is {skip}, which leaves none of the {size} images available: lower it or use more images")
     order = torch.randperm(size, generator=torch.Generator().manual_seed(seed))[skip:]
     if limit is not None:
         order = order[:limit]
@@ -569,9 +569,9 @@ def make_loader(dataset: Dataset, batch_size: int, *, workers: int = 0) -> DataL
     ``None`` and ``labels`` is empty. Images must share one size (use ``build_transform``).
     """
     if batch_size <= 0:
-        raise VitslimError(f"--batch-size must be at least 1 (got {batch_size})")
+        raise ParameterError("batch_size", f"must be at least 1 (got {batch_size})")
     if workers < 0:
-        raise VitslimError(f"--workers must be at least 0 (got {workers})")
+        raise ParameterError("workers", f"must be at least 0 (got {workers})")
     return DataLoader(dataset, batch_size=batch_size, shuffle=False, num_workers=workers, collate_fn=_collate_readable)
 
 

@@ -23,13 +23,12 @@ from vitslim import data as imagedata
 from vitslim.adapters import describe
 from vitslim.atomic import atomic_folder
 from vitslim.bench import benchmark
-from vitslim.errors import VitslimError
+from vitslim.errors import ParameterError, VitslimError
 from vitslim.evaluate import evaluate
 from vitslim.loading import load_model
 from vitslim.methods import methods
 from vitslim.persist import save
 from vitslim.pipeline import compress
-from vitslim.recipe import find_step
 from vitslim.table import human, percent, render
 
 DIGITS_IMAGE_SIZE = 16  # 8x8 digits upsampled, 4x4 patches of 4 pixels
@@ -117,13 +116,11 @@ def build_variants(original: nn.Module, work: Path) -> list[Variant]:
     calibration = _calibration_batches(original)
     for method in methods():
         for example in method.examples:
-            compressed = compress(original, method(**example.options), calibration, progress=False)
+            config = method(**example.options)
+            compressed = compress(original, config, calibration, progress=False)
             save(compressed, work / example.folder)
-            note = example.note
-            split = find_step(compressed, "composed")
-            if split is not None:
-                note += f": low-rank {split['levels']['lowrank']:g}, tokens {split['levels']['tokens']:g}x"
-            variants.append(Variant(example.label, compressed, note))
+            chosen = config.chosen(compressed)
+            variants.append(Variant(example.label, compressed, f"{example.note}: {chosen}" if chosen else example.note))
     return variants
 
 
@@ -162,9 +159,9 @@ def run_demo(out: Path, *, retrain: bool = False) -> list[dict]:
     except OSError as error:
         raise VitslimError(f"cannot create the output folder {out}: {error.strerror}") from None
     if out.exists() and not out.is_dir():
-        raise VitslimError(f"{out} exists and is a file; choose another --out")
+        raise ParameterError("out", f"is {out}, which exists and is a file; choose another")
     if out.is_dir() and any(out.iterdir()) and not (out / "report.md").is_file():
-        raise VitslimError(f"{out} is a folder with other content; the demo replaces its --out folder whole, so choose a new or empty one")
+        raise ParameterError("out", f"is {out}, a folder with other content; the demo replaces its output folder whole, so choose a new or empty one")
     click.echo(f"1/4 data: scikit-learn's handwritten digits as PNG files in {cache_dir() / 'digits-png'}")
     digits = digits_folder()
     click.echo("2/4 model: a tiny timm ViT (16x16 input, 4x4 patches) trained on the train split")

@@ -99,7 +99,7 @@ def evaluate(
         _check_comparable(spec, output, teacher_spec, device, same_images=isinstance(data, torch.utils.data.Dataset))
     if kind != "logits" and teacher is None:
         raise VitslimError(f"this model outputs {kind}, not class logits, so it has no accuracy: give the original model as the "
-                           "teacher (--teacher) to measure the fidelity of its outputs")
+                           "teacher to measure the fidelity of its outputs")
     labels_required = (teacher is None or bool(labels_required)) and kind == "logits"
     options = dict(class_names=spec.label_names, labels_required=labels_required, limit=limit, skip=skip, seed=seed, batch_size=batch_size,
                    workers=workers)
@@ -107,7 +107,7 @@ def evaluate(
     labelled = imagedata.is_labelled(dataset) and kind == "logits"
     if not labelled and teacher is None:
         raise VitslimError(f"{getattr(dataset, 'source', data)} has no labels: accuracy needs labelled images; "
-                           "to compare with a reference model instead, give it as the teacher (--teacher)")
+                           "to compare with a reference model instead, give it as the teacher")
     teacher_batches = None
     if teacher is not None:
         if teacher_spec.preprocessing != spec.preprocessing and not isinstance(data, torch.utils.data.Dataset):

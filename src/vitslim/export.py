@@ -117,7 +117,7 @@ def export_onnx(model: nn.Module, path: str | os.PathLike, *, batch_size: int = 
     """
     if int8 is not None and int8 not in ONNX_INT8_KINDS:
         raise ParameterError("int8", f"must be None or 'dynamic' (for the smallest file, quantise the model itself: "
-                                     f"quantize_int8(model) or vitslim compress --int8 weight), not {int8!r}")
+                                     f"with quantize_int8(model)), not {int8!r}")
     _require("onnx")
     _require("onnxscript")
     path = Path(path)

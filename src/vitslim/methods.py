@@ -147,6 +147,11 @@ class Method:
         """Lines (tables) the CLI prints about a result."""
         return []
 
+    def chosen(self, compressed: nn.Module) -> str:
+        """What this method chose for ``compressed`` where the config left it open, in a few words
+        (the demo's table shows it beside the example's note); empty when there is nothing to say."""
+        return ""
+
     @classmethod
     def settings(cls) -> tuple[Setting, ...]:
         hints = typing.get_type_hints(cls)

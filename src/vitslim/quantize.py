@@ -28,7 +28,6 @@ quantises their ``down``/``up`` children.
 from __future__ import annotations
 
 import contextlib
-import copy
 import math
 import warnings
 
@@ -39,10 +38,9 @@ from torch.utils import flop_counter
 
 from vitslim.adapters import matching_family, prepare_for_replacement, replace_submodule, replaceable_linears
 from vitslim.adapters.base import is_linear
-from vitslim.cait.patch import apply_token_merging, merging_mode, merging_suspended
+from vitslim.adapters.replacement import copy_model, replacing_modules
 from vitslim.errors import ParameterError, VitslimError
-from vitslim.recipe import record_step, register_step, set_steps, step_field, step_layer
-from vitslim.recipe import steps as recipe_steps
+from vitslim.recipe import record_step, register_step, step_field, step_layer
 
 STEP = "int8"
 QMAX = 127  # symmetric range [-127, 127]; -128 is never used, so negation is exact
@@ -234,29 +232,21 @@ def quantize_int8(model: nn.Module, kind: str = "weight") -> nn.Module:
     layer = LAYERS[check_kind(kind)]
     if isinstance(model, nn.Linear):
         raise VitslimError(f"quantize_int8 replaces the Linear layers inside a model; for a single layer use {layer.__name__}.from_linear")
-    dense = merging_mode(model)
-    with merging_suspended(model) as schedule:  # the copy's merging is attached after its Linears are replaced
-        quantised = copy.deepcopy(model).eval()
+    quantised = copy_model(model).eval()
     family = matching_family(quantised)
-    # a packed nn.MultiheadAttention's projections become Linears, quantised as timm's are; the step
-    # goes before a merging step, so that a reload attaches the merging hooks to the unpacked attention
-    if family is not None and family.unpack_attention(quantised):
-        ordered = recipe_steps(quantised)
-        unpacking = ordered.pop()
-        merging = next((i for i, step in enumerate(ordered) if step["method"] == "merging"), len(ordered))
-        set_steps(quantised, ordered[:merging] + [unpacking] + ordered[merging:])
-    linears = replaceable_linears(quantised)
-    if not linears:
-        already = any(isinstance(m, Int8Linear) for m in quantised.modules())
-        raise VitslimError(
-            "the model has no nn.Linear layer left to quantise to int8"
-            + (" (it is already int8-quantised)" if already else " (int8 quantisation covers Linear layers only)")
-        )
-    _prepare(quantised)
-    names = list(linears)
-    _replace_all(quantised, names, lambda name, linear: layer.from_linear(linear))
-    if schedule is not None:  # its recipe step came with the copy
-        apply_token_merging(quantised, schedule, dense=dense, record=False)
+    with replacing_modules(quantised):  # hooks kept on the model (token merging's) move to the new modules
+        if family is not None:  # a packed nn.MultiheadAttention's projections become Linears, quantised as timm's are
+            family.unpack_attention(quantised)
+        linears = replaceable_linears(quantised)
+        if not linears:
+            already = any(isinstance(m, Int8Linear) for m in quantised.modules())
+            raise VitslimError(
+                "the model has no nn.Linear layer left to quantise to int8"
+                + (" (it is already int8-quantised)" if already else " (int8 quantisation covers Linear layers only)")
+            )
+        _prepare(quantised)
+        names = list(linears)
+        _replace_all(quantised, names, lambda name, linear: layer.from_linear(linear))
     record_step(quantised, {"method": STEP, "kind": kind, "modules": names})
     return quantised
 
@@ -288,5 +278,5 @@ def _rebuild(model: nn.Module, step: dict) -> None:
     names = step_field(step, "modules", list)
     for name in names:  # every name checked before any layer is replaced
         step_layer(model, name, "the int8 step")
-    with merging_suspended(model):  # the merging hooks move to the int8 layers
+    with replacing_modules(model):  # hooks kept on the model (token merging's) move to the int8 layers
         _replace_all(model, names, empty)

@@ -27,7 +27,7 @@ from torch import nn
 from vitslim import export
 from vitslim import recipe as recipes
 from vitslim.adapters import describe
-from vitslim.errors import VitslimError
+from vitslim.errors import ParameterError, VitslimError
 from vitslim.progress import logger as progress_log
 
 logger = logging.getLogger(__name__)
@@ -61,15 +61,15 @@ _COMPILED = itertools.count()
 def require_onnxruntime(device: torch.device, dtype: torch.dtype):
     """The ``onnxruntime`` module, once the device and dtype are known to be ones it can time."""
     if dtype != torch.float32:
-        raise VitslimError("--runtime onnxruntime times float32 only: vitslim's ONNX files are float32 "
-                           "(use --runtime eager or compile for float16/bfloat16)")
+        raise ParameterError("dtype", "must be float32 for the onnxruntime runtime: vitslim's ONNX files are float32 "
+                                      "(time float16/bfloat16 in the eager or compile runtime)")
     try:
         import onnxruntime
     except ImportError:
-        raise VitslimError("--runtime onnxruntime needs the 'onnxruntime' package; install it with: pip install 'vitslim[export]'") from None
+        raise VitslimError("the onnxruntime runtime needs the 'onnxruntime' package; install it with: pip install 'vitslim[export]'") from None
     if device.type == "cuda" and "CUDAExecutionProvider" not in onnxruntime.get_available_providers():
-        raise VitslimError("--runtime onnxruntime --device cuda needs ONNX Runtime's CUDAExecutionProvider, which this onnxruntime "
-                           f"lacks (it has {', '.join(onnxruntime.get_available_providers())}); install onnxruntime-gpu instead")
+        raise ParameterError("device", "is cuda, which for the onnxruntime runtime needs ONNX Runtime's CUDAExecutionProvider; "
+                                       f"this onnxruntime lacks it (it has {', '.join(onnxruntime.get_available_providers())}); install onnxruntime-gpu instead")
     return onnxruntime
 
 
@@ -106,7 +106,7 @@ def cached_onnx(model: nn.Module, cache: Path) -> tuple[Path, bool]:
     try:
         cache.mkdir(parents=True, exist_ok=True)
     except OSError as error:
-        raise VitslimError(f"cannot write the ONNX cache {cache}: {error.strerror}; choose another with --onnx-cache") from None
+        raise ParameterError("onnx_cache", f"is {cache}, which cannot be written ({error.strerror}); choose another") from None
     progress_log.info("exporting %s to ONNX for ONNX Runtime", type(model).__name__)
     export.export_onnx(model, path)
     logger.info("exported %s", path)

@@ -25,7 +25,7 @@ import click
 from torch import nn
 
 from vitslim.atomic import atomic_file
-from vitslim.errors import VitslimError
+from vitslim.errors import ParameterError, VitslimError
 from vitslim.table import human, percent, render
 
 
@@ -45,28 +45,28 @@ def _number(spec: str, text: str) -> float:
     try:
         return float(text)
     except ValueError:
-        raise VitslimError(f"--budgets {spec!r}: {text!r} is not a number") from None
+        raise ParameterError("budgets", f"has {spec!r}, in which {text!r} is not a number") from None
 
 
-def parse_budgets(specs: list[str]) -> list[Point]:
+def parse_budgets(budgets: list[str]) -> list[Point]:
     """``["lowrank=0.5,0.3", "cait=1.5", "lowrank+cait=2@0.5"]`` → points, checking each budget
     as its method reads it (``vitslim.methods.SweepBudget``)."""
     from vitslim.methods import sweep_budgets
 
     known = sweep_budgets()
     points = []
-    for spec in specs:
+    for spec in budgets:
         method, sep, values = spec.partition("=")
         if not sep or not values:
-            raise VitslimError(f"--budgets takes METHOD=V[,V...] (e.g. lowrank=0.5,0.3, cait=1.5,2 or lowrank+cait=2@0.5), got {spec!r}")
+            raise ParameterError("budgets", f"take the form METHOD=V[,V...] (e.g. lowrank=0.5,0.3, cait=1.5,2 or lowrank+cait=2@0.5), not {spec!r}")
         if method not in known:
-            raise VitslimError(f"unknown sweep method {method!r}; choose from {', '.join(known)}")
+            raise ParameterError("budgets", f"name method {method!r}, which has no sweep budget; choose from {', '.join(known)}")
         budget_kind = known[method][1]
         for text in values.split(","):
             speed, cap, ratio = text.partition("@")
             if cap and not budget_kind.cap:
                 capped = [name for name, (_, other) in known.items() if other.cap]
-                raise VitslimError(f"--budgets {spec!r}: only {', '.join(capped)} {'takes' if len(capped) == 1 else 'take'} a parameter cap (S@R)")
+                raise ParameterError("budgets", f"has {spec!r}, but only {', '.join(capped)} {'takes' if len(capped) == 1 else 'take'} a parameter cap (S@R)")
             budget = _number(spec, speed)
             param_ratio = _number(spec, ratio) if cap else None
             if not budget_kind.valid(budget):
@@ -75,9 +75,9 @@ def parse_budgets(specs: list[str]) -> list[Point]:
                 raise VitslimError(f"{method} parameter caps are fractions of the parameters kept (0 < R < 1), got {param_ratio:g}")
             points.append(Point(method, budget, param_ratio))
     if not points:
-        raise VitslimError("give at least one --budgets METHOD=V[,V...]")
+        raise ParameterError("budgets", "must hold at least one METHOD=V[,V...]")
     if len(set(points)) != len(points):
-        raise VitslimError("a point appears twice in --budgets")
+        raise ParameterError("budgets", "name a point twice")
     return points
 
 
@@ -139,7 +139,7 @@ def run_sweep(model: str, data: str, eval_data: str, budgets: list[str], out: st
     spec = describe(original)
     train = imagedata.open_images(data, imagedata.build_transform(spec.preprocessing), class_names=spec.label_names, labels_required=False)
     if len(train) < calib_images:
-        raise VitslimError(f"{data} holds {len(train)} images, fewer than --calib-images {calib_images}")
+        raise ParameterError("calib_images", f"is {calib_images}, more than the {len(train)} images {data} holds")
     out.mkdir(parents=True, exist_ok=True)
     log = out / "points.json"
     rows: list[dict] = json.loads(log.read_text()) if log.is_file() else []

@@ -34,6 +34,7 @@ from vitslim.adapters.base import (
 
 # the rule shared by all families (keeps nn.MultiheadAttention.out_proj dense), as this family's protocol member
 from vitslim.adapters.base import replaceable_linears as replaceable_linears
+from vitslim.adapters.replacement import replacing_modules
 from vitslim.errors import VitslimError
 from vitslim.recipe import record_step, register_step
 
@@ -435,22 +436,24 @@ def unpack_attention(model: nn.Module, record: bool = True) -> list[str]:
     unpacked (none when all are unpacked already).
 
     The state dict changes (``in_proj_weight`` becomes ``qkv.weight``), so with ``record`` the
-    change is a recipe step, replayed on reload before the steps that follow it. An attention
-    with hooks on it (token merging) is refused: the hooks would stay on the module it replaces.
-    One that cannot be unpacked exactly (add_bias_kv, add_zero_attn) stays packed, and dense.
+    change is a recipe step, replayed on reload in the order it was recorded. Hooks a registered
+    owner keeps on the model (token merging's) move to the unpacked attention; any other hook on an
+    attention is refused, since it would stay on the module this replaces. One that cannot be
+    unpacked exactly (add_bias_kv, add_zero_attn) stays packed, and dense.
     """
     layers = [(name, module) for name, module in model.named_modules() if isinstance(module, nn.TransformerEncoderLayer)]
     unpacked = []
-    for name, layer in layers:
-        attn = layer.self_attn
-        if not isinstance(attn, nn.MultiheadAttention) or _why_packed(attn) is not None:
-            continue
-        qualified = f"{name}.self_attn" if name else "self_attn"
-        if attn._forward_hooks or attn._forward_pre_hooks:
-            raise VitslimError(f"{qualified} carries forward hooks (token merging?), which would be lost when it is unpacked; "
-                               "compress its attention before merging tokens, or remove_token_merging first")
-        layer.self_attn = UnpackedMultiheadAttention.from_packed(attn)
-        unpacked.append(qualified)
+    with replacing_modules(model):
+        for name, layer in layers:
+            attn = layer.self_attn
+            if not isinstance(attn, nn.MultiheadAttention) or _why_packed(attn) is not None:
+                continue
+            qualified = f"{name}.self_attn" if name else "self_attn"
+            if attn._forward_hooks or attn._forward_pre_hooks:
+                raise VitslimError(f"{qualified} carries forward hooks that vitslim does not own, which would be lost when it is "
+                                   "unpacked; remove them before compressing its attention")
+            layer.self_attn = UnpackedMultiheadAttention.from_packed(attn)
+            unpacked.append(qualified)
     if unpacked:
         prepare_for_replacement(model)
         if record:

@@ -24,7 +24,7 @@ from torch.utils.data import Dataset
 
 from vitslim.adapters import describe
 from vitslim.cait.gates import attach_gates
-from vitslim.cait.patch import apply_token_merging, check_not_merging, dense_mode, merge_schedule, token_merging
+from vitslim.cait.patch import apply_token_merging, check_not_merging, merge_schedule, reads_patch_tokens, token_merging
 from vitslim.cait.schedule import tokens_per_block
 from vitslim.cait.shape import choice_batches, planned_schedule
 from vitslim.cait.slicing import slice_channels
@@ -89,9 +89,9 @@ class Cait(Method):
     consistent: bool = setting(True, "One channel mask shared by all heads (CDCP), or per-head masks (the ablation).", off="--unconstrained")
     measure: bool = setting(True, "Time the result against the original and merge more until the measured speed-up reaches the target "
                                   "(--plan-only: trust the FLOPs model).", off="--plan-only")
-    token_map: Literal["auto", "full", "merged"] = setting(
-        "auto", "full: the merged tokens are spread back over the whole grid before they leave the ViT (dense heads, patch pooling); "
-                "merged: they reach the head merged (faster); auto: full when the output reads the patch tokens.")
+    dense: bool | None = setting(None, "Dense mode: the merged tokens are spread back over the whole token grid before they leave the "
+                                       "ViT (dense heads, patch pooling); --classification: they reach the head merged (faster). "
+                                       "Default: dense exactly when the output reads the patch tokens.", off="--classification")
     gate_lr_scale: float = setting(GATE_LR_SCALE, "Gates learn at the training's learning rate times this (they must travel far in a few "
                                           "epochs; raised further for short runs, GATE_TRAVEL).", cli=False)
 
@@ -151,7 +151,7 @@ def merging_report(compressed: nn.Module) -> list[str]:
     schedule, step = merge_schedule(compressed), find_step(compressed, "merging")
     if schedule is None or step is None:
         return []
-    levels = schedule.method == "atme"
+    levels = schedule.merge == "atme"
     lines = [render(["block", "tokens merged after it", "level"], [[str(b), str(r), str(level) if levels else "-"] for b, r, level in schedule.steps])]
     scores = step.get("concentration_kl")
     lines.append(f"schedule concentration {step['concentration']:g}"
@@ -175,8 +175,8 @@ def compress_cait(model: nn.Module, config: Cait, inputs: Inputs) -> nn.Module:
     training the channels are pruned too (CDCP). With ``config.measure`` the result is timed
     against the original (on ``inputs.device``, batch 32) and the merge schedule tightened, at
     most a few times, until the measured speed-up reaches the target (so that it still shows at
-    least 95% of it when timed again). The merging runs in the mode ``config.token_map`` means for
-    this model (``cait.patch.dense_mode``) from the first candidate on.
+    least 95% of it when timed again). Every candidate merges in the mode ``config.dense`` gives
+    (None: dense exactly when ``cait.patch.reads_patch_tokens``).
     """
     check_not_merging(model)
     batches = inputs.train
@@ -186,7 +186,7 @@ def compress_cait(model: nn.Module, config: Cait, inputs: Inputs) -> nn.Module:
     if isinstance(batches, Iterator):
         batches = list(batches)  # read twice: once to choose the schedule, once to distil
     student = copy.deepcopy(model).eval()
-    dense = dense_mode(student, config.token_map)
+    dense = reads_patch_tokens(student) if config.dense is None else config.dense
     schedule, planning = None, {"concentration": 1.0 if config.concentration is None else config.concentration}
     if token_target > 1:
         choice = None if batches is None else choice_batches(batches, inputs.calib_images, inputs.seed)

@@ -35,6 +35,7 @@ from torch import nn
 
 from vitslim.adapters import describe, family_of
 from vitslim.adapters.base import AttentionSpec, ViTSpec
+from vitslim.adapters.replacement import register_hook_owner
 from vitslim.cait.merging import (
     TokenMap,
     atme_merge,
@@ -155,9 +156,9 @@ class _Merger:
                 )
             self.token_map = TokenMap.identity(tokens.shape[0], grid, prefix, tokens.device, tokens.dtype)
         before = self._full(tokens) if self.dense and self.keep_detail and self.token_map.merged else tokens
-        if self.schedule.method == "atme":
+        if self.schedule.merge == "atme":
             merged, self.token_map = atme_merge(tokens, self.keys, self.token_map, r, level)
-        elif self.schedule.method == "window":
+        elif self.schedule.merge == "window":
             merged, self.token_map = window_merge(tokens, self.keys, self.token_map, r, level)
         else:
             merged, self.token_map = tome_merge(tokens, self.keys, self.token_map, r)
@@ -184,14 +185,6 @@ def check_not_merging(model: nn.Module) -> None:
     the first one changed."""
     if merge_schedule(model) is not None:
         raise VitslimError("the model already merges tokens; compress the original model")
-
-
-def dense_mode(model: nn.Module, token_map: str) -> bool:
-    """The mode a user's ``token_map`` setting means for ``model``: "full" dense, "merged"
-    classification, "auto" dense exactly when ``reads_patch_tokens``."""
-    if token_map not in ("auto", "full", "merged"):
-        raise VitslimError(f"token_map is {token_map!r}; choose one of auto, full, merged")
-    return reads_patch_tokens(model) if token_map == "auto" else token_map == "full"
 
 
 def apply_token_merging(model: nn.Module, schedule: MergeSchedule, *, dense: bool | None = None, record: bool = True,
@@ -236,22 +229,16 @@ def token_merging(model: nn.Module, schedule: MergeSchedule | None, *, dense: bo
         _detach(model)
 
 
-@contextmanager
-def merging_suspended(model: nn.Module) -> Iterator[MergeSchedule | None]:
-    """The merging hooks off while the with-block replaces the model's modules (int8 layers, sliced
-    channels), then attached again, on the same schedule and in the same mode, to the modules the
-    model has then. The recipe is left as it is. Yields the schedule (None: the model does not
-    merge tokens)."""
-    schedule = merge_schedule(model)
-    if schedule is None:
-        yield None
-        return
-    dense = getattr(model, MERGING_ATTR).dense
+def _take_off(model: nn.Module) -> tuple[MergeSchedule, bool, bool] | None:
+    """The merging hooks off ``model`` for a module replacement or a copy; what puts them back."""
+    merger = getattr(model, MERGING_ATTR, None)
+    if merger is None:
+        return None
     _detach(model)
-    try:
-        yield schedule
-    finally:
-        _attach(model, schedule, dense)
+    return merger.schedule, merger.dense, merger.keep_detail
+
+
+register_hook_owner(_take_off, lambda model, state: _attach(model, *state))
 
 
 def merging_mode(model: nn.Module) -> bool | None:
@@ -322,7 +309,8 @@ def _summary(step: dict) -> str:
     schedule = step.get("schedule", {})
     merges = schedule.get("steps", [])
     measured = step.get("measured_speedup")
-    return (f"{MERGE_NAMES.get(schedule.get('method'), schedule.get('method'))} token merging: {sum(r for _, r, _ in merges)} tokens after blocks "
+    merge = schedule.get("merge", schedule.get("method"))  # "method" in recipes written before 0.2
+    return (f"{MERGE_NAMES.get(merge, merge)} token merging: {sum(r for _, r, _ in merges)} tokens after blocks "
             f"{', '.join(str(b) for b, _, _ in merges)}" + (f", concentration {step['concentration']:g}" if "concentration" in step else "")
             + (f", measured {measured:.2f}x" if measured else "") + (", full token map restored (dense)" if step.get("dense") else ""))
 
@@ -339,12 +327,13 @@ def _rebuild(model: nn.Module, step: dict) -> None:
     schedule = step_field(step, "schedule", dict)
     merges = step_field(schedule, "steps", list)
     tokens = describe(model).num_patches
-    for merge in merges:
-        if not isinstance(merge, list) or len(merge) != 3:
-            raise VitslimError(f"the merge schedule step {merge!r:.60} is not [block, r, level]; {CORRUPT}")
-        block, r, level = merge
+    for entry in merges:
+        if not isinstance(entry, list) or len(entry) != 3:
+            raise VitslimError(f"the merge schedule step {entry!r:.60} is not [block, r, level]; {CORRUPT}")
+        block, r, level = entry
         step_number(block, "a merge schedule's block", 0, len(describe(model).blocks) - 1)
         step_number(r, f"block {block}'s merge count r", 0, tokens)
         step_number(level, f"block {block}'s merge level", 1, MAX_LEVEL)
-    apply_token_merging(model, MergeSchedule(step_field(schedule, "method", str), tuple(map(tuple, merges))),
+    merge = step_field(schedule, "merge" if "merge" in schedule else "method", str)  # "method" in recipes written before 0.2
+    apply_token_merging(model, MergeSchedule(merge, tuple(map(tuple, merges))),
                         dense=step_field(step, "dense", bool) if "dense" in step else False, record=False)

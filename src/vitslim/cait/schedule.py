@@ -34,7 +34,7 @@ from vitslim.cait.flops import blocks_flops
 from vitslim.cait.merging import sub_grid, whole_windows, window_count, window_sources
 from vitslim.errors import VitslimError
 
-METHODS = ("atme", "tome", "window")
+MERGES = ("atme", "tome", "window")  # the merge kinds: the Cait config's ``merge``
 
 WINDOW_BLOCK = 1
 """The block after which window merging merges. ALGM merges its windows in the first layer,
@@ -57,12 +57,12 @@ class MergeSchedule:
     previous merging step's (``merging.window_count``).
     """
 
-    method: str
+    merge: str  # the merge kind, one of MERGES
     steps: tuple[tuple[int, int, int], ...]
 
     def __post_init__(self) -> None:
-        if self.method not in METHODS:
-            raise VitslimError(f"unknown token merging method {self.method!r}; choose one of {', '.join(METHODS)}")
+        if self.merge not in MERGES:
+            raise VitslimError(f"unknown merge kind {self.merge!r}; choose one of {', '.join(MERGES)}")
         blocks = [block for block, _, _ in self.steps]
         if blocks != sorted(set(blocks)):
             raise VitslimError("a merge schedule names each block at most once, in order")
@@ -70,10 +70,10 @@ class MergeSchedule:
             if r < 0 or level < 1:
                 raise VitslimError(f"block {block}: merge counts are ≥ 0 and levels ≥ 1 (got r={r}, level={level})")
         levels = [level for _, _, level in self.steps]
-        if self.method != "tome" and levels != sorted(levels):
-            raise VitslimError(f"{'ATME' if self.method == 'atme' else 'window'} levels must not decrease along the network "
+        if self.merge != "tome" and levels != sorted(levels):
+            raise VitslimError(f"{'ATME' if self.merge == 'atme' else 'window'} levels must not decrease along the network "
                                "(destinations must persist)")
-        if self.method == "window":
+        if self.merge == "window":
             previous = 0
             for block, r, level in self.steps:
                 if r:
@@ -88,11 +88,12 @@ class MergeSchedule:
         return sum(r for _, r, _ in self.steps)
 
     def as_dict(self) -> dict:
-        return {"method": self.method, "steps": [list(step) for step in self.steps]}
+        return {"merge": self.merge, "steps": [list(step) for step in self.steps]}
 
     @classmethod
     def from_dict(cls, data: dict) -> MergeSchedule:
-        return cls(str(data["method"]), tuple(tuple(int(v) for v in step) for step in data["steps"]))
+        merge = data["merge"] if "merge" in data else data["method"]  # recipes written before 0.2 call the kind "method"
+        return cls(str(merge), tuple(tuple(int(v) for v in step) for step in data["steps"]))
 
 
 def destinations(grid: tuple[int, int], level: int) -> int:
@@ -100,12 +101,12 @@ def destinations(grid: tuple[int, int], level: int) -> int:
     return math.ceil(grid[0] / rows) * math.ceil(grid[1] / cols)
 
 
-def mergeable(method: str, patches: int, grid: tuple[int, int], level: int, previous_level: int = 0) -> int:
+def mergeable(merge: str, patches: int, grid: tuple[int, int], level: int, previous_level: int = 0) -> int:
     """Tokens one block can merge away with ``patches`` patch tokens left; window merging, after
     a merge at ``previous_level`` (0: none yet), can merge its whole windows' sources only."""
-    if method == "tome":
+    if merge == "tome":
         return patches // 2
-    if method == "window":
+    if merge == "window":
         return whole_windows(grid, level) * window_sources(previous_level, level)
     return max(patches - destinations(grid, level), 0)
 
@@ -122,18 +123,18 @@ def check_schedule(schedule: MergeSchedule, grid: tuple[int, int], prefix: int) 
     """Refuse a schedule that merges more tokens than a block can offer."""
     patches, previous = grid[0] * grid[1], 0
     for block, r, level in schedule.steps:
-        available = mergeable(schedule.method, patches, grid, level, previous)
+        available = mergeable(schedule.merge, patches, grid, level, previous)
         if r > available:
             raise VitslimError(
                 f"block {block} would merge {r} tokens, but only {available} of its {patches} patch tokens can merge"
-                + (f" at level {level}" if schedule.method != "tome" else "")
+                + (f" at level {level}" if schedule.merge != "tome" else "")
             )
         patches -= r
         if r:
             previous = level
 
 
-def plan(method: str, grid: tuple[int, int], depth: int, total: float, concentration: float = 1.0,
+def plan(merge: str, grid: tuple[int, int], depth: int, total: float, concentration: float = 1.0,
          first_level: int = 1) -> MergeSchedule:
     """Merge ``total`` tokens, block i's share weighing (depth-1-i) ** concentration, no block
     more than half of its patch tokens (a total beyond what the caps allow halves every block's
@@ -146,7 +147,7 @@ def plan(method: str, grid: tuple[int, int], depth: int, total: float, concentra
         raise VitslimError("the number of tokens to merge must be ≥ 0")
     if concentration < 0:
         raise VitslimError(f"a merge schedule's concentration must be ≥ 0 (0 spreads merges evenly), got {concentration:g}")
-    if method == "window":
+    if merge == "window":
         return window_plan(grid, depth, total)
     weights = [(depth - 1 - block) ** concentration for block in range(depth - 1)]
     whole = sum(weights)
@@ -157,15 +158,15 @@ def plan(method: str, grid: tuple[int, int], depth: int, total: float, concentra
     for block, weight in enumerate(weights):
         share += total * weight / whole
         wanted = min(round(share) - merged, patches // 2)
-        if method == "atme":
-            while mergeable(method, patches, grid, level) < wanted and level < top_level(grid):
+        if merge == "atme":
+            while mergeable(merge, patches, grid, level) < wanted and level < top_level(grid):
                 level += 1
-        r = min(wanted, mergeable(method, patches, grid, level))
+        r = min(wanted, mergeable(merge, patches, grid, level))
         if r > 0:
-            steps.append((block, r, level if method == "atme" else 1))
+            steps.append((block, r, level if merge == "atme" else 1))
             patches -= r
             merged += r
-    return MergeSchedule(method, tuple(steps))
+    return MergeSchedule(merge, tuple(steps))
 
 
 def window_plan(grid: tuple[int, int], depth: int, total: float) -> MergeSchedule:
@@ -201,17 +202,17 @@ def predicted_speedup(spec: ViTSpec, schedule: MergeSchedule | None, reference: 
     return blocks_flops(reference, full) / blocks_flops(spec, tokens_per_block(schedule, spec))
 
 
-def strongest_schedule(spec: ViTSpec, method: str, concentration: float = 1.0, first_level: int = 1) -> MergeSchedule:
+def strongest_schedule(spec: ViTSpec, merge: str, concentration: float = 1.0, first_level: int = 1) -> MergeSchedule:
     """The plan that merges all it can: every block's cap binds."""
-    return plan(method, spec.grid_size, len(spec.blocks), float(len(spec.blocks) * spec.num_patches), concentration, first_level)
+    return plan(merge, spec.grid_size, len(spec.blocks), float(len(spec.blocks) * spec.num_patches), concentration, first_level)
 
 
-def schedule_for_speedup(spec: ViTSpec, method: str, speedup: float, *, reference: ViTSpec | None = None,
+def schedule_for_speedup(spec: ViTSpec, merge: str, speedup: float, *, reference: ViTSpec | None = None,
                          concentration: float = 1.0, first_level: int = 1) -> MergeSchedule:
     """The gentlest planned schedule whose predicted speed-up (against ``reference``) reaches ``speedup``."""
     grid, depth = spec.grid_size, len(spec.blocks)
     ceiling = float(depth * spec.num_patches)
-    most = strongest_schedule(spec, method, concentration, first_level)
+    most = strongest_schedule(spec, merge, concentration, first_level)
     if predicted_speedup(spec, most, reference) < speedup:
         raise VitslimError(
             f"a {speedup:g}x speed-up is beyond token merging here: merging everything it can gives "
@@ -220,8 +221,8 @@ def schedule_for_speedup(spec: ViTSpec, method: str, speedup: float, *, referenc
     low, high = 0.0, ceiling
     for _ in range(40):
         middle = (low + high) / 2
-        if predicted_speedup(spec, plan(method, grid, depth, middle, concentration, first_level), reference) >= speedup:
+        if predicted_speedup(spec, plan(merge, grid, depth, middle, concentration, first_level), reference) >= speedup:
             high = middle
         else:
             low = middle
-    return plan(method, grid, depth, high, concentration, first_level)
+    return plan(merge, grid, depth, high, concentration, first_level)

@@ -231,7 +231,7 @@ def compress_lowrank(model: nn.Module, batches: Iterable, config: LowRank, *, mi
     if merge_schedule(model) is not None:
         # calibration runs the blocks without the attention keys that the merging hooks need
         raise VitslimError("the model already merges tokens (CAIT); low-rank compress the original model, "
-                           "or compress it with --method lowrank+cait (vitslim.LowRankCait) for both")
+                           "or compress it with the lowrank+cait method (vitslim.LowRankCait) for both")
     compressed = copy.deepcopy(model).eval()
     # a packed nn.MultiheadAttention becomes a qkv Linear (its in_proj, whole: one factorisation shares the input
     # basis of q, k and v, as for timm's qkv) and out_proj, which the allocation then weighs like any other layer
