@@ -6,6 +6,7 @@ from conftest import tiny_vit
 from plain_vit import PlainViT, tiny_hf_vit
 
 import vitslim
+from vitslim import export
 from vitslim.cait.compress import Cait, compress_cait
 from vitslim.cait.patch import merge_schedule
 from vitslim.cait.slicing import slice_channels
@@ -99,15 +100,23 @@ def test_export_to_a_folder_path_is_refused(tmp_path):
         export_onnx(_model("timm"), tmp_path)
 
 
-def test_export_command_checks_the_file_and_keeps_it_only_within_tolerance(tmp_path, capsys):
+def test_export_command_checks_the_file_and_keeps_it_only_when_it_passes(tmp_path, capsys, monkeypatch):
+    """The rule bench applies too: within --tolerance, or off by float32 rounding alone (ONNX
+    Runtime no further from float64 than twice PyTorch's float32 is); anything else is refused."""
     compressed = compress_cait(_model("timm", patch=4), Cait(speedup=1.25, measure=False), Inputs())
     folder = vitslim.save(compressed, tmp_path / "atme")
     target = tmp_path / "atme.onnx"
     assert main(["export", str(folder), "--onnx", str(target), "--check-images", "3"]) == 0
     assert target.is_file() and "max abs difference" in capsys.readouterr().out
+    rounded = tmp_path / "rounded.onnx"
+    assert main(["export", str(folder), "--onnx", str(rounded), "--tolerance", "1e-12"]) == 0
+    assert rounded.is_file() and "accepted as float32 rounding" in capsys.readouterr().out
+    rounded.unlink()
+    onnx_and_reference = export.onnx_and_reference
+    monkeypatch.setattr(export, "onnx_and_reference", lambda *args: (onnx_and_reference(*args)[0] + 0.01, onnx_and_reference(*args)[1]))
     refused = tmp_path / "refused.onnx"
-    assert main(["export", str(folder), "--onnx", str(refused), "--tolerance", "1e-12"]) == 2
-    assert "above --tolerance" in capsys.readouterr().err
+    assert main(["export", str(folder), "--onnx", str(refused)]) == 2
+    assert "error: --tolerance is 0.0001, but the ONNX graph's output differs from PyTorch's: max abs difference 0.01" in capsys.readouterr().err
     assert not refused.exists() and sorted(p.name for p in tmp_path.iterdir()) == ["atme", "atme.onnx"]
 
 

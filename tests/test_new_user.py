@@ -23,6 +23,7 @@ from vitslim.atomic import atomic_file, atomic_folder, claimed
 from vitslim.cait.compress import compress_cait
 from vitslim.data import make_loader, open_images
 from vitslim.errors import ParameterError, VitslimError
+from vitslim.export import INT8_TOLERANCE
 from vitslim.methods import Inputs
 
 # --- item 2: 16-bit PNGs ------------------------------------------------------------------------
@@ -133,8 +134,8 @@ def test_the_int8_tolerance_default_is_the_one_the_readme_explains():
 
     option = next(param for param in cli.cli.commands["export"].params if param.name == "int8_tolerance")
     readme = (Path(__file__).resolve().parents[1] / "README.md").read_text()
-    assert option.default == cli.INT8_TOLERANCE == 0.2
-    assert f"--int8-tolerance ({cli.INT8_TOLERANCE:g})" in readme and "not an accuracy promise" in readme
+    assert option.default == INT8_TOLERANCE == 0.2
+    assert f"--int8-tolerance ({INT8_TOLERANCE:g})" in readme and "not an accuracy promise" in readme
 
 
 # --- item 7: values that cannot meet their promise, refused up front ----------------------------

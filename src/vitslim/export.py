@@ -21,6 +21,7 @@ import contextlib
 import copy
 import io
 import logging
+import math
 import os
 import tempfile
 import warnings
@@ -37,6 +38,8 @@ from vitslim.errors import ParameterError, VitslimError
 from vitslim.quantize import weight_only_matmuls
 
 ONNX_INT8_KINDS = ("dynamic",)
+ONNX_TOLERANCE = 1e-4  # largest absolute output difference from PyTorch a float ONNX file may show (``check_onnx``)
+INT8_TOLERANCE = 0.2  # largest relative output error ||int8 - float|| / ||float|| of an int8 file (docs/export.md has the figures)
 # the weight type ONNX Runtime's dynamic quantiser stores: signed int8 (activations are uint8), as
 # MLAS runs u8 x s8 matmuls with AVX-512 VNNI / AMX natively; u8 x u8 has no such instruction, and
 # on this project's CPU it ran deit_small at batch 8 1.04x as fast as float against 1.58x for s8
@@ -244,6 +247,98 @@ def onnx_and_reference(model: nn.Module, path: str | os.PathLike, images: torch.
     with torch.no_grad(), weight_only_matmuls(model):
         reference = describe(model).output(images).float().cpu()
     return torch.from_numpy(exported), reference
+
+
+@dataclass(frozen=True)
+class OnnxCheck:
+    """A float ONNX file checked against PyTorch by the one rule ``vitslim export`` and ``bench``
+    share (``check_onnx``).
+
+    A file passes when ONNX Runtime's output is within ``tolerance`` of PyTorch's (largest
+    absolute difference). A model whose float32 arithmetic is itself ill-conditioned (factors with
+    large entries, as whitening gives directions its calibration images hardly used) can differ by
+    more than that between two correct float32 runs; its file still passes when ONNX Runtime is at
+    most twice as far from the model's float64 output as PyTorch's own float32 output is
+    (``torch_rounding``, ``onnx_rounding``: measured only beyond the tolerance): it then computes
+    the same function, rounded differently.
+    """
+
+    max_abs_diff: float
+    tolerance: float
+    torch_rounding: float | None = None
+    onnx_rounding: float | None = None
+
+    @property
+    def by_rounding(self) -> bool:
+        """Passed beyond the tolerance, as float32 rounding."""
+        return (not self.max_abs_diff <= self.tolerance and self.onnx_rounding is not None
+                and self.onnx_rounding <= max(self.tolerance, 2 * self.torch_rounding))
+
+    @property
+    def passed(self) -> bool:
+        return self.max_abs_diff <= self.tolerance or self.by_rounding
+
+    def __str__(self) -> str:
+        rounding = ("" if self.onnx_rounding is None else
+                    f"; PyTorch's float32 output is {self.torch_rounding:.3g} from float64, ONNX Runtime's {self.onnx_rounding:.3g}"
+                    + (": accepted as float32 rounding" if self.by_rounding else ""))
+        return f"max abs difference {self.max_abs_diff:.3g} (tolerance {self.tolerance:g}{rounding})"
+
+
+def check_onnx(model: nn.Module, path: str | os.PathLike, images: torch.Tensor, tolerance: float) -> OnnxCheck:
+    """Check the float ONNX file ``path`` against ``model`` on ``images`` (see ``OnnxCheck``)."""
+    exported, reference = onnx_and_reference(model, path, images)
+    difference = float((exported - reference).abs().max())
+    if difference <= tolerance or not math.isfinite(difference):
+        return OnnxCheck(difference, tolerance)
+    exact = float64_output(model, images)
+    if exact is None:
+        return OnnxCheck(difference, tolerance)
+    return OnnxCheck(difference, tolerance, float((reference - exact).abs().max()), float((exported - exact).abs().max()))
+
+
+@dataclass(frozen=True)
+class CheckedExport:
+    """What ``export_checked_onnx`` wrote and measured: the float graph's check and, for an int8
+    file, how ONNX Runtime's int8 output compares with PyTorch's float output."""
+
+    path: Path
+    float_check: OnnxCheck
+    int8: OnnxComparison | None = None
+
+
+def export_checked_onnx(model: nn.Module, path: str | os.PathLike, images: torch.Tensor, *, tolerance: float = ONNX_TOLERANCE,
+                        int8: str | None = None, int8_tolerance: float = INT8_TOLERANCE) -> CheckedExport:
+    """``export_onnx``, kept only when it passes: the float graph must pass ``check_onnx`` on
+    ``images`` within ``tolerance``; with ``int8="dynamic"`` it is then quantised, and the int8
+    file's relative error to PyTorch's float output must be at most ``int8_tolerance`` (a guard
+    against a broken file, not an accuracy promise). ``path`` is written only when every check
+    passes; otherwise a ``VitslimError`` says which failed and by how much."""
+    if int8 is not None and int8 not in ONNX_INT8_KINDS:
+        raise ParameterError("int8", f"must be None or 'dynamic', not {int8!r}")
+    path = Path(path)
+    if path.is_dir():
+        raise VitslimError(f"{path} is a folder; give the ONNX file's path (e.g. {path / 'model.onnx'})")
+    checks: dict[str, object] = {}
+
+    def export_and_check(unchecked: Path) -> None:
+        with tempfile.TemporaryDirectory(prefix=f".{path.stem}.", dir=unchecked.parent) as scratch:
+            float_graph = export_onnx(model, Path(scratch) / "float.onnx") if int8 else export_onnx(model, unchecked)
+            checks["float"] = check = check_onnx(model, float_graph, images, tolerance)
+            if not check.passed:
+                before = " before quantisation" if int8 else ""
+                raise ParameterError("tolerance", f"is {tolerance:g}, but the ONNX graph's output{before} differs from PyTorch's: {check}; "
+                                                  f"{path} was not written")
+            if int8:
+                quantize_onnx_dynamic(float_graph, unchecked)
+        if int8:
+            checks["int8"] = comparison = compare_onnx(model, unchecked, images)
+            if not comparison.relative_error <= int8_tolerance:
+                raise ParameterError("int8_tolerance", f"is {int8_tolerance:g}, but the int8 file's output differs from PyTorch's float "
+                                                       f"output by a relative error of {comparison.relative_error:.3g}; {path} was not written")
+
+    atomic_file(path, export_and_check)
+    return CheckedExport(path, checks["float"], checks.get("int8"))
 
 
 def _example(model: nn.Module, batch_size: int) -> torch.Tensor:

@@ -34,7 +34,7 @@ logger = logging.getLogger(__name__)
 
 RUNTIMES = ("eager", "compile", "onnxruntime")
 COMPILE_MODE = "default"  # torch.compile's own default: no CUDA graphs, no long autotuning
-ONNX_TOLERANCE = 1e-3  # largest absolute output difference from PyTorch an exported file may show
+ONNX_TOLERANCE = export.ONNX_TOLERANCE
 ONNX_CHECK_IMAGES = 4
 
 
@@ -114,19 +114,13 @@ def cached_onnx(model: nn.Module, cache: Path) -> tuple[Path, bool]:
 
 
 def checked_onnx(name: str, model: nn.Module, cache: Path, tolerance: float) -> Path:
-    """The model's cached ONNX file, once ONNX Runtime's output on a few random images matches
-    PyTorch's within ``tolerance`` (largest absolute difference); a clear error otherwise.
-
-    A model whose float32 arithmetic is itself ill-conditioned (factors with large entries, as
-    whitening gives directions its calibration images hardly used) can differ by more than the
-    tolerance between two correct float32 runs. Such a file still passes when ONNX Runtime is at
-    most twice as far from the model's float64 output as PyTorch's own float32 output is: it then
-    computes the same function, rounded differently."""
+    """The model's cached ONNX file, once it passes ``export.check_onnx`` (the rule ``vitslim
+    export`` applies too) within ``tolerance`` on a few random images; a clear error otherwise."""
     model.to("cpu", torch.float32).eval()
     path, reused = cached_onnx(model, cache)
     images = torch.randn(ONNX_CHECK_IMAGES, *describe(model).preprocessing.input_size, generator=torch.Generator().manual_seed(1))
     try:
-        exported, reference = export.onnx_and_reference(model, path, images)
+        check = export.check_onnx(model, path, images, tolerance)
     except Exception as error:  # ONNX Runtime's own types (InvalidProtobuf, Fail, ...) for a damaged file
         if not reused:
             raise
@@ -135,21 +129,13 @@ def checked_onnx(name: str, model: nn.Module, cache: Path, tolerance: float) -> 
                        str(error).splitlines()[0] if str(error) else type(error).__name__)
         path.unlink(missing_ok=True)
         path, _ = cached_onnx(model, cache)
-        exported, reference = export.onnx_and_reference(model, path, images)
-    difference = float((exported - reference).abs().max())
-    if difference <= tolerance:
-        return path
-    exact = export.float64_output(model, images) if math.isfinite(difference) else None
-    rounding = ""
-    if exact is not None:
-        own, onnx = float((reference - exact).abs().max()), float((exported - exact).abs().max())
-        if onnx <= max(tolerance, 2 * own):
-            logger.warning("%s: its ONNX export differs from PyTorch by up to %.3g (tolerance %g), but PyTorch's own float32 output is "
-                           "%.3g from float64 and ONNX Runtime's %.3g: accepted as float32 rounding", name, difference, tolerance, own, onnx)
-            return path
-        rounding = f"; PyTorch's float32 output is {own:.3g} from float64, ONNX Runtime's {onnx:.3g}"
-    raise VitslimError(f"{name}: its ONNX export ({path}) differs from PyTorch by up to {difference:.3g} on {ONNX_CHECK_IMAGES} "
-                       f"random images (tolerance {tolerance:g}{rounding}); timing it would time a different computation")
+        check = export.check_onnx(model, path, images, tolerance)
+    if check.by_rounding:
+        logger.warning("%s: its ONNX export differs from PyTorch by more than the tolerance: %s", name, check)
+    if not check.passed:
+        raise VitslimError(f"{name}: its ONNX export ({path}) differs from PyTorch on {ONNX_CHECK_IMAGES} random images: {check}; "
+                           "timing it would time a different computation")
+    return path
 
 
 def onnx_session(path: Path, *, threads: int, device: torch.device):
