@@ -38,9 +38,9 @@ from vitslim.cait.importance import importance_masks
 from vitslim.cait.patch import MergeSchedule, apply_token_merging, merge_schedule
 from vitslim.cait.schedule import schedule_for_speedup
 from vitslim.cait.slicing import slice_channels
-from vitslim.evaluate import evaluate
+from vitslim.io.recipe import steps as recipe_steps
+from vitslim.measure.evaluate import evaluate
 from vitslim.methods import Inputs
-from vitslim.recipe import steps as recipe_steps
 from vitslim.train import Training
 
 GEOMETRIES = {"deit_tiny": ("deit_tiny_patch16_224", 1.8), "deit_small": ("deit_small_patch16_224", 2.0)}

@@ -35,11 +35,12 @@ from typing import Any
 import torch
 
 import vitslim
-from vitslim import data as imagedata
+from vitslim._infra.atomic import atomic_file
 from vitslim.adapters import describe
-from vitslim.atomic import atomic_file
 from vitslim.cait.merging import unmerge
 from vitslim.cait.patch import token_map
+from vitslim.io import image_dataset, image_sources
+from vitslim.io.image_batches import make_loader, select
 
 ROOT = Path(__file__).resolve().parents[1]
 SHARED = ROOT.parent / "shared"
@@ -275,18 +276,18 @@ def pyplot():
 
 # --- images and models ------------------------------------------------------------------------
 
-def open_split(spec, path: str, *, labelled: bool = True) -> imagedata.ImageDataset:
+def open_split(spec, path: str, *, labelled: bool = True) -> image_dataset.ImageDataset:
     """The images at ``path`` through the model's own eval transform (``spec.preprocessing``),
     labelled with the model's class names when ``labelled``."""
-    transform = imagedata.build_transform(spec.preprocessing)
-    return imagedata.open_images(path, transform, class_names=spec.label_names) if labelled else imagedata.open_images(path, transform)
+    transform = image_dataset.build_transform(spec.preprocessing)
+    return image_sources.open_images(path, transform, class_names=spec.label_names) if labelled else image_sources.open_images(path, transform)
 
 
 def image_batches(images, limit: int | None, batch_size: int, *, seed: int = 0, labels: bool = False) -> list:
-    """A seeded subset of ``limit`` images (``vitslim.data.select``) in batches, the calibration
+    """A seeded subset of ``limit`` images (``vitslim.io.image_batches.select``) in batches, the calibration
     sets the benchmarks draw: each batch's image tensor, or with ``labels`` the whole
     ``(images, labels, skipped)`` the loader gives."""
-    loader = imagedata.make_loader(imagedata.select(images, limit=limit, seed=seed), batch_size)
+    loader = make_loader(select(images, limit=limit, seed=seed), batch_size)
     return list(loader) if labels else [batch for batch, _, _ in loader]
 
 

@@ -1,6 +1,6 @@
 """Composition benchmark (issue #5): low-rank + CAIT under one target on the reference CIFAR-10 ViT.
 
-Each point is compressed from the original with ``vitslim.compose.compress_composed`` and a
+Each point is compressed from the original with ``vitslim.lowrank_cait.compress_composed`` and a
 ``vitslim.LowRankCait`` config (calibration: 256 seeded *train* images; distillation: the train
 split), scored on the whole CIFAR-10 test split, saved under ``OUT/models/`` and finally timed
 with the original in one interleaved run (CPU, batch 32). The single-method points are the same
@@ -25,12 +25,12 @@ from common import ROOT, Rows
 import vitslim
 from vitslim.adapters import describe
 from vitslim.cait.compress import Cait, compress_cait
-from vitslim.compose import LowRankCait, compress_composed
 from vitslim.errors import VitslimError
-from vitslim.evaluate import evaluate
+from vitslim.io.recipe import steps as recipe_steps
 from vitslim.lowrank.compress import LowRank, compress_lowrank
+from vitslim.lowrank_cait import LowRankCait, compress_composed
+from vitslim.measure.evaluate import evaluate
 from vitslim.methods import Inputs
-from vitslim.recipe import steps as recipe_steps
 from vitslim.train import Training
 
 # name: (axes, speed-up, FLOPs ratio, parameter ratio, CDCP epochs, recovery epochs)

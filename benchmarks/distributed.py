@@ -34,9 +34,9 @@ import common
 import torch
 
 import vitslim
-from vitslim import data as imagedata
-from vitslim import distributed
+from vitslim._infra import distributed
 from vitslim.adapters import describe
+from vitslim.io import image_batches
 from vitslim.lowrank.compress import compress_lowrank
 
 BATCH = 64
@@ -54,7 +54,7 @@ def worker(args) -> None:
     compressed = compress_lowrank(model, calibration, vitslim.LowRank(param_ratio=0.5), progress=False)
     distributed.barrier()
     calibrate = time.perf_counter() - start
-    subset = imagedata.select(train, limit=args.steps * BATCH, skip=256, seed=0)
+    subset = image_batches.select(train, limit=args.steps * BATCH, skip=256, seed=0)
     start = time.perf_counter()
     vitslim.distill(compressed, model, subset, vitslim.Training(epochs=1, batch_size=BATCH, seed=0, progress=False))
     distributed.barrier()
@@ -109,7 +109,7 @@ def main() -> None:
         students = [vitslim.load_model(row.pop("weights")) for row in rows]
     spec = vitslim.describe(students[0])
     test = common.open_split(spec, args.test)
-    images = torch.cat([batch[0] for batch in imagedata.make_loader(imagedata.select(test, limit=256, seed=0), 64)])
+    images = torch.cat([batch[0] for batch in image_batches.make_loader(image_batches.select(test, limit=256, seed=0), 64)])
     with torch.no_grad():
         reference_logits, reference_weights = students[0](images), effective_weights(students[0])
         for row, student in zip(rows, students):

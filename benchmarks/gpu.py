@@ -68,11 +68,11 @@ import torch
 from common import SHARED
 
 import vitslim
-from vitslim import runtimes
-from vitslim.bench import DTYPES, check_runs
 from vitslim.cait.importance import importance_masks
 from vitslim.cait.slicing import slice_channels
-from vitslim.metrics import count_flops, count_params
+from vitslim.measure import runtimes
+from vitslim.measure.bench import DTYPES, check_runs
+from vitslim.measure.metrics import count_flops, count_params
 
 DINOV2 = f"local-dir:{SHARED / 'models' / 'dinov2-s14'}"
 TIMM_GEOMETRIES = {"deit_small": "deit_small_patch16_224", "deit_base": "deit_base_patch16_224"}

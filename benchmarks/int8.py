@@ -32,11 +32,11 @@ from common import Column
 from torch.utils.data import TensorDataset
 
 import vitslim
-from vitslim import data as imagedata
-from vitslim.export import export_onnx
-from vitslim.progress import track
-from vitslim.quantize import quantize_int8
-from vitslim.runtimes import onnx_session
+from vitslim._infra.progress import track
+from vitslim.deploy.export import export_onnx
+from vitslim.deploy.quantize import quantize_int8
+from vitslim.io import image_batches
+from vitslim.measure.runtimes import onnx_session
 
 OUT = common.RESULTS / "int8"
 DINOV2 = f"local-dir:{common.SHARED / 'models' / 'dinov2-s14'}"
@@ -76,13 +76,13 @@ def timed(name: str, model: torch.nn.Module, args) -> list[dict]:
 def scored(name: str, model: torch.nn.Module, test_path: str, args) -> dict[tuple[str, str], dict]:
     """Top-1 and agreement with float32 of every kind in both runtimes, on the same seeded images."""
     spec = vitslim.describe(model)
-    test = imagedata.select(common.open_split(spec, test_path), limit=args.test_images, seed=args.seed)
+    test = image_batches.select(common.open_split(spec, test_path), limit=args.test_images, seed=args.seed)
     described = [(kind, vitslim.describe(module)) for kind, module in kinds_of(model)]
     sessions = [(kind, onnx_session(path, threads=torch.get_num_threads(), device=torch.device("cpu")))
                 for kind, path in onnx_files(name, model, Path(args.out) / "models")]
     predictions: dict[tuple[str, str], list[torch.Tensor]] = {}
     labels = []
-    for images, batch_labels, _ in track(imagedata.make_loader(test, args.eval_batch), f"scoring {name}", unit="batch"):
+    for images, batch_labels, _ in track(image_batches.make_loader(test, args.eval_batch), f"scoring {name}", unit="batch"):
         labels.append(batch_labels)
         with torch.inference_mode():
             for kind, module_spec in described:

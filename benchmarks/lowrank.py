@@ -22,7 +22,7 @@ import common
 
 import vitslim
 from vitslim.lowrank.compress import compress_lowrank
-from vitslim.metrics import count_params
+from vitslim.measure.metrics import count_params
 
 # name: (config class, its settings besides the parameter budget)
 VARIANTS = {

@@ -21,9 +21,9 @@ import common
 import torch
 
 import vitslim
-from vitslim.bench import _peak_rss_mb
 from vitslim.lowrank.compress import compress_lowrank
-from vitslim.metrics import count_params
+from vitslim.measure.bench import _peak_rss_mb
+from vitslim.measure.metrics import count_params
 
 
 def main() -> None:

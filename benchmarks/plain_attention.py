@@ -34,10 +34,10 @@ from common import Column, Rows
 from torch import nn
 
 import vitslim
-from vitslim import data as imagedata
+from vitslim._infra.progress import track
 from vitslim.adapters.base import PREPROCESSING_ATTR, Preprocessing
-from vitslim.export import onnx_max_abs_diff
-from vitslim.progress import track
+from vitslim.deploy.export import onnx_max_abs_diff
+from vitslim.io import image_sources
 
 CIFAR_MEAN = (0.4914, 0.4822, 0.4465)
 CIFAR_STD = (0.2470, 0.2435, 0.2616)
@@ -68,7 +68,7 @@ class PostNormViT(nn.Module):
 def decode_split(path: str, limit: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """Every image of a CIFAR-10 zip as uint8 ``[N, 3, 32, 32]`` and its labels: decoded once, so
     that an epoch costs no JPEG decoding."""
-    dataset = imagedata.open_images(path, None)
+    dataset = image_sources.open_images(path, None)
     count = len(dataset) if limit is None else min(limit, len(dataset))
     images = torch.empty(count, 3, 32, 32, dtype=torch.uint8)
     labels = torch.empty(count, dtype=torch.long)

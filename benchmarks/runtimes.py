@@ -38,9 +38,9 @@ import torch
 from torch.utils.data import TensorDataset
 
 import vitslim
-from vitslim import runtimes
 from vitslim.errors import VitslimError
-from vitslim.metrics import count_params
+from vitslim.measure import runtimes
+from vitslim.measure.metrics import count_params
 
 OUT = common.RESULTS / "runtimes"
 DINOV2_SAVED = common.RESULTS / "dinov2" / "models"

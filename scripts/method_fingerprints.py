@@ -21,7 +21,9 @@ import torch
 
 import vitslim
 from vitslim.adapters import describe
-from vitslim.data import build_transform, open_images, select
+from vitslim.io.image_batches import select
+from vitslim.io.image_dataset import build_transform
+from vitslim.io.image_sources import open_images
 
 SHARED = Path(__file__).resolve().parents[2] / "shared"
 MODEL = SHARED / "models" / "vit-d6-cifar10"

@@ -2,7 +2,7 @@
 
 import pytest
 
-from vitslim.atomic import atomic_file
+from vitslim._infra.atomic import atomic_file
 
 
 def test_a_failed_write_leaves_the_previous_file_and_no_partial(tmp_path):

@@ -16,10 +16,11 @@ from conftest import tiny_vit
 from PIL import Image
 
 import vitslim
-from vitslim import progress
-from vitslim.data import make_loader, open_images
+from vitslim._infra import progress
 from vitslim.errors import VitslimError
-from vitslim.persist import RECIPE_FILE, WEIGHTS_FILE
+from vitslim.io.image_batches import make_loader
+from vitslim.io.image_sources import open_images
+from vitslim.io.persist import RECIPE_FILE, WEIGHTS_FILE
 from vitslim.train import Training, distill
 
 
@@ -141,7 +142,7 @@ def test_distill_logs_progress_every_few_steps_within_an_epoch(monkeypatch, capl
 
 def _cli_error(capsys, args: list[str]) -> str:
     """Run the CLI; assert it refused with one ``vitslim: error:`` line and no traceback; return that line."""
-    from vitslim.cli import main
+    from vitslim.apps.cli import main
 
     code = main(args)
     err = capsys.readouterr().err.strip()
@@ -278,8 +279,8 @@ def test_recipe_mutated_at_random_reloads_identically_or_fails_cleanly(tmp_path)
     from vitslim.cait.patch import apply_token_merging
     from vitslim.cait.schedule import MergeSchedule
     from vitslim.cait.slicing import slice_channels
+    from vitslim.deploy.quantize import quantize_int8
     from vitslim.lowrank.compress import SVD, compress_lowrank
-    from vitslim.quantize import quantize_int8
 
     model = tiny_vit(patch_size=4, embed_dim=48, num_heads=3)
     slice_channels(model, masks={"0": {"qk": torch.arange(16) < 12, "v": torch.arange(16) < 10, "mlp": torch.arange(192) < 100}})

@@ -10,12 +10,13 @@ import torch
 from conftest import tiny_vit
 
 import vitslim
-from vitslim import export, runtimes
-from vitslim.bench import benchmark
-from vitslim.cli import main
+from vitslim.apps.cli import main
+from vitslim.deploy import export
+from vitslim.deploy.quantize import weight_only_matmuls
 from vitslim.errors import VitslimError
-from vitslim.metrics import count_params
-from vitslim.quantize import weight_only_matmuls
+from vitslim.measure import runtimes
+from vitslim.measure.bench import benchmark
+from vitslim.measure.metrics import count_params
 
 FAST = dict(batch_size=2, runs=20, warmup=1, progress=False)
 

@@ -19,9 +19,9 @@ import vitslim
 from vitslim.cait.gates import ADAPT_RATE, GATES_ATTR, PENALTY_WEIGHT, attach_gates, detach_gates
 from vitslim.cait.slicing import slice_channels
 from vitslim.errors import VitslimError
-from vitslim.metrics import count_params
-from vitslim.persist import RECIPE_FILE
-from vitslim.recipe import steps as recipe_steps
+from vitslim.io.persist import RECIPE_FILE
+from vitslim.io.recipe import steps as recipe_steps
+from vitslim.measure.metrics import count_params
 from vitslim.train import LR_SCALE_ATTR
 
 CHANNEL_GEOMETRY = dict(img_size=32, patch_size=8, depth=2, embed_dim=48, num_heads=3, num_classes=10)  # 17 tokens, head_dim 16

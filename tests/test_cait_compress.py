@@ -12,15 +12,15 @@ from conftest import COMPRESSIBLE, tiny_vit
 from plain_vit import PlainViT, tiny_hf_vit, write_random_images
 
 import vitslim
-from vitslim import data as imagedata
+from vitslim.apps.cli import main
 from vitslim.cait.compress import Cait, compress_cait
 from vitslim.cait.patch import apply_token_merging, merge_schedule
 from vitslim.cait.schedule import predicted_speedup, schedule_for_speedup, strongest_schedule
 from vitslim.cait.shape import choose_concentration
-from vitslim.cli import main
 from vitslim.errors import VitslimError
+from vitslim.io import image_dataset, image_sources
+from vitslim.io.recipe import steps as recipe_steps
 from vitslim.methods import Inputs
-from vitslim.recipe import steps as recipe_steps
 from vitslim.train import Training
 
 
@@ -53,7 +53,7 @@ def test_training_free_cait_merges_tokens_and_leaves_the_original_alone(tmp_path
 
 def test_cait_with_training_prunes_channels_and_reloads_bit_identically(tmp_path, images):
     model = tiny_vit(name="vit_tiny_patch16_224", **COMPRESSIBLE)
-    dataset = imagedata.open_images(images, imagedata.build_transform(vitslim.describe(model).preprocessing))
+    dataset = image_sources.open_images(images, image_dataset.build_transform(vitslim.describe(model).preprocessing))
     compressed = _cait(model, dataset, speedup=2.0, gate_training=Training(epochs=2, batch_size=4, lr=1e-3, progress=False), gate_lr_scale=2000.0,
                                measure=False)
     steps = {step["method"]: step for step in recipe_steps(compressed)}
@@ -71,7 +71,7 @@ def test_a_short_gate_training_at_a_low_learning_rate_still_prunes(images):
     """12 steps at lr 1e-5: at the default gate learning-rate scale no gate could move from 3 to 0;
     the scale follows the number of steps, so the gates reach their budget."""
     model = tiny_vit(name="vit_tiny_patch16_224", **COMPRESSIBLE)
-    dataset = imagedata.open_images(images, imagedata.build_transform(vitslim.describe(model).preprocessing))
+    dataset = image_sources.open_images(images, image_dataset.build_transform(vitslim.describe(model).preprocessing))
     compressed = _cait(model, dataset, speedup=2.0, gate_training=Training(epochs=2, batch_size=4, lr=1e-5, progress=False),
                                measure=False)
     assert sum(p.numel() for p in compressed.parameters()) < 0.9 * sum(p.numel() for p in model.parameters())
@@ -102,7 +102,7 @@ def test_the_chosen_concentration_is_the_candidate_closest_to_the_unmerged_logit
 def test_training_images_choose_the_schedule_and_the_recipe_records_it(tmp_path, images):
     model = tiny_vit(name="vit_tiny_patch16_224", **COMPRESSIBLE)
     spec = vitslim.describe(model)
-    dataset = imagedata.open_images(images, imagedata.build_transform(spec.preprocessing))
+    dataset = image_sources.open_images(images, image_dataset.build_transform(spec.preprocessing))
     compressed = _cait(model, dataset, speedup=1.5, measure=False)
     step = next(step for step in recipe_steps(compressed) if step["method"] == "merging")
     assert set(step["concentration_kl"]) == {"0", "1", "2", "4"}
@@ -199,7 +199,7 @@ def test_hf_folder_compress_eval_bench_through_the_cli(tmp_path, images, capsys)
 def test_plain_torch_vit_compress_eval_bench_in_python(tmp_path, images):
     torch.manual_seed(0)
     model = PlainViT(img_size=32, patch_size=4, dim=48, depth=3, heads=3, mlp_dim=96, num_classes=3).eval()
-    dataset = imagedata.open_images(images, imagedata.build_transform(vitslim.describe(model).preprocessing))
+    dataset = image_sources.open_images(images, image_dataset.build_transform(vitslim.describe(model).preprocessing))
     compressed = _cait(model, dataset, speedup=1.5, gate_training=Training(epochs=1, batch_size=8, progress=False), measure=False)
     folder = vitslim.save(compressed, tmp_path / "plain-cait")
     reloaded = vitslim.load_model(folder, skeleton=PlainViT(img_size=32, patch_size=4, dim=48, depth=3, heads=3, mlp_dim=96, num_classes=3))

@@ -33,7 +33,7 @@ from vitslim.cait.patch import (
 )
 from vitslim.cait.schedule import check_schedule, plan, predicted_speedup, schedule_for_speedup, tokens_per_block
 from vitslim.errors import VitslimError
-from vitslim.recipe import steps as recipe_steps
+from vitslim.io.recipe import steps as recipe_steps
 
 GRID = (6, 8)
 PREFIX = 2

@@ -9,7 +9,7 @@ from PIL import Image
 from shared_paths import CIFAR_TEST_ZIP, VIT_D6, needs_shared
 
 import vitslim
-from vitslim.cli import main
+from vitslim.apps.cli import main
 
 
 @pytest.fixture(scope="module")

@@ -12,10 +12,12 @@ from conftest import COMPRESSIBLE, tiny_vit
 from plain_vit import tiny_hf_vit, write_random_images
 
 import vitslim
-from vitslim import data as imagedata
+from vitslim.apps.cli import main
 from vitslim.cait.importance import importance_masks
-from vitslim.cli import main
-from vitslim.compose import (
+from vitslim.errors import VitslimError
+from vitslim.io import image_batches, image_dataset, image_sources
+from vitslim.io.recipe import steps as recipe_steps
+from vitslim.lowrank_cait import (
     LowRankCait,
     Probe,
     Target,
@@ -25,10 +27,8 @@ from vitslim.compose import (
     probe_axes,
     split_target,
 )
-from vitslim.errors import VitslimError
+from vitslim.measure.metrics import count_params
 from vitslim.methods import Inputs
-from vitslim.metrics import count_params
-from vitslim.recipe import steps as recipe_steps
 
 TOTAL, FIXED = 1000, 200
 
@@ -132,7 +132,7 @@ def _logits(model):
 def test_three_axes_compose_meet_the_budget_and_reload_bit_identically(tmp_path, images):
     model = tiny_vit(name="vit_tiny_patch16_224", **COMPRESSIBLE)
     before = _logits(model)
-    dataset = imagedata.open_images(images, imagedata.build_transform(vitslim.describe(model).preprocessing))
+    dataset = image_sources.open_images(images, image_dataset.build_transform(vitslim.describe(model).preprocessing))
     budget = int(0.6 * count_params(model))
     training = vitslim.Training(epochs=1, batch_size=8, progress=False)
     composed = vitslim.compress(model, "lowrank+cait", dataset, calib_images=len(dataset), calib_batch_size=8, flops_ratio=0.5, params=budget,
@@ -173,8 +173,8 @@ def _composed(model, calibration, **settings):
 def test_training_free_composition_uses_only_low_rank_and_tokens_on_hf(images):
     torch.manual_seed(0)
     model = tiny_hf_vit(num_labels=3).eval()
-    dataset = imagedata.open_images(images, imagedata.build_transform(vitslim.describe(model).preprocessing))
-    composed = _composed(model, list(imagedata.make_loader(dataset, 8)), flops_ratio=0.6)
+    dataset = image_sources.open_images(images, image_dataset.build_transform(vitslim.describe(model).preprocessing))
+    composed = _composed(model, list(image_batches.make_loader(dataset, 8)), flops_ratio=0.6)
     split = recipe_steps(composed)[-1]
     assert split["levels"]["channels"] == 1.0 and {probe["axis"] for probe in split["probes"]} == {"lowrank", "tokens"}
     assert vitslim.evaluate(composed, images, teacher=model, progress=False)["flops"] < vitslim.evaluate(model, images, progress=False)["flops"]
@@ -212,8 +212,8 @@ def test_a_fixed_concentration_plans_the_composed_schedule_without_a_choice(imag
     from vitslim.cait.schedule import schedule_for_speedup
 
     model = tiny_vit(name="vit_tiny_patch16_224", **COMPRESSIBLE)
-    dataset = imagedata.open_images(images, imagedata.build_transform(vitslim.describe(model).preprocessing))
-    composed = _composed(model, list(imagedata.make_loader(dataset, 8)), flops_ratio=0.7, axes=("tokens",), concentration=0.0)
+    dataset = image_sources.open_images(images, image_dataset.build_transform(vitslim.describe(model).preprocessing))
+    composed = _composed(model, list(image_batches.make_loader(dataset, 8)), flops_ratio=0.7, axes=("tokens",), concentration=0.0)
     merging = next(step for step in recipe_steps(composed) if step["method"] == "merging")
     level = recipe_steps(composed)[-1]["levels"]["tokens"]
     assert merging["concentration"] == 0.0 and "concentration_kl" not in merging

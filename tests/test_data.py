@@ -1,4 +1,4 @@
-"""vitslim.data: source detection, labels, unreadable images, subsets and batches."""
+"""vitslim.io: source detection, labels, unreadable images, subsets and batches."""
 
 from __future__ import annotations
 
@@ -12,8 +12,10 @@ import torch
 from PIL import Image
 
 from vitslim.adapters.base import IMAGENET_PREPROCESSING, Preprocessing
-from vitslim.data import UNLABELLED, Batch, as_batch, build_transform, is_labelled, make_loader, open_images, select
 from vitslim.errors import VitslimError
+from vitslim.io.image_batches import Batch, as_batch, is_labelled, make_loader, select
+from vitslim.io.image_dataset import UNLABELLED, build_transform
+from vitslim.io.image_sources import open_images
 
 SHARED_DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data"
 TINY = Preprocessing(input_size=(3, 8, 8), mean=(0.5,) * 3, std=(0.5,) * 3, crop_pct=1.0)

@@ -2,8 +2,8 @@
 
 import pytest
 
-from vitslim.cli import main
-from vitslim.demo import run_demo
+from vitslim.apps.cli import main
+from vitslim.apps.demo import run_demo
 from vitslim.errors import VitslimError
 
 

@@ -11,7 +11,7 @@ import vitslim
 from vitslim.cait.merging import unmerge
 from vitslim.cait.patch import apply_token_merging, reads_patch_tokens, remove_token_merging, token_map, token_merging
 from vitslim.cait.schedule import MergeSchedule, schedule_for_speedup
-from vitslim.objective import Objective, infer_kind, objective_for
+from vitslim.measure.objective import Objective, infer_kind, objective_for
 
 IMAGES = torch.randn(4, 3, 32, 32, generator=torch.Generator().manual_seed(3))
 
@@ -112,7 +112,7 @@ def test_dense_mode_is_chosen_when_the_output_reads_patch_tokens():
     model = SaliencyModel()
     apply_token_merging(model, _schedule(model))
     assert model(IMAGES).shape == (4, 1, 32, 32)
-    assert vitslim.recipe.find_step(model, "merging")["dense"] is True
+    assert vitslim.io.recipe.find_step(model, "merging")["dense"] is True
     remove_token_merging(model)
     torch.testing.assert_close(model(IMAGES), SaliencyModel()(IMAGES))
 
@@ -189,7 +189,7 @@ def test_evaluate_scores_a_dense_model_by_fidelity_to_its_teacher(tiny_image_fol
 
 def test_a_merged_dense_model_exports_to_onnx_and_runs_in_onnx_runtime(tmp_path):
     pytest.importorskip("onnxruntime")
-    from vitslim.export import export_onnx, onnx_max_abs_diff
+    from vitslim.deploy.export import export_onnx, onnx_max_abs_diff
 
     model = SaliencyModel()
     apply_token_merging(model, _schedule(model))
@@ -200,7 +200,7 @@ def test_a_merged_dense_model_exports_to_onnx_and_runs_in_onnx_runtime(tmp_path)
 def test_old_merging_steps_reload_in_classification_mode():
     vit = tiny_vit(**COMPRESSIBLE)
     step = {"method": "merging", "schedule": MergeSchedule("atme", ((0, 16, 1),)).as_dict()}
-    vitslim.recipe.rebuild(vit, step, None)
+    vitslim.io.recipe.rebuild(vit, step, None)
     assert vit.forward_features(IMAGES).shape[1] == 65 - 16
 
 
@@ -209,7 +209,7 @@ def test_a_timm_feature_extractor_compresses_from_the_cli_and_is_scored_on_its_f
     the features' (relative MSE; cosine, Pearson r), not logits."""
     import json
 
-    from vitslim.cli import main
+    from vitslim.apps.cli import main
 
     original = vitslim.save(tiny_vit(**{**COMPRESSIBLE, "num_classes": 0, "img_size": 40}), tmp_path / "features")
     assert main(["compress", str(original), "--data", str(tiny_image_folder), "--method", "cait", "--speedup", "1.5", "--plan-only",

@@ -15,7 +15,7 @@ from conftest import COMPRESSIBLE, tiny_vit
 from plain_vit import write_random_images
 
 import vitslim
-from vitslim.cli import main
+from vitslim.apps.cli import main
 
 
 def _torchrun(*args: str, processes: int = 2) -> subprocess.CompletedProcess:
@@ -88,7 +88,7 @@ def test_channel_pruning_with_merging_trains_under_ddp_and_writes_once(setup):
 def test_shutdown_leaves_the_process_group_and_is_a_no_op_without_one(tmp_path):
     import torch.distributed as dist
 
-    from vitslim import distributed
+    from vitslim._infra import distributed
 
     dist.init_process_group("gloo", init_method=f"file://{tmp_path / 'store'}", rank=0, world_size=1)
     try:

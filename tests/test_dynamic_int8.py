@@ -14,9 +14,8 @@ from conftest import outputs, relative_error, tiny_vit
 from torch import nn
 
 import vitslim
-from vitslim.cli import main
-from vitslim.errors import ParameterError, VitslimError
-from vitslim.export import (
+from vitslim.apps.cli import main
+from vitslim.deploy.export import (
     compare_onnx,
     cpu_flags,
     export_onnx,
@@ -25,11 +24,12 @@ from vitslim.export import (
     onnx_weight_type,
     program_max_abs_diff,
 )
+from vitslim.deploy.quantize import DynamicInt8Linear, Int8Linear, quantize_int8, weight_only_matmuls
+from vitslim.errors import ParameterError, VitslimError
+from vitslim.io.recipe import steps as recipe_steps
 from vitslim.lowrank.compress import SVD, compress_lowrank
 from vitslim.lowrank.layers import LowRankLinear
-from vitslim.metrics import count_flops, count_params
-from vitslim.quantize import DynamicInt8Linear, Int8Linear, quantize_int8, weight_only_matmuls
-from vitslim.recipe import steps as recipe_steps
+from vitslim.measure.metrics import count_flops, count_params
 
 # 16 patches of 4x4, width 64, depth 4: the Linears hold 96% of the parameters (as in test_quantize)
 GEOMETRY = dict(img_size=16, patch_size=4, embed_dim=64, depth=4, num_heads=2, num_classes=10)
@@ -115,7 +115,8 @@ def test_dynamic_int8_round_trips_through_safetensors_and_the_recipe(lowrank_dyn
 
 
 def test_recipes_without_a_kind_rebuild_weight_only_and_unknown_kinds_are_refused(tmp_path):
-    from vitslim import quantize, recipe
+    from vitslim.deploy import quantize
+    from vitslim.io import recipe
 
     model = quantize_int8(tiny_vit())
     assert recipe_steps(model)[-1]["kind"] == "weight"
@@ -204,7 +205,7 @@ def test_compress_command_int8_kinds(tiny_model_folder, tiny_image_folder, tmp_p
 
 
 def test_int8_weights_are_unsigned_only_where_signed_ones_would_saturate():
-    from vitslim.export import ONNX_WEIGHT_TYPE
+    from vitslim.deploy.export import ONNX_WEIGHT_TYPE
 
     assert onnx_weight_type(frozenset({"sse4_2", "avx2", "fma"})) == "QUInt8"  # AVX2 alone: vpmaddubsw saturates
     assert onnx_weight_type(frozenset({"avx2", "avx512f", "avx512_vnni"})) == ONNX_WEIGHT_TYPE == "QInt8"

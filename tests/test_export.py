@@ -6,17 +6,17 @@ from conftest import tiny_vit
 from plain_vit import PlainViT, tiny_hf_vit
 
 import vitslim
-from vitslim import export
+from vitslim.apps.cli import main
 from vitslim.cait.compress import Cait, compress_cait
 from vitslim.cait.patch import merge_schedule
 from vitslim.cait.slicing import slice_channels
-from vitslim.cli import main
+from vitslim.deploy import export
+from vitslim.deploy.export import export_onnx, onnx_max_abs_diff
+from vitslim.deploy.quantize import quantize_int8
 from vitslim.errors import VitslimError
-from vitslim.export import export_onnx, onnx_max_abs_diff
+from vitslim.io.recipe import steps as recipe_steps
 from vitslim.lowrank.compress import SVD, LowRank, compress_lowrank
 from vitslim.methods import Inputs
-from vitslim.quantize import quantize_int8
-from vitslim.recipe import steps as recipe_steps
 
 # width 64 and 10 classes, like the hf and plain models beside it
 EXPORT_GEOMETRY = dict(img_size=32, patch_size=8, embed_dim=64, depth=2, num_heads=2, num_classes=10)
@@ -124,7 +124,7 @@ def test_composed_model_exports_to_onnx_and_torch_export(tmp_path):
     """Sliced channels, then low-rank factors on the sliced layers, then ATME: the three steps of
     --method lowrank+cait, in both formats."""
     from vitslim.cait.importance import importance_masks
-    from vitslim.export import export_program, program_max_abs_diff
+    from vitslim.deploy.export import export_program, program_max_abs_diff
 
     model = _model("timm", patch=4)
     slice_channels(model, masks=importance_masks(model, 0.6))
@@ -138,7 +138,7 @@ def test_composed_model_exports_to_onnx_and_torch_export(tmp_path):
 
 @pytest.mark.parametrize("family", ["timm", "hf", "torch"])
 def test_merged_low_rank_model_round_trips_through_torch_export(family, tmp_path):
-    from vitslim.export import export_program, program_max_abs_diff
+    from vitslim.deploy.export import export_program, program_max_abs_diff
 
     factorised = compress_lowrank(_model(family, patch=4), _calibration(), SVD(param_ratio=0.6), progress=False)
     compressed = compress_cait(factorised, Cait(speedup=1.2, measure=False), Inputs())
@@ -162,7 +162,7 @@ def test_quiet_exporter_hides_exporter_chatter_and_restores_the_loggers(caplog, 
     import logging
     import warnings
 
-    from vitslim.export import _quiet_exporter
+    from vitslim.deploy.export import _quiet_exporter
 
     logging.getLogger("onnx_ir").setLevel(logging.NOTSET)
     with caplog.at_level(logging.WARNING), warnings.catch_warnings(record=True) as caught:

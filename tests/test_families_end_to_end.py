@@ -7,7 +7,7 @@ import torch
 from plain_vit import PlainViT, tiny_hf_vit, write_random_images
 
 import vitslim
-from vitslim.cli import main
+from vitslim.apps.cli import main
 from vitslim.errors import VitslimError
 
 
@@ -80,10 +80,10 @@ def test_plain_torch_vit_compress_eval_bench_in_python(tmp_path, images):
     torch.manual_seed(0)
     model = PlainViT(num_classes=3).eval()
     spec = vitslim.describe(model)
-    from vitslim import data as imagedata
+    from vitslim.io import image_batches, image_dataset, image_sources
 
-    dataset = imagedata.open_images(images, imagedata.build_transform(spec.preprocessing))
-    batches = [batch for batch, _, _ in imagedata.make_loader(dataset, 4)]
+    dataset = image_sources.open_images(images, image_dataset.build_transform(spec.preprocessing))
+    batches = [batch for batch, _, _ in image_batches.make_loader(dataset, 4)]
     compressed = vitslim.compress(model, vitslim.LowRank(param_ratio=0.7), batches, calib_images=1, progress=False)
     folder = vitslim.save(compressed, tmp_path / "plain-small")
     reloaded = vitslim.load_model(folder, skeleton=PlainViT(num_classes=3))

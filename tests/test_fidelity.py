@@ -9,8 +9,8 @@ import numpy as np
 import pytest
 import torch
 
-from vitslim import fidelity
-from vitslim.fidelity import MapFidelity, dense_loss, output_kind
+from vitslim.measure import fidelity
+from vitslim.measure.fidelity import MapFidelity, dense_loss, output_kind
 
 UNEVEN_BATCHES = (1, 5, 3, 4)  # 13 images
 

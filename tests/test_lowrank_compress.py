@@ -7,11 +7,11 @@ from plain_vit import PlainViT, tiny_hf_vit
 
 import vitslim
 from vitslim.errors import VitslimError
+from vitslim.io.recipe import steps as recipe_steps
 from vitslim.lowrank.compress import compress_lowrank, compressible_linears
 from vitslim.lowrank.layers import LowRankLinear
+from vitslim.measure.metrics import count_params
 from vitslim.methods import configure
-from vitslim.metrics import count_params
-from vitslim.recipe import steps as recipe_steps
 
 # width 64 and 10 classes, like the hf and plain models beside it
 LOWRANK_GEOMETRY = dict(img_size=32, patch_size=8, embed_dim=64, depth=2, num_heads=2, num_classes=10)

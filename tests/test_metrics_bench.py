@@ -6,9 +6,9 @@ from conftest import tiny_vit
 from torch import nn
 from torch.nn import functional as F
 
-from vitslim.bench import benchmark
 from vitslim.errors import VitslimError
-from vitslim.metrics import ClassificationScore, count_flops, count_params
+from vitslim.measure.bench import benchmark
+from vitslim.measure.metrics import ClassificationScore, count_flops, count_params
 
 
 def test_flops_of_a_linear_are_two_per_multiply_add():
@@ -86,10 +86,10 @@ def test_benchmark_reports_every_model_with_ratios_to_the_first():
 
 
 @pytest.mark.parametrize("kwargs, message", [
-    ({"batch_size": 0}, "batch-size"),
+    ({"batch_size": 0}, "^batch_size must be at least 1"),
     ({"runs": 5}, "at least 20"),
-    ({"dtype": "int3"}, "unknown dtype"),
-    ({"threads": 0}, "threads"),
+    ({"dtype": "int3"}, "^dtype is 'int3'; choose one of"),
+    ({"threads": 0}, "^threads must be at least 1"),
 ])
 def test_benchmark_rejects_bad_settings(kwargs, message):
     model = tiny_vit(seed=None, num_classes=10)

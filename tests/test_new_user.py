@@ -18,12 +18,14 @@ from conftest import COMPRESSIBLE, tiny_vit
 from PIL import Image
 
 import vitslim
-from vitslim import cli, runtimes
-from vitslim.atomic import atomic_file, atomic_folder, claimed
+from vitslim._infra.atomic import atomic_file, atomic_folder, claimed
+from vitslim.apps import cli
 from vitslim.cait.compress import compress_cait
-from vitslim.data import make_loader, open_images
+from vitslim.deploy.export import INT8_TOLERANCE
 from vitslim.errors import ParameterError, VitslimError
-from vitslim.export import INT8_TOLERANCE
+from vitslim.io.image_batches import make_loader
+from vitslim.io.image_sources import open_images
+from vitslim.measure import runtimes
 from vitslim.methods import Inputs
 
 # --- item 2: 16-bit PNGs ------------------------------------------------------------------------
@@ -163,7 +165,7 @@ def test_piped_cli_prints_progress_without_verbose(tiny_model_folder, tiny_image
     done = subprocess.run([sys.executable, "-m", "vitslim", "eval", str(tiny_model_folder), "--data", str(tiny_image_folder)],
                           capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stderr[-2000:]
-    assert "vitslim.progress: evaluating: batch 1/1" in done.stderr
+    assert "vitslim._infra.progress: evaluating: batch 1/1" in done.stderr
 
 
 # --- item 9: saved files as readable as the user's others ---------------------------------------

@@ -9,7 +9,7 @@ from shared_paths import VIT_D6, needs_shared
 
 import vitslim
 from vitslim.errors import VitslimError
-from vitslim.persist import RECIPE_FILE, WEIGHTS_FILE
+from vitslim.io.persist import RECIPE_FILE, WEIGHTS_FILE
 
 TEN_CLASSES = dict(TINY, num_classes=10)
 

@@ -14,11 +14,11 @@ from conftest import tiny_vit
 from torch import nn
 
 import vitslim
-from vitslim import recipe
-from vitslim.cli import main
+from vitslim.apps.cli import main
 from vitslim.errors import ParameterError, VitslimError
+from vitslim.io import recipe
+from vitslim.io.recipe import find_step, steps
 from vitslim.methods import Inputs, Method, get_method, method_names, register_method, setting, unregister_method
-from vitslim.recipe import find_step, steps
 
 FIXTURES = Path(__file__).parent / "fixtures" / "v0.1"
 
@@ -113,7 +113,7 @@ def test_recovery_moves_the_result_towards_the_original():
     plain = vitslim.compress(original, "svd", images, param_ratio=0.4, progress=False)
     recovered = vitslim.compress(original, "svd", images, param_ratio=0.4, progress=False,
                                  recovery=vitslim.Training(epochs=4, lr=3e-3, batch_size=4, progress=False))
-    from vitslim.objective import mean_divergence
+    from vitslim.measure.objective import mean_divergence
 
     with torch.no_grad():
         teacher = [original(batch) for batch in images]

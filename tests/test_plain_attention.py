@@ -20,14 +20,14 @@ from vitslim.cait.gates import attach_gates
 from vitslim.cait.patch import apply_token_merging
 from vitslim.cait.schedule import MergeSchedule
 from vitslim.cait.slicing import slice_channels
+from vitslim.deploy.quantize import Int8Linear, quantize_int8
 from vitslim.errors import VitslimError
+from vitslim.io.recipe import steps
 from vitslim.lowrank.calibration import collect_grams
 from vitslim.lowrank.compress import compressible_linears
 from vitslim.lowrank.layers import LowRankLinear
 from vitslim.lowrank.whitening import whitened_spectrum
-from vitslim.metrics import count_params
-from vitslim.quantize import Int8Linear, quantize_int8
-from vitslim.recipe import steps
+from vitslim.measure.metrics import count_params
 
 LAYOUTS = [pytest.param(batch_first, norm_first, id=f"{'batch' if batch_first else 'sequence'}-first-{'pre' if norm_first else 'post'}-norm")
            for batch_first in (True, False) for norm_first in (True, False)]
@@ -207,7 +207,7 @@ def test_int8_of_a_token_merging_model_reloads_with_its_merging(kind, tmp_path):
 @pytest.mark.parametrize("batch_first", [True, False])
 def test_onnx_export_of_compressed_and_sliced_attention_matches(batch_first, tmp_path):
     pytest.importorskip("onnxruntime")
-    from vitslim.export import export_onnx, onnx_max_abs_diff
+    from vitslim.deploy.export import export_onnx, onnx_max_abs_diff
 
     sliced = _model(batch_first, norm_first=False)
     slice_channels(sliced, masks={"0": {"qk": torch.tensor([True, False] * 4), "v": torch.tensor([False, True] * 4)}})

@@ -5,7 +5,7 @@ import logging
 import torch
 from conftest import tiny_vit
 
-from vitslim import progress
+from vitslim._infra import progress
 from vitslim.lowrank.compress import LowRank, compress_lowrank
 
 

@@ -9,12 +9,12 @@ from torch import nn
 from torch.nn import functional as F
 
 import vitslim
+from vitslim.deploy.quantize import Int8Linear, quantize_int8
 from vitslim.errors import VitslimError
+from vitslim.io.recipe import steps as recipe_steps
 from vitslim.lowrank.compress import SVD, compress_lowrank
 from vitslim.lowrank.layers import LowRankLinear
-from vitslim.metrics import count_params, folder_bytes
-from vitslim.quantize import Int8Linear, quantize_int8
-from vitslim.recipe import steps as recipe_steps
+from vitslim.measure.metrics import count_params, folder_bytes
 
 # 16 patches of 4x4, width 64, depth 4: the Linears hold 96% of the parameters
 QUANTIZE_GEOMETRY = dict(img_size=16, patch_size=4, embed_dim=64, depth=4, num_heads=2, num_classes=10)
@@ -160,7 +160,8 @@ def test_a_model_without_linear_layers_is_refused(lowrank_int8):
 def test_the_int8_step_is_registered_for_reload_and_summary():
     """Loading finds every step's rebuild function through the recipe registry, which imports
     the pipeline's stages on first need: no fixed table of modules to keep in step."""
-    from vitslim import quantize, recipe
+    from vitslim.deploy import quantize
+    from vitslim.io import recipe
 
     assert recipe.step_kind("int8").rebuild is quantize._rebuild
     assert recipe.summarise({"method": "int8", "modules": ["a", "b"]}) == "int8 weights (2 layers)"

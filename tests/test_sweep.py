@@ -9,11 +9,11 @@ from conftest import COMPRESSIBLE, tiny_vit
 from plain_vit import write_random_images
 
 import vitslim
-import vitslim.sweep
-from vitslim.cli import main
+import vitslim.apps.sweep
+from vitslim.apps.cli import main
+from vitslim.apps.sweep import Point, parse_budgets
 from vitslim.errors import VitslimError
-from vitslim.recipe import steps as recipe_steps
-from vitslim.sweep import Point, parse_budgets
+from vitslim.io.recipe import steps as recipe_steps
 
 
 @pytest.fixture(scope="module")
@@ -51,8 +51,8 @@ def test_sweep_scores_times_and_plots_every_point_then_resumes(setup, monkeypatc
     # a rerun (say, after an interruption) compresses only the points it has no model for
     (out / "models" / "cait-1.3").rename(out / "lost")
     compressed = []
-    real = vitslim.sweep._compress
-    monkeypatch.setattr(vitslim.sweep, "_compress", lambda original, point, *args: compressed.append(point) or real(original, point, *args))
+    real = vitslim.apps.sweep._compress
+    monkeypatch.setattr(vitslim.apps.sweep, "_compress", lambda original, point, *args: compressed.append(point) or real(original, point, *args))
     capsys.readouterr()
     assert _sweep(setup, out, "--reference", str(setup[0])) == 0
     assert compressed == [Point("cait", 1.3)]

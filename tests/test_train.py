@@ -8,8 +8,8 @@ from conftest import tiny_vit
 from torch.utils.data import Dataset
 
 import vitslim
-from vitslim.data import UNLABELLED
 from vitslim.errors import VitslimError
+from vitslim.io.image_dataset import UNLABELLED
 from vitslim.train import Training, distill
 
 DISTILL_GEOMETRY = dict(img_size=16, patch_size=4, embed_dim=32, depth=2, num_heads=2, num_classes=5)

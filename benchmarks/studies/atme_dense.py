@@ -23,14 +23,14 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # benchmarks/, for
 import common
 import torch
 from common import Column
-from dinov2 import IMAGENET, load_saliency
+from dinov2_saliency import IMAGENET, load_saliency
 
-from vitslim import data as imagedata
 from vitslim.adapters import describe
 from vitslim.cait import merging
 from vitslim.cait.patch import token_merging
 from vitslim.cait.schedule import schedule_for_speedup
-from vitslim.fidelity import MapFidelity
+from vitslim.io import image_dataset, image_sources
+from vitslim.measure.fidelity import MapFidelity
 
 COLUMNS = (Column("speedup", "FLOPs target", "{:g}x"), Column("method", "method"), Column("varied", "varied"),
            Column("concentration", "concentration", "{:g}"), Column("first_level", "first level"),
@@ -65,7 +65,7 @@ def main() -> None:
         raise SystemExit("--images must be 1-500: the dense benchmark reports on images 500-999")
     model = load_saliency()
     spec = describe(model)
-    dataset = imagedata.open_images(IMAGENET, imagedata.build_transform(spec.preprocessing), labels_required=False)
+    dataset = image_sources.open_images(IMAGENET, image_dataset.build_transform(spec.preprocessing), labels_required=False)
     images = torch.stack([dataset[index][0] for index in range(args.images)])
     with torch.no_grad():
         reference = [model(batch) for batch in images.split(16)]

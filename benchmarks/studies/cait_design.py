@@ -33,11 +33,11 @@ import torch
 from common import Column
 
 import vitslim
-from vitslim import data as imagedata
 from vitslim.adapters import describe
 from vitslim.cait import merging
 from vitslim.cait.patch import MergeSchedule, apply_token_merging, remove_token_merging
 from vitslim.cait.schedule import mergeable, predicted_speedup, schedule_for_speedup, top_level
+from vitslim.io import image_batches
 
 GLOBAL = 10_000  # a radius no grid reaches: fixed sub-grid destinations, no spatial restriction
 # the columns every study of merge schedules reports, each row's scores from ``measure``
@@ -143,8 +143,8 @@ def study_data(model_name: str, train_path: str, images: int):
     model's logits and last-block features on each batch."""
     model = vitslim.load_model(model_name)
     spec = describe(model)
-    train = imagedata.select(common.open_split(spec, train_path), limit=images, seed=123)
-    batches = [(images, labels) for images, labels, _ in imagedata.make_loader(train, 250)]
+    train = image_batches.select(common.open_split(spec, train_path), limit=images, seed=123)
+    batches = [(images, labels) for images, labels, _ in image_batches.make_loader(train, 250)]
     reference = [common.logits_and_features(model, images) for images, _ in batches]
     return model, spec, train, batches, reference
 

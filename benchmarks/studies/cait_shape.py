@@ -26,12 +26,12 @@ import torch
 from common import Column
 
 import vitslim
-from vitslim import data as imagedata
 from vitslim.adapters import describe
 from vitslim.cait.patch import apply_token_merging, remove_token_merging
 from vitslim.cait.schedule import predicted_speedup, schedule_for_speedup
 from vitslim.cait.shape import CHOICE_IMAGES, CONCENTRATIONS, choice_batches, choose_concentration
-from vitslim.metrics import ClassificationScore
+from vitslim.io import image_batches
+from vitslim.measure.metrics import ClassificationScore
 
 CDCP_TARGETS = (2.2, 2.4, 2.6, 3.0, 3.4)
 METHOD_NAMES = {"atme": "ATME", "tome": "ToMe"}
@@ -69,8 +69,8 @@ def main() -> None:
     train = common.open_split(spec, args.train)
     test = common.open_split(spec, args.test)
     if args.test_images:
-        test = imagedata.select(test, limit=args.test_images, seed=0)
-    batches = [(images, labels) for images, labels, _ in imagedata.make_loader(test, 250)]
+        test = image_batches.select(test, limit=args.test_images, seed=0)
+    batches = [(images, labels) for images, labels, _ in image_batches.make_loader(test, 250)]
     with torch.no_grad():
         reference = [(spec.output(images), labels) for images, labels in batches]
     original = _score(model, batches, reference)

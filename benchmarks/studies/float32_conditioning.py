@@ -32,7 +32,7 @@ import torch
 from torch import nn
 
 import vitslim
-from vitslim import export
+from vitslim.deploy import export
 from vitslim.lowrank.layers import LowRankLinear
 
 OUT = common.RESULTS / "studies" / "float32_conditioning"

@@ -6,7 +6,7 @@ pipeline every method runs in: method, optional KD recovery, optional int8), wit
 (``LowRank``, its baselines ``SVD`` and ``ASVD``, ``Cait``, ``LowRankCait``: all axes under one
 target; ``vitslim.methods``) and ``Training`` (one training run's settings); ``distill`` (KD
 recovery fine-tune), ``quantize_int8``, ``export_onnx``, ``export_program`` (torch.export). Under ``torchrun``,
-calibration, distillation and evaluation share the work across processes (``vitslim.distributed``).
+calibration, distillation and evaluation share the work across processes (``vitslim._infra.distributed``).
 """
 
 from vitslim._compat import import_torchvision
@@ -16,18 +16,18 @@ import_torchvision()  # before anything imports timm; see vitslim._compat
 __version__ = "0.2.0"
 
 from vitslim.adapters import describe  # noqa: E402
-from vitslim.bench import benchmark  # noqa: E402
 from vitslim.cait.compress import Cait  # noqa: E402
-from vitslim.compose import LowRankCait  # noqa: E402
-from vitslim.data import open_images  # noqa: E402
+from vitslim.deploy.export import export_onnx, export_program  # noqa: E402
+from vitslim.deploy.quantize import quantize_int8  # noqa: E402
 from vitslim.errors import VitslimError  # noqa: E402
-from vitslim.evaluate import evaluate  # noqa: E402
-from vitslim.export import export_onnx, export_program  # noqa: E402
-from vitslim.loading import load_model  # noqa: E402
+from vitslim.io.image_sources import open_images  # noqa: E402
+from vitslim.io.loading import load_model  # noqa: E402
+from vitslim.io.persist import save  # noqa: E402
 from vitslim.lowrank.compress import ASVD, SVD, LowRank  # noqa: E402
-from vitslim.persist import save  # noqa: E402
+from vitslim.lowrank_cait import LowRankCait  # noqa: E402
+from vitslim.measure.bench import benchmark  # noqa: E402
+from vitslim.measure.evaluate import evaluate  # noqa: E402
 from vitslim.pipeline import compress  # noqa: E402
-from vitslim.quantize import quantize_int8  # noqa: E402
 from vitslim.train import Training, distill  # noqa: E402
 
 __all__ = ["ASVD", "SVD", "Cait", "LowRank", "LowRankCait", "Training", "VitslimError", "benchmark", "compress", "describe", "distill",

@@ -2,6 +2,6 @@
 
 import sys
 
-from vitslim.cli import main
+from vitslim.apps.cli import main
 
 sys.exit(main())

@@ -87,7 +87,7 @@ class Inputs:
     batches; None when none were given); ``calibration`` is ``calib_images`` of them, a seeded
     subset as batches (for a Dataset) or the batches as given. ``objective`` is how every
     candidate is judged against the original ("auto" follows the model's output:
-    ``vitslim.objective``), passed to each step that judges one.
+    ``vitslim.measure.objective``), passed to each step that judges one.
     """
 
     train: Dataset | Iterable | None = None

@@ -17,11 +17,11 @@ from typing import Any
 from torch import nn
 from torch.utils.data import Dataset
 
-from vitslim import data as imagedata
+from vitslim.deploy.quantize import check_kind, quantize_int8
 from vitslim.errors import ParameterError, VitslimError
+from vitslim.io import image_batches, image_dataset, image_sources
+from vitslim.measure.objective import check_objective
 from vitslim.methods import Inputs, Method, configure
-from vitslim.objective import check_objective
-from vitslim.quantize import check_kind, quantize_int8
 from vitslim.train import Training, distill
 
 CALIB_IMAGES = 256
@@ -35,7 +35,7 @@ def calibration_batches(images: Dataset | Iterable | None, calib_images: int, se
         return images
     if len(images) < calib_images:
         raise ParameterError("calib_images", f"asks for {calib_images} images, more than the {len(images)} the training images hold; lower it")
-    return imagedata.make_loader(imagedata.select(images, limit=calib_images, seed=seed), batch_size)
+    return image_batches.make_loader(image_batches.select(images, limit=calib_images, seed=seed), batch_size)
 
 
 def compress(
@@ -59,17 +59,17 @@ def compress(
     builds the same config.
 
     ``images`` are training images, never the ones you report on: a Dataset of (image, label)
-    (``vitslim.data.open_images``; labels are not needed), of which ``calib_images`` (a subset
+    (``vitslim.io.image_sources.open_images``; labels are not needed), of which ``calib_images`` (a subset
     drawn from ``seed``) calibrate, or an iterable of preprocessed image batches, all of which
     calibrate. ``recovery`` distils the original into the result over all of ``images``;
     ``int8`` then quantises its Linear weights (per output channel): ``"weight"`` (or ``True``)
     weight-only, the smallest file; ``"dynamic"`` activations too, at run time, for int8 matmuls
-    that run faster on CPU (``vitslim.quantize``). The result is on the CPU; the original is left
+    that run faster on CPU (``vitslim.deploy.quantize``). The result is on the CPU; the original is left
     as it was, on its own device.
 
     ``model`` may be a user's model holding the ViT (a dense head on a backbone): the ViT is
     compressed and the whole model's output preserved, judged by ``objective`` ("logits": KL,
-    "map": per-pixel MSE, "features": relative MSE; "auto" follows the output, ``vitslim.objective``),
+    "map": per-pixel MSE, "features": relative MSE; "auto" follows the output, ``vitslim.measure.objective``),
     which every step that judges a candidate receives.
     """
     config = configure(method, **options)
@@ -79,7 +79,7 @@ def compress(
         raise ParameterError("calib_images", f"must be at least 1 (got {calib_images})")
     if config.needs_images and images is None:
         raise VitslimError(f"the {config.name} method calibrates on images: pass training images")
-    if isinstance(images, Dataset) and imagedata.untransformed(images):
+    if isinstance(images, Dataset) and image_batches.untransformed(images):
         raise VitslimError("the images were opened without a transform (raw pixels, not resized or normalised for the model): "
                            "open them with vitslim.open_images(path, model=model)")
     if recovery is not None and recovery.epochs and images is None:
@@ -117,18 +117,18 @@ def compress_to_folder(model: str | os.PathLike | nn.Module, data: str | os.Path
     ``torchrun``). ``out`` is checked before any work. ``report``, when given, receives the
     method's lines about the result before it is saved. Returns the original, the result and
     the folder."""
+    from vitslim._infra.atomic import claimed
+    from vitslim._infra.distributed import is_main, on_main
     from vitslim.adapters import describe
-    from vitslim.atomic import claimed
-    from vitslim.distributed import is_main, on_main
-    from vitslim.loading import load_model
-    from vitslim.persist import check_output_folder, save
+    from vitslim.io.loading import load_model
+    from vitslim.io.persist import check_output_folder, save
 
     check_output_folder(out)
     # rank 0 alone writes, so it alone claims out: a second run aiming at it fails now, not after its work
     with claimed(Path(out)) if is_main() else contextlib.nullcontext():
         original = load_model(model)
         spec = describe(original)
-        images = imagedata.open_images(data, imagedata.build_transform(spec.preprocessing), class_names=spec.label_names, labels_required=False)
+        images = image_sources.open_images(data, image_dataset.build_transform(spec.preprocessing), class_names=spec.label_names, labels_required=False)
         compressed = compress(original, method, images, **settings)
         if report is not None:
             for line in method.report(original, compressed):

@@ -13,11 +13,11 @@ resumable exactly:
 * torch's global RNG (dropout, drop-path) is re-seeded from ``(seed, e)`` at the start of each
   epoch, inside ``torch.random.fork_rng`` so the caller's RNG is left as it was;
 * the learning rate is a pure function of the step position, not a stateful scheduler;
-* a checkpoint is written after every finished epoch (``vitslim.checkpoints``): the student and
+* a checkpoint is written after every finished epoch (``vitslim.io.checkpoints``): the student and
   AdamW's moment tensors in safetensors, everything else (epoch, step, seed, hyper-parameters,
   optimiser structure) in JSON. Nothing is pickled, so a checkpoint can be read without executing code.
 
-Under ``torchrun`` (see ``vitslim.distributed``) ``batch_size`` stays the *global* batch: each
+Under ``torchrun`` (see ``vitslim._infra.distributed``) ``batch_size`` stays the *global* batch: each
 rank reads ``batch_size / world_size`` images of every step's batch through a
 ``DistributedSampler`` over the same permutation a single process draws, the student runs under
 ``DistributedDataParallel`` (which averages the gradients), and only rank 0 writes checkpoints.
@@ -42,13 +42,13 @@ from torch.nn.parallel import DistributedDataParallel
 from torch.utils.data import Dataset, IterableDataset, Subset
 from torch.utils.data.distributed import DistributedSampler
 
-from vitslim import checkpoints, distributed
-from vitslim import data as imagedata
+from vitslim._infra import distributed
+from vitslim._infra.progress import Progress
 from vitslim.adapters import describe
 from vitslim.adapters.base import primary_output
 from vitslim.errors import ParameterError, VitslimError
-from vitslim.objective import check_objective, objective_for
-from vitslim.progress import Progress
+from vitslim.io import checkpoints, image_batches, image_dataset
+from vitslim.measure.objective import check_objective, objective_for
 
 logger = logging.getLogger("vitslim")
 
@@ -113,7 +113,7 @@ def distill(
     epochs; return it in eval mode.
 
     Per batch the loss is the objective's distance from the teacher's output to the student's,
-    averaged over images (``vitslim.objective``; ``objective`` names the kind, "auto" follows the
+    averaged over images (``vitslim.measure.objective``; ``objective`` names the kind, "auto" follows the
     output): for class logits ``T² · KL(softmax(t/T) ‖ softmax(s/T))``, for maps and features an
     MSE. The models may be ViTs or users' models holding one. Plus
     ``label_weight · CE(s, labels)`` when ``label_weight > 0``, plus ``extra_loss(student)``
@@ -125,7 +125,7 @@ def distill(
     ``train_data`` is either
 
     * a ``torch.utils.data.Dataset`` of ``(image, label)`` samples, e.g. from
-      ``vitslim.data.open_images`` (with the model's ``build_transform``) or a ``select`` subset
+      ``vitslim.io.image_sources.open_images`` (with the model's ``build_transform``) or a ``select`` subset
       of one: it is batched here, reshuffled every epoch from ``training.seed``, and decoded by
       ``workers`` processes; unreadable images (``None``) are dropped and counted as
       ``make_loader`` does; or
@@ -278,7 +278,7 @@ def _check_same_inputs(student, teacher) -> None:
 
 
 class _Batches:
-    """The training data as ``vitslim.data.Batch``es, epoch by epoch."""
+    """The training data as ``vitslim.io.image_batches.Batch``es, epoch by epoch."""
 
     def __init__(self, data: Dataset | Iterable, *, batch_size: int, workers: int) -> None:
         self.workers = workers
@@ -312,20 +312,20 @@ class _Batches:
             return math.ceil(math.ceil(self.size / world) / (self.batch_size // world))
         return self.size
 
-    def epoch(self, seed: int, epoch: int) -> Iterable[imagedata.Batch]:
+    def epoch(self, seed: int, epoch: int) -> Iterable[image_batches.Batch]:
         if self.dataset is not None:
             # one process: the permutation drawn from (seed, epoch); several: every k-th entry of
             # that same permutation, so the ranks' k-th batches together are the single process's
             world = distributed.world_size()
             sampler = DistributedSampler(self.dataset, num_replicas=world, rank=distributed.rank(), shuffle=True, seed=_epoch_seed(seed, epoch))
-            yield from imagedata.make_loader(Subset(self.dataset, list(sampler)), self.batch_size // world, workers=self.workers)
+            yield from image_batches.make_loader(Subset(self.dataset, list(sampler)), self.batch_size // world, workers=self.workers)
             return
         generator = torch.Generator().manual_seed(_epoch_seed(seed, epoch))
         items = self.items
         if isinstance(items, (list, tuple)):
             items = [items[i] for i in torch.randperm(len(items), generator=generator).tolist()]
         for batch in items:
-            yield imagedata.as_batch(batch, "a training batch")
+            yield image_batches.as_batch(batch, "a training batch")
 
 
 def _labels(labels, num_classes: int, device: str) -> torch.Tensor:
@@ -333,7 +333,7 @@ def _labels(labels, num_classes: int, device: str) -> torch.Tensor:
     if labels is None:
         raise VitslimError("label_weight > 0 needs labels, but the training batches are bare image tensors")
     labels = torch.as_tensor(labels).long()
-    if labels.numel() and bool((labels == imagedata.UNLABELLED).all()):
+    if labels.numel() and bool((labels == image_dataset.UNLABELLED).all()):
         raise VitslimError("label_weight > 0 needs labels, but the training images are unlabelled (a plain folder of images)")
     if labels.numel() and (int(labels.max()) >= num_classes or int(labels.min()) < 0):
         raise VitslimError(

@@ -37,7 +37,7 @@ from vitslim.adapters.base import (
 # the rule shared by all families (transformers' ViT calls every Linear it holds), as this family's protocol member
 from vitslim.adapters.base import replaceable_linears as replaceable_linears
 from vitslim.errors import VitslimError
-from vitslim.folder_io import CONFIG_FILE, WEIGHTS_FILE, load_weights, read_json
+from vitslim.io.folder_io import CONFIG_FILE, WEIGHTS_FILE, load_weights, read_json
 
 FAMILY = "hf"
 PROCESSOR_FILE = "preprocessor_config.json"

@@ -36,7 +36,7 @@ from vitslim.adapters.base import (
 from vitslim.adapters.base import replaceable_linears as replaceable_linears
 from vitslim.adapters.replacement import replacing_modules
 from vitslim.errors import VitslimError
-from vitslim.recipe import record_step, register_step
+from vitslim.io.recipe import record_step, register_step
 
 FAMILY = "torch"
 UNPACK_STEP = "unpacked_attention"

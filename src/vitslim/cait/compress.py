@@ -22,6 +22,7 @@ from typing import ClassVar, Literal
 from torch import nn
 from torch.utils.data import Dataset
 
+from vitslim._infra.table import render
 from vitslim.adapters import describe
 from vitslim.cait.gates import attach_gates
 from vitslim.cait.patch import apply_token_merging, check_not_merging, merge_schedule, reads_patch_tokens, token_merging
@@ -30,10 +31,9 @@ from vitslim.cait.shape import choice_batches, planned_schedule
 from vitslim.cait.slicing import slice_channels
 from vitslim.cait.speed import meet_speedup
 from vitslim.errors import ParameterError, VitslimError
+from vitslim.io.recipe import find_step
+from vitslim.measure.metrics import count_params
 from vitslim.methods import Example, Inputs, Method, SweepBudget, register_method, setting
-from vitslim.metrics import count_params
-from vitslim.recipe import find_step
-from vitslim.table import render
 from vitslim.train import Training, distill, schedule_sum
 
 TOKEN_SHARE = 0.5  # of log(speed-up) given to token merging when channels are pruned too

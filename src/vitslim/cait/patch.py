@@ -48,7 +48,7 @@ from vitslim.cait.merging import (
 )
 from vitslim.cait.schedule import MergeSchedule, check_schedule
 from vitslim.errors import VitslimError
-from vitslim.recipe import CORRUPT, drop_steps, record_step, register_step, step_field, step_number
+from vitslim.io.recipe import CORRUPT, drop_steps, record_step, register_step, step_field, step_number
 
 MERGING_ATTR = "vitslim_merging"
 STEP = "merging"

@@ -10,7 +10,7 @@ saliency map at 1.5x an even spread (0) kept the maps closest for both methods
 (benchmarks/results/dinov2/atme-dense.md). Where the turn comes depends on the model, its task and
 the target, so with calibration images at hand each candidate is planned for the same target and
 the one whose output stays closest to the unmerged model's (the model's objective: KL for logits,
-MSE for maps and features, ``vitslim.objective``) is kept. Every candidate reaches the same
+MSE for maps and features, ``vitslim.measure.objective``) is kept. Every candidate reaches the same
 predicted speed-up, so the choice trades no speed.
 """
 
@@ -23,15 +23,15 @@ import torch
 from torch import nn
 from torch.utils.data import Dataset
 
-from vitslim import data as imagedata
+from vitslim._infra.distributed import on_main
+from vitslim._infra.progress import track
 from vitslim.adapters import describe
 from vitslim.cait.patch import token_merging
 from vitslim.cait.schedule import MergeSchedule, schedule_for_speedup
-from vitslim.distributed import on_main
 from vitslim.errors import VitslimError
+from vitslim.io import image_batches
 from vitslim.lowrank.calibration import leading_images
-from vitslim.objective import mean_divergence
-from vitslim.progress import track
+from vitslim.measure.objective import mean_divergence
 
 logger = logging.getLogger("vitslim")
 
@@ -47,7 +47,7 @@ def choice_batches(batches, count: int, seed: int) -> Iterable:
     """What the schedule is chosen on: a seeded subset of a Dataset (an ImageFolder lists its
     images class by class, so its first images would be one class), else the batches as given."""
     if isinstance(batches, Dataset) and isinstance(batches, Sized):
-        return imagedata.make_loader(imagedata.select(batches, limit=min(count, len(batches)), seed=seed), 64)
+        return image_batches.make_loader(image_batches.select(batches, limit=min(count, len(batches)), seed=seed), 64)
     return batches
 
 

@@ -18,7 +18,7 @@ from vitslim.adapters import describe, family_of, prepare_for_replacement, repla
 from vitslim.adapters.base import BlockSpec, ModelFamily, ViTSpec
 from vitslim.cait.gates import GATES_ATTR, ChannelGates, channel_pruning_obstacles, detach_gates
 from vitslim.errors import VitslimError
-from vitslim.recipe import CORRUPT, record_step, register_step, span, step_field, step_number
+from vitslim.io.recipe import CORRUPT, record_step, register_step, span, step_field, step_number
 
 STEP = "channels"
 

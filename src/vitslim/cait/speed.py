@@ -19,12 +19,12 @@ import logging
 
 from torch import nn
 
+from vitslim._infra.distributed import is_main, on_main
+from vitslim._infra.progress import logger as progress_log
 from vitslim.adapters import describe
 from vitslim.cait.patch import token_merging
 from vitslim.cait.schedule import MergeSchedule, predicted_speedup, schedule_for_speedup, strongest_schedule
-from vitslim.distributed import is_main, on_main
 from vitslim.errors import VitslimError
-from vitslim.progress import logger as progress_log
 
 logger = logging.getLogger("vitslim")
 
@@ -38,7 +38,7 @@ def measured_speedup(original: nn.Module, compressed: nn.Module, *, batch_size: 
     """Throughput of ``compressed`` over ``original``'s, timed in one run; under ``torchrun`` on
     rank 0 alone (ranks timing at once would slow each other) and shared with the others, so all
     ranks take the same decisions from it."""
-    from vitslim.bench import benchmark
+    from vitslim.measure.bench import benchmark
 
     return on_main(lambda: benchmark([("original", original), ("compressed", compressed)], batch_size=batch_size, runs=runs,
                                      device=device, progress=False)[1].ratio)

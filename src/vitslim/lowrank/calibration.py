@@ -21,10 +21,10 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from vitslim.data import as_batch
-from vitslim.distributed import all_reduce_sum, owns, sum_numbers
+from vitslim._infra.distributed import all_reduce_sum, owns, sum_numbers
+from vitslim._infra.progress import track
 from vitslim.errors import VitslimError
-from vitslim.progress import track
+from vitslim.io.image_batches import as_batch
 
 STAT_TOKENS = 12_288  # 4 samples per input feature of ViT-B's widest layer (fc2, 3072)
 
@@ -63,7 +63,7 @@ class GramStats:
 
 
 def images_of(batch) -> torch.Tensor:
-    """The images of one calibration batch, in any form ``vitslim.data.as_batch`` accepts."""
+    """The images of one calibration batch, in any form ``vitslim.io.image_batches.as_batch`` accepts."""
     images = as_batch(batch, "a calibration batch").images
     if images is None:
         raise VitslimError("a calibration batch holds no images: every image of it was unreadable")

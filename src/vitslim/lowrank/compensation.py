@@ -30,12 +30,12 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
+from vitslim._infra.distributed import all_reduce_sum, owns, sum_numbers
+from vitslim._infra.progress import Progress
 from vitslim.adapters import describe, family_of, prepare_for_replacement
-from vitslim.distributed import all_reduce_sum, owns, sum_numbers
 from vitslim.errors import ParameterError, VitslimError
 from vitslim.lowrank.calibration import images_of, token_rows
 from vitslim.lowrank.whitening import DEFAULT_RIDGE, WhitenedSpectrum, whitening_factor
-from vitslim.progress import Progress
 
 
 def compensated_factors(weight: torch.Tensor, cross: torch.Tensor, gram: torch.Tensor, rank: int, ridge: float = DEFAULT_RIDGE,

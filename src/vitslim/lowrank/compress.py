@@ -18,9 +18,11 @@ from typing import ClassVar, Literal
 import torch
 from torch import nn
 
+from vitslim._infra.table import render
 from vitslim.adapters import describe, family_of, prepare_for_replacement, replace_submodule, replaceable_linears
 from vitslim.cait.patch import merge_schedule
 from vitslim.errors import ParameterError, VitslimError
+from vitslim.io.recipe import CORRUPT, find_step, record_step, register_step, span, step_field, step_layer, step_number
 from vitslim.lowrank.allocation import LayerCost, LayerPlan, allocate, uniform
 from vitslim.lowrank.calibration import collect_grams, images_of, leading_batches, token_fraction
 from vitslim.lowrank.compensation import compensate
@@ -33,10 +35,8 @@ from vitslim.lowrank.whitening import (
     whitened_energy,
     whitened_spectrum,
 )
+from vitslim.measure.metrics import count_params
 from vitslim.methods import Example, Inputs, Method, SweepBudget, register_method, setting
-from vitslim.metrics import count_params
-from vitslim.recipe import CORRUPT, find_step, record_step, register_step, span, step_field, step_layer, step_number
-from vitslim.table import render
 
 STEP = "lowrank"
 

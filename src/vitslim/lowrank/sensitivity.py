@@ -22,11 +22,11 @@ from collections.abc import Iterable
 import torch
 from torch import nn
 
+from vitslim._infra.distributed import all_reduce_sum, owns, sum_numbers
+from vitslim._infra.progress import track
 from vitslim.adapters import describe
-from vitslim.distributed import all_reduce_sum, owns, sum_numbers
 from vitslim.lowrank.calibration import images_of
-from vitslim.objective import objective_for
-from vitslim.progress import track
+from vitslim.measure.objective import objective_for
 
 FISHER_IMAGES = 16
 CHUNK = 8
@@ -48,7 +48,7 @@ def fisher_channels(model: nn.Module, linears: dict[str, nn.Linear], batches: It
                     objective: str = "auto") -> dict[str, torch.Tensor]:
     """Mean squared gradient of the pseudo-label loss for each output channel of each named
     Linear (float64, one value per output feature), over the first ``images`` images of
-    ``batches`` (all of them with ``None``), the loss being ``objective``'s (``vitslim.objective``)."""
+    ``batches`` (all of them with ``None``), the loss being ``objective``'s (``vitslim.measure.objective``)."""
     spec = describe(model)
     sums = {name: torch.zeros(layer.out_features, dtype=torch.float64) for name, layer in linears.items()}
     rows = {name: 0 for name in linears}

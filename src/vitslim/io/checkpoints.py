@@ -19,9 +19,9 @@ import safetensors.torch
 import torch
 from torch import nn
 
-from vitslim.atomic import atomic_folder
+from vitslim._infra.atomic import atomic_folder
 from vitslim.errors import VitslimError
-from vitslim.folder_io import load_state_strict, load_weights, read_json, unique_state_dict
+from vitslim.io.folder_io import load_state_strict, load_weights, read_json, unique_state_dict
 
 logger = logging.getLogger("vitslim")
 

@@ -31,11 +31,11 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from vitslim._infra.atomic import atomic_file
 from vitslim.adapters import describe
 from vitslim.adapters.base import primary_output
-from vitslim.atomic import atomic_file
+from vitslim.deploy.quantize import weight_only_matmuls
 from vitslim.errors import ParameterError, VitslimError
-from vitslim.quantize import weight_only_matmuls
 
 ONNX_INT8_KINDS = ("dynamic",)
 ONNX_TOLERANCE = 1e-4  # largest absolute output difference from PyTorch a float ONNX file may show (``check_onnx``)
@@ -146,7 +146,7 @@ def export_onnx(model: nn.Module, path: str | os.PathLike, *, batch_size: int = 
 
 def _output_name(spec, example: torch.Tensor) -> str:
     """"logits" for a classifier, as deployments of one expect; "output" for maps and features."""
-    from vitslim.objective import infer_kind
+    from vitslim.measure.objective import infer_kind
 
     with torch.no_grad():
         return "logits" if infer_kind(spec, spec.output(example)) == "logits" else "output"

@@ -10,7 +10,7 @@ plain attribute; read and change them only through the functions here.
 A step name read from a recipe file only ever selects one of the registered functions; nothing
 named in a file is imported. A recipe may come from someone else, so each rebuild function checks
 the numbers and layer names it reads against the model before it builds anything (``step_field``,
-``step_number``, ``step_layer``), and the folder's loader bounds the whole (``vitslim.persist``).
+``step_number``, ``step_layer``), and the folder's loader bounds the whole (``vitslim.io.persist``).
 The functions are registered when the modules defining them are imported, which ``import vitslim``
 does (and so does any import of a vitslim module, first).
 """

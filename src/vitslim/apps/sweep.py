@@ -24,9 +24,9 @@ from pathlib import Path
 import click
 from torch import nn
 
-from vitslim.atomic import atomic_file
+from vitslim._infra.atomic import atomic_file
+from vitslim._infra.table import human, percent, render
 from vitslim.errors import ParameterError, VitslimError
-from vitslim.table import human, percent, render
 
 
 @dataclass(frozen=True)
@@ -104,8 +104,8 @@ def _compress(original: nn.Module, point: Point, train, calib_images: int, batch
 def _kd_epochs(compressed: nn.Module, point: Point, epochs: int) -> int:
     """Epochs of distillation a point received: its method's own training (CDCP's gates, which
     run only when channels are pruned) and recovery count ``epochs`` each."""
+    from vitslim.io.recipe import find_step
     from vitslim.methods import sweep_budgets
-    from vitslim.recipe import find_step
 
     method, budget_kind = sweep_budgets()[point.method]
     gates = bool(_trainings(method)) and find_step(compressed, "channels") is not None
@@ -123,12 +123,12 @@ def run_sweep(model: str, data: str, eval_data: str, budgets: list[str], out: st
               calib_images: int = 256, eval_limit: int | None = None, epochs: int = 0, seed: int = 0, batch_size: int = 32,
               runs: int = 20) -> list[dict]:
     """Run (or resume) the sweep in ``out`` and return its rows, the original's first."""
-    from vitslim import data as imagedata
     from vitslim.adapters import describe
-    from vitslim.bench import benchmark, check_runs
-    from vitslim.evaluate import evaluate
-    from vitslim.loading import load_model
-    from vitslim.persist import save
+    from vitslim.io import image_dataset, image_sources
+    from vitslim.io.loading import load_model
+    from vitslim.io.persist import save
+    from vitslim.measure.bench import benchmark, check_runs
+    from vitslim.measure.evaluate import evaluate
 
     points = parse_budgets(list(budgets))
     check_runs(runs)
@@ -137,7 +137,7 @@ def run_sweep(model: str, data: str, eval_data: str, budgets: list[str], out: st
         raise VitslimError(f"{out} is a file; give a folder for the sweep")
     original = load_model(model)
     spec = describe(original)
-    train = imagedata.open_images(data, imagedata.build_transform(spec.preprocessing), class_names=spec.label_names, labels_required=False)
+    train = image_sources.open_images(data, image_dataset.build_transform(spec.preprocessing), class_names=spec.label_names, labels_required=False)
     if len(train) < calib_images:
         raise ParameterError("calib_images", f"is {calib_images}, more than the {len(train)} images {data} holds")
     out.mkdir(parents=True, exist_ok=True)

@@ -1,7 +1,7 @@
 """Progress of long loops (calibration, compensation, evaluation, timing) for people.
 
 On a terminal a tqdm bar shows it. When stderr is a file or a pipe (a batch job, ``2> log``) a bar
-would print nothing useful, so the main process logs INFO lines on the ``vitslim.progress`` logger
+would print nothing useful, so the main process logs INFO lines on the ``vitslim._infra.progress`` logger
 instead: after the first item, then every ``LOG_EVERY_ITEMS`` items or ``LOG_EVERY_SECONDS``
 seconds, with the count, the rate and the time left. Long steps that are no loop of items (a
 speed measurement, an ONNX export) log one line each on the same logger. The CLI shows that
@@ -19,9 +19,9 @@ from typing import TypeVar
 from tqdm import tqdm
 from tqdm.contrib.logging import logging_redirect_tqdm
 
-from vitslim import distributed
+from vitslim._infra import distributed
 
-logger = logging.getLogger("vitslim.progress")
+logger = logging.getLogger("vitslim._infra.progress")
 
 LOG_EVERY_ITEMS = 100
 LOG_EVERY_SECONDS = 30.0

@@ -8,7 +8,7 @@ by its fidelity to the teacher (the original model) on the same images: how far 
 
 ``MapFidelity`` keeps running sums only, never the maps, so an evaluation over a million images
 costs no more memory than one batch, and sums the same way over ``torchrun`` ranks as
-``vitslim.metrics.ClassificationScore``. ``output_kind`` tells logits from maps and features, and
+``vitslim.measure.metrics.ClassificationScore``. ``output_kind`` tells logits from maps and features, and
 ``dense_loss`` is the per-image distillation loss for the latter two.
 """
 
@@ -17,7 +17,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from vitslim.distributed import active, sum_numbers
+from vitslim._infra.distributed import active, sum_numbers
 
 
 def _flat_pair(outputs: Tensor, teacher_outputs: Tensor) -> tuple[Tensor, Tensor]:

@@ -40,7 +40,7 @@ from vitslim.adapters import matching_family, prepare_for_replacement, replace_s
 from vitslim.adapters.base import is_linear
 from vitslim.adapters.replacement import copy_model, replacing_modules
 from vitslim.errors import ParameterError, VitslimError
-from vitslim.recipe import record_step, register_step, step_field, step_layer
+from vitslim.io.recipe import record_step, register_step, step_field, step_layer
 
 STEP = "int8"
 QMAX = 127  # symmetric range [-127, 127]; -128 is never used, so negation is exact
@@ -171,7 +171,7 @@ def _dynamic_linear_flops(input_shape, packed, reduce_range=False, *, out_shape)
     return 2 * math.prod(input_shape) * out_shape[-1]
 
 
-# torch's FlopCounterMode (``vitslim.metrics.count_flops``) has no rule for the quantized kernel and
+# torch's FlopCounterMode (``vitslim.measure.metrics.count_flops``) has no rule for the quantized kernel and
 # would count a dynamic int8 model's Linears as zero FLOPs
 if torch.ops.quantized.linear_dynamic not in flop_counter.flop_registry:
     flop_counter.register_flop_formula(torch.ops.quantized.linear_dynamic)(_dynamic_linear_flops)

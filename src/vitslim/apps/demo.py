@@ -19,17 +19,17 @@ import torch
 from torch import nn
 from tqdm import tqdm
 
-from vitslim import data as imagedata
+from vitslim._infra.atomic import atomic_folder
+from vitslim._infra.table import human, percent, render
 from vitslim.adapters import describe
-from vitslim.atomic import atomic_folder
-from vitslim.bench import benchmark
 from vitslim.errors import ParameterError, VitslimError
-from vitslim.evaluate import evaluate
-from vitslim.loading import load_model
+from vitslim.io import image_batches, image_dataset, image_sources
+from vitslim.io.loading import load_model
+from vitslim.io.persist import save
+from vitslim.measure.bench import benchmark
+from vitslim.measure.evaluate import evaluate
 from vitslim.methods import methods
-from vitslim.persist import save
 from vitslim.pipeline import compress
-from vitslim.table import human, percent, render
 
 DIGITS_IMAGE_SIZE = 16  # 8x8 digits upsampled, 4x4 patches of 4 pixels
 DEMO_MODEL_ARGS = {"img_size": DIGITS_IMAGE_SIZE, "patch_size": 4, "embed_dim": 96, "depth": 4, "num_heads": 3, "mlp_ratio": 4.0}
@@ -83,7 +83,7 @@ def train_demo_model(digits: Path, *, retrain: bool = False) -> Path:
         return target
     model = _new_demo_model()
     spec = describe(model)
-    dataset = imagedata.open_images(digits / "train", imagedata.build_transform(spec.preprocessing))
+    dataset = image_sources.open_images(digits / "train", image_dataset.build_transform(spec.preprocessing))
     loader = torch.utils.data.DataLoader(dataset, batch_size=64, shuffle=True, generator=torch.Generator().manual_seed(SEED))
     optimizer = torch.optim.AdamW(model.parameters(), lr=2e-3, weight_decay=0.05)
     schedule = torch.optim.lr_scheduler.OneCycleLR(optimizer, max_lr=2e-3, total_steps=TRAIN_EPOCHS * len(loader))
@@ -127,8 +127,8 @@ def build_variants(original: nn.Module, work: Path) -> list[Variant]:
 def _calibration_batches(model: nn.Module) -> list[torch.Tensor]:
     """256 train-split digits (never the test split the table reports on)."""
     spec = describe(model)
-    dataset = imagedata.open_images(digits_folder() / "train", imagedata.build_transform(spec.preprocessing))
-    return [images for images, _, _ in imagedata.make_loader(imagedata.select(dataset, limit=256, seed=SEED), 64)]
+    dataset = image_sources.open_images(digits_folder() / "train", image_dataset.build_transform(spec.preprocessing))
+    return [images for images, _, _ in image_batches.make_loader(image_batches.select(dataset, limit=256, seed=SEED), 64)]
 
 
 def _plot(rows: list[dict], path: Path) -> None:

@@ -1,9 +1,9 @@
 """Getting a model into the runtimes ``vitslim bench`` times: eager PyTorch, ``torch.compile`` and ONNX Runtime.
 
-``vitslim.bench`` times whatever this module hands it (a module, a compiled module, an ONNX
+``vitslim.measure.bench`` times whatever this module hands it (a module, a compiled module, an ONNX
 Runtime session) alike, interleaved in one process.
 
-ONNX Runtime gets the model as ``vitslim.export.export_onnx`` writes it. Exporting a big model
+ONNX Runtime gets the model as ``vitslim.deploy.export.export_onnx`` writes it. Exporting a big model
 takes longer than timing it, so files are cached under a key hashed from what decides the graph
 (the module tree, the recipe steps, every weight, the input size and the torch version), and each
 file, cached or new, is checked against PyTorch before it is timed: a speed-up of a graph that
@@ -24,11 +24,11 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from vitslim import export
-from vitslim import recipe as recipes
+from vitslim._infra.progress import logger as progress_log
 from vitslim.adapters import describe
+from vitslim.deploy import export
 from vitslim.errors import ParameterError, VitslimError
-from vitslim.progress import logger as progress_log
+from vitslim.io import recipe as recipes
 
 logger = logging.getLogger(__name__)
 
@@ -98,7 +98,7 @@ def onnx_cache_key(model: nn.Module) -> str:
 def cached_onnx(model: nn.Module, cache: Path) -> tuple[Path, bool]:
     """The model's ONNX file in ``cache``, exported now if it is not there yet, and whether it was
     there. The export goes to a temporary name of this process's own and is renamed into place
-    (``vitslim.atomic.atomic_file``), so a concurrent run never reads a half-written file."""
+    (``vitslim._infra.atomic.atomic_file``), so a concurrent run never reads a half-written file."""
     path = cache / f"{onnx_cache_key(model)[:32]}.onnx"
     if path.is_file():
         logger.info("reusing %s", path)

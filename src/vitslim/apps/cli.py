@@ -14,15 +14,15 @@ from pathlib import Path
 
 import click
 
+from vitslim._infra.table import human, percent, render
+from vitslim.deploy.export import INT8_TOLERANCE, ONNX_TOLERANCE
 from vitslim.errors import ParameterError, VitslimError
-from vitslim.export import INT8_TOLERANCE, ONNX_TOLERANCE
-from vitslim.table import human, percent, render
 
 DISTRIBUTED_COMMANDS = {"compress", "eval"}  # the others time models or write many files: one process
 
 
 def _load(spec: str, pretrained: bool = False):
-    from vitslim.loading import load_model
+    from vitslim.io.loading import load_model
 
     return load_model(spec, pretrained=pretrained)
 
@@ -38,7 +38,7 @@ def _positive(name: str):
 
 def _device(ctx, param, value):
     """``--device`` checked against this torch build as the command line is read, before any model loads."""
-    from vitslim.devices import check_device
+    from vitslim._infra.devices import check_device
 
     try:
         check_device(value)
@@ -90,8 +90,8 @@ def cli(verbose: bool) -> None:
     or a folder written by vitslim.
     """
     logging.basicConfig(level=logging.INFO if verbose else logging.WARNING, format="%(name)s: %(message)s")
-    logging.getLogger("vitslim.progress").setLevel(logging.INFO)  # long work says where it is, -v or not (vitslim.progress)
-    from vitslim import distributed
+    logging.getLogger("vitslim._infra.progress").setLevel(logging.INFO)  # long work says where it is, -v or not (vitslim._infra.progress)
+    from vitslim._infra import distributed
 
     distributed.init_from_environment()
     if distributed.active():
@@ -122,9 +122,9 @@ def cli(verbose: bool) -> None:
 def eval_command(model, data, limit, skip, seed, teacher, threshold, batch_size, workers, device, pretrained, as_json):
     """Accuracy, parameters and FLOPs of MODEL on labelled images (with --teacher: agreement and KL, on any images;
     for a feature extractor, fidelity to the teacher's features)."""
-    from vitslim.evaluate import evaluate
-    from vitslim.folder_io import WEIGHTS_FILE
-    from vitslim.metrics import folder_bytes
+    from vitslim.io.folder_io import WEIGHTS_FILE
+    from vitslim.measure.evaluate import evaluate
+    from vitslim.measure.metrics import folder_bytes
 
     student = _load(model, pretrained)
     reference = _load(teacher, pretrained) if teacher else None
@@ -167,7 +167,7 @@ def eval_command(model, data, limit, skip, seed, teacher, threshold, batch_size,
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON list, one object per model and runtime.")
 def bench_command(models, batch_size, threads, device, dtype, runtimes, onnx_cache, onnx_tolerance, runs, warmup, as_json):
     """Throughput, latency and memory of MODELS, interleaved in one process; ratios are to the first, in each runtime."""
-    from vitslim.bench import benchmark
+    from vitslim.measure.bench import benchmark
 
     loaded = [(spec, Path(spec) if spec.endswith(".onnx") else _load(spec)) for spec in models]
     results = benchmark(loaded, batch_size=batch_size, threads=threads, device=device, dtype=dtype, runs=runs, warmup=warmup,
@@ -311,8 +311,8 @@ def compress_command(ctx, model, data, out, method, like, calib_images, seed, ba
     """Compress MODEL with one method to its budget (parameters, speed-up or FLOPs), optionally
     recover with distillation and quantise to int8, and save it to --out."""
     from vitslim.lowrank.compress import ParameterBudget
+    from vitslim.measure.metrics import count_params
     from vitslim.methods import configure, get_method
-    from vitslim.metrics import count_params
     from vitslim.pipeline import compress_to_folder
     from vitslim.train import Training
 
@@ -378,7 +378,7 @@ def compress_command(ctx, model, data, out, method, like, calib_images, seed, ba
 @click.option("--runs", type=int, default=20, show_default=True, help="Timed rounds of the final speed run (at least 20).")
 def sweep_command(model, data, eval_data, budgets, out, references, calib_images, eval_limit, epochs, seed, batch_size, runs):
     """Compress MODEL over a grid of methods and budgets; score, time and plot every point."""
-    from vitslim.sweep import run_sweep
+    from vitslim.apps.sweep import run_sweep
 
     if epochs < 0:
         raise VitslimError("--epochs must be 0 or more")
@@ -413,9 +413,9 @@ def export_command(model, onnx_path, program_path, check_images, tolerance, int8
     """
     import torch
 
+    from vitslim._infra.atomic import atomic_file
     from vitslim.adapters import describe
-    from vitslim.atomic import atomic_file
-    from vitslim.export import export_checked_onnx, export_program, program_max_abs_diff
+    from vitslim.deploy.export import export_checked_onnx, export_program, program_max_abs_diff
 
     if onnx_path is None and program_path is None:
         raise VitslimError("say what to write: --onnx FILE and/or --torch-export FILE")
@@ -455,8 +455,8 @@ def info_command(model):
     """What vitslim sees in MODEL: family, blocks, attention layout, tokens, preprocessing, and
     for a vitslim folder what its recipe changed."""
     from vitslim.adapters import describe
-    from vitslim.metrics import count_params
-    from vitslim.recipe import steps, summarise
+    from vitslim.io.recipe import steps, summarise
+    from vitslim.measure.metrics import count_params
 
     loaded = _load(model)
     spec = describe(loaded)
@@ -479,7 +479,7 @@ def info_command(model):
 @click.option("--retrain", is_flag=True, help="Train the demo model again instead of using the cached one.")
 def demo_command(out, retrain):
     """Everything vitslim does, end to end, on an embedded real-image default (no network, no data)."""
-    from vitslim.demo import run_demo
+    from vitslim.apps.demo import run_demo
 
     run_demo(Path(out), retrain=retrain)
 
@@ -489,11 +489,11 @@ def _terminated(signum, frame) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
-    from vitslim import distributed
+    from vitslim._infra import distributed
 
     clean = False
     # SIGTERM (kill's default) exits through Python, as Ctrl-C does, so that an interrupted save
-    # removes its staging folder and output claim (vitslim.atomic) instead of leaving them behind
+    # removes its staging folder and output claim (vitslim._infra.atomic) instead of leaving them behind
     in_main_thread = threading.current_thread() is threading.main_thread()
     previous = signal.signal(signal.SIGTERM, _terminated) if in_main_thread else None
     try:

@@ -10,26 +10,26 @@ import os
 import torch
 from torch import nn
 
-from vitslim import data as imagedata
-from vitslim import distributed
+from vitslim._infra import distributed
+from vitslim._infra.devices import check_device
+from vitslim._infra.progress import track
 from vitslim.adapters import describe
 from vitslim.adapters.base import ViTSpec
-from vitslim.devices import check_device
 from vitslim.errors import VitslimError
-from vitslim.fidelity import MapFidelity
-from vitslim.metrics import ClassificationScore, count_flops, count_params
-from vitslim.objective import infer_kind
-from vitslim.progress import track
+from vitslim.io import image_batches, image_dataset, image_sources
+from vitslim.measure.fidelity import MapFidelity
+from vitslim.measure.metrics import ClassificationScore, count_flops, count_params
+from vitslim.measure.objective import infer_kind
 
 
 def _loader(source, preprocessing, *, class_names, labels_required, limit, skip, seed, batch_size, workers):
-    dataset = source if isinstance(source, torch.utils.data.Dataset) else imagedata.open_images(
-        source, imagedata.build_transform(preprocessing), class_names=class_names, labels_required=labels_required
+    dataset = source if isinstance(source, torch.utils.data.Dataset) else image_sources.open_images(
+        source, image_dataset.build_transform(preprocessing), class_names=class_names, labels_required=labels_required
     )
-    subset = imagedata.select(dataset, limit=limit, skip=skip, seed=seed)
+    subset = image_batches.select(dataset, limit=limit, skip=skip, seed=seed)
     if distributed.active():  # this rank's shard: every world_size-th image, none twice
         subset = torch.utils.data.Subset(subset, range(distributed.rank(), len(subset), distributed.world_size()))
-    return dataset, imagedata.make_loader(subset, batch_size, workers=workers)
+    return dataset, image_batches.make_loader(subset, batch_size, workers=workers)
 
 
 def _shape(output: torch.Tensor, kind: str) -> str:
@@ -104,7 +104,7 @@ def evaluate(
     options = dict(class_names=spec.label_names, labels_required=labels_required, limit=limit, skip=skip, seed=seed, batch_size=batch_size,
                    workers=workers)
     dataset, loader = _loader(data, spec.preprocessing, **options)
-    labelled = imagedata.is_labelled(dataset) and kind == "logits"
+    labelled = image_batches.is_labelled(dataset) and kind == "logits"
     if not labelled and teacher is None:
         raise VitslimError(f"{getattr(dataset, 'source', data)} has no labels: accuracy needs labelled images; "
                            "to compare with a reference model instead, give it as the teacher")

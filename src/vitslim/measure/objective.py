@@ -18,7 +18,7 @@ import torch.nn.functional as F
 
 from vitslim.adapters.base import ViTSpec
 from vitslim.errors import ParameterError
-from vitslim.fidelity import dense_loss, output_kind
+from vitslim.measure.fidelity import dense_loss, output_kind
 
 KINDS = ("logits", "map", "features")
 CHOICES = ("auto", *KINDS)

@@ -13,40 +13,25 @@ data:
 Where no labels are needed (calibration, distillation, agreement with a teacher) a plain folder
 or zip of images opens too (``labels_required=False``), every image labelled ``UNLABELLED``:
 the images people have from their deployment rarely come sorted by class.
-
-An image that cannot be decoded, or is over PIL's decompression-bomb pixel limit, is not an
-error: ``ImageDataset`` returns ``None`` for it, logs a warning once, and ``make_loader`` drops
-it from its batch and counts it, so one bad file does not abort an hour-long evaluation but
-cannot go unnoticed either.
-
-Batches travel as ``Batch`` values (images, labels, skipped); ``as_batch`` reads every form of
-batch a user may pass instead (a bare image tensor, an (images, labels) pair).
 """
 
 from __future__ import annotations
 
 import csv
-import io
 import logging
 import os
-import re
-import warnings
 import zipfile
-import zlib
-from collections.abc import Callable, Sequence
 from pathlib import Path, PurePosixPath
-from typing import TYPE_CHECKING, Any, NamedTuple
+from typing import TYPE_CHECKING, NamedTuple
 
-import numpy as np
 import torch
-from PIL import Image
-from torch.utils.data import DataLoader, Dataset, Subset
 
-from vitslim._compat import import_timm
-from vitslim.errors import ParameterError, VitslimError
+from vitslim.errors import VitslimError
 
 if TYPE_CHECKING:  # data needs no model adapter at run time
-    from vitslim.adapters.base import Preprocessing
+    pass
+
+from vitslim.io.image_dataset import UNLABELLED, ImageDataset, Sample, Transform, build_transform
 
 logger = logging.getLogger("vitslim")
 
@@ -55,144 +40,6 @@ FILE_COLUMNS = ("file", "filename", "path", "image")
 LABEL_COLUMNS = ("label", "class_index", "target", "class", "y")
 # The folder a CSV's files may live in, next to the CSV (as in imagenet-sample-256/).
 CSV_IMAGE_FOLDER = "images"
-# Everything PIL or zipfile raise for a file that is damaged, truncated or not an image at all.
-_DECODE_ERRORS = (OSError, ValueError, SyntaxError, zipfile.BadZipFile, zlib.error)
-# PIL's decompression-bomb check only warns between its limit and twice that, then decodes anyway.
-_OVERSIZED = (Image.DecompressionBombWarning, Image.DecompressionBombError)
-
-UNLABELLED = -1
-
-Transform = Callable[[Image.Image], torch.Tensor]
-Sample = tuple[str, int]
-
-
-class ImageDataset(Dataset):
-    """Images from one source. ``dataset[i]`` is ``(image, label)``; ``labelled`` is False for a
-    source without labels, whose every label is ``UNLABELLED``.
-
-    ``image`` is the transformed tensor, or ``None`` when the file cannot be decoded; a warning
-    naming the file is then logged to the ``vitslim`` logger, once per file and process.
-    Without a transform, ``image`` is a float tensor ``[3, H, W]`` in ``[0, 1]``.
-
-    ``samples`` holds ``(reference, label)`` pairs: a file path, or a member name of the zip at
-    ``zip_path``. The zip is opened lazily, once per process, because an open ``ZipFile`` must not
-    be shared by DataLoader worker processes (they would race on one file offset).
-    """
-
-    def __init__(
-        self,
-        samples: list[Sample],
-        *,
-        source: str,
-        classes: list[str] | None,
-        transform: Transform | None = None,
-        zip_path: str | None = None,
-        labelled: bool = True,
-    ) -> None:
-        self.samples = samples
-        self.labelled = labelled
-        self.source = source
-        self.classes = classes
-        self.transform = transform
-        self.zip_path = zip_path
-        self._zip: zipfile.ZipFile | None = None
-        self._zip_pid: int | None = None
-        self._warned: set[str] = set()
-
-    def __len__(self) -> int:
-        return len(self.samples)
-
-    def __getitem__(self, index: int) -> tuple[torch.Tensor | None, int]:
-        reference, label = self.samples[index]
-        image = self._decode(reference)
-        if image is None:
-            return None, label
-        return (self.transform or _to_tensor)(image), label
-
-    def __getstate__(self) -> dict:
-        # Workers started by spawn/forkserver get a pickled copy: drop the handle, they reopen it.
-        state = self.__dict__.copy()
-        state["_zip"] = None
-        state["_zip_pid"] = None
-        return state
-
-    def _decode(self, reference: str) -> Image.Image | None:
-        """The image, or None (with a warning) when it cannot be decoded or is too large to decode
-        safely: an image over PIL's pixel limit could exhaust memory, the decompression bomb PIL
-        guards against, so it is treated as unreadable rather than decoded after a warning."""
-        try:
-            with warnings.catch_warnings():
-                warnings.simplefilter("error", Image.DecompressionBombWarning)
-                return _to_rgb(Image.open(self._open(reference)))
-        except _OVERSIZED as error:
-            self._warn_once(reference, f"skipping image {self._describe(reference)}: {_pixel_count(error)}, over PIL's "
-                                       f"decompression-bomb limit of {Image.MAX_IMAGE_PIXELS:,} (PIL.Image.MAX_IMAGE_PIXELS); "
-                                       "downscale it to use it")
-        except _DECODE_ERRORS as error:
-            self._warn_once(reference, f"skipping unreadable image {self._describe(reference)}: {error}")
-        return None
-
-    def _warn_once(self, reference: str, message: str) -> None:
-        if reference not in self._warned:
-            self._warned.add(reference)
-            logger.warning(message)
-
-    def _open(self, reference: str) -> str | io.BytesIO:
-        if self.zip_path is None:
-            return reference
-        if self._zip is None or self._zip_pid != os.getpid():
-            self._zip = zipfile.ZipFile(self.zip_path)
-            self._zip_pid = os.getpid()
-        return io.BytesIO(self._zip.read(reference))
-
-    def _describe(self, reference: str) -> str:
-        return reference if self.zip_path is None else f"{self.zip_path}:{reference}"
-
-
-def _pixel_count(error: Warning | Exception) -> str:
-    """How many pixels PIL found, which its decompression-bomb check gives only in its message."""
-    found = re.search(r"\((\d+) pixels\)", str(error))
-    return f"{int(found.group(1)):,} pixels" if found else str(error)
-
-
-# Modes PIL opens 16-bit grey images (PNG, TIFF) in; "I" is 32-bit, as older PIL opened 16-bit PNGs.
-_WIDE_GREY = frozenset({"I;16", "I;16L", "I;16B", "I;16N", "I"})
-_WIDE_TO_8_BIT = 65535 / 255
-
-
-def _to_rgb(image: Image.Image) -> Image.Image:
-    """Every model here takes 3 channels; palette transparency goes through RGBA to avoid a PIL warning.
-
-    16-bit grey is scaled to 8 bits first: PIL's own conversion clips every value above 255, so a
-    16-bit PNG came out almost all white (99.6% of its values at 1.0 in one user's image)."""
-    with image:
-        if image.mode in _WIDE_GREY:
-            wide = np.asarray(image, dtype=np.float64)
-            return Image.fromarray(np.clip(np.rint(wide / _WIDE_TO_8_BIT), 0, 255).astype(np.uint8)).convert("RGB")  # uint8 2-D: mode L
-        if image.mode == "P" and "transparency" in image.info:
-            image = image.convert("RGBA")
-        return image.convert("RGB")
-
-
-def _to_tensor(image: Image.Image) -> torch.Tensor:
-    return torch.from_numpy(np.array(image)).permute(2, 0, 1).float() / 255
-
-
-def build_transform(preprocessing: Preprocessing) -> Transform:
-    """The evaluation transform the model was trained to expect (resize, crop, normalise).
-
-    timm is imported here, not at module level, so that opening data stays cheap.
-    """
-    timm = import_timm()
-    return timm.data.create_transform(
-        input_size=preprocessing.input_size,
-        interpolation=preprocessing.interpolation,
-        mean=preprocessing.mean,
-        std=preprocessing.std,
-        crop_pct=preprocessing.crop_pct,
-        crop_mode=preprocessing.crop_mode,
-        is_training=False,
-    )
 
 
 # --- source detection -----------------------------------------------------------------------
@@ -491,105 +338,3 @@ def _csv_classes(pairs: list[tuple[int, str | None]]) -> list[str] | None:
     if sorted(names) != list(range(len(names))) or any(len(v) != 1 for v in names.values()):
         return None
     return [next(iter(names[label])) for label in range(len(names))]
-
-
-# --- subsets and batches -------------------------------------------------------------------------
-
-
-def select(dataset: Sequence | Dataset, *, limit: int | None = None, skip: int = 0, seed: int = 0) -> Subset:
-    """A seeded random subset, so calibration and evaluation can draw disjoint, reproducible sets.
-
-    The indices are permuted with ``seed``; the first ``skip`` are left out (reserved, e.g. for
-    calibration via ``select(limit=skip)``), then the first ``limit`` of the rest are taken.
-    They are returned sorted, so reading stays roughly sequential on disk.
-    """
-    size = len(dataset)
-    if limit is not None and limit <= 0:
-        raise ParameterError("limit", f"must be at least 1 (got {limit})")
-    if skip < 0:
-        raise ParameterError("skip", f"must be at least 0 (got {skip})")
-    if skip >= size:
-        raise ParameterError("skip", f"is {skip}, which leaves none of the {size} images available: lower it or use more images")
-    order = torch.randperm(size, generator=torch.Generator().manual_seed(seed))[skip:]
-    if limit is not None:
-        order = order[:limit]
-    return Subset(dataset, sorted(order.tolist()))
-
-
-def is_labelled(dataset: Dataset) -> bool:
-    """False for an unlabelled ``ImageDataset``, also behind ``Subset``s; True for anything else."""
-    while isinstance(dataset, Subset):
-        dataset = dataset.dataset
-    return getattr(dataset, "labelled", True)
-
-
-class Batch(NamedTuple):
-    """One batch of images in the one form vitslim computes with; ``as_batch`` reads the others."""
-
-    images: torch.Tensor | None  # [batch, channels, height, width]; None when no image of it could be decoded
-    labels: Any = None  # as given (make_loader: a long tensor); None for a bare image tensor
-    skipped: int = 0  # unreadable images make_loader dropped from the batch
-
-
-def as_batch(item: object, what: str = "a batch") -> Batch:
-    """``item``, one batch in any form vitslim accepts, as a ``Batch``. Accepted:
-
-    * an image tensor ``[batch, channels, height, width]``, without labels;
-    * ``(images, labels)``, as a ``DataLoader`` over ``(image, label)`` samples gives it;
-    * ``(images, labels, skipped)``, as ``make_loader`` gives it (a ``Batch`` is one).
-
-    In a pair or triple ``images`` may be None: ``make_loader`` could decode no image of the
-    batch. A torch ``Dataset`` is not a batch but what ``make_loader`` batches. Anything else is
-    a ``VitslimError`` naming ``what`` ("a training batch"); a tensor of another shape most
-    likely is a single sample, which the error says to batch first.
-    """
-    forms = "an image tensor, (images, labels) or (images, labels, skipped)"
-    if isinstance(item, torch.Tensor):
-        batch = Batch(item)
-    elif isinstance(item, (tuple, list)) and len(item) in (2, 3):
-        batch = Batch(item[0], item[1], int(item[2]) if len(item) == 3 else 0)
-    else:
-        raise VitslimError(f"{what} must be {forms}, not {type(item).__name__}")
-    images = batch.images
-    if images is None or (isinstance(images, torch.Tensor) and images.ndim == 4):
-        return batch
-    if isinstance(images, torch.Tensor):
-        raise VitslimError(
-            f"{what} holds images of shape {tuple(images.shape)}, not [batch, channels, height, width]; pass single "
-            "(image, label) samples as a torch Dataset, or batch them with vitslim.data.make_loader"
-        )
-    raise VitslimError(f"{what} must be {forms}, not a {type(item).__name__} holding {type(images).__name__} images")
-
-
-def make_loader(dataset: Dataset, batch_size: int, *, workers: int = 0) -> DataLoader:
-    """``Batch``es in dataset order: ``(images, labels, skipped)``.
-
-    Unreadable images are dropped from their batch and counted in ``skipped``; ``labels`` holds
-    the labels of the images kept. When every image of a batch was unreadable, ``images`` is
-    ``None`` and ``labels`` is empty. Images must share one size (use ``build_transform``).
-    """
-    if batch_size <= 0:
-        raise ParameterError("batch_size", f"must be at least 1 (got {batch_size})")
-    if workers < 0:
-        raise ParameterError("workers", f"must be at least 0 (got {workers})")
-    return DataLoader(dataset, batch_size=batch_size, shuffle=False, num_workers=workers, collate_fn=_collate_readable)
-
-
-def untransformed(dataset: Dataset) -> bool:
-    """True for an ``ImageDataset`` (also behind ``Subset``s) opened without a transform: raw
-    pixels in [0, 1] at each image's own size, not what a model takes."""
-    while isinstance(dataset, Subset):
-        dataset = dataset.dataset
-    return isinstance(dataset, ImageDataset) and dataset.transform is None
-
-
-def _collate_readable(batch: list[tuple[torch.Tensor | None, int]]) -> Batch:
-    kept = [(image, label) for image, label in batch if image is not None]
-    sizes = sorted({tuple(image.shape) for image, _ in kept})
-    if len(sizes) > 1:
-        raise VitslimError(f"images of {len(sizes)} sizes in one batch ({' and '.join('x'.join(map(str, size)) for size in sizes[:2])}): "
-                           "open them with the model's transform, vitslim.open_images(path, model=model), so that each is resized "
-                           "and normalised as the model expects")
-    images = torch.stack([image for image, _ in kept]) if kept else None
-    labels = torch.tensor([label for _, label in kept], dtype=torch.long)
-    return Batch(images, labels, len(batch) - len(kept))

@@ -41,6 +41,8 @@ from typing import ClassVar, Literal
 import torch
 from torch import nn
 
+from vitslim._infra.distributed import on_main
+from vitslim._infra.table import render
 from vitslim.adapters import describe
 from vitslim.cait.compress import check_speedup, prune_channels
 from vitslim.cait.importance import importance_masks
@@ -49,15 +51,13 @@ from vitslim.cait.schedule import schedule_for_speedup
 from vitslim.cait.shape import planned_schedule
 from vitslim.cait.slicing import slice_channels
 from vitslim.cait.speed import PROMISE, measured_speedup, meet_speedup
-from vitslim.distributed import on_main
 from vitslim.errors import ParameterError, VitslimError
+from vitslim.io.recipe import find_step, record_step, register_step
 from vitslim.lowrank.calibration import leading_images
 from vitslim.lowrank.compress import LowRank, ParameterBudget, compress_lowrank, compressible_linears
+from vitslim.measure.metrics import count_flops, count_params
+from vitslim.measure.objective import mean_divergence
 from vitslim.methods import Example, Inputs, SweepBudget, register_method, setting
-from vitslim.metrics import count_flops, count_params
-from vitslim.objective import mean_divergence
-from vitslim.recipe import find_step, record_step, register_step
-from vitslim.table import render
 from vitslim.train import Training
 
 logger = logging.getLogger("vitslim")
@@ -191,7 +191,7 @@ def probe_axes(model: nn.Module, calibration: list, *, levels: dict[str, tuple[f
     """Every axis of ``levels`` alone at every level of its ladder, measured (see the module
     docstring); ``timed=False`` skips the timing run (speed-ups None). Levels an axis cannot
     reach on this model (merging beyond what the grid allows) are left out."""
-    from vitslim.bench import benchmark
+    from vitslim.measure.bench import benchmark
 
     images = leading_images(calibration, probe_images, next(model.parameters()).device)
     spec = describe(model)
@@ -221,7 +221,7 @@ def probe_axes(model: nn.Module, calibration: list, *, levels: dict[str, tuple[f
 @register_method
 @dataclass(frozen=True)
 class LowRankCait(ParameterBudget):
-    """All three axes under one target (``vitslim.compose``): CDCP channels (with gate training),
+    """All three axes under one target (``vitslim.lowrank_cait``): CDCP channels (with gate training),
     low-rank factors and ATME tokens, the target split between them by measured cost."""
 
     name: ClassVar[str] = "lowrank+cait"

@@ -10,8 +10,8 @@ from torch import nn
 
 from vitslim.adapters import hf, timm_vit
 from vitslim.errors import VitslimError
-from vitslim.folder_io import WEIGHTS_FILE, load_state_strict, load_weights, read_json
-from vitslim.persist import is_vitslim_folder, load_folder
+from vitslim.io.folder_io import WEIGHTS_FILE, load_state_strict, load_weights, read_json
+from vitslim.io.persist import is_vitslim_folder, load_folder
 
 LOCAL_DIR = "local-dir:"
 PICKLE_NAMES = ("pytorch_model.bin", "model.pth", "model.pt", "checkpoint.pth")

@@ -3,7 +3,7 @@
 All models run in one process, in interleaved rounds (the order rotates each round), so slow
 drift of a shared machine (thermal, other tenants) hits every model alike and the ratios stay
 honest even when the absolute numbers move. With several runtimes (eager, ``torch.compile``,
-ONNX Runtime: ``vitslim.runtimes``) every model runs in each of them in every round, and ratios
+ONNX Runtime: ``vitslim.measure.runtimes``) every model runs in each of them in every round, and ratios
 compare models within one runtime.
 """
 
@@ -20,12 +20,13 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from vitslim import distributed, runtimes
+from vitslim._infra import distributed
+from vitslim._infra.progress import logger as progress_log
+from vitslim._infra.progress import track
 from vitslim.adapters import describe
 from vitslim.errors import ParameterError, VitslimError
-from vitslim.metrics import count_flops, count_params
-from vitslim.progress import logger as progress_log
-from vitslim.progress import track
+from vitslim.measure import runtimes
+from vitslim.measure.metrics import count_flops, count_params
 
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 
@@ -237,7 +238,7 @@ def benchmark(
         raise ParameterError("batch_size", f"must be at least 1 (got {batch_size})")
     check_runs(runs)
     if dtype not in DTYPES:
-        raise VitslimError(f"unknown dtype {dtype}; choose one of {', '.join(DTYPES)}")
+        raise ParameterError("dtype", f"is {dtype!r}; choose one of {', '.join(DTYPES)}")
     if not (math.isfinite(onnx_tolerance) and onnx_tolerance > 0):
         raise ParameterError("onnx_tolerance", f"must be a finite number above 0 (got {onnx_tolerance:g})")
     chosen = _runtime_list(runtime)

@@ -19,12 +19,12 @@ from torch import nn
 from torch.nn.modules import module as module_hooks
 
 from vitslim import __version__
-from vitslim import recipe as recipes
+from vitslim._infra.atomic import atomic_folder, check_writable
 from vitslim.adapters import PREPROCESSING_ATTR, describe, family_named, family_of, locate
 from vitslim.adapters.base import Preprocessing
-from vitslim.atomic import atomic_folder, check_writable
 from vitslim.errors import VitslimError
-from vitslim.folder_io import (
+from vitslim.io import recipe as recipes
+from vitslim.io.folder_io import (
     CONFIG_FILE,
     WEIGHTS_FILE,
     load_state_strict,
@@ -82,7 +82,7 @@ def save(model: nn.Module, folder: str | os.PathLike, *, extra: dict | None = No
 
     A user's model holding a ViT is saved whole (every weight, the ViT's recipe steps named from
     the whole model); reloading it needs the user's class, as for plain PyTorch models.
-    The folder is written whole or not at all (see ``vitslim.atomic``).
+    The folder is written whole or not at all (see ``vitslim._infra.atomic``).
     """
     folder = check_output_folder(folder)
     spec = describe(model)

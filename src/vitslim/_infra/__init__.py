@@ -1,0 +1,1 @@
+"""Private infrastructure: atomic writes, progress, devices, torch.distributed, text tables."""

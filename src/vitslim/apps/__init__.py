@@ -1,0 +1,1 @@
+"""What runs vitslim end to end: the command line, the demo and the sweep."""
