@@ -7,7 +7,7 @@ from torch import nn
 from torch.nn import functional as F
 
 from vitslim.errors import VitslimError
-from vitslim.measure.bench import benchmark
+from vitslim.measure.bench import benchmark, noise_warning, ratio_text, round_ratios, spread
 from vitslim.measure.metrics import ClassificationScore, count_flops, count_params
 
 
@@ -101,3 +101,41 @@ def test_benchmark_rejects_bad_settings(kwargs, message):
 def test_benchmark_on_missing_cuda_is_a_clear_error():
     with pytest.raises(VitslimError, match="no CUDA"):
         benchmark([("m", tiny_vit(seed=None, num_classes=10))], device="cuda", progress=False)
+
+
+def test_ratio_spread_is_the_relative_interquartile_range_of_the_rounds_ratios():
+    assert round_ratios([2.0, 3.0, 4.0], [1.0, 1.0, 2.0]) == [2.0, 3.0, 2.0]
+    # quartiles (inclusive) of 1, 2, 3, 4, 5: 2 and 4, median 3
+    assert spread([5.0, 1.0, 3.0, 2.0, 4.0]) == pytest.approx(2 / 3)
+    assert spread([1.5] * 20) == 0.0 and spread([7.0]) == 0.0
+
+
+def test_benchmark_flags_a_run_whose_rounds_disagree(monkeypatch):
+    """A made-up clock: the reference takes 10 ms every round; the second model 5 ms, except in
+    every other round, where a busy machine makes it 15 ms. Its ratio spread says so, and only
+    its; a steady third model is not flagged."""
+    import vitslim.measure.bench as bench
+
+    clock = [0.0]
+    monkeypatch.setattr(bench.time, "perf_counter", lambda: clock[0])
+    calls = {"busy": 0}
+
+    def advance(seconds):
+        def hook(module, args, output):
+            clock[0] += seconds() if callable(seconds) else seconds
+        return hook
+
+    def busy_seconds():
+        calls["busy"] += 1
+        return 0.015 if calls["busy"] % 2 else 0.005
+
+    reference, busy, steady = tiny_vit(seed=0), tiny_vit(seed=1), tiny_vit(seed=2)
+    reference.register_forward_hook(advance(0.010))
+    busy.register_forward_hook(advance(busy_seconds))
+    steady.register_forward_hook(advance(0.005))
+    results = benchmark([("reference", reference), ("busy", busy), ("steady", steady)], batch_size=2, warmup=0, runs=20, progress=False)
+    assert [result.ratio_spread for result in results] == [0.0, pytest.approx((2.0 - 2 / 3) / ((2.0 + 2 / 3) / 2)), 0.0]
+    assert [result.noisy for result in results] == [False, True, False]
+    assert results[2].ratio == pytest.approx(2.0) and results[1].as_dict()["noisy"]
+    assert "unstable timings for busy (eager)" in noise_warning(results) and noise_warning(results[::2]) is None
+    assert ratio_text(results[2]) == "2.00x" and ratio_text(results[1]).endswith("(noisy: spread 100%)")

@@ -43,7 +43,7 @@ def test_the_python_quick_start_runs_as_written(tmp_path, monkeypatch):
 
     monkeypatch.setattr(vitslim, "compress", functools.partial(vitslim.compress, calib_images=TRAIN_IMAGES))
     monkeypatch.setattr(vitslim, "benchmark", functools.partial(vitslim.benchmark, batch_size=2, warmup=1))
-    monkeypatch.setattr(speed, "measured_speedup", functools.partial(speed.measured_speedup, batch_size=4))
+    monkeypatch.setattr(speed, "time_against", functools.partial(speed.time_against, batch_size=4))
     code = python_quick_start()
     for placeholder in ("local-dir:path/to/my-vit", "path/to/val-images", "path/to/train-images"):
         assert f'"{placeholder}"' in code, placeholder

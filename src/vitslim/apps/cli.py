@@ -167,7 +167,7 @@ def eval_command(model, data, limit, skip, seed, teacher, threshold, batch_size,
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON list, one object per model and runtime.")
 def bench_command(models, batch_size, threads, device, dtype, runtimes, onnx_cache, onnx_tolerance, runs, warmup, as_json):
     """Throughput, latency and memory of MODELS, interleaved in one process; ratios are to the first, in each runtime."""
-    from vitslim.measure.bench import benchmark
+    from vitslim.measure.bench import benchmark, noise_warning, ratio_text
 
     loaded = [(spec, Path(spec) if spec.endswith(".onnx") else _load(spec)) for spec in models]
     results = benchmark(loaded, batch_size=batch_size, threads=threads, device=device, dtype=dtype, runs=runs, warmup=warmup,
@@ -177,10 +177,13 @@ def bench_command(models, batch_size, threads, device, dtype, runtimes, onnx_cac
         return
     first = results[0]
     click.echo(f"device {first.device}, {first.threads} threads, batch {first.batch_size}, {first.dtype}, median of {first.runs} interleaved runs")
-    rows = [[r.model, r.runtime, f"{r.images_per_s:.1f}", f"{r.ratio:.2f}x", f"{r.latency_ms:.1f}",
+    rows = [[r.model, r.runtime, f"{r.images_per_s:.1f}", ratio_text(r), f"{r.latency_ms:.1f}",
              "-" if r.peak_memory_mb is None else f"{r.peak_memory_mb:.0f}", human(r.params), "-" if r.flops is None else human(r.flops)]
             for r in results]
     click.echo(render(["model", "runtime", "images/s", "ratio", "latency ms", "peak MB", "params", "FLOPs/img"], rows))
+    warning = noise_warning(results)
+    if warning:
+        click.echo(f"warning: {warning}", err=True)
 
 
 SHARED_TRAINING_FLAGS = {"Training.lr": "--lr", "Training.batch_size": "--batch-size", "Training.checkpoints": "--checkpoints",

@@ -26,7 +26,7 @@ from vitslim.errors import ParameterError, VitslimError
 from vitslim.io import image_batches, image_dataset, image_sources
 from vitslim.io.loading import load_model
 from vitslim.io.persist import save
-from vitslim.measure.bench import benchmark
+from vitslim.measure.bench import benchmark, noise_warning, ratio_text
 from vitslim.measure.evaluate import evaluate
 from vitslim.methods import methods
 from vitslim.pipeline import compress
@@ -178,13 +178,16 @@ def run_demo(out: Path, *, retrain: bool = False) -> list[dict]:
             rows.append({"name": variant.name, "note": variant.note, **score})
         speeds = benchmark([(v.name, v.model) for v in variants], batch_size=64, runs=20)
         for row, speed in zip(rows, speeds):
-            row.update(ratio=speed.ratio, images_per_s=speed.images_per_s)
+            row.update(ratio=speed.ratio, images_per_s=speed.images_per_s, ratio_text=ratio_text(speed))
+        warning = noise_warning(speeds)
+        if warning:
+            click.echo(f"warning: {warning}", err=True)
         _plot(rows, folder / "tradeoff.png")
         (folder / "report.md").write_text(_report(rows, speeds[0]))
 
     atomic_folder(out, fill)
     table = render(["variant", "top-1", "agreement", "params", "FLOPs/img", "throughput"],
-                   [[r["name"], percent(r["top1"]), percent(r["agreement"]), human(r["params"]), human(r["flops"]), f"{r['ratio']:.2f}x"] for r in rows])
+                   [[r["name"], percent(r["top1"]), percent(r["agreement"]), human(r["params"]), human(r["flops"]), r["ratio_text"]] for r in rows])
     click.echo("\n" + table + "\n")
     click.echo(f"report: {out / 'report.md'}, plot: {out / 'tradeoff.png'} ({time.perf_counter() - started:.0f} s)")
     return rows
@@ -192,7 +195,7 @@ def run_demo(out: Path, *, retrain: bool = False) -> list[dict]:
 
 def _report(rows: list[dict], first) -> str:
     table = render(["variant", "top-1", "top-1 agreement", "params", "FLOPs / image", "throughput ratio", "what"],
-                   [[r["name"], percent(r["top1"]), percent(r["agreement"]), f"{r['params']:,}", human(r["flops"]), f"{r['ratio']:.2f}x", r["note"]] for r in rows],
+                   [[r["name"], percent(r["top1"]), percent(r["agreement"]), f"{r['params']:,}", human(r["flops"]), r["ratio_text"], r["note"]] for r in rows],
                    markdown=True)
     return (
         "# vitslim demo\n\n"

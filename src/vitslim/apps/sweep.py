@@ -127,7 +127,7 @@ def run_sweep(model: str, data: str, eval_data: str, budgets: list[str], out: st
     from vitslim.io import image_dataset, image_sources
     from vitslim.io.loading import load_model
     from vitslim.io.persist import save
-    from vitslim.measure.bench import benchmark, check_runs
+    from vitslim.measure.bench import benchmark, check_runs, noise_warning
     from vitslim.measure.evaluate import evaluate
 
     points = parse_budgets(list(budgets))
@@ -173,7 +173,11 @@ def run_sweep(model: str, data: str, eval_data: str, budgets: list[str], out: st
               **{r["name"]: load_model(str(out / r["folder"])) for r in timed if r["kind"] == "point"}}
     speeds = benchmark([(r["name"], loaded[r["name"]]) for r in timed], batch_size=batch_size, runs=runs, progress=False)
     for row, speed in zip(timed, speeds):
-        row.update(ratio=speed.ratio, images_per_s=speed.images_per_s, device=speed.device, threads=speed.threads)
+        row.update(ratio=speed.ratio, ratio_spread=round(speed.ratio_spread, 4), images_per_s=speed.images_per_s, device=speed.device,
+                   threads=speed.threads)
+    warning = noise_warning(speeds)
+    if warning:
+        click.echo(f"warning: {warning}", err=True)
     _write_json(log, rows)
     _plot(timed, out / "pareto.png")
     atomic_file(out / "report.md", lambda partial: partial.write_text(_report(timed, speeds[0], eval_data)))

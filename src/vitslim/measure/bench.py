@@ -47,9 +47,50 @@ class BenchResult:
     threads: int
     runs: int
     runtime: str = "eager"
+    # (q3 - q1) / median of the per-round ratios (each round times every model back to back): how
+    # far this ratio may move on a rerun. A quiet machine keeps it to a few percent; above
+    # NOISY_SPREAD the machine was busy while timing (0 for the first model, the reference)
+    ratio_spread: float = 0.0
+
+    @property
+    def noisy(self) -> bool:
+        return self.ratio_spread > NOISY_SPREAD
 
     def as_dict(self) -> dict:
-        return asdict(self)
+        return {**asdict(self), "noisy": self.noisy}
+
+
+NOISY_SPREAD = 0.10
+
+
+def ratio_text(result: BenchResult) -> str:
+    """``1.52x``; for unstable timings with their spread: ``1.52x (noisy: spread 23%)``."""
+    return f"{result.ratio:.2f}x" + (f" (noisy: spread {100 * result.ratio_spread:.0f}%)" if result.noisy else "")
+
+
+def noise_warning(results: Sequence[BenchResult]) -> str | None:
+    """A line on the results whose timings were unstable, or None when all were steady."""
+    noisy = [result for result in results if result.noisy]
+    if not noisy:
+        return None
+    names = ", ".join(dict.fromkeys(f"{result.model} ({result.runtime})" for result in noisy))
+    return (f"unstable timings for {names}: ratio spread up to {100 * max(r.ratio_spread for r in noisy):.0f}% (steady is under "
+            f"{100 * NOISY_SPREAD:.0f}%), so something else was using the CPU and these ratios may move on a rerun; time them "
+            "again on a quiet machine")
+
+
+def round_ratios(reference: Sequence[float], seconds: Sequence[float]) -> list[float]:
+    """The ratio of each round: the reference model's time over this model's, both timed in the
+    same round (so a load that comes and goes hits both alike)."""
+    return [first / mine for first, mine in zip(reference, seconds)]
+
+
+def spread(values: Sequence[float]) -> float:
+    """(q3 - q1) / median of ``values``: their relative interquartile range."""
+    if len(values) < 2:
+        return 0.0
+    q1, median, q3 = statistics.quantiles(values, n=4, method="inclusive")
+    return (q3 - q1) / median
 
 
 @dataclass
@@ -288,7 +329,8 @@ def benchmark(
             latency_p90_ms=statistics.quantiles(seconds, n=10)[-1] * 1e3, peak_memory_mb=peak, params=timed.entry.params, flops=timed.entry.flops,
             batch_size=batch_size, device=str(target), dtype=dtype, threads=torch.get_num_threads(), runs=runs, runtime=timed.runtime,
         ))
-    for result in results:
-        first = next(r for r in results if r.runtime == result.runtime)
-        result.ratio = result.images_per_s / first.images_per_s
+    for result, seconds in zip(results, timings):
+        first = next(index for index, r in enumerate(results) if r.runtime == result.runtime)
+        result.ratio = result.images_per_s / results[first].images_per_s
+        result.ratio_spread = spread(round_ratios(timings[first], seconds)) if results[first] is not result else 0.0
     return results
