@@ -10,7 +10,10 @@ lower did not keep the promise: aiming at 0.98 left a 1.3x request at 0.946x of 
 and aiming at the promise itself left a 1.8x one at 0.94x (``benchmarks/cait.py --parts
 delivery``). Each measurement being noisy, one round raises the predicted speed-up by at most
 ``MAX_STEP``, and after ``MEASURE_ROUNDS`` rounds the result stands, with a warning if it falls
-short of the promise.
+short of the promise. A machine that something else keeps busy makes a timing fall short by
+noise alone: such a timing (``BenchResult.noisy``, its per-round ratios spread too far) is taken
+again, and when it stays noisy the schedule is not tightened on it
+(``benchmarks/studies/busy_timing.py`` shows both cases).
 """
 
 from __future__ import annotations
