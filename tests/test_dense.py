@@ -8,8 +8,16 @@ from conftest import COMPRESSIBLE, tiny_vit
 from torch import nn
 
 import vitslim
+import vitslim.io.recipe
 from vitslim.cait.merging import unmerge
-from vitslim.cait.patch import apply_token_merging, reads_patch_tokens, remove_token_merging, token_map, token_merging
+from vitslim.cait.patch import (
+    apply_token_merging,
+    full_maps_read,
+    reads_patch_tokens,
+    remove_token_merging,
+    token_map,
+    token_merging,
+)
 from vitslim.cait.schedule import MergeSchedule, schedule_for_speedup
 from vitslim.measure.objective import Objective, infer_kind, objective_for
 
@@ -187,14 +195,25 @@ def test_evaluate_scores_a_dense_model_by_fidelity_to_its_teacher(tiny_image_fol
     assert 0 < result["mae"] and result["pearson"] < 1 and result["threshold"] == 0.5
 
 
-def test_a_merged_dense_model_exports_to_onnx_and_runs_in_onnx_runtime(tmp_path):
+@pytest.mark.parametrize("full_map_after", [None, ()])
+def test_a_merged_dense_model_exports_to_onnx_and_runs_in_onnx_runtime(tmp_path, full_map_after):
+    """Every block handing on the full map, or only the last: the graph computes what PyTorch does,
+    and the second has fewer gathers and scatters."""
     pytest.importorskip("onnxruntime")
+    import onnx
+
     from vitslim.deploy.export import export_onnx, onnx_max_abs_diff
 
     model = SaliencyModel()
-    apply_token_merging(model, _schedule(model))
+    apply_token_merging(model, _schedule(model), full_map_after=full_map_after)
     path = export_onnx(model, tmp_path / "saliency.onnx")
     assert onnx_max_abs_diff(model, path, torch.randn(3, 3, 32, 32)) < 1e-4
+    if full_map_after == ():
+        everywhere = SaliencyModel()
+        apply_token_merging(everywhere, _schedule(everywhere))
+        count = lambda graph_path: sum(node.op_type in ("Gather", "GatherElements", "ScatterElements", "ScatterND")  # noqa: E731
+                                       for node in onnx.load(str(graph_path)).graph.node)
+        assert count(path) < count(export_onnx(everywhere, tmp_path / "everywhere.onnx"))
 
 
 def test_old_merging_steps_reload_in_classification_mode():
@@ -230,3 +249,58 @@ def test_distillation_of_a_users_model_leaves_its_head_alone():
     vitslim.distill(compressed, original, [IMAGES] * 2, vitslim.Training(epochs=1, lr=1e-3, batch_size=4, progress=False))
     assert all(torch.equal(head[name], value) for name, value in compressed.decoder.state_dict().items())
     assert not torch.equal(compressed.backbone.norm.weight, original.backbone.norm.weight)
+
+
+class IntermediateReader(nn.Module):
+    """A user's model that reads an intermediate block's map (as a feature pyramid does): timm's
+    ``forward_intermediates`` on block 1, then the final map."""
+
+    def __init__(self, seed: int = 0) -> None:
+        super().__init__()
+        self.backbone = tiny_vit(seed, **{**COMPRESSIBLE, "num_classes": 0})
+
+    def forward(self, images: torch.Tensor) -> torch.Tensor:
+        final, intermediates = self.backbone.forward_intermediates(images, indices=[1], output_fmt="NLC")
+        return final[:, self.backbone.num_prefix_tokens:] + intermediates[0]
+
+
+@pytest.mark.parametrize("method", ["atme", "tome", "window"])
+def test_dense_mode_that_hands_the_full_map_on_only_at_the_end_computes_the_same(method, tmp_path):
+    """Blocks whose full map nobody reads hand their merged tokens straight on: the same output to
+    float rounding, the same token map, fewer hooks (no gather and scatter per block), a recipe that
+    reloads to the same model."""
+    model = SaliencyModel()
+    schedule = _schedule(model, method, 1.25 if method == "window" else 1.6)  # window merging: at most 1.35x here
+    with torch.no_grad(), token_merging(model, schedule, dense=True):
+        expected = model(IMAGES)
+    assert full_maps_read(model, schedule) == ()
+    with torch.no_grad(), token_merging(model, schedule, dense=True, full_map_after=()):
+        lazy = model(IMAGES)
+        lazy_map = token_map(model)
+        handles = len(model.vitslim_merging.handles)
+    with token_merging(model, schedule, dense=True):
+        assert handles < len(model.vitslim_merging.handles)
+    torch.testing.assert_close(lazy, expected, rtol=1e-4, atol=1e-5)
+    assert lazy_map is not None and lazy_map.merged
+    apply_token_merging(model, schedule, dense=True, full_map_after=())
+    assert vitslim.io.recipe.find_step(model, "merging")["full_map_after"] == []
+    reloaded = vitslim.load_model(vitslim.save(model, tmp_path / "lazy"), skeleton=SaliencyModel(seed=5))
+    with torch.no_grad():
+        torch.testing.assert_close(reloaded(IMAGES), model(IMAGES), rtol=0, atol=0)
+
+
+def test_a_model_that_reads_an_intermediate_map_keeps_the_full_map_after_every_block():
+    model = IntermediateReader()
+    schedule = _schedule(model, "atme", 1.6)
+    assert full_maps_read(model, schedule) is None
+
+
+def test_cait_on_a_dense_model_hands_the_full_map_on_only_where_it_is_read():
+    from vitslim.cait.compress import Cait, compress_cait
+    from vitslim.methods import Inputs
+
+    last_only = compress_cait(SaliencyModel(), Cait(speedup=1.5, measure=False), Inputs(progress=False))
+    assert vitslim.io.recipe.find_step(last_only, "merging")["full_map_after"] == []
+    everywhere = compress_cait(IntermediateReader(), Cait(speedup=1.5, measure=False), Inputs(progress=False))
+    step = vitslim.io.recipe.find_step(everywhere, "merging")
+    assert step["dense"] and "full_map_after" not in step

@@ -46,7 +46,7 @@ from vitslim._infra.table import render
 from vitslim.adapters import describe
 from vitslim.cait.compress import check_speedup, prune_channels
 from vitslim.cait.importance import importance_masks
-from vitslim.cait.patch import apply_token_merging, check_not_merging
+from vitslim.cait.patch import apply_token_merging, check_not_merging, full_maps_read, reads_patch_tokens
 from vitslim.cait.schedule import schedule_for_speedup
 from vitslim.cait.shape import planned_schedule
 from vitslim.cait.slicing import slice_channels
@@ -340,9 +340,10 @@ def compress_composed(model: nn.Module, config: LowRankCait, inputs: Inputs) -> 
         student = compress_lowrank(student.to(device), calibration, LowRank(params=_vit_params(student, budget)), progress=progress,
                                    objective=inputs.objective).to("cpu")
     measured = None
+    full_map_after = full_maps_read(student, schedule) if schedule is not None and reads_patch_tokens(student) else None
     if config.speedup is not None and "tokens" in axes:
         schedule, measured = meet_speedup(model, student, merge, config.speedup, schedule, device, concentration=planning["concentration"],
-                                          first_level=planning.get("first_level", 1))
+                                          first_level=planning.get("first_level", 1), full_map_after=full_map_after)
         planning = {"measured_speedup": round(measured, 3), **planning}
     elif config.speedup is not None:
         timing = steady_timing(model, student, device=device)
@@ -354,7 +355,7 @@ def compress_composed(model: nn.Module, config: LowRankCait, inputs: Inputs) -> 
             logger.warning("measured speed-up %.2fx is below the %.2fx target (token merging, which could close the gap, is not among the axes)",
                            measured, config.speedup)
     if schedule is not None:
-        apply_token_merging(student, schedule, notes=planning)
+        apply_token_merging(student, schedule, notes=planning, full_map_after=full_map_after)
     record_step(student, {"method": STEP, "target": {k: v for k, v in target.__dict__.items() if v is not None}, **split.as_dict(),
                           "measured_speedup": None if measured is None else round(measured, 3),
                           "probes": [{**probe.__dict__, "cost": round(probe.cost, 6), "speedup": _rounded(probe.speedup, 3),

@@ -25,7 +25,14 @@ from torch.utils.data import Dataset
 from vitslim._infra.table import render
 from vitslim.adapters import describe
 from vitslim.cait.gates import attach_gates
-from vitslim.cait.patch import apply_token_merging, check_not_merging, merge_schedule, reads_patch_tokens, token_merging
+from vitslim.cait.patch import (
+    apply_token_merging,
+    check_not_merging,
+    full_maps_read,
+    merge_schedule,
+    reads_patch_tokens,
+    token_merging,
+)
 from vitslim.cait.schedule import tokens_per_block
 from vitslim.cait.shape import choice_batches, planned_schedule
 from vitslim.cait.slicing import slice_channels
@@ -195,12 +202,14 @@ def compress_cait(model: nn.Module, config: Cait, inputs: Inputs) -> nn.Module:
     if channel_target is not None:
         prune_channels(student, model, batches, config.gate_training, channel_ratio=channel_target, schedule=schedule,
                        consistent=config.consistent, gate_lr_scale=config.gate_lr_scale, dense=dense, objective=inputs.objective)
+    full_map_after = full_maps_read(student, schedule) if dense and schedule is not None else None
     if config.measure:
         schedule, measured = meet_speedup(model, student, config.merge, config.speedup, schedule, inputs.device,
-                                          concentration=planning["concentration"], first_level=planning.get("first_level", 1), dense=dense)
+                                          concentration=planning["concentration"], first_level=planning.get("first_level", 1), dense=dense,
+                                          full_map_after=full_map_after)
         planning = {"measured_speedup": round(measured, 3), **planning}
     if schedule is not None:  # the one recipe step of the merging, with how it was planned and measured
-        apply_token_merging(student, schedule, dense=dense, notes=planning)
+        apply_token_merging(student, schedule, dense=dense, notes=planning, full_map_after=full_map_after)
     return student
 
 

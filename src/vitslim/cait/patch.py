@@ -24,7 +24,7 @@ gives back the original behaviour exactly.
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from functools import partial
@@ -66,11 +66,16 @@ class _Merger:
     token_map: TokenMap | None = None
     keys: torch.Tensor | None = None
     keep_detail: bool = True
+    full_map_after: frozenset[int] | None = None  # dense mode: the blocks whose output is the full map (None: every block)
     kept: torch.Tensor | None = None  # dense mode, once merged: one original patch position per current token
     detail: torch.Tensor | None = None  # dense mode: full map minus unmerge(merged tokens), tokens first
 
     def start(self, module, args) -> None:
         self.token_map, self.keys, self.kept, self.detail = None, None, None, None
+
+    def hands_on_full_map(self, index: int) -> bool:
+        """Dense mode: whether block ``index``'s output is the full token map (else its merged tokens)."""
+        return self.full_map_after is None or index in self.full_map_after
 
     def _full(self, tokens: torch.Tensor) -> torch.Tensor:
         full = unmerge(tokens, self.token_map)
@@ -142,10 +147,10 @@ class _Merger:
         bias = packed.in_proj_bias[width: 2 * width] if packed.in_proj_bias is not None else None
         self.keys = self._mean_over_heads(F.linear(query, packed.in_proj_weight[width: 2 * width], bias), heads)
 
-    def merge_after(self, r: int, level: int):
-        return partial(self._merge_after, r, level)
+    def merge_after(self, index: int, r: int, level: int):
+        return partial(self._merge_after, index, r, level)
 
-    def _merge_after(self, r: int, level: int, module, args, output):
+    def _merge_after(self, index: int, r: int, level: int, module, args, output):
         prefix, grid = self.spec.num_prefix_tokens, self.spec.grid_size
         tokens = self._tokens_first(output[0] if isinstance(output, tuple) else output)
         if self.token_map is None:
@@ -166,9 +171,9 @@ class _Merger:
         if self.dense and self.token_map.merged:
             self.kept = representatives(self.token_map)
             if not self.keep_detail:
-                return self._replace(output, unmerge(merged, self.token_map))
+                return self._replace(output, unmerge(merged, self.token_map) if self.hands_on_full_map(index) else merged)
             self.detail = before - unmerge(merged, self.token_map)
-            return self._replace(output, before)
+            return self._replace(output, before if self.hands_on_full_map(index) else merged)
         return self._replace(output, merged)
 
 
@@ -180,6 +185,33 @@ def reads_patch_tokens(model: nn.Module) -> bool:
     return spec.root is not None or family_of(spec.model).output_reads_patch_tokens(spec.model)
 
 
+def full_maps_read(model: nn.Module, schedule: MergeSchedule, *, images: int = 2) -> tuple[int, ...] | None:
+    """The blocks, besides the last, whose full token map ``model`` reads when it merges densely
+    on ``schedule``: ``()`` when its output comes from the ViT's final map alone (a head on the
+    last layer), None (every block) when anything reads an intermediate one (``forward_intermediates``,
+    ``output_hidden_states``, a hook of the user's).
+
+    Found by running ``model`` on a few seeded random images both ways: a reader of an
+    intermediate map gets merged tokens instead of the full grid, and fails or computes something
+    else; a model that gives the same output to float rounding reads only the final map."""
+    spec = describe(model)
+    inputs = torch.randn(images, *spec.preprocessing.input_size, generator=torch.Generator().manual_seed(0))
+    device = next(model.parameters()).device
+    inputs = inputs.to(device)
+    with torch.no_grad():
+        with token_merging(model, schedule, dense=True):
+            everywhere = spec.output(inputs)
+        try:
+            with token_merging(model, schedule, dense=True, full_map_after=()):
+                last_only = spec.output(inputs)
+        except Exception:  # a reader of an intermediate map met merged tokens: a shape it cannot take
+            return None
+    if last_only.shape != everywhere.shape:
+        return None
+    scale = float(everywhere.abs().max()) or 1.0
+    return () if torch.allclose(last_only, everywhere, rtol=1e-4, atol=1e-4 * scale) else None
+
+
 def check_not_merging(model: nn.Module) -> None:
     """Refuse a model that merges tokens already: a second schedule would plan from token counts
     the first one changed."""
@@ -188,20 +220,25 @@ def check_not_merging(model: nn.Module) -> None:
 
 
 def apply_token_merging(model: nn.Module, schedule: MergeSchedule, *, dense: bool | None = None, record: bool = True,
-                        notes: dict | None = None) -> nn.Module:
+                        notes: dict | None = None, full_map_after: Iterable[int] | None = None) -> nn.Module:
     """Patch ``model`` in place to merge tokens on ``schedule``; returns it. With ``record`` the
     schedule becomes a recipe step, so a saved folder reloads it, together with ``notes`` (how it
     was chosen and what it measured); for temporary merging (choosing a schedule, training gates,
     measuring) use the ``token_merging`` context manager instead. ``dense`` chooses the mode
-    (module docstring); None: dense exactly when ``reads_patch_tokens(model)``.
+    (module docstring); None: dense exactly when ``reads_patch_tokens(model)``. In dense mode,
+    ``full_map_after`` names the blocks, besides the last, whose output is the full token map (the
+    ones something reads: ``full_maps_read``); the others hand their merged tokens straight on,
+    which spares each a gather and a scatter. None: every block, as before 0.2.
 
     Prefix tokens (class, distillation, registers) are never merged. After a forward pass,
     ``token_map(model)`` says where every original patch went (see ``merging.unmerge``).
     """
     dense = reads_patch_tokens(model) if dense is None else dense
-    _attach(model, schedule, dense)
+    after = None if full_map_after is None or not dense else frozenset(full_map_after)
+    _attach(model, schedule, dense, full_map_after=after)
     if record:
-        record_step(model, {"method": STEP, "schedule": schedule.as_dict(), "dense": dense, **(notes or {})})
+        lazy = {} if after is None else {"full_map_after": sorted(after)}
+        record_step(model, {"method": STEP, "schedule": schedule.as_dict(), "dense": dense, **lazy, **(notes or {})})
     return model
 
 
@@ -214,28 +251,29 @@ def remove_token_merging(model: nn.Module) -> nn.Module:
 
 @contextmanager
 def token_merging(model: nn.Module, schedule: MergeSchedule | None, *, dense: bool | None = None,
-                  detail: bool = True) -> Iterator[nn.Module]:
+                  detail: bool = True, full_map_after: Iterable[int] | None = None) -> Iterator[nn.Module]:
     """``model`` merging tokens on ``schedule`` inside the with-block only, with no recipe step
     (``None``: no merging), in the mode ``apply_token_merging`` would choose unless ``dense`` says.
     ``detail=False`` restores a dense map by plain unmerging, for comparison (module docstring).
-    The model must not be merging already."""
+    ``full_map_after`` as for ``apply_token_merging``. The model must not be merging already."""
     if schedule is None:
         yield model
         return
-    _attach(model, schedule, reads_patch_tokens(model) if dense is None else dense, detail)
+    _attach(model, schedule, reads_patch_tokens(model) if dense is None else dense, detail,
+            None if full_map_after is None else frozenset(full_map_after))
     try:
         yield model
     finally:
         _detach(model)
 
 
-def _take_off(model: nn.Module) -> tuple[MergeSchedule, bool, bool] | None:
+def _take_off(model: nn.Module) -> tuple[MergeSchedule, bool, bool, frozenset[int] | None] | None:
     """The merging hooks off ``model`` for a module replacement or a copy; what puts them back."""
     merger = getattr(model, MERGING_ATTR, None)
     if merger is None:
         return None
     _detach(model)
-    return merger.schedule, merger.dense, merger.keep_detail
+    return merger.schedule, merger.dense, merger.keep_detail, merger.full_map_after
 
 
 register_hook_owner(_take_off, lambda model, state: _attach(model, *state))
@@ -247,7 +285,8 @@ def merging_mode(model: nn.Module) -> bool | None:
     return None if merger is None else merger.dense
 
 
-def _attach(model: nn.Module, schedule: MergeSchedule, dense: bool, detail: bool = True) -> None:
+def _attach(model: nn.Module, schedule: MergeSchedule, dense: bool, detail: bool = True,
+            full_map_after: frozenset[int] | None = None) -> None:
     if getattr(model, MERGING_ATTR, None) is not None:
         raise VitslimError("this model already merges tokens; remove_token_merging(model) first")
     spec = describe(model)
@@ -256,12 +295,16 @@ def _attach(model: nn.Module, schedule: MergeSchedule, dense: bool, detail: bool
         if not 0 <= block < depth:
             raise VitslimError(f"the merge schedule names block {block}, but the model has blocks 0-{depth - 1}")
     check_schedule(schedule, spec.grid_size, spec.num_prefix_tokens)
-    merger = _Merger(spec, schedule, dense, keep_detail=detail)
+    if full_map_after is not None:
+        if not all(isinstance(index, int) and 0 <= index < depth for index in full_map_after):
+            raise VitslimError(f"full_map_after names blocks {sorted(full_map_after)}, but the model has blocks 0-{depth - 1}")
+        full_map_after = frozenset(full_map_after) | {depth - 1}  # the ViT's own output is always the full map
+    merger = _Merger(spec, schedule, dense, keep_detail=detail, full_map_after=full_map_after)
     merger.handles.append(spec.blocks[0].module.register_forward_pre_hook(merger.start))
     merges = {index: (r, level) for index, r, level in schedule.steps}
     for block in spec.blocks:
         merger.handles.append(block.attention.module.register_forward_pre_hook(merger.add_bias(block.attention), with_kwargs=True))
-        if dense:
+        if dense and block.index > 0 and merger.hands_on_full_map(block.index - 1):
             merger.handles.append(block.module.register_forward_pre_hook(merger.compact, with_kwargs=True))
         if block.index in merges:
             module, hook, before = merger.keep_keys(block.attention)
@@ -270,8 +313,8 @@ def _attach(model: nn.Module, schedule: MergeSchedule, dense: bool, detail: bool
             else:
                 merger.handles.append(module.register_forward_hook(hook))
             # first among the block's forward hooks, so that others (transformers' hidden-state capture) see the full map
-            merger.handles.append(block.module.register_forward_hook(merger.merge_after(*merges[block.index]), prepend=True))
-        elif dense:
+            merger.handles.append(block.module.register_forward_hook(merger.merge_after(block.index, *merges[block.index]), prepend=True))
+        elif dense and merger.hands_on_full_map(block.index):
             merger.handles.append(block.module.register_forward_hook(merger.expand, prepend=True))
     object.__setattr__(model, MERGING_ATTR, merger)  # a plain attribute: not a module, not in the state dict
 
@@ -312,7 +355,14 @@ def _summary(step: dict) -> str:
     merge = schedule.get("merge", schedule.get("method"))  # "method" in recipes written before 0.2
     return (f"{MERGE_NAMES.get(merge, merge)} token merging: {sum(r for _, r, _ in merges)} tokens after blocks "
             f"{', '.join(str(b) for b, _, _ in merges)}" + (f", concentration {step['concentration']:g}" if "concentration" in step else "")
-            + (f", measured {measured:.2f}x" if measured else "") + (", full token map restored (dense)" if step.get("dense") else ""))
+            + (f", measured {measured:.2f}x" if measured else "") + (_dense_summary(step) if step.get("dense") else ""))
+
+
+def _dense_summary(step: dict) -> str:
+    after = step.get("full_map_after")
+    if after is None:
+        return ", full token map restored (dense)"
+    return ", full token map restored (dense) after the last block" + (f" and blocks {', '.join(map(str, after))}" if after else "")
 
 
 MAX_LEVEL = 62
@@ -335,5 +385,9 @@ def _rebuild(model: nn.Module, step: dict) -> None:
         step_number(r, f"block {block}'s merge count r", 0, tokens)
         step_number(level, f"block {block}'s merge level", 1, MAX_LEVEL)
     merge = step_field(schedule, "merge" if "merge" in schedule else "method", str)  # "method" in recipes written before 0.2
+    full_map_after = None
+    if "full_map_after" in step:  # written from 0.2 on: only these blocks (and the last) hand on the full map
+        full_map_after = [step_number(index, "a block handing on the full token map", 0, len(describe(model).blocks) - 1)
+                          for index in step_field(step, "full_map_after", list)]
     apply_token_merging(model, MergeSchedule(merge, tuple(map(tuple, merges))),
-                        dense=step_field(step, "dense", bool) if "dense" in step else False, record=False)
+                        dense=step_field(step, "dense", bool) if "dense" in step else False, record=False, full_map_after=full_map_after)

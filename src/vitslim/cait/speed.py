@@ -69,10 +69,12 @@ def steady_timing(original: nn.Module, compressed: nn.Module, *, device: str = "
 
 
 def meet_speedup(original: nn.Module, student: nn.Module, merge: str, speedup: float, schedule: MergeSchedule | None, device: str, *,
-                 concentration: float = 1.0, first_level: int = 1, dense: bool | None = None) -> tuple[MergeSchedule | None, float]:
+                 concentration: float = 1.0, first_level: int = 1, dense: bool | None = None,
+                 full_map_after: tuple[int, ...] | None = None) -> tuple[MergeSchedule | None, float]:
     """``schedule``, merged more (keeping its ``concentration`` and ``first_level``) until ``student`` merging on it
     measures ``AIM`` of the target against ``original``; and its last measurement. ``student``
-    must not be merging tokens; it merges only while it is timed, in the ``dense`` mode (``cait.patch``).
+    must not be merging tokens; it merges only while it is timed, in the ``dense`` mode, handing the
+    full map on after the blocks ``full_map_after`` names (``cait.patch.apply_token_merging``).
 
     Timings that stay unstable (a busy machine: ``steady_timing``) never tighten the schedule: a
     noisy shortfall says nothing about the schedule, and merging more on it would trade accuracy
@@ -86,7 +88,7 @@ def meet_speedup(original: nn.Module, student: nn.Module, merge: str, speedup: f
         if is_main():
             progress_log.info("measuring the speed-up against the original (%d of at most %d), target %.2fx", number, MEASURE_ROUNDS + 1,
                               speedup)
-        with token_merging(student, candidate, dense=dense):
+        with token_merging(student, candidate, dense=dense, full_map_after=full_map_after):
             result = steady_timing(original, student, device=device)
         if is_main():
             progress_log.info("measured %.2fx (target %.2fx, ratio spread %.0f%%)", result.ratio, speedup, 100 * result.ratio_spread)
