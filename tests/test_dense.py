@@ -293,6 +293,9 @@ def test_a_model_that_reads_an_intermediate_map_keeps_the_full_map_after_every_b
     model = IntermediateReader()
     schedule = _schedule(model, "atme", 1.6)
     assert full_maps_read(model, schedule) is None
+    # a bare ViT: its callers choose at call time what to read (forward_intermediates), so every block
+    bare = tiny_vit(0, **{**COMPRESSIBLE, "num_classes": 0})
+    assert full_maps_read(bare, _schedule(bare, "atme", 1.6)) is None
 
 
 def test_cait_on_a_dense_model_hands_the_full_map_on_only_where_it_is_read():

@@ -193,8 +193,13 @@ def full_maps_read(model: nn.Module, schedule: MergeSchedule, *, images: int = 2
 
     Found by running ``model`` on a few seeded random images both ways: a reader of an
     intermediate map gets merged tokens instead of the full grid, and fails or computes something
-    else; a model that gives the same output to float rounding reads only the final map."""
+    else; a model that gives the same output to float rounding reads only the final map. Only a
+    user's model around a ViT is probed: its forward is the call it will serve. A bare timm or
+    Hugging Face ViT keeps the full map after every block, since its callers choose at call time
+    what to read (``forward_intermediates``, ``output_hidden_states=True``)."""
     spec = describe(model)
+    if spec.root is None:
+        return None
     inputs = torch.randn(images, *spec.preprocessing.input_size, generator=torch.Generator().manual_seed(0))
     device = next(model.parameters()).device
     inputs = inputs.to(device)
