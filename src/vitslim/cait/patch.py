@@ -46,7 +46,7 @@ from vitslim.cait.merging import (
     unmerge,
     window_merge,
 )
-from vitslim.cait.schedule import MergeSchedule, check_schedule
+from vitslim.cait.schedule import MergeSchedule, check_schedule, merge_key
 from vitslim.errors import VitslimError
 from vitslim.io.recipe import CORRUPT, drop_steps, record_step, register_step, step_field, step_number
 
@@ -357,7 +357,7 @@ def _summary(step: dict) -> str:
     schedule = step.get("schedule", {})
     merges = schedule.get("steps", [])
     measured = step.get("measured_speedup")
-    merge = schedule.get("merge", schedule.get("method"))  # "method" in recipes written before 0.2
+    merge = schedule.get(merge_key(schedule))
     return (f"{MERGE_NAMES.get(merge, merge)} token merging: {sum(r for _, r, _ in merges)} tokens after blocks "
             f"{', '.join(str(b) for b, _, _ in merges)}" + (f", concentration {step['concentration']:g}" if "concentration" in step else "")
             + (f", measured {measured:.2f}x" if measured else "") + (_dense_summary(step) if step.get("dense") else ""))
@@ -389,7 +389,7 @@ def _rebuild(model: nn.Module, step: dict) -> None:
         step_number(block, "a merge schedule's block", 0, len(describe(model).blocks) - 1)
         step_number(r, f"block {block}'s merge count r", 0, tokens)
         step_number(level, f"block {block}'s merge level", 1, MAX_LEVEL)
-    merge = step_field(schedule, "merge" if "merge" in schedule else "method", str)  # "method" in recipes written before 0.2
+    merge = step_field(schedule, merge_key(schedule), str)
     full_map_after = None
     if "full_map_after" in step:  # written from 0.2 on: only these blocks (and the last) hand on the full map
         full_map_after = [step_number(index, "a block handing on the full token map", 0, len(describe(model).blocks) - 1)

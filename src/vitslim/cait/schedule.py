@@ -92,8 +92,12 @@ class MergeSchedule:
 
     @classmethod
     def from_dict(cls, data: dict) -> MergeSchedule:
-        merge = data["merge"] if "merge" in data else data["method"]  # recipes written before 0.2 call the kind "method"
-        return cls(str(merge), tuple(tuple(int(v) for v in step) for step in data["steps"]))
+        return cls(str(data[merge_key(data)]), tuple(tuple(int(v) for v in step) for step in data["steps"]))
+
+
+def merge_key(data: dict) -> str:
+    """The key of the merge kind in a schedule's dict: "merge", or "method" in recipes written before 0.2."""
+    return "merge" if "merge" in data else "method"
 
 
 def destinations(grid: tuple[int, int], level: int) -> int:
