@@ -39,6 +39,7 @@ from vitslim._infra.atomic import atomic_file
 from vitslim.adapters import describe
 from vitslim.cait.merging import unmerge
 from vitslim.cait.patch import token_map
+from vitslim.cait.schedule import LEVELLED
 from vitslim.io import image_dataset, image_sources
 from vitslim.io.image_batches import make_loader, select
 
@@ -292,9 +293,10 @@ def image_batches(images, limit: int | None, batch_size: int, *, seed: int = 0, 
 
 
 def steps_text(method: str, steps: Iterable[Sequence[int]]) -> str:
-    """A merge schedule's steps as the tables show them: ``(block,r,level)`` for ATME,
-    ``(block,r)`` for ToMe (whose level means nothing)."""
-    return " ".join(f"({b},{r},{level})" if method == "atme" else f"({b},{r})" for b, r, level in steps)
+    """A merge schedule's steps as the tables show them: ``(block,r,level)`` for the kinds with
+    sub-grid levels (the lattice reading, windows), ``(block,r)`` for ATME and ToMe (whose level
+    means nothing)."""
+    return " ".join(f"({b},{r},{level})" if method in LEVELLED else f"({b},{r})" for b, r, level in steps)
 
 
 def logits_and_features(model: torch.nn.Module, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:

@@ -109,10 +109,14 @@ def test_training_images_choose_the_schedule_and_the_recipe_records_it(tmp_path,
     step = next(step for step in recipe_steps(compressed) if step["method"] == "merging")
     assert set(step["concentration_kl"]) == {"0", "1", "2", "4"}
     assert step["concentration_kl"][f"{step['concentration']:g}"] == min(step["concentration_kl"].values())
-    assert step["first_level_score"][str(step["first_level"])] == min(step["first_level_score"].values())
-    assert set(step["first_level_score"]) == {"1", "2"}
-    assert merge_schedule(compressed) == schedule_for_speedup(spec, "atme", 1.5, concentration=step["concentration"],
-                                                              first_level=step["first_level"])
+    assert "first_level_score" not in step  # ATME has no lattice levels
+    assert merge_schedule(compressed) == schedule_for_speedup(spec, "atme", 1.5, concentration=step["concentration"])
+    lattice = _cait(model, dataset, speedup=1.5, measure=False, merge="atme-lattice")
+    lattice_step = next(step for step in recipe_steps(lattice) if step["method"] == "merging")
+    assert lattice_step["first_level_score"][str(lattice_step["first_level"])] == min(lattice_step["first_level_score"].values())
+    assert set(lattice_step["first_level_score"]) == {"1", "2"}
+    assert merge_schedule(lattice) == schedule_for_speedup(spec, "atme-lattice", 1.5, concentration=lattice_step["concentration"],
+                                                           first_level=lattice_step["first_level"])
     folder = vitslim.save(compressed, tmp_path / "chosen")
     saved = json.loads((folder / "recipe.json").read_text())["steps"]
     assert saved[-1]["concentration"] == step["concentration"]
@@ -207,7 +211,7 @@ def test_timm_folder_compress_eval_bench_through_the_cli(tmp_path, images, capsy
     assert main(["compress", str(folder), "--data", str(images), "--method", "cait", "--speedup", "1.3", "--out", str(out)]) == 0
     printed = capsys.readouterr().out
     assert "tokens merged after it" in printed and "measured speed-up" in printed
-    assert "schedule concentration" in printed and "score to the original on the calibration images" in printed and "ATME first level" in printed
+    assert "schedule concentration" in printed and "score to the original on the calibration images" in printed
     assert main(["eval", str(out), "--data", str(images), "--teacher", str(folder), "--json"]) == 0
     result = json.loads(capsys.readouterr().out)
     assert result["images"] == 24 and 0 <= result["agreement"] <= 1

@@ -18,6 +18,7 @@ from vitslim.cait.merging import (
     atme_merge,
     attention_bias,
     descending_rank,
+    lattice_merge,
     neighbourhood,
     sub_grid,
     tome_merge,
@@ -49,10 +50,10 @@ def _tokens(batch=3, dim=5, seed=0):
 
 
 def _merge_levels(tokens, keys, token_map, merges):
-    """Apply ATME merges [(r, level), ...] straight on the tensors (keys re-gathered like tokens)."""
+    """Apply lattice merges [(r, level), ...] straight on the tensors (keys re-gathered like tokens)."""
     for r, level in merges:
         tokens_keys = torch.cat([tokens, keys], dim=-1)
-        merged, token_map = atme_merge(tokens_keys, keys, token_map, r, level)
+        merged, token_map = lattice_merge(tokens_keys, keys, token_map, r, level)
         tokens, keys = merged[..., : tokens.shape[-1]], merged[..., tokens.shape[-1]:]
     return tokens, token_map
 
@@ -75,7 +76,7 @@ def test_descending_rank_is_a_sort_that_keeps_equal_scores_in_place():
 
 
 @pytest.mark.parametrize("merges", [[(10, 1)], [(24, 1)], [(20, 1), (4, 1), (10, 2)], [(24, 1), (12, 2), (6, 3)]])
-def test_atme_joins_only_spatial_neighbours_and_keeps_destinations(merges):
+def test_lattice_joins_only_spatial_neighbours_and_keeps_destinations(merges):
     tokens, keys, start = _tokens()
     merged, token_map = _merge_levels(tokens, keys, start, merges)
     reach = sum(NEIGHBOURHOOD * max(sub_grid(level)) for _, level in merges)
@@ -94,7 +95,7 @@ def test_atme_joins_only_spatial_neighbours_and_keeps_destinations(merges):
 
 
 @pytest.mark.parametrize("level", [1, 2, 3])
-def test_atme_neighbourhood_ends_exactly_at_its_radius(level):
+def test_lattice_neighbourhood_ends_exactly_at_its_radius(level):
     radius = NEIGHBOURHOOD * max(sub_grid(level))
     grid = (radius + 3, radius + 3)
     table = neighbourhood(grid, level)
@@ -110,13 +111,78 @@ def test_atme_neighbourhood_ends_exactly_at_its_radius(level):
         == [True, True, True, False, False, False]
 
 
-@pytest.mark.parametrize("method", ["atme", "tome"])
+def _atme_by_hand(groups, cells, keys, r, radius):
+    """ATME's merge written out for one image: ``groups`` (the original cells each current patch
+    token holds), ``cells`` (where each stands) and ``keys`` in the current order."""
+    count = len(groups)
+    sources, destinations = list(range(0, count, 2)), list(range(1, count, 2))
+    reach = int(radius * (GRID[0] * GRID[1] / count) ** 0.5)
+    unit = keys / keys.norm(dim=-1, keepdim=True)
+    best = []
+    for s in sources:
+        distance = {d: max(abs(cells[s][0] - cells[d][0]), abs(cells[s][1] - cells[d][1])) for d in destinations}
+        allowed = [d for d in destinations if distance[d] <= max(reach, min(distance.values()))]
+        target = max(allowed, key=lambda d: (float(unit[s] @ unit[d]), -d))
+        best.append((float(unit[s] @ unit[target]), s, target))
+    ranked = sorted(best, key=lambda item: (-item[0], item[1]))  # the unmerged sources follow in this order
+    new_groups = {d: set(groups[d]) for d in destinations}
+    for _, s, target in ranked[:r]:
+        new_groups[target] |= set(groups[s])
+    kept = [s for _, s, _ in ranked[r:]]
+    return [new_groups[d] for d in destinations] + [set(groups[s]) for s in kept], [cells[d] for d in destinations] + [cells[s] for s in kept]
+
+
+@pytest.mark.parametrize("radius", [1.0, 2.0, 100.0])
+def test_atme_merges_the_most_similar_sources_into_neighbouring_destinations(radius):
+    tokens, keys, token_map = _tokens()
+    groups = [[[cell] for cell in range(GRID[0] * GRID[1])] for _ in range(3)]
+    cells = [[divmod(cell, GRID[1]) for cell in range(GRID[0] * GRID[1])] for _ in range(3)]
+    for r in (14, 9, 6):  # later merges re-merge merged tokens
+        expected = [_atme_by_hand(groups[b], cells[b], keys[b, PREFIX:], r, radius) for b in range(3)]
+        both = torch.cat([tokens, keys], dim=-1)
+        merged, token_map = atme_merge(both, keys, token_map, r, radius)
+        tokens, keys = merged[..., :5], merged[..., 5:]
+        groups = [[sorted(group) for group in image[0]] for image in expected]
+        cells = [image[1] for image in expected]
+        assert _originals_held(token_map) == groups
+        assert token_map.position.tolist() == [[list(cell) for cell in image] for image in cells]
+        assert token_map.level == -1
+
+
+def test_atme_keeps_merges_local_where_tome_does_not():
+    """Two far-apart patches with identical keys: ToMe joins them, ATME (radius 1) does not."""
+    tokens, keys, token_map = _tokens(batch=1)
+    keys[0, PREFIX + 0] = keys[0, PREFIX + GRID[0] * GRID[1] - 1] = torch.tensor([1.0, 0.0, 0.0, 0.0]) * 10
+    _, after_tome = tome_merge(tokens, keys, token_map, 1)
+    _, after_atme = atme_merge(tokens, keys, token_map, 1, radius=1.0)
+    far = GRID[0] * GRID[1] - 1
+    assert after_tome.source[0, 0] == after_tome.source[0, far]
+    assert after_atme.source[0, 0] != after_atme.source[0, far]
+    for group in _originals_held(after_atme)[0]:
+        rows, cols = {cell // GRID[1] for cell in group}, {cell % GRID[1] for cell in group}
+        assert max(rows) - min(rows) <= 1 and max(cols) - min(cols) <= 1
+
+
+def test_old_atme_schedules_load_as_the_lattice_reading():
+    lattice = MergeSchedule("atme-lattice", ((0, 4, 1), (1, 3, 2)))
+    atme = MergeSchedule("atme", ((0, 4, 1),), radius=2.5)
+    assert lattice.as_dict() == {"merge": "atme-lattice", "steps": [[0, 4, 1], [1, 3, 2]]}
+    assert MergeSchedule.from_dict({"merge": "atme", "steps": [[0, 4, 1], [1, 3, 2]]}) == lattice  # written by 0.2
+    assert MergeSchedule.from_dict({"method": "atme", "steps": [[0, 4, 1], [1, 3, 2]]}) == lattice  # by 0.1
+    assert MergeSchedule.from_dict(atme.as_dict()) == atme and atme.as_dict()["radius"] == 2.5
+    with pytest.raises(VitslimError, match="radius must be positive"):
+        MergeSchedule("atme", (), radius=0.0)
+
+
+@pytest.mark.parametrize("method", ["atme", "atme-lattice", "tome"])
 def test_merged_tokens_are_size_weighted_means_and_unmerge_puts_them_back(method):
     tokens, keys, token_map = _tokens()
     for r in (12, 7, 5):
         both = torch.cat([tokens, keys], dim=-1)
-        if method == "atme":
-            merged, token_map = atme_merge(both, keys, token_map, r, 1 if token_map.size.shape[1] - PREFIX > 24 else 2)
+        if method == "atme-lattice":
+            merged, token_map = lattice_merge(both, keys, token_map, r, 1 if token_map.size.shape[1] - PREFIX > 24 else 2)
+        elif method == "atme":
+            merged, token_map = atme_merge(both, keys, token_map, r, radius=1.0)
         else:
             merged, token_map = tome_merge(both, keys, token_map, r)
         tokens, keys = merged[..., :5], merged[..., 5:]
@@ -144,7 +210,7 @@ def test_unmerge_of_identical_tokens_restores_the_original_map():
     window_keys = torch.randn(1000, 4, generator=torch.Generator().manual_seed(3))
     keys[:, PREFIX:] = window_keys[window][None].expand(3, -1, -1)  # tokens of a window alike, windows apart
     both = torch.cat([tokens, keys], dim=-1)
-    merged, token_map = atme_merge(both, keys, token_map, 24, 2)
+    merged, token_map = lattice_merge(both, keys, token_map, 24, 2)
     torch.testing.assert_close(unmerge(merged[..., :5], token_map), tokens, rtol=0, atol=0)
 
 
@@ -163,30 +229,30 @@ def test_proportional_attention_equals_attention_over_copies():
 def test_merge_counts_beyond_what_exists_are_refused():
     tokens, keys, token_map = _tokens()
     with pytest.raises(VitslimError, match="cannot merge 25 tokens at level 1"):
-        atme_merge(tokens, keys, token_map, 25, 1)
+        lattice_merge(tokens, keys, token_map, 25, 1)
     with pytest.raises(VitslimError, match="bipartite"):
         tome_merge(tokens, keys, token_map, 25)
     with pytest.raises(VitslimError, match="only 24 of its 48 patch tokens"):
-        check_schedule(MergeSchedule("atme", ((0, 30, 1),)), GRID, PREFIX)
+        check_schedule(MergeSchedule("atme-lattice", ((0, 30, 1),)), GRID, PREFIX)
     with pytest.raises(VitslimError, match="must not decrease"):
-        MergeSchedule("atme", ((0, 4, 2), (1, 4, 1)))
-    _, coarser = atme_merge(tokens, keys, token_map, 4, 2)
+        MergeSchedule("atme-lattice", ((0, 4, 2), (1, 4, 1)))
+    _, coarser = lattice_merge(tokens, keys, token_map, 4, 2)
     with pytest.raises(VitslimError, match="level 1 after level 2"):
-        atme_merge(tokens[:, :-4], keys[:, :-4], coarser, 2, 1)
+        lattice_merge(tokens[:, :-4], keys[:, :-4], coarser, 2, 1)
     _, after_tome = tome_merge(tokens, keys, token_map, 4)
-    with pytest.raises(VitslimError, match="cannot follow ToMe"):
-        atme_merge(tokens[:, :-4], keys[:, :-4], after_tome, 2, 1)
+    with pytest.raises(VitslimError, match="cannot follow ATME or ToMe"):
+        lattice_merge(tokens[:, :-4], keys[:, :-4], after_tome, 2, 1)
 
 
 def test_plan_front_loads_merges_and_moves_up_levels():
-    schedule = plan("atme", (8, 8), 6, 52.0)
+    schedule = plan("atme-lattice", (8, 8), 6, 52.0)
     # shares 5:4:3:2:1 of 52, cumulatively rounded (17.3, 31.2, 41.6, 48.5, 52); level 1 (every
     # other column) leaves block 2 one source among its 33 tokens, so it moves to level 2 (16
     # destinations), and block 3 (22 left, 6 off level 2's grid) to level 3
     assert schedule.steps == ((0, 17, 1), (1, 14, 1), (2, 11, 2), (3, 7, 3), (4, 3, 3))
     check_schedule(schedule, (8, 8), 1)
     assert plan("tome", (8, 8), 6, 0.0).steps == ()
-    assert plan("atme", (8, 8), 6, 7.0).merged == 7  # cumulative rounding honours the total
+    assert plan("atme-lattice", (8, 8), 6, 7.0).merged == 7  # cumulative rounding honours the total
     # a total beyond the caps halves every block
     assert plan("tome", (8, 8), 6, 400.0).steps == ((0, 32, 1), (1, 16, 1), (2, 8, 1), (3, 4, 1), (4, 2, 1))
     with pytest.raises(VitslimError, match="must be ≥ 0"):
@@ -199,7 +265,8 @@ def test_concentration_reweights_the_plan_by_a_power_of_the_blocks_that_follow()
     # concentration 0 spreads evenly; a steep one fills block 0 up to its cap, then block 1
     assert plan("tome", (8, 8), 6, 20.0, concentration=0.0).steps == tuple((b, 4, 1) for b in range(5))
     assert plan("tome", (8, 8), 6, 48.0, concentration=16.0).steps == ((0, 32, 1), (1, 16, 1))
-    assert plan("atme", (8, 8), 6, 48.0, concentration=16.0).steps == ((0, 32, 1), (1, 16, 2))
+    assert plan("atme-lattice", (8, 8), 6, 48.0, concentration=16.0).steps == ((0, 32, 1), (1, 16, 2))
+    assert plan("atme", (8, 8), 6, 48.0, concentration=16.0).steps == ((0, 32, 1), (1, 16, 1))
     assert plan("atme", (8, 8), 6, 52.0, concentration=1.0) == plan("atme", (8, 8), 6, 52.0)
     with pytest.raises(VitslimError, match="concentration must be ≥ 0"):
         plan("tome", (8, 8), 6, 10.0, concentration=-1.0)
@@ -215,12 +282,13 @@ def test_every_concentration_plans_for_the_same_flops_target():
 
 @pytest.mark.parametrize("total", [12.0, 40.0, 60.0, 200.0])
 def test_plans_merge_at_most_half_of_a_blocks_tokens_and_atme_matches_tome(total):
-    atme, tome = plan("atme", (8, 8), 6, total), plan("tome", (8, 8), 6, total)
+    atme, lattice, tome = (plan(merge, (8, 8), 6, total) for merge in ("atme", "atme-lattice", "tome"))
     patches = 64
-    for _, r, _ in atme.steps:
+    for _, r, _ in lattice.steps:
         assert r <= patches // 2
         patches -= r
-    assert [(b, r) for b, r, _ in atme.steps] == [(b, r) for b, r, _ in tome.steps]
+    assert [(b, r) for b, r, _ in lattice.steps] == [(b, r) for b, r, _ in tome.steps]
+    assert atme.steps == tome.steps
 
 
 def test_front_loaded_plan_reaches_a_flops_target_with_fewer_merges_than_an_even_spread():
@@ -364,8 +432,8 @@ def test_token_merging_is_temporary_and_follows_replacements_and_copies():
 
 def test_atme_plans_start_at_their_first_level():
     """First level 2: every step merges into 2x2-window destinations or coarser; the default keeps level 1 first."""
-    coarse = plan("atme", (8, 8), 4, 30.0, first_level=2)
-    assert coarse.merged == plan("atme", (8, 8), 4, 30.0).merged == 30
-    assert all(level >= 2 for _, _, level in coarse.steps) and plan("atme", (8, 8), 4, 30.0).steps[0][2] == 1
+    coarse = plan("atme-lattice", (8, 8), 4, 30.0, first_level=2)
+    assert coarse.merged == plan("atme-lattice", (8, 8), 4, 30.0).merged == 30
+    assert all(level >= 2 for _, _, level in coarse.steps) and plan("atme-lattice", (8, 8), 4, 30.0).steps[0][2] == 1
     with pytest.raises(VitslimError, match="first level"):
-        plan("atme", (8, 8), 4, 30.0, first_level=0)
+        plan("atme-lattice", (8, 8), 4, 30.0, first_level=0)

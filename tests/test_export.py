@@ -51,7 +51,7 @@ def test_int8_low_rank_model_exports_to_onnx(tmp_path):
     assert onnx_max_abs_diff(compressed, path, torch.randn(3, 3, 32, 32)) < 1e-4
 
 
-@pytest.mark.parametrize("merge", ["atme", "tome"])
+@pytest.mark.parametrize("merge", ["atme", "tome", "row-column", "atme-lattice"])
 @pytest.mark.parametrize("family", ["timm", "hf", "torch"])
 def test_token_merging_model_exports_to_onnx_and_matches_onnx_runtime(family, merge, tmp_path):
     compressed = compress_cait(_model(family, patch=4), Cait(speedup=1.25, merge=merge, measure=False), Inputs())

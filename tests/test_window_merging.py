@@ -9,7 +9,7 @@ import torch.nn.functional as F
 from conftest import tiny_vit
 
 from vitslim.adapters import describe
-from vitslim.cait.merging import TokenMap, atme_merge, destination_cells, sub_grid, tome_merge, unmerge, window_merge
+from vitslim.cait.merging import TokenMap, destination_cells, lattice_merge, sub_grid, tome_merge, unmerge, window_merge
 from vitslim.cait.schedule import (
     WINDOW_BLOCK,
     MergeSchedule,
@@ -66,7 +66,7 @@ def _reference_groups(token_map, keys, level, windows):
 def _window_merge_both(tokens, keys, token_map, r, level, method="window"):
     """One merge of tokens and keys together (the keys travel like any feature)."""
     both = torch.cat([tokens, keys], dim=-1)
-    merge = window_merge if method == "window" else atme_merge
+    merge = window_merge if method == "window" else lattice_merge
     merged, token_map = merge(both, keys, token_map, r, level)
     return merged[..., :DIM], merged[..., DIM:], token_map
 
@@ -83,7 +83,7 @@ STEPS = {
     "2x4 windows": [("window", 3, 1)],
     "every 2x2 window, then a 4x4": [("window", 2, -1), ("window", 4, 1)],
     "some 2x2 windows, then a 4x4": [("window", 2, 2), ("window", 4, 1)],
-    "after ATME at level 1": [("atme", 1, 5), ("window", 2, 3)],
+    "after the lattice at level 1": [("atme", 1, 5), ("window", 2, 3)],
 }
 
 
@@ -156,7 +156,7 @@ def test_merges_that_would_split_a_window_or_lose_its_destinations_are_refused()
     with pytest.raises(VitslimError, match="level 1 after level 2"):
         window_merge(tokens_after, keys_after, coarser, 2, 1)
     _, after_tome = tome_merge(tokens, keys, token_map, 4)
-    with pytest.raises(VitslimError, match="cannot follow ToMe"):
+    with pytest.raises(VitslimError, match="cannot follow ATME or ToMe"):
         window_merge(tokens[:, :-4], keys[:, :-4], after_tome, 3, 2)
     assert window_merge(tokens, keys, token_map, 0, 2) == (tokens, token_map)
     with pytest.raises(VitslimError, match="block 1: .* multiple of 3"):

@@ -11,6 +11,9 @@ benchmark's *training* half (0-499); the reported half (500-999) chooses nothing
     .venv/bin/python benchmarks/studies/atme_dense.py
 
 Writes ``--out`` (atme-dense.md) with ``atme-dense.json`` and ``atme-dense.csv`` beside it.
+
+ATME here is its first, fixed-lattice reading (``merge="atme-lattice"``), the one the recorded results
+were measured with; ``atme_variants.py`` compares it with today's ATME.
 """
 
 from __future__ import annotations
@@ -42,7 +45,7 @@ def variants():
     """(varied, method, concentration, first_level, neighbourhood, detail): the baseline of each
     method, then one choice changed at a time."""
     base = dict(concentration=1.0, first_level=1, neighbourhood=merging.NEIGHBOURHOOD, detail=True)
-    for method in ("atme", "tome", "window"):
+    for method in ("atme-lattice", "tome", "window"):
         yield "baseline", method, base
         if method == "window":
             continue
@@ -50,10 +53,10 @@ def variants():
             yield "concentration", method, {**base, "concentration": concentration}
         yield "detail", method, {**base, "detail": False}
     for first_level in (2, 3):
-        yield "first level", "atme", {**base, "first_level": first_level}
-        yield "first level", "atme", {**base, "first_level": first_level, "concentration": 0.0}
+        yield "first level", "atme-lattice", {**base, "first_level": first_level}
+        yield "first level", "atme-lattice", {**base, "first_level": first_level, "concentration": 0.0}
     for radius in (1, 4, 8):
-        yield "radius", "atme", {**base, "neighbourhood": radius}
+        yield "radius", "atme-lattice", {**base, "neighbourhood": radius}
 
 
 def main() -> None:
@@ -82,8 +85,8 @@ def main() -> None:
             merging.NEIGHBOURHOOD = default_radius
             result = score.result()
             rows.append({"speedup": speedup, "method": method, "varied": varied, **choice,
-                         "neighbourhood": choice["neighbourhood"] if method == "atme" else None,
-                         "first_level": choice["first_level"] if method == "atme" else None,
+                         "neighbourhood": choice["neighbourhood"] if method == "atme-lattice" else None,
+                         "first_level": choice["first_level"] if method == "atme-lattice" else None,
                          "schedule": [list(step) for step in schedule.steps],
                          **{key: result[key] for key in ("pearson", "iou", "mae")}})
             print(f"{speedup}x {method} {varied}: {choice} -> pearson {result['pearson']:.4f} iou {result['iou']:.3f}", flush=True)

@@ -19,6 +19,9 @@ which ToMe's bipartite matching cannot: the case where neighbour-restricted merg
 
 Writes ``--out`` (design.md) and ``--search-out`` (design-search.md), each with its data beside
 it: ``.json`` (the rows and the machine) and ``.csv`` (the rows).
+
+ATME here is its first, fixed-lattice reading (``merge="atme-lattice"``), the one the recorded results
+were measured with; ``atme_variants.py`` compares it with today's ATME.
 """
 
 from __future__ import annotations
@@ -46,7 +49,7 @@ SCORES = (Column("flops_speedup", "FLOPs speed-up", "{:.2f}x"), Column("agreemen
           Column("kl", "KL", "{:.4f}"), Column("top1", "top-1", "{:.2%}"), Column("cosine", "fidelity (cosine)", "{:.4f}"))
 DESIGN_COLUMNS = (Column("target", "target", "{}x"), Column("variant", "variant"), SCHEDULE, *SCORES)
 SEARCH_COLUMNS = (Column("method", "method"), SCHEDULE, *SCORES)
-METHOD_NAMES = {"atme": "ATME", "tome": "ToMe"}
+METHOD_NAMES = {"atme-lattice": "ATME", "tome": "ToMe"}
 
 
 def first_emptied_levels(grid: tuple[int, int], counts: list[tuple[int, int]]) -> MergeSchedule:
@@ -55,12 +58,12 @@ def first_emptied_levels(grid: tuple[int, int], counts: list[tuple[int, int]]) -
     see its FLOPs column)."""
     patches, level, steps = grid[0] * grid[1], 1, []
     for block, wanted in counts:
-        while mergeable("atme", patches, grid, level) == 0:
+        while mergeable("atme-lattice", patches, grid, level) == 0:
             level += 1
-        r = min(wanted, mergeable("atme", patches, grid, level))
+        r = min(wanted, mergeable("atme-lattice", patches, grid, level))
         steps.append((block, r, level))
         patches -= r
-    return MergeSchedule("atme", tuple(steps))
+    return MergeSchedule("atme-lattice", tuple(steps))
 
 
 def level_schedule(method: str, grid: tuple[int, int], counts: list[int]) -> MergeSchedule | None:
@@ -70,8 +73,8 @@ def level_schedule(method: str, grid: tuple[int, int], counts: list[int]) -> Mer
     for block, r in enumerate(counts):
         if r == 0:
             continue
-        if method == "atme":
-            while mergeable("atme", patches, grid, level) < r:
+        if method == "atme-lattice":
+            while mergeable("atme-lattice", patches, grid, level) < r:
                 if level >= top_level(grid):
                     return None
                 level += 1
@@ -167,7 +170,7 @@ def main() -> None:
     for target in args.targets:
         tome = schedule_for_speedup(spec, "tome", target)
         counts = [(block, r) for block, r, _ in tome.steps]
-        atme = schedule_for_speedup(spec, "atme", target)
+        atme = schedule_for_speedup(spec, "atme-lattice", target)
         variants = [("ToMe", tome, None), ("ATME, radius 1, levels moved up only when emptied", first_emptied_levels(spec.grid_size, counts), 1)]
         variants += [(f"ATME, radius {radius if radius != GLOBAL else 'global'}", atme, radius) for radius in (1, 2, 3, GLOBAL)]
         for name, schedule, radius in variants:
@@ -187,7 +190,7 @@ def main() -> None:
         batch_images = len(batches[0][0])
         split = -(-args.search_images // batch_images)
         rows = [schedule_row(spec, schedule, scored(model, schedule, batches[split:], reference[split:]), method=METHOD_NAMES[method])
-                for method in ("tome", "atme")
+                for method in ("tome", "atme-lattice")
                 for schedule in search_schedules(model, spec, method, batches[:split], reference[:split], max(args.targets))]
         lines = [*common.heading("Each method's own schedule (train images only)",
                                  f"{len(train)} CIFAR-10 *train* images (seed 123), vit-d6-cifar10. Greedy search (KL per FLOP saved, "

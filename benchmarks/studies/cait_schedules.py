@@ -15,6 +15,9 @@ Every row is measured on the remaining images. ATME uses the lowest level each b
 
 Writes ``--out`` (schedules.md) with its data beside it: ``schedules.json`` (the rows and the
 machine) and ``schedules.csv`` (the rows).
+
+ATME here is its first, fixed-lattice reading (``merge="atme-lattice"``), the one the recorded results
+were measured with; ``atme_variants.py`` compares it with today's ATME.
 """
 
 from __future__ import annotations
@@ -78,7 +81,7 @@ def main() -> None:
     search, held = (batches[:split], reference[:split]), (batches[split:], reference[split:])
     grid_counts = itertools.product(range(4, 33, 4), range(0, 25, 4), range(0, 17, 4), (0, 4, 8))
     table = []
-    candidates = {method: [] for method in ("tome", "atme")}
+    candidates = {method: [] for method in ("tome", "atme-lattice")}
     for counts in grid_counts:
         for method in candidates:
             schedule = level_schedule(method, spec.grid_size, [*counts, 0])

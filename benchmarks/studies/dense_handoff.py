@@ -11,6 +11,9 @@ only. Both the classifier (the backbone alone: the issue's "backbone speed-up") 
 model around it are timed, and the saliency maps of the two dense modes are compared.
 
     .venv/bin/python benchmarks/studies/dense_handoff.py     # about 8 minutes on 2 cores
+
+ATME here is its first, fixed-lattice reading (``merge="atme-lattice"``), the one the recorded results
+were measured with; ``atme_variants.py`` compares it with today's ATME.
 """
 
 from __future__ import annotations
@@ -46,7 +49,7 @@ def main() -> None:
     args = parser.parse_args()
     classifier = vitslim.load_model(MODEL).eval()
     saliency = load_saliency().eval()
-    schedule = schedule_for_speedup(vitslim.describe(classifier), "atme", args.speedup)
+    schedule = schedule_for_speedup(vitslim.describe(classifier), "atme-lattice", args.speedup)
     assert full_maps_read(saliency, schedule) == (), "the saliency decoder reads only the final map"
     rows = {}
     for name, model in (("classifier (backbone)", classifier), ("saliency model", saliency)):

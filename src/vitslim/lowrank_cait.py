@@ -239,8 +239,9 @@ class LowRankCait(ParameterBudget):
                                                    "images, then slice the pruned channels away (0: channels are not pruned).",
                                              flag="--gate-epochs", folder="gates")
     channel_ratio: float | None = setting(None, "Fix the channels' FLOPs ratio (0 < R < 1) instead of letting the split choose it.")
-    merge: Literal["atme", "tome", "window"] = setting("atme", "Token merging kind (tome: the ToMe baseline; window: merging whole 2x2 "
-                                                               "windows, an ALGM-style grid-keeping baseline).")
+    merge: Literal["atme", "tome", "window", "row-column", "atme-lattice"] = setting("atme", "Token merging kind (tome: the ToMe baseline; window: merging whole 2x2 "
+                                                               "windows, an ALGM-style grid-keeping baseline; row-column: CubistMerge-style merging along rows then "
+                                                               "columns, keeping a regular grid; atme-lattice: ATME's first, fixed-lattice reading).")
     concentration: float | None = setting(None, "How front-loaded the merge schedule is (0 spreads evenly). Default: chosen on the "
                                                 "calibration images.")
     axes: tuple[str, ...] = setting(AXES, "The axes the split may use (one axis alone is that method's own speed-matched baseline).",

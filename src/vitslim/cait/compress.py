@@ -33,7 +33,7 @@ from vitslim.cait.patch import (
     reads_patch_tokens,
     token_merging,
 )
-from vitslim.cait.schedule import tokens_per_block
+from vitslim.cait.schedule import LEVELLED, tokens_per_block
 from vitslim.cait.shape import choice_batches, planned_schedule
 from vitslim.cait.slicing import slice_channels
 from vitslim.cait.speed import meet_speedup
@@ -84,8 +84,9 @@ class Cait(Method):
     gate_training: Training | None = setting(None, "Train CDCP's channel gates with distillation for E epochs over all the training "
                                                    "images, then slice the pruned channels away (0: training-free token merging only).",
                                              flag="--gate-epochs", folder="gates")
-    merge: Literal["atme", "tome", "window"] = setting("atme", "Token merging kind (tome: the ToMe baseline; window: merging whole 2x2 "
-                                                               "windows, an ALGM-style grid-keeping baseline).")
+    merge: Literal["atme", "tome", "window", "row-column", "atme-lattice"] = setting("atme", "Token merging kind (tome: the ToMe baseline; window: merging whole 2x2 "
+                                                               "windows, an ALGM-style grid-keeping baseline; row-column: CubistMerge-style merging along rows then "
+                                                               "columns, keeping a regular grid; atme-lattice: ATME's first, fixed-lattice reading).")
     token_speedup: float | None = setting(None, "The share of the speed-up given to token merging (default: its square root when "
                                                 "channels are pruned, all of it otherwise).")
     channel_ratio: float | None = setting(None, "Fraction of the blocks' FLOPs the channel gates keep (default: what the speed-up "
@@ -158,14 +159,14 @@ def merging_report(compressed: nn.Module) -> list[str]:
     schedule, step = merge_schedule(compressed), find_step(compressed, "merging")
     if schedule is None or step is None:
         return []
-    levels = schedule.merge == "atme"
+    levels = schedule.merge in LEVELLED
     lines = [render(["block", "tokens merged after it", "level"], [[str(b), str(r), str(level) if levels else "-"] for b, r, level in schedule.steps])]
     scores = step.get("concentration_kl")
     lines.append(f"schedule concentration {step['concentration']:g}"
                  + (f" (score to the original on the calibration images: {', '.join(f'{c}: {kl:.4f}' for c, kl in scores.items())})" if scores else ""))
     levels = step.get("first_level_score")
     if levels:
-        lines.append(f"ATME first level {step['first_level']} (score to the original: {', '.join(f'{level}: {score:.4f}' for level, score in levels.items())})")
+        lines.append(f"lattice first level {step['first_level']} (score to the original: {', '.join(f'{level}: {score:.4f}' for level, score in levels.items())})")
     return lines
 
 

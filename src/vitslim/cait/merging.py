@@ -1,36 +1,53 @@
-"""Token merging as plain functions over tensors: ATME (neighbour-restricted, arXiv 2309.15755),
-ToMe (global bipartite soft matching, the baseline) and window merging (whole local windows,
-ALGM's local stage, a grid-keeping baseline), sharing one merge step.
+"""Token merging as plain functions over tensors: ATME (neighbouring asymmetric merging, arXiv
+2309.15755), its first, fixed-lattice reading (kept for comparison), ToMe (global bipartite soft
+matching, the baseline), window merging (whole local windows, ALGM's local stage) and row/column
+merging (CubistMerge's regular grid), the last two grid-keeping baselines. All but row/column
+merging share one merge step.
 
 Tokens are ``(B, N, C)`` with ``prefix`` class/distillation/register tokens first; those are
 never merged. A ``TokenMap`` travels with the tokens between blocks and records, per image, how
 many original patches each token holds (``size``), the grid cell each patch token stands at
-(``position``) and which current token holds every original patch (``source``), so that
-``unmerge`` can restore the full H×W token map for dense heads.
+(``position``: for a merged token, the cell of the token the others flowed into) and which
+current token holds every original patch (``source``), so that ``unmerge`` can restore the full
+H×W token map for dense heads.
 
-ATME (our reading, docs/methods-cait.md): a merging block works at a sub-grid *level*. Level ``L``
-puts destinations on the cells whose row is a multiple of ``2^floor(L/2)`` and whose column is a
-multiple of ``2^ceil(L/2)``: level 1 keeps every other column (half the tokens are
-destinations), level 2 one cell per 2×2 window, level 3 one per 2×4, and so on. Every other
-token is a source and may only flow into a destination within Chebyshev distance
-``NEIGHBOURHOOD × max(row step, column step)`` of its cell (its window and two rings of windows
-around it), never the reverse. The ``r`` sources most similar
-(cosine of the keys) to their best allowed destination are merged into it by size-weighted
-averaging. Destinations never move, so the merged map keeps its spatial layout. Levels may only
-grow along the network: each level's destinations are destinations at every lower level too, so
-they always still exist.
+ATME (our reading, docs/methods-cait.md): at a merging block the current patch tokens alternate
+between sources and destinations, as in ToMe's bipartite matching, but a source may only flow
+into a destination that stands within ``NEIGHBOUR_RADIUS`` spacings of the *current* token map
+(its nearest destination is always allowed), never the reverse. The ``r`` sources most similar
+(cosine of the keys) to their best allowed destination merge into it by size-weighted averaging.
+Merged tokens stay where their destination stood and may merge again in later blocks, so the
+map stays a set of contiguous regions anchored on the grid, coarsening where the image is
+uniform and leaving detailed tokens alone.
+
+ATME's first reading (``lattice_merge``, the method ``"atme-lattice"``) fixed the destinations
+on a sub-grid instead. Level ``L`` puts destinations on the cells whose row is a multiple of
+``2^floor(L/2)`` and whose column is a multiple of ``2^ceil(L/2)``: level 1 keeps every other
+column, level 2 one cell per 2×2 window, and so on; every other token may only flow into a
+destination within Chebyshev distance ``NEIGHBOURHOOD × max(row step, column step)`` of its cell.
+Levels may only grow along the network, so destinations always still exist. On a dense map it
+lost to ToMe (benchmarks/results/dinov2/atme-variants.md): at level 1 a 1.5x plan merges nearly
+every off-lattice token whatever it holds, and a merged token can only merge again at a coarser
+level.
 
 Window merging (the method ``"window"``, after ALGM's local stage, Norouzi et al., CVPR 2024: in
 an early layer the tokens of a 2×2 window become one when they are alike, keeping the layout):
 the windows are the cells of the sub-grid of ``level``, each window's destination is its top-left
-cell (ATME's destinations at that level) and its other tokens are its sources, which may only
-merge into that destination. Only whole windows merge: a window is scored by the least cosine
+cell (the lattice's destinations at that level) and its other tokens are its sources, which may
+only merge into that destination. Only whole windows merge: a window is scored by the least cosine
 similarity of the keys of its sources to its destination's, and the ``r // sources per window``
 best-scored windows merge all their sources into their destination (size-weighted, by the same
 merge step). Windows cut by the grid's edge (a grid side not a multiple of the window's) never
-merge. After an earlier ATME or window merge at a lower level a window's tokens are those still
+merge. After an earlier lattice or window merge at a lower level a window's tokens are those still
 standing on the earlier level's destinations inside it (so a level-4 window after level 2 holds
 four level-2 destinations); tokens left over from that level stay as they are.
+
+Row/column merging (the method ``"row-column"``, after CubistMerge, Gong & Lis, arXiv 2509.21764,
+written from the paper's description) keeps the patch tokens a regular, smaller grid in row-major
+order (``TokenMap.layout``), so that window attention or 2-D position codes could still run on
+it: a step merges along rows (each row loses the same number of tokens) or along columns, each
+source joining the neighbour on its left or right in its line, and a merged token keeps, per
+channel, the value of largest magnitude among its members.
 """
 
 from __future__ import annotations
@@ -42,8 +59,15 @@ import torch.nn.functional as F
 
 from vitslim.errors import VitslimError
 
+NEIGHBOUR_RADIUS = 3.0
+"""How far an ATME source may reach for a destination, in spacings of the current token map (the
+original grid's cell times the square root of how many patches a token holds on average). On
+dinov2-s14's saliency maps (training images) radii of 2 to 4 spacings kept the maps as well as
+ToMe's unrestricted matching or slightly better, and 1.5 fell behind
+(benchmarks/results/dinov2/atme-variants.md)."""
+
 NEIGHBOURHOOD = 2
-"""How far a source may reach for a destination, in sub-grid steps. On vit-d6-cifar10 at a 2×
+"""How far a source of the lattice reading may reach for a destination, in sub-grid steps. On vit-d6-cifar10 at a 2×
 FLOPs reduction (train images), one step (adjacent windows only) moved the logits furthest from
 the unmerged model's; two steps recover most of what the restriction costs (three, or no limit,
 add little) while staying local on larger grids (benchmarks/results/cait/design.md, 2.0x rows)."""
@@ -64,7 +88,8 @@ class TokenMap:
     source: torch.Tensor  # (B, H*W) long: current patch-token index holding each original patch
     prefix: int
     grid: tuple[int, int] = (0, 0)  # (H, W) of the original patch grid
-    level: int = 0  # the last ATME or window level merged at (0: none yet; -1: ToMe has merged)
+    level: int = 0  # the last lattice or window level merged at (0: none yet; -1: ATME, ToMe or row/column merging has merged)
+    layout: tuple[int, int] | None = None  # (rows, columns) while the patch tokens still form a regular row-major grid
 
     @classmethod
     def identity(cls, batch: int, grid: tuple[int, int], prefix: int, device: torch.device, dtype: torch.dtype) -> TokenMap:
@@ -75,6 +100,7 @@ class TokenMap:
             source=torch.arange(len(cells), device=device).expand(batch, -1),
             prefix=prefix,
             grid=tuple(grid),
+            layout=tuple(grid),
         )
 
     @property
@@ -93,9 +119,9 @@ def attention_bias(token_map: TokenMap) -> torch.Tensor:
 
 
 def sub_grid(level: int) -> tuple[int, int]:
-    """(row step, column step) of the destinations at ATME ``level`` (≥ 1)."""
+    """(row step, column step) of the destinations at lattice ``level`` (≥ 1)."""
     if level < 1:
-        raise VitslimError(f"ATME levels start at 1, got {level}")
+        raise VitslimError(f"sub-grid levels start at 1, got {level}")
     return 1 << (level // 2), 1 << ((level + 1) // 2)
 
 
@@ -228,12 +254,12 @@ def merge_step(tokens: torch.Tensor, token_map: TokenMap, destinations: torch.Te
     return new_tokens, new_map
 
 
-def atme_merge(tokens: torch.Tensor, metric: torch.Tensor, token_map: TokenMap, r: int, level: int) -> tuple[torch.Tensor, TokenMap]:
-    """ATME: merge ``r`` sources into neighbouring destinations on the sub-grid of ``level``."""
+def lattice_merge(tokens: torch.Tensor, metric: torch.Tensor, token_map: TokenMap, r: int, level: int) -> tuple[torch.Tensor, TokenMap]:
+    """ATME's first reading: merge ``r`` sources into neighbouring destinations on the sub-grid of ``level``."""
     if token_map.level < 0:
-        raise VitslimError("ATME cannot follow ToMe merges: ToMe does not keep the sub-grid's destinations")
+        raise VitslimError("lattice merging cannot follow ATME or ToMe merges: they do not keep the sub-grid's destinations")
     if level < token_map.level:
-        raise VitslimError(f"ATME level {level} after level {token_map.level}: merge levels must not decrease along the network")
+        raise VitslimError(f"lattice level {level} after level {token_map.level}: merge levels must not decrease along the network")
     patches = tokens.shape[1] - token_map.prefix
     grid, device = tuple(token_map.grid), tokens.device
     destinations, sources = _grid_tensors(("partition", grid, token_map.level, level, patches, device),
@@ -254,19 +280,52 @@ def atme_merge(tokens: torch.Tensor, metric: torch.Tensor, token_map: TokenMap, 
     return merge_step(tokens, token_map, destinations, sources, assignment, score, r, level)
 
 
-def tome_merge(tokens: torch.Tensor, metric: torch.Tensor, token_map: TokenMap, r: int) -> tuple[torch.Tensor, TokenMap]:
-    """ToMe's bipartite soft matching (Bolya et al. 2023): alternate patch tokens form sets A and
-    B; each A token may merge into its most similar B token anywhere in the image."""
+def _bipartite(tokens: torch.Tensor, token_map: TokenMap, r: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(sources, destinations)``, each ``(B, ·)``: the current patch tokens alternately, in their
+    order (a source first), after checking that ``r`` sources can merge."""
     patches = tokens.shape[1] - token_map.prefix
     available = (patches + 1) // 2
     if not 0 <= r <= min(available, patches - available):
         raise VitslimError(f"cannot merge {r} of {patches} tokens by bipartite matching (at most {min(available, patches - available)})")
+    index = torch.arange(patches, device=tokens.device).expand(tokens.shape[0], -1)
+    return index[:, 0::2], index[:, 1::2]
+
+
+def tome_merge(tokens: torch.Tensor, metric: torch.Tensor, token_map: TokenMap, r: int) -> tuple[torch.Tensor, TokenMap]:
+    """ToMe's bipartite soft matching (Bolya et al. 2023): alternate patch tokens form sets A and
+    B; each A token may merge into its most similar B token anywhere in the image."""
+    sources, destinations = _bipartite(tokens, token_map, r)
     if r == 0:
         return tokens, token_map
-    index = torch.arange(patches, device=tokens.device).expand(tokens.shape[0], -1)
-    sources, destinations = index[:, 0::2], index[:, 1::2]
     keys = metric.detach()
     score, assignment = _cosine(_take(keys, sources, token_map.prefix), _take(keys, destinations, token_map.prefix)).max(dim=-1)
+    return merge_step(tokens, token_map, destinations, sources, assignment, score, r, level=-1)
+
+
+def neighbours(source_cells: torch.Tensor, destination_cells: torch.Tensor, reach: float) -> torch.Tensor:
+    """``(B, S, D)`` bool: the destinations each source may flow into: those whose cell lies
+    within Chebyshev distance ``reach`` of the source's, and always the nearest ones, so that no
+    source is left without a neighbour where the map has thinned out."""
+    distance = (source_cells[:, :, None, :] - destination_cells[:, None, :, :]).abs().amax(-1)
+    return distance <= distance.amin(-1, keepdim=True).clamp_min(int(reach))
+
+
+def atme_merge(tokens: torch.Tensor, metric: torch.Tensor, token_map: TokenMap, r: int,
+               radius: float = NEIGHBOUR_RADIUS) -> tuple[torch.Tensor, TokenMap]:
+    """ATME: merge the ``r`` sources most similar to a neighbouring destination into it.
+
+    Neighbouring is measured on the current token map: ``radius`` spacings, a spacing being the
+    grid cell scaled by the square root of the patches each current token holds on average, so
+    that "neighbour" keeps meaning a token or two away however far merging has gone."""
+    sources, destinations = _bipartite(tokens, token_map, r)
+    if r == 0:
+        return tokens, token_map
+    patches = tokens.shape[1] - token_map.prefix
+    reach = radius * (token_map.source.shape[1] / patches) ** 0.5
+    keys = metric.detach()
+    similarity = _cosine(_take(keys, sources, token_map.prefix), _take(keys, destinations, token_map.prefix))
+    allowed = neighbours(_take(token_map.position, sources), _take(token_map.position, destinations), reach)
+    score, assignment = similarity.masked_fill(~allowed, float("-inf")).max(dim=-1)
     return merge_step(tokens, token_map, destinations, sources, assignment, score, r, level=-1)
 
 
@@ -337,7 +396,7 @@ def window_merge(tokens: torch.Tensor, metric: torch.Tensor, token_map: TokenMap
     """
     previous = token_map.level
     if previous < 0:
-        raise VitslimError("window merging cannot follow ToMe merges: ToMe does not keep the windows' destinations")
+        raise VitslimError("window merging cannot follow ATME or ToMe merges: they do not keep the windows' destinations")
     if level < previous:
         raise VitslimError(f"window level {level} after level {previous}: merge levels must not decrease along the network")
     if r == 0:
@@ -367,6 +426,113 @@ def window_merge(tokens: torch.Tensor, metric: torch.Tensor, token_map: TokenMap
     priority = window_priority * places + torch.arange(places - 1, -1, -1, device=device)
     return merge_step(tokens, token_map, destinations.expand(batch, -1), sources.expand(batch, -1),
                       assignment.expand(batch, -1), priority, r, level)
+
+
+ROWS, COLUMNS = 1, 2  # the direction of a row/column merge: along each row (fewer columns) or along each column
+
+
+def _line_order(layout: tuple[int, int], direction: int) -> list[int]:
+    """The current (row-major) patch-token indices line by line: row by row for ``ROWS``,
+    column by column for ``COLUMNS``."""
+    rows, cols = layout
+    if direction == ROWS:
+        return list(range(rows * cols))
+    return [row * cols + col for col in range(cols) for row in range(rows)]
+
+
+def _interleave(even: torch.Tensor, odd: torch.Tensor) -> torch.Tensor:
+    """Places 0, 2, 4, ... from ``even`` and 1, 3, 5, ... from ``odd`` along dimension 2 (a line)."""
+    pairs = odd.shape[2]
+    woven = torch.stack([even[:, :, :pairs], odd], dim=3).reshape(*odd.shape[:2], 2 * pairs, *odd.shape[3:])
+    return torch.cat([woven, even[:, :, pairs:]], dim=2)
+
+
+def row_column_merge(tokens: torch.Tensor, metric: torch.Tensor, token_map: TokenMap, r: int,
+                     direction: int) -> tuple[torch.Tensor, TokenMap]:
+    """A CubistMerge-style merge (Gong & Lis, arXiv 2509.21764; written from the paper's
+    description): the patch tokens stay a regular grid. Along each line (every row for ``ROWS``,
+    every column for ``COLUMNS``) the tokens at odd places are sources and may merge into the
+    token next to them on either side; each line merges the same number of sources, its
+    ``r // lines`` most similar ones (cosine of the keys), so that every line shrinks alike and
+    the layout stays rectangular with the tokens' order kept. A merged token takes, per
+    channel, the value of largest magnitude among its members (the paper's max-magnitude
+    representation, which keeps salient features an average would wash out)."""
+    if token_map.layout is None:
+        raise VitslimError("row/column merging needs the tokens on a regular grid: it cannot follow ATME, ToMe, lattice or window merges")
+    if direction not in (ROWS, COLUMNS):
+        raise VitslimError(f"a row/column merge's direction is {ROWS} (along rows) or {COLUMNS} (along columns), got {direction}")
+    rows, cols = token_map.layout
+    lines, length = (rows, cols) if direction == ROWS else (cols, rows)
+    if r % lines or not 0 <= r // lines <= length // 2:
+        raise VitslimError(f"a row/column merge along {'rows' if direction == ROWS else 'columns'} of a {rows}x{cols} layout merges the "
+                           f"same number of tokens in each of its {lines} lines, at most {length // 2} each: r must be a multiple of "
+                           f"{lines} up to {lines * (length // 2)}, got {r}")
+    if r == 0:
+        return tokens, token_map
+    per_line, prefix, batch, device = r // lines, token_map.prefix, tokens.shape[0], tokens.device
+    old_order = _grid_tensors(("line order", (rows, cols), direction, device),
+                              lambda: torch.tensor(_line_order((rows, cols), direction), device=device))
+    line_index = old_order.expand(batch, -1)  # line-major place -> current (row-major) patch token
+    values = _take(tokens, line_index, prefix).reshape(batch, lines, length, -1)
+    keys = _take(metric.detach(), line_index, prefix).reshape(batch, lines, length, -1)
+    keys = keys / keys.norm(dim=-1, keepdim=True).clamp_min(1e-12)
+    sizes = _take(token_map.size, line_index, prefix).reshape(batch, lines, length)
+    cells = _take(token_map.position, line_index).reshape(batch, lines, length, 2)
+
+    sources, destinations = length // 2, (length + 1) // 2  # source i stands at 2i+1, between destinations i and i+1
+    source_keys, destination_keys = keys[:, :, 1::2], keys[:, :, 0::2]
+    left = (source_keys * destination_keys[:, :, :sources]).sum(-1)
+    right = (source_keys[:, :, : destinations - 1] * destination_keys[:, :, 1:]).sum(-1)
+    right = torch.cat([right, torch.full_like(left[:, :, : sources - right.shape[2]], float("-inf"))], dim=2)  # an even line's last source
+    into_left = left >= right
+    rank = descending_rank(torch.maximum(left, right).reshape(batch * lines, sources)).reshape(batch, lines, sources)
+    merged = rank < per_line
+    into_left, into_right = merged & into_left, merged & ~into_left  # source i joins destination i, or destination i+1
+
+    none = torch.zeros(batch, lines, 1, dtype=torch.bool, device=device)
+    takes_right = torch.cat([into_left, none], dim=2)[:, :, :destinations]  # destination i takes source i
+    takes_left = torch.cat([none, into_right], dim=2)[:, :, :destinations]  # destination i takes source i-1
+    source_values, combined = values[:, :, 1::2], values[:, :, 0::2]
+    for takes, candidate in ((takes_right, torch.cat([source_values, combined[:, :, :1]], dim=2)[:, :, :destinations]),
+                             (takes_left, torch.cat([combined[:, :, :1], source_values], dim=2)[:, :, :destinations])):
+        candidate = torch.where(takes[..., None], candidate, combined)
+        combined = torch.where(candidate.abs() > combined.abs(), candidate, combined)
+    source_sizes = sizes[:, :, 1::2]
+    combined_sizes = (sizes[:, :, 0::2] + takes_right * torch.cat([source_sizes, sizes[:, :, :1]], dim=2)[:, :, :destinations]
+                      + takes_left * torch.cat([sizes[:, :, :1], source_sizes], dim=2)[:, :, :destinations])
+
+    # each line after merging: its destinations and the sources left, in their order
+    keep = _interleave(torch.ones(batch, lines, destinations, dtype=torch.bool, device=device), ~merged)
+    place = keep.long().cumsum(2) - 1  # a kept token's place in its shortened line
+    new_length = length - per_line
+    home = torch.arange(length, device=device).expand(batch, lines, -1)
+    slot = torch.where(keep, place, torch.full_like(place, new_length))  # merged sources go to a place sliced off below
+    kept = torch.zeros(batch, lines, new_length + 1, dtype=torch.long, device=device).scatter_(2, slot, home)[:, :, :new_length]
+    line_values = _interleave(combined, source_values)
+    new_values = line_values.gather(2, kept[..., None].expand(-1, -1, -1, line_values.shape[-1]))
+    new_sizes = _interleave(combined_sizes, source_sizes).gather(2, kept)
+    new_cells = cells.gather(2, kept[..., None].expand(-1, -1, -1, 2))
+
+    # where each current token goes: to its own new place, or to its destination's
+    source_home = home[:, :, 1::2]
+    target = _interleave(home[:, :, 0::2], torch.where(into_left, source_home - 1, torch.where(into_right, source_home + 1, source_home)))
+    new_line_place = (place.gather(2, target) + torch.arange(lines, device=device)[None, :, None] * new_length).reshape(batch, -1)
+    new_layout = (rows, new_length) if direction == ROWS else (new_length, cols)
+    new_order = _grid_tensors(("line order", new_layout, direction, device),
+                              lambda: torch.tensor(_line_order(new_layout, direction), device=device))
+    count = new_layout[0] * new_layout[1]
+    line_of = torch.empty_like(new_order).scatter_(0, new_order, torch.arange(count, device=device)).expand(batch, -1)
+    new_index = torch.empty_like(line_index).scatter_(1, line_index, new_order[new_line_place])
+    new_map = TokenMap(
+        size=torch.cat([token_map.size[:, :prefix], _take(new_sizes.reshape(batch, count), line_of)], dim=1),
+        position=_take(new_cells.reshape(batch, count, 2), line_of),
+        source=new_index.gather(1, token_map.source),
+        prefix=prefix,
+        grid=token_map.grid,
+        level=-1,
+        layout=new_layout,
+    )
+    return torch.cat([tokens[:, :prefix], _take(new_values.reshape(batch, count, -1), line_of)], dim=1), new_map
 
 
 def unmerge(tokens: torch.Tensor, token_map: TokenMap) -> torch.Tensor:

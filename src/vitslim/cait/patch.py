@@ -41,12 +41,14 @@ from vitslim.cait.merging import (
     atme_merge,
     attention_bias,
     compact,
+    lattice_merge,
     representatives,
+    row_column_merge,
     tome_merge,
     unmerge,
     window_merge,
 )
-from vitslim.cait.schedule import MergeSchedule, check_schedule, merge_key
+from vitslim.cait.schedule import MergeSchedule, check_schedule, merge_key, recorded_merge
 from vitslim.errors import VitslimError
 from vitslim.io.recipe import CORRUPT, drop_steps, record_step, register_step, step_field, step_number
 
@@ -162,7 +164,11 @@ class _Merger:
             self.token_map = TokenMap.identity(tokens.shape[0], grid, prefix, tokens.device, tokens.dtype)
         before = self._full(tokens) if self.dense and self.keep_detail and self.token_map.merged else tokens
         if self.schedule.merge == "atme":
-            merged, self.token_map = atme_merge(tokens, self.keys, self.token_map, r, level)
+            merged, self.token_map = atme_merge(tokens, self.keys, self.token_map, r, self.schedule.radius)
+        elif self.schedule.merge == "atme-lattice":
+            merged, self.token_map = lattice_merge(tokens, self.keys, self.token_map, r, level)
+        elif self.schedule.merge == "row-column":
+            merged, self.token_map = row_column_merge(tokens, self.keys, self.token_map, r, level)
         elif self.schedule.merge == "window":
             merged, self.token_map = window_merge(tokens, self.keys, self.token_map, r, level)
         else:
@@ -350,14 +356,15 @@ def token_map(model: nn.Module) -> TokenMap | None:
     return None if merger is None else merger.token_map
 
 
-MERGE_NAMES = {"atme": "ATME", "tome": "ToMe", "window": "2x2-window (ALGM-style)"}
+MERGE_NAMES = {"atme": "ATME", "atme-lattice": "ATME (lattice reading)", "tome": "ToMe", "window": "2x2-window (ALGM-style)",
+               "row-column": "row/column (CubistMerge-style)"}
 
 
 def _summary(step: dict) -> str:
     schedule = step.get("schedule", {})
     merges = schedule.get("steps", [])
     measured = step.get("measured_speedup")
-    merge = schedule.get(merge_key(schedule))
+    merge = recorded_merge(schedule)
     return (f"{MERGE_NAMES.get(merge, merge)} token merging: {sum(r for _, r, _ in merges)} tokens after blocks "
             f"{', '.join(str(b) for b, _, _ in merges)}" + (f", concentration {step['concentration']:g}" if "concentration" in step else "")
             + (f", measured {measured:.2f}x" if measured else "") + (_dense_summary(step) if step.get("dense") else ""))
@@ -389,10 +396,12 @@ def _rebuild(model: nn.Module, step: dict) -> None:
         step_number(block, "a merge schedule's block", 0, len(describe(model).blocks) - 1)
         step_number(r, f"block {block}'s merge count r", 0, tokens)
         step_number(level, f"block {block}'s merge level", 1, MAX_LEVEL)
-    merge = step_field(schedule, merge_key(schedule), str)
+    step_field(schedule, merge_key(schedule), str)
+    merge = recorded_merge(schedule)
+    radius = {"radius": step_field(schedule, "radius", float)} if merge == "atme" else {}
     full_map_after = None
     if "full_map_after" in step:  # written from 0.2 on: only these blocks (and the last) hand on the full map
         full_map_after = [step_number(index, "a block handing on the full token map", 0, len(describe(model).blocks) - 1)
                           for index in step_field(step, "full_map_after", list)]
-    apply_token_merging(model, MergeSchedule(merge, tuple(map(tuple, merges))),
+    apply_token_merging(model, MergeSchedule(merge, tuple(map(tuple, merges)), **radius),
                         dense=step_field(step, "dense", bool) if "dense" in step else False, record=False, full_map_after=full_map_after)

@@ -37,7 +37,7 @@ logger = logging.getLogger("vitslim")
 
 CONCENTRATIONS = (1.0, 2.0, 4.0, 0.0)  # 0 last: ties keep the earlier, front-loaded choices
 CHOICE_IMAGES = 256
-# ATME's first sub-grid level: 1 (every other column merges) was best on vit-d6-cifar10's 8x8 grid;
+# The lattice reading's first sub-grid level: 1 (every other column merges) was best on vit-d6-cifar10's 8x8 grid;
 # on dinov2-s14's 16x16 saliency maps, 2 (three tokens in four may merge) kept them far closer
 # (benchmarks/results/dinov2/atme-dense.md), so the calibration images choose
 FIRST_LEVELS = (1, 2)
@@ -92,14 +92,14 @@ def choose_concentration(model: nn.Module, merge: str, speedup: float, calibrati
 
 def choose_shape(model: nn.Module, merge: str, speedup: float, calibration: Iterable, *, images: int = CHOICE_IMAGES,
                  progress: bool = True, dense: bool | None = None, objective: str = "auto") -> tuple[float, int, dict]:
-    """The concentration (``choose_concentration``) and, for ATME, then the first sub-grid level
+    """The concentration (``choose_concentration``) and, for the lattice reading, then the first sub-grid level
     (``FIRST_LEVELS``, at that concentration) whose schedule keeps the output closest; and the
     recipe fields recording every score. ``dense`` and ``objective`` are how candidates run and are
     judged (``_Scorer``)."""
     scorer = _Scorer(model, calibration, images, dense=dense, objective=objective)
     concentration, scores = choose_concentration(model, merge, speedup, calibration, images=images, progress=progress, scorer=scorer)
     fields = {"concentration_kl": {f"{c:g}": round(score, 6) for c, score in scores.items()}}
-    if merge != "atme":
+    if merge != "atme-lattice":
         return concentration, 1, fields
     levels = {level: scorer(schedule_for_speedup(scorer.spec, merge, speedup, concentration=concentration, first_level=level))
               for level in FIRST_LEVELS}
@@ -111,7 +111,7 @@ def choose_shape(model: nn.Module, merge: str, speedup: float, calibration: Iter
 def planned_schedule(model: nn.Module, merge: str, speedup: float, calibration: Iterable | None, *, concentration: float | None = None,
                      images: int = CHOICE_IMAGES, progress: bool = True, dense: bool | None = None,
                      objective: str = "auto") -> tuple[MergeSchedule, dict]:
-    """The schedule for ``speedup``: at ``concentration`` (and ATME's first level 1) when given,
+    """The schedule for ``speedup``: at ``concentration`` (and the lattice's first level 1) when given,
     else at the shape chosen on ``calibration`` (concentration 1 without images); and the recipe
     fields that record how it was planned. Under ``torchrun`` rank 0 chooses and the others take
     its choice, so every rank merges alike."""

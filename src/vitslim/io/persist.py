@@ -36,7 +36,10 @@ from vitslim.io.folder_io import (
 
 RECIPE_FILE = "recipe.json"
 RECIPE_FORMAT = "vitslim"
-RECIPE_VERSION = 1
+RECIPE_VERSION = 2
+"""2 (vitslim 0.3): a merge schedule's "atme" is ATME's neighbouring bipartite reading and records
+its radius; an "atme" without one (version 1) is the lattice reading, and loads as it. A vitslim
+that knows only version 1 refuses these folders instead of merging by the wrong reading."""
 RUNAWAY_FACTOR = 1000
 """How many times the weights file's values a recipe's architecture and steps may register while
 they are rebuilt on the meta device before the loader gives up on them (``_check_size``)."""
