@@ -148,12 +148,36 @@ def frontier(rows: list[dict], original: dict, task: str, part: str, runtime: st
     table = []
     for merge, label in MERGES:
         points = [(row[f"{part}_{runtime}"], row) for row in rows if row.get("merge") == merge and f"{part}_{runtime}" in row]
-        line = {"variant": label, "range": f"{min(p for p, _ in points):.2f}-{max(p for p, _ in points):.2f}x" if points else "-"}
+        if not points:
+            continue
+        line = {"variant": label, "range": f"{min(p for p, _ in points):.2f}-{max(p for p, _ in points):.2f}x"}
         for speed in MEASURED:
             for name in SCORES[task]:
                 line[f"{name}@{speed:g}"] = interpolate([(1.0, original[name])] + [(p, row[name]) for p, row in points], speed)
         table.append(line)
     return table
+
+
+def plot(rows: list[dict], original: dict, task: str, part: str, runtimes: list[str], path: Path) -> None:
+    """The two shown scores against the measured ``part`` speed-up, one panel per runtime and
+    score, one line per merge kind (the original at 1.0x)."""
+    plt = common.pyplot()
+    shown = SHOWN[task]
+    figure, axes = plt.subplots(len(runtimes), len(shown), figsize=(5 * len(shown), 3.6 * len(runtimes)), squeeze=False)
+    for axes_row, runtime in zip(axes, runtimes):
+        for axis, (name, label, _) in zip(axes_row, shown):
+            for merge, variant in MERGES:
+                points = sorted((row[f"{part}_{runtime}"], row[name]) for row in rows if row.get("merge") == merge and f"{part}_{runtime}" in row)
+                if points:
+                    axis.plot([1.0] + [x for x, _ in points], [original[name]] + [y for _, y in points], marker="o", label=variant)
+            axis.set_xlabel(f"measured {part} speed-up, {runtime} (x)")
+            axis.set_ylabel(label)
+            axis.grid(alpha=0.3)
+    axes[0][0].legend(fontsize=8)
+    figure.suptitle(f"dinov2-s14, {task}: token merging kinds at measured speed")
+    figure.tight_layout()
+    common.atomic_file(path, lambda partial: figure.savefig(partial, dpi=110, format="png"))
+    plt.close(figure)
 
 
 def main() -> None:
@@ -215,8 +239,10 @@ def main() -> None:
             table = frontier(points, original, args.task, part, runtime)
             lines += ["", f"### At equal measured {part} speed-up, {runtime}", "", *common.markdown_table(frontier_columns, table)]
             tables[f"{part}-{runtime}"] = (frontier_columns, table)
+    lines += ["", "![scores against measured speed-up](frontier.png)"]
     common.write_table(Path(args.out) / "frontier.md", lines, tables, echo=True, original=original,
                        params=count_params(task.original))
+    plot(points, original, args.task, parts[0], args.runtime, Path(args.out) / "frontier.png")
 
 
 if __name__ == "__main__":

@@ -230,3 +230,28 @@ def test_bad_runtime_flags_exit_with_one_error_line(capsys, tiny_model_folder, a
     code = main(["bench", str(tiny_model_folder), "--batch-size", "2", *args])
     out, err = capsys.readouterr()
     assert code != 0 and out == "" and err.startswith("vitslim: error:") and message in err
+
+
+def test_the_onnx_cache_tells_a_merging_vit_inside_a_users_model_from_the_plain_one():
+    """The merge schedule's recipe step sits on the user's model; the ViT taken out of it merges by
+    its hooks alone, and must not reuse the plain ViT's cached graph (it once did: every merged
+    backbone of the dense frontier benchmark found the original's file)."""
+    from torch import nn
+
+    from vitslim.cait.patch import apply_token_merging
+    from vitslim.cait.schedule import plan
+
+    class Wrapped(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.backbone = tiny_vit(seed=0, img_size=32, patch_size=4, depth=4, embed_dim=48, num_heads=3, num_classes=0)
+
+        def forward(self, images):
+            return self.backbone.forward_features(images)[:, 1:].mean(1)
+
+    plain, gentle, strong = Wrapped(), Wrapped(), Wrapped()
+    apply_token_merging(gentle, plan("atme", (8, 8), 4, 8.0))
+    apply_token_merging(strong, plan("atme", (8, 8), 4, 24.0))
+    keys = {runtimes.onnx_cache_key(model.backbone) for model in (plain, gentle, strong)}
+    assert len(keys) == 3
+    assert runtimes.onnx_cache_key(Wrapped().backbone) == runtimes.onnx_cache_key(plain.backbone)  # stable for equal models

@@ -62,9 +62,9 @@ from vitslim.errors import VitslimError
 NEIGHBOUR_RADIUS = 3.0
 """How far an ATME source may reach for a destination, in spacings of the current token map (the
 original grid's cell times the square root of how many patches a token holds on average). On
-dinov2-s14's saliency maps (training images) radii of 2 to 4 spacings kept the maps as well as
-ToMe's unrestricted matching or slightly better, and 1.5 fell behind
-(benchmarks/results/dinov2/atme-variants.md)."""
+dinov2-s14's saliency maps (training images) radii of 2 to 4 spacings kept the maps within 0.04
+IoU of each other and of ToMe's unrestricted matching; 1.5 spacings, or a fixed radius in grid
+cells, fell behind once merging had thinned the map (benchmarks/results/dinov2/atme-variants.md)."""
 
 NEIGHBOURHOOD = 2
 """How far a source of the lattice reading may reach for a destination, in sub-grid steps. On vit-d6-cifar10 at a 2×

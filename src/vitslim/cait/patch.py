@@ -24,6 +24,7 @@ gives back the original behaviour exactly.
 
 from __future__ import annotations
 
+import json
 from collections.abc import Iterable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
@@ -71,6 +72,11 @@ class _Merger:
     full_map_after: frozenset[int] | None = None  # dense mode: the blocks whose output is the full map (None: every block)
     kept: torch.Tensor | None = None  # dense mode, once merged: one original patch position per current token
     detail: torch.Tensor | None = None  # dense mode: full map minus unmerge(merged tokens), tokens first
+
+    def hook_key(self) -> str:
+        """What these hooks compute, for a cache of exported graphs (``measure.runtimes.onnx_cache_key``)."""
+        return json.dumps({"schedule": self.schedule.as_dict(), "dense": self.dense, "detail": self.keep_detail,
+                           "full_map_after": sorted(self.full_map_after) if self.full_map_after is not None else None}, sort_keys=True)
 
     def start(self, module, args) -> None:
         self.token_map, self.keys, self.kept, self.detail = None, None, None, None

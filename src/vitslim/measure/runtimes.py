@@ -78,16 +78,30 @@ def default_onnx_cache() -> Path:
     return Path(os.environ.get("VITSLIM_CACHE", Path.home() / ".cache" / "vitslim")) / "onnx"
 
 
+def _hook_key(hook) -> str:
+    """What a forward hook computes, for the cache key: its owner's ``hook_key()`` when the hook is
+    a bound method (or a partial of one) of an object that has one, else the function's name. A
+    ViT inside a user's model carries its merge schedule in such hooks, while the recipe that
+    records it sits on the user's model, outside the ViT alone."""
+    function = getattr(hook, "func", hook)
+    owner = getattr(function, "__self__", None)
+    described = owner.hook_key() if callable(getattr(owner, "hook_key", None)) else ""
+    return f"{getattr(function, '__qualname__', type(function).__qualname__)}:{described}:{getattr(hook, 'args', ())!r}"
+
+
 def onnx_cache_key(model: nn.Module) -> str:
     """A hash of everything that decides the exported graph and its numbers: the module tree
     (factorised layers, pruned widths), the recipe steps of every module holding some (merge
-    schedules live there, not in the weights), every tensor of the state, the input size and the
+    schedules live there, not in the weights), the forward hooks (a ViT taken out of a merging
+    user's model merges by its hooks alone), every tensor of the state, the input size and the
     torch version (the exporter)."""
     digest = hashlib.sha256()
     digest.update(f"{type(model).__module__}.{type(model).__qualname__}\n{model!r}\n".encode())
     for module_name, module in model.named_modules():
         if recipes.steps(module):
             digest.update(f"{module_name}:{json.dumps(recipes.steps(module), sort_keys=True, default=str)}\n".encode())
+        for hook in (*module._forward_pre_hooks.values(), *module._forward_hooks.values()):
+            digest.update(f"{module_name}:{_hook_key(hook)}\n".encode())
     for name, tensor in model.state_dict().items():
         digest.update(f"{name}:{tensor.dtype}:{tuple(tensor.shape)}\n".encode())
         digest.update(tensor.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy())
