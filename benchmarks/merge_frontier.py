@@ -37,7 +37,9 @@ from dinov2_saliency import IMAGENET, MODEL, THRESHOLD, load_saliency, saliency_
 
 import vitslim
 from vitslim.cait.patch import merge_schedule
+from vitslim.deploy import export
 from vitslim.errors import VitslimError
+from vitslim.measure import runtimes
 from vitslim.measure.metrics import count_params
 
 MERGES = (("atme", "ATME"), ("tome", "ToMe"), ("window", "2x2 window (ALGM-style)"), ("row-column", "row/column (CubistMerge-style)"),
@@ -45,6 +47,7 @@ MERGES = (("atme", "ATME"), ("tome", "ToMe"), ("window", "2x2 window (ALGM-style
 FLOPS_TARGETS = (1.5, 2.0, 2.6)
 MEASURED = (1.3, 1.5, 2.0)
 RUNTIMES = ("eager", "onnxruntime")
+TIMING_GUARD = 0.25  # the timing's own ONNX check, on random images, after check_exports passed on real ones
 SCORES = {"dense": ("pearson", "iou", "mae"), "classification": ("top1", "agreement", "kl")}
 SHOWN = {"dense": (("pearson", "r", "{:.4f}"), ("iou", "IoU", "{:.3f}")),
          "classification": (("top1", "top-1", "{:.2%}"), ("agreement", "agreement", "{:.2%}"))}
@@ -129,13 +132,35 @@ def compress_rows(rows: Rows, task: Task, args) -> None:
                 + f" ({seconds:.0f} s)")
 
 
+def check_exports(rows: list[dict], models: list, task: Task, part: str, cache: Path, args) -> None:
+    """Each model's ONNX file (the one the timing then reuses) against PyTorch on real reported
+    images, within ``export.ONNX_TOLERANCE`` or float32 rounding (``export.check_onnx``); the
+    result goes into its row. Random images, which ``vitslim.benchmark`` checks on, make merge
+    decisions near ties (every token alike), where ONNX Runtime's rounding can flip one; the
+    timing does not depend on which tokens merge, so it runs with a looser guard once this
+    check has passed."""
+    images = torch.stack([task.report[index][0] for index in range(8)])
+    for name, model in models:
+        row = next((row for row in rows if row["key"] == name), None)
+        path, _ = runtimes.cached_onnx(task.part(model, part).eval(), cache)
+        check = export.check_onnx(task.part(model, part), path, images, export.ONNX_TOLERANCE)
+        if row is not None:
+            row.update({f"{part}_onnx_check": str(check), f"{part}_onnx_passed": check.passed})
+        say(f"[frontier {args.task}] {name} ({part}) ONNX on 8 report images: {check}")
+        if not check.passed:
+            raise SystemExit(f"{name} ({part}): its ONNX export differs from PyTorch on real images: {check}")
+
+
 def time_rows(rows: Rows, task: Task, args) -> None:
     done = [row for row in rows if "folder" in row]
     models = [("original", task.original)] + [(row["key"], task.load(row)) for row in done]
     for part in PARTS[args.task]:
+        cache = Path(args.out) / "models" / "onnx" / part
+        if "onnxruntime" in args.runtime:
+            check_exports(done, models, task, part, cache, args)
         say(f"[frontier {args.task}] timing {len(models)} models ({part}) in {', '.join(args.runtime)}, batch {args.batch}")
         results = vitslim.benchmark([(name, task.part(model, part)) for name, model in models], batch_size=args.batch, runs=20,
-                                    runtime=args.runtime, onnx_cache=Path(args.out) / "models" / "onnx" / part, progress=args.progress)
+                                    runtime=args.runtime, onnx_cache=cache, onnx_tolerance=TIMING_GUARD, progress=args.progress)
         for result in results:
             row = next((row for row in done if row["key"] == result.model), None)
             if row is not None:
@@ -230,7 +255,10 @@ def main() -> None:
         f"{setting} Training-free; each kind planned by the FLOPs model for {', '.join(f'{t:g}x' for t in FLOPS_TARGETS)} "
         f"with its concentration chosen on the calibration images. Speed-ups: one interleaved run per runtime and part "
         f"(batch {args.batch}, 20 rounds) against the original in the same runtime, float32; values at a measured speed-up "
-        f"interpolated linearly between the measured points around it (the original is the point at 1.0x). Command: "
+        f"interpolated linearly between the measured points around it (the original is the point at 1.0x). Every ONNX "
+        f"file was checked against PyTorch on 8 reported images (within {export.ONNX_TOLERANCE:g} or float32 rounding, "
+        f"`export.check_onnx`) before timing; the timing's own check on random images is loosened to {TIMING_GUARD:g}, "
+        f"since on noise a merge decision is a near-tie that ONNX Runtime's rounding may flip. Command: "
         f"{common.rerun(parser, args, always=('task',), leave_out=('progress', 'retime'))}"))
     lines += ["", "### Measured points", "", *common.markdown_table(point_columns, points)]
     tables = {"points": (point_columns, points)}
