@@ -88,3 +88,19 @@ def saliency_skeleton(model: str) -> SaliencyModel:
 def wrap(template: SaliencyModel, backbone: nn.Module) -> SaliencyModel:
     """A copy of ``template`` (its decoder) around another backbone."""
     return SaliencyModel(backbone, copy.deepcopy(template.decoder)).eval()
+
+
+def training_maps(count: int, model: str = MODEL) -> tuple[SaliencyModel, torch.Tensor, list[torch.Tensor]]:
+    """The saliency model, the first ``count`` ImageNet sample images in sorted order (all from the
+    dense benchmark's training half, which the studies choose on) and the model's maps of them in
+    batches of 16; a clear exit when ``count`` would reach the reported half."""
+    if not 1 <= count <= DENSE_SPLIT:
+        raise SystemExit(f"--images must be 1-{DENSE_SPLIT}: the dense benchmark reports on images {DENSE_SPLIT}-999")
+    from vitslim.io import image_dataset, image_sources
+
+    saliency = load_saliency(model)
+    transform = image_dataset.build_transform(vitslim.describe(saliency).preprocessing)
+    dataset = image_sources.open_images(IMAGENET, transform, labels_required=False)
+    images = torch.stack([dataset[index][0] for index in range(count)])
+    with torch.no_grad():
+        return saliency, images, [saliency(batch) for batch in images.split(16)]

@@ -26,13 +26,12 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # benchmarks/, for
 import common
 import torch
 from common import Column
-from dinov2_saliency import IMAGENET, load_saliency
+from dinov2_saliency import training_maps
 
 from vitslim.adapters import describe
 from vitslim.cait import merging
 from vitslim.cait.patch import token_merging
 from vitslim.cait.schedule import schedule_for_speedup
-from vitslim.io import image_dataset, image_sources
 from vitslim.measure.fidelity import MapFidelity
 
 COLUMNS = (Column("speedup", "FLOPs target", "{:g}x"), Column("method", "method"), Column("varied", "varied"),
@@ -64,14 +63,8 @@ def main() -> None:
     parser.add_argument("--images", type=int, default=64, help="First N ImageNet sample images (sorted; all from the training half).")
     parser.add_argument("--out", default=str(common.RESULTS / "dinov2" / "atme-dense.md"))
     args = parser.parse_args()
-    if not 1 <= args.images <= 500:
-        raise SystemExit("--images must be 1-500: the dense benchmark reports on images 500-999")
-    model = load_saliency()
+    model, images, reference = training_maps(args.images)
     spec = describe(model)
-    dataset = image_sources.open_images(IMAGENET, image_dataset.build_transform(spec.preprocessing), labels_required=False)
-    images = torch.stack([dataset[index][0] for index in range(args.images)])
-    with torch.no_grad():
-        reference = [model(batch) for batch in images.split(16)]
     rows = []
     default_radius = merging.NEIGHBOURHOOD
     for speedup in (1.5, 2.0):

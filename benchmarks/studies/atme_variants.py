@@ -42,14 +42,13 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # benchmarks/, for
 import common
 import torch
 from common import Column
-from dinov2_saliency import DENSE_SPLIT, IMAGENET, load_saliency
+from dinov2_saliency import training_maps
 
 from vitslim.adapters import describe
 from vitslim.cait import merging, patch
 from vitslim.cait.flops import blocks_flops
 from vitslim.cait.patch import MERGING_ATTR, token_merging
 from vitslim.cait.schedule import plan, schedule_for_speedup, tokens_per_block
-from vitslim.io import image_dataset, image_sources
 from vitslim.measure.fidelity import MapFidelity
 
 COLUMNS = (Column("speedup", "FLOPs target", "{:g}x"), Column("concentration", "C", "{:g}"), Column("varied", "varied"),
@@ -158,14 +157,8 @@ def main() -> None:
     parser.add_argument("--images", type=int, default=128, help="First N ImageNet sample images (sorted; all from the training half).")
     parser.add_argument("--out", default=str(common.RESULTS / "dinov2" / "atme-variants.md"))
     args = parser.parse_args()
-    if not 1 <= args.images <= DENSE_SPLIT:
-        raise SystemExit(f"--images must be 1-{DENSE_SPLIT}: the dense benchmark reports on images {DENSE_SPLIT}-999")
-    model = load_saliency()
+    model, images, reference = training_maps(args.images)
     spec = describe(model)
-    dataset = image_sources.open_images(IMAGENET, image_dataset.build_transform(spec.preprocessing), labels_required=False)
-    images = torch.stack([dataset[index][0] for index in range(args.images)])
-    with torch.no_grad():
-        reference = [model(batch) for batch in images.split(16)]
     rows = []
     for speedup in (1.5, 2.0, 2.5):
         for concentration in (1.0, 0.0):
