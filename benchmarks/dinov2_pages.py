@@ -12,7 +12,6 @@ from common import ROOT, Column, Rows
 from torch import nn
 
 import vitslim
-from vitslim.cait.compress import GATE_INIT, GATE_TRAVEL
 from vitslim.io.recipe import find_step
 
 # --- helpers ------------------------------------------------------------------------------------
@@ -65,9 +64,8 @@ def cdcp_check(label: str, notes: dict, vit: nn.Module, steps: int, lr: float) -
     widths = (notes.get("widths") or {}).values()
     full = (vit.blocks[0].attn.head_dim, vit.blocks[0].mlp.fc1.out_features)
     if widths and all((w.get("head_dim"), w.get("mlp_hidden")) == full for w in widths):
-        warning = (f"{label}: CDCP pruned no channel in {steps} steps at lr {lr:g} (its gates start at "
-                   f"{GATE_INIT:g} and move about GATE_TRAVEL = {GATE_TRAVEL:g} over a run when pushed down at every "
-                   "step); the row is ATME at the token share of the target, fine-tuned")
+        warning = (f"{label}: CDCP pruned no channel in {steps} steps at lr {lr:g}; "
+                   "the row is ATME at the token share of the target, fine-tuned")
         say(f"[kd] WARNING {warning}")
         return warning
     return None

@@ -1,6 +1,6 @@
 """CDCP channel gates and slicing (vitslim.cait.gates, vitslim.cait.slicing): exact masks, exact
 slicing for every family and both gate kinds, the straight-through gradient, the FLOPs estimate
-against a counted forward pass, save/reload of sliced models, the budget penalty under distill,
+against a counted forward pass, save/reload of sliced models, the budget schedule under distill,
 and refusals."""
 
 import copy
@@ -16,7 +16,8 @@ from torch import nn
 from torch.utils.flop_counter import FlopCounterMode
 
 import vitslim
-from vitslim.cait.gates import ADAPT_RATE, GATES_ATTR, PENALTY_WEIGHT, attach_gates, detach_gates
+from vitslim.cait.gates import BUDGET_REACH, GATES_ATTR, attach_gates, detach_gates
+from vitslim.cait.importance import channel_scores
 from vitslim.cait.slicing import slice_channels
 from vitslim.errors import VitslimError
 from vitslim.io.persist import RECIPE_FILE
@@ -207,22 +208,70 @@ def test_flops_ratio_is_the_sliced_models_counted_flops(consistent):
     assert float(default.detach()) == pytest.approx(sum(_block_flops(model, [17, 17])) / sum(_block_flops(tiny_vit(name="vit_tiny_patch16_224", **CHANNEL_GEOMETRY), [17, 17])), rel=1e-6)
 
 
-def test_budget_penalty_is_a_hinge_whose_multiplier_adapts():
+def _hard_ratio(gates, level):
+    return float(gates._ratio(gates._token_counts(None), level=torch.tensor(level)))
+
+
+def test_follow_budget_keeps_the_most_channels_within_the_ceiling():
     gates = attach_gates(tiny_vit(name="vit_tiny_patch16_224", **CHANNEL_GEOMETRY))
-    penalty = gates.budget_penalty(0.5)
-    assert float(penalty.detach()) == pytest.approx(PENALTY_WEIGHT * 0.5) and float(gates.multiplier) == 1.0  # nothing pruned yet: no adaptation
-    penalty.backward()
-    assert all((logit.grad > 0).all() for logit in gates.parameters())  # every gate is pushed towards 0
-    with torch.no_grad():
-        for logit in gates.mlp.values():
-            logit.fill_(-1.0)
-    ratio = float(gates.flops_ratio().detach())
-    assert ratio == pytest.approx((8 * 17 * 48 * 48 + 4 * 17 * 17 * 48 + 4 * 17 * 48) / (8 * 17 * 48 * 48 + 4 * 17 * 17 * 48 + 4 * 17 * 48 * 192))
-    assert float(gates.budget_penalty(0.9).detach()) == 0.0 and float(gates.multiplier) == pytest.approx(math.exp(ADAPT_RATE * (ratio - 0.9)), rel=1e-6)
-    before = float(gates.multiplier)
-    assert float(gates.budget_penalty(0.2).detach()) > 0 and float(gates.multiplier) > before
+    _randomise(gates, seed=5)
+    for target in (0.9, 0.5, 0.2):
+        assert gates.follow_budget(target) == target  # no run length: the target at once
+        ratio = float(gates.flops_ratio().detach())
+        assert ratio <= target
+        # brute force over every threshold: the one chosen is the lowest within the target
+        levels = sorted({float(v) for logit in gates.parameters() for v in logit.detach()})
+        within = [level for level in [levels[0] - 1] + levels if _hard_ratio(gates, level) <= target]
+        assert float(gates.threshold) == within[0]
+        assert ratio == pytest.approx(_hard_ratio(gates, within[0]))
+        kept = gates.masks()
+        assert all(bool((mask == (gates.mlp[key] > gates.threshold)).all()) for key, entry in kept.items() for kind, mask in entry.items()
+                   if kind == "mlp")
     with pytest.raises(VitslimError, match="out of reach"):
-        gates.budget_penalty(0.02)
+        gates.follow_budget(0.02)
+
+
+def test_the_ceiling_comes_down_a_cubic_and_holds_the_target():
+    gates = attach_gates(tiny_vit(name="vit_tiny_patch16_224", **CHANNEL_GEOMETRY))
+    for steps in (30, 101, 5000):
+        ceilings = [gates.ceiling(0.4, steps, step) for step in range(steps)]
+        reach = BUDGET_REACH * steps
+        assert ceilings[0] == 1.0 and all(a >= b for a, b in zip(ceilings, ceilings[1:]))
+        assert all(c == pytest.approx(0.4) for step, c in enumerate(ceilings) if step >= reach)
+        assert all(c > 0.4 for step, c in enumerate(ceilings) if step < reach)
+        middle = int(reach / 2)
+        assert ceilings[middle] == pytest.approx(0.4 + 0.6 * (1 - middle / reach) ** 3)
+
+
+def test_a_pruned_channel_whose_logit_rises_comes_back():
+    gates = attach_gates(tiny_vit(name="vit_tiny_patch16_224", **CHANNEL_GEOMETRY))
+    _randomise(gates, seed=2)
+    gates.follow_budget(0.6)
+    logits = gates.mlp["0"]
+    pruned = int((logits <= gates.threshold).nonzero()[0])
+    with torch.no_grad():
+        logits[pruned] = float(logits.max()) + 1.0
+    gates.follow_budget(0.6)
+    assert bool(gates.masks()["0"]["mlp"][pruned]) and float(gates.flops_ratio().detach()) <= 0.6
+
+
+def test_ties_go_to_the_more_important_channel():
+    model = tiny_vit(name="vit_tiny_patch16_224", **CHANNEL_GEOMETRY)
+    with torch.no_grad():
+        for module in model.modules():
+            if isinstance(module, nn.Linear):
+                module.weight.normal_(0.0, 0.2)
+    gates = attach_gates(model)
+    scores = channel_scores(model)
+    for key, logit in gates.mlp.items():
+        assert torch.equal(logit.argsort(), scores[key]["mlp"].argsort())
+        assert float((logit.max() - logit.min()).detach()) <= 1e-3 + 1e-6
+    for key, logit in gates.qk.items():
+        assert torch.equal(logit.argsort(), scores[key]["qk"].sum(0).argsort())
+    gates.follow_budget(0.7)  # fresh gates: the pruned channels are the least important ones
+    for key, mask in gates.masks().items():
+        order = scores[key]["mlp"].argsort()
+        assert not mask["mlp"][order[: int((~mask["mlp"]).sum())]].any()
 
 
 def _sharp_teacher():
@@ -237,15 +286,28 @@ def _sharp_teacher():
     return model
 
 
-def test_budget_penalty_drives_distillation_to_the_target():
+@pytest.mark.parametrize("steps", [30, 120])
+def test_distillation_reaches_the_budget_within_the_first_half_of_a_run(steps):
     teacher = _sharp_teacher()
     student = copy.deepcopy(teacher)
-    gates = attach_gates(student, init=0.5)  # a shorter way to 0 than the default 3.0, to keep the test short
+    gates = attach_gates(student)
     generator = torch.Generator().manual_seed(0)
-    batches = [torch.randn(4, 3, 32, 32, generator=generator) for _ in range(200)]
-    vitslim.distill(student, teacher, batches, vitslim.Training(epochs=1, lr=1e-4, progress=False),
-                    extra_loss=lambda model: gates.budget_penalty(0.5))
-    assert 0.3 < float(gates.flops_ratio().detach()) <= 0.55  # at the target, neither short of it nor collapsed
+    batches = [torch.randn(4, 3, 32, 32, generator=generator) for _ in range(steps)]
+    target, ratios = 0.5, []
+
+    def follow(model, step, total):
+        assert total == steps
+        gates.follow_budget(target, step=step, steps=total)
+        ratios.append(float(gates.flops_ratio().detach()))
+
+    vitslim.distill(student, teacher, batches, vitslim.Training(epochs=1, lr=1e-3, progress=False), before_step=follow)
+    assert len(ratios) == steps and ratios[0] == 1.0
+    half = ratios[steps // 2 - 1]
+    assert 1 - half >= 0.95 * (1 - target)  # ≥ 95% of the asked reduction within the first half
+    assert all(ratio <= target for ratio in ratios[math.ceil(BUDGET_REACH * steps):])
+    assert ratios[-1] >= target - 0.05  # at the budget, not collapsed past it
+    slice_channels(student, gates)
+    assert count_params(student) < count_params(teacher)
 
 
 def test_parts_that_cannot_be_sliced_exactly_are_left_dense(caplog):
@@ -269,7 +331,7 @@ def test_bad_requests_are_refused():
     with pytest.raises(VitslimError, match="not attached"):
         slice_channels(tiny_vit(name="vit_tiny_patch16_224", **CHANNEL_GEOMETRY), gates)
     with pytest.raises(VitslimError, match="FLOPs target"):
-        gates.budget_penalty(1.5)
+        gates.follow_budget(1.5)
     with pytest.raises(VitslimError, match="one token count per block"):
         gates.flops_ratio([17])
     detach_gates(model)

@@ -106,6 +106,7 @@ def distill(
     warmup_fraction: float = WARMUP_FRACTION,
     grad_clip: float | None = 1.0,
     extra_loss: ExtraLoss | None = None,
+    before_step: Callable[[nn.Module, int, int], object] | None = None,
     workers: int = 0,
     objective: str = "auto",
 ) -> nn.Module:
@@ -117,8 +118,10 @@ def distill(
     output): for class logits ``T² · KL(softmax(t/T) ‖ softmax(s/T))``, for maps and features an
     MSE. The models may be ViTs or users' models holding one. Plus
     ``label_weight · CE(s, labels)`` when ``label_weight > 0``, plus ``extra_loss(student)``
-    when given (a scalar tensor, e.g. a pruning budget penalty; it is called once per step, after
-    the forward passes, outside autocast). Outputs come from each model's adapter
+    when given (a scalar tensor, e.g. a penalty; it is called once per step, after the forward
+    passes, outside autocast). ``before_step(student, step, total_steps)`` is called before every
+    step's forward pass (steps counted from 0 over the whole run), without gradients (CDCP moves
+    its channel budget there, ``ChannelGates.follow_budget``). Outputs come from each model's adapter
     (``describe(model).output``), so any supported family works; the teacher runs in eval mode
     without gradients, and is left in eval mode on ``training.device``.
 
@@ -206,6 +209,9 @@ def distill(
                 for group in optimizer.param_groups:
                     group["lr"] = group["lr_scale"] * _learning_rate(epoch * steps_per_epoch + position, lr, warmup_steps, total_steps)
                 images = images.to(device, non_blocking=True)
+                if before_step is not None:
+                    with torch.no_grad():
+                        before_step(student, epoch * steps_per_epoch + position, total_steps)
                 autocast = torch.autocast("cuda", dtype=torch.bfloat16) if use_bf16 else contextlib.nullcontext()
                 with autocast:
                     with torch.no_grad():

@@ -45,12 +45,11 @@ from vitslim.train import Training, distill, schedule_sum
 
 TOKEN_SHARE = 0.5  # of log(speed-up) given to token merging when channels are pruned too
 # AdamW moves a gate by about lr × lr_scale per step at the peak rate, and warm-up then cosine
-# average about half the peak, so at the default scale gates starting at 3 need some 600 steps at
-# lr 1e-4 before any can close: a short distillation (dinov2-s14's 125 steps of 16 images at lr
-# 1e-5; benchmarks/dinov2.py) ended with every channel kept. The scale is raised, when the run is
-# that short, so that a gate pushed down at every step travels GATE_TRAVEL over the run: as far as
-# in the run the default was validated on (one epoch of the CIFAR-10 train split, 782 steps at lr
-# 1e-4: 3.92 at scale 100, which that run keeps), so a short run has the same trajectory, scaled.
+# average about half the peak. For the distillation to change which channels the budget keeps,
+# gates must be able to move past one another within the run, so when a run is short (dinov2-s14's
+# 125 steps of 16 images at lr 1e-5; benchmarks/dinov2.py) the scale is raised until a gate pushed
+# the same way at every step travels GATE_TRAVEL over the run: as far as in the run the default
+# was validated on (one epoch of the CIFAR-10 train split, 782 steps at lr 1e-4: 3.92 at scale 100).
 GATE_INIT = 3.0
 GATE_LR_SCALE = 100.0  # gates learn at the training's learning rate times this, at least
 GATE_TRAVEL = 1.3 * GATE_INIT
@@ -229,16 +228,18 @@ def prune_channels(student: nn.Module, teacher: nn.Module, batches, training: Tr
     """CDCP on ``student`` in place: gates trained with distillation from ``teacher`` towards
     ``channel_ratio`` of the blocks' FLOPs (counted at the token counts ``schedule`` leaves, with
     the schedule in place during training, so the gates learn for the model that will run), then
-    frozen and sliced. Both models end on the CPU in eval mode. The gates learn at
+    frozen and sliced. The budget is met from ``cait.gates.BUDGET_REACH`` of the steps on
+    (``ChannelGates.follow_budget``). Both models end on the CPU in eval mode. The gates learn at
     ``training.lr`` times ``gate_lr_scale``, or faster when the training is too short for them to
-    close at that rate (``GATE_TRAVEL``). The merging runs in the ``dense`` mode during training,
+    move that far at that rate (``GATE_TRAVEL``). The merging runs in the ``dense`` mode during training,
     and the distillation is judged by ``objective``."""
     spec = describe(student)
     lr_scale = max(gate_lr_scale, GATE_TRAVEL / (training.lr * schedule_sum(_steps(batches, training))))
     gates = attach_gates(student, consistent=consistent, init=GATE_INIT, lr_scale=lr_scale)
     tokens = tokens_per_block(schedule, spec)
     with token_merging(student, schedule, dense=dense):
-        distill(student, teacher, batches, training, extra_loss=lambda _: gates.budget_penalty(channel_ratio, tokens=tokens), objective=objective)
+        distill(student, teacher, batches, training, objective=objective,
+                before_step=lambda _, step, steps: gates.follow_budget(channel_ratio, tokens=tokens, step=step, steps=steps))
     slice_channels(student, gates)
     student.to("cpu").eval()
     teacher.to("cpu")

@@ -9,8 +9,9 @@ are shared by every head, so all heads keep one width and attention stays one ba
 ``consistent=False`` gives every head its own masks, the ablation "without the consistency
 constraints". The masks are hard in the forward pass and straight-through in the backward pass,
 so a pruned channel still gets a gradient and can come back ("dynamic").
-``ChannelGates.budget_penalty`` is the ``extra_loss`` that pushes the estimated FLOPs down to a
-target while ``distill`` trains the gates (at ``lr × vitslim_lr_scale``) with the weights.
+``ChannelGates.follow_budget``, called before every training step, keeps the masks within a FLOPs
+budget whose ceiling comes down from 1 to the target over the first ``BUDGET_REACH`` of the run,
+while ``distill`` trains the gates (at ``lr × vitslim_lr_scale``) with the weights.
 """
 
 from __future__ import annotations
@@ -30,19 +31,16 @@ from vitslim.train import LR_SCALE_ATTR
 logger = logging.getLogger("vitslim")
 
 GATES_ATTR = "vitslim_gates"  # the gates are a submodule, so optimisers and checkpoints see them
-# The budget penalty (see ChannelGates.budget_penalty): its starting weight, how fast its
-# multiplier adapts (change of its logarithm per step, per unit of ratio off the target) and the
-# multiplier's bounds. AdamW moves every gate by about lr × lr_scale per step whatever the size
-# of its gradient, so the weight only sets how the budget's push compares with the distillation
-# loss's pull. Measured with distill at lr 1e-4 towards a 0.5 FLOPs ratio: the 6-block CIFAR-10
-# reference model ended at 0.499 after 400 steps of 16 images (gates from 1.0; 94% top-1
-# agreement with the original, which a fixed weight of 0.1 left at 0.75), a 4-block ViT trained on
-# CIFAR-10 at 0.496 after 781 steps of 32 (a fixed weight of 10 pruned it to 0.21 at the first
-# crossing and never regrew it), and a sharp random teacher that holds a fixed weight of 1 at
-# 0.76 reached 0.51.
-PENALTY_WEIGHT = 1.0
-ADAPT_RATE = 0.1
-MULTIPLIER_RANGE = (1e-4, 1e4)  # against a runaway when the target sits just above what is reachable
+# The budget schedule (ChannelGates.follow_budget). The allowed FLOPs ratio follows a cubic from 1
+# down to the target, reached after this fraction of the run's steps whatever its length, so the
+# distillation still has the rest of the run to recover from the last channels pruned. A cubic
+# prunes most while the model is closest to the teacher and slows as it nears the target.
+BUDGET_REACH = 0.4
+# Logits start at ``init`` plus up to this much, ranked within each gate tensor by weight
+# importance (``cait.importance``): the first channels pruned, before the distillation has told
+# gates apart, are the least important by weights. Smaller than a gate's optimiser step at the
+# peak learning rate, so the distillation overrides it within the first steps.
+PRIOR_SPREAD = 1e-3
 
 
 @dataclass(frozen=True)
@@ -72,8 +70,10 @@ class ChannelGates(nn.Module):
     ``num_heads·head_dim`` when not ``consistent``) and ``mlp[i]`` (one per hidden unit).
 
     Every logit is a 1-D parameter, so ``distill`` gives it no weight decay, and carries
-    ``vitslim_lr_scale``: gates must travel from ``init`` across 0 within a short fine-tune.
-    ``tokens`` is the number of tokens each block processes, for the FLOPs estimate.
+    ``vitslim_lr_scale``: the ranking of the gates must be able to change within a short
+    fine-tune. A mask keeps the channels whose logit is above ``threshold`` (0 until
+    ``follow_budget`` moves it). ``tokens`` is the number of tokens each block processes, for
+    the FLOPs estimate.
     """
 
     def __init__(self, blocks: list[GatedBlock], *, tokens: int, consistent: bool = True, init: float = 3.0,
@@ -87,7 +87,8 @@ class ChannelGates(nn.Module):
         self.lr_scale = float(lr_scale)
         self.temperature = float(temperature)
         self.qk, self.v, self.mlp = nn.ParameterDict(), nn.ParameterDict(), nn.ParameterDict()
-        self.register_buffer("multiplier", torch.tensor(1.0))  # of the budget penalty, see budget_penalty
+        # masks keep the channels whose logit is above the threshold; follow_budget moves it
+        self.register_buffer("threshold", torch.tensor(0.0))
         for block in self.blocks:
             key = str(block.index)
             if block.attention:
@@ -108,9 +109,10 @@ class ChannelGates(nn.Module):
         self._tag()
 
     def _straight_through(self, logit: torch.Tensor) -> torch.Tensor:
-        """The hard 0/1 mask in the forward pass, the sigmoid's gradient in the backward pass."""
-        soft = torch.sigmoid(logit / self.temperature)
-        return (logit > 0).to(soft.dtype) + (soft - soft.detach())
+        """The hard 0/1 mask in the forward pass, the gradient of a sigmoid centred on the
+        threshold in the backward pass (so the channels nearest to being swapped learn most)."""
+        soft = torch.sigmoid((logit - self.threshold) / self.temperature)
+        return (logit > self.threshold).to(soft.dtype) + (soft - soft.detach())
 
     def _per_head(self, block: GatedBlock, values: torch.Tensor) -> torch.Tensor:
         """A qk or v tensor as (num_heads, head_dim): shared rows when consistent."""
@@ -138,10 +140,10 @@ class ChannelGates(nn.Module):
             for block in self.blocks:
                 key, entry = str(block.index), {}
                 if block.attention:
-                    entry["qk"] = self._per_head(block, self.qk[key] > 0).clone()
-                    entry["v"] = self._per_head(block, self.v[key] > 0).clone()
+                    entry["qk"] = self._per_head(block, self.qk[key] > self.threshold).clone()
+                    entry["v"] = self._per_head(block, self.v[key] > self.threshold).clone()
                 if block.mlp:
-                    entry["mlp"] = self.mlp[key] > 0
+                    entry["mlp"] = self.mlp[key] > self.threshold
                 if entry:
                     found[key] = entry
         return found
@@ -163,33 +165,54 @@ class ChannelGates(nn.Module):
         """
         return self._ratio(self._token_counts(tokens))
 
-    def _ratio(self, counts: list[int], minimal: bool = False):
-        """The FLOPs ratio at the current masks, or (``minimal``) with every gated channel pruned."""
+    def _ratio(self, counts: list[int], minimal: bool = False, level: torch.Tensor | None = None):
+        """The FLOPs ratio at the current masks (differentiable), with every gated channel pruned
+        (``minimal``), or with the hard masks a threshold at ``level`` would give."""
         kept, dense = 0.0, 0.0
         for block, n in zip(self.blocks, counts):
             width, hidden = block.head_dim, block.mlp_hidden
             if block.attention:
                 # float64 here and below: large models' FLOPs counts lose their last digits in float32
-                width = 1 if minimal else torch.stack([self.head_mask(block, kind).sum(-1) for kind in ("qk", "v")]).amax().clamp(min=1).double()
+                if minimal:
+                    width = 1
+                elif level is None:
+                    width = torch.stack([self.head_mask(block, kind).sum(-1) for kind in ("qk", "v")]).amax().clamp(min=1).double()
+                else:
+                    width = torch.stack([self._per_head(block, getattr(self, kind)[str(block.index)] > level).sum(-1)
+                                         for kind in ("qk", "v")]).amax().clamp(min=1).double()
             if block.mlp:
-                hidden = 1 if minimal else self.flat_mask(block, "mlp").sum().clamp(min=1).double()
+                if minimal:
+                    hidden = 1
+                elif level is None:
+                    hidden = self.flat_mask(block, "mlp").sum().clamp(min=1).double()
+                else:
+                    hidden = (self.mlp[str(block.index)] > level).sum().clamp(min=1).double()
             kept = kept + block.flops(n, width, hidden)
             dense += block.flops(n, block.head_dim, block.mlp_hidden)
         return kept / dense
 
-    def budget_penalty(self, target_ratio: float, tokens: list[int] | None = None, weight: float = PENALTY_WEIGHT) -> torch.Tensor:
-        """``weight · multiplier · max(0, flops_ratio − target_ratio)``, to be added to the loss
-        once per optimisation step (``distill(..., extra_loss=lambda m: gates.budget_penalty(r))``).
+    def ceiling(self, target_ratio: float, steps: int | None, step: int) -> float:
+        """The FLOPs ratio allowed at ``step`` of a run of ``steps``: 1 at the first step, down a
+        cubic to ``target_ratio`` at ``BUDGET_REACH`` of the run and there after (``steps`` None:
+        the target from the first step)."""
+        if steps is None:
+            return target_ratio
+        reach = max(1.0, BUDGET_REACH * steps)
+        return target_ratio + (1 - target_ratio) * (1 - min(1.0, step / reach)) ** 3
 
-        A hinge rather than a square, whose push would fade near the target: above the budget
-        every gate that still counts towards the cost is pushed down, within it only the
-        distillation loss acts, so the channels it needs most come back.
+    @torch.no_grad()
+    def follow_budget(self, target_ratio: float, tokens: list[int] | None = None, step: int = 0, steps: int | None = None) -> float:
+        """Move the threshold so the masks keep the most channels whose FLOPs ratio stays within
+        the ``ceiling`` of ``step`` (of ``steps``); return that ceiling. Called before every
+        training step (``distill(..., before_step=lambda m, step, steps: gates.follow_budget(r,
+        step=step, steps=steps))``).
 
-        How hard to push depends on how much the teacher's outputs move per channel, which no
-        fixed weight fits: a sharp teacher holds a weak push above the target, a strong push
-        prunes everything at once and then regrows slowly. So ``multiplier`` (a buffer, saved in
-        checkpoints) adapts on every call once the first channel is pruned: times
-        exp(ADAPT_RATE · (ratio − target)), up while over budget, down while under.
+        The budget is a constraint the masks meet at every step, not a penalty traded against the
+        distillation: a penalty's push had to win against the distillation's pull on every gate,
+        and either lost on short runs (no channel pruned in 125 steps) or won on all gates at
+        once (every channel pruned in 32). Here the schedule decides how many channels are
+        pruned and when, the distillation which ones: it ranks the logits, the threshold cuts
+        the ranking. A pruned channel whose logit rises above a kept one's comes back.
         """
         if not 0 < target_ratio <= 1:
             raise VitslimError(f"the FLOPs target must be a ratio in (0, 1], got {target_ratio}")
@@ -198,14 +221,34 @@ class ChannelGates(nn.Module):
         if target_ratio < floor:
             raise VitslimError(f"a FLOPs ratio of {target_ratio} is out of reach: with every gated channel pruned the "
                                f"blocks keep {floor:.3f} of their FLOPs (the parts without gates stay dense)")
-        ratio = self._ratio(counts)
-        penalty = weight * self.multiplier * torch.relu(ratio - target_ratio)
-        with torch.no_grad():  # on the device, so the training step waits for no host sync
-            # until a first gate crosses 0 all of them move as fast as the optimiser lets them anyway
-            started = torch.stack([(logit <= 0).any() for logit in self.parameters()]).any()
-            factor = torch.exp(ADAPT_RATE * (ratio.detach() - target_ratio))
-            self.multiplier.mul_(torch.where(started, factor, torch.ones_like(factor))).clamp_(*MULTIPLIER_RANGE)
-        return penalty
+        ceiling = self.ceiling(target_ratio, steps, step)
+        # candidate thresholds: below every logit, then each distinct logit (keeping those above
+        # it); the ratio falls as the threshold rises, so bisect for the lowest within the ceiling
+        levels = torch.cat([logit.detach().flatten() for logit in self.parameters()]).unique()
+        levels = torch.cat([levels[:1] - 1, levels])
+        low, high = 0, len(levels) - 1  # the highest level prunes every gated channel: always within
+        while low < high:
+            middle = (low + high) // 2
+            if float(self._ratio(counts, level=levels[middle])) <= ceiling:
+                high = middle
+            else:
+                low = middle + 1
+        self.threshold.copy_(levels[low])
+        return ceiling
+
+    def prefer(self, scores: dict[str, dict[str, torch.Tensor]]) -> None:
+        """Add up to ``PRIOR_SPREAD`` to the logits, ranked by ``scores`` (by block index, kind:
+        one score per gate, as ``cait.importance.channel_scores`` gives them) within each gate
+        tensor, so that ties between logits go to the more important channel."""
+        with torch.no_grad():
+            for kind, logits in (("qk", self.qk), ("v", self.v), ("mlp", self.mlp)):
+                for key, logit in logits.items():
+                    score = scores.get(key, {}).get(kind)
+                    if score is None:
+                        continue
+                    score = score.reshape(-1) if score.numel() == logit.numel() else score.reshape(-1, logit.numel()).sum(0)
+                    ranks = score.argsort().argsort().to(logit.dtype)
+                    logit += PRIOR_SPREAD * ranks / max(1, logit.numel() - 1)
 
     def _token_counts(self, tokens: list[int] | None) -> list[int]:
         if tokens is None:
@@ -264,7 +307,8 @@ def attach_gates(model: nn.Module, *, consistent: bool = True, init: float = 3.0
     or quantised) is left dense, with a warning on the ``vitslim`` logger; ``VitslimError`` when
     nothing at all can be gated. With ``init > 0`` every mask starts at 1 and the model computes
     exactly what it did before (an attention unpacked here, to float rounding: its attention runs
-    through SDPA instead of torch's fused kernel).
+    through SDPA instead of torch's fused kernel). Logits within a gate tensor start ranked by
+    weight importance (``PRIOR_SPREAD``).
     """
     if isinstance(getattr(model, GATES_ATTR, None), ChannelGates):
         raise VitslimError("this model already carries channel gates; slice_channels or detach_gates them first")
@@ -289,6 +333,9 @@ def attach_gates(model: nn.Module, *, consistent: bool = True, init: float = 3.0
     device = next(model.parameters()).device
     gates = ChannelGates(blocks, tokens=spec.num_prefix_tokens + spec.num_patches, consistent=consistent, init=init,
                          lr_scale=lr_scale, temperature=temperature).to(device)
+    from vitslim.cait.importance import channel_scores  # it reads channel_pruning_obstacles from here
+
+    gates.prefer(channel_scores(model))
     setattr(model, GATES_ATTR, gates)
     for block, gated in zip(spec.blocks, blocks):
         attn = block.attention

@@ -1,5 +1,6 @@
-"""Channel masks chosen by weight importance, with no training: what the composition's channel
-probes (``compose.probe_axes``) slice with to price the channel axis before any gate is trained."""
+"""Channel importance by weights, with no training: what the composition's channel probes
+(``compose.probe_axes``) slice with to price the channel axis before any gate is trained, and
+how CDCP's gates break ties before the distillation has ranked them (``ChannelGates.prefer``)."""
 
 from __future__ import annotations
 
@@ -23,14 +24,12 @@ def _top(scores: torch.Tensor, keep: int) -> torch.Tensor:
     return mask
 
 
-def importance_masks(model: nn.Module, ratio: float) -> dict:
-    """Consistent channel masks (the form ``slice_channels`` takes) keeping ``ratio`` of every
-    sliceable block's query/key, value and MLP channels, the most important by weight norms:
-    a query/key channel by Σ_heads ‖q row‖·‖k row‖, a value channel by Σ_heads ‖v row‖·‖proj
-    column‖, an MLP unit by ‖fc1 row‖·‖fc2 column‖. Every FLOP these parts cost is linear in
-    their widths, so the blocks keep about ``ratio`` of their channel FLOPs."""
+def channel_scores(model: nn.Module) -> dict[str, dict[str, torch.Tensor]]:
+    """Weight importance of every sliceable channel, by block index: ``qk`` and ``v`` of shape
+    (heads, head_dim), a query/key channel by ‖q row‖·‖k row‖, a value channel by ‖v row‖·‖proj
+    column‖, and ``mlp`` (hidden,), a unit by ‖fc1 row‖·‖fc2 column‖."""
     spec, family = describe(model), family_of(model)
-    masks = {}
+    scores = {}
     for block in spec.blocks:
         problems, entry = channel_pruning_obstacles(family, block), {}
         if "attention" not in problems:
@@ -38,11 +37,21 @@ def importance_masks(model: nn.Module, ratio: float) -> dict:
             heads, width = attention.num_heads, attention.head_dim
             q, k, v = (rows.norm(dim=1).reshape(heads, width) for rows in _qkv_rows(attention))
             proj = attention.out_proj.weight.detach().norm(dim=0).reshape(heads, width)
-            keep = round(ratio * width)
-            entry["qk"], entry["v"] = _top((q * k).sum(0), keep), _top((v * proj).sum(0), keep)
+            entry["qk"], entry["v"] = q * k, v * proj
         if "mlp" not in problems:
             fc1, fc2 = block.mlp.fc1.weight.detach(), block.mlp.fc2.weight.detach()
-            entry["mlp"] = _top(fc1.norm(dim=1) * fc2.norm(dim=0), round(ratio * fc1.shape[0]))
+            entry["mlp"] = fc1.norm(dim=1) * fc2.norm(dim=0)
         if entry:
-            masks[str(block.index)] = entry
+            scores[str(block.index)] = entry
+    return scores
+
+
+def importance_masks(model: nn.Module, ratio: float) -> dict:
+    """Consistent channel masks (the form ``slice_channels`` takes) keeping ``ratio`` of every
+    sliceable block's query/key, value and MLP channels, the most important by
+    ``channel_scores`` summed over heads. Every FLOP these parts cost is linear in their widths,
+    so the blocks keep about ``ratio`` of their channel FLOPs."""
+    masks = {}
+    for index, scores in channel_scores(model).items():
+        masks[index] = {kind: _top(score.sum(0) if kind != "mlp" else score, round(ratio * score.shape[-1])) for kind, score in scores.items()}
     return masks
