@@ -210,7 +210,7 @@ def test_block_cached_compensation_equals_whole_network_replay(family):
     ratio = 0.4
     principal = _lowrank(model, batches, param_ratio=ratio, compensation=False, sensitivity="none")
     names = list(recipe_steps(principal)[-1]["ranks"])
-    fast = _lowrank(model, batches, param_ratio=ratio, compensation=True, sensitivity="none")
+    fast = _lowrank(model, batches, param_ratio=ratio, compensation=True, sensitivity="none", compensation_target="layer")
     assert list(recipe_steps(fast)[-1]["ranks"]) == names
     with torch.no_grad():
         uncompensated = vitslim.describe(principal).output(batches[0])
@@ -235,3 +235,41 @@ def test_leading_images_take_the_first_images_across_batches_and_pass_over_unrea
     assert torch.equal(torch.cat(taken), torch.cat([first, second])[:5])
     assert [len(b) for b in leading_images([first, second], 100)] == [3, 4]  # fewer when they run out
     assert leading_images([first], 0) == []
+
+
+def test_residual_gain_finds_the_layer_that_writes_the_stream_and_its_layer_scale():
+    from vitslim.lowrank.compensation import residual_gain
+
+    model = tiny_vit(**LOWRANK_GEOMETRY, init_values=0.5)
+    block = model.blocks[0]
+    with torch.no_grad():
+        block.ls2.gamma.copy_(torch.linspace(0.01, 2.0, 64))
+        tokens = model.patch_embed(_batches(1)[0])
+    call = ((tokens,), {})
+    torch.testing.assert_close(residual_gain(block, block.mlp.fc2, call, tokens).float(), block.ls2.gamma.detach(), rtol=1e-3, atol=1e-4)
+    assert residual_gain(block, block.mlp.fc1, call, tokens) is None  # an activation and fc2 follow it
+    assert residual_gain(block, block.attn.proj, call, tokens) is None  # the MLP reads its output
+    layers = {}
+    for norm_first in (True, False):
+        plain = PlainViT(dim=64, mlp_dim=256, norm_first=norm_first).eval()
+        vitslim.adapters.prepare_for_replacement(plain)  # torch's fused encoder kernel would bypass the Linears' hooks
+        layers[norm_first] = plain.encoder.layers[0]
+    pre_norm, post_norm = layers[True], layers[False]
+    torch.testing.assert_close(residual_gain(pre_norm, pre_norm.linear2, call, tokens).float(), torch.ones(64), rtol=1e-3, atol=1e-4)
+    assert residual_gain(post_norm, post_norm.linear2, call, tokens) is None  # normalises after the add
+
+
+def test_block_target_brings_the_blocks_outputs_closer_than_the_layer_target():
+    """Refitting fc2 to the block's output (cancelling the stream's drift) lowers the last
+    block's output error on the calibration images, with and without a LayerScale."""
+    for init_values in (None, 0.3):
+        model = tiny_vit(**{**LOWRANK_GEOMETRY, "depth": 3}, **({"init_values": init_values} if init_values else {}))
+        batches = _batches(6)
+        with torch.no_grad():
+            reference = torch.cat([model.forward_features(x) for x in batches])
+            error = {}
+            for target in ("layer", "block"):
+                compressed = _lowrank(model, batches, param_ratio=0.4, sensitivity="none", compensation_target=target)
+                error[target] = float((torch.cat([compressed.forward_features(x) for x in batches]) - reference).square().mean())
+        assert error["block"] < error["layer"], init_values
+    assert recipe_steps(compressed)[-1]["compensation_target"] == "block"

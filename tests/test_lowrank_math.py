@@ -302,3 +302,48 @@ def test_token_subsets_are_seeded_by_batch_and_capped():
     leading = leading_batches(batches, 197)
     assert sum(b.shape[0] for b in leading) == -(-STAT_TOKENS // 197)  # just enough images
     assert sum(b.shape[0] for b in leading_batches(batches, 10)) == 256  # fewer tokens than the cap: all
+
+
+def test_compensation_recovers_a_layer_whose_error_it_can_fit_exactly():
+    """Inputs drifted by an invertible map, X̃ = X A, and a shifted target X Wᵀ + X̃ Cᵀ whose
+    least-squares solution W A⁻ᵀ + C has rank r: the rank-r refit reproduces the target exactly."""
+    from vitslim.lowrank.compensation import PairedStats, compensated_layer
+
+    X, W = _case(tokens=300)
+    generator = torch.Generator().manual_seed(21)
+    A = torch.eye(X.shape[1], dtype=torch.float64) + 0.3 * torch.randn(X.shape[1], X.shape[1], generator=generator, dtype=torch.float64)
+    X_tilde = X @ A
+    rank = 3
+    M = torch.randn(W.shape[0], rank, generator=generator, dtype=torch.float64) @ torch.randn(rank, W.shape[1], generator=generator, dtype=torch.float64)
+    C = M - W @ torch.linalg.inv(A).T
+    bias = torch.randn(W.shape[0], generator=generator, dtype=torch.float64)
+    target = X @ W.T + bias + X_tilde @ C.T
+    stats = PairedStats()
+    stats.add(X, X_tilde, X_tilde @ C.T)
+    up, down, fitted_bias = compensated_layer(W, bias, stats, rank, ridge=0.0)
+    torch.testing.assert_close(X_tilde @ (up @ down).T + fitted_bias, target, rtol=1e-8, atol=1e-8)
+    without_shift = PairedStats()
+    without_shift.add(X, X_tilde)
+    up, down, _ = compensated_layer(W, bias, without_shift, rank, ridge=0.0)
+    assert float((X_tilde @ (up @ down).T - X @ W.T).abs().max()) > 1e-3  # W A⁻ᵀ alone is not rank r
+
+
+@pytest.mark.parametrize("seed", [0, 1, 2])
+def test_compensation_never_raises_the_loss_it_minimises(seed):
+    """Against the principal term on the same drifted inputs, at every rank, with and without a
+    target shift: the refit's loss is never higher."""
+    from vitslim.lowrank.compensation import PairedStats, compensated_layer
+
+    X, W = _case(tokens=250, seed=seed)
+    generator = torch.Generator().manual_seed(100 + seed)
+    X_tilde = X + 0.4 * torch.randn(X.shape, generator=generator, dtype=torch.float64) * X.std(0)
+    bias = torch.randn(W.shape[0], generator=generator, dtype=torch.float64)
+    for shift in (None, 0.3 * torch.randn(len(X), W.shape[0], generator=generator, dtype=torch.float64)):
+        stats = PairedStats()
+        stats.add(X, X_tilde, shift)
+        target = X @ W.T + bias + (0 if shift is None else shift)
+        for rank in range(1, min(W.shape) + 1):
+            up, down, fitted_bias = compensated_layer(W, bias, stats, rank, ridge=0.0)
+            refit = float((target - X_tilde @ (up @ down).T - fitted_bias).square().sum())
+            principal = torch.mm(*whitened_spectrum(W, X.T @ X, ridge=0.0).factors(rank))
+            assert refit <= float((target - X_tilde @ principal.T - bias).square().sum()) + 1e-9

@@ -39,13 +39,17 @@ from vitslim.lowrank.whitening import DEFAULT_RIDGE, WhitenedSpectrum, whitening
 
 
 def compensated_factors(weight: torch.Tensor, cross: torch.Tensor, gram: torch.Tensor, rank: int, ridge: float = DEFAULT_RIDGE,
-                        output_weights: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
-    """(up, down) minimising ‖(X Wᵀ − X̃ (up·down)ᵀ) D‖² given H = XᵀX̃ (``cross``) and G̃ = X̃ᵀX̃,
-    with D = diag(√output_weights) (the identity without weights): the truncation then keeps the
-    output channels whose error costs the loss most."""
-    # with G̃ = L̃L̃ᵀ: W_ls L̃ = W H G̃⁻¹ L̃ = W H L̃⁻ᵀ, so neither G̃⁻¹ nor a second factorisation is needed
+                        output_weights: torch.Tensor | None = None, shift_cross: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """(up, down) minimising ‖(X Wᵀ + Δ − X̃ (up·down)ᵀ) D‖² given H = XᵀX̃ (``cross``), G̃ = X̃ᵀX̃
+    and ΔᵀX̃ (``shift_cross``; Δ = 0 without it), with D = diag(√output_weights) (the identity
+    without weights): the truncation then keeps the output channels whose error costs the loss
+    most. Δ is a shift of the target the layer should also fit (see ``residual_gain``)."""
+    # with G̃ = L̃L̃ᵀ: W_ls L̃ = (W H + ΔᵀX̃) G̃⁻¹ L̃ = (W H + ΔᵀX̃) L̃⁻ᵀ, so neither G̃⁻¹ nor a second factorisation is needed
     factor, inverse = whitening_factor(gram, ridge)
-    whitened = weight.double() @ cross.double() @ inverse.T
+    target_cross = weight.double() @ cross.double()
+    if shift_cross is not None:
+        target_cross = target_cross + shift_cross.double()
+    whitened = target_cross @ inverse.T
     root = None
     if output_weights is not None and float(output_weights.double().mean()) > 0:  # all-zero: the loss cannot tell channels apart
         weights = output_weights.double()
@@ -70,27 +74,30 @@ class PairedStats:
     sum_x_tilde: torch.Tensor | None = None
     cross: torch.Tensor | None = None  # Σ x x̃ᵀ
     gram: torch.Tensor | None = None  # Σ x̃ x̃ᵀ
+    sum_shift: torch.Tensor | None = None  # Σ δ, when the target is shifted by δ (per token, output-sized)
+    shift_cross: torch.Tensor | None = None  # Σ δ x̃ᵀ
 
-    def add(self, x: torch.Tensor, x_tilde: torch.Tensor) -> None:
+    def add(self, x: torch.Tensor, x_tilde: torch.Tensor, shift: torch.Tensor | None = None) -> None:
         # per-batch products in the activations' precision, totals in float64 (as in calibration)
-        parts = (x.sum(0).double(), x_tilde.sum(0).double(), (x.T @ x_tilde).double(), (x_tilde.T @ x_tilde).double())
-        if self.cross is None:
-            self.sum_x, self.sum_x_tilde, self.cross, self.gram = parts
-        else:
-            self.sum_x += parts[0]
-            self.sum_x_tilde += parts[1]
-            self.cross += parts[2]
-            self.gram += parts[3]
+        parts = [x.sum(0).double(), x_tilde.sum(0).double(), (x.T @ x_tilde).double(), (x_tilde.T @ x_tilde).double()]
+        if shift is not None:
+            parts += [shift.sum(0).double(), (shift.T @ x_tilde).double()]
+        names = ("sum_x", "sum_x_tilde", "cross", "gram", "sum_shift", "shift_cross")[:len(parts)]
+        for name, part in zip(names, parts):
+            total = getattr(self, name)
+            setattr(self, name, part if total is None else total + part)
         self.tokens += x.shape[0]
 
-    def reduce_across_ranks(self, features: int, device) -> None:
-        """Sum over ``torchrun`` ranks (a rank that saw no batch contributes zeros)."""
-        if self.cross is None:
-            vector, matrix = (features,), (features, features)
-            self.sum_x, self.sum_x_tilde, self.cross, self.gram = (torch.zeros(shape, dtype=torch.float64, device=device)
-                                                                   for shape in (vector, vector, matrix, matrix))
-        for total in (self.sum_x, self.sum_x_tilde, self.cross, self.gram):
-            all_reduce_sum(total)
+    def reduce_across_ranks(self, features: int, device, outputs: int | None = None) -> None:
+        """Sum over ``torchrun`` ranks (a rank that saw no batch contributes zeros; ``outputs``:
+        the layer's output size, when its target is shifted)."""
+        shapes = {"sum_x": (features,), "sum_x_tilde": (features,), "cross": (features, features), "gram": (features, features)}
+        if outputs is not None:
+            shapes.update(sum_shift=(outputs,), shift_cross=(outputs, features))
+        for name, shape in shapes.items():
+            if getattr(self, name) is None:
+                setattr(self, name, torch.zeros(shape, dtype=torch.float64, device=device))
+            all_reduce_sum(getattr(self, name))
         self.tokens = int(sum_numbers(self.tokens)[0])
 
 
@@ -100,13 +107,27 @@ def compensated_layer(weight: torch.Tensor, bias: torch.Tensor | None, stats: Pa
     (D as in ``compensated_factors``). Without a bias there is no intercept to fit and the
     uncentred statistics are used."""
     if bias is None:
-        return (*compensated_factors(weight, stats.cross, stats.gram, rank, ridge, output_weights), None)
+        return (*compensated_factors(weight, stats.cross, stats.gram, rank, ridge, output_weights, stats.shift_cross), None)
     mean_x, mean_x_tilde = stats.sum_x / stats.tokens, stats.sum_x_tilde / stats.tokens
     cross = stats.cross - stats.tokens * torch.outer(mean_x, mean_x_tilde)
     gram = stats.gram - stats.tokens * torch.outer(mean_x_tilde, mean_x_tilde)
-    up, down = compensated_factors(weight, cross, gram, rank, ridge, output_weights)
+    shift_cross, mean_shift = None, 0.0
+    if stats.shift_cross is not None:
+        mean_shift = stats.sum_shift / stats.tokens
+        shift_cross = stats.shift_cross - stats.tokens * torch.outer(mean_shift, mean_x_tilde)
+    up, down = compensated_factors(weight, cross, gram, rank, ridge, output_weights, shift_cross)
     weight = weight.double()
-    return up, down, bias.double() + weight @ mean_x - up @ (down @ mean_x_tilde)
+    return up, down, bias.double() + weight @ mean_x + mean_shift - up @ (down @ mean_x_tilde)
+
+
+# How a layer that writes the residual stream is refitted with ``target="block"``: it also fits
+# δ_j = g_j d_j / (g_j² + λ) with λ = (SHIFT_DAMPING · rms g)², the ridge answer to how far channel
+# j should move to cancel a drift d_j of the stream that reaches the block's output through g_j,
+# so that channels the stream barely hears (LayerScale g_j near 0) are not asked for huge moves.
+SHIFT_DAMPING = 0.1
+# residual_gain's test of "output = r + g ⊙ layer(x)", relative to the layer's contribution, in
+# float64: the contribution of a freshly initialised MLP is lost in float32 rounding of the stream
+GAIN_TOLERANCE = 1e-6
 
 
 class _Stop(Exception):
@@ -161,6 +182,64 @@ def _inputs_until(block: nn.Module, layer: nn.Module, call: tuple[tuple, dict], 
     return seen[0]
 
 
+def _output_with(block: nn.Module, layer: nn.Module, call: tuple[tuple, dict], hidden: torch.Tensor, scale: float,
+                 seen: list | None = None) -> torch.Tensor:
+    """``block``'s output on ``hidden`` with ``layer``'s output multiplied by ``scale`` (kept in
+    ``seen`` when given)."""
+    def scaled(module, args, output):
+        if seen is not None:
+            seen.append(output)
+        return output * scale
+
+    handle = layer.register_forward_hook(scaled)
+    try:
+        return _hidden(block(hidden, *call[0][1:], **call[1]))
+    finally:
+        handle.remove()
+
+
+@torch.no_grad()
+def residual_gain(block: nn.Module, layer: nn.Module, call: tuple[tuple, dict], hidden: torch.Tensor) -> torch.Tensor | None:
+    """Per-channel g when ``block``'s output is r + g ⊙ layer(x), with r independent of the
+    layer's output: the layer writes the residual stream, through a per-channel scale such as
+    DINOv2's LayerScale (g = 1 without one). Measured by running the block with the layer's
+    output kept, zeroed and doubled; None when the output is not of that form (a block that
+    normalises after the add, a layer whose output goes through more work). Measured in float64
+    on a copy of the block, so that the answer does not depend on rounding."""
+    names = {id(module): name for name, module in block.named_modules()}
+    block = copy.deepcopy(block).double()
+    layer = block.get_submodule(names[id(layer)])
+    call = _in_double(call)
+    hidden = hidden.double()
+    seen: list[torch.Tensor] = []
+    kept = _output_with(block, layer, call, hidden, 1.0, seen)
+    without, doubled = (_output_with(block, layer, call, hidden, scale) for scale in (0.0, 2.0))
+    if not seen or kept.shape != seen[0].shape:
+        return None
+    contribution = (kept - without).reshape(-1, kept.shape[-1]).double()
+    output = seen[0].reshape(-1, kept.shape[-1]).double()
+    scale = float(contribution.norm())
+    if scale == 0 or float(((doubled - kept).reshape(contribution.shape).double() - contribution).norm()) > GAIN_TOLERANCE * scale:
+        return None
+    gain = (contribution * output).sum(0) / output.square().sum(0).clamp_min(torch.finfo(torch.float64).tiny)
+    if float((contribution - gain * output).norm()) > GAIN_TOLERANCE * scale:
+        return None
+    return gain
+
+
+def _in_double(call: tuple[tuple, dict]) -> tuple[tuple, dict]:
+    def convert(value):
+        return value.double() if isinstance(value, torch.Tensor) and value.is_floating_point() else value
+
+    return tuple(convert(value) for value in call[0]), {key: convert(value) for key, value in call[1].items()}
+
+
+def _damping(gain: torch.Tensor) -> torch.Tensor:
+    """g / (g² + λ) (see ``SHIFT_DAMPING``)."""
+    ridge = (SHIFT_DAMPING ** 2) * float(gain.square().mean())
+    return gain / (gain.square() + ridge)
+
+
 def _run_recording(block: nn.Module, layers: dict[str, nn.Module], call: tuple[tuple, dict], hidden: torch.Tensor, fraction: float, batch_index: int):
     """The block's output on ``hidden`` and the inputs (the ``token_rows`` subset) each of ``layers`` saw."""
     seen: dict[str, torch.Tensor] = {}
@@ -182,10 +261,18 @@ def _run_recording(block: nn.Module, layers: dict[str, nn.Module], call: tuple[t
 
 @torch.no_grad()
 def compensate(original: nn.Module, compressed: nn.Module, names: list[str], batches: Iterable, *,
-               output_weights: dict[str, torch.Tensor] | None = None, fraction: float = 1.0, progress: bool = True) -> None:
+               output_weights: dict[str, torch.Tensor] | None = None, fraction: float = 1.0, target: str = "layer",
+               progress: bool = True) -> None:
     """Refit the factorised layers ``names`` (in execution order) of ``compressed`` in place,
     block by block, optionally weighting each layer's output channels, on ``fraction`` of the
-    tokens (``calibration.token_rows``). ``original`` is only read. Under ``torchrun`` each rank
+    tokens (``calibration.token_rows``). ``original`` is only read.
+
+    ``target`` says what each layer is refitted to: "layer", its own original output; "block",
+    the same, except that a layer writing the residual stream (``residual_gain``: the last one of
+    a pre-norm block, fc2) also cancels the drift that the compressed prefix has left in the stream,
+    so that the block's output, not only the layer's, comes back towards the original's.
+
+    Under ``torchrun`` each rank
     replays its share of the batches (every rank is given the same ones) and the statistics of
     every layer are all-reduced before it is fitted, so all ranks fit the same factors."""
     indexed = [(index, batch) for index, batch in enumerate(batches) if owns(index)]
@@ -208,10 +295,17 @@ def compensate(original: nn.Module, compressed: nn.Module, names: list[str], bat
                     for index, call, x in zip(indices, calls, reference_hidden)]
         for relative, layer in own.items():
             stats = PairedStats()
-            for index, (_, original_inputs), call, x_tilde_hidden in zip(indices, recorded, calls, hidden):
-                stats.add(original_inputs.pop(relative), token_rows(_inputs_until(block.module, layer, call, x_tilde_hidden), fraction, index))
-            stats.reduce_across_ranks(layer.in_features, layer.down.weight.device)
             dense = reference.get_submodule(relative)
+            gain = residual_gain(reference, dense, calls[0], reference_hidden[0]) if target == "block" and calls else None
+            for index, (_, original_inputs), call, x, x_tilde_hidden in zip(indices, recorded, calls, reference_hidden, hidden):
+                shift = None
+                if gain is not None:  # the stream's drift, as the block's outputs without this layer's part
+                    drift = _output_with(reference, dense, call, x, 0.0) - _output_with(block.module, layer, call, x_tilde_hidden, 0.0)
+                    shift = token_rows(drift.reshape(-1, drift.shape[-1]) * _damping(gain).to(drift), fraction, index)
+                stats.add(original_inputs.pop(relative), token_rows(_inputs_until(block.module, layer, call, x_tilde_hidden), fraction, index),
+                          shift)
+            shifted = sum_numbers(int(gain is not None))[0] > 0  # a rank given no batch measured no gain
+            stats.reduce_across_ranks(layer.in_features, layer.down.weight.device, layer.out_features if shifted else None)
             up, down, bias = compensated_layer(dense.weight.detach(), None if dense.bias is None else dense.bias.detach(), stats, layer.rank,
                                                output_weights=(output_weights or {}).get(prefix + relative))
             layer.up.weight.copy_(up.to(layer.up.weight.dtype))

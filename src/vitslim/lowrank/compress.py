@@ -155,6 +155,9 @@ class LowRank(ParameterBudget):
         None, "Per-layer error weights for mixed allocation (default: fisher for lowrank, none for the baselines).")
     compensation: bool | None = setting(None, "Refit each factorised layer to the compressed prefix's inputs (default: on for lowrank, "
                                               "off for the baselines).", off="--no-compensation")
+    compensation_target: Literal["block", "layer"] = setting(
+        "block", "What compensation refits each layer to: its own output (layer), or, for the layer that writes the residual "
+                 "stream (fc2), the block's output, cancelling the drift the compressed prefix left in the stream (block).")
     rank_multiple: int = setting(1, "Round ranks to multiples of k (8 or 16 keep matmuls fast).")
     sensitivity_images: int | None = setting(FISHER_IMAGES, "Calibration images the fisher sensitivity is measured on (None: all).",
                                              cli=False)
@@ -295,10 +298,10 @@ def compress_lowrank(model: nn.Module, batches: Iterable, config: LowRank, *, mi
         ranks[plan.name] = plan.rank
     if compensation:
         compensate(model, compressed, list(ranks), batches, output_weights=channel_weights if config.weigh_channels else None,
-                   fraction=fraction, progress=progress)
+                   fraction=fraction, target=config.compensation_target, progress=progress)
     record_step(compressed, {
         "method": STEP, "ranks": ranks, "factorisation": factorisation, "allocation": config.allocation, "rank_multiple": rank_multiple,
-        "sensitivity": sensitivity, "compensation": compensation,
+        "sensitivity": sensitivity, "compensation": compensation, **({"compensation_target": config.compensation_target} if compensation else {}),
         "target_params": target, "kept_energy": {p.name: round(p.kept_energy, 6) for p in plans},
     })
     return compressed
