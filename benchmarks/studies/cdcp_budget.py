@@ -12,7 +12,9 @@ speed-up measured against the original (eager PyTorch, interleaved, ``steady_tim
 - **CDCP alone**: channels only, no merging, at ``--channel-ratio`` of the blocks' FLOPs;
 - **ATME + CDCP 1.9x**: the paper's DeiT-S claim, √1.9 to tokens, the rest to channels;
 - **Torch-Pruning**: ``benchmarks/peers.py`` bisected to CDCP alone's measured speed-up, then
-  the same KD, so that the pruning is judged as pruning.
+  the same KD, so that the pruning is judged as pruning;
+- **dense ATME + CDCP 2.0x** (``dense``): the saliency model, KD on ImageNet sample images 0-499
+  (32 steps of 16), fidelity to the original's maps on 500-999 (Pearson r, IoU@0.8, MAE).
 
 Every KD is ``--kd-images`` seeded train images for ``--kd-epochs`` (batch 16, lr ``--lr``), the
 settings of ``benchmarks/dinov2.py --parts kd``.
@@ -49,6 +51,11 @@ COLUMNS = (Column("variant", "variant"), Column("channel_ratio", "channel FLOPs 
            Column("top1", "top-1", lambda v: f"{100 * v:.2f}%"), Column("delta", "Δ top-1", lambda v: f"{100 * v:+.2f}", "-"),
            Column("agreement", "agreement", lambda v: f"{100 * v:.2f}%", "-"), Column("speedup", "measured speed-up", "{:.2f}x", "-"),
            Column("seconds", "compress + KD s", "{:.0f}", "-"))
+DENSE_COLUMNS = (Column("variant", "variant"), Column("channel_ratio", "channel FLOPs target", "{:.3f}", "-"),
+                 Column("reached_at", "steps to 95% of the reduction", missing="-"), Column("final_ratio", "FLOPs ratio kept", "{:.3f}", "-"),
+                 Column("channels", "head dim / MLP hidden kept (first, last block)", missing="-"),
+                 Column("pearson", "Pearson r", "{:.4f}"), Column("iou", "IoU@0.8", "{:.3f}"), Column("mae", "MAE", "{:.4f}"),
+                 Column("speedup", "measured speed-up (whole model)", "{:.2f}x", "-"), Column("seconds", "compress + KD s", "{:.0f}", "-"))
 
 
 def recording_budget(trajectory: list[float]):
@@ -88,7 +95,7 @@ def main() -> None:
     parser.add_argument("--lr", type=float, default=1e-4)
     parser.add_argument("--test-images", type=int, default=2000)
     parser.add_argument("--channel-ratio", type=float, default=0.6, help="CDCP alone: the blocks' FLOPs its channels keep")
-    parser.add_argument("--variants", default="cdcp,atme-cdcp,tp", help="comma-separated, of cdcp, atme-cdcp, tp")
+    parser.add_argument("--variants", default="cdcp,atme-cdcp,tp,dense", help="comma-separated, of cdcp, atme-cdcp, tp, dense")
     parser.add_argument("--out", default=str(common.RESULTS / "dinov2" / "cdcp-budget.md"))
     args = parser.parse_args()
     out = Path(args.out)
@@ -149,14 +156,54 @@ def main() -> None:
         finish("tp", f"Torch-Pruning (Taylor, keep {keep:.3f}) + the same KD", model, time.perf_counter() - started,
                aimed_at=round(target, 3))
 
+    if "dense" in wanted and not rows.has(key="dense"):
+        dense_row(rows, args, training)
+
     table = [rows.find(key=key) for key in ("original", "cdcp", "atme-cdcp", "tp") if rows.has(key=key)]
+    dense = [rows.find(key=key) for key in ("dense",) if rows.has(key=key)]
     text = (f"dinov2-s14 with its CIFAR-10 head. KD: {len(kd_train)} seeded train images x {args.kd_epochs} epoch(s), "
             f"{steps} steps of 16, lr {args.lr:g} (gates at the scale `prune_channels` gives a run this short). The budget "
             f"ceiling reaches its target at {BUDGET_REACH:.0%} of the steps. Top-1 and agreement on {args.test_images} seeded "
             f"CIFAR-10 test images; speed-up measured in eager PyTorch against the original in one interleaved run (batch 32, "
             f"retimed while noisy). Command: {common.command(*sys.argv[1:])}")
     lines = [*common.heading("CDCP's budget schedule on a short KD: dinov2-s14 classifier", text), *common.markdown_table(COLUMNS, table)]
-    common.write_table(out, lines, {"rows": (COLUMNS, table)}, echo=True)
+    if dense:
+        lines += ["", "Saliency model (dense): KD on ImageNet sample images 0-499 (one epoch, 32 steps of 16, same lr), fidelity to the "
+                      "original's maps on images 500-999; speed-up of the whole model, eager, interleaved.", "",
+                  *common.markdown_table(DENSE_COLUMNS, dense)]
+    common.write_table(out, lines, {"rows": (COLUMNS, table), "dense": (DENSE_COLUMNS, dense)}, echo=True)
+
+
+def dense_row(rows, args, training) -> None:
+    """ATME + CDCP 2.0x on the saliency model, KD on images 0-499, reported on 500-999."""
+    from dinov2_saliency import DENSE_SPLIT, IMAGENET, THRESHOLD, load_saliency
+    from torch.utils.data import Subset
+
+    from vitslim.io import image_dataset, image_sources
+
+    teacher = load_saliency()
+    spec = vitslim.describe(teacher)
+    images = image_sources.open_images(str(IMAGENET), image_dataset.build_transform(spec.preprocessing), labels_required=False)
+    train, report = Subset(images, range(DENSE_SPLIT)), Subset(images, range(DENSE_SPLIT, len(images)))
+    trajectory: list[float] = []
+    cait = vitslim.Cait(speedup=2.0, merge="atme", gate_training=training)
+    target = cait.split()[1]
+    started = time.perf_counter()
+    original_follow = ChannelGates.follow_budget
+    ChannelGates.follow_budget = recording_budget(trajectory)
+    try:
+        model = vitslim.compress(teacher, cait, train, calib_images=256, seed=0, progress=True)
+    finally:
+        ChannelGates.follow_budget = original_follow
+    seconds = time.perf_counter() - started
+    result = vitslim.evaluate(model, report, teacher=teacher, seed=0, batch_size=16, threshold=THRESHOLD, progress=False)
+    timing = steady_timing(teacher, model, label="dense")
+    row = rows.add({"key": "dense", "variant": "ATME + CDCP 2.0x (saliency)", "channel_ratio": target,
+                    "reached_at": reached_at(trajectory, target), "final_ratio": trajectory[-1] if trajectory else None,
+                    "channels": channels_kept(model), "pearson": result["pearson"], "iou": result["iou"], "mae": result["mae"],
+                    "speedup": timing.ratio, "noisy": timing.noisy, "seconds": seconds, "steps": len(trajectory),
+                    "trajectory": trajectory})
+    print(f"dense: pearson {row['pearson']:.4f}, IoU {row['iou']:.3f}, {row['speedup']:.2f}x", flush=True)
 
 
 if __name__ == "__main__":
