@@ -74,8 +74,9 @@ TASKS = ("dense", "classification")
 VARIANTS = (
     ("svd", "plain SVD", "svd", {}),
     ("whitened", "whitened SVD", "lowrank", {"compensation": False}),
-    ("whitened+correction", "whitened SVD + correction", "lowrank", {}),
-    ("svd+correction", "plain SVD + correction", "svd", {"compensation": True}),
+    ("whitened+correction", "whitened SVD + correction", "lowrank", {"compensation_target": "layer"}),
+    ("svd+correction", "plain SVD + correction", "svd", {"compensation": True, "compensation_target": "layer"}),
+    ("whitened+block", "whitened SVD + block-output correction (0.4 default)", "lowrank", {"compensation_target": "block"}),
 )
 ORDER = [key for key, *_ in VARIANTS]
 QUICK = {"dense_train": 16, "dense_report": 8, "calib_images": 16, "test_images": 16, "ratios": [0.5]}
@@ -236,11 +237,13 @@ def write_pages(parser, args, rows: common.Rows, out: Path) -> None:
         f"{args.rank_multiple}, calibrated on the same {args.calib_images} seeded (seed {args.seed}) training images of each task. "
         "Variants: *plain SVD* = method `svd`, defaults (no activations, no sensitivity, no correction); *whitened SVD* = method "
         "`lowrank` with `compensation=False` (whitened SVD factors, ranks by Fisher-weighted whitened energy); *whitened SVD + "
-        "correction* = method `lowrank`, defaults (the same allocation, then each factorised layer refitted in execution order to "
-        "the compressed prefix's inputs, output channels weighed by the Fisher sensitivity); *plain SVD + correction* = method "
-        "`svd` with `compensation=True` (ranks from the plain spectrum, no sensitivity; the correction refits every factorised "
-        "layer from scratch, unweighted), which against the previous row differs only in the rank allocation and channel "
-        "weights. Training-free, no timing (a shared machine): `compress s` is the compression's wall time.",
+        "correction* = method `lowrank` with `compensation_target=\"layer\"` (0.3's default: the same allocation, then each "
+        "factorised layer refitted in execution order to the compressed prefix's inputs, output channels weighed by the Fisher "
+        "sensitivity); *plain SVD + correction* = method `svd` with `compensation=True`, layer target (ranks from the plain "
+        "spectrum, no sensitivity; the correction refits every factorised layer from scratch, unweighted), which against the "
+        "previous row differs only in the rank allocation and channel weights; *whitened SVD + block-output correction* = "
+        "method `lowrank`, 0.4's defaults (fc2 also cancels the residual stream's drift). Training-free, no timing (a shared "
+        "machine): `compress s` is the compression's wall time.",
         resumed=True)
     dense, classification = table_rows(rows, "dense", args.ratios), table_rows(rows, "classification", args.ratios)
     if dense:
