@@ -16,8 +16,7 @@ from torch import nn
 from torch.utils.flop_counter import FlopCounterMode
 
 import vitslim
-from vitslim.cait.gates import BUDGET_REACH, GATES_ATTR, attach_gates, detach_gates
-from vitslim.cait.importance import channel_scores
+from vitslim.cait.gates import BUDGET_REACH, GATES_ATTR, attach_gates, channel_scores, detach_gates
 from vitslim.cait.slicing import slice_channels
 from vitslim.errors import VitslimError
 from vitslim.io.persist import RECIPE_FILE

@@ -37,7 +37,7 @@ GATES_ATTR = "vitslim_gates"  # the gates are a submodule, so optimisers and che
 # prunes most while the model is closest to the teacher and slows as it nears the target.
 BUDGET_REACH = 0.4
 # Logits start at ``init`` plus up to this much, ranked within each gate tensor by weight
-# importance (``cait.importance``): the first channels pruned, before the distillation has told
+# importance (``channel_scores``): the first channels pruned, before the distillation has told
 # gates apart, are the least important by weights. Smaller than a gate's optimiser step at the
 # peak learning rate, so the distillation overrides it within the first steps.
 PRIOR_SPREAD = 1e-3
@@ -238,7 +238,7 @@ class ChannelGates(nn.Module):
 
     def prefer(self, scores: dict[str, dict[str, torch.Tensor]]) -> None:
         """Add up to ``PRIOR_SPREAD`` to the logits, ranked by ``scores`` (by block index, kind:
-        one score per gate, as ``cait.importance.channel_scores`` gives them) within each gate
+        one score per gate, as ``channel_scores`` gives them) within each gate
         tensor, so that ties between logits go to the more important channel."""
         with torch.no_grad():
             for kind, logits in (("qk", self.qk), ("v", self.v), ("mlp", self.mlp)):
@@ -291,6 +291,35 @@ def channel_pruning_obstacles(family: ModelFamily, block: BlockSpec) -> dict[str
     return found
 
 
+def _qkv_rows(attention) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The query, key and value projection weights, each (heads·head_dim, embed)."""
+    if attention.layout == "qkv":
+        return attention.qkv.weight.detach().chunk(3, dim=0)
+    return attention.q.weight.detach(), attention.k.weight.detach(), attention.v.weight.detach()
+
+
+def channel_scores(model: nn.Module) -> dict[str, dict[str, torch.Tensor]]:
+    """Weight importance of every sliceable channel, by block index: ``qk`` and ``v`` of shape
+    (heads, head_dim), a query/key channel by ‖q row‖·‖k row‖, a value channel by ‖v row‖·‖proj
+    column‖, and ``mlp`` (hidden,), a unit by ‖fc1 row‖·‖fc2 column‖."""
+    spec, family = describe(model), family_of(model)
+    scores = {}
+    for block in spec.blocks:
+        problems, entry = channel_pruning_obstacles(family, block), {}
+        if "attention" not in problems:
+            attention = block.attention
+            heads, width = attention.num_heads, attention.head_dim
+            q, k, v = (rows.norm(dim=1).reshape(heads, width) for rows in _qkv_rows(attention))
+            proj = attention.out_proj.weight.detach().norm(dim=0).reshape(heads, width)
+            entry["qk"], entry["v"] = q * k, v * proj
+        if "mlp" not in problems:
+            fc1, fc2 = block.mlp.fc1.weight.detach(), block.mlp.fc2.weight.detach()
+            entry["mlp"] = fc1.norm(dim=1) * fc2.norm(dim=0)
+        if entry:
+            scores[str(block.index)] = entry
+    return scores
+
+
 def _geometry(spec: ViTSpec, block: BlockSpec, attention: bool, mlp: bool) -> GatedBlock:
     return GatedBlock(index=block.index, embed_dim=spec.embed_dim, num_heads=block.attention.num_heads,
                       head_dim=block.attention.head_dim, mlp_hidden=block.mlp.fc1.out_features, attention=attention, mlp=mlp)
@@ -308,7 +337,7 @@ def attach_gates(model: nn.Module, *, consistent: bool = True, init: float = 3.0
     nothing at all can be gated. With ``init > 0`` every mask starts at 1 and the model computes
     exactly what it did before (an attention unpacked here, to float rounding: its attention runs
     through SDPA instead of torch's fused kernel). Logits within a gate tensor start ranked by
-    weight importance (``PRIOR_SPREAD``).
+    weight importance (``channel_scores``, ``PRIOR_SPREAD``).
     """
     if isinstance(getattr(model, GATES_ATTR, None), ChannelGates):
         raise VitslimError("this model already carries channel gates; slice_channels or detach_gates them first")
@@ -333,8 +362,6 @@ def attach_gates(model: nn.Module, *, consistent: bool = True, init: float = 3.0
     device = next(model.parameters()).device
     gates = ChannelGates(blocks, tokens=spec.num_prefix_tokens + spec.num_patches, consistent=consistent, init=init,
                          lr_scale=lr_scale, temperature=temperature).to(device)
-    from vitslim.cait.importance import channel_scores  # it reads channel_pruning_obstacles from here
-
     gates.prefer(channel_scores(model))
     setattr(model, GATES_ATTR, gates)
     for block, gated in zip(spec.blocks, blocks):
