@@ -50,10 +50,8 @@ def compensated_factors(weight: torch.Tensor, cross: torch.Tensor, gram: torch.T
     if shift_cross is not None:
         target_cross = target_cross + shift_cross.double()
     whitened = target_cross @ inverse.T
-    root = None
-    if output_weights is not None and float(output_weights.double().mean()) > 0:  # all-zero: the loss cannot tell channels apart
-        weights = output_weights.double()
-        root = (weights / weights.mean()).clamp_min(OUTPUT_WEIGHT_FLOOR).sqrt()
+    root = output_root(output_weights)
+    if root is not None:
         whitened = root[:, None] * whitened
     U, S, Vh = torch.linalg.svd(whitened, full_matrices=False)
     up, down = WhitenedSpectrum(U=U, S=S, Vh=Vh, L_inv=inverse).factors(rank)
@@ -63,6 +61,15 @@ def compensated_factors(weight: torch.Tensor, cross: torch.Tensor, gram: torch.T
 # output weights are clamped to this fraction of their mean, so a channel no loss gradient reached
 # is still fitted, only last
 OUTPUT_WEIGHT_FLOOR = 1e-3
+
+
+def output_root(output_weights: torch.Tensor | None) -> torch.Tensor | None:
+    """√(w / mean w), floored: the diagonal D that weighs each output channel's error, in float64;
+    None without weights or when they are all zero (the loss cannot tell channels apart)."""
+    if output_weights is None or not float(output_weights.double().mean()) > 0:
+        return None
+    weights = output_weights.double()
+    return (weights / weights.mean()).clamp_min(OUTPUT_WEIGHT_FLOOR).sqrt()
 
 
 @dataclass
@@ -198,6 +205,35 @@ def _output_with(block: nn.Module, layer: nn.Module, call: tuple[tuple, dict], h
         handle.remove()
 
 
+def _without_layer(block: nn.Module, layer: nn.Module, call: tuple[tuple, dict], hidden: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(``block``'s output on ``hidden`` with ``layer``'s output zeroed, ``layer``'s input as
+    tokens × features), from one pass."""
+    seen = []
+
+    def capture(module, args):
+        seen.append(args[0].reshape(-1, args[0].shape[-1]))
+
+    handles = [layer.register_forward_pre_hook(capture), layer.register_forward_hook(lambda module, args, output: output * 0.0)]
+    try:
+        output = _hidden(block(hidden, *call[0][1:], **call[1]))
+    finally:
+        for handle in handles:
+            handle.remove()
+    if not seen:
+        raise ParameterError("compensation", "cannot run on this model: a factorised layer was not called by its block; turn it off")
+    return output, seen[0]
+
+
+def _one_image(call: tuple[tuple, dict], hidden: torch.Tensor) -> tuple[tuple[tuple, dict], torch.Tensor]:
+    """(call, hidden) cut to the first image when nothing else in the call is a tensor (which
+    could be batch-shaped): ``residual_gain``'s test is exact, so one image answers it at a
+    fraction of the float64 cost."""
+    others = [*call[0][1:], *call[1].values()]
+    if any(isinstance(value, torch.Tensor) for value in others):
+        return call, hidden
+    return ((hidden[:1], *call[0][1:]), call[1]), hidden[:1]
+
+
 @torch.no_grad()
 def residual_gain(block: nn.Module, layer: nn.Module, call: tuple[tuple, dict], hidden: torch.Tensor) -> torch.Tensor | None:
     """Per-channel g when ``block``'s output is r + g ⊙ layer(x), with r independent of the
@@ -296,14 +332,19 @@ def compensate(original: nn.Module, compressed: nn.Module, names: list[str], bat
         for relative, layer in own.items():
             stats = PairedStats()
             dense = reference.get_submodule(relative)
-            gain = residual_gain(reference, dense, calls[0], reference_hidden[0]) if target == "block" and calls else None
-            for index, (_, original_inputs), call, x, x_tilde_hidden in zip(indices, recorded, calls, reference_hidden, hidden):
-                shift = None
-                if gain is not None:  # the stream's drift, as the block's outputs without this layer's part
-                    drift = _output_with(reference, dense, call, x, 0.0) - _output_with(block.module, layer, call, x_tilde_hidden, 0.0)
-                    shift = token_rows(drift.reshape(-1, drift.shape[-1]) * _damping(gain).to(drift), fraction, index)
-                stats.add(original_inputs.pop(relative), token_rows(_inputs_until(block.module, layer, call, x_tilde_hidden), fraction, index),
-                          shift)
+            gain = None
+            if target == "block" and calls and layer.out_features == reference_hidden[0].shape[-1]:  # only such a layer can write the stream
+                gain = residual_gain(reference, dense, *_one_image(calls[0], reference_hidden[0]))
+            for index, (reference_output, original_inputs), call, x_tilde_hidden in zip(indices, recorded, calls, hidden):
+                inputs, shift = original_inputs.pop(relative), None
+                if gain is None:
+                    inputs_tilde = _inputs_until(block.module, layer, call, x_tilde_hidden)
+                else:  # the stream's drift: the block's outputs without this layer's part, r = output − g ⊙ layer(x)
+                    stream_tilde, inputs_tilde = _without_layer(block.module, layer, call, x_tilde_hidden)
+                    stream = token_rows(reference_output.reshape(-1, reference_output.shape[-1]), fraction, index) - gain.to(inputs) * dense(inputs)
+                    drift = stream - token_rows(stream_tilde.reshape(-1, stream.shape[-1]), fraction, index)
+                    shift = drift * _damping(gain).to(drift)
+                stats.add(inputs, token_rows(inputs_tilde, fraction, index), shift)
             shifted = sum_numbers(int(gain is not None))[0] > 0  # a rank given no batch measured no gain
             stats.reduce_across_ranks(layer.in_features, layer.down.weight.device, layer.out_features if shifted else None)
             up, down, bias = compensated_layer(dense.weight.detach(), None if dense.bias is None else dense.bias.detach(), stats, layer.rank,
