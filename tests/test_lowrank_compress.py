@@ -273,3 +273,37 @@ def test_block_target_brings_the_blocks_outputs_closer_than_the_layer_target():
                 error[target] = float((torch.cat([compressed.forward_features(x) for x in batches]) - reference).square().mean())
         assert error["block"] < error["layer"], init_values
     assert recipe_steps(compressed)[-1]["compensation_target"] == "block"
+
+
+def test_svd_llm_baseline_uses_uniform_ranks_and_refits_up_factors_to_the_compressed_prefix():
+    """The SVD-LLM peer: whitened factors at the same share of every matrix, then each up factor
+    is the least-squares fit of W x̃ on B x̃, x̃ being what the dense block gives on the compressed
+    prefix's hidden states (checked against a brute-force replay for a layer of the second block)."""
+    model = _models()["timm"]
+    batches = _batches(6)
+    peer = _lowrank(model, batches, param_ratio=0.5, method="svd-llm")
+    plain = _lowrank(model, batches, param_ratio=0.5, method="lowrank", allocation="uniform", sensitivity="none", compensation=False)
+    step, plain_step = recipe_steps(peer)[-1], recipe_steps(plain)[-1]
+    assert step["ranks"] == plain_step["ranks"] and step["allocation"] == "uniform" and step["update"] == "svd-llm left factor"
+    assert step["sensitivity"] == "none" and not step["compensation"]
+    assert count_params(peer) <= int(0.5 * count_params(model))
+    for name, module in peer.named_modules():
+        if isinstance(module, LowRankLinear):  # only the up factors move
+            torch.testing.assert_close(module.down.weight, plain.get_submodule(name).down.weight)
+    hidden, inputs = [], []
+    capture = peer.blocks[1].register_forward_pre_hook(lambda module, args: hidden.append(args[0]))
+    record = model.blocks[1].mlp.fc1.register_forward_pre_hook(lambda module, args: inputs.append(args[0].reshape(-1, args[0].shape[-1])))
+    with torch.no_grad():
+        for batch in batches:
+            peer(batch)
+        for x in hidden:
+            model.blocks[1](x)
+    capture.remove()
+    record.remove()
+    x_tilde = torch.cat(inputs).double()
+    down = peer.blocks[1].mlp.fc1.down.weight.double()
+    expected = torch.linalg.lstsq(x_tilde @ down.T, x_tilde @ model.blocks[1].mlp.fc1.weight.double().T).solution.T
+    torch.testing.assert_close(peer.blocks[1].mlp.fc1.up.weight.double(), expected, rtol=1e-3, atol=1e-4)
+    assert not torch.allclose(peer.blocks[1].mlp.fc1.up.weight, plain.blocks[1].mlp.fc1.up.weight, atol=1e-4)
+    with pytest.raises(Exception, match="SVD-LLM"):
+        configure("svd-llm", param_ratio=0.5, compensation=True)

@@ -347,3 +347,22 @@ def test_compensation_never_raises_the_loss_it_minimises(seed):
             refit = float((target - X_tilde @ (up @ down).T - fitted_bias).square().sum())
             principal = torch.mm(*whitened_spectrum(W, X.T @ X, ridge=0.0).factors(rank))
             assert refit <= float((target - X_tilde @ principal.T - bias).square().sum()) + 1e-9
+
+
+def test_left_factor_is_the_least_squares_up_factor_for_a_kept_down_factor():
+    from vitslim.lowrank.compensation import left_factor
+
+    generator = torch.Generator().manual_seed(5)
+    inputs = torch.randn(400, 12, generator=generator, dtype=torch.float64) @ torch.randn(12, 12, generator=generator, dtype=torch.float64)
+    weight = torch.randn(9, 12, generator=generator, dtype=torch.float64)
+    down = torch.randn(4, 12, generator=generator, dtype=torch.float64)
+    up = left_factor(weight, down, inputs.T @ inputs, ridge=0.0)
+    # brute force: least squares of the targets W x on the features B x
+    expected = torch.linalg.lstsq(inputs @ down.T, inputs @ weight.T).solution.T
+    torch.testing.assert_close(up, expected, rtol=1e-8, atol=1e-8)
+    # and it is never worse than the truncated SVD's own up factor on those inputs
+    spectrum = whitened_spectrum(weight, inputs.T @ inputs)
+    principal_up, principal_down = spectrum.factors(4)
+    principal = (inputs @ weight.T - inputs @ (principal_up @ principal_down).T).square().sum()
+    updated = (inputs @ weight.T - inputs @ (left_factor(weight, principal_down, inputs.T @ inputs, ridge=0.0) @ principal_down).T).square().sum()
+    assert updated <= principal * (1 + 1e-9)

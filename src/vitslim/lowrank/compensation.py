@@ -357,3 +357,52 @@ def compensate(original: nn.Module, compressed: nn.Module, names: list[str], bat
         reference_hidden = [output for output, _ in recorded]
         hidden = [_hidden(block.module(x, *call[0][1:], **call[1])) for call, x in zip(calls, hidden)]
     bar.close()
+
+
+def left_factor(weight: torch.Tensor, down: torch.Tensor, gram: torch.Tensor, ridge: float = DEFAULT_RIDGE) -> torch.Tensor:
+    """The up factor U minimising Σ ‖W x − U B x‖² over the inputs x whose Gram matrix is ``gram``,
+    with the down factor B = ``down`` kept: U = W G Bᵀ (B G Bᵀ + λI)⁻¹, λ = ``ridge`` · mean diag
+    (float64). SVD-LLM's closed-form update (``update_left_factors``)."""
+    weight, down, gram = weight.double(), down.double(), gram.double()
+    projected = down @ gram @ down.T
+    projected = projected + ridge * projected.diagonal().mean().clamp_min(torch.finfo(torch.float64).tiny) * torch.eye(
+        projected.shape[0], dtype=projected.dtype, device=projected.device)
+    return torch.linalg.solve(projected, (weight @ gram @ down.T).T).T
+
+
+@torch.no_grad()
+def update_left_factors(original: nn.Module, compressed: nn.Module, names: list[str], batches: Iterable, *, fraction: float = 1.0,
+                        progress: bool = True) -> None:
+    """SVD-LLM's layer-wise closed-form update (arXiv 2403.07378), as its released code runs it:
+    block by block, each factorised layer of ``names`` sees the inputs the *dense* block gives on
+    the hidden states of the compressed prefix, x̃; its target is the dense layer's output on them,
+    W x̃; its down factor (the truncated whitened right singular vectors) is kept and its up factor
+    becomes the least-squares ``left_factor``. Biases stay. The baseline ``svd-llm`` runs it, so
+    that vitslim's own correction (``compensate``: both factors, the original output as target,
+    the stream's drift) is compared with the published one on the same factors and images."""
+    indexed = [(index, batch) for index, batch in enumerate(batches) if owns(index)]
+    indices, batches = [index for index, _ in indexed], [batch for _, batch in indexed]
+    compressed_blocks = describe(compressed).blocks
+    qualified = {id(module): name for name, module in compressed.named_modules()}
+    calls = _first_block_calls(compressed, compressed_blocks[0].module, batches)
+    hidden = [call[0][0] for call in calls]
+    bar = Progress("updating left factors (SVD-LLM)", total=len(names), unit="layer", show=progress)
+    for original_block, block in zip(describe(original).blocks, compressed_blocks):
+        prefix = qualified[id(block.module)] + "."
+        own = {name[len(prefix):]: compressed.get_submodule(name) for name in names if name.startswith(prefix)}
+        if own:
+            dense_block = copy.deepcopy(original_block.module)
+            family_of(original).unpack_attention(dense_block, record=False)
+            prepare_for_replacement(original, part=dense_block)
+            grams = {relative: torch.zeros(layer.in_features, layer.in_features, dtype=torch.float64, device=layer.down.weight.device)
+                     for relative, layer in own.items()}
+            for index, call, x in zip(indices, calls, hidden):
+                _, seen = _run_recording(dense_block, {relative: dense_block.get_submodule(relative) for relative in own}, call, x, fraction, index)
+                for relative, rows in seen.items():
+                    grams[relative] += (rows.T @ rows).double()
+            for relative, layer in own.items():
+                up = left_factor(dense_block.get_submodule(relative).weight.detach(), layer.down.weight.detach(), all_reduce_sum(grams[relative]))
+                layer.up.weight.copy_(up.to(layer.up.weight.dtype))
+                bar.update()
+        hidden = [_hidden(block.module(x, *call[0][1:], **call[1])) for call, x in zip(calls, hidden)]
+    bar.close()

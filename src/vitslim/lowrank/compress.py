@@ -25,7 +25,7 @@ from vitslim.errors import ParameterError, VitslimError
 from vitslim.io.recipe import CORRUPT, find_step, record_step, register_step, span, step_field, step_layer, step_number
 from vitslim.lowrank.allocation import LayerCost, LayerPlan, allocate, uniform
 from vitslim.lowrank.calibration import collect_grams, images_of, leading_batches, token_fraction
-from vitslim.lowrank.compensation import compensate
+from vitslim.lowrank.compensation import compensate, update_left_factors
 from vitslim.lowrank.layers import LowRankLinear
 from vitslim.lowrank.sensitivity import FISHER_IMAGES, fisher_channels
 from vitslim.lowrank.whitening import (
@@ -82,7 +82,7 @@ class ParameterBudget(Method):
 def _summary(step: dict) -> str:
     ranks = step.get("ranks", {}).values()
     return (f"{step.get('factorisation', '')} low-rank, {len(ranks)} layers at ranks {span(ranks)}"
-            f"{', compensated' if step.get('compensation') else ''}, target {step.get('target_params', 0):,} params")
+            f"{', compensated' if step.get('compensation') else ''}{', SVD-LLM update' if step.get('update') else ''}, target {step.get('target_params', 0):,} params")
 
 
 @register_step(STEP, summary=_summary)
@@ -220,6 +220,39 @@ class ASVD(LowRank):
     sweep: ClassVar[tuple[SweepBudget, ...]] = (_fraction_budget("asvd"),)
 
 
+@register_method
+@dataclass(frozen=True)
+class SVDLLM(LowRank):
+    """Baseline: SVD-LLM (arXiv 2403.07378) as its released code runs it: truncation-aware
+    whitening (the whitened SVD lowrank uses), the same share of every matrix's parameters
+    (uniform ranks, no sensitivity), then its layer-wise closed-form update of each layer's up
+    factor (``compensation.update_left_factors``). The published recipe vitslim's correction is
+    compared with (benchmarks/studies/lowrank_correction.py)."""
+
+    name: ClassVar[str] = "svd-llm"
+    summary: ClassVar[str] = "baseline: SVD-LLM (truncation-aware whitening, uniform ranks, closed-form update of the up factor)"
+    examples: ClassVar[tuple[Example, ...]] = ()
+    sweep: ClassVar[tuple[SweepBudget, ...]] = (_fraction_budget("svd-llm"),)
+    updates_left_factor: ClassVar[bool] = True
+
+    allocation: Literal["mixed", "uniform"] = setting("uniform", "How ranks are shared out: the same share of every matrix "
+                                                                  "(uniform, as SVD-LLM) or one global greedy pass (mixed).")
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        if self.sensitivity == "fisher" or self.compensation:
+            raise ParameterError("sensitivity" if self.sensitivity == "fisher" else "compensation",
+                                 "is vitslim's, not SVD-LLM's; use method lowrank for it")
+
+    @property
+    def compensates(self) -> bool:
+        return False
+
+    @property
+    def weighs_by(self) -> str:
+        return "none"
+
+
 def compress_lowrank(model: nn.Module, batches: Iterable, config: LowRank, *, min_images: int = 1, progress: bool = True,
                      objective: str = "auto") -> nn.Module:
     """A factorised copy of ``model`` (the original is left untouched) by ``config``, with at most
@@ -230,6 +263,7 @@ def compress_lowrank(model: nn.Module, batches: Iterable, config: LowRank, *, mi
     the inputs the compressed prefix gives it (see ``compensation``). The plan (per-layer rank
     and kept energy) is the result's last recipe step, which ``vitslim.save`` writes."""
     factorisation, compensation, sensitivity, rank_multiple = config.factorisation, config.compensates, config.weighs_by, config.rank_multiple
+    left_update = getattr(config, "updates_left_factor", False)
     target = config.target_params(model)
     if merge_schedule(model) is not None:
         # calibration runs the blocks without the attention keys that the merging hooks need
@@ -247,7 +281,7 @@ def compress_lowrank(model: nn.Module, batches: Iterable, config: LowRank, *, mi
     if budget < 0:
         raise VitslimError(f"the budget of {target:,} parameters is below the {fixed:,} that stay dense (embeddings, norms, biases, head); raise it")
     # read more than once: statistics, then gradients and/or compensation
-    batches = list(batches) if sensitivity == "fisher" or compensation else batches
+    batches = list(batches) if sensitivity == "fisher" or compensation or left_update else batches
     spec = describe(compressed)
     fraction, statistics_batches = 1.0, batches
     if isinstance(batches, list):  # else a single pass over a stream: every token of every image
@@ -299,9 +333,11 @@ def compress_lowrank(model: nn.Module, batches: Iterable, config: LowRank, *, mi
     if compensation:
         compensate(model, compressed, list(ranks), batches, output_weights=channel_weights if config.weigh_channels else None,
                    fraction=fraction, target=config.compensation_target, progress=progress)
+    if left_update:
+        update_left_factors(model, compressed, list(ranks), batches, fraction=fraction, progress=progress)
     record_step(compressed, {
         "method": STEP, "ranks": ranks, "factorisation": factorisation, "allocation": config.allocation, "rank_multiple": rank_multiple,
-        "sensitivity": sensitivity, "compensation": compensation, **({"compensation_target": config.compensation_target} if compensation else {}),
+        "sensitivity": sensitivity, "compensation": compensation, **({"compensation_target": config.compensation_target} if compensation else {}), **({"update": "svd-llm left factor"} if left_update else {}),
         "target_params": target, "kept_energy": {p.name: round(p.kept_energy, 6) for p in plans},
     })
     return compressed
