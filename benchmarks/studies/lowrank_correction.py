@@ -18,7 +18,15 @@ backbone's parameters, all through ``vitslim.compress``:
   the ranks come from the plain spectrum (no sensitivity), and the correction refits every
   factorised layer from scratch (the whitened truncation of the layer's least-squares refit; no
   channel weights, as the svd method has no sensitivity), so against ``whitened + correction`` it
-  differs only in the rank allocation and the channel weights.
+  differs only in the rank allocation and the channel weights;
+* ``whitened + block``: method ``lowrank`` with its defaults since 0.4 (fc2 also cancels the drift
+  of the residual stream, ``compensation_target="block"``);
+* two peers at the same parameter budget: ``svd-llm``, the published training-free recipe closest
+  to ours (arXiv 2403.07378 as its released code runs it: truncation-aware whitening, the same
+  share of every matrix, the closed-form update of each up factor on the compressed prefix's
+  inputs; vitslim's baseline method ``svd-llm``), and ``tp``, Torch-Pruning
+  (``benchmarks/peers.py``: MLP hidden and head dimensions, keep ratio bisected to the budget;
+  Taylor importance on the classifier, L2 on the saliency model).
 
 Every variant keeps ranks at multiples of ``--rank-multiple`` (8, as ``benchmarks/dinov2.py``) and
 is calibrated on the same ``--calib-images`` images (256, the benchmarks' default: a seeded subset,
@@ -77,7 +85,11 @@ VARIANTS = (
     ("whitened+correction", "whitened SVD + correction", "lowrank", {"compensation_target": "layer"}),
     ("svd+correction", "plain SVD + correction", "svd", {"compensation": True, "compensation_target": "layer"}),
     ("whitened+block", "whitened SVD + block-output correction (0.4 default)", "lowrank", {"compensation_target": "block"}),
+    ("svd-llm", "SVD-LLM (peer)", "svd-llm", {}),
+    ("tp", "Torch-Pruning, equal params (peer)", "tp", {}),
 )
+TP_ROUND = 8  # kept channels in multiples of this, as benchmarks/peers.py defaults
+TP_BISECTION = 14
 ORDER = [key for key, *_ in VARIANTS]
 QUICK = {"dense_train": 16, "dense_report": 8, "calib_images": 16, "test_images": 16, "ratios": [0.5]}
 MAP_SCORES = ("pearson", "iou", "mae", "rmse", "cosine", "relative_mse")
@@ -107,6 +119,12 @@ def check_settings(rows: common.Rows, task: str, settings: dict) -> None:
 
 def blocked(method: str, options: dict) -> str | None:
     """Why the library refuses this variant's config (None: it accepts it)."""
+    if method == "tp":
+        try:
+            import torch_pruning  # noqa: F401
+        except ImportError:
+            return "torch-pruning is not installed (pip install -e '.[bench]')"
+        return None
     try:
         configure(method, param_ratio=0.5, **options)
     except (ParameterError, VitslimError) as error:
@@ -123,8 +141,38 @@ def plan_notes(compressed) -> dict:
             "rank_sum": sum(ranks), "ranks": step.get("ranks")}
 
 
-def compress(model, method: str, options: dict, ratio: float, train, args):
+def prune_to_params(model, ratio: float, train, args, task: str):
+    """Torch-Pruning (``benchmarks/peers.py``) at the same parameter budget: the keep ratio of the
+    blocks' MLP hidden and head dimensions bisected until the backbone holds at most ``ratio`` of
+    its parameters (the largest such). Importance: Taylor on the classifier (its own pseudo-labels,
+    the peer's default); L2 on the saliency model, whose backbone's CIFAR-10 head says nothing
+    about the maps (the peer's advice for a model whose logits are not the task)."""
+    import peers
+
+    backbone = model.backbone if task == "dense" else model
+    limit, total = int(ratio * count_params(backbone)), count_params(backbone)
+    images = torch.cat(common.image_batches(train, args.calib_images, 16, seed=args.seed))
+    importance = "l2" if task == "dense" else "taylor"
+    low, high, best = 0.0, 1.0, None
+    for _ in range(TP_BISECTION):
+        keep = (low + high) / 2
+        pruned = peers.prune_with_torch_pruning(backbone, keep, images, importance=importance, round_to=TP_ROUND)
+        if count_params(pruned) <= limit:
+            low, best = keep, pruned
+        else:
+            high = keep
+    if best is None:
+        raise SystemExit(f"Torch-Pruning cannot reach {ratio:g} of {total:,} parameters")
+    if task == "dense":
+        from dinov2_saliency import wrap
+        return wrap(model, best)
+    return best
+
+
+def compress(model, method: str, options: dict, ratio: float, train, args, task: str):
     started = time.perf_counter()
+    if method == "tp":
+        return prune_to_params(model, ratio, train, args, task), time.perf_counter() - started
     compressed = vitslim.compress(model, method, train, calib_images=args.calib_images, seed=args.seed, progress=args.progress,
                                   param_ratio=ratio, rank_multiple=args.rank_multiple, **options)
     return compressed, time.perf_counter() - started
@@ -134,7 +182,7 @@ def run_task(task: str, rows: common.Rows, args) -> None:
     settings = settings_of(task, args)
     check_settings(rows, task, settings)
     todo = [(ratio, variant) for ratio in args.ratios for variant in VARIANTS
-            if not rows.has(task=task, ratio=ratio, variant=variant[0])]
+            if variant[0] in args.variants and not rows.has(task=task, ratio=ratio, variant=variant[0])]
     if not todo and rows.has(task=task, variant="original"):
         return
     if task == "dense":
@@ -180,7 +228,7 @@ def run_task(task: str, rows: common.Rows, args) -> None:
             continue
         say(f"[{task}] {key} at {ratio:g}: compressing ({method}, param_ratio {ratio:g}, rank_multiple {args.rank_multiple}"
             f"{', ' + ', '.join(f'{k}={v}' for k, v in options.items()) if options else ''})")
-        compressed, seconds = compress(original, method, options, ratio, train, args)
+        compressed, seconds = compress(original, method, options, ratio, train, args, task)
         figures = score(compressed, teacher)
         params = count_params(backbone_of(compressed))
         row = {"task": task, "ratio": ratio, "variant": key, "label": label, "method": method, "options": options,
@@ -242,8 +290,11 @@ def write_pages(parser, args, rows: common.Rows, out: Path) -> None:
         "sensitivity); *plain SVD + correction* = method `svd` with `compensation=True`, layer target (ranks from the plain "
         "spectrum, no sensitivity; the correction refits every factorised layer from scratch, unweighted), which against the "
         "previous row differs only in the rank allocation and channel weights; *whitened SVD + block-output correction* = "
-        "method `lowrank`, 0.4's defaults (fc2 also cancels the residual stream's drift). Training-free, no timing (a shared "
-        "machine): `compress s` is the compression's wall time.",
+        "method `lowrank`, 0.4's defaults (fc2 also cancels the residual stream's drift). Peers at the same budget: *SVD-LLM* = "
+        "method `svd-llm` (arXiv 2403.07378 as its released code runs it: the same whitening, uniform ranks, closed-form update "
+        "of each up factor on the compressed prefix's inputs); *Torch-Pruning* = `benchmarks/peers.py` (MLP hidden and head "
+        "dimensions in multiples of 8, keep ratio bisected to the budget; Taylor importance on the classifier, L2 on the "
+        "saliency model). Training-free, no timing (a shared machine): `compress s` is the compression's wall time.",
         resumed=True)
     dense, classification = table_rows(rows, "dense", args.ratios), table_rows(rows, "classification", args.ratios)
     if dense:
@@ -275,6 +326,7 @@ def main() -> None:
     parser = common.argument_parser(__doc__)
     parser.add_argument("--ratios", type=float, nargs="+", default=[0.6, 0.5, 0.4], help="fractions of the backbone's parameters kept")
     parser.add_argument("--tasks", nargs="+", choices=TASKS, default=list(TASKS))
+    parser.add_argument("--variants", nargs="+", choices=ORDER, default=ORDER, help="which variants to run (the others' rows stay)")
     parser.add_argument("--model", default=MODEL)
     parser.add_argument("--imagenet", default=str(IMAGENET), help="dense: the ImageNet sample images (a plain folder, sorted)")
     parser.add_argument("--train", default=common.CIFAR_TRAIN, help="classification: the calibration split")
