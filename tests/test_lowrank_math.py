@@ -297,11 +297,13 @@ def test_token_subsets_are_seeded_by_batch_and_capped():
     assert not torch.equal(picked, token_rows(rows, 0.25, 8))
     assert picked[:, 0].unique().numel() == 25  # distinct tokens, no repeats
     batches = [torch.zeros(32, 3, 4, 4)] * 8
-    assert token_fraction(batches, 48) == 1.0  # 256 images x 48 tokens: every token
-    assert token_fraction(batches, 197) * 256 * 197 == pytest.approx(STAT_TOKENS)
-    leading = leading_batches(batches, 197)
-    assert sum(b.shape[0] for b in leading) == -(-STAT_TOKENS // 197)  # just enough images
+    assert token_fraction(batches, 257) == 1.0  # 256 images x 257 tokens (ViT-S/14 at 224): every token
+    assert token_fraction(batches, 577) * 256 * 577 == pytest.approx(STAT_TOKENS)  # ViT-B/16 at 384: thinned out
+    leading = leading_batches(batches, 577)
+    assert sum(b.shape[0] for b in leading) == -(-STAT_TOKENS // 577)  # just enough images
     assert sum(b.shape[0] for b in leading_batches(batches, 10)) == 256  # fewer tokens than the cap: all
+    assert token_fraction(batches, 197, limit=1970) * 256 * 197 == pytest.approx(1970)  # a config's own cap
+    assert sum(b.shape[0] for b in leading_batches(batches, 197, limit=1970)) == 10
 
 
 def test_compensation_recovers_a_layer_whose_error_it_can_fit_exactly():

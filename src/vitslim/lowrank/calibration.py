@@ -5,12 +5,15 @@ per layer, independent of the number of images). Each batch's product is formed 
 activations' own precision (float32 matrix products run about twice as fast as float64 on CPU,
 and one batch sums only a few thousand tokens) and added to the float64 total.
 
-Large models see many more tokens than a Gram matrix needs (ViT-B: 256 images × 197 tokens), and
-forming the products costs more than the forward pass itself, so compress_lowrank caps the tokens
-its statistics use at about ``STAT_TOKENS`` per layer: the allocation's Gram matrices come from
-the first images that hold that many tokens (``leading_batches``), and compensation, which must
-replay every image, uses a seeded random subset of each batch's tokens (``token_rows``), the same
-positions in both models. The reference CIFAR ViT (256 images × 65 tokens) keeps nearly all.
+Forming the products costs about as much as the forward pass itself, so compress_lowrank caps the
+tokens its statistics use at about ``STAT_TOKENS`` per layer (``LowRank.statistics_tokens`` sets
+another cap): the allocation's Gram matrices come from the first images that hold that many
+tokens (``leading_batches``), and compensation, which must replay every image, uses a seeded
+random subset of each batch's tokens (``token_rows``), the same positions in both models. The cap
+is set by compensation, not by the allocation: its refit is a least-squares fit over the layer's
+input features, which over-fits the calibration tokens when they are few per feature (fc2 has
+4 × the width), so the cap keeps every token of 256 images at ViT-S/B's 197-257 tokens and only
+thins out larger token counts (docs/dinov2.md measures 12,288 against all 65,792).
 """
 
 from __future__ import annotations
@@ -26,12 +29,13 @@ from vitslim._infra.progress import track
 from vitslim.errors import VitslimError
 from vitslim.io.image_batches import as_batch
 
-STAT_TOKENS = 12_288  # 4 samples per input feature of ViT-B's widest layer (fc2, 3072)
+STAT_TOKENS = 81_920  # every token of 256 images of up to 320 tokens (patch 14-16 at 224-256 px); 26 per input feature of ViT-B's fc2
 
 
-def leading_batches(batches: list, tokens_per_image: int) -> list:
-    """The leading images that hold ``STAT_TOKENS`` tokens, as batches (all if they hold fewer)."""
-    taken, wanted = [], -(-STAT_TOKENS // tokens_per_image)
+def leading_batches(batches: list, tokens_per_image: int, limit: int | None = None) -> list:
+    """The leading images that hold ``limit`` (default ``STAT_TOKENS``) tokens, as batches (all if
+    they hold fewer)."""
+    taken, wanted = [], -(-(limit or STAT_TOKENS) // tokens_per_image)
     for batch in batches:
         if wanted <= 0:
             break
@@ -41,10 +45,10 @@ def leading_batches(batches: list, tokens_per_image: int) -> list:
     return taken
 
 
-def token_fraction(batches: list, tokens_per_image: int) -> float:
-    """The share of tokens the statistics keep so that at most ``STAT_TOKENS`` are used."""
+def token_fraction(batches: list, tokens_per_image: int, limit: int | None = None) -> float:
+    """The share of tokens the statistics keep so that at most ``limit`` (default ``STAT_TOKENS``) are used."""
     images = sum(images_of(batch).shape[0] for batch in batches)
-    return min(1.0, STAT_TOKENS / max(images * tokens_per_image, 1))
+    return min(1.0, (limit or STAT_TOKENS) / max(images * tokens_per_image, 1))
 
 
 def token_rows(rows: torch.Tensor, fraction: float, batch_index: int) -> torch.Tensor:

@@ -162,6 +162,8 @@ class LowRank(ParameterBudget):
     sensitivity_images: int | None = setting(FISHER_IMAGES, "Calibration images the fisher sensitivity is measured on (None: all).",
                                              cli=False)
     weigh_channels: bool = setting(True, "Compensation weighs each output channel by its sensitivity.", cli=False)
+    statistics_tokens: int | None = setting(None, "Tokens per layer the input statistics use at most (None: "
+                                                  "lowrank.calibration.STAT_TOKENS).", cli=False)
 
     def __post_init__(self) -> None:
         super().__post_init__()
@@ -169,6 +171,9 @@ class LowRank(ParameterBudget):
             raise ParameterError("param_ratio", "or params: state exactly one budget (a fraction of the parameters, or a count)")
         if isinstance(self.rank_multiple, bool) or not (isinstance(self.rank_multiple, int) and self.rank_multiple >= 1):
             raise ParameterError("rank_multiple", f"must be a whole number of at least 1, got {self.rank_multiple}")
+        if self.statistics_tokens is not None and (isinstance(self.statistics_tokens, bool) or not isinstance(self.statistics_tokens, int)
+                                                   or self.statistics_tokens < 1):
+            raise ParameterError("statistics_tokens", f"must be a whole number of at least 1, got {self.statistics_tokens}")
         if self.sensitivity == "fisher" and self.factorisation != "whitened":
             raise ParameterError("sensitivity", "fisher weighs output errors, which only the whitened method's spectrum measures; use none "
                                                 "with svd/asvd")
@@ -289,7 +294,8 @@ def compress_lowrank(model: nn.Module, batches: Iterable, config: LowRank, *, mi
         if images < min_images and (factorisation != "svd" or compensation or sensitivity == "fisher"):  # plain SVD reads no activations
             raise VitslimError(f"only {images} calibration images were given; at least {min_images} are needed")
         tokens_per_image = spec.num_patches + spec.num_prefix_tokens
-        fraction, statistics_batches = token_fraction(batches, tokens_per_image), leading_batches(batches, tokens_per_image)
+        limit = config.statistics_tokens
+        fraction, statistics_batches = token_fraction(batches, tokens_per_image, limit), leading_batches(batches, tokens_per_image, limit)
     # a list was counted above; its leading images may be fewer than min_images by design
     grams = collect_grams(compressed, linears, statistics_batches, min_images=1 if isinstance(batches, list) else min_images,
                           progress=progress) if factorisation != "svd" else {}
