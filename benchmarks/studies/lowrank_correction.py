@@ -19,8 +19,10 @@ backbone's parameters, all through ``vitslim.compress``:
   factorised layer from scratch (the whitened truncation of the layer's least-squares refit; no
   channel weights, as the svd method has no sensitivity), so against ``whitened + correction`` it
   differs only in the rank allocation and the channel weights;
-* ``whitened + block``: method ``lowrank`` with its defaults since 0.4 (fc2 also cancels the drift
-  of the residual stream, ``compensation_target="block"``);
+* ``whitened + block``: method ``lowrank`` with 0.4.0's defaults (fc2 also cancels the drift of the
+  residual stream, ``compensation_target="block"``); ``block``: the same with every calibration
+  token in the statistics (0.4.1's default; the rows above cap them at 12,288 per layer, 0.4.0's
+  ``STAT_TOKENS``, through ``statistics_tokens``);
 * two peers at the same parameter budget: ``svd-llm``, the published training-free recipe closest
   to ours (arXiv 2403.07378 as its released code runs it: truncation-aware whitening, the same
   share of every matrix, the closed-form update of each up factor on the compressed prefix's
@@ -78,18 +80,24 @@ from vitslim.measure.metrics import count_params
 from vitslim.methods import configure
 
 TASKS = ("dense", "classification")
+OLD_STATISTICS_TOKENS = 12_288  # the cap on the tokens of every layer's statistics before 0.4.1 (lowrank.calibration.STAT_TOKENS)
 # (key, label, method, options beside param_ratio and rank_multiple)
 VARIANTS = (
-    ("svd", "plain SVD", "svd", {}),
-    ("whitened", "whitened SVD", "lowrank", {"compensation": False}),
-    ("whitened+correction", "whitened SVD + correction", "lowrank", {"compensation_target": "layer"}),
-    ("svd+correction", "plain SVD + correction", "svd", {"compensation": True, "compensation_target": "layer"}),
-    ("whitened+block", "whitened SVD + block-output correction (0.4 default)", "lowrank", {"compensation_target": "block"}),
-    ("svd-llm", "SVD-LLM (peer)", "svd-llm", {}),
+    ("svd", "plain SVD", "svd", {"statistics_tokens": OLD_STATISTICS_TOKENS}),
+    ("whitened", "whitened SVD", "lowrank", {"compensation": False, "statistics_tokens": OLD_STATISTICS_TOKENS}),
+    ("whitened+correction", "whitened SVD + correction", "lowrank", {"compensation_target": "layer", "statistics_tokens": OLD_STATISTICS_TOKENS}),
+    ("svd+correction", "plain SVD + correction", "svd", {"compensation": True, "compensation_target": "layer",
+                                                         "statistics_tokens": OLD_STATISTICS_TOKENS}),
+    ("whitened+block", "whitened SVD + block-output correction (0.4.0 default)", "lowrank",
+     {"compensation_target": "block", "statistics_tokens": OLD_STATISTICS_TOKENS}),
+    ("svd-llm-12k", "SVD-LLM (peer), 12,288 statistics tokens", "svd-llm", {"statistics_tokens": OLD_STATISTICS_TOKENS}),
+    ("block", "whitened SVD + block-output correction, every token (default)", "lowrank", {}),
+    ("svd-llm", "SVD-LLM (peer), every token", "svd-llm", {}),
     ("tp", "Torch-Pruning, equal params (peer)", "tp", {}),
 )
 TP_ROUND = 8  # kept channels in multiples of this, as benchmarks/peers.py defaults
 TP_BISECTION = 14
+TP_IMAGES = 32  # Taylor's gradients come from one batch (peers.py): 256 images at 257 tokens would need ~27 GB
 ORDER = [key for key, *_ in VARIANTS]
 QUICK = {"dense_train": 16, "dense_report": 8, "calib_images": 16, "test_images": 16, "ratios": [0.5]}
 MAP_SCORES = ("pearson", "iou", "mae", "rmse", "cosine", "relative_mse")
@@ -144,14 +152,14 @@ def plan_notes(compressed) -> dict:
 def prune_to_params(model, ratio: float, train, args, task: str):
     """Torch-Pruning (``benchmarks/peers.py``) at the same parameter budget: the keep ratio of the
     blocks' MLP hidden and head dimensions bisected until the backbone holds at most ``ratio`` of
-    its parameters (the largest such). Importance: Taylor on the classifier (its own pseudo-labels,
+    its parameters (the largest such). Importance: Taylor on the classifier (its own pseudo-labels on 32 of the calibration images,
     the peer's default); L2 on the saliency model, whose backbone's CIFAR-10 head says nothing
     about the maps (the peer's advice for a model whose logits are not the task)."""
     import peers
 
     backbone = model.backbone if task == "dense" else model
     limit, total = int(ratio * count_params(backbone)), count_params(backbone)
-    images = torch.cat(common.image_batches(train, args.calib_images, 16, seed=args.seed))
+    images = torch.cat(common.image_batches(train, min(args.calib_images, TP_IMAGES), 16, seed=args.seed))
     importance = "l2" if task == "dense" else "taylor"
     low, high, best = 0.0, 1.0, None
     for _ in range(TP_BISECTION):
@@ -294,7 +302,9 @@ def write_pages(parser, args, rows: common.Rows, out: Path) -> None:
         "method `svd-llm` (arXiv 2403.07378 as its released code runs it: the same whitening, uniform ranks, closed-form update "
         "of each up factor on the compressed prefix's inputs); *Torch-Pruning* = `benchmarks/peers.py` (MLP hidden and head "
         "dimensions in multiples of 8, keep ratio bisected to the budget; Taylor importance on the classifier, L2 on the "
-        "saliency model). Training-free, no timing (a shared machine): `compress s` is the compression's wall time.",
+        "saliency model). Every variant caps each layer's statistics at 12,288 tokens (`statistics_tokens`, 0.4.0's cap) except "
+        "the two *every token* rows (0.4.1's default cap, 81,920: all 256 × 257 tokens) and Torch-Pruning (no statistics). "
+        "Training-free, no timing (a shared machine): `compress s` is the compression's wall time.",
         resumed=True)
     dense, classification = table_rows(rows, "dense", args.ratios), table_rows(rows, "classification", args.ratios)
     if dense:
