@@ -5,7 +5,8 @@ Calibration uses train images only (a seeded subset); accuracy is reported on th
     .venv/bin/python benchmarks/lowrank.py --ratios 0.15 0.10 --variants mixed svd uniform --out benchmarks/results/lowrank
 
 Variants: mixed (whitened SVD, fisher-weighted mixed ranks), mixed+comp (the same plus layer-wise
-error compensation, vitslim's default), mixed+comp+kd1 (then one epoch of KD fine-tuning on the
+error compensation, vitslim's default: fc2 fitted to the block's output), mixed+comp-layer (the same
+with 0.3's layer target), mixed+comp+kd1 (then one epoch of KD fine-tuning on the
 whole train split), mixed-plain (whitened, unweighted normalised energy), uniform (whitened,
 uniform ranks), svd, asvd (baselines, mixed, unweighted).
 
@@ -28,6 +29,7 @@ from vitslim.measure.metrics import count_params
 VARIANTS = {
     "mixed": (vitslim.LowRank, dict(allocation="mixed", sensitivity="fisher", compensation=False)),
     "mixed+comp": (vitslim.LowRank, dict(allocation="mixed", sensitivity="fisher", compensation=True)),
+    "mixed+comp-layer": (vitslim.LowRank, dict(allocation="mixed", sensitivity="fisher", compensation=True, compensation_target="layer")),
     "mixed+comp+kd1": (vitslim.LowRank, dict(allocation="mixed", sensitivity="fisher", compensation=True)),
     "mixed-plain": (vitslim.LowRank, dict(allocation="mixed", sensitivity="none", compensation=False)),
     "uniform": (vitslim.LowRank, dict(allocation="uniform", sensitivity="none", compensation=False)),
