@@ -131,16 +131,10 @@ def main() -> None:
     for key, (label, options) in cdcp_variants.items():
         if key not in wanted or rows.has(key=key):
             continue
-        trajectory: list[float] = []
         cait = vitslim.Cait(gate_training=training, **options)
         target = cait.split()[1]
         started = time.perf_counter()
-        original_follow = ChannelGates.follow_budget
-        ChannelGates.follow_budget = recording_budget(trajectory)
-        try:
-            model = vitslim.compress(original, cait, kd_train, calib_images=256, seed=0, progress=True)
-        finally:
-            ChannelGates.follow_budget = original_follow
+        model, trajectory = compress_recording(original, cait, kd_train)
         finish(key, label, model, time.perf_counter() - started, channel_ratio=target, reached_at=reached_at(trajectory, target),
                final_ratio=trajectory[-1] if trajectory else None, channels=channels_kept(model), trajectory=trajectory[::5])
 
@@ -174,6 +168,18 @@ def main() -> None:
     common.write_table(out, lines, {"rows": (COLUMNS, table), "dense": (DENSE_COLUMNS, dense)}, echo=True)
 
 
+def compress_recording(model, cait, images) -> tuple:
+    """``vitslim.compress(model, cait, images)`` (256 calibration images, seed 0) with the channel
+    FLOPs ratio of every KD step recorded: (compressed model, trajectory)."""
+    trajectory: list[float] = []
+    original_follow = ChannelGates.follow_budget
+    ChannelGates.follow_budget = recording_budget(trajectory)
+    try:
+        return vitslim.compress(model, cait, images, calib_images=256, seed=0, progress=True), trajectory
+    finally:
+        ChannelGates.follow_budget = original_follow
+
+
 def dense_row(rows, args, training) -> None:
     """ATME + CDCP 2.0x on the saliency model, KD on images 0-499, reported on 500-999."""
     from dinov2_saliency import DENSE_SPLIT, IMAGENET, THRESHOLD, load_saliency
@@ -185,16 +191,10 @@ def dense_row(rows, args, training) -> None:
     spec = vitslim.describe(teacher)
     images = image_sources.open_images(str(IMAGENET), image_dataset.build_transform(spec.preprocessing), labels_required=False)
     train, report = Subset(images, range(DENSE_SPLIT)), Subset(images, range(DENSE_SPLIT, len(images)))
-    trajectory: list[float] = []
     cait = vitslim.Cait(speedup=2.0, merge="atme", gate_training=training)
     target = cait.split()[1]
     started = time.perf_counter()
-    original_follow = ChannelGates.follow_budget
-    ChannelGates.follow_budget = recording_budget(trajectory)
-    try:
-        model = vitslim.compress(teacher, cait, train, calib_images=256, seed=0, progress=True)
-    finally:
-        ChannelGates.follow_budget = original_follow
+    model, trajectory = compress_recording(teacher, cait, train)
     seconds = time.perf_counter() - started
     result = vitslim.evaluate(model, report, teacher=teacher, seed=0, batch_size=16, threshold=THRESHOLD, progress=False)
     timing = steady_timing(teacher, model, label="dense")

@@ -276,6 +276,15 @@ def _damping(gain: torch.Tensor) -> torch.Tensor:
     return gain / (gain.square() + ridge)
 
 
+def _dense_copy(original: nn.Module, block: nn.Module) -> nn.Module:
+    """A private copy of one of ``original``'s blocks, prepared like the compressed model (attention
+    unpacked, so its layers are named and always called as the compressed model's are)."""
+    copied = copy.deepcopy(block)
+    family_of(original).unpack_attention(copied, record=False)
+    prepare_for_replacement(original, part=copied)
+    return copied
+
+
 def _run_recording(block: nn.Module, layers: dict[str, nn.Module], call: tuple[tuple, dict], hidden: torch.Tensor, fraction: float, batch_index: int):
     """The block's output on ``hidden`` and the inputs (the ``token_rows`` subset) each of ``layers`` saw."""
     seen: dict[str, torch.Tensor] = {}
@@ -322,9 +331,7 @@ def compensate(original: nn.Module, compressed: nn.Module, names: list[str], bat
     bar = Progress("compensating layers", total=len(names), unit="layer", show=progress)
     for original_block, block in zip(original_blocks, compressed_blocks):
         # a private copy, prepared like the compressed model, so its layers are always called
-        reference = copy.deepcopy(original_block.module)
-        family_of(original).unpack_attention(reference, record=False)  # named as the compressed model's layers are
-        prepare_for_replacement(original, part=reference)
+        reference = _dense_copy(original, original_block.module)
         prefix = qualified[id(block.module)] + "."
         own = {name[len(prefix):]: compressed.get_submodule(name) for name in names if name.startswith(prefix)}
         recorded = [_run_recording(reference, {n: reference.get_submodule(n) for n in own}, call, x, fraction, index)
@@ -391,9 +398,7 @@ def update_left_factors(original: nn.Module, compressed: nn.Module, names: list[
         prefix = qualified[id(block.module)] + "."
         own = {name[len(prefix):]: compressed.get_submodule(name) for name in names if name.startswith(prefix)}
         if own:
-            dense_block = copy.deepcopy(original_block.module)
-            family_of(original).unpack_attention(dense_block, record=False)
-            prepare_for_replacement(original, part=dense_block)
+            dense_block = _dense_copy(original, original_block.module)
             grams = {relative: torch.zeros(layer.in_features, layer.in_features, dtype=torch.float64, device=layer.down.weight.device)
                      for relative, layer in own.items()}
             for index, call, x in zip(indices, calls, hidden):
