@@ -306,8 +306,12 @@ def neighbours(source_cells: torch.Tensor, destination_cells: torch.Tensor, reac
     """``(B, S, D)`` bool: the destinations each source may flow into: those whose cell lies
     within Chebyshev distance ``reach`` of the source's, and always the nearest ones, so that no
     source is left without a neighbour where the map has thinned out."""
-    distance = (source_cells[:, :, None, :] - destination_cells[:, None, :, :]).abs().amax(-1)
-    return distance <= distance.amin(-1, keepdim=True).clamp_min(int(reach))
+    source, destination = source_cells.to(torch.float32), destination_cells.to(torch.float32)
+    # Row and column distances apart, in float32: the (B, S, D, 2) long tensor reduced over its
+    # last axis took 6x as long on the CPU, a third of an ATME merge's time.
+    distance = torch.maximum((source[:, :, None, 0] - destination[:, None, :, 0]).abs(),
+                             (source[:, :, None, 1] - destination[:, None, :, 1]).abs())
+    return distance <= distance.amin(-1, keepdim=True).clamp_min(float(int(reach)))
 
 
 def atme_merge(tokens: torch.Tensor, metric: torch.Tensor, token_map: TokenMap, r: int,
