@@ -99,13 +99,39 @@ def test_too_few_calibration_images_and_non_finite_activations():
         _lowrank(model, poisoned, param_ratio=0.5)
 
 
-def test_enough_calibration_images_pass_even_when_the_statistics_use_only_the_leading_ones(monkeypatch):
-    import vitslim.lowrank.calibration as calibration
+def test_enough_calibration_images_pass_even_when_the_statistics_use_only_the_leading_ones():
+    tokens = vitslim.describe(_models()["timm"]).num_patches + 1
+    for settings in ({"statistics_tokens": 3 * tokens, "compensation": False}, {"allocation_tokens": 3 * tokens}):
+        compressed = _lowrank(_models()["timm"], _batches(2), param_ratio=0.5, min_images=16, **settings)  # Gram matrices of 3 of 16 images
+        assert count_params(compressed) < count_params(_models()["timm"])
+
+
+@pytest.mark.parametrize("compensation, settings, images", [
+    (True, {}, 16),  # the allocation's default cap is far above 16 tiny images
+    (True, {"allocation_tokens": 3}, 3),
+    (True, {"statistics_tokens": 2, "allocation_tokens": None}, 2),  # within the statistics' own cap
+    (True, {"statistics_tokens": 5, "allocation_tokens": 3}, 3),
+    (False, {"allocation_tokens": 3}, 16),  # without compensation the Gram matrices also give the factors: every token
+    (False, {"statistics_tokens": 5}, 5),
+])
+def test_the_allocation_statistics_read_only_their_own_share_when_compensation_follows(monkeypatch, compensation, settings, images):
+    import vitslim.lowrank.compress as compress_module
 
     tokens = vitslim.describe(_models()["timm"]).num_patches + 1
-    monkeypatch.setattr(calibration, "STAT_TOKENS", 3 * tokens)  # the Gram matrices read 3 of the 16 images
-    compressed = _lowrank(_models()["timm"], _batches(2), param_ratio=0.5, min_images=16)
-    assert count_params(compressed) < count_params(_models()["timm"])
+    seen, collect = [], compress_module.collect_grams
+
+    def counting(model, linears, batches, **kwargs):
+        seen.append(sum(batch.shape[0] for batch in batches))
+        return collect(model, linears, batches, **kwargs)
+
+    monkeypatch.setattr(compress_module, "collect_grams", counting)
+    scaled = {key: None if value is None else value * tokens for key, value in settings.items()}
+    calls = []
+    monkeypatch.setattr(compress_module, "compensate", lambda *args, **kwargs: calls.append(kwargs["fraction"]))
+    _lowrank(_models()["timm"], _batches(2), param_ratio=0.5, compensation=compensation, **scaled)
+    assert seen == [images]
+    if compensation:  # compensation itself keeps the statistics' cap: 5 of 16 images' tokens, or all of them
+        assert calls == [pytest.approx(min(1.0, (settings.get("statistics_tokens") or 10 ** 9) / 16))]
 
 
 def test_a_model_with_no_compressible_layer_is_refused():

@@ -91,7 +91,8 @@ VARIANTS = (
     ("whitened+block", "whitened SVD + block-output correction (0.4.0 default)", "lowrank",
      {"compensation_target": "block", "statistics_tokens": OLD_STATISTICS_TOKENS}),
     ("svd-llm-12k", "SVD-LLM (peer), 12,288 statistics tokens", "svd-llm", {"statistics_tokens": OLD_STATISTICS_TOKENS}),
-    ("block", "whitened SVD + block-output correction, every token (default)", "lowrank", {}),
+    ("block-allocate-all", "whitened SVD + block-output correction, every token (0.4.1 default)", "lowrank", {"allocation_tokens": 81_920}),
+    ("block", "whitened SVD + block-output correction, every token, ranks from 12,288 (default)", "lowrank", {}),
     ("svd-llm", "SVD-LLM (peer), every token", "svd-llm", {}),
     ("tp", "Torch-Pruning, equal params (peer)", "tp", {}),
 )

@@ -10,10 +10,12 @@ tokens its statistics use at about ``STAT_TOKENS`` per layer (``LowRank.statisti
 another cap): the allocation's Gram matrices come from the first images that hold that many
 tokens (``leading_batches``), and compensation, which must replay every image, uses a seeded
 random subset of each batch's tokens (``token_rows``), the same positions in both models. The cap
-is set by compensation, not by the allocation: its refit is a least-squares fit over the layer's
+is set by compensation: its refit is a least-squares fit over the layer's
 input features, which over-fits the calibration tokens when they are few per feature (fc2 has
 4 × the width), so the cap keeps every token of 256 images at ViT-S/B's 197-257 tokens and only
-thins out larger token counts (docs/dinov2.md measures 12,288 against all 65,792).
+thins out larger token counts (docs/dinov2.md measures 12,288 against all 65,792). When compensation
+follows, the allocation's statistics need far fewer: they stop at ``ALLOCATION_TOKENS``
+(``LowRank.allocation_tokens``).
 """
 
 from __future__ import annotations
@@ -30,6 +32,10 @@ from vitslim.errors import VitslimError
 from vitslim.io.image_batches import as_batch
 
 STAT_TOKENS = 81_920  # every token of 256 images of up to 320 tokens (patch 14-16 at 224-256 px); 26 per input feature of ViT-B's fc2
+# When compensation refits every factorised layer, the allocation's Gram matrices only rank the
+# layers' spectra against each other, which a few images' tokens do as well as all of them
+# (docs/dinov2.md), and their products were two fifths of the compression time.
+ALLOCATION_TOKENS = 12_288
 
 
 def leading_batches(batches: list, tokens_per_image: int, limit: int | None = None) -> list:

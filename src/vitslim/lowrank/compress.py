@@ -24,7 +24,7 @@ from vitslim.cait.patch import merge_schedule
 from vitslim.errors import ParameterError, VitslimError
 from vitslim.io.recipe import CORRUPT, find_step, record_step, register_step, span, step_field, step_layer, step_number
 from vitslim.lowrank.allocation import LayerCost, LayerPlan, allocate, uniform
-from vitslim.lowrank.calibration import collect_grams, images_of, leading_batches, token_fraction
+from vitslim.lowrank.calibration import ALLOCATION_TOKENS, STAT_TOKENS, collect_grams, images_of, leading_batches, token_fraction
 from vitslim.lowrank.compensation import compensate, update_left_factors
 from vitslim.lowrank.layers import LowRankLinear
 from vitslim.lowrank.sensitivity import FISHER_IMAGES, fisher_channels
@@ -164,6 +164,9 @@ class LowRank(ParameterBudget):
     weigh_channels: bool = setting(True, "Compensation weighs each output channel by its sensitivity.", cli=False)
     statistics_tokens: int | None = setting(None, "Tokens per layer the input statistics use at most (None: "
                                                   "lowrank.calibration.STAT_TOKENS).", cli=False)
+    allocation_tokens: int | None = setting(None, "Tokens per layer the allocation's statistics use at most when compensation refits "
+                                                  "every layer (None: lowrank.calibration.ALLOCATION_TOKENS, within statistics_tokens).",
+                                            cli=False)
 
     def __post_init__(self) -> None:
         super().__post_init__()
@@ -171,9 +174,10 @@ class LowRank(ParameterBudget):
             raise ParameterError("param_ratio", "or params: state exactly one budget (a fraction of the parameters, or a count)")
         if isinstance(self.rank_multiple, bool) or not (isinstance(self.rank_multiple, int) and self.rank_multiple >= 1):
             raise ParameterError("rank_multiple", f"must be a whole number of at least 1, got {self.rank_multiple}")
-        if self.statistics_tokens is not None and (isinstance(self.statistics_tokens, bool) or not isinstance(self.statistics_tokens, int)
-                                                   or self.statistics_tokens < 1):
-            raise ParameterError("statistics_tokens", f"must be a whole number of at least 1, got {self.statistics_tokens}")
+        for name in ("statistics_tokens", "allocation_tokens"):
+            value = getattr(self, name)
+            if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < 1):
+                raise ParameterError(name, f"must be a whole number of at least 1, got {value}")
         if self.sensitivity == "fisher" and self.factorisation != "whitened":
             raise ParameterError("sensitivity", "fisher weighs output errors, which only the whitened method's spectrum measures; use none "
                                                 "with svd/asvd")
@@ -295,7 +299,10 @@ def compress_lowrank(model: nn.Module, batches: Iterable, config: LowRank, *, mi
             raise VitslimError(f"only {images} calibration images were given; at least {min_images} are needed")
         tokens_per_image = spec.num_patches + spec.num_prefix_tokens
         limit = config.statistics_tokens
-        fraction, statistics_batches = token_fraction(batches, tokens_per_image, limit), leading_batches(batches, tokens_per_image, limit)
+        fraction = token_fraction(batches, tokens_per_image, limit)
+        if compensation:  # the Gram matrices only allocate the ranks
+            limit = config.allocation_tokens or min(ALLOCATION_TOKENS, limit or STAT_TOKENS)
+        statistics_batches = leading_batches(batches, tokens_per_image, limit)
     # a list was counted above; its leading images may be fewer than min_images by design
     grams = collect_grams(compressed, linears, statistics_batches, min_images=1 if isinstance(batches, list) else min_images,
                           progress=progress) if factorisation != "svd" else {}
