@@ -120,6 +120,57 @@ def test_export_command_checks_the_file_and_keeps_it_only_when_it_passes(tmp_pat
     assert not refused.exists() and sorted(p.name for p in tmp_path.iterdir()) == ["atme", "atme.onnx"]
 
 
+def _merging_model(tied: bool):
+    """A tiny ATME model; ``tied``: every key the same vector (the k projection's weight zeroed),
+    so every merge decision is an exact tie that a jitter of the keys settles otherwise."""
+    model = compress_cait(_model("timm", patch=4), Cait(speedup=1.25, measure=False), Inputs())
+    if tied:
+        qkv = model.blocks[0].attn.qkv
+        width = qkv.out_features // 3
+        with torch.no_grad():
+            qkv.weight[width: 2 * width] = 0.0
+            qkv.bias[width: 2 * width] = 1.0
+    return model.eval()
+
+
+def test_near_tie_images_are_those_whose_merges_flip_under_jittered_keys():
+    images = torch.randn(4, 3, 32, 32, generator=torch.Generator().manual_seed(3))
+    for tied, expected in ((False, [False] * 4), (True, [True] * 4)):
+        model = _merging_model(tied)
+        with torch.no_grad():
+            reference = model(images)
+        assert export.near_tie_images(model, images, reference, export.ONNX_TOLERANCE).tolist() == expected
+        with torch.no_grad():  # the jitter is gone afterwards
+            assert torch.equal(model(images), reference)
+    assert export.near_tie_images(_model("timm", patch=4).eval(), images, reference, 1e-4) is None  # merges nothing
+
+
+def test_onnx_check_leaves_out_near_tie_images_but_never_most_of_them(tmp_path, monkeypatch):
+    model = _merging_model(False)
+    path = export_onnx(model, tmp_path / "atme.onnx")
+    images = torch.randn(4, 3, 32, 32, generator=torch.Generator().manual_seed(3))
+    onnx_and_reference = export.onnx_and_reference
+
+    def flipped_on(indices):  # ONNX Runtime "merging other tokens" on those images
+        def run(*args):
+            exported, reference = onnx_and_reference(*args)
+            exported[indices] += 0.5
+            return exported, reference
+        return run
+
+    monkeypatch.setattr(export, "onnx_and_reference", flipped_on([1]))
+    monkeypatch.setattr(export, "near_tie_images", lambda *args: torch.tensor([False, True, False, False]))
+    check = export.check_onnx(model, path, images, export.ONNX_TOLERANCE)
+    assert check.passed and check.near_ties == 1 and check.near_tie_diff == pytest.approx(0.5, rel=1e-3)
+    assert check.max_abs_diff <= export.ONNX_TOLERANCE and "1 image(s) left out as near-tie" in str(check)
+    monkeypatch.setattr(export, "near_tie_images", lambda *args: torch.tensor([False, False, True, False]))  # a tie elsewhere
+    assert not export.check_onnx(model, path, images, export.ONNX_TOLERANCE).passed
+    monkeypatch.setattr(export, "onnx_and_reference", flipped_on([0, 1, 2]))
+    monkeypatch.setattr(export, "near_tie_images", lambda *args: torch.tensor([True, True, True, False]))  # most images: refused
+    check = export.check_onnx(model, path, images, export.ONNX_TOLERANCE)
+    assert not check.passed and check.near_ties == 0
+
+
 def test_composed_model_exports_to_onnx_and_torch_export(tmp_path):
     """Sliced channels, then low-rank factors on the sliced layers, then ATME: the three steps of
     --method lowrank+cait, in both formats."""

@@ -72,6 +72,7 @@ class _Merger:
     full_map_after: frozenset[int] | None = None  # dense mode: the blocks whose output is the full map (None: every block)
     kept: torch.Tensor | None = None  # dense mode, once merged: one original patch position per current token
     detail: torch.Tensor | None = None  # dense mode: full map minus unmerge(merged tokens), tokens first
+    key_jitter: tuple[float, torch.Generator] | None = None  # (relative scale, generator) inside jittered_merge_keys
 
     def hook_key(self) -> str:
         """What these hooks compute, for a cache of exported graphs (``measure.runtimes.onnx_cache_key``)."""
@@ -169,16 +170,20 @@ class _Merger:
                 )
             self.token_map = TokenMap.identity(tokens.shape[0], grid, prefix, tokens.device, tokens.dtype)
         before = self._full(tokens) if self.dense and self.keep_detail and self.token_map.merged else tokens
+        keys = self.keys
+        if self.key_jitter is not None:
+            scale, generator = self.key_jitter
+            keys = keys * (1 + scale * torch.randn(keys.shape, generator=generator).to(keys))
         if self.schedule.merge == "atme":
-            merged, self.token_map = atme_merge(tokens, self.keys, self.token_map, r, self.schedule.radius)
+            merged, self.token_map = atme_merge(tokens, keys, self.token_map, r, self.schedule.radius)
         elif self.schedule.merge == "atme-lattice":
-            merged, self.token_map = lattice_merge(tokens, self.keys, self.token_map, r, level)
+            merged, self.token_map = lattice_merge(tokens, keys, self.token_map, r, level)
         elif self.schedule.merge == "row-column":
-            merged, self.token_map = row_column_merge(tokens, self.keys, self.token_map, r, level)
+            merged, self.token_map = row_column_merge(tokens, keys, self.token_map, r, level)
         elif self.schedule.merge == "window":
-            merged, self.token_map = window_merge(tokens, self.keys, self.token_map, r, level)
+            merged, self.token_map = window_merge(tokens, keys, self.token_map, r, level)
         else:
-            merged, self.token_map = tome_merge(tokens, self.keys, self.token_map, r)
+            merged, self.token_map = tome_merge(tokens, keys, self.token_map, r)
         self.keys = None
         if self.dense and self.token_map.merged:
             self.kept = representatives(self.token_map)
@@ -360,6 +365,26 @@ def token_map(model: nn.Module) -> TokenMap | None:
     """Where the last forward pass put every patch (None before any merge happened)."""
     merger = getattr(model, MERGING_ATTR, None)
     return None if merger is None else merger.token_map
+
+
+@contextmanager
+def jittered_merge_keys(model: nn.Module, scale: float, seed: int = 0) -> Iterator[bool]:
+    """Within the block, every merge of ``model`` (or of a ViT inside it) decides on its keys
+    multiplied by ``1 + scale·noise`` (seeded normal noise); yields whether anything merges.
+
+    A merge decision is a top-k and an argmax over cosine scores: where two scores are nearly
+    equal, two correct float32 runs that round differently (PyTorch and ONNX Runtime) may merge
+    different tokens and give outputs far apart. Runs with jittered keys tell which images sit
+    at such a tie (``export.check_onnx``)."""
+    mergers = [getattr(module, MERGING_ATTR) for module in model.modules() if getattr(module, MERGING_ATTR, None) is not None]
+    generator = torch.Generator().manual_seed(seed)
+    for merger in mergers:
+        merger.key_jitter = (scale, generator)
+    try:
+        yield bool(mergers)
+    finally:
+        for merger in mergers:
+            merger.key_jitter = None
 
 
 MERGE_NAMES = {"atme": "ATME", "atme-lattice": "ATME (lattice reading)", "tome": "ToMe", "window": "2x2-window (ALGM-style)",

@@ -267,6 +267,8 @@ class OnnxCheck:
     tolerance: float
     torch_rounding: float | None = None
     onnx_rounding: float | None = None
+    near_ties: int = 0  # images left out of the comparison: their merge decisions are near-ties (``check_onnx``)
+    near_tie_diff: float | None = None  # the largest difference on those images
 
     @property
     def by_rounding(self) -> bool:
@@ -282,19 +284,65 @@ class OnnxCheck:
         rounding = ("" if self.onnx_rounding is None else
                     f"; PyTorch's float32 output is {self.torch_rounding:.3g} from float64, ONNX Runtime's {self.onnx_rounding:.3g}"
                     + (": accepted as float32 rounding" if self.by_rounding else ""))
-        return f"max abs difference {self.max_abs_diff:.3g} (tolerance {self.tolerance:g}{rounding})"
+        ties = ("" if not self.near_ties else
+                f"; {self.near_ties} image(s) left out as near-tie merge decisions (PyTorch itself merges otherwise on them when its keys "
+                f"are jittered by {NEAR_TIE_JITTER:g}; ONNX Runtime differs there by up to {self.near_tie_diff:.3g})")
+        return f"max abs difference {self.max_abs_diff:.3g} (tolerance {self.tolerance:g}{rounding}{ties})"
+
+
+# check_onnx's test for a near-tie merge decision: the relative jitter of the keys, and the runs
+NEAR_TIE_JITTER = 1e-4
+NEAR_TIE_RUNS = 4
+
+
+def _rounding_check(exported: torch.Tensor, reference: torch.Tensor, exact: torch.Tensor | None, tolerance: float) -> OnnxCheck:
+    difference = float((exported - reference).abs().max())
+    if difference <= tolerance or not math.isfinite(difference) or exact is None:
+        return OnnxCheck(difference, tolerance)
+    return OnnxCheck(difference, tolerance, float((reference - exact).abs().max()), float((exported - exact).abs().max()))
+
+
+def _per_image(difference: torch.Tensor) -> torch.Tensor:
+    return difference.abs().reshape(difference.shape[0], -1).amax(1)
+
+
+def near_tie_images(model: nn.Module, images: torch.Tensor, reference: torch.Tensor, tolerance: float) -> torch.Tensor | None:
+    """``(B,)`` bool: the images on which ``model``'s own output leaves ``tolerance`` when its
+    token-merging keys are jittered (``cait.patch.jittered_merge_keys``); None for a model that
+    merges no tokens. On such an image a merge decision is a near-tie, which a runtime's own
+    rounding may settle either way."""
+    from vitslim.cait.patch import jittered_merge_keys
+
+    moved = torch.zeros(images.shape[0], dtype=torch.bool)
+    for run in range(NEAR_TIE_RUNS):
+        with jittered_merge_keys(model, NEAR_TIE_JITTER, seed=run) as merges, torch.no_grad(), weight_only_matmuls(model):
+            if not merges:
+                return None
+            jittered = describe(model).output(images).float().cpu()
+        moved |= _per_image(jittered - reference) > tolerance
+    return moved
 
 
 def check_onnx(model: nn.Module, path: str | os.PathLike, images: torch.Tensor, tolerance: float) -> OnnxCheck:
-    """Check the float ONNX file ``path`` against ``model`` on ``images`` (see ``OnnxCheck``)."""
+    """Check the float ONNX file ``path`` against ``model`` on ``images`` (see ``OnnxCheck``).
+
+    A token-merging model's output jumps where a merge decision flips, and float32 rounding
+    flips a near-tie: on dinov2-s14 a row/column merge had two scores 3.3e-6 apart, and ONNX
+    Runtime merged the other token on one image of 16. Images on which PyTorch's own output
+    moves when its keys are jittered (``near_tie_images``) are therefore left out, and the rest
+    must pass; at least half the images must remain, so a broken export cannot hide behind ties."""
     exported, reference = onnx_and_reference(model, path, images)
-    difference = float((exported - reference).abs().max())
-    if difference <= tolerance or not math.isfinite(difference):
-        return OnnxCheck(difference, tolerance)
-    exact = float64_output(model, images)
-    if exact is None:
-        return OnnxCheck(difference, tolerance)
-    return OnnxCheck(difference, tolerance, float((reference - exact).abs().max()), float((exported - exact).abs().max()))
+    exact = float64_output(model, images) if not float((exported - reference).abs().max()) <= tolerance else None
+    check = _rounding_check(exported, reference, exact, tolerance)
+    if check.passed or not math.isfinite(check.max_abs_diff):
+        return check
+    tied = near_tie_images(model, images, reference, tolerance)
+    if tied is None or not tied.any() or 2 * int(tied.sum()) > images.shape[0]:
+        return check
+    kept = ~tied
+    kept_check = _rounding_check(exported[kept], reference[kept], None if exact is None else exact[kept], tolerance)
+    return OnnxCheck(kept_check.max_abs_diff, tolerance, kept_check.torch_rounding, kept_check.onnx_rounding,
+                     near_ties=int(tied.sum()), near_tie_diff=float(_per_image(exported - reference)[tied].max()))
 
 
 @dataclass(frozen=True)
