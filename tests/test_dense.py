@@ -307,3 +307,25 @@ def test_cait_on_a_dense_model_hands_the_full_map_on_only_where_it_is_read():
     everywhere = compress_cait(IntermediateReader(), Cait(speedup=1.5, measure=False), Inputs(progress=False))
     step = vitslim.io.recipe.find_step(everywhere, "merging")
     assert step["dense"] and "full_map_after" not in step
+
+
+def test_near_ties_are_found_on_the_backbone_of_a_merged_users_model_alone():
+    """The merger sits on the user's model; the ONNX check of the backbone part alone must still
+    jitter its keys (``jittered_merge_keys``), and removing the merging takes that away too."""
+    from vitslim.cait.patch import VIT_MERGER_ATTR, jittered_merge_keys
+    from vitslim.deploy.export import near_tie_images
+
+    model = SaliencyModel().eval()
+    qkv = model.backbone.blocks[0].attn.qkv
+    width = qkv.out_features // 3
+    with torch.no_grad():  # every key alike: each merge decision is an exact tie
+        qkv.weight[width: 2 * width] = 0.0
+        qkv.bias[width: 2 * width] = 1.0
+    apply_token_merging(model, _schedule(model), full_map_after=())
+    with torch.no_grad():
+        features = vitslim.describe(model.backbone).output(IMAGES)
+    assert near_tie_images(model.backbone, IMAGES, features, 1e-4).all()
+    remove_token_merging(model)
+    assert not hasattr(model.backbone, VIT_MERGER_ATTR)
+    with jittered_merge_keys(model.backbone, 1e-4) as merges:
+        assert not merges

@@ -54,6 +54,7 @@ from vitslim.errors import VitslimError
 from vitslim.io.recipe import CORRUPT, drop_steps, record_step, register_step, step_field, step_number
 
 MERGING_ATTR = "vitslim_merging"
+VIT_MERGER_ATTR = "vitslim_merger"  # on the ViT inside a user's model: its blocks' merger, for jittered_merge_keys on that part alone
 STEP = "merging"
 HIDDEN_STATES_NAMES = ("x", "hidden_states", "src")  # a block's token argument when passed by keyword (timm, HF, torch.nn)
 
@@ -339,6 +340,8 @@ def _attach(model: nn.Module, schedule: MergeSchedule, dense: bool, detail: bool
         elif dense and merger.hands_on_full_map(block.index):
             merger.handles.append(block.module.register_forward_hook(merger.expand, prepend=True))
     object.__setattr__(model, MERGING_ATTR, merger)  # a plain attribute: not a module, not in the state dict
+    if spec.model is not model:
+        object.__setattr__(spec.model, VIT_MERGER_ATTR, merger)
 
 
 def _detach(model: nn.Module) -> None:
@@ -348,6 +351,8 @@ def _detach(model: nn.Module) -> None:
     for handle in merger.handles:
         handle.remove()
     delattr(model, MERGING_ATTR)
+    if hasattr(merger.spec.model, VIT_MERGER_ATTR):
+        delattr(merger.spec.model, VIT_MERGER_ATTR)
 
 
 def merges_densely(model: nn.Module) -> bool:
@@ -376,7 +381,8 @@ def jittered_merge_keys(model: nn.Module, scale: float, seed: int = 0) -> Iterat
     equal, two correct float32 runs that round differently (PyTorch and ONNX Runtime) may merge
     different tokens and give outputs far apart. Runs with jittered keys tell which images sit
     at such a tie (``export.check_onnx``)."""
-    mergers = [getattr(module, MERGING_ATTR) for module in model.modules() if getattr(module, MERGING_ATTR, None) is not None]
+    found = (getattr(module, name, None) for module in model.modules() for name in (MERGING_ATTR, VIT_MERGER_ATTR))
+    mergers = list({id(merger): merger for merger in found if merger is not None}.values())
     generator = torch.Generator().manual_seed(seed)
     for merger in mergers:
         merger.key_jitter = (scale, generator)
