@@ -24,7 +24,14 @@ from vitslim.cait.patch import merge_schedule
 from vitslim.errors import ParameterError, VitslimError
 from vitslim.io.recipe import CORRUPT, find_step, record_step, register_step, span, step_field, step_layer, step_number
 from vitslim.lowrank.allocation import LayerCost, LayerPlan, allocate, uniform
-from vitslim.lowrank.calibration import ALLOCATION_TOKENS, STAT_TOKENS, collect_grams, images_of, leading_batches, token_fraction
+from vitslim.lowrank.calibration import (
+    ALLOCATION_TOKENS,
+    STAT_TOKENS,
+    collect_grams,
+    images_of,
+    leading_batches,
+    token_fraction,
+)
 from vitslim.lowrank.compensation import compensate, update_left_factors
 from vitslim.lowrank.layers import LowRankLinear
 from vitslim.lowrank.sensitivity import FISHER_IMAGES, fisher_channels
