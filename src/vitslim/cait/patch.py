@@ -50,6 +50,7 @@ from vitslim.cait.merging import (
     window_merge,
 )
 from vitslim.cait.schedule import MergeSchedule, check_schedule, merge_key, recorded_merge
+from vitslim.deploy.export import register_decision_jitter
 from vitslim.errors import VitslimError
 from vitslim.io.recipe import CORRUPT, drop_steps, record_step, register_step, step_field, step_number
 
@@ -391,6 +392,9 @@ def jittered_merge_keys(model: nn.Module, scale: float, seed: int = 0) -> Iterat
     finally:
         for merger in mergers:
             merger.key_jitter = None
+
+
+register_decision_jitter(jittered_merge_keys)
 
 
 MERGE_NAMES = {"atme": "ATME", "atme-lattice": "ATME (lattice reading)", "tome": "ToMe", "window": "2x2-window (ALGM-style)",

@@ -25,6 +25,7 @@ import math
 import os
 import tempfile
 import warnings
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -306,17 +307,26 @@ def _per_image(difference: torch.Tensor) -> torch.Tensor:
     return difference.abs().reshape(difference.shape[0], -1).amax(1)
 
 
+_DECISION_JITTERS: list[Callable[[nn.Module, float, int], contextlib.AbstractContextManager[bool]]] = []
+
+
+def register_decision_jitter(jitter: Callable[[nn.Module, float, int], contextlib.AbstractContextManager[bool]]) -> None:
+    """Declare ``jitter(model, scale, seed)``: a context manager under which ``model``'s discrete
+    decisions of one kind are taken on inputs perturbed by ``scale``, yielding whether the model
+    takes any (token merging registers ``cait.patch.jittered_merge_keys``). Methods register,
+    so that this layer needs to know none of them."""
+    _DECISION_JITTERS.append(jitter)
+
+
 def near_tie_images(model: nn.Module, images: torch.Tensor, reference: torch.Tensor, tolerance: float) -> torch.Tensor | None:
     """``(B,)`` bool: the images on which ``model``'s own output leaves ``tolerance`` when its
-    token-merging keys are jittered (``cait.patch.jittered_merge_keys``); None for a model that
-    merges no tokens. On such an image a merge decision is a near-tie, which a runtime's own
+    discrete decisions (token merging's keys) are jittered (``register_decision_jitter``); None
+    for a model that takes none. On such an image a decision is a near-tie, which a runtime's own
     rounding may settle either way."""
-    from vitslim.cait.patch import jittered_merge_keys
-
     moved = torch.zeros(images.shape[0], dtype=torch.bool)
     for run in range(NEAR_TIE_RUNS):
-        with jittered_merge_keys(model, NEAR_TIE_JITTER, seed=run) as merges, torch.no_grad(), weight_only_matmuls(model):
-            if not merges:
+        with contextlib.ExitStack() as stack, torch.no_grad(), weight_only_matmuls(model):
+            if not any([stack.enter_context(jitter(model, NEAR_TIE_JITTER, run)) for jitter in _DECISION_JITTERS]):
                 return None
             jittered = describe(model).output(images).float().cpu()
         moved |= _per_image(jittered - reference) > tolerance
