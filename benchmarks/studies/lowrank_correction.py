@@ -20,9 +20,10 @@ backbone's parameters, all through ``vitslim.compress``:
   channel weights, as the svd method has no sensitivity), so against ``whitened + correction`` it
   differs only in the rank allocation and the channel weights;
 * ``whitened + block``: method ``lowrank`` with 0.4.0's defaults (fc2 also cancels the drift of the
-  residual stream, ``compensation_target="block"``); ``block``: the same with every calibration
-  token in the statistics (0.4.1's default; the rows above cap them at 12,288 per layer, 0.4.0's
-  ``STAT_TOKENS``, through ``statistics_tokens``);
+  residual stream, ``compensation_target="block"``); ``block-allocate-all``: the same with every
+  calibration token in the statistics (0.4.1's default; the rows above cap them at 12,288 per
+  layer, 0.4.0's ``STAT_TOKENS``, through ``statistics_tokens``); ``block``: 0.4.2's default, every
+  token for the correction and the ranks allocated from the first 12,288 (``allocation_tokens``);
 * two peers at the same parameter budget: ``svd-llm``, the published training-free recipe closest
   to ours (arXiv 2403.07378 as its released code runs it: truncation-aware whitening, the same
   share of every matrix, the closed-form update of each up factor on the compressed prefix's
@@ -304,7 +305,8 @@ def write_pages(parser, args, rows: common.Rows, out: Path) -> None:
         "of each up factor on the compressed prefix's inputs); *Torch-Pruning* = `benchmarks/peers.py` (MLP hidden and head "
         "dimensions in multiples of 8, keep ratio bisected to the budget; Taylor importance on the classifier, L2 on the "
         "saliency model). Every variant caps each layer's statistics at 12,288 tokens (`statistics_tokens`, 0.4.0's cap) except "
-        "the two *every token* rows (0.4.1's default cap, 81,920: all 256 × 257 tokens) and Torch-Pruning (no statistics). "
+        "the *every token* rows (0.4.1's default cap, 81,920: all 256 × 257 tokens; 0.4.2's default allocates the ranks from the "
+        "first 12,288 of them, `allocation_tokens`) and Torch-Pruning (no statistics). "
         "Training-free, no timing (a shared machine): `compress s` is the compression's wall time.",
         resumed=True)
     dense, classification = table_rows(rows, "dense", args.ratios), table_rows(rows, "classification", args.ratios)
