@@ -252,7 +252,7 @@ def test_block_cached_compensation_equals_whole_network_replay(family):
 
 
 def test_leading_images_take_the_first_images_across_batches_and_pass_over_unreadable_ones():
-    from vitslim.lowrank.calibration import leading_images
+    from vitslim.io.image_batches import leading_images
 
     first, second = torch.randn(3, 3, 8, 8), torch.randn(4, 3, 8, 8)
     batches = [(first, torch.zeros(3), 0), (None, torch.zeros(0), 2), (second, torch.zeros(4), 0)]

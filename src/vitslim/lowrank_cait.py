@@ -46,14 +46,16 @@ from vitslim._infra.table import render
 from vitslim.adapters import describe
 from vitslim.cait.compress import check_speedup, prune_channels
 from vitslim.cait.importance import importance_masks
-from vitslim.cait.patch import apply_token_merging, check_not_merging, full_maps_read, reads_patch_tokens
+from vitslim.cait.patch import apply_token_merging, check_not_merging, full_maps_read, reads_patch_tokens, token_merging
 from vitslim.cait.schedule import schedule_for_speedup
 from vitslim.cait.shape import planned_schedule
 from vitslim.cait.slicing import slice_channels
 from vitslim.cait.speed import PROMISE, meet_speedup, steady_timing
+from vitslim.deploy.int8_fallback import plan_int8
+from vitslim.deploy.quantize import quantize_int8
 from vitslim.errors import ParameterError, VitslimError
+from vitslim.io.image_batches import leading_images
 from vitslim.io.recipe import find_step, record_step, register_step
-from vitslim.lowrank.calibration import leading_images
 from vitslim.lowrank.compress import LowRank, ParameterBudget, compress_lowrank, compressible_linears
 from vitslim.measure.metrics import count_flops, count_params
 from vitslim.measure.objective import mean_divergence
@@ -70,7 +72,12 @@ LEVELS = {
     "lowrank": (0.9, 0.8, 0.7, 0.6, 0.5, 0.45, 0.4, 0.35, 0.3, 0.25, 0.2, 0.15, 0.1, 0.07),
     "tokens": (1.1, 1.2, 1.3, 1.45, 1.6, 1.8, 2.0, 2.3),
 }
-IDENTITY = {"channels": 1.0, "lowrank": 1.0, "tokens": 1.0}
+IDENTITY = {"channels": 1.0, "lowrank": 1.0, "tokens": 1.0}  # the int8 axis appears in a split's levels only when chosen
+# the int8 axis's one level: the share of each Linear weight's bits kept (8 of 32); 1.0 is float32
+INT8_LEVEL = 0.25
+# under int8, a structured axis whose probe gains less than this over int8 alone (in the runtime's
+# timings, which move by about 5% between runs: cait.speed) adds nothing measurable, and is left out
+MEASURABLE_GAIN = 1.05
 PROBE_IMAGES = 64
 STEP = "lowrank+cait"  # the method's name; recipes written before 0.2 call the step "composed"
 
@@ -85,6 +92,7 @@ class Probe:
     speedup: float | None  # measured throughput ratio; None when not timed (no speed-up target)
     flops_ratio: float
     params: int
+    int8_speedup: float | None = None  # the same, with int8 applied to the probe (when int8 is an axis of the plan)
 
 
 @dataclass(frozen=True)
@@ -119,19 +127,31 @@ def _rounded(value: float | None, digits: int) -> float | None:
 def combine(chosen: list[Probe], *, total: int, fixed: int) -> tuple[float, float | None, float, int]:
     """(cost, speed-up, FLOPs ratio, params) of applying every probe's axis at its level: costs
     add, speed and FLOPs multiply, and the parameter cuts compound on the ``total - fixed``
-    compressible weights (tokens cut none). The speed-up is None unless every probe was timed."""
+    compressible weights (tokens and int8 cut none). With int8 among them, each other axis
+    contributes its speed-up *under int8* (``int8_speedup`` over int8 alone's), since a structured
+    cut gains less where int8 has already made the matmuls cheap. The speed-up is None unless
+    every probe was timed."""
+    int8 = next((probe for probe in chosen if probe.axis == "int8"), None)
     cost, speedup, flops, kept = 0.0, 1.0, 1.0, 1.0
     for probe in chosen:
         cost += probe.cost
-        speedup = None if speedup is None or probe.speedup is None else speedup * probe.speedup
+        gain = probe.speedup if int8 is None or probe is int8 else _gain_under_int8(probe, int8)
+        speedup = None if speedup is None or gain is None else speedup * gain
         flops *= probe.flops_ratio
         kept *= (probe.params - fixed) / (total - fixed)
     return cost, speedup, flops, round(fixed + kept * (total - fixed))
 
 
+def _gain_under_int8(probe: Probe, int8: Probe) -> float | None:
+    """``probe``'s speed-up over int8 alone, both with int8 applied; None when either was not timed."""
+    return None if probe.int8_speedup is None or int8.speedup is None else probe.int8_speedup / int8.speedup
+
+
 def split_target(probes: list[Probe], target: Target, *, total: int, fixed: int, required: tuple[str, ...] = (), hint: str = "") -> Split:
     """The least-cost combination of one level per axis meeting ``target``; an axis may stay off
-    unless it is ``required``. ``hint`` ends the error when nothing meets the target.
+    unless it is ``required``. ``hint`` ends the error when nothing meets the target. A structured
+    probe whose gain under int8 is below ``MEASURABLE_GAIN`` is never combined with int8: the
+    timings cannot tell its gain from noise, and it would add cost for nothing.
 
     Exhaustive over the probed ladder: a few hundred combinations, each a handful of products.
     Ties go to the higher predicted speed-up (the fewer FLOPs when untimed)."""
@@ -141,6 +161,9 @@ def split_target(probes: list[Probe], target: Target, *, total: int, fixed: int,
     best, best_key = None, None
     for combination in itertools.product(*by_axis.values()):
         chosen = [probe for probe in combination if probe is not None]
+        int8 = next((probe for probe in chosen if probe.axis == "int8"), None)
+        if int8 is not None and not all(probe is int8 or _measurable_under_int8(probe, int8) for probe in chosen):
+            continue
         cost, speedup, flops, params = combine(chosen, total=total, fixed=fixed)
         if target.speedup is not None and (speedup is None or speedup < target.speedup):
             continue
@@ -159,6 +182,25 @@ def split_target(probes: list[Probe], target: Target, *, total: int, fixed: int,
         raise VitslimError(f"no probed combination meets the target ({_describe(target)}); the strongest reaches "
                            f"{speed}FLOPs ratio {flops:.2f}, {params:,} parameters. Ask for less{hint}")
     return best
+
+
+def _measurable_under_int8(probe: Probe, int8: Probe) -> bool:
+    gain = _gain_under_int8(probe, int8)
+    return gain is None or gain >= MEASURABLE_GAIN
+
+
+def unmeasurable_under_int8(probes: list[Probe]) -> dict[str, float]:
+    """The structured axes none of whose probes gains ``MEASURABLE_GAIN`` over int8 alone, with
+    the best gain each reached: what int8 leaves them to add."""
+    int8 = next((probe for probe in probes if probe.axis == "int8"), None)
+    if int8 is None or int8.speedup is None:
+        return {}
+    best: dict[str, float] = {}
+    for probe in probes:
+        gain = None if probe is int8 else _gain_under_int8(probe, int8)
+        if gain is not None:
+            best[probe.axis] = max(best.get(probe.axis, 0.0), gain)
+    return {axis: gain for axis, gain in best.items() if gain < MEASURABLE_GAIN}
 
 
 def _describe(target: Target) -> str:
@@ -187,10 +229,14 @@ def _probe_model(model: nn.Module, axis: str, level: float, calibration: list, m
 
 def probe_axes(model: nn.Module, calibration: list, *, levels: dict[str, tuple[float, ...]] = LEVELS, merge: str = "atme",
                probe_images: int = PROBE_IMAGES, timed: bool = True, runs: int = 20, batch_size: int = 32, device: str = "cpu",
-               progress: bool = True, objective: str = "auto") -> list[Probe]:
+               progress: bool = True, objective: str = "auto", runtime: str = "eager", int8: str | None = None) -> list[Probe]:
     """Every axis of ``levels`` alone at every level of its ladder, measured (see the module
     docstring); ``timed=False`` skips the timing run (speed-ups None). Levels an axis cannot
-    reach on this model (merging beyond what the grid allows) are left out."""
+    reach on this model (merging beyond what the grid allows) are left out. Probes are timed in
+    ``runtime`` against the float original in the same run.
+
+    ``int8`` (an int8 kind) adds the int8 axis: a probe of int8 alone, and every other probe timed
+    once more with int8 applied (``Probe.int8_speedup``), all in the same run."""
     from vitslim.measure.bench import benchmark
 
     images = leading_images(calibration, probe_images, next(model.parameters()).device)
@@ -206,16 +252,27 @@ def probe_axes(model: nn.Module, calibration: list, *, levels: dict[str, tuple[f
                 logger.info("probe %s at %g skipped: %s", axis, level, error)
                 continue
             built.append((axis, level, probe, mean_divergence(describe(probe), teacher_outputs, images, objective)))
+    quantised = None
+    if int8 is not None:
+        quantised = quantize_int8(model, int8)
+        int8_cost = mean_divergence(describe(quantised), teacher_outputs, images, objective)
     if not timed:
         size = spec.preprocessing.input_size
         original_flops = count_flops(model, size)
-        return [Probe(axis, level, cost, None, count_flops(probe, size) / original_flops, count_params(probe))
-                for axis, level, probe, cost in built]
-    results = on_main(lambda: benchmark([("original", model)] + [(f"{axis}@{level:g}", probe) for axis, level, probe, _ in built],
-                                        batch_size=batch_size, runs=runs, device=device, progress=progress))
-    original = results[0]
-    return [Probe(axis, level, cost, result.ratio, result.flops / original.flops, result.params)
-            for (axis, level, _, cost), result in zip(built, results[1:])]
+        probes = [Probe(axis, level, cost, None, count_flops(probe, size) / original_flops, count_params(probe))
+                  for axis, level, probe, cost in built]
+        return probes + ([Probe("int8", INT8_LEVEL, int8_cost, None, 1.0, count_params(model))] if int8 is not None else [])
+    timed_models = [("original", model)] + [(f"{axis}@{level:g}", probe) for axis, level, probe, _ in built]
+    if int8 is not None:
+        timed_models += [("int8", quantised)] + [(f"{axis}@{level:g}+int8", quantize_int8(probe, int8)) for axis, level, probe, _ in built]
+    results = on_main(lambda: benchmark(timed_models, batch_size=batch_size, runs=runs, device=device, progress=progress, runtime=runtime))
+    original, count = results[0], len(built)
+    under_int8 = results[count + 2:] if int8 is not None else [None] * count
+    probes = [Probe(axis, level, cost, result.ratio, result.flops / original.flops, result.params, None if with_int8 is None else with_int8.ratio)
+              for (axis, level, _, cost), result, with_int8 in zip(built, results[1:count + 1], under_int8)]
+    if int8 is not None:
+        probes.append(Probe("int8", INT8_LEVEL, int8_cost, results[count + 1].ratio, results[count + 1].flops / original.flops, results[count + 1].params))
+    return probes
 
 
 @register_method
@@ -246,6 +303,13 @@ class LowRankCait(ParameterBudget):
                                                 "calibration images.")
     axes: tuple[str, ...] = setting(AXES, "The axes the split may use (one axis alone is that method's own speed-matched baseline).",
                                     cli=False)
+    runtime: Literal["eager", "compile", "onnxruntime"] = setting("eager", "The runtime the speed-up target is measured in: every probe "
+                                                                  "and the result, against the float32 original in the same runtime "
+                                                                  "(vitslim bench --runtime names them alike).")
+    int8_axis: Literal["none", "weight", "dynamic"] = setting("none", "int8 as an axis of the plan (needs a speed-up target): the split may "
+                                                              "quantise the Linears, applied after any recovery with the Linears whose "
+                                                              "int8 the output cannot afford kept in float32, and drops a structured "
+                                                              "axis that adds nothing measurable over int8 alone.")
     probe_images: int = setting(PROBE_IMAGES, "Calibration images each probe is scored on.", cli=False)
     probe_runs: int = setting(20, "Timed rounds of the probes' speed run.", cli=False)
 
@@ -261,6 +325,17 @@ class LowRankCait(ParameterBudget):
             raise ParameterError("axes", f"names unknown axes {sorted(unknown)}; choose from {', '.join(AXES)}")
         if self.channel_ratio is not None and not (0 < self.channel_ratio < 1 and self.pruning and "channels" in self.axes):
             raise ParameterError("channel_ratio", "must lie in (0, 1), and channel pruning needs gate_training and the channels axis")
+        if self.plans_int8 and self.speedup is None:
+            raise ParameterError("int8_axis", "needs a speedup target: int8 removes no FLOPs or parameters, so only a measured "
+                                              "speed-up can choose it")
+
+    @property
+    def plans_int8(self) -> bool:
+        return self.int8_axis != "none"
+
+    def planned_int8(self, compressed: nn.Module) -> tuple[str, tuple[str, ...]] | None:
+        planned = (find_step(compressed, STEP) or {}).get("int8")
+        return None if planned is None else (planned["kind"], tuple(planned["keep_float"]))
 
     @property
     def pruning(self) -> bool:
@@ -281,8 +356,16 @@ class LowRankCait(ParameterBudget):
                          "not timed" if probe["speedup"] is None else f"{probe['speedup']:.2f}x"]
                         for probe in split["probes"] if probe["level"] == split["levels"][probe["axis"]]])
         measured = split.get("measured_speedup")
-        return [table, f"split: {', '.join(f'{axis} {level:g}' for axis, level in split['levels'].items())}; "
-                       f"params {count_params(original):,} -> {count_params(compressed):,}" + (f"; measured speed-up {measured:.2f}x" if measured else "")]
+        lines = [table, f"split: {', '.join(f'{axis} {level:g}' for axis, level in split['levels'].items())}; "
+                        f"params {count_params(original):,} -> {count_params(compressed):,}"
+                        + (f"; measured speed-up {measured:.2f}x ({split.get('runtime', 'eager')})" if measured else "")]
+        for axis, gain in split.get("unmeasurable_under_int8", {}).items():
+            lines.append(f"{axis} adds nothing measurable over int8 alone (at best {gain:.2f}x): left out of the plans with int8")
+        planned = split.get("int8")
+        if planned is not None:
+            kept = f"; kept in float32: {', '.join(planned['keep_float'])}" if planned["keep_float"] else ""
+            lines.append(f"int8 ({planned['kind']}) applied to the result{kept}")
+        return lines
 
 
 def compress_composed(model: nn.Module, config: LowRankCait, inputs: Inputs) -> nn.Module:
@@ -320,10 +403,18 @@ def compress_composed(model: nn.Module, config: LowRankCait, inputs: Inputs) -> 
     ladders = {axis: LEVELS[axis] for axis in axes}
     if config.channel_ratio is not None:
         ladders["channels"] = (config.channel_ratio,)
+    int8_kind = config.int8_axis if config.plans_int8 else None
     probes = probe_axes(model, calibration, levels=ladders, merge=merge, probe_images=config.probe_images, timed=config.speedup is not None,
-                        runs=config.probe_runs, device=device, progress=progress, objective=inputs.objective)
+                        runs=config.probe_runs, device=device, progress=progress, objective=inputs.objective, runtime=config.runtime,
+                        int8=int8_kind)
+    unmeasurable = unmeasurable_under_int8(probes)
+    for axis, gain in unmeasurable.items():
+        logger.info("%s adds nothing measurable over int8 alone in %s (at best %.2fx over it): left out of the plans with int8",
+                    axis, config.runtime, gain)
     split = split_target(probes, target, total=total, fixed=fixed, required=("channels",) if config.channel_ratio is not None else (), hint=hint)
     logger.info("split: %s", split.as_dict())
+    if "int8" in split.levels and all(split.levels[axis] == 1 for axis in AXES):
+        logger.info("int8 alone is the cheapest way to the target here: no structured axis is applied")
 
     student = copy.deepcopy(model).eval()
     schedule, planning = None, {"concentration": 1.0}
@@ -342,12 +433,18 @@ def compress_composed(model: nn.Module, config: LowRankCait, inputs: Inputs) -> 
                                    objective=inputs.objective).to("cpu")
     measured = None
     full_map_after = full_maps_read(student, schedule) if schedule is not None and reads_patch_tokens(student) else None
+    int8 = None
+    if "int8" in split.levels:
+        with token_merging(student, schedule, full_map_after=full_map_after):
+            int8 = plan_int8(student, int8_kind, calibration, objective=inputs.objective, progress=progress)
+    timed_as = None if int8 is None else lambda float_model: quantize_int8(float_model, int8.kind, keep_float=int8.keep_float)
     if config.speedup is not None and "tokens" in axes:
         schedule, measured = meet_speedup(model, student, merge, config.speedup, schedule, device, concentration=planning["concentration"],
-                                          first_level=planning.get("first_level", 1), full_map_after=full_map_after)
+                                          first_level=planning.get("first_level", 1), full_map_after=full_map_after, runtime=config.runtime,
+                                          timed_as=timed_as)
         planning = {"measured_speedup": round(measured, 3), **planning}
     elif config.speedup is not None:
-        timing = steady_timing(model, student, device=device)
+        timing = steady_timing(model, student if timed_as is None else timed_as(student), device=device, runtime=config.runtime)
         measured = timing.ratio
         if timing.noisy:
             logger.warning("the speed-up timings stay unstable (ratio spread %.0f%%): the machine is busy, so the measured %.2fx "
@@ -358,9 +455,11 @@ def compress_composed(model: nn.Module, config: LowRankCait, inputs: Inputs) -> 
     if schedule is not None:
         apply_token_merging(student, schedule, notes=planning, full_map_after=full_map_after)
     record_step(student, {"method": STEP, "target": {k: v for k, v in target.__dict__.items() if v is not None}, **split.as_dict(),
-                          "measured_speedup": None if measured is None else round(measured, 3),
+                          "measured_speedup": None if measured is None else round(measured, 3), "runtime": config.runtime,
+                          "int8": None if int8 is None else int8.as_dict(), "unmeasurable_under_int8": {k: round(v, 3) for k, v in unmeasurable.items()},
                           "probes": [{**probe.__dict__, "cost": round(probe.cost, 6), "speedup": _rounded(probe.speedup, 3),
-                                      "flops_ratio": round(probe.flops_ratio, 4)} for probe in probes]})
+                                      "flops_ratio": round(probe.flops_ratio, 4), "int8_speedup": _rounded(probe.int8_speedup, 3)}
+                                     for probe in probes]})
     return student
 
 

@@ -152,6 +152,17 @@ class Method:
         (the demo's table shows it beside the example's note); empty when there is nothing to say."""
         return ""
 
+    @property
+    def plans_int8(self) -> bool:
+        """Whether this config decides the result's int8 itself (``planned_int8``), so that the
+        pipeline's own ``int8`` must not be given as well."""
+        return False
+
+    def planned_int8(self, compressed: nn.Module) -> tuple[str, tuple[str, ...]] | None:
+        """The int8 kind and the Linears to keep in float32 that this method planned for
+        ``compressed``, which the pipeline applies after any recovery; None for none."""
+        return None
+
     @classmethod
     def settings(cls) -> tuple[Setting, ...]:
         hints = typing.get_type_hints(cls)

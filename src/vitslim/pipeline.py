@@ -64,7 +64,8 @@ def compress(
     calibrate. ``recovery`` distils the original into the result over all of ``images``;
     ``int8`` then quantises its Linear weights (per output channel): ``"weight"`` (or ``True``)
     weight-only, the smallest file; ``"dynamic"`` activations too, at run time, for int8 matmuls
-    that run faster on CPU (``vitslim.deploy.quantize``). The result is on the CPU; the original is left
+    that run faster on CPU (``vitslim.deploy.quantize``). A method that plans int8 itself
+    (``lowrank+cait`` with an ``int8_axis``) has its planned int8 applied here instead. The result is on the CPU; the original is left
     as it was, on its own device.
 
     ``model`` may be a user's model holding the ViT (a dense head on a backbone): the ViT is
@@ -74,6 +75,8 @@ def compress(
     """
     config = configure(method, **options)
     int8_kind = _int8_kind(int8)
+    if int8_kind is not None and config.plans_int8:
+        raise ParameterError("int8", f"is planned by the {config.name} method here (its int8_axis); leave int8 out")
     check_objective(objective)
     if isinstance(calib_images, bool) or not (isinstance(calib_images, int) and calib_images >= 1):
         raise ParameterError("calib_images", f"must be at least 1 (got {calib_images})")
@@ -95,8 +98,13 @@ def compress(
     finally:
         model.to(home)
     compressed.to("cpu")
+    planned = config.planned_int8(compressed)
+    if planned is not None:
+        int8_kind, keep_float = planned
+    else:
+        keep_float = ()
     if int8_kind is not None:
-        compressed = quantize_int8(compressed, int8_kind)
+        compressed = quantize_int8(compressed, int8_kind, keep_float=keep_float)
     return compressed
 
 

@@ -30,7 +30,7 @@ from vitslim.cait.patch import token_merging
 from vitslim.cait.schedule import MergeSchedule, schedule_for_speedup
 from vitslim.errors import VitslimError
 from vitslim.io import image_batches
-from vitslim.lowrank.calibration import leading_images
+from vitslim.io.image_batches import leading_images
 from vitslim.measure.objective import mean_divergence
 
 logger = logging.getLogger("vitslim")

@@ -19,6 +19,7 @@ again, and when it stays noisy the schedule is not tightened on it
 from __future__ import annotations
 
 import logging
+from collections.abc import Callable
 
 from torch import nn
 
@@ -39,14 +40,16 @@ MAX_STEP = 1.15  # largest factor by which one round raises the predicted speed-
 NOISY_RETRIES = 2  # timings again when a measurement's ratio spread says the machine is busy
 
 
-def time_against(original: nn.Module, compressed: nn.Module, *, batch_size: int = 32, runs: int = 20, device: str = "cpu"):
-    """``compressed`` timed against ``original`` in one interleaved run: its ``BenchResult``
-    (``ratio``, ``ratio_spread``, ``noisy``). Under ``torchrun`` on rank 0 alone (ranks timing at
-    once would slow each other) and shared with the others, so all ranks take the same decisions."""
+def time_against(original: nn.Module, compressed: nn.Module, *, batch_size: int = 32, runs: int = 20, device: str = "cpu",
+                 runtime: str = "eager"):
+    """``compressed`` timed against ``original`` in one interleaved run in ``runtime``
+    (``vitslim.measure.runtimes``): its ``BenchResult`` (``ratio``, ``ratio_spread``, ``noisy``).
+    Under ``torchrun`` on rank 0 alone (ranks timing at once would slow each other) and shared
+    with the others, so all ranks take the same decisions."""
     from vitslim.measure.bench import benchmark
 
     return on_main(lambda: benchmark([("original", original), ("compressed", compressed)], batch_size=batch_size, runs=runs,
-                                     device=device, progress=False)[1])
+                                     device=device, progress=False, runtime=runtime)[1])
 
 
 def measured_speedup(original: nn.Module, compressed: nn.Module, *, batch_size: int = 32, runs: int = 20, device: str = "cpu") -> float:
@@ -54,12 +57,12 @@ def measured_speedup(original: nn.Module, compressed: nn.Module, *, batch_size: 
     return time_against(original, compressed, batch_size=batch_size, runs=runs, device=device).ratio
 
 
-def steady_timing(original: nn.Module, compressed: nn.Module, *, device: str = "cpu", label: str = ""):
+def steady_timing(original: nn.Module, compressed: nn.Module, *, device: str = "cpu", label: str = "", runtime: str = "eager"):
     """``time_against``, timed again up to ``NOISY_RETRIES`` times while the timings are unstable
     (``BenchResult.noisy``: the machine is busy); the steadiest of the runs."""
     attempts = []
     for attempt in range(1 + NOISY_RETRIES):
-        attempts.append(time_against(original, compressed, device=device))
+        attempts.append(time_against(original, compressed, device=device, runtime=runtime))
         if not attempts[-1].noisy:
             break
         if is_main() and attempt < NOISY_RETRIES:
@@ -70,11 +73,14 @@ def steady_timing(original: nn.Module, compressed: nn.Module, *, device: str = "
 
 def meet_speedup(original: nn.Module, student: nn.Module, merge: str, speedup: float, schedule: MergeSchedule | None, device: str, *,
                  concentration: float = 1.0, first_level: int = 1, dense: bool | None = None,
-                 full_map_after: tuple[int, ...] | None = None) -> tuple[MergeSchedule | None, float]:
+                 full_map_after: tuple[int, ...] | None = None, runtime: str = "eager",
+                 timed_as: Callable[[nn.Module], nn.Module] | None = None) -> tuple[MergeSchedule | None, float]:
     """``schedule``, merged more (keeping its ``concentration`` and ``first_level``) until ``student`` merging on it
     measures ``AIM`` of the target against ``original``; and its last measurement. ``student``
     must not be merging tokens; it merges only while it is timed, in the ``dense`` mode, handing the
     full map on after the blocks ``full_map_after`` names (``cait.patch.apply_token_merging``).
+    Both are timed in ``runtime``; ``timed_as`` gives the form of the merging student that is timed
+    (its int8 copy, when int8 is planned to follow).
 
     Timings that stay unstable (a busy machine: ``steady_timing``) never tighten the schedule: a
     noisy shortfall says nothing about the schedule, and merging more on it would trade accuracy
@@ -89,7 +95,7 @@ def meet_speedup(original: nn.Module, student: nn.Module, merge: str, speedup: f
             progress_log.info("measuring the speed-up against the original (%d of at most %d), target %.2fx", number, MEASURE_ROUNDS + 1,
                               speedup)
         with token_merging(student, candidate, dense=dense, full_map_after=full_map_after):
-            result = steady_timing(original, student, device=device)
+            result = steady_timing(original, student if timed_as is None else timed_as(student), device=device, runtime=runtime)
         if is_main():
             progress_log.info("measured %.2fx (target %.2fx, ratio spread %.0f%%)", result.ratio, speedup, 100 * result.ratio_spread)
         return result

@@ -17,6 +17,7 @@ difference, top-1 agreement) and ``vitslim export --int8 dynamic`` checks the re
 
 from __future__ import annotations
 
+import ast
 import contextlib
 import copy
 import io
@@ -35,7 +36,7 @@ from torch import nn
 from vitslim._infra.atomic import atomic_file
 from vitslim.adapters import describe
 from vitslim.adapters.base import primary_output
-from vitslim.deploy.quantize import weight_only_matmuls
+from vitslim.deploy.quantize import dequantised, int8_layers, weight_only_matmuls
 from vitslim.errors import ParameterError, VitslimError
 
 ONNX_INT8_KINDS = ("dynamic",)
@@ -116,8 +117,11 @@ def export_onnx(model: nn.Module, path: str | os.PathLike, *, batch_size: int = 
     a dynamic batch dimension. ``batch_size`` only shapes the example input used for tracing.
 
     ``int8="dynamic"``: the float graph goes through ``quantize_onnx_dynamic`` before it lands at
-    ``path`` (int8 matmuls under ONNX Runtime). A model already holding int8 layers
-    (``quantize_int8``) exports as float matmuls over its dequantised weights either way.
+    ``path`` (int8 matmuls under ONNX Runtime). For a model already holding int8 layers
+    (``quantize_int8``) exactly those layers become int8 MatMuls, over the same int8 weights and
+    scales (``quantize.dequantised``), and the Linears it keeps in float stay float. Without
+    ``int8``, int8 layers export as float matmuls over their dequantised weights (the computation
+    PyTorch checks the file against).
     """
     if int8 is not None and int8 not in ONNX_INT8_KINDS:
         raise ParameterError("int8", f"must be None or 'dynamic' (for the smallest file, quantise the model itself: "
@@ -129,9 +133,10 @@ def export_onnx(model: nn.Module, path: str | os.PathLike, *, batch_size: int = 
         raise VitslimError(f"{path} is a folder; give the ONNX file's path (e.g. {path / 'model.onnx'})")
     if int8 == "dynamic":
         _require("onnxruntime")
+        layers = int8_layers(model)
         with tempfile.TemporaryDirectory(prefix=f".{path.stem}.", dir=path.resolve().parent) as scratch:
-            float_graph = export_onnx(model, Path(scratch) / "float.onnx", batch_size=batch_size, verbose=verbose)
-            return quantize_onnx_dynamic(float_graph, path)
+            float_graph = export_onnx(dequantised(model) if layers else model, Path(scratch) / "float.onnx", batch_size=batch_size, verbose=verbose)
+            return quantize_onnx_dynamic(float_graph, path, modules=list(layers) if layers else None)
     spec = describe(model)
     model.eval()
     example = torch.randn(batch_size, *spec.preprocessing.input_size, device=next(model.parameters()).device)
@@ -162,7 +167,7 @@ class _HidePreprocessingAdvice(logging.Filter):
         return "pre-processing before quantization" not in record.getMessage()
 
 
-def quantize_onnx_dynamic(source: str | os.PathLike, target: str | os.PathLike) -> Path:
+def quantize_onnx_dynamic(source: str | os.PathLike, target: str | os.PathLike, *, modules: list[str] | None = None) -> Path:
     """Write ``source`` (a float ONNX file) to ``target`` with ONNX Runtime's dynamic int8
     quantisation: every MatMul with a constant weight (each Linear, low-rank factors included) gets
     int8 weights with one scale per output channel and uint8 activations quantised at run time;
@@ -170,24 +175,56 @@ def quantize_onnx_dynamic(source: str | os.PathLike, target: str | os.PathLike) 
     convolution, as in PyTorch's int8 (ONNX Runtime's ConvInteger made deit_small slower here:
     1.49x float instead of 1.68x with MatMuls alone). On an x86 CPU without an int8 dot-product
     instruction the weights are unsigned (``onnx_weight_type``): the file is made for the CPU it
-    is written and checked on. Written under a temporary name, then renamed."""
+    is written and checked on. ``modules`` (qualified names in the exported model) limits the
+    quantisation to those Linears' MatMuls; None quantises every one. Written under a temporary
+    name, then renamed."""
     _require("onnxruntime")
     from onnxruntime.quantization import QuantType, quantize_dynamic
 
     target = Path(target)
     if target.is_dir():
         raise VitslimError(f"{target} is a folder; give the ONNX file's path (e.g. {target / 'model-int8.onnx'})")
+    nodes = None if modules is None else matmuls_of(source, modules)
     advice = _HidePreprocessingAdvice()
 
     def write(partial: Path) -> None:
         logging.getLogger().addFilter(advice)
         try:
             quantize_dynamic(str(source), str(partial), per_channel=True, weight_type=getattr(QuantType, onnx_weight_type(cpu_flags())),
-                             op_types_to_quantize=["MatMul"])
+                             op_types_to_quantize=["MatMul"], nodes_to_quantize=nodes)
         finally:
             logging.getLogger().removeFilter(advice)
 
     return atomic_file(target, write)
+
+
+# the torch.onnx exporter (dynamo) records on every node the module scopes it was traced in
+_NAME_SCOPES = "pkg.torch.onnx.name_scopes"
+
+
+def matmuls_of(path: str | os.PathLike, modules: list[str]) -> list[str]:
+    """The MatMul and Gemm nodes of the exported file ``path`` that compute the Linears ``modules``
+    (qualified names in the model ``export_onnx`` was given): the nodes whose innermost module
+    scope is one of them (ONNX Runtime's quantiser turns a Gemm into an int8 MatMul).
+    If none of the names is found, the file was not written by this exporter, and quantising
+    nothing would pass a float file off as int8."""
+    import onnx
+
+    wanted = {f"model.{name}" for name in modules}  # export_onnx wraps the model as OutputOnly.model
+    nodes = []
+    for node in onnx.load(str(path), load_external_data=False).graph.node:
+        if node.op_type not in ("MatMul", "Gemm"):
+            continue
+        scopes = next((entry.value for entry in node.metadata_props if entry.key == _NAME_SCOPES), "")
+        innermost = next((scope for scope in reversed(ast.literal_eval(scopes or "[]")) if scope.startswith("model")), None)
+        if innermost in wanted:
+            nodes.append(node.name)
+            if node.op_type == "Gemm":  # the quantiser first rewrites a Gemm as a MatMul of this name, which it then selects by name
+                nodes.append(f"{node.name}_MatMul")
+    if modules and not nodes:
+        raise VitslimError(f"{path}: none of its MatMuls is traced to the int8 layers ({', '.join(modules[:3])}, ...); "
+                           "export the model with vitslim.export_onnx")
+    return nodes
 
 
 @dataclass(frozen=True)
@@ -384,14 +421,15 @@ def export_checked_onnx(model: nn.Module, path: str | os.PathLike, images: torch
 
     def export_and_check(unchecked: Path) -> None:
         with tempfile.TemporaryDirectory(prefix=f".{path.stem}.", dir=unchecked.parent) as scratch:
-            float_graph = export_onnx(model, Path(scratch) / "float.onnx") if int8 else export_onnx(model, unchecked)
+            layers = list(int8_layers(model)) or None
+            float_graph = export_onnx(dequantised(model) if int8 and layers else model, Path(scratch) / "float.onnx" if int8 else unchecked)
             checks["float"] = check = check_onnx(model, float_graph, images, tolerance)
             if not check.passed:
                 before = " before quantisation" if int8 else ""
                 raise ParameterError("tolerance", f"is {tolerance:g}, but the ONNX graph's output{before} differs from PyTorch's: {check}; "
                                                   f"{path} was not written")
             if int8:
-                quantize_onnx_dynamic(float_graph, unchecked)
+                quantize_onnx_dynamic(float_graph, unchecked, modules=layers)
         if int8:
             checks["int8"] = comparison = compare_onnx(model, unchecked, images)
             if not comparison.relative_error <= int8_tolerance:

@@ -30,6 +30,7 @@ from __future__ import annotations
 import contextlib
 import math
 import warnings
+from collections.abc import Collection
 
 import torch
 from torch import nn
@@ -219,15 +220,17 @@ def check_kind(kind: object, parameter: str = "kind") -> str:
     return kind
 
 
-def quantize_int8(model: nn.Module, kind: str = "weight") -> nn.Module:
+def quantize_int8(model: nn.Module, kind: str = "weight", *, keep_float: Collection[str] = ()) -> nn.Module:
     """A copy of ``model`` (the original is left untouched) whose Linears hold int8 weights.
 
     Symmetric, per output channel; biases, norms, embeddings and the patch convolution stay in
     floating point. ``kind="weight"`` dequantises the weights on every call (smallest file, no
     faster); ``kind="dynamic"`` also quantises the activations at run time and runs int8 matmuls
-    (same file size, faster on CPU). ``count_params`` is unchanged (the scales are buffers); the
-    safetensors file shrinks about 4x where Linears dominate. The list of quantised modules is the
-    result's last recipe step, which ``vitslim.save`` writes.
+    (same file size, faster on CPU). ``keep_float`` names Linears to leave in float32 (those
+    whose int8 error the model's output cannot afford: ``vitslim.deploy.int8_fallback``).
+    ``count_params`` is unchanged (the scales are buffers); the safetensors file shrinks about 4x
+    where Linears dominate. The list of quantised modules is the result's last recipe step, which
+    ``vitslim.save`` writes.
     """
     layer = LAYERS[check_kind(kind)]
     if isinstance(model, nn.Linear):
@@ -238,17 +241,50 @@ def quantize_int8(model: nn.Module, kind: str = "weight") -> nn.Module:
         if family is not None:  # a packed nn.MultiheadAttention's projections become Linears, quantised as timm's are
             family.unpack_attention(quantised)
         linears = replaceable_linears(quantised)
+        unknown = sorted(set(keep_float) - set(linears))
+        if unknown:
+            raise ParameterError("keep_float", f"names {', '.join(unknown)}, which are not Linears int8 could quantise in this model")
         if not linears:
             already = any(isinstance(m, Int8Linear) for m in quantised.modules())
             raise VitslimError(
                 "the model has no nn.Linear layer left to quantise to int8"
                 + (" (it is already int8-quantised)" if already else " (int8 quantisation covers Linear layers only)")
             )
+        names = [name for name in linears if name not in set(keep_float)]
+        if not names:
+            raise ParameterError("keep_float", "keeps every Linear in float32, which leaves nothing to quantise")
         _prepare(quantised)
-        names = list(linears)
         _replace_all(quantised, names, lambda name, linear: layer.from_linear(linear))
     record_step(quantised, {"method": STEP, "kind": kind, "modules": names})
     return quantised
+
+
+def int8_layers(model: nn.Module) -> dict[str, str]:
+    """The int8 layers of ``model`` by qualified name, with their kind ("weight" or "dynamic")."""
+    return {name: "dynamic" if isinstance(module, DynamicInt8Linear) else "weight"
+            for name, module in model.named_modules() if isinstance(module, Int8Linear)}
+
+
+def dequantised(model: nn.Module) -> nn.Module:
+    """A copy of ``model`` whose int8 layers are plain float Linears holding the dequantised
+    weights: the same function as the weight-only computation, with the weights as constants. ONNX
+    Runtime's quantiser quantises a MatMul only when its weight is a constant, and re-quantising
+    ``q * s`` per output channel gives back ``q`` and ``s``, so its int8 file runs the same int8
+    weights (``vitslim.deploy.export.export_onnx(..., int8="dynamic")``)."""
+    twin = copy_model(model)
+    names = list(int8_layers(twin))
+
+    def dense(name: str, layer: Int8Linear) -> nn.Linear:
+        linear = nn.Linear(layer.in_features, layer.out_features, layer.bias is not None, device=layer.weight.device)
+        with torch.no_grad():
+            linear.weight.copy_(layer.dequantized_weight())
+            if layer.bias is not None:
+                linear.bias.copy_(layer.bias.float())
+        return linear
+
+    with replacing_modules(twin):
+        _replace_all(twin, names, dense)
+    return twin
 
 
 def _summary(step: dict) -> str:

@@ -7,7 +7,7 @@ drops the images a source could not decode from their batch and counts them.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 from typing import TYPE_CHECKING, Any, NamedTuple
 
 import torch
@@ -120,3 +120,18 @@ def _collate_readable(batch: list[tuple[torch.Tensor | None, int]]) -> Batch:
     images = torch.stack([image for image, _ in kept]) if kept else None
     labels = torch.tensor([label for _, label in kept], dtype=torch.long)
     return Batch(images, labels, len(batch) - len(kept))
+
+
+def leading_images(batches: Iterable, count: int, device: str | torch.device = "cpu") -> list[torch.Tensor]:
+    """The first ``count`` images of ``batches`` (fewer if they run out), batch by batch; a
+    loader's batch whose every image was unreadable (``None``) is passed over."""
+    images = []
+    for batch in batches:
+        if count <= 0:
+            break
+        readable = as_batch(batch, "a calibration batch").images
+        if readable is None:
+            continue
+        images.append(readable[:count].to(device))
+        count -= images[-1].shape[0]
+    return images

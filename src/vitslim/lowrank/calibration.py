@@ -80,21 +80,6 @@ def images_of(batch) -> torch.Tensor:
     return images
 
 
-def leading_images(batches: Iterable, count: int, device: str | torch.device = "cpu") -> list[torch.Tensor]:
-    """The first ``count`` images of ``batches`` (fewer if they run out), batch by batch; a
-    loader's batch whose every image was unreadable (``None``) is passed over."""
-    images = []
-    for batch in batches:
-        if count <= 0:
-            break
-        readable = as_batch(batch, "a calibration batch").images
-        if readable is None:
-            continue
-        images.append(readable[:count].to(device))
-        count -= images[-1].shape[0]
-    return images
-
-
 @torch.no_grad()
 def collect_grams(model: nn.Module, linears: dict[str, nn.Linear], batches: Iterable, *, min_images: int = 1, fraction: float = 1.0,
                   progress: bool = True) -> dict[str, GramStats]:

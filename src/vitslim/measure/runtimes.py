@@ -27,6 +27,7 @@ from torch import nn
 from vitslim._infra.progress import logger as progress_log
 from vitslim.adapters import describe
 from vitslim.deploy import export
+from vitslim.deploy.quantize import int8_layers
 from vitslim.errors import ParameterError, VitslimError
 from vitslim.io import recipe as recipes
 
@@ -131,8 +132,10 @@ def checked_onnx(name: str, model: nn.Module, cache: Path, tolerance: float) -> 
     """The model's cached ONNX file, once it passes ``export.check_onnx`` (the rule ``vitslim
     export`` applies too) within ``tolerance`` on a few random images; a clear error otherwise."""
     model.to("cpu", torch.float32).eval()
-    path, reused = cached_onnx(model, cache)
     images = torch.randn(ONNX_CHECK_IMAGES, *describe(model).preprocessing.input_size, generator=torch.Generator().manual_seed(1))
+    if "dynamic" in int8_layers(model).values():
+        return _checked_int8_onnx(name, model, cache, tolerance, images)
+    path, reused = cached_onnx(model, cache)
     try:
         check = export.check_onnx(model, path, images, tolerance)
     except Exception as error:  # ONNX Runtime's own types (InvalidProtobuf, Fail, ...) for a damaged file
@@ -149,6 +152,33 @@ def checked_onnx(name: str, model: nn.Module, cache: Path, tolerance: float) -> 
     if not check.passed:
         raise VitslimError(f"{name}: its ONNX export ({path}) differs from PyTorch on {ONNX_CHECK_IMAGES} random images: {check}; "
                            "timing it would time a different computation")
+    return path
+
+
+def _checked_int8_onnx(name: str, model: nn.Module, cache: Path, tolerance: float, images: torch.Tensor) -> Path:
+    """A model holding dynamic int8 layers as ONNX Runtime runs it: its int8 layers as int8
+    MatMuls (``export_onnx(..., int8="dynamic")``), the rest float. Its float graph must pass
+    ``check_onnx`` and the int8 file stay within ``export.INT8_TOLERANCE`` of PyTorch's float output
+    (``export.export_checked_onnx``); a cached file is checked again by the second rule."""
+    path = cache / f"{onnx_cache_key(model)[:32]}-int8.onnx"
+    if path.is_file():
+        try:
+            comparison = export.compare_onnx(model, path, images)
+        except Exception:  # a damaged cache entry: written again below
+            comparison = None
+        if comparison is not None and comparison.relative_error <= export.INT8_TOLERANCE:
+            logger.info("reusing %s", path)
+            return path
+        path.unlink(missing_ok=True)
+    try:
+        cache.mkdir(parents=True, exist_ok=True)
+    except OSError as error:
+        raise ParameterError("onnx_cache", f"is {cache}, which cannot be written ({error.strerror}); choose another") from None
+    progress_log.info("exporting %s to ONNX for ONNX Runtime, its int8 layers as int8 MatMuls", type(model).__name__)
+    try:
+        export.export_checked_onnx(model, path, images, tolerance=tolerance, int8="dynamic")
+    except ParameterError as error:
+        raise VitslimError(f"{name}: {error}; timing it would time a different computation") from None
     return path
 
 
