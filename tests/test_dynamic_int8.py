@@ -187,7 +187,7 @@ def test_export_command_refuses_an_int8_file_beyond_its_tolerance_and_bad_flags(
     assert "error: --int8-tolerance is 1e-09, but the int8 file's output differs" in capsys.readouterr().err
     assert sorted(p.name for p in tmp_path.iterdir()) == ["lowrank"]  # nothing half-written left
     assert main(["export", str(folder), "--onnx", str(refused), "--int8", "bogus"]) == 2
-    assert "'bogus' is not 'dynamic'" in capsys.readouterr().err
+    assert "'bogus' is not one of 'dynamic', 'none'" in capsys.readouterr().err
     assert main(["export", str(folder), "--torch-export", str(tmp_path / "m.pt2"), "--int8", "dynamic"]) == 2
     assert "give --onnx FILE too" in capsys.readouterr().err
 

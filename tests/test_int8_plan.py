@@ -16,7 +16,6 @@ from conftest import COMPRESSIBLE, outputs, tiny_vit
 from plain_vit import write_random_images
 
 import vitslim
-import vitslim.lowrank_cait as lowrank_cait
 from vitslim.deploy.export import INT8_TOLERANCE, compare_onnx, export_checked_onnx, export_onnx, matmuls_of
 from vitslim.deploy.int8_fallback import outliers, plan_int8
 from vitslim.deploy.quantize import int8_layers, quantize_int8
@@ -215,6 +214,7 @@ def images(tmp_path_factory):
     (dict(flops_ratio=0.5, int8_axis="dynamic"), "int8_axis needs a speedup target"),
     (dict(speedup=1.5, int8_axis="float16"), "int8_axis is 'float16'"),
     (dict(speedup=1.5, runtime="tensorrt"), "runtime is 'tensorrt'"),
+    (dict(speedup=1.5, ladders={"tokens": (1.3,)}), "ladders must give levels for every axis probed: lowrank, tokens"),
 ])
 def test_bad_int8_axis_and_runtime_settings_are_refused(settings, message):
     with pytest.raises(VitslimError, match=message):
@@ -260,11 +260,11 @@ runtimes_seen: list[str] = []
 # than they are apart, so the composed case merges tokens only: its int8 file can be checked
 @pytest.mark.parametrize("speedup, axes, alone", [(1.8, ("lowrank", "tokens"), True), (2.4, ("tokens",), False)])
 def test_the_plan_chooses_int8_alone_or_composes_and_the_pipeline_applies_it(images, tmp_path, monkeypatch, speedup, axes, alone):
-    monkeypatch.setattr(lowrank_cait, "LEVELS", {"channels": (0.7,), "lowrank": (0.5,), "tokens": (1.3,)})
     monkeypatch.setattr(bench, "benchmark", _speed_by_flops)
     runtimes_seen.clear()
     model = tiny_vit(name="vit_tiny_patch16_224", **COMPRESSIBLE)
-    config = vitslim.LowRankCait(speedup=speedup, int8_axis="dynamic", runtime="compile", probe_images=8, axes=axes)
+    config = vitslim.LowRankCait(speedup=speedup, int8_axis="dynamic", runtime="compile", probe_images=8, axes=axes,
+                                 ladders={"lowrank": (0.5,), "tokens": (1.3,)})
     compressed = vitslim.compress(model, config, vitslim.open_images(images, model=model), calib_images=16, progress=False)
     step = find_step(compressed, "lowrank+cait")
     assert set(runtimes_seen) == {"compile"} and step["runtime"] == "compile"
@@ -281,3 +281,34 @@ def test_the_plan_chooses_int8_alone_or_composes_and_the_pipeline_applies_it(ima
         written = export_checked_onnx(reloaded, tmp_path / "planned.onnx", probe, int8="dynamic")
         assert written.float_check.passed and written.int8.relative_error < INT8_TOLERANCE
         assert _ops(written.path)["MatMulInteger"] > 0
+
+
+def test_the_export_command_writes_a_dynamic_int8_model_as_int8_matmuls_unless_told_not_to(tmp_path, capsys):
+    from vitslim.apps.cli import main
+
+    folder = vitslim.save(quantize_int8(tiny_vit(seed=0), "dynamic", keep_float=[KEPT]), tmp_path / "int8")
+    assert main(["export", str(folder), "--onnx", str(tmp_path / "m.onnx")]) == 0
+    assert "writing them as int8 MatMuls" in capsys.readouterr().out
+    assert _ops(tmp_path / "m.onnx")["MatMulInteger"] == len(int8_layers(vitslim.load_model(str(folder))))
+    assert main(["export", str(folder), "--onnx", str(tmp_path / "f.onnx"), "--int8", "none"]) == 0
+    assert _ops(tmp_path / "f.onnx")["MatMulInteger"] == 0 and "max abs difference" in capsys.readouterr().out
+
+
+def test_a_model_that_merges_tokens_with_low_rank_factors_and_int8_exports_as_one_checked_int8_file(tmp_path):
+    """What a plan with all three builds (merging, factors, int8), exported as one file. Plain SVD
+    factors: int8 of a tiny random model's *whitened* factors (large entries in directions its
+    calibration hardly used) moves its logits more than they are apart, which says nothing of
+    the export."""
+    from vitslim.cait.patch import apply_token_merging
+    from vitslim.cait.schedule import schedule_for_speedup
+    from vitslim.lowrank.compress import SVD, compress_lowrank
+
+    factored = compress_lowrank(tiny_vit(**COMPRESSIBLE), [], SVD(param_ratio=0.5, rank_multiple=4), progress=False)
+    merging = apply_token_merging(factored, schedule_for_speedup(vitslim.describe(factored), "atme", 1.3))
+    planned = quantize_int8(merging, "dynamic")
+    images = torch.randn(8, 3, 32, 32, generator=torch.Generator().manual_seed(4))
+    written = export_checked_onnx(planned, tmp_path / "planned.onnx", images, int8="dynamic")
+    assert written.float_check.passed and written.int8.relative_error < INT8_TOLERANCE and written.int8.top1_agreement >= 0.75
+    # every factor (down and up of each factorised Linear) is an int8 MatMul
+    assert _ops(written.path)["MatMulInteger"] == len(int8_layers(planned))
+    assert any(name.endswith(".down") for name in int8_layers(planned))

@@ -13,7 +13,7 @@ from vitslim._compat import import_torchvision
 
 import_torchvision()  # before anything imports timm; see vitslim._compat
 
-__version__ = "0.4.2"
+__version__ = "0.5.0"
 
 from vitslim.adapters import describe  # noqa: E402
 from vitslim.cait.compress import Cait  # noqa: E402

@@ -310,6 +310,8 @@ class LowRankCait(ParameterBudget):
                                                               "quantise the Linears, applied after any recovery with the Linears whose "
                                                               "int8 the output cannot afford kept in float32, and drops a structured "
                                                               "axis that adds nothing measurable over int8 alone.")
+    ladders: dict | None = setting(None, "The levels each axis is probed at ({axis: levels}); default LEVELS. Fewer levels are fewer "
+                                         "probes to build and time (each one exported too in onnxruntime).", cli=False)
     probe_images: int = setting(PROBE_IMAGES, "Calibration images each probe is scored on.", cli=False)
     probe_runs: int = setting(20, "Timed rounds of the probes' speed run.", cli=False)
 
@@ -323,6 +325,9 @@ class LowRankCait(ParameterBudget):
         unknown = set(self.axes) - set(AXES)
         if unknown or not self.axes:
             raise ParameterError("axes", f"names unknown axes {sorted(unknown)}; choose from {', '.join(AXES)}")
+        probed = [axis for axis in self.axes if axis != "channels" or self.pruning]
+        if self.ladders is not None and not all(self.ladders.get(axis) for axis in probed):
+            raise ParameterError("ladders", f"must give levels for every axis probed: {', '.join(probed)}")
         if self.channel_ratio is not None and not (0 < self.channel_ratio < 1 and self.pruning and "channels" in self.axes):
             raise ParameterError("channel_ratio", "must lie in (0, 1), and channel pruning needs gate_training and the channels axis")
         if self.plans_int8 and self.speedup is None:
@@ -400,7 +405,7 @@ def compress_composed(model: nn.Module, config: LowRankCait, inputs: Inputs) -> 
         axes = tuple(axis for axis in axes if axis != "channels")
         hint = ", or give gate training so that channels can be pruned too"
         logger.info("channels are not pruned: CDCP trains its gates, and no gate training was given")
-    ladders = {axis: LEVELS[axis] for axis in axes}
+    ladders = {axis: tuple((config.ladders or LEVELS)[axis]) for axis in axes}
     if config.channel_ratio is not None:
         ladders["channels"] = (config.channel_ratio,)
     int8_kind = config.int8_axis if config.plans_int8 else None

@@ -399,9 +399,11 @@ def sweep_command(model, data, eval_data, budgets, out, references, calib_images
 @click.option("--check-images", default=8, show_default=True, callback=_positive("--check-images"), help="Random images the file and PyTorch both run.")
 @click.option("--tolerance", default=ONNX_TOLERANCE, show_default=True, type=float, callback=_tolerance("--tolerance"),
               help="Largest absolute logit difference accepted (float files).")
-@click.option("--int8", type=click.Choice(["dynamic"]),
+@click.option("--int8", type=click.Choice(["dynamic", "none"]),
               help="Quantise the ONNX file with ONNX Runtime's dynamic int8 (int8 weights per output channel, activations at run "
-                   "time): int8 matmuls, faster on CPU. It is checked against --int8-tolerance instead of --tolerance.")
+                   "time): int8 matmuls, faster on CPU. It is checked against --int8-tolerance instead of --tolerance. Default: "
+                   "'dynamic' for a model holding dynamic int8 layers (compress --int8 dynamic, or planned by lowrank+cait), whose "
+                   "int8 layers, and only those, become int8 MatMuls; 'none' otherwise.")
 @click.option("--int8-tolerance", default=INT8_TOLERANCE, show_default=True, type=float, callback=_tolerance("--int8-tolerance"),
               help="Largest relative output error ||int8 - float|| / ||float|| on the check images accepted for an --int8 "
                    "file: a guard against a broken file, not an accuracy promise (see docs/export.md).")
@@ -419,12 +421,18 @@ def export_command(model, onnx_path, program_path, check_images, tolerance, int8
     from vitslim._infra.atomic import atomic_file
     from vitslim.adapters import describe
     from vitslim.deploy.export import export_checked_onnx, export_program, program_max_abs_diff
+    from vitslim.deploy.quantize import int8_layers
 
     if onnx_path is None and program_path is None:
         raise VitslimError("say what to write: --onnx FILE and/or --torch-export FILE")
-    if int8 is not None and onnx_path is None:
+    if int8 == "dynamic" and onnx_path is None:
         raise VitslimError(f"--int8 {int8} quantises the ONNX file; give --onnx FILE too")
     loaded = _load(model, pretrained=pretrained)
+    if int8 is None and onnx_path is not None and "dynamic" in int8_layers(loaded).values():
+        int8 = "dynamic"
+        click.echo("the model holds dynamic int8 layers: writing them as int8 MatMuls (--int8 none writes float matmuls over their "
+                   "dequantised weights)")
+    int8 = None if int8 == "none" else int8
     images = torch.randn(check_images, *describe(loaded).preprocessing.input_size, generator=torch.Generator().manual_seed(0))
     if onnx_path is not None:
         written = export_checked_onnx(loaded, onnx_path, images, tolerance=tolerance, int8=int8, int8_tolerance=int8_tolerance)

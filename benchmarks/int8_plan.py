@@ -1,0 +1,136 @@
+"""int8 in the plan, measured in ONNX Runtime on dinov2-s14's saliency model (issue #28).
+
+Every row is an ONNX file that ONNX Runtime runs, timed against the float32 ONNX original in
+one interleaved ``vitslim.benchmark(..., runtime="onnxruntime")`` run (batch ``--batch-size``,
+median of ``--runs`` rounds), and scored by running *that file* on the reported images: its maps
+against the original PyTorch model's (Pearson r, IoU@0.8, MAE), so ONNX Runtime's own int8
+arithmetic is what is judged. Calibration and every choice use ImageNet sample images 0-499
+(``--calib-images`` of them, seeded); images 500-999 are reported (``--report``).
+
+Rows:
+
+- **dynamic int8, every Linear**: what ``vitslim export --int8 dynamic`` writes;
+- **dynamic int8, float32 fallback**: ``deploy.int8_fallback.plan_int8`` on the calibration
+  images, the Linears it keeps in float32 exported float;
+- **lowrank+cait at each ``--plans`` target** (``runtime="onnxruntime"``, ``int8_axis="dynamic"``,
+  training-free, low-rank and token axes probed at ``LADDERS``: each probe is exported and timed
+  twice, float and int8, so the default ladders would take hours here): the plan's choice, the
+  speed-up it measured when it stopped, and the one this run measures.
+
+    .venv/bin/python benchmarks/int8_plan.py            # results/int8-plan/int8-plan.md
+"""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+
+import common
+import torch
+from common import Column, Rows
+from dinov2_dense import dense_data
+from dinov2_saliency import IMAGENET, MODEL, THRESHOLD, load_saliency
+
+import vitslim
+from vitslim.deploy.export import export_checked_onnx
+from vitslim.deploy.int8_fallback import plan_int8
+from vitslim.deploy.quantize import quantize_int8
+from vitslim.io import image_batches
+from vitslim.io.recipe import find_step
+from vitslim.measure.fidelity import MapFidelity
+from vitslim.measure.runtimes import onnx_session
+
+RESULTS = common.RESULTS / "int8-plan"
+LADDERS = {"lowrank": (0.8, 0.6, 0.5, 0.4), "tokens": (1.3, 1.6, 2.0, 2.3)}
+COLUMNS = (Column("variant", "variant"), Column("choice", "choice", missing="-"),
+           Column("pearson", "Pearson r", "{:.4f}"), Column("iou", f"IoU@{THRESHOLD}", "{:.3f}"), Column("mae", "MAE", "{:.4f}"),
+           Column("planned", "speed-up the plan measured", "{:.2f}x", "-"), Column("speedup", "measured speed-up (ORT, vs float32 ORT)", "{:.2f}x", "-"),
+           Column("spread", "ratio spread", lambda v: f"{100 * v:.0f}%", "-"), Column("seconds", "compress s", "{:.0f}", "-"))
+
+
+def file_maps(path: Path, loader, teacher) -> dict:
+    """The maps ONNX Runtime computes from ``path`` on ``loader``'s images, scored against ``teacher``'s."""
+    session = onnx_session(path, threads=torch.get_num_threads(), device=torch.device("cpu"))
+    fidelity = MapFidelity(THRESHOLD)
+    with torch.no_grad():
+        for batch, _, _ in loader:
+            (maps,) = session.run(None, {"images": batch.numpy()})
+            fidelity.update(torch.from_numpy(maps), teacher(batch))
+    return fidelity.result()
+
+
+def main() -> None:
+    parser = common.argument_parser(__doc__)
+    parser.add_argument("--model", default=MODEL)
+    parser.add_argument("--imagenet", default=str(IMAGENET))
+    parser.add_argument("--calib-images", type=int, default=128)
+    parser.add_argument("--dense-train", type=int, default=500)
+    parser.add_argument("--dense-report", type=int, default=500)
+    parser.add_argument("--plans", type=float, nargs="*", default=[2.5])
+    parser.add_argument("--batch-size", type=int, default=16)
+    parser.add_argument("--runs", type=int, default=20)
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--out", default=str(RESULTS))
+    args = parser.parse_args()
+    out = Path(args.out)
+    files = out / "files"
+    files.mkdir(parents=True, exist_ok=True)
+    rows = Rows(out / "rows.json")
+    teacher = load_saliency(args.model)
+    spec = vitslim.describe(teacher)
+    train, report = dense_data(spec, args)
+    calibration = image_batches.make_loader(image_batches.select(train, limit=args.calib_images, seed=args.seed), 16)
+    loader = image_batches.make_loader(image_batches.select(report, limit=args.dense_report, seed=args.seed), 16)
+    check = torch.randn(4, *spec.preprocessing.input_size, generator=torch.Generator().manual_seed(1))
+
+    def add(key: str, label: str, model, seconds: float, **extra) -> None:
+        path = files / f"{key}.onnx"
+        int8 = "dynamic" if key != "original" else None
+        if not path.is_file():
+            export_checked_onnx(model, path, check, int8=int8)
+        if rows.has(key=key):
+            return
+        score = file_maps(path, loader, teacher)
+        rows.add({"key": key, "variant": label, **{name: score[name] for name in ("pearson", "iou", "mae")}, "images": score["images"],
+                  "seconds": round(seconds, 1), **extra})
+        print(f"[int8-plan] {key}: pearson {score['pearson']:.4f}, IoU {score['iou']:.3f}, MAE {score['mae']:.4f}", flush=True)
+
+    add("original", "float32 ONNX original", teacher, 0.0)
+    started = time.perf_counter()
+    add("int8-all", "dynamic int8, every Linear", quantize_int8(teacher, "dynamic"), time.perf_counter() - started)
+    started = time.perf_counter()
+    planned = plan_int8(teacher, "dynamic", calibration)
+    add("int8-fallback", "dynamic int8, float32 fallback", quantize_int8(teacher, "dynamic", keep_float=planned.keep_float),
+        time.perf_counter() - started, choice=", ".join(planned.keep_float) or "none kept float")
+    for target in args.plans:
+        key = f"plan-{target:g}"
+        if rows.has(key=key):
+            continue
+        started = time.perf_counter()
+        config = vitslim.LowRankCait(speedup=target, runtime="onnxruntime", int8_axis="dynamic", axes=("lowrank", "tokens"), ladders=LADDERS)
+        try:
+            compressed = vitslim.compress(teacher, config, train, calib_images=args.calib_images, seed=args.seed)
+        except vitslim.VitslimError as error:  # a target no probed combination reaches: the row says so
+            rows.add({"key": key, "variant": f"lowrank+cait {target:g}x (ORT, int8 axis)", "choice": f"refused: {error}",
+                      "seconds": round(time.perf_counter() - started, 1)})
+            continue
+        seconds = time.perf_counter() - started
+        vitslim.save(compressed, out / "models" / key)
+        step = find_step(compressed, "lowrank+cait")
+        add(key, f"lowrank+cait {target:g}x (ORT, int8 axis)", compressed, seconds, planned=step["measured_speedup"],
+            keep_float=(step.get("int8") or {}).get("keep_float"), choice=", ".join(f"{axis} {level:g}" for axis, level in step["levels"].items() if level != 1) or "nothing")
+    keys = [row["key"] for row in rows if (files / f"{row['key']}.onnx").is_file()]
+    results = vitslim.benchmark([(key, files / f"{key}.onnx") for key in keys], runtime="onnxruntime", batch_size=args.batch_size, runs=args.runs)
+    for result in results:
+        row = rows.find(key=result.model)
+        rows.update(row, speedup=result.ratio, spread=result.ratio_spread, noisy=result.noisy)
+    rows.save()
+    text = common.heading("int8 in the plan: dinov2-s14 saliency model in ONNX Runtime", __doc__.split("\n\n")[0]) + [
+        f"Command: `{common.rerun(parser, args)}`. Maps of each ONNX file on {rows.find(key='original')['images']} images of 500-999 "
+        f"against the PyTorch original's; calibration: {args.calib_images} seeded images of 0-{args.dense_train - 1}. Timing: batch "
+        f"{args.batch_size}, {args.runs} interleaved rounds, ratio to the float32 ONNX original.", ""]
+    common.write_table(out / "int8-plan.md", text + common.markdown_table(COLUMNS, list(rows)), {"rows": (COLUMNS, list(rows))}, echo=True)
+
+
+if __name__ == "__main__":
+    main()
