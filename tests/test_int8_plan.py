@@ -312,3 +312,15 @@ def test_a_model_that_merges_tokens_with_low_rank_factors_and_int8_exports_as_on
     # every factor (down and up of each factorised Linear) is an int8 MatMul
     assert _ops(written.path)["MatMulInteger"] == len(int8_layers(planned))
     assert any(name.endswith(".down") for name in int8_layers(planned))
+
+
+def test_a_stale_cached_int8_file_is_exported_again(tmp_path):
+    from vitslim.measure import runtimes
+
+    quantised, impostor = quantize_int8(tiny_vit(seed=0), "dynamic"), quantize_int8(tiny_vit(seed=1), "dynamic")
+    stale = tmp_path / f"{runtimes.onnx_cache_key(quantised)[:32]}-int8.onnx"
+    export_onnx(impostor, stale, int8="dynamic")
+    images = torch.randn(4, 3, 32, 32, generator=torch.Generator().manual_seed(1))
+    assert compare_onnx(quantised, stale, images).relative_error > INT8_TOLERANCE
+    assert runtimes.checked_onnx("mine", quantised, tmp_path, 1e-4) == stale
+    assert compare_onnx(quantised, stale, images).relative_error < INT8_TOLERANCE

@@ -130,11 +130,13 @@ def cached_onnx(model: nn.Module, cache: Path) -> tuple[Path, bool]:
 
 def checked_onnx(name: str, model: nn.Module, cache: Path, tolerance: float) -> Path:
     """The model's cached ONNX file, once it passes ``export.check_onnx`` (the rule ``vitslim
-    export`` applies too) within ``tolerance`` on a few random images; a clear error otherwise."""
+    export`` applies too) within ``tolerance`` on a few random images; a clear error otherwise.
+    A model holding dynamic int8 layers is exported as ONNX Runtime would run it, int8 MatMuls,
+    and checked by the int8 rule (``_checked_int8_onnx``)."""
     model.to("cpu", torch.float32).eval()
     images = torch.randn(ONNX_CHECK_IMAGES, *describe(model).preprocessing.input_size, generator=torch.Generator().manual_seed(1))
     if "dynamic" in int8_layers(model).values():
-        return _checked_int8_onnx(name, model, cache, tolerance, images)
+        return _checked_int8_onnx(name, model, cache, images)
     path, reused = cached_onnx(model, cache)
     try:
         check = export.check_onnx(model, path, images, tolerance)
@@ -155,11 +157,13 @@ def checked_onnx(name: str, model: nn.Module, cache: Path, tolerance: float) -> 
     return path
 
 
-def _checked_int8_onnx(name: str, model: nn.Module, cache: Path, tolerance: float, images: torch.Tensor) -> Path:
+def _checked_int8_onnx(name: str, model: nn.Module, cache: Path, images: torch.Tensor) -> Path:
     """A model holding dynamic int8 layers as ONNX Runtime runs it: its int8 layers as int8
-    MatMuls (``export_onnx(..., int8="dynamic")``), the rest float. Its float graph must pass
-    ``check_onnx`` and the int8 file stay within ``export.INT8_TOLERANCE`` of PyTorch's float output
-    (``export.export_checked_onnx``); a cached file is checked again by the second rule."""
+    MatMuls (``export_onnx(..., int8="dynamic")``), the rest float, checked by the rule for int8
+    files alone: ONNX Runtime's output within ``export.INT8_TOLERANCE`` of PyTorch's float
+    output (relative error). A file that computes something else fails it by far; a merge
+    decision that float32 rounding flips (``check_onnx``'s near-ties), which the float rule of
+    1e-4 can trip on, moves the output far less than int8's own rounding does."""
     path = cache / f"{onnx_cache_key(model)[:32]}-int8.onnx"
     if path.is_file():
         try:
@@ -175,10 +179,13 @@ def _checked_int8_onnx(name: str, model: nn.Module, cache: Path, tolerance: floa
     except OSError as error:
         raise ParameterError("onnx_cache", f"is {cache}, which cannot be written ({error.strerror}); choose another") from None
     progress_log.info("exporting %s to ONNX for ONNX Runtime, its int8 layers as int8 MatMuls", type(model).__name__)
-    try:
-        export.export_checked_onnx(model, path, images, tolerance=tolerance, int8="dynamic")
-    except ParameterError as error:
-        raise VitslimError(f"{name}: {error}; timing it would time a different computation") from None
+    export.export_onnx(model, path, int8="dynamic")
+    comparison = export.compare_onnx(model, path, images)
+    if not comparison.relative_error <= export.INT8_TOLERANCE:
+        path.unlink(missing_ok=True)
+        raise VitslimError(f"{name}: its int8 ONNX export differs from PyTorch's float output by a relative error of "
+                           f"{comparison.relative_error:.3g} (tolerance {export.INT8_TOLERANCE:g}) on {ONNX_CHECK_IMAGES} random images; "
+                           "timing it would time a different computation")
     return path
 
 
