@@ -126,7 +126,7 @@ def main() -> None:
         rows.update(row, speedup=result.ratio, spread=result.ratio_spread, noisy=result.noisy)
     rows.save()
     text = common.heading("int8 in the plan: dinov2-s14 saliency model in ONNX Runtime", __doc__.split("\n\n")[0]) + [
-        f"Command: `{common.rerun(parser, args)}`. Maps of each ONNX file on {rows.find(key='original')['images']} images of 500-999 "
+        f"Command: {common.rerun(parser, args)}. Maps of each ONNX file on {rows.find(key='original')['images']} images of 500-999 "
         f"against the PyTorch original's; calibration: {args.calib_images} seeded images of 0-{args.dense_train - 1}. Timing: batch "
         f"{args.batch_size}, {args.runs} interleaved rounds, ratio to the float32 ONNX original.", ""]
     common.write_table(out / "int8-plan.md", text + common.markdown_table(COLUMNS, list(rows)), {"rows": (COLUMNS, list(rows))}, echo=True)
