@@ -324,3 +324,22 @@ def test_a_stale_cached_int8_file_is_exported_again(tmp_path):
     assert compare_onnx(quantised, stale, images).relative_error > INT8_TOLERANCE
     assert runtimes.checked_onnx("mine", quantised, tmp_path, 1e-4) == stale
     assert compare_onnx(quantised, stale, images).relative_error < INT8_TOLERANCE
+
+
+def test_the_report_of_a_plan_that_probed_int8_and_left_it_out_names_its_probes(images, monkeypatch):
+    """int8 timed at no gain (a stand-in timing by FLOPs alone): the split leaves it out, and the
+    report lists the chosen probes without it."""
+    def by_flops_alone(models, *, runtime="eager", **_):
+        original = count_flops(models[0][1], (3, 32, 32))
+        return [SimpleNamespace(model=name, ratio=original / count_flops(model, (3, 32, 32)), flops=count_flops(model, (3, 32, 32)),
+                                params=count_params(model), noisy=False, ratio_spread=0.0, runtime=runtime) for name, model in models]
+
+    monkeypatch.setattr(bench, "benchmark", by_flops_alone)
+    model = tiny_vit(name="vit_tiny_patch16_224", **COMPRESSIBLE)
+    config = vitslim.LowRankCait(speedup=1.2, int8_axis="dynamic", probe_images=8, axes=("tokens",), ladders={"tokens": (1.3,)})
+    compressed = vitslim.compress(model, config, vitslim.open_images(images, model=model), calib_images=16, progress=False)
+    step = find_step(compressed, "lowrank+cait")
+    assert "int8" not in step["levels"] and any(probe["axis"] == "int8" for probe in step["probes"])
+    assert config.planned_int8(compressed) is None and not int8_layers(compressed)
+    table, split_line = config.report(model, compressed)[:2]
+    assert "tokens" in table and "int8" not in table and split_line.startswith("split:")

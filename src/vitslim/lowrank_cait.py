@@ -359,7 +359,7 @@ class LowRankCait(ParameterBudget):
         table = render(["axis", "level", "probe cost (KL)", "probe FLOPs ratio", "probe speed-up"],
                        [[probe["axis"], f"{probe['level']:g}", f"{probe['cost']:.4f}", f"{probe['flops_ratio']:.2f}",
                          "not timed" if probe["speedup"] is None else f"{probe['speedup']:.2f}x"]
-                        for probe in split["probes"] if probe["level"] == split["levels"][probe["axis"]]])
+                        for probe in split["probes"] if probe["level"] == split["levels"].get(probe["axis"], 1.0)])
         measured = split.get("measured_speedup")
         lines = [table, f"split: {', '.join(f'{axis} {level:g}' for axis, level in split['levels'].items())}; "
                         f"params {count_params(original):,} -> {count_params(compressed):,}"
