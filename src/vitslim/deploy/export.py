@@ -133,10 +133,10 @@ def export_onnx(model: nn.Module, path: str | os.PathLike, *, batch_size: int = 
         raise VitslimError(f"{path} is a folder; give the ONNX file's path (e.g. {path / 'model.onnx'})")
     if int8 == "dynamic":
         _require("onnxruntime")
-        layers = int8_layers(model)
+        source, layers = _int8_source(model)
         with tempfile.TemporaryDirectory(prefix=f".{path.stem}.", dir=path.resolve().parent) as scratch:
-            float_graph = export_onnx(dequantised(model) if layers else model, Path(scratch) / "float.onnx", batch_size=batch_size, verbose=verbose)
-            return quantize_onnx_dynamic(float_graph, path, modules=list(layers) if layers else None)
+            float_graph = export_onnx(source, Path(scratch) / "float.onnx", batch_size=batch_size, verbose=verbose)
+            return quantize_onnx_dynamic(float_graph, path, modules=layers)
     spec = describe(model)
     model.eval()
     example = torch.randn(batch_size, *spec.preprocessing.input_size, device=next(model.parameters()).device)
@@ -148,6 +148,14 @@ def export_onnx(model: nn.Module, path: str | os.PathLike, *, batch_size: int = 
                               dynamic_shapes=({0: torch.export.Dim("batch")},), dynamo=True, external_data=False)
 
     return atomic_file(path, write)
+
+
+def _int8_source(model: nn.Module) -> tuple[nn.Module, list[str] | None]:
+    """What an int8 ONNX file of ``model`` is quantised from, and which Linears of it: a model
+    holding int8 layers as its float twin (``quantize.dequantised``) with exactly those layers; a
+    float model as it is, every Linear (None)."""
+    layers = list(int8_layers(model))
+    return (dequantised(model), layers) if layers else (model, None)
 
 
 def _output_name(spec, example: torch.Tensor) -> str:
@@ -421,8 +429,8 @@ def export_checked_onnx(model: nn.Module, path: str | os.PathLike, images: torch
 
     def export_and_check(unchecked: Path) -> None:
         with tempfile.TemporaryDirectory(prefix=f".{path.stem}.", dir=unchecked.parent) as scratch:
-            layers = list(int8_layers(model)) or None
-            float_graph = export_onnx(dequantised(model) if int8 and layers else model, Path(scratch) / "float.onnx" if int8 else unchecked)
+            source, layers = _int8_source(model) if int8 else (model, None)
+            float_graph = export_onnx(source, Path(scratch) / "float.onnx" if int8 else unchecked)
             checks["float"] = check = check_onnx(model, float_graph, images, tolerance)
             if not check.passed:
                 before = " before quantisation" if int8 else ""

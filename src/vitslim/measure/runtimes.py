@@ -110,6 +110,13 @@ def onnx_cache_key(model: nn.Module) -> str:
     return digest.hexdigest()
 
 
+def _make_cache(cache: Path) -> None:
+    try:
+        cache.mkdir(parents=True, exist_ok=True)
+    except OSError as error:
+        raise ParameterError("onnx_cache", f"is {cache}, which cannot be written ({error.strerror}); choose another") from None
+
+
 def cached_onnx(model: nn.Module, cache: Path) -> tuple[Path, bool]:
     """The model's ONNX file in ``cache``, exported now if it is not there yet, and whether it was
     there. The export goes to a temporary name of this process's own and is renamed into place
@@ -118,10 +125,7 @@ def cached_onnx(model: nn.Module, cache: Path) -> tuple[Path, bool]:
     if path.is_file():
         logger.info("reusing %s", path)
         return path, True
-    try:
-        cache.mkdir(parents=True, exist_ok=True)
-    except OSError as error:
-        raise ParameterError("onnx_cache", f"is {cache}, which cannot be written ({error.strerror}); choose another") from None
+    _make_cache(cache)
     progress_log.info("exporting %s to ONNX for ONNX Runtime", type(model).__name__)
     export.export_onnx(model, path)
     logger.info("exported %s", path)
@@ -174,10 +178,7 @@ def _checked_int8_onnx(name: str, model: nn.Module, cache: Path, images: torch.T
             logger.info("reusing %s", path)
             return path
         path.unlink(missing_ok=True)
-    try:
-        cache.mkdir(parents=True, exist_ok=True)
-    except OSError as error:
-        raise ParameterError("onnx_cache", f"is {cache}, which cannot be written ({error.strerror}); choose another") from None
+    _make_cache(cache)
     progress_log.info("exporting %s to ONNX for ONNX Runtime, its int8 layers as int8 MatMuls", type(model).__name__)
     export.export_onnx(model, path, int8="dynamic")
     comparison = export.compare_onnx(model, path, images)
