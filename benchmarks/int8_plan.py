@@ -47,6 +47,10 @@ COLUMNS = (Column("variant", "variant"), Column("choice", "choice", missing="-")
            Column("planned", "speed-up the plan measured", "{:.2f}x", "-"), Column("speedup", "measured speed-up (ORT, vs float32 ORT)", "{:.2f}x", "-"),
            Column("spread", "ratio spread", lambda v: f"{100 * v:.0f}%", "-"), Column("seconds", "compress s", "{:.0f}", "-"))
 
+PROBE_COLUMNS = (Column("plan", "plan"), Column("axis", "axis"), Column("level", "level", "{:g}"), Column("cost", "cost (KL)", "{:.4f}"),
+                 Column("flops_ratio", "FLOPs ratio", "{:.3f}"), Column("speedup", "speed-up", "{:.2f}x", "-"),
+                 Column("int8_speedup", "with int8", "{:.2f}x", "-"))
+
 
 def file_maps(path: Path, loader, teacher) -> dict:
     """The maps ONNX Runtime computes from ``path`` on ``loader``'s images, scored against ``teacher``'s."""
@@ -118,7 +122,7 @@ def main() -> None:
         vitslim.save(compressed, out / "models" / key)
         step = find_step(compressed, "lowrank+cait")
         add(key, f"lowrank+cait {target:g}x (ORT, int8 axis)", compressed, seconds, planned=step["measured_speedup"],
-            keep_float=(step.get("int8") or {}).get("keep_float"), choice=", ".join(f"{axis} {level:g}" for axis, level in step["levels"].items() if level != 1) or "nothing")
+            keep_float=(step.get("int8") or {}).get("keep_float"), probes=step["probes"], choice=", ".join(f"{axis} {level:g}" for axis, level in step["levels"].items() if level != 1) or "nothing")
     keys = [row["key"] for row in rows if (files / f"{row['key']}.onnx").is_file()]
     results = vitslim.benchmark([(key, files / f"{key}.onnx") for key in keys], runtime="onnxruntime", batch_size=args.batch_size, runs=args.runs)
     for result in results:
@@ -129,7 +133,16 @@ def main() -> None:
         f"Command: {common.rerun(parser, args)}. Maps of each ONNX file on {rows.find(key='original')['images']} images of 500-999 "
         f"against the PyTorch original's; calibration: {args.calib_images} seeded images of 0-{args.dense_train - 1}. Timing: batch "
         f"{args.batch_size}, {args.runs} interleaved rounds, ratio to the float32 ONNX original.", ""]
-    common.write_table(out / "int8-plan.md", text + common.markdown_table(COLUMNS, list(rows)), {"rows": (COLUMNS, list(rows))}, echo=True)
+    probes = [{"plan": row["key"], **probe} for row in rows for probe in row.get("probes", [])]
+    if probes:
+        text += common.markdown_table(COLUMNS, list(rows)) + [
+            "", "## The plans' probes", "", "Each axis alone at each level of its ladder (int8 alone: axis int8), timed in ONNX Runtime against "
+            "the float32 original as the plan timed it; `with int8`: the same probe with dynamic int8 added. Cost: mean KL of the "
+            "objective on the probe images.", ""]
+        text += common.markdown_table(PROBE_COLUMNS, probes)
+    else:
+        text += common.markdown_table(COLUMNS, list(rows))
+    common.write_table(out / "int8-plan.md", text, {"rows": (COLUMNS, list(rows)), "probes": (PROBE_COLUMNS, probes)}, echo=True)
 
 
 if __name__ == "__main__":
