@@ -230,7 +230,7 @@ def main() -> None:
         error_columns.append(common.Column(f"ridge{ridge:g}-split0.5-float", f"ridge {ridge:g}: float", "{:.4f}"))
         error_columns.append(common.Column(f"ridge{ridge:g}-split0.5-int8", f"ridge {ridge:g}: int8", "{:.4f}"))
     lines = common.heading("Low-rank factors under ONNX Runtime's dynamic int8", __doc__.split("\n\n")[0].replace("\n", " "), info=info)
-    lines += ["", f"Command: `{common.rerun(parser, args)}`; {time.perf_counter() - started:.0f} s.", "",
+    lines += ["", f"Command: {common.rerun(parser, args)}; {time.perf_counter() - started:.0f} s.", "",
               f"## Speed: one layer, {16 * tokens} rows (16 images × {tokens} tokens), ONNX Runtime, "
               f"{torch.get_num_threads()} threads, median of {args.rounds} interleaved rounds of {args.runs} runs", "",
               *common.markdown_table(speed_columns, speed), "",

@@ -14,6 +14,11 @@ and its low-rank 40% model (run it first).
 
     .venv/bin/python benchmarks/studies/onnx_profile.py
     .venv/bin/python benchmarks/studies/onnx_profile.py my.onnx other.onnx --batch-size 8
+    .venv/bin/python benchmarks/studies/onnx_profile.py --saliency   # about 3 minutes
+
+``--saliency`` profiles dinov2-s14's saliency model (backbone plus its convolutional decoder) and
+its backbone alone, each float32 and dynamic int8, exported for the run into a temporary folder:
+how much of the dense model's time is the decoder, which no ViT compression shortens (issue #28).
 """
 
 from __future__ import annotations
@@ -33,6 +38,7 @@ import numpy
 import torch
 
 OUT = common.RESULTS / "studies" / "onnx_profile"
+SALIENCY_OUT = common.RESULTS / "studies" / "onnx_profile_saliency"
 INT8_FILES = common.RESULTS / "int8" / "models"
 DEFAULT_FILES = [INT8_FILES / f"{model}-{kind}.onnx" for model in ("deit_small", "deit_small low-rank 40%") for kind in ("float32", "int8")]
 SHOWN = 8  # operator types listed per file; the rest are summed as "other"
@@ -75,8 +81,32 @@ def main() -> None:
     parser.add_argument("--batch-size", type=int, default=16)
     parser.add_argument("--warmup", type=int, default=3)
     parser.add_argument("--runs", type=int, default=10)
-    parser.add_argument("--out", default=str(OUT))
+    parser.add_argument("--saliency", action="store_true", help="profile dinov2-s14's saliency model and its backbone instead of files")
+    parser.add_argument("--out", default=None, help=f"default {common.shown(OUT)}, or {common.shown(SALIENCY_OUT)} with --saliency")
     args = parser.parse_args()
+    with tempfile.TemporaryDirectory() as scratch:
+        if args.saliency:
+            args.files = saliency_files(Path(scratch))
+        profile(parser, args)
+
+
+def saliency_files(folder: Path) -> list[str]:
+    """dinov2-s14's saliency model and its backbone, float32 and dynamic int8, as ONNX files in ``folder``."""
+    from dinov2_saliency import load_saliency
+
+    import vitslim
+    from vitslim.deploy.export import quantize_onnx_dynamic
+
+    model = load_saliency()
+    files = []
+    for name, module in (("saliency", model), ("backbone", model.backbone)):
+        exported = vitslim.export_onnx(module, folder / f"{name}-float32.onnx")
+        files += [str(exported), str(quantize_onnx_dynamic(exported, folder / f"{name}-int8.onnx"))]
+    return files
+
+
+def profile(parser, args) -> None:
+    out = Path(args.out or (SALIENCY_OUT if args.saliency else OUT))
     missing = [name for name in args.files if not Path(name).is_file()]
     if missing:
         raise SystemExit(f"no such ONNX file: {missing[0]} (the default files come from benchmarks/int8.py: run it first)")
@@ -93,13 +123,14 @@ def main() -> None:
     columns = [common.Column("file", "file"), common.Column("op", "operator type"),
                common.Column("ms_per_run", "ms per run", "{:.1f}"), common.Column("share", "share of kernel time", "{:.1%}"),
                common.Column("wall_ms", "wall ms per run (median)", "{:.0f}")]
-    text = (f"Command: {common.rerun(parser, args, leave_out=('out',))}. ONNX Runtime {__import__('onnxruntime').__version__} on the "
+    shown_command = common.rerun(parser, args, leave_out=("out",))
+    text = (f"Command: {shown_command}. ONNX Runtime {__import__('onnxruntime').__version__} on the "
             f"CPU, {torch.get_num_threads()} intra-op threads, spinning off; batch {args.batch_size} of seeded random images; "
             f"{args.warmup} warm-up runs, then {args.runs} profiled. Kernel times from ONNX Runtime's profiler, per run; the top "
             f"{SHOWN} operator types per file, the rest as 'other'. Ran in {time.perf_counter() - started:.0f} s; the host's "
             f"1-minute load average was {load:.1f} at the start ({os.cpu_count()} cores).")
     lines = common.heading("ONNX Runtime time by operator type", text) + common.markdown_table(columns, rows)
-    common.write_table(Path(args.out) / "onnx_profile.md", lines, {"rows": (columns, rows)}, echo=True)
+    common.write_table(out / "onnx_profile.md", lines, {"rows": (columns, rows)}, echo=True)
 
 
 if __name__ == "__main__":
