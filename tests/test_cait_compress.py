@@ -263,3 +263,25 @@ def test_cli_bad_input(tmp_path, images, capsys, args, message):
     err = capsys.readouterr().err
     assert code == 2 and message in err and len(err.strip().splitlines()) == 1
     assert not (tmp_path / "o").exists()
+
+
+def test_a_tighter_schedule_the_plan_cannot_afford_ends_the_tightening(monkeypatch, caplog):
+    """Steady timings short of the target: ``meet_speedup`` asks ``affordable`` before timing each
+    tighter schedule, and a refusal keeps the schedule it had, with a warning; an accepting judge
+    lets it merge more."""
+    import vitslim.cait.speed as cait_speed
+
+    model = tiny_vit(name="vit_tiny_patch16_224", **COMPRESSIBLE)
+    spec = vitslim.describe(model)
+    planned = schedule_for_speedup(spec, "tome", 1.2)
+    timings = []
+    monkeypatch.setattr(cait_speed, "time_against", lambda *args, **kwargs: timings.append(1) or timing(0.8))
+    judged = []
+    with caplog.at_level(logging.WARNING, logger="vitslim"):
+        kept, measured = cait_speed.meet_speedup(model, copy.deepcopy(model), "tome", 1.3, planned, "cpu",
+                                                 affordable=lambda candidate: judged.append(candidate) or False)
+    assert kept == planned and measured == 0.8 and len(timings) == 1
+    assert len(judged) == 1 and predicted_speedup(spec, judged[0]) > predicted_speedup(spec, planned)
+    assert "more than the plan allows, so the schedule measured at 0.80x is kept" in caplog.text
+    tightened, _ = cait_speed.meet_speedup(model, copy.deepcopy(model), "tome", 1.3, planned, "cpu", affordable=lambda candidate: True)
+    assert predicted_speedup(spec, tightened) > predicted_speedup(spec, planned)

@@ -3,6 +3,7 @@ model on small real models (recipe round trip, budgets, bad input)."""
 
 from __future__ import annotations
 
+import copy
 import itertools
 import json
 
@@ -232,3 +233,18 @@ def test_cli_refuses_low_rank_knobs_the_composition_would_ignore(tmp_path, image
     assert main(["compress", str(folder), "--data", str(images), "--method", "lowrank+cait", "--flops-ratio", "0.6",
                  "--rank-multiple", "8", "--out", str(tmp_path / "o")]) == 2
     assert "--rank-multiple does not apply to --method lowrank+cait" in capsys.readouterr().err and not (tmp_path / "o").exists()
+
+
+def test_merging_cost_bound_accepts_the_plan_and_refuses_merging_almost_everything():
+    """The bound ``lowrank+cait`` gives its speed check: the planned schedule's own cost passes,
+    the strongest schedule (a few tokens left by the last block) costs far more than 1.5x it."""
+    from vitslim.cait.schedule import schedule_for_speedup, strongest_schedule
+    from vitslim.lowrank_cait import merging_cost_bound
+
+    model = tiny_vit(name="vit_tiny_patch16_224", **COMPRESSIBLE).eval()
+    spec = vitslim.describe(model)
+    batches = [torch.randn(4, 3, *spec.preprocessing.input_size[1:], generator=torch.Generator().manual_seed(seed)) for seed in range(2)]
+    planned = schedule_for_speedup(spec, "atme", 1.15)
+    affordable = merging_cost_bound(copy.deepcopy(model), model, planned, batches, images=8, objective="auto", full_map_after=None)
+    assert affordable(planned)
+    assert not affordable(strongest_schedule(spec, "atme", 1.0))

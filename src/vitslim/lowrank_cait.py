@@ -79,6 +79,8 @@ INT8_LEVEL = 0.25
 # timings, which move by about 5% between runs: cait.speed) adds nothing measurable, and is left out
 MEASURABLE_GAIN = 1.05
 PROBE_IMAGES = 64
+# how much more of the objective than the planned merging the speed check may spend merging more
+TIGHTENING_SLACK = 1.5
 STEP = "lowrank+cait"  # the method's name; recipes written before 0.2 call the step "composed"
 
 
@@ -444,9 +446,11 @@ def compress_composed(model: nn.Module, config: LowRankCait, inputs: Inputs) -> 
             int8 = plan_int8(student, int8_kind, calibration, objective=inputs.objective, progress=progress)
     timed_as = None if int8 is None else lambda float_model: quantize_int8(float_model, int8.kind, keep_float=int8.keep_float)
     if config.speedup is not None and "tokens" in axes:
+        affordable = merging_cost_bound(student, model, schedule, calibration, images=config.probe_images, objective=inputs.objective,
+                                        full_map_after=full_map_after)
         schedule, measured = meet_speedup(model, student, merge, config.speedup, schedule, device, concentration=planning["concentration"],
                                           first_level=planning.get("first_level", 1), full_map_after=full_map_after, runtime=config.runtime,
-                                          timed_as=timed_as)
+                                          timed_as=timed_as, affordable=affordable)
         planning = {"measured_speedup": round(measured, 3), **planning}
     elif config.speedup is not None:
         timing = steady_timing(model, student if timed_as is None else timed_as(student), device=device, runtime=config.runtime)
@@ -466,6 +470,33 @@ def compress_composed(model: nn.Module, config: LowRankCait, inputs: Inputs) -> 
                                       "flops_ratio": round(probe.flops_ratio, 4), "int8_speedup": _rounded(probe.int8_speedup, 3)}
                                      for probe in probes]})
     return student
+
+
+def merging_cost_bound(student: nn.Module, teacher: nn.Module, schedule, calibration: list, *, images: int, objective: str,
+                       full_map_after: tuple[int, ...] | None):
+    """The test ``meet_speedup`` puts to each tighter merging schedule: ``student`` merging on it
+    costs (the objective against ``teacher`` on the first ``images`` calibration images) at most
+    ``TIGHTENING_SLACK`` times what it costs on the planned ``schedule``. The split chose its
+    merging level from measured costs; without this bound a speed check that measures short keeps
+    merging past every level any probe measured."""
+    device = next(student.parameters()).device
+    batches = leading_images(calibration, images, device)
+    teacher_device = next(teacher.parameters()).device
+    with torch.no_grad():
+        teacher_outputs = [describe(teacher).output(batch.to(teacher_device)).to(device) for batch in batches]
+
+    def cost(candidate) -> float:
+        with token_merging(student, candidate, full_map_after=full_map_after):
+            return mean_divergence(describe(student), teacher_outputs, batches, objective)
+
+    bound = TIGHTENING_SLACK * cost(schedule)
+
+    def affordable(candidate) -> bool:
+        found = cost(candidate)
+        logger.info("a tighter merging schedule costs %.4g (the planned one's bound: %.4g)", found, bound)
+        return found <= bound
+
+    return affordable
 
 
 def _vit_params(model: nn.Module, whole: int) -> int:

@@ -74,13 +74,19 @@ def steady_timing(original: nn.Module, compressed: nn.Module, *, device: str = "
 def meet_speedup(original: nn.Module, student: nn.Module, merge: str, speedup: float, schedule: MergeSchedule | None, device: str, *,
                  concentration: float = 1.0, first_level: int = 1, dense: bool | None = None,
                  full_map_after: tuple[int, ...] | None = None, runtime: str = "eager",
-                 timed_as: Callable[[nn.Module], nn.Module] | None = None) -> tuple[MergeSchedule | None, float]:
+                 timed_as: Callable[[nn.Module], nn.Module] | None = None,
+                 affordable: Callable[[MergeSchedule], bool] | None = None) -> tuple[MergeSchedule | None, float]:
     """``schedule``, merged more (keeping its ``concentration`` and ``first_level``) until ``student`` merging on it
     measures ``AIM`` of the target against ``original``; and its last measurement. ``student``
     must not be merging tokens; it merges only while it is timed, in the ``dense`` mode, handing the
     full map on after the blocks ``full_map_after`` names (``cait.patch.apply_token_merging``).
     Both are timed in ``runtime``; ``timed_as`` gives the form of the merging student that is timed
     (its int8 copy, when int8 is planned to follow).
+
+    ``affordable`` (None: any) judges each tighter schedule before it is timed: a schedule it
+    refuses ends the tightening, the last one kept, with a warning. A plan that chose its merging
+    level by a measured cost passes it, so that the speed check cannot merge far past every level
+    the plan measured and trade the output away for speed.
 
     Timings that stay unstable (a busy machine: ``steady_timing``) never tighten the schedule: a
     noisy shortfall says nothing about the schedule, and merging more on it would trade accuracy
@@ -120,6 +126,10 @@ def meet_speedup(original: nn.Module, student: nn.Module, merge: str, speedup: f
             tighter = strongest if predicted_speedup(spec, strongest, reference) > predicted else schedule
         if tighter == schedule:
             logger.warning("measured %.2fx against a %.2fx target, and merging cannot go further", measured.ratio, speedup)
+            break
+        if affordable is not None and not affordable(tighter):
+            logger.warning("measured %.2fx against a %.2fx target; merging more would cost the output more than the plan allows, "
+                           "so the schedule measured at %.2fx is kept", measured.ratio, speedup, measured.ratio)
             break
         schedule = tighter
         measured = timed(schedule)
