@@ -133,15 +133,12 @@ def main() -> None:
         f"Command: {common.rerun(parser, args)}. Maps of each ONNX file on {rows.find(key='original')['images']} images of 500-999 "
         f"against the PyTorch original's; calibration: {args.calib_images} seeded images of 0-{args.dense_train - 1}. Timing: batch "
         f"{args.batch_size}, {args.runs} interleaved rounds, ratio to the float32 ONNX original.", ""]
+    text += common.markdown_table(COLUMNS, list(rows))
     probes = [{"plan": row["key"], **probe} for row in rows for probe in row.get("probes", [])]
     if probes:
-        text += common.markdown_table(COLUMNS, list(rows)) + [
-            "", "## The plans' probes", "", "Each axis alone at each level of its ladder (int8 alone: axis int8), timed in ONNX Runtime against "
-            "the float32 original as the plan timed it; `with int8`: the same probe with dynamic int8 added. Cost: mean KL of the "
-            "objective on the probe images.", ""]
-        text += common.markdown_table(PROBE_COLUMNS, probes)
-    else:
-        text += common.markdown_table(COLUMNS, list(rows))
+        text += ["", "## The plans' probes", "", "Each axis alone at each level of its ladder (int8 alone: axis int8), timed in ONNX Runtime "
+                 "against the float32 original as the plan timed it; `with int8`: the same probe with dynamic int8 added. Cost: mean KL "
+                 "of the objective on the probe images.", "", *common.markdown_table(PROBE_COLUMNS, probes)]
     common.write_table(out / "int8-plan.md", text, {"rows": (COLUMNS, list(rows)), "probes": (PROBE_COLUMNS, probes)}, echo=True)
 
 

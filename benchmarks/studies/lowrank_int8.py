@@ -20,7 +20,7 @@ each answered on single Linear layers in ONNX Runtime, the runtime that ships:
    quantisation (LRA-QViT); whitening adds weight outliers: ``L⁻¹`` scales up the input
    directions the calibration images hardly use, and each ``down`` row has one int8 scale.
 
-    .venv/bin/python benchmarks/studies/lowrank_int8.py          # about 10 minutes
+    .venv/bin/python benchmarks/studies/lowrank_int8.py          # about 2 minutes
 """
 
 from __future__ import annotations

@@ -123,8 +123,7 @@ def profile(parser, args) -> None:
     columns = [common.Column("file", "file"), common.Column("op", "operator type"),
                common.Column("ms_per_run", "ms per run", "{:.1f}"), common.Column("share", "share of kernel time", "{:.1%}"),
                common.Column("wall_ms", "wall ms per run (median)", "{:.0f}")]
-    shown_command = common.rerun(parser, args, leave_out=("out",))
-    text = (f"Command: {shown_command}. ONNX Runtime {__import__('onnxruntime').__version__} on the "
+    text = (f"Command: {common.rerun(parser, args, leave_out=('out',))}. ONNX Runtime {__import__('onnxruntime').__version__} on the "
             f"CPU, {torch.get_num_threads()} intra-op threads, spinning off; batch {args.batch_size} of seeded random images; "
             f"{args.warmup} warm-up runs, then {args.runs} profiled. Kernel times from ONNX Runtime's profiler, per run; the top "
             f"{SHOWN} operator types per file, the rest as 'other'. Ran in {time.perf_counter() - started:.0f} s; the host's "

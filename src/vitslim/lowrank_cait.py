@@ -478,23 +478,24 @@ def merging_cost_bound(student: nn.Module, teacher: nn.Module, schedule, calibra
     costs (the objective against ``teacher`` on the first ``images`` calibration images) at most
     ``TIGHTENING_SLACK`` times what it costs on the planned ``schedule``. The split chose its
     merging level from measured costs; without this bound a speed check that measures short keeps
-    merging past every level any probe measured."""
-    device = next(student.parameters()).device
-    batches = leading_images(calibration, images, device)
-    teacher_device = next(teacher.parameters()).device
-    with torch.no_grad():
-        teacher_outputs = [describe(teacher).output(batch.to(teacher_device)).to(device) for batch in batches]
+    merging past every level any probe measured. Nothing is run until the first question: a plan
+    whose first measurement meets its target never pays for the bound."""
+    measured: dict = {}
 
     def cost(candidate) -> float:
         with token_merging(student, candidate, full_map_after=full_map_after):
-            return mean_divergence(describe(student), teacher_outputs, batches, objective)
-
-    bound = TIGHTENING_SLACK * cost(schedule)
+            return mean_divergence(describe(student), measured["teacher_outputs"], measured["batches"], objective)
 
     def affordable(candidate) -> bool:
+        if not measured:
+            device, teacher_device = next(student.parameters()).device, next(teacher.parameters()).device
+            measured["batches"] = leading_images(calibration, images, device)
+            with torch.no_grad():
+                measured["teacher_outputs"] = [describe(teacher).output(batch.to(teacher_device)).to(device) for batch in measured["batches"]]
+            measured["bound"] = TIGHTENING_SLACK * cost(schedule)
         found = cost(candidate)
-        logger.info("a tighter merging schedule costs %.4g (the planned one's bound: %.4g)", found, bound)
-        return found <= bound
+        logger.info("a tighter merging schedule costs %.4g (the planned one's bound: %.4g)", found, measured["bound"])
+        return found <= measured["bound"]
 
     return affordable
 
