@@ -171,7 +171,8 @@ def main() -> None:
               f"seeded images of 0-{args.dense_train - 1}." if saliency else
               f"Top-1 of each ONNX file on {images} seeded CIFAR-10 test images, agreement with the PyTorch original's predictions; "
               f"calibration: {args.calib_images} seeded train images.")
-    title = "dinov2-s14 saliency model" if saliency else "dinov2-s14 CIFAR-10 classifier"
+    name = Path(args.model.split(":", 1)[-1]).name
+    title = f"{name} saliency model" if saliency else f"{name} classifier"
     text = common.heading(f"int8 in the plan: {title} in ONNX Runtime", __doc__.split("\n\n")[0]) + [
         f"Command: {common.rerun(parser, args)}. {scored} Timing: batch {args.batch_size}, {args.runs} interleaved rounds, ratio to "
         "the float32 ONNX original.", ""]
