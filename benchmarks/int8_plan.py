@@ -38,6 +38,7 @@ from dinov2_dense import dense_data
 from dinov2_saliency import IMAGENET, MODEL, THRESHOLD, load_saliency
 
 import vitslim
+from vitslim._infra.progress import track
 from vitslim.deploy.export import export_checked_onnx
 from vitslim.deploy.int8_fallback import plan_int8
 from vitslim.deploy.quantize import quantize_int8
@@ -64,7 +65,8 @@ def file_predictions(path: Path, loader, reference: torch.Tensor) -> dict:
     """Top-1 and agreement of the classes ONNX Runtime computes from ``path`` on ``loader``'s
     labelled images, agreement with ``reference`` (the original's classes on the same images)."""
     session = onnx_session(path, threads=torch.get_num_threads(), device=torch.device("cpu"))
-    predicted = torch.cat([torch.from_numpy(session.run(None, {"images": images.numpy()})[0]).argmax(-1) for images, _, _ in loader])
+    predicted = torch.cat([torch.from_numpy(session.run(None, {"images": images.numpy()})[0]).argmax(-1)
+                           for images, _, _ in track(loader, f"scoring {path.stem}", unit="batch")])
     labels = torch.cat([labels for _, labels, _ in loader])
     return {"top1": (predicted == labels).float().mean().item(), "agreement": (predicted == reference).float().mean().item(),
             "images": len(labels)}

@@ -26,13 +26,12 @@ from pathlib import Path
 import common
 import torch
 from common import Column, Rows
+from int8_plan import file_predictions
 
 import vitslim
-from vitslim._infra.progress import track
 from vitslim.deploy.export import export_checked_onnx
 from vitslim.io import image_batches
 from vitslim.measure.metrics import count_params
-from vitslim.measure.runtimes import onnx_session
 
 OUT = common.RESULTS / "lowrank-int8"
 DINOV2 = f"local-dir:{common.SHARED / 'models' / 'dinov2-s14'}"
@@ -41,14 +40,6 @@ COLUMNS = [Column("variant", "variant"), Column("runtime_kind", "ONNX file"), Co
            Column("agreement", "agreement", "{:.2%}"), Column("params", "ViT params", "{:,}"),
            Column("speedup", "speed-up (ORT, vs float32 ORT)", "**{:.2f}x**", "-"), Column("over_int8", "over dense int8", "{:.2f}x", "-"),
            Column("spread", "ratio spread", "{:.0%}", "-"), Column("seconds", "compress + KD s", "{:.0f}")]
-
-
-def predictions(path: Path, loader) -> torch.Tensor:
-    """Arg-max class of every image in ``loader``, as ONNX Runtime runs the file at ``path``."""
-    session = onnx_session(path, threads=torch.get_num_threads(), device=torch.device("cpu"))
-    name = session.get_inputs()[0].name
-    return torch.cat([torch.from_numpy(session.run(None, {name: images.numpy()})[0]).argmax(-1)
-                      for images, _, _ in track(loader, f"scoring {path.stem}", unit="batch")])
 
 
 def main() -> None:
@@ -78,7 +69,6 @@ def main() -> None:
     train, test = common.open_split(spec, args.train), common.open_split(spec, args.test)
     kd_train = image_batches.select(train, limit=args.kd_images, seed=args.seed)
     loader = image_batches.make_loader(image_batches.select(test, limit=args.test_images, seed=args.seed), args.eval_batch)
-    labels = torch.cat([batch_labels for _, batch_labels, _ in loader])
     with torch.inference_mode():
         reference = torch.cat([spec.output(images).argmax(-1) for images, _, _ in loader])
     check = torch.stack([test[index][0] for index in range(8)])
@@ -93,9 +83,7 @@ def main() -> None:
                 continue
             if not path.is_file():
                 export_checked_onnx(model, path, check, int8=int8)
-            predicted = predictions(path, loader)
-            row = rows.add({"key": name, "variant": label, "runtime_kind": kind, "top1": (predicted == labels).float().mean().item(),
-                            "agreement": (predicted == reference).float().mean().item(), "images": len(labels),
+            row = rows.add({"key": name, "variant": label, "runtime_kind": kind, **file_predictions(path, loader, reference),
                             "params": count_params(vitslim.describe(model).model), "seconds": round(seconds, 1)})
             print(f"[lowrank-int8] {name}: top-1 {100 * row['top1']:.2f}%, agreement {100 * row['agreement']:.2f}%", flush=True)
 
@@ -126,7 +114,7 @@ def main() -> None:
                     delta=100 * (row["top1"] - base["top1"]), delta_int8=100 * (row["top1"] - dense_int8["top1"]))
     rows.save()
     text = common.heading("Low-rank under int8: dinov2-s14 CIFAR-10 classifier in ONNX Runtime", __doc__.split("\n\n")[0]) + [
-        f"Command: {common.rerun(parser, args)}. Top-1 of each ONNX file on {len(labels)} seeded CIFAR-10 test images (seed "
+        f"Command: {common.rerun(parser, args)}. Top-1 of each ONNX file on {len(reference)} seeded CIFAR-10 test images (seed "
         f"{args.seed}), agreement with the PyTorch original's predictions; calibration: {args.calib_images} seeded train images; "
         f"KD: {budget} (`vitslim.distill`, from the training-free model). Timing: batch {args.batch_size}, {args.runs} interleaved "
         "rounds, ratio to the float32 ONNX original; `over dense int8`: throughput over the dense int8 file's in the same run.", ""]
