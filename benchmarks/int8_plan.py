@@ -164,8 +164,10 @@ def main() -> None:
         row = rows.find(key=result.model)
         rows.update(row, speedup=result.ratio, spread=result.ratio_spread, noisy=result.noisy)
     if not saliency:
+        original_top1 = rows.find(key="original")["top1"]
         for row in rows:
-            rows.update(row, delta=100 * (row["top1"] - rows.find(key="original")["top1"]))
+            if "top1" in row:  # a refused plan's row has no file to score
+                rows.update(row, delta=100 * (row["top1"] - original_top1))
     rows.save()
     columns = (Column("variant", "variant"), Column("choice", "choice", missing="-"), *SCORE_COLUMNS[args.task], *TIMING_COLUMNS)
     images = rows.find(key="original")["images"]
