@@ -20,12 +20,12 @@ import vitslim
 # --- cost -----------------------------------------------------------------------------------------
 
 def cost_variants(quick: bool) -> list[tuple[str, str, str, dict]]:
-    variants = [("lowrank-0.5", "low-rank 0.5 (ranks multiples of 8)", "lowrank",
-                 {"param_ratio": 0.5, "rank_multiple": 8}),
-                ("atme-1.5-measured", "ATME 1.5x, measure=True (the CLI default)", "cait",
-                 {"speedup": 1.5, "merge": "atme", "measure": True}),
-                ("atme-1.5-planned", "ATME 1.5x, measure=False", "cait",
-                 {"speedup": 1.5, "merge": "atme", "measure": False})]
+    variants = [(f"lowrank-{ratio}", f"low-rank {ratio} (ranks multiples of 8)", "lowrank",
+                 {"param_ratio": ratio, "rank_multiple": 8}) for ratio in (0.6, 0.5, 0.4)]
+    variants += [("atme-1.5-measured", "ATME 1.5x, measure=True (the CLI default)", "cait",
+                  {"speedup": 1.5, "merge": "atme", "measure": True}),
+                 ("atme-1.5-planned", "ATME 1.5x, measure=False", "cait",
+                  {"speedup": 1.5, "merge": "atme", "measure": False})]
     return [v for v in variants if v[0] != "atme-1.5-measured"] if quick else variants
 
 

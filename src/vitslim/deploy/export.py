@@ -383,9 +383,13 @@ def check_onnx(model: nn.Module, path: str | os.PathLike, images: torch.Tensor, 
 
     A token-merging model's output jumps where a merge decision flips, and float32 rounding
     flips a near-tie: on dinov2-s14 a row/column merge had two scores 3.3e-6 apart, and ONNX
-    Runtime merged the other token on one image of 16. Images on which PyTorch's own output
-    moves when its keys are jittered (``near_tie_images``) are therefore left out, and the rest
-    must pass; at least half the images must remain, so a broken export cannot hide behind ties."""
+    Runtime merged the other token on one image of 16. An image that fails the rule may
+    therefore be left out when PyTorch's own output on it moves as its keys are jittered
+    (``near_tie_images``); every other image must pass, and at most half may be left out, so a
+    broken export (which differs on every image) cannot hide behind ties. On random images, where
+    nearly every merge is a near-tie at the jitter's scale (dinov2-s14: all 4 of ``bench``'s check
+    images), that still lets the one image whose decision ONNX Runtime's rounding settled otherwise
+    out, and no more."""
     exported, reference = onnx_and_reference(model, path, images)
     difference = float((exported - reference).abs().max())
     if difference <= tolerance or not math.isfinite(difference):
@@ -395,12 +399,16 @@ def check_onnx(model: nn.Module, path: str | os.PathLike, images: torch.Tensor, 
     if check.passed:
         return check
     tied = near_tie_images(model, images, reference, tolerance)
-    if tied is None or not tied.any() or 2 * int(tied.sum()) > images.shape[0]:
+    if tied is None:
         return check
-    kept = ~tied
+    failing = torch.tensor([not _rounding_check(exported[i: i + 1], reference[i: i + 1], None if exact is None else exact[i: i + 1],
+                                                tolerance).passed for i in range(images.shape[0])])
+    if (failing & ~tied).any() or 2 * int(failing.sum()) > images.shape[0]:
+        return check
+    kept = ~failing
     kept_check = _rounding_check(exported[kept], reference[kept], None if exact is None else exact[kept], tolerance)
     return OnnxCheck(kept_check.max_abs_diff, tolerance, kept_check.torch_rounding, kept_check.onnx_rounding,
-                     near_ties=int(tied.sum()), near_tie_diff=float(_per_image(exported - reference)[tied].max()))
+                     near_ties=int(failing.sum()), near_tie_diff=float(_per_image(exported - reference)[failing].max()))
 
 
 @dataclass(frozen=True)
