@@ -58,6 +58,15 @@ def argument_parser(doc: str | None) -> argparse.ArgumentParser:
     return argparse.ArgumentParser(description=doc, formatter_class=argparse.RawDescriptionHelpFormatter)
 
 
+def add_int8_tolerance(parser: argparse.ArgumentParser) -> None:
+    """``--int8-tolerance`` for a benchmark that scores its int8 ONNX files itself: the export's
+    guard on an int8 file's relative error to PyTorch's float output is loosened from the
+    library's 0.2 to 0.5, so it only stops a broken file (low-rank 50% of dinov2-s14's classifier,
+    quantised, measured 0.206) and the page reports what the file does."""
+    parser.add_argument("--int8-tolerance", type=float, default=0.5,
+                        help="the export's guard on an int8 file's relative error to PyTorch's float output (library default 0.2)")
+
+
 def add_reference_arguments(parser: argparse.ArgumentParser, *, train: bool = True, test: bool = True) -> None:
     """``--model`` (the reference ViT), ``--train`` and ``--test`` (the CIFAR-10 JPEG zips)."""
     parser.add_argument("--model", default=REFERENCE_MODEL)

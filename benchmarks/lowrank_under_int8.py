@@ -61,9 +61,7 @@ def main() -> None:
     parser.add_argument("--batch-size", type=int, default=16, help="timing batch")
     parser.add_argument("--runs", type=int, default=20)
     parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--int8-tolerance", type=float, default=0.5,
-                        help="the export's guard on the int8 file's relative error to PyTorch's float logits (the library's default "
-                             "is 0.2); the file's accuracy is what this page reports, so the guard only stops a broken file")
+    common.add_int8_tolerance(parser)
     parser.add_argument("--out", default=str(OUT))
     args = parser.parse_args()
     out = Path(args.out)

@@ -401,12 +401,14 @@ def check_onnx(model: nn.Module, path: str | os.PathLike, images: torch.Tensor, 
     tied = near_tie_images(model, images, reference, tolerance)
     if tied is None:
         return check
-    failing = torch.tensor([not _rounding_check(exported[i: i + 1], reference[i: i + 1], None if exact is None else exact[i: i + 1],
-                                                tolerance).passed for i in range(images.shape[0])])
+
+    def check_on(selection) -> OnnxCheck:
+        return _rounding_check(exported[selection], reference[selection], None if exact is None else exact[selection], tolerance)
+
+    failing = torch.tensor([not check_on(slice(i, i + 1)).passed for i in range(images.shape[0])])
     if (failing & ~tied).any() or 2 * int(failing.sum()) > images.shape[0]:
         return check
-    kept = ~failing
-    kept_check = _rounding_check(exported[kept], reference[kept], None if exact is None else exact[kept], tolerance)
+    kept_check = check_on(~failing)
     return OnnxCheck(kept_check.max_abs_diff, tolerance, kept_check.torch_rounding, kept_check.onnx_rounding,
                      near_ties=int(failing.sum()), near_tie_diff=float(_per_image(exported - reference)[failing].max()))
 
