@@ -6,7 +6,8 @@ Calibration uses train images only (a seeded subset); accuracy is reported on th
 
 Variants: mixed (whitened SVD, fisher-weighted mixed ranks), mixed+comp (the same plus layer-wise
 error compensation, vitslim's default: fc2 fitted to the block's output), mixed+comp-layer (the same
-with 0.3's layer target), mixed+comp+kd1 (then one epoch of KD fine-tuning on the
+with 0.3's layer target), mixed+comp-auto (the target chosen per model on held-out calibration
+images, ``compensation_target="auto"``), mixed+comp+kd1 (then one epoch of KD fine-tuning on the
 whole train split), mixed-plain (whitened, unweighted normalised energy), uniform (whitened,
 uniform ranks), svd, asvd (baselines, mixed, unweighted).
 
@@ -30,6 +31,7 @@ VARIANTS = {
     "mixed": (vitslim.LowRank, dict(allocation="mixed", sensitivity="fisher", compensation=False)),
     "mixed+comp": (vitslim.LowRank, dict(allocation="mixed", sensitivity="fisher", compensation=True)),
     "mixed+comp-layer": (vitslim.LowRank, dict(allocation="mixed", sensitivity="fisher", compensation=True, compensation_target="layer")),
+    "mixed+comp-auto": (vitslim.LowRank, dict(allocation="mixed", sensitivity="fisher", compensation=True, compensation_target="auto")),
     "mixed+comp+kd1": (vitslim.LowRank, dict(allocation="mixed", sensitivity="fisher", compensation=True)),
     "mixed-plain": (vitslim.LowRank, dict(allocation="mixed", sensitivity="none", compensation=False)),
     "uniform": (vitslim.LowRank, dict(allocation="uniform", sensitivity="none", compensation=False)),

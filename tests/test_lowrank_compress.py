@@ -301,6 +301,37 @@ def test_block_target_brings_the_blocks_outputs_closer_than_the_layer_target():
     assert recipe_steps(compressed)[-1]["compensation_target"] == "block"
 
 
+def test_auto_target_keeps_the_target_closer_on_held_out_images_then_refits_it_on_all():
+    """compensation_target="auto": each target is fitted on the calibration images but every 4th
+    and scored by KL to the original on those; the recorded scores equal a brute-force compression
+    on the fitting images alone (uniform ranks and no sensitivity make the ranks data-free), the
+    lower one wins, and the result is the winner refitted on every image."""
+    model = tiny_vit(**{**LOWRANK_GEOMETRY, "depth": 3})
+    batches = _batches(4)
+    settings = dict(param_ratio=0.4, sensitivity="none", allocation="uniform")
+    chosen = _lowrank(model, batches, compensation_target="auto", **settings)
+    step = recipe_steps(chosen)[-1]
+    scores = step["compensation_target_scores"]
+    images = torch.cat(batches)
+    held = torch.arange(images.shape[0]) % 4 == 3
+    fitting, held_out = list(images[~held].split(8)), images[held]
+    with torch.no_grad():
+        log_reference = torch.log_softmax(model(held_out), -1)
+        for target in ("block", "layer"):
+            log_candidate = torch.log_softmax(_lowrank(model, fitting, compensation_target=target, **settings)(held_out), -1)
+            kl = (log_reference.exp() * (log_reference - log_candidate)).sum(-1).mean()
+            assert scores[target] == pytest.approx(float(kl), rel=1e-3, abs=1e-7), target
+    assert step["compensation_target"] == min(scores, key=scores.get)
+    refitted = _lowrank(model, batches, compensation_target=step["compensation_target"], **settings)
+    for (name, value), (_, expected) in zip(chosen.state_dict().items(), refitted.state_dict().items()):
+        torch.testing.assert_close(value, expected, msg=name)
+
+
+def test_auto_target_needs_images_to_hold_out():
+    with pytest.raises(VitslimError, match="at least 4"):
+        _lowrank(tiny_vit(**LOWRANK_GEOMETRY), [torch.randn(3, 3, 32, 32)], param_ratio=0.4, sensitivity="none", compensation_target="auto")
+
+
 def test_svd_llm_baseline_uses_uniform_ranks_and_refits_up_factors_to_the_compressed_prefix():
     """The SVD-LLM peer: whitened factors at the same share of every matrix, then each up factor
     is the least-squares fit of W x̃ on B x̃, x̃ being what the dense block gives on the compressed
