@@ -23,6 +23,7 @@ from pathlib import Path
 import common
 
 import vitslim
+from vitslim.io.recipe import find_step
 from vitslim.lowrank.compress import compress_lowrank
 from vitslim.measure.metrics import count_params
 
@@ -75,10 +76,20 @@ def main() -> None:
                 vitslim.distill(compressed, model, train, vitslim.Training(epochs=1, lr=args.lr, progress=False))
             seconds = time.perf_counter() - started
             result = vitslim.evaluate(compressed, test, limit=args.eval_limit, teacher=model)
+            step = find_step(compressed, "lowrank") or {}
+            chosen = {key: step[key] for key in ("compensation_target", "compensation_target_scores") if key in step}
             rows.add({"variant": variant, "ratio": ratio, "params": count_params(compressed), "top1": result["top1"],
-                      "agreement": result["agreement"], "seconds": seconds})
+                      "agreement": result["agreement"], "seconds": seconds, **chosen})
             print(f"{variant:14s} ratio {ratio:.2f}: top-1 {100 * result['top1']:.2f}%  ({seconds:.0f} s to compress)", flush=True)
             write(out, rows, args)
+
+
+def label(row: dict) -> str:
+    """The variant, with the target ``compensation_target="auto"`` chose and its held-out KL per target."""
+    scores = row.get("compensation_target_scores")
+    if not scores:
+        return row["variant"]
+    return f"{row['variant']} (chose {row['compensation_target']}; held-out KL " + ", ".join(f"{t} {v:.4f}" for t, v in scores.items()) + ")"
 
 
 def write(out: Path, rows: common.Rows, args) -> None:
@@ -89,7 +100,7 @@ def write(out: Path, rows: common.Rows, args) -> None:
              f"KD: 1 epoch over the train split, lr {args.lr}.", "", common.machine_line(resumed=True), "",
              "| variant | param ratio | params | top-1 | agreement | compress s |", "|---|---|---|---|---|---|"]
     rows = [original, *sorted((r for r in rows if r is not original), key=lambda r: (-r["ratio"], list(VARIANTS).index(r["variant"])))]
-    lines += [f"| {r['variant']} | {r['ratio']:.2f} | {r['params']:,} | {100 * r['top1']:.2f}% | "
+    lines += [f"| {label(r)} | {r['ratio']:.2f} | {r['params']:,} | {100 * r['top1']:.2f}% | "
               f"{100 * r['agreement']:.2f}% | {r['seconds']:.0f} |" if "agreement" in r else
               f"| {r['variant']} | 1.00 | {r['params']:,} | {100 * r['top1']:.2f}% | - | - |" for r in rows]
     common.write_lines(out / "results.md", lines)

@@ -24,6 +24,8 @@ backbone's parameters, all through ``vitslim.compress``:
   calibration token in the statistics (0.4.1's default; the rows above cap them at 12,288 per
   layer, 0.4.0's ``STAT_TOKENS``, through ``statistics_tokens``); ``block``: 0.4.2's default, every
   token for the correction and the ranks allocated from the first 12,288 (``allocation_tokens``);
+  ``auto``: the same, the target (block or layer) chosen on a quarter of the calibration images held
+  out, then refitted on all (``compensation_target="auto"``);
 * two peers at the same parameter budget: ``svd-llm``, the published training-free recipe closest
   to ours (arXiv 2403.07378 as its released code runs it: truncation-aware whitening, the same
   share of every matrix, the closed-form update of each up factor on the compressed prefix's
@@ -94,6 +96,7 @@ VARIANTS = (
     ("svd-llm-12k", "SVD-LLM (peer), 12,288 statistics tokens", "svd-llm", {"statistics_tokens": OLD_STATISTICS_TOKENS}),
     ("block-allocate-all", "whitened SVD + block-output correction, every token (0.4.1 default)", "lowrank", {"allocation_tokens": 81_920}),
     ("block", "whitened SVD + block-output correction, every token, ranks from 12,288 (default)", "lowrank", {}),
+    ("auto", "whitened SVD + correction, target chosen on held-out calibration images", "lowrank", {"compensation_target": "auto"}),
     ("svd-llm", "SVD-LLM (peer), every token", "svd-llm", {}),
     ("tp", "Torch-Pruning, equal params (peer)", "tp", {}),
 )
@@ -147,6 +150,7 @@ def plan_notes(compressed) -> dict:
     step = find_step(compressed, "lowrank") or {}
     ranks = list((step.get("ranks") or {}).values())
     return {"factorisation": step.get("factorisation"), "sensitivity": step.get("sensitivity"), "compensation": step.get("compensation"),
+            "compensation_target": step.get("compensation_target"), "compensation_target_scores": step.get("compensation_target_scores"),
             "layers_factorised": len(ranks), "rank_min": min(ranks, default=None), "rank_max": max(ranks, default=None),
             "rank_sum": sum(ranks), "ranks": step.get("ranks")}
 
