@@ -292,8 +292,7 @@ def choose_compensation_target(original: nn.Module, factorised: nn.Module, names
     held = torch.arange(images.shape[0]) % HELD_OUT_EVERY == HELD_OUT_EVERY - 1
     fitting, held_out = list(images[~held].split(size)), list(images[held].split(size))
     original_spec = describe(original)
-    device = next(original.parameters()).device
-    held_out = [batch.to(device) for batch in held_out]
+    held_out = [batch.to(next(original.parameters()).device) for batch in held_out]
     with torch.no_grad():
         reference = [original_spec.output(batch) for batch in held_out]
     scores = {}
@@ -301,7 +300,6 @@ def choose_compensation_target(original: nn.Module, factorised: nn.Module, names
         candidate = copy.deepcopy(factorised)
         compensate(original, candidate, names, fitting, output_weights=output_weights, fraction=fraction, target=target, progress=progress)
         scores[target] = mean_divergence(describe(candidate), reference, held_out, objective)
-        del candidate
     return min(TARGETS, key=scores.__getitem__), scores
 
 
