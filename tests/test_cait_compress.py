@@ -285,3 +285,39 @@ def test_a_tighter_schedule_the_plan_cannot_afford_ends_the_tightening(monkeypat
     assert "more than the plan allows, so the schedule measured at 0.80x is kept" in caplog.text
     tightened, _ = cait_speed.meet_speedup(model, copy.deepcopy(model), "tome", 1.3, planned, "cpu", affordable=lambda candidate: True)
     assert predicted_speedup(spec, tightened) > predicted_speedup(spec, planned)
+
+
+@pytest.mark.parametrize("looser_ratio, loosened", [(1.36, True), (1.25, False)])
+def test_a_schedule_well_past_the_target_is_loosened_while_it_still_measures_the_target(monkeypatch, caplog, looser_ratio, loosened):
+    """The planned schedule measures 1.6x against a 1.3x target (past ``OVERSHOOT``): one looser
+    schedule, by at most ``MAX_STEP`` of the predicted speed-up, is timed, and kept only when it
+    still measures the target; one short of it leaves the planned schedule and its timing."""
+    import vitslim.cait.speed as cait_speed
+
+    model = tiny_vit(name="vit_tiny_patch16_224", **COMPRESSIBLE)
+    spec = vitslim.describe(model)
+    planned = schedule_for_speedup(spec, "tome", 1.5)
+    ratios = iter([1.6, looser_ratio, 1.3])
+    timed = []
+    monkeypatch.setattr(cait_speed, "time_against", lambda original, compressed, **kwargs: timed.append(1) or timing(next(ratios)))
+    with caplog.at_level(logging.INFO, logger="vitslim"):
+        kept, measured = cait_speed.meet_speedup(model, copy.deepcopy(model), "tome", 1.3, planned, "cpu",
+                                                 affordable=lambda candidate: pytest.fail("loosening never asks affordable"))
+    if loosened:
+        assert measured == 1.36 and predicted_speedup(spec, kept) < predicted_speedup(spec, planned)
+        assert predicted_speedup(spec, kept) >= predicted_speedup(spec, planned) / cait_speed.MAX_STEP - 1e-6
+        assert len(timed) == 2  # 1.36 is under OVERSHOOT x 1.3: no second loosening
+        assert "merging less measures 1.36x, and is kept" in caplog.text
+    else:
+        assert kept == planned and measured == 1.6 and len(timed) == 2
+        assert "a looser schedule measured 1.25x against the 1.30x target" in caplog.text
+
+
+def test_a_noisy_overshoot_is_not_loosened(monkeypatch):
+    import vitslim.cait.speed as cait_speed
+
+    model = tiny_vit(name="vit_tiny_patch16_224", **COMPRESSIBLE)
+    planned = schedule_for_speedup(vitslim.describe(model), "tome", 1.5)
+    monkeypatch.setattr(cait_speed, "time_against", lambda *args, **kwargs: timing(1.8, spread=0.5))
+    kept, measured = cait_speed.meet_speedup(model, copy.deepcopy(model), "tome", 1.3, planned, "cpu")
+    assert kept == planned and measured == 1.8

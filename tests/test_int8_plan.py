@@ -17,7 +17,7 @@ from plain_vit import write_random_images
 
 import vitslim
 from vitslim.deploy.export import INT8_TOLERANCE, compare_onnx, export_checked_onnx, export_onnx, matmuls_of
-from vitslim.deploy.int8_fallback import outliers, plan_int8
+from vitslim.deploy.int8_fallback import Int8Plan, carried_over, outliers, plan_int8
 from vitslim.deploy.quantize import int8_layers, quantize_int8
 from vitslim.errors import VitslimError
 from vitslim.io.recipe import find_step
@@ -236,6 +236,40 @@ def test_probes_in_onnx_runtime_time_every_probe_float_and_int8(tmp_path, monkey
     assert all(p.speedup > 0 for p in probes) and probes[0].int8_speedup > 0 and probes[1].int8_speedup is None
     assert probes[1].params == count_params(model) and probes[1].cost > 0
     assert len(list((tmp_path / "onnx").glob("*-int8.onnx"))) == 2  # int8 alone, and the merging probe with int8
+
+
+def test_the_fallback_carries_over_to_a_changed_model_by_name_and_to_a_factorised_linears_factors():
+    names = ["blocks.0.attn.qkv.down", "blocks.0.attn.qkv.up", "blocks.0.attn.qkv_extra", "blocks.1.mlp.fc2", "blocks.1.mlp.fc1"]
+    assert carried_over(["blocks.0.attn.qkv", "blocks.1.mlp.fc2"], names) == ("blocks.0.attn.qkv.down", "blocks.0.attn.qkv.up",
+                                                                              "blocks.1.mlp.fc2")
+    assert carried_over([], names) == ()
+
+
+def test_every_int8_probe_leaves_the_originals_fallback_in_float32(monkeypatch):
+    """The int8 the probes are timed with is the one the plan applies: the Linears the original's
+    fallback keeps float stay float in int8 alone and in every probe's int8 (a factorised one's
+    factors too), and the int8 probe records them."""
+    import vitslim.lowrank_cait as lowrank_cait
+
+    model = tiny_vit(name="vit_tiny_patch16_224", **COMPRESSIBLE)
+    calibration = [torch.randn(8, 3, 32, 32, generator=torch.Generator().manual_seed(2))]
+    monkeypatch.setattr(lowrank_cait, "plan_int8", lambda *args, **kwargs: Int8Plan("dynamic", (KEPT,), 0.0, 0.0, {}))
+    timed = {}
+
+    def record(models, **kwargs):
+        timed.update(models)
+        return [SimpleNamespace(ratio=1.0, flops=1.0, params=count_params(m)) for _, m in models]
+
+    monkeypatch.setattr(bench, "benchmark", record)
+    probes = probe_axes(model, calibration, levels={"tokens": (1.3,), "lowrank": (0.5,)}, int8="dynamic", progress=False)
+    assert probes[-1].axis == "int8" and probes[-1].keep_float == (KEPT,)
+    assert {name for name in timed if "int8" in name} == {"int8", "tokens@1.3+int8", "lowrank@0.5+int8"}
+    for name in ("int8", "tokens@1.3+int8"):
+        assert KEPT not in int8_layers(timed[name]) and isinstance(timed[name].get_submodule(KEPT), torch.nn.Linear)
+        assert len(int8_layers(timed[name])) == len(int8_layers(quantize_int8(model, "dynamic"))) - 1
+    factorised = timed["lowrank@0.5+int8"]
+    factors = [name for name in dict(factorised.named_modules()) if name.startswith(KEPT + ".")]
+    assert factors and not set(factors) & set(int8_layers(factorised)) and int8_layers(factorised)
 
 
 def _speed_by_flops(models, *, runtime="eager", **_):

@@ -51,8 +51,8 @@ from vitslim.cait.schedule import schedule_for_speedup
 from vitslim.cait.shape import planned_schedule
 from vitslim.cait.slicing import slice_channels
 from vitslim.cait.speed import PROMISE, meet_speedup, steady_timing
-from vitslim.deploy.int8_fallback import plan_int8
-from vitslim.deploy.quantize import quantize_int8
+from vitslim.deploy.int8_fallback import carried_over, plan_int8
+from vitslim.deploy.quantize import int8_layers, quantize_int8
 from vitslim.errors import ParameterError, VitslimError
 from vitslim.io.image_batches import leading_images
 from vitslim.io.recipe import find_step, record_step, register_step
@@ -95,6 +95,7 @@ class Probe:
     flops_ratio: float
     params: int
     int8_speedup: float | None = None  # the same, with int8 applied to the probe (when int8 is an axis of the plan)
+    keep_float: tuple[str, ...] = ()  # the int8 probe's: the original's Linears its int8 leaves in float32, in every probe's int8 too
 
 
 @dataclass(frozen=True)
@@ -238,7 +239,11 @@ def probe_axes(model: nn.Module, calibration: list, *, levels: dict[str, tuple[f
     ``runtime`` against the float original in the same run.
 
     ``int8`` (an int8 kind) adds the int8 axis: a probe of int8 alone, and every other probe timed
-    once more with int8 applied (``Probe.int8_speedup``), all in the same run."""
+    once more with int8 applied (``Probe.int8_speedup``), all in the same run. The int8 is the one
+    the plan will apply, the original's float32 fallback included (``plan_int8``; a fallback Linear
+    that a probe factorised keeps its factors float), so that a Linear left float is priced into
+    every int8 timing: without it the dinov2 classifier's composed model measured 2.29x where its
+    all-int8 probe promised 2.68x (docs/runtimes.md)."""
     from vitslim.measure.bench import benchmark
 
     images = leading_images(calibration, probe_images, next(model.parameters()).device)
@@ -254,27 +259,37 @@ def probe_axes(model: nn.Module, calibration: list, *, levels: dict[str, tuple[f
                 logger.info("probe %s at %g skipped: %s", axis, level, error)
                 continue
             built.append((axis, level, probe, mean_divergence(describe(probe), teacher_outputs, images, objective)))
-    quantised = None
+    quantised, keep_float = None, ()
     if int8 is not None:
-        quantised = quantize_int8(model, int8)
+        keep_float = plan_int8(model, int8, calibration, objective=objective, progress=progress).keep_float
+        quantised = quantize_int8(model, int8, keep_float=keep_float)
         int8_cost = mean_divergence(describe(quantised), teacher_outputs, images, objective)
     if not timed:
         size = spec.preprocessing.input_size
         original_flops = count_flops(model, size)
         probes = [Probe(axis, level, cost, None, count_flops(probe, size) / original_flops, count_params(probe))
                   for axis, level, probe, cost in built]
-        return probes + ([Probe("int8", INT8_LEVEL, int8_cost, None, 1.0, count_params(model))] if int8 is not None else [])
+        return probes + ([Probe("int8", INT8_LEVEL, int8_cost, None, 1.0, count_params(model), keep_float=keep_float)] if int8 is not None else [])
     timed_models = [("original", model)] + [(f"{axis}@{level:g}", probe) for axis, level, probe, _ in built]
     if int8 is not None:
-        timed_models += [("int8", quantised)] + [(f"{axis}@{level:g}+int8", quantize_int8(probe, int8)) for axis, level, probe, _ in built]
+        timed_models += [("int8", quantised)] + [(f"{axis}@{level:g}+int8", _with_int8(probe, int8, keep_float)) for axis, level, probe, _ in built]
     results = on_main(lambda: benchmark(timed_models, batch_size=batch_size, runs=runs, device=device, progress=progress, runtime=runtime))
     original, count = results[0], len(built)
     under_int8 = results[count + 2:] if int8 is not None else [None] * count
     probes = [Probe(axis, level, cost, result.ratio, result.flops / original.flops, result.params, None if with_int8 is None else with_int8.ratio)
               for (axis, level, _, cost), result, with_int8 in zip(built, results[1:count + 1], under_int8)]
     if int8 is not None:
-        probes.append(Probe("int8", INT8_LEVEL, int8_cost, results[count + 1].ratio, results[count + 1].flops / original.flops, results[count + 1].params))
+        probes.append(Probe("int8", INT8_LEVEL, int8_cost, results[count + 1].ratio, results[count + 1].flops / original.flops,
+                            results[count + 1].params, keep_float=keep_float))
     return probes
+
+
+def _with_int8(probe: nn.Module, kind: str, keep_float: tuple[str, ...]) -> nn.Module:
+    """``probe`` in int8 of ``kind``, the original's ``keep_float`` Linears (or their factors) left float."""
+    every = quantize_int8(probe, kind)
+    if not keep_float:
+        return every
+    return quantize_int8(probe, kind, keep_float=carried_over(keep_float, int8_layers(every)))  # names as int8 takes them (unpacked)
 
 
 @register_method
@@ -466,10 +481,15 @@ def compress_composed(model: nn.Module, config: LowRankCait, inputs: Inputs) -> 
     record_step(student, {"method": STEP, "target": {k: v for k, v in target.__dict__.items() if v is not None}, **split.as_dict(),
                           "measured_speedup": None if measured is None else round(measured, 3), "runtime": config.runtime,
                           "int8": None if int8 is None else int8.as_dict(), "unmeasurable_under_int8": {k: round(v, 3) for k, v in unmeasurable.items()},
-                          "probes": [{**probe.__dict__, "cost": round(probe.cost, 6), "speedup": _rounded(probe.speedup, 3),
+                          "probes": [{**_recorded(probe), "cost": round(probe.cost, 6), "speedup": _rounded(probe.speedup, 3),
                                       "flops_ratio": round(probe.flops_ratio, 4), "int8_speedup": _rounded(probe.int8_speedup, 3)}
                                      for probe in probes]})
     return student
+
+
+def _recorded(probe: Probe) -> dict:
+    """``probe``'s fields for the recipe: ``keep_float`` only where it names Linears (the int8 probe's)."""
+    return {key: value for key, value in probe.__dict__.items() if key != "keep_float" or value}
 
 
 def merging_cost_bound(student: nn.Module, teacher: nn.Module, schedule, calibration: list, *, images: int, objective: str,

@@ -61,6 +61,13 @@ def outliers(layer_costs: dict[str, float], *, factor: float = OUTLIER_FACTOR, m
     return tuple(chosen[: int(max_share * len(layer_costs))])
 
 
+def carried_over(keep_float: Iterable[str], names: Iterable[str]) -> tuple[str, ...]:
+    """The Linears among ``names`` (a changed model's) at or under one that ``keep_float`` names
+    (the original's): a Linear that low-rank split into factors keeps both factors in float32."""
+    kept = tuple(keep_float)
+    return tuple(name for name in names if any(name == other or name.startswith(other + ".") for other in kept))
+
+
 def plan_int8(model: nn.Module, kind: str, calibration: Iterable, *, objective: str = "auto", images: int = FALLBACK_IMAGES,
               progress: bool = True) -> Int8Plan:
     """The int8 of ``kind`` for ``model`` with the float32 fallback described in the module
