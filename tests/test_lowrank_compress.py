@@ -192,6 +192,12 @@ def test_fisher_is_refused_for_the_baselines():
         _lowrank(_models()["timm"], _batches(), param_ratio=0.6, method="svd", sensitivity="fisher")
 
 
+@pytest.mark.parametrize("method, kwargs", [("svd", {}), ("svd-llm", {}), ("lowrank", {"compensation": False})])
+def test_a_compensation_target_without_compensation_is_refused_not_ignored(method, kwargs):
+    with pytest.raises(VitslimError, match=f"compensation_target chooses what compensation refits, and {method} runs without"):
+        _lowrank(_models()["timm"], _batches(), param_ratio=0.6, method=method, compensation_target="auto", **kwargs)
+
+
 def test_compensation_lowers_the_error_of_the_compressed_model():
     model = _models()["timm"]
     batches = _batches(6)

@@ -191,6 +191,9 @@ class LowRank(ParameterBudget):
         if self.sensitivity == "fisher" and self.factorisation != "whitened":
             raise ParameterError("sensitivity", "fisher weighs output errors, which only the whitened method's spectrum measures; use none "
                                                 "with svd/asvd")
+        if self.compensation_target != "block" and not self.compensates:
+            raise ParameterError("compensation_target", f"chooses what compensation refits, and {self.name} runs without compensation "
+                                                        f"here; drop it, or turn compensation on")
 
     @property
     def compensates(self) -> bool:
