@@ -20,7 +20,11 @@ Rows:
 - **lowrank+cait at each ``--plans`` target** (``runtime="onnxruntime"``, ``int8_axis="dynamic"``,
   training-free, low-rank and token axes probed at ``LADDERS``: each probe is exported and timed
   twice, float and int8, so the default ladders would take hours here): the plan's choice, the
-  speed-up it measured when it stopped, and the one this run measures.
+  speed-up it measured when it stopped, and the one this run measures. With ``--kd-epochs N``
+  each plan is built with the pipeline's recovery step (``recovery=vitslim.Training(...)``: the
+  float model distilled from the original over ``--kd-images`` seeded train images, N epochs)
+  before its planned int8 is applied; its row is ``plan-<target>-kd<N>``, and the plan's
+  calibration images are drawn from those training images.
 
     .venv/bin/python benchmarks/int8_plan.py            # results/int8-plan/int8-plan.md
     .venv/bin/python benchmarks/int8_plan.py --task classification   # results/int8-plan-classification/
@@ -97,6 +101,10 @@ def main() -> None:
     parser.add_argument("--plans", type=float, nargs="*", default=[2.5])
     parser.add_argument("--batch-size", type=int, default=16)
     parser.add_argument("--runs", type=int, default=20)
+    parser.add_argument("--kd-epochs", type=int, default=0, help="distil each plan for N epochs before its int8 (0: training-free)")
+    parser.add_argument("--kd-images", type=int, default=5000, help="seeded train images the KD runs over (saliency: of 0-499)")
+    parser.add_argument("--kd-lr", type=float, default=1e-5)
+    parser.add_argument("--kd-batch", type=int, default=16)
     parser.add_argument("--seed", type=int, default=0)
     common.add_int8_tolerance(parser)
     parser.add_argument("--out", help="default: results/int8-plan (saliency), results/int8-plan-classification")
@@ -142,22 +150,27 @@ def main() -> None:
         planned = plan_int8(teacher, "dynamic", calibration)
         add("int8-fallback", "dynamic int8, float32 fallback", quantize_int8(teacher, "dynamic", keep_float=planned.keep_float),
             time.perf_counter() - started, choice=", ".join(planned.keep_float) or "none kept float")
+    recovery, plan_images, trained = None, train, ""
+    if args.kd_epochs > 0:
+        recovery = vitslim.Training(epochs=args.kd_epochs, lr=args.kd_lr, batch_size=args.kd_batch, seed=args.seed)
+        plan_images = image_batches.select(train, limit=args.kd_images, seed=args.seed)
+        trained = f" + KD ({len(plan_images)} images x {args.kd_epochs} epoch(s), lr {args.kd_lr:g}, batch {args.kd_batch})"
     for target in args.plans:
-        key = f"plan-{target:g}"
+        key = f"plan-{target:g}" + (f"-kd{args.kd_epochs}" if recovery else "")
+        label = f"lowrank+cait {target:g}x (ORT, int8 axis){trained}"
         if rows.has(key=key):
             continue
         started = time.perf_counter()
         config = vitslim.LowRankCait(speedup=target, runtime="onnxruntime", int8_axis="dynamic", axes=("lowrank", "tokens"), ladders=LADDERS)
         try:
-            compressed = vitslim.compress(teacher, config, train, calib_images=args.calib_images, seed=args.seed)
+            compressed = vitslim.compress(teacher, config, plan_images, calib_images=args.calib_images, seed=args.seed, recovery=recovery)
         except vitslim.VitslimError as error:  # a target no probed combination reaches: the row says so
-            rows.add({"key": key, "variant": f"lowrank+cait {target:g}x (ORT, int8 axis)", "choice": f"refused: {error}",
-                      "seconds": round(time.perf_counter() - started, 1)})
+            rows.add({"key": key, "variant": label, "choice": f"refused: {error}", "seconds": round(time.perf_counter() - started, 1)})
             continue
         seconds = time.perf_counter() - started
         vitslim.save(compressed, out / "models" / key)
         step = find_step(compressed, "lowrank+cait")
-        add(key, f"lowrank+cait {target:g}x (ORT, int8 axis)", compressed, seconds, planned=step["measured_speedup"],
+        add(key, label, compressed, seconds, planned=step["measured_speedup"],
             keep_float=(step.get("int8") or {}).get("keep_float"), probes=step["probes"], choice=", ".join(f"{axis} {level:g}" for axis, level in step["levels"].items() if level != 1) or "nothing")
     keys = [row["key"] for row in rows if (files / f"{row['key']}.onnx").is_file()]
     results = vitslim.benchmark([(key, files / f"{key}.onnx") for key in keys], runtime="onnxruntime", batch_size=args.batch_size, runs=args.runs)
