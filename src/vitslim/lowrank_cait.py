@@ -242,8 +242,8 @@ def probe_axes(model: nn.Module, calibration: list, *, levels: dict[str, tuple[f
     once more with int8 applied (``Probe.int8_speedup``), all in the same run. The int8 is the one
     the plan will apply, the original's float32 fallback included (``plan_int8``; a fallback Linear
     that a probe factorised keeps its factors float), so that a Linear left float is priced into
-    every int8 timing: without it the dinov2 classifier's composed model measured 2.29x where its
-    all-int8 probe promised 2.68x (docs/runtimes.md)."""
+    every int8 timing instead of surfacing only when the composed model is timed (docs/runtimes.md
+    measures the difference)."""
     from vitslim.measure.bench import benchmark
 
     images = leading_images(calibration, probe_images, next(model.parameters()).device)

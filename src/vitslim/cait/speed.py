@@ -13,12 +13,12 @@ delivery``). Each measurement being noisy, one round raises the predicted speed-
 short of the promise. A schedule that measures well past the target (``OVERSHOOT``: beyond the
 timings' noise) merges more than the promise needs, which costs accuracy for nothing: it is
 loosened, one ``MAX_STEP`` at most per round for up to ``LOOSEN_ROUNDS`` rounds, and a looser
-schedule is kept only when it still measures the target. Overshoots come from plans whose probes
-cannot be combined exactly (``lowrank+cait`` under int8 jumped from 1.96x to 2.68x between two
-neighbouring levels of its ladder: docs/runtimes.md). A machine that something else keeps busy makes a timing fall short by
-noise alone: such a timing (``BenchResult.noisy``, its per-round ratios spread too far) is taken
-again, and when it stays noisy the schedule is not tightened on it
-(``benchmarks/studies/busy_timing.py`` shows both cases).
+schedule is kept only when it still measures the target. Overshoots come from plans that can only
+pick among probed levels (``lowrank+cait``'s ladder; docs/runtimes.md has a case). A machine that
+something else keeps busy makes a timing fall short by noise alone: such a timing
+(``BenchResult.noisy``, its per-round ratios spread too far) is taken again, and when it stays
+noisy the schedule is neither tightened nor loosened on it (``benchmarks/studies/busy_timing.py``
+shows both cases).
 """
 
 from __future__ import annotations
