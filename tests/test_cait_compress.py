@@ -300,9 +300,12 @@ def test_a_schedule_well_past_the_target_is_loosened_while_it_still_measures_the
     ratios = iter([1.6, looser_ratio, 1.3])
     timed = []
     monkeypatch.setattr(cait_speed, "time_against", lambda original, compressed, **kwargs: timed.append(1) or timing(next(ratios)))
+    checks = []
     with caplog.at_level(logging.INFO, logger="vitslim"):
-        kept, measured = cait_speed.meet_speedup(model, copy.deepcopy(model), "tome", 1.3, planned, "cpu",
+        kept, measured = cait_speed.meet_speedup(model, copy.deepcopy(model), "tome", 1.3, planned, "cpu", checks=checks,
                                                  affordable=lambda candidate: pytest.fail("loosening never asks affordable"))
+    assert [check["measured"] for check in checks] == [1.6, looser_ratio]  # every timing is recorded, the refused one too
+    assert checks[0]["predicted"] == round(predicted_speedup(spec, planned), 3) > checks[1]["predicted"]
     if loosened:
         assert measured == 1.36 and predicted_speedup(spec, kept) < predicted_speedup(spec, planned)
         assert predicted_speedup(spec, kept) >= predicted_speedup(spec, planned) / cait_speed.MAX_STEP - 1e-6

@@ -463,10 +463,11 @@ def compress_composed(model: nn.Module, config: LowRankCait, inputs: Inputs) -> 
     if config.speedup is not None and "tokens" in axes:
         affordable = merging_cost_bound(student, model, schedule, calibration, images=config.probe_images, objective=inputs.objective,
                                         full_map_after=full_map_after)
+        checks: list[dict] = []
         schedule, measured = meet_speedup(model, student, merge, config.speedup, schedule, device, concentration=planning["concentration"],
                                           first_level=planning.get("first_level", 1), full_map_after=full_map_after, runtime=config.runtime,
-                                          timed_as=timed_as, affordable=affordable)
-        planning = {"measured_speedup": round(measured, 3), **planning}
+                                          timed_as=timed_as, affordable=affordable, checks=checks)
+        planning = {"measured_speedup": round(measured, 3), "speed_checks": checks, **planning}
     elif config.speedup is not None:
         timing = steady_timing(model, student if timed_as is None else timed_as(student), device=device, runtime=config.runtime)
         measured = timing.ratio

@@ -204,10 +204,11 @@ def compress_cait(model: nn.Module, config: Cait, inputs: Inputs) -> nn.Module:
                        consistent=config.consistent, gate_lr_scale=config.gate_lr_scale, dense=dense, objective=inputs.objective)
     full_map_after = full_maps_read(student, schedule) if dense and schedule is not None else None
     if config.measure:
+        checks: list[dict] = []
         schedule, measured = meet_speedup(model, student, config.merge, config.speedup, schedule, inputs.device,
                                           concentration=planning["concentration"], first_level=planning.get("first_level", 1), dense=dense,
-                                          full_map_after=full_map_after)
-        planning = {"measured_speedup": round(measured, 3), **planning}
+                                          full_map_after=full_map_after, checks=checks)
+        planning = {"measured_speedup": round(measured, 3), "speed_checks": checks, **planning}
     if schedule is not None:  # the one recipe step of the merging, with how it was planned and measured
         apply_token_merging(student, schedule, dense=dense, notes=planning, full_map_after=full_map_after)
     return student

@@ -82,7 +82,8 @@ def meet_speedup(original: nn.Module, student: nn.Module, merge: str, speedup: f
                  concentration: float = 1.0, first_level: int = 1, dense: bool | None = None,
                  full_map_after: tuple[int, ...] | None = None, runtime: str = "eager",
                  timed_as: Callable[[nn.Module], nn.Module] | None = None,
-                 affordable: Callable[[MergeSchedule], bool] | None = None) -> tuple[MergeSchedule | None, float]:
+                 affordable: Callable[[MergeSchedule], bool] | None = None,
+                 checks: list[dict] | None = None) -> tuple[MergeSchedule | None, float]:
     """``schedule``, merged more (keeping its ``concentration`` and ``first_level``) until ``student`` merging on it
     measures ``AIM`` of the target against ``original``; and its last measurement. ``student``
     must not be merging tokens; it merges only while it is timed, in the ``dense`` mode, handing the
@@ -98,6 +99,10 @@ def meet_speedup(original: nn.Module, student: nn.Module, merge: str, speedup: f
     A steady measurement of ``OVERSHOOT`` times the target or more loosens the schedule (see the
     module docstring): merging less than planned only gives accuracy back, so ``affordable`` is not
     asked.
+
+    ``checks``, when given, receives one entry per measurement (the schedule's predicted speed-up,
+    the measured one and its ratio spread), in order, for the recipe: what was tried, not only
+    what was kept.
 
     Timings that stay unstable (a busy machine: ``steady_timing``) never tighten or loosen the
     schedule: a noisy measurement says nothing about the schedule, and merging more on it would
@@ -115,6 +120,9 @@ def meet_speedup(original: nn.Module, student: nn.Module, merge: str, speedup: f
             result = steady_timing(original, student if timed_as is None else timed_as(student), device=device, runtime=runtime)
         if is_main():
             progress_log.info("measured %.2fx (target %.2fx, ratio spread %.0f%%)", result.ratio, speedup, 100 * result.ratio_spread)
+        if checks is not None:
+            predicted = None if candidate is None else round(predicted_speedup(spec, candidate, reference), 3)
+            checks.append({"predicted": predicted, "measured": round(result.ratio, 3), "spread": round(result.ratio_spread, 3)})
         return result
 
     reference, spec = describe(original), describe(student)
