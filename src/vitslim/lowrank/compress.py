@@ -193,7 +193,7 @@ class LowRank(ParameterBudget):
                                                 "with svd/asvd")
         if self.compensation_target != "block" and not self.compensates:
             raise ParameterError("compensation_target", f"chooses what compensation refits, and {self.name} runs without compensation "
-                                                        f"here; drop it, or turn compensation on")
+                                                        "here; drop it, or turn compensation on")
 
     @property
     def compensates(self) -> bool:
